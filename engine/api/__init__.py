@@ -1,0 +1,1 @@
+"""The ASGI application: OCI distribution routes and cairn's own endpoints."""

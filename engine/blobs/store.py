@@ -1,0 +1,202 @@
+"""Blob bytes on content-addressed disk.
+
+Layout under the data directory, and nowhere else:
+
+    blobs/<algorithm>/<first two hex>/<hex>    committed, immutable blobs
+    uploads/<upload id>                        staging files being written
+
+A committed blob is written to its staging file, verified, fsynced, and
+renamed into place, then its directory is fsynced. A crash at any point
+therefore leaves either no blob at its path or the whole, correct one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from engine.domain.digest import Digest, DigestVerifier
+from engine.domain.errors import BlobUploadUnknown, DigestMismatch
+
+log = structlog.get_logger(__name__)
+
+READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BlobPaths:
+    """Every on-disk path cairn uses for blobs comes from here."""
+
+    root: Path
+
+    def blob(self, digest: Digest) -> Path:
+        return (
+            self.root / "blobs" / digest.algorithm / digest.encoded[:2] / digest.encoded
+        )
+
+    def staging(self, upload_id: str) -> Path:
+        # The id is always a UUID that cairn generated; parsing it again here
+        # guards against a client-chosen id reaching the filesystem as a path.
+        return self.root / "uploads" / str(uuid.UUID(upload_id))
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / "uploads"
+
+
+class StagedBlob:
+    """A staging file being appended to while its sha256 is computed.
+
+    ``offset`` is the number of bytes written. Not thread-safe: one writer at
+    a time, which the upload service guarantees with a per-upload lock.
+    """
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path = path
+        self.offset = offset
+        self._verifier = DigestVerifier("sha256")
+        self._file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
+        if offset:
+            self._rehash_prefix(offset)
+        self._file.truncate(offset)
+        self._file.seek(offset)
+
+    def _rehash_prefix(self, offset: int) -> None:
+        remaining = offset
+        self._file.seek(0)
+        while remaining:
+            chunk = self._file.read(min(READ_CHUNK, remaining))
+            if not chunk:
+                raise BlobUploadUnknown(
+                    "upload staging file is shorter than its recorded offset",
+                    {"path": self.path.name, "offset": offset},
+                )
+            self._verifier.update(chunk)
+            remaining -= len(chunk)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._file.write(data)
+        self._verifier.update(data)
+        self.offset += len(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def digest(self, algorithm: str = "sha256") -> Digest:
+        """Return the digest of everything written, in ``algorithm``."""
+        if algorithm == "sha256":
+            return self._verifier.digest()
+        self._file.flush()
+        hasher = hashlib.new(algorithm)
+        with open(self.path, "rb") as stream:
+            while chunk := stream.read(READ_CHUNK):
+                hasher.update(chunk)
+        return Digest(algorithm, hasher.hexdigest())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def sync_and_close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+
+class BlobStore:
+    """Content-addressed blob files; each blob is stored once."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = BlobPaths(root)
+        self.paths.staging_dir.mkdir(parents=True, exist_ok=True)
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+
+    def exists(self, digest: Digest) -> bool:
+        return self.paths.blob(digest).is_file()
+
+    def size(self, digest: Digest) -> int | None:
+        try:
+            return self.paths.blob(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def path(self, digest: Digest) -> Path:
+        return self.paths.blob(digest)
+
+    def stage(self, upload_id: str, offset: int = 0) -> StagedBlob:
+        """Open the staging file of ``upload_id`` for appending at ``offset``."""
+        path = self.paths.staging(upload_id)
+        if offset and not path.exists():
+            raise BlobUploadUnknown(
+                "upload staging file is missing", {"upload": upload_id}
+            )
+        if offset and path.stat().st_size < offset:
+            offset = path.stat().st_size
+        return StagedBlob(path, offset)
+
+    def staged_size(self, upload_id: str) -> int | None:
+        try:
+            return self.paths.staging(upload_id).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def discard(self, upload_id: str) -> None:
+        self.paths.staging(upload_id).unlink(missing_ok=True)
+
+    def commit(self, staged: StagedBlob, expected: Digest) -> int:
+        """Verify ``staged`` against ``expected`` and move it into place.
+
+        Returns the blob's size. On a digest mismatch the staging file is
+        removed and DigestMismatch is raised; nothing is stored.
+        """
+        actual = staged.digest(expected.algorithm)
+        size = staged.offset
+        if actual != expected:
+            staged.close()
+            staged.path.unlink(missing_ok=True)
+            raise DigestMismatch(
+                "uploaded content does not match digest",
+                {"expected": str(expected), "actual": str(actual), "size": size},
+            )
+        staged.sync_and_close()
+        target = self.paths.blob(expected)
+        if target.exists():
+            staged.path.unlink(missing_ok=True)
+            return size
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged.path, target)
+        _fsync_directory(target.parent)
+        log.debug("blob_committed", digest=str(expected), size=size)
+        return size
+
+    def iter_range(self, digest: Digest, start: int, end: int) -> Iterator[bytes]:
+        """Yield the bytes of ``digest`` from ``start`` up to ``end`` exclusive."""
+        with open(self.paths.blob(digest), "rb") as stream:
+            stream.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = stream.read(min(READ_CHUNK, remaining))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+                yield chunk
+
+    def iter_blobs(self) -> Iterator[tuple[Digest, Path]]:
+        """Yield every committed blob with its path, for verification."""
+        for algorithm_dir in sorted((self.paths.root / "blobs").iterdir()):
+            for prefix_dir in sorted(algorithm_dir.iterdir()):
+                for path in sorted(prefix_dir.iterdir()):
+                    yield Digest(algorithm_dir.name, path.name), path
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

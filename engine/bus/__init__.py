@@ -1,0 +1,1 @@
+"""The relay from the SQL log to NATS JetStream."""

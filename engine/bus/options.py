@@ -1,0 +1,81 @@
+"""Command-line options for the bus: `cairn serve` and `cairn events tail`."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.config import env_default
+
+DEFAULT_STREAM = "CAIRN"
+DEFAULT_SUBJECT_PREFIX = "cairn"
+
+
+def add_bus_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that say where `cairn serve` publishes events."""
+    group = parser.add_argument_group("event bus")
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--nats",
+        dest="nats_url",
+        default=env_default("NATS_URL"),
+        help="NATS server URL, e.g. nats://127.0.0.1:4222 (env CAIRN_NATS_URL); "
+        "default: start an embedded nats-server on loopback",
+    )
+    choice.add_argument(
+        "--no-nats",
+        action="store_true",
+        default=env_default("NO_NATS", "") in ("1", "true", "yes"),
+        help="do not publish events to NATS; they stay in the log "
+        "(env CAIRN_NO_NATS=1)",
+    )
+    group.add_argument(
+        "--nats-port",
+        type=int,
+        default=int(env_default("NATS_PORT", "0") or 0),
+        help="port for the embedded nats-server on 127.0.0.1; 0 picks a free one "
+        "(env CAIRN_NATS_PORT)",
+    )
+    _add_stream_options(group)
+    group.add_argument(
+        "--publish-pulls",
+        action="store_true",
+        default=env_default("PUBLISH_PULLS", "") in ("1", "true", "yes"),
+        help="also publish manifest pulls as core NATS messages on "
+        "<prefix>.pull.<repository> (env CAIRN_PUBLISH_PULLS=1)",
+    )
+
+
+def add_tail_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `cairn events tail`."""
+    parser.add_argument(
+        "--nats",
+        dest="nats_url",
+        default=env_default("NATS_URL", "nats://127.0.0.1:4222"),
+        help="NATS server URL (env CAIRN_NATS_URL; default nats://127.0.0.1:4222)",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_position",
+        type=int,
+        default=None,
+        help="start at this log position; default: only events from now on",
+    )
+    parser.add_argument(
+        "--type", dest="event_type", help="only this event type, e.g. manifest.pushed"
+    )
+    parser.add_argument("--repository", help="only events of this repository")
+    _add_stream_options(parser)
+
+
+def _add_stream_options(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--stream",
+        default=env_default("NATS_STREAM", DEFAULT_STREAM),
+        help=f"JetStream stream name (env CAIRN_NATS_STREAM; default {DEFAULT_STREAM})",
+    )
+    parser.add_argument(
+        "--subject-prefix",
+        default=env_default("NATS_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
+        help="first subject token of every event (env CAIRN_NATS_SUBJECT_PREFIX; "
+        f"default {DEFAULT_SUBJECT_PREFIX})",
+    )

@@ -1,0 +1,145 @@
+"""Database connections and the two kinds of transaction cairn uses.
+
+cairn uses SQLAlchemy's synchronous Core API. Commands run in a worker thread
+(the ASGI layer calls them through ``anyio.to_thread``), so the event loop
+never waits on the database. The synchronous style was chosen deliberately:
+the same code serves the HTTP API, the command-line tools (rebuild, verify)
+and the tests, the mature drivers (sqlite3 and psycopg) are used directly,
+and every append is serialised on the log head anyway, so an async driver
+would add no write concurrency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from engine.log.store import APPENDED_KEY
+from engine.tables import log_head
+
+log = structlog.get_logger(__name__)
+
+SQLITE_FILE = "cairn.db"
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / SQLITE_FILE).resolve()}"
+
+
+def normalise_url(url: str) -> str:
+    """Select the psycopg 3 driver for plain ``postgresql://`` URLs."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+class Database:
+    """A pair of engines: one for writes, one for reads.
+
+    On SQLite the writer starts every transaction with BEGIN IMMEDIATE, which
+    takes the database's write lock at once, so a command's reads and its
+    append see one consistent state and concurrent writers queue instead of
+    failing on a lock upgrade. Readers use plain BEGIN and, in WAL mode,
+    never block or get blocked by the writer. On PostgreSQL both are one
+    engine, and ``write()`` locks the log head row instead.
+    """
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = normalise_url(url)
+        # Called with the events of each write transaction after it commits,
+        # from the committing thread; the bus relay uses this to wake up.
+        self.append_listeners: list[Callable[[list[Any]], None]] = []
+        self.dialect = sa.make_url(self.url).get_backend_name()
+        if self.is_sqlite:
+            self._writer = _sqlite_engine(self.url, immediate=True, echo=echo)
+            self._reader = _sqlite_engine(self.url, immediate=False, echo=echo)
+        else:
+            self._writer = sa.create_engine(
+                self.url, echo=echo, pool_pre_ping=True, pool_size=10
+            )
+            self._reader = self._writer
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @property
+    def engine(self) -> Engine:
+        return self._writer
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """Open a transaction that holds the log's append lock until commit."""
+        appended: list[Any] = []
+        with self._writer.begin() as conn:
+            if not self.is_sqlite:
+                conn.execute(
+                    sa.select(log_head.c.position)
+                    .where(log_head.c.id == 1)
+                    .with_for_update()
+                )
+            conn.info[APPENDED_KEY] = appended
+            try:
+                yield conn
+            finally:
+                conn.info.pop(APPENDED_KEY, None)
+        if appended:
+            for listener in self.append_listeners:
+                listener(appended)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """Open a read-write transaction that does not touch the log."""
+        engine = self._writer if self.is_sqlite else self._reader
+        with engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """Open a read-only transaction with a consistent snapshot."""
+        with self._reader.connect() as conn, conn.begin():
+            yield conn
+
+    def dispose(self) -> None:
+        self._writer.dispose()
+        self._reader.dispose()
+
+
+def _sqlite_engine(url: str, *, immediate: bool, echo: bool) -> Engine:
+    engine = sa.create_engine(
+        url,
+        echo=echo,
+        connect_args={"timeout": 30, "check_same_thread": False},
+        pool_size=8,
+        max_overflow=8,
+    )
+    begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions
+        # begin; the module's own implicit BEGIN would defeat BEGIN IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL makes every commit durable in WAL mode: a committed push
+        # survives a power cut, not only a process crash.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine

@@ -1,0 +1,1 @@
+"""Pure domain code: digests, names, manifests and events. No I/O."""

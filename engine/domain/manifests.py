@@ -1,0 +1,411 @@
+"""Manifest media types: parsing, validation and the references they carry.
+
+One class per media type. Every class keeps the bytes exactly as the client
+sent them, because the manifest's digest is the digest of those bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+from engine.domain.digest import Digest
+from engine.domain.errors import (
+    DigestInvalid,
+    ManifestInvalid,
+    ManifestTooLarge,
+    ManifestUnsupported,
+)
+
+OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST: Final = (
+    "application/vnd.docker.distribution.manifest.list.v2+json"
+)
+DOCKER_SCHEMA1: Final = frozenset(
+    {
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    }
+)
+OCI_EMPTY: Final = "application/vnd.oci.empty.v1+json"
+
+# Layers that clients fetch from their `urls`, never from the registry, so a
+# manifest may reference them without the registry holding the bytes.
+FOREIGN_LAYER_TYPES: Final = frozenset(
+    {
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    }
+)
+
+MANIFEST_MEDIA_TYPES: Final = frozenset(
+    {OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST}
+)
+
+# Manifests larger than this are rejected; Distribution and most registries
+# use the same 4 MiB limit.
+MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
+
+# RFC 6838 section 4.2, as the OCI image spec's descriptor definition cites it.
+_MEDIA_TYPE: Final = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A reference to content by media type, digest and size."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: Mapping[str, str] | None = None
+    artifact_type: str | None = None
+    platform: Mapping[str, Any] | None = None
+    urls: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the descriptor in its OCI JSON form."""
+        body: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": str(self.digest),
+            "size": self.size,
+        }
+        if self.artifact_type is not None:
+            body["artifactType"] = self.artifact_type
+        if self.annotations:
+            body["annotations"] = dict(self.annotations)
+        if self.platform is not None:
+            body["platform"] = dict(self.platform)
+        if self.urls:
+            body["urls"] = list(self.urls)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """One thing a manifest points at. ``kind`` is config, layer, manifest or
+    subject; ``required`` says whether the repository must hold it."""
+
+    kind: str
+    descriptor: Descriptor
+    required: bool = True
+
+
+class Manifest(ABC):
+    """A parsed, validated manifest of one media type."""
+
+    media_type: ClassVar[str]
+
+    def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
+        self.raw = raw
+        self.body = body
+        self.digest = digest
+        self.subject = _optional_descriptor(body, "subject")
+        self.annotations = _annotations(body.get("annotations"), "annotations")
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    @property
+    @abstractmethod
+    def artifact_type(self) -> str | None:
+        """The artifact type the referrers API reports for this manifest."""
+
+    @abstractmethod
+    def references(self) -> list[Reference]:
+        """List every descriptor this manifest points at, subject included."""
+
+    def descriptor(self) -> Descriptor:
+        """Return the descriptor a referrers listing shows for this manifest."""
+        return Descriptor(
+            media_type=self.media_type,
+            digest=self.digest,
+            size=self.size,
+            annotations=self.annotations,
+            artifact_type=self.artifact_type,
+        )
+
+    def _subject_references(self) -> list[Reference]:
+        if self.subject is None:
+            return []
+        return [Reference("subject", self.subject, required=False)]
+
+
+class ImageManifest(Manifest):
+    """OCI image manifest; also artifacts, which set artifactType or use the
+    empty config."""
+
+    media_type = OCI_MANIFEST
+
+    def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
+        super().__init__(raw, body, digest)
+        _require_schema_version(body)
+        self.config = _descriptor(_require(body, "config"), "config")
+        self.layers = _descriptor_list(body, "layers")
+        self._artifact_type = _optional_media_type(body, "artifactType")
+        if self.config.media_type == OCI_EMPTY and self._artifact_type is None:
+            raise ManifestInvalid(
+                "artifactType is required when the config is the empty descriptor",
+                {"config.mediaType": self.config.media_type},
+            )
+
+    @property
+    def artifact_type(self) -> str | None:
+        return self._artifact_type or self.config.media_type
+
+    def references(self) -> list[Reference]:
+        refs = [Reference("config", self.config)]
+        for layer in self.layers:
+            foreign = layer.media_type in FOREIGN_LAYER_TYPES and bool(layer.urls)
+            refs.append(Reference("layer", layer, required=not foreign))
+        return refs + self._subject_references()
+
+
+class DockerManifest(ImageManifest):
+    """Docker image manifest, schema 2."""
+
+    media_type = DOCKER_MANIFEST
+
+
+class ImageIndex(Manifest):
+    """OCI image index: a list of manifests, possibly of other indexes."""
+
+    media_type = OCI_INDEX
+
+    def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
+        super().__init__(raw, body, digest)
+        _require_schema_version(body)
+        self.manifests = _descriptor_list(body, "manifests")
+        self._artifact_type = _optional_media_type(body, "artifactType")
+
+    @property
+    def artifact_type(self) -> str | None:
+        return self._artifact_type
+
+    def references(self) -> list[Reference]:
+        refs = [Reference("manifest", child) for child in self.manifests]
+        return refs + self._subject_references()
+
+
+class DockerManifestList(ImageIndex):
+    """Docker manifest list, the schema 2 multi-platform form."""
+
+    media_type = DOCKER_MANIFEST_LIST
+
+
+_CLASSES: Final[dict[str, type[Manifest]]] = {
+    cls.media_type: cls
+    for cls in (ImageManifest, DockerManifest, ImageIndex, DockerManifestList)
+}
+
+
+def parse_manifest(
+    raw: bytes, content_type: str | None = None, algorithm: str = "sha256"
+) -> Manifest:
+    """Parse and validate manifest bytes.
+
+    The media type comes from the body's ``mediaType`` and, when the body has
+    none, from ``content_type``. When both are given they must agree. Raises
+    ManifestInvalid (or ManifestUnsupported for Docker schema 1) naming the
+    offending field, and ManifestTooLarge above MAX_MANIFEST_SIZE.
+    """
+    if len(raw) > MAX_MANIFEST_SIZE:
+        raise ManifestTooLarge(
+            f"manifest is larger than {MAX_MANIFEST_SIZE} bytes",
+            {"size": len(raw), "limit": MAX_MANIFEST_SIZE},
+        )
+    body = _decode_json(raw)
+    media_type = _resolve_media_type(body, _bare_media_type(content_type))
+    return _CLASSES[media_type](raw, body, Digest.of(raw, algorithm))
+
+
+def _decode_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ManifestInvalid("manifest is not UTF-8", {"offset": exc.start}) from None
+    except json.JSONDecodeError as exc:
+        raise ManifestInvalid(
+            "manifest is not valid JSON",
+            {"error": exc.msg, "line": exc.lineno, "column": exc.colno},
+        ) from None
+    if not isinstance(body, dict):
+        raise ManifestInvalid(
+            "manifest must be a JSON object", {"type": type(body).__name__}
+        )
+    return body
+
+
+def _bare_media_type(content_type: str | None) -> str | None:
+    if not content_type:
+        return None
+    bare = content_type.split(";", 1)[0].strip()
+    return bare or None
+
+
+def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
+    declared = body.get("mediaType")
+    if declared is not None and not isinstance(declared, str):
+        raise ManifestInvalid("mediaType must be a string", {"mediaType": declared})
+    if body.get("schemaVersion") == 1 or (declared or content_type) in DOCKER_SCHEMA1:
+        raise ManifestUnsupported(
+            "Docker schema 1 manifests are not supported; push the image as "
+            "Docker schema 2 or OCI",
+            {"mediaType": declared or content_type},
+        )
+    if declared is not None:
+        if declared not in MANIFEST_MEDIA_TYPES:
+            raise ManifestInvalid(
+                "unsupported manifest media type",
+                {"mediaType": declared, "supported": sorted(MANIFEST_MEDIA_TYPES)},
+            )
+        if content_type in MANIFEST_MEDIA_TYPES and content_type != declared:
+            raise ManifestInvalid(
+                "manifest mediaType does not match the Content-Type header",
+                {"mediaType": declared, "contentType": content_type},
+            )
+        return declared
+    if content_type in MANIFEST_MEDIA_TYPES:
+        return content_type
+    # The OCI image spec lets mediaType be omitted; fall back to its shape.
+    if "manifests" in body and "layers" not in body:
+        return OCI_INDEX
+    if "config" in body or "layers" in body:
+        return OCI_MANIFEST
+    raise ManifestInvalid(
+        "cannot tell the manifest type: set mediaType in the body or the "
+        "Content-Type header",
+        {"contentType": content_type},
+    )
+
+
+def _require(body: Mapping[str, Any], key: str) -> Any:
+    if key not in body:
+        raise ManifestInvalid(f"manifest field {key} is missing", {"field": key})
+    return body[key]
+
+
+def _require_schema_version(body: Mapping[str, Any]) -> None:
+    version = body.get("schemaVersion")
+    if version != 2 or isinstance(version, bool):
+        raise ManifestInvalid("schemaVersion must be 2", {"schemaVersion": version})
+
+
+def _optional_media_type(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _MEDIA_TYPE.match(value):
+        raise ManifestInvalid(f"{key} is not a valid media type", {key: value})
+    return value
+
+
+def _optional_descriptor(body: Mapping[str, Any], key: str) -> Descriptor | None:
+    value = body.get(key)
+    return None if value is None else _descriptor(value, key)
+
+
+def _descriptor_list(body: Mapping[str, Any], key: str) -> tuple[Descriptor, ...]:
+    value = _require(body, key)
+    if not isinstance(value, list):
+        raise ManifestInvalid(f"{key} must be an array", {"field": key})
+    return tuple(_descriptor(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+
+def _annotations(value: Any, where: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ManifestInvalid(f"{where} must map strings to strings", {"field": where})
+    return value
+
+
+def _descriptor(value: Any, where: str) -> Descriptor:
+    if not isinstance(value, dict):
+        raise ManifestInvalid(f"{where} must be a descriptor object", {"field": where})
+
+    media_type = value.get("mediaType")
+    if not isinstance(media_type, str) or not _MEDIA_TYPE.match(media_type):
+        raise ManifestInvalid(
+            f"{where}.mediaType is missing or not a valid media type",
+            {"field": f"{where}.mediaType", "mediaType": media_type},
+        )
+
+    try:
+        digest = Digest.parse(value.get("digest"))  # type: ignore[arg-type]
+    except DigestInvalid:
+        raise ManifestInvalid(
+            f"{where}.digest is missing or invalid",
+            {"field": f"{where}.digest", "digest": value.get("digest")},
+        ) from None
+
+    size = value.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestInvalid(
+            f"{where}.size must be a non-negative integer",
+            {"field": f"{where}.size", "size": size},
+        )
+
+    _check_embedded_data(value, where, digest, size)
+
+    urls = value.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ManifestInvalid(
+            f"{where}.urls must be an array of strings", {"field": f"{where}.urls"}
+        )
+
+    platform = value.get("platform")
+    if platform is not None and not (
+        isinstance(platform, dict)
+        and isinstance(platform.get("architecture"), str)
+        and isinstance(platform.get("os"), str)
+    ):
+        raise ManifestInvalid(
+            f"{where}.platform needs architecture and os strings",
+            {"field": f"{where}.platform", "platform": platform},
+        )
+
+    return Descriptor(
+        media_type=media_type,
+        digest=digest,
+        size=size,
+        annotations=_annotations(value.get("annotations"), f"{where}.annotations"),
+        artifact_type=_optional_media_type(value, "artifactType"),
+        platform=platform,
+        urls=tuple(urls),
+    )
+
+
+def _check_embedded_data(
+    value: Mapping[str, Any], where: str, digest: Digest, size: int
+) -> None:
+    data = value.get("data")
+    if data is None:
+        return
+    try:
+        decoded = (
+            base64.b64decode(data, validate=True) if isinstance(data, str) else None
+        )
+    except (binascii.Error, ValueError):
+        decoded = None
+    if decoded is None:
+        raise ManifestInvalid(f"{where}.data is not base64", {"field": f"{where}.data"})
+    if len(decoded) != size or Digest.of(decoded, digest.algorithm) != digest:
+        raise ManifestInvalid(
+            f"{where}.data does not match the descriptor's size and digest",
+            {"field": f"{where}.data", "digest": str(digest), "size": size},
+        )

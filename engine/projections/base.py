@@ -1,0 +1,78 @@
+"""The projection interface and the functions that drive every projection."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from engine.domain.events import EventType, StoredEvent
+from engine.tables import projection_checkpoints
+
+
+class Projection(ABC):
+    """A view of the log kept in SQL tables.
+
+    ``apply`` must be deterministic given the event and the tables' current
+    state, so replaying the log from position 1 rebuilds the same rows.
+    """
+
+    name: ClassVar[str]
+    tables: ClassVar[tuple[sa.Table, ...]]
+    handles: ClassVar[frozenset[EventType]]
+
+    @abstractmethod
+    def apply(self, conn: Connection, event: StoredEvent) -> None:
+        """Update this projection's tables for one event."""
+
+    def reset(self, conn: Connection) -> None:
+        """Delete every row this projection owns."""
+        for table in self.tables:
+            conn.execute(sa.delete(table))
+
+
+def apply_events(
+    conn: Connection, projections: Sequence[Projection], events: Iterable[StoredEvent]
+) -> int:
+    """Apply ``events`` to each projection that handles them and move the
+    projections' checkpoints to the last position. Return that position."""
+    last = 0
+    for event in events:
+        for projection in projections:
+            if event.type in projection.handles:
+                projection.apply(conn, event)
+        last = event.position
+    if last:
+        save_checkpoints(conn, projections, last)
+    return last
+
+
+def save_checkpoints(
+    conn: Connection, projections: Sequence[Projection], position: int
+) -> None:
+    names = [projection.name for projection in projections]
+    updated = conn.execute(
+        sa.update(projection_checkpoints)
+        .where(projection_checkpoints.c.name.in_(names))
+        .values(position=position)
+    ).rowcount
+    if updated != len(names):
+        present = set(
+            conn.execute(
+                sa.select(projection_checkpoints.c.name).where(
+                    projection_checkpoints.c.name.in_(names)
+                )
+            ).scalars()
+        )
+        conn.execute(
+            sa.insert(projection_checkpoints),
+            [{"name": n, "position": position} for n in names if n not in present],
+        )
+
+
+def checkpoints(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(sa.select(projection_checkpoints))
+    return {row.name: row.position for row in rows}

@@ -1,0 +1,36 @@
+"""Blob links: which blobs each repository may read."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from engine.domain.events import EventType, StoredEvent
+from engine.projections.base import Projection
+from engine.tables import blob_links
+
+
+class BlobLinkProjection(Projection):
+    name = "blob_links"
+    tables = (blob_links,)
+    handles = frozenset(
+        {EventType.BLOB_PUSHED, EventType.BLOB_MOUNTED, EventType.BLOB_DELETED}
+    )
+
+    def apply(self, conn: Connection, event: StoredEvent) -> None:
+        digest = event.payload["digest"]
+        key = (blob_links.c.repository == event.repository) & (
+            blob_links.c.digest == digest
+        )
+        conn.execute(sa.delete(blob_links).where(key))
+        if event.type is EventType.BLOB_DELETED:
+            return
+        conn.execute(
+            sa.insert(blob_links).values(
+                repository=event.repository,
+                digest=digest,
+                size=event.payload["size"],
+                position=event.position,
+                linked_at=event.time,
+            )
+        )

@@ -1,0 +1,75 @@
+"""Manifests each repository holds, and the referrers index over subjects."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from engine.domain.events import EventType, StoredEvent
+from engine.projections.base import Projection
+from engine.tables import manifests, referrers
+
+
+class ManifestProjection(Projection):
+    name = "manifests"
+    tables = (manifests,)
+    handles = frozenset({EventType.MANIFEST_PUSHED, EventType.MANIFEST_DELETED})
+
+    def apply(self, conn: Connection, event: StoredEvent) -> None:
+        payload = event.payload
+        conn.execute(
+            sa.delete(manifests).where(
+                (manifests.c.repository == event.repository)
+                & (manifests.c.digest == payload["digest"])
+            )
+        )
+        if event.type is EventType.MANIFEST_DELETED:
+            return
+        conn.execute(
+            sa.insert(manifests).values(
+                repository=event.repository,
+                digest=payload["digest"],
+                media_type=payload["media_type"],
+                size=payload["size"],
+                artifact_type=payload.get("artifact_type"),
+                subject=payload.get("subject"),
+                references=payload["references"],
+                position=event.position,
+                pushed_at=event.time,
+            )
+        )
+
+
+class ReferrerProjection(Projection):
+    """Subject digest -> the manifests that name it as their subject.
+
+    The subject need not exist in the repository: the OCI distribution spec
+    lets a referrer be pushed before, or without, the manifest it refers to.
+    """
+
+    name = "referrers"
+    tables = (referrers,)
+    handles = frozenset({EventType.MANIFEST_PUSHED, EventType.MANIFEST_DELETED})
+
+    def apply(self, conn: Connection, event: StoredEvent) -> None:
+        payload = event.payload
+        conn.execute(
+            sa.delete(referrers).where(
+                (referrers.c.repository == event.repository)
+                & (referrers.c.digest == payload["digest"])
+            )
+        )
+        if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
+            return
+        conn.execute(
+            sa.insert(referrers).values(
+                repository=event.repository,
+                subject=payload["subject"],
+                digest=payload["digest"],
+                media_type=payload["media_type"],
+                artifact_type=payload.get("artifact_type"),
+                size=payload["size"],
+                annotations=payload.get("annotations"),
+                position=event.position,
+            )
+        )

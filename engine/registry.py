@@ -1,0 +1,765 @@
+"""The registry's Python API: Registry -> Repository -> manifests, tags, blobs.
+
+Every command validates its input, decides which events the change needs
+(none when nothing changes), appends them and updates the projections in one
+transaction. Reads go to the projections. All methods are synchronous and
+may block on disk or the database; the HTTP layer calls them from worker
+threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection
+
+from engine import log as event_log
+from engine.blobs import BlobStore, StagedBlob
+from engine.db import Database
+from engine.domain.digest import Digest
+from engine.domain.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RangeInvalid,
+)
+from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
+from engine.domain.manifests import Descriptor, Manifest, parse_manifest
+from engine.domain.names import validate_repository_name, validate_tag
+from engine.projections import ALL_PROJECTIONS, apply_events
+from engine.tables import (
+    blob_links,
+    manifest_contents,
+    manifests,
+    referrers,
+    repositories,
+    tags,
+    uploads,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestInfo:
+    digest: Digest
+    media_type: str
+    size: int
+    artifact_type: str | None = None
+    subject: Digest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PutManifestResult:
+    manifest: ManifestInfo
+    events: list[StoredEvent] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class UploadStatus:
+    id: str
+    repository: str
+    offset: int
+    started_at: datetime
+
+
+class Registry:
+    """Entry point: hands out Repository objects and enumerates everything."""
+
+    def __init__(self, database: Database, blob_store: BlobStore) -> None:
+        self.database = database
+        self.blob_store = blob_store
+        self._upload_locks: dict[str, threading.Lock] = {}
+        self._upload_locks_guard = threading.Lock()
+        # Open staging files keyed by upload id, so consecutive chunks of an
+        # upload keep their running hash instead of rehashing the prefix.
+        self._staged: dict[str, StagedBlob] = {}
+
+    @classmethod
+    def open(cls, data_dir: Path, database_url: str | None = None) -> Registry:
+        from engine.db import sqlite_url
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(database_url or sqlite_url(data_dir))
+        return cls(database, BlobStore(data_dir))
+
+    def repository(
+        self, name: str, *, actor: Actor | None = None, request_id: str | None = None
+    ) -> Repository:
+        return Repository(
+            self, validate_repository_name(name), actor or Actor(), request_id
+        )
+
+    def catalog(self, n: int | None = None, last: str | None = None) -> list[str]:
+        """List repository names in lexical order, after ``last``."""
+        query = sa.select(repositories.c.name).order_by(repositories.c.name)
+        if last:
+            query = query.where(repositories.c.name > last)
+        if n is not None:
+            query = query.limit(n)
+        with self.database.read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def iter_repositories(self, page_size: int = 1000) -> Iterator[str]:
+        last: str | None = None
+        while True:
+            page = self.catalog(page_size, last)
+            yield from page
+            if len(page) < page_size:
+                return
+            last = page[-1]
+
+    def iter_manifests(
+        self, page_size: int = 1000
+    ) -> Iterator[tuple[str, ManifestInfo]]:
+        """Yield (repository, manifest) for every manifest, in push order."""
+        after = 0
+        while True:
+            with self.database.read() as conn:
+                rows = conn.execute(
+                    sa.select(manifests)
+                    .where(manifests.c.position > after)
+                    .order_by(manifests.c.position)
+                    .limit(page_size)
+                ).all()
+            for row in rows:
+                yield row.repository, _manifest_info(row)
+            if len(rows) < page_size:
+                return
+            after = rows[-1].position
+
+    def upload_lock(self, upload_id: str) -> threading.Lock:
+        with self._upload_locks_guard:
+            return self._upload_locks.setdefault(upload_id, threading.Lock())
+
+    def _forget_upload(self, upload_id: str) -> None:
+        staged = self._staged.pop(upload_id, None)
+        if staged is not None:
+            staged.close()
+        with self._upload_locks_guard:
+            self._upload_locks.pop(upload_id, None)
+
+
+class Repository:
+    """One repository's manifest, tag and blob services."""
+
+    def __init__(
+        self, registry: Registry, name: str, actor: Actor, request_id: str | None
+    ) -> None:
+        self.registry = registry
+        self.name = name
+        self.actor = actor
+        self.request_id = request_id
+        self.manifests = ManifestService(self)
+        self.tags = TagService(self)
+        self.blobs = BlobService(self)
+
+    @property
+    def database(self) -> Database:
+        return self.registry.database
+
+    def exists(self) -> bool:
+        with self.database.read() as conn:
+            return _repository_exists(conn, self.name)
+
+    def commit(
+        self, conn: Connection, new_events: Sequence[NewEvent]
+    ) -> list[StoredEvent]:
+        """Append ``new_events`` and apply them to every projection."""
+        stored = event_log.append(
+            conn, new_events, actor=self.actor, request_id=self.request_id
+        )
+        apply_events(conn, ALL_PROJECTIONS, stored)
+        return stored
+
+    def event(self, type: EventType, **payload: Any) -> NewEvent:
+        return NewEvent(type=type, repository=self.name, payload=payload)
+
+
+class ManifestService:
+    def __init__(self, repository: Repository) -> None:
+        self._repo = repository
+
+    def _row(self, conn: Connection, digest: Digest) -> Any:
+        return conn.execute(
+            sa.select(manifests).where(
+                (manifests.c.repository == self._repo.name)
+                & (manifests.c.digest == str(digest))
+            )
+        ).one_or_none()
+
+    def exists(self, digest: Digest) -> bool:
+        with self._repo.database.read() as conn:
+            return self._row(conn, digest) is not None
+
+    def stat(self, digest: Digest) -> ManifestInfo:
+        with self._repo.database.read() as conn:
+            row = self._row(conn, digest)
+        if row is None:
+            raise ManifestUnknown(
+                "manifest unknown",
+                {"repository": self._repo.name, "digest": str(digest)},
+            )
+        return _manifest_info(row)
+
+    def get(self, digest: Digest) -> tuple[ManifestInfo, bytes]:
+        with self._repo.database.read() as conn:
+            row = self._row(conn, digest)
+            if row is None:
+                raise ManifestUnknown(
+                    "manifest unknown",
+                    {"repository": self._repo.name, "digest": str(digest)},
+                )
+            content = conn.execute(
+                sa.select(manifest_contents.c.content).where(
+                    manifest_contents.c.digest == str(digest)
+                )
+            ).scalar_one()
+        return _manifest_info(row), bytes(content)
+
+    def put(
+        self,
+        raw: bytes,
+        content_type: str | None = None,
+        *,
+        tag: str | None = None,
+        digest: Digest | None = None,
+    ) -> PutManifestResult:
+        """Store a manifest, and point ``tag`` at it when given.
+
+        ``digest`` is the digest the client pushed by; the bytes must hash to
+        it. Every blob and child manifest the manifest requires must already
+        be in this repository; the subject need not be.
+        """
+        if tag is not None:
+            validate_tag(tag)
+        manifest = parse_manifest(
+            raw, content_type, algorithm=digest.algorithm if digest else "sha256"
+        )
+        if digest is not None and manifest.digest != digest:
+            raise ManifestInvalid(
+                "manifest digest does not match the digest in the URL",
+                {"expected": str(digest), "actual": str(manifest.digest)},
+            )
+        with self._repo.database.write() as conn:
+            self._check_references(conn, manifest)
+            new_events: list[NewEvent] = []
+            if self._row(conn, manifest.digest) is None:
+                self._store_content(conn, manifest)
+                new_events.append(self._pushed_event(manifest))
+            if tag is not None:
+                current = _tag_digest(conn, self._repo.name, tag)
+                if current != str(manifest.digest):
+                    new_events.append(
+                        self._repo.event(
+                            EventType.TAG_SET,
+                            tag=tag,
+                            digest=str(manifest.digest),
+                            previous=current,
+                        )
+                    )
+            stored = self._repo.commit(conn, new_events)
+        info = ManifestInfo(
+            manifest.digest,
+            manifest.media_type,
+            manifest.size,
+            manifest.artifact_type,
+            manifest.subject.digest if manifest.subject else None,
+        )
+        if stored:
+            log.info(
+                "manifest_stored",
+                repository=self._repo.name,
+                digest=str(manifest.digest),
+                tag=tag,
+                position=stored[-1].position,
+                request_id=self._repo.request_id,
+            )
+        return PutManifestResult(info, stored)
+
+    def _check_references(self, conn: Connection, manifest: Manifest) -> None:
+        missing: list[dict[str, str]] = []
+        for reference in manifest.references():
+            if not reference.required:
+                continue
+            digest = str(reference.descriptor.digest)
+            if reference.kind == "manifest":
+                present = self._row(conn, reference.descriptor.digest) is not None
+            else:
+                present = _blob_link(conn, self._repo.name, digest) is not None
+            if not present:
+                missing.append({"kind": reference.kind, "digest": digest})
+        if missing:
+            raise ManifestBlobUnknown(
+                "manifest references content that is not in the repository",
+                {"repository": self._repo.name, "missing": missing},
+            )
+
+    def _store_content(self, conn: Connection, manifest: Manifest) -> None:
+        exists = conn.execute(
+            sa.select(manifest_contents.c.digest).where(
+                manifest_contents.c.digest == str(manifest.digest)
+            )
+        ).first()
+        if exists is None:
+            conn.execute(
+                sa.insert(manifest_contents).values(
+                    digest=str(manifest.digest), content=manifest.raw
+                )
+            )
+
+    def _pushed_event(self, manifest: Manifest) -> NewEvent:
+        return self._repo.event(
+            EventType.MANIFEST_PUSHED,
+            digest=str(manifest.digest),
+            media_type=manifest.media_type,
+            size=manifest.size,
+            artifact_type=manifest.artifact_type,
+            subject=str(manifest.subject.digest) if manifest.subject else None,
+            annotations=dict(manifest.annotations) if manifest.annotations else None,
+            references=[
+                _reference_json(r.kind, r.descriptor) for r in manifest.references()
+            ],
+        )
+
+    def delete(self, digest: Digest) -> list[StoredEvent]:
+        """Delete a manifest and every tag that points to it."""
+        with self._repo.database.write() as conn:
+            if self._row(conn, digest) is None:
+                raise ManifestUnknown(
+                    "manifest unknown",
+                    {"repository": self._repo.name, "digest": str(digest)},
+                )
+            tag_names = conn.execute(
+                sa.select(tags.c.tag)
+                .where(
+                    (tags.c.repository == self._repo.name)
+                    & (tags.c.digest == str(digest))
+                )
+                .order_by(tags.c.tag)
+            ).scalars()
+            new_events = [
+                self._repo.event(EventType.TAG_DELETED, tag=name, previous=str(digest))
+                for name in tag_names
+            ]
+            new_events.append(
+                self._repo.event(EventType.MANIFEST_DELETED, digest=str(digest))
+            )
+            stored = self._repo.commit(conn, new_events)
+        log.info(
+            "manifest_deleted",
+            repository=self._repo.name,
+            digest=str(digest),
+            position=stored[-1].position,
+            request_id=self._repo.request_id,
+        )
+        return stored
+
+    def referrers(
+        self, subject: Digest, artifact_type: str | None = None
+    ) -> list[Descriptor]:
+        """List the manifests whose subject is ``subject``, oldest first."""
+        query = sa.select(referrers).where(
+            (referrers.c.repository == self._repo.name)
+            & (referrers.c.subject == str(subject))
+        )
+        if artifact_type is not None:
+            query = query.where(referrers.c.artifact_type == artifact_type)
+        with self._repo.database.read() as conn:
+            rows = conn.execute(query.order_by(referrers.c.position)).all()
+        return [
+            Descriptor(
+                media_type=row.media_type,
+                digest=Digest.parse(row.digest),
+                size=row.size,
+                annotations=row.annotations,
+                artifact_type=row.artifact_type,
+            )
+            for row in rows
+        ]
+
+
+class TagService:
+    def __init__(self, repository: Repository) -> None:
+        self._repo = repository
+
+    def get(self, tag: str) -> ManifestInfo:
+        """Return the manifest ``tag`` points to."""
+        validate_tag(tag)
+        with self._repo.database.read() as conn:
+            row = conn.execute(
+                sa.select(manifests)
+                .join(
+                    tags,
+                    (tags.c.repository == manifests.c.repository)
+                    & (tags.c.digest == manifests.c.digest),
+                )
+                .where((tags.c.repository == self._repo.name) & (tags.c.tag == tag))
+            ).one_or_none()
+        if row is None:
+            raise ManifestUnknown(
+                "manifest unknown", {"repository": self._repo.name, "tag": tag}
+            )
+        return _manifest_info(row)
+
+    def tag(self, tag: str, digest: Digest) -> list[StoredEvent]:
+        """Point ``tag`` at a manifest already in the repository."""
+        validate_tag(tag)
+        with self._repo.database.write() as conn:
+            if ManifestService(self._repo)._row(conn, digest) is None:
+                raise ManifestUnknown(
+                    "manifest unknown",
+                    {"repository": self._repo.name, "digest": str(digest)},
+                )
+            current = _tag_digest(conn, self._repo.name, tag)
+            if current == str(digest):
+                return []
+            return self._repo.commit(
+                conn,
+                [
+                    self._repo.event(
+                        EventType.TAG_SET, tag=tag, digest=str(digest), previous=current
+                    )
+                ],
+            )
+
+    def untag(self, tag: str) -> list[StoredEvent]:
+        validate_tag(tag)
+        with self._repo.database.write() as conn:
+            current = _tag_digest(conn, self._repo.name, tag)
+            if current is None:
+                raise ManifestUnknown(
+                    "tag unknown", {"repository": self._repo.name, "tag": tag}
+                )
+            return self._repo.commit(
+                conn,
+                [self._repo.event(EventType.TAG_DELETED, tag=tag, previous=current)],
+            )
+
+    def list(self, n: int | None = None, last: str | None = None) -> list[str]:
+        """List tags in lexical order after ``last``, at most ``n``.
+
+        Raises NameUnknown when the repository has never had an event.
+        """
+        query = (
+            sa.select(tags.c.tag)
+            .where(tags.c.repository == self._repo.name)
+            .order_by(tags.c.tag)
+        )
+        if last:
+            query = query.where(tags.c.tag > last)
+        if n is not None:
+            query = query.limit(n)
+        with self._repo.database.read() as conn:
+            names = list(conn.execute(query).scalars())
+            if not names and not _repository_exists(conn, self._repo.name):
+                raise NameUnknown(
+                    "repository name not known to registry", {"name": self._repo.name}
+                )
+        return names
+
+    def iter_all(self, page_size: int = 1000) -> Iterator[str]:
+        """Yield every tag in lexical order, one page at a time."""
+        last: str | None = None
+        while True:
+            page = self.list(page_size, last)
+            yield from page
+            if len(page) < page_size:
+                return
+            last = page[-1]
+
+    def lookup(self, digest: Digest) -> list[str]:
+        """List the tags that point to ``digest``."""
+        with self._repo.database.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(tags.c.tag)
+                    .where(
+                        (tags.c.repository == self._repo.name)
+                        & (tags.c.digest == str(digest))
+                    )
+                    .order_by(tags.c.tag)
+                ).scalars()
+            )
+
+
+class BlobService:
+    def __init__(self, repository: Repository) -> None:
+        self._repo = repository
+
+    @property
+    def _store(self) -> BlobStore:
+        return self._repo.registry.blob_store
+
+    def stat(self, digest: Digest) -> BlobInfo:
+        with self._repo.database.read() as conn:
+            row = _blob_link(conn, self._repo.name, str(digest))
+        if row is None:
+            raise BlobUnknown(
+                "blob unknown to registry",
+                {"repository": self._repo.name, "digest": str(digest)},
+            )
+        return BlobInfo(digest, row.size)
+
+    def path(self, digest: Digest) -> Path:
+        """Return the file of a blob this repository may read."""
+        self.stat(digest)
+        return self._store.path(digest)
+
+    def open(
+        self, digest: Digest, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        info = self.stat(digest)
+        return self._store.iter_range(digest, start, info.size if end is None else end)
+
+    def delete(self, digest: Digest) -> list[StoredEvent]:
+        """Unlink a blob from this repository. The bytes stay for others."""
+        with self._repo.database.write() as conn:
+            if _blob_link(conn, self._repo.name, str(digest)) is None:
+                raise BlobUnknown(
+                    "blob unknown to registry",
+                    {"repository": self._repo.name, "digest": str(digest)},
+                )
+            return self._repo.commit(
+                conn, [self._repo.event(EventType.BLOB_DELETED, digest=str(digest))]
+            )
+
+    def mount(self, digest: Digest, source: str | None) -> BlobInfo | None:
+        """Link a blob readable in ``source`` into this repository.
+
+        With no ``source``, any repository that holds the blob will do. Return
+        None when the blob cannot be mounted, so the caller can fall back to a
+        normal upload.
+        """
+        if source is not None:
+            source = validate_repository_name(source)
+        with self._repo.database.write() as conn:
+            existing = _blob_link(conn, self._repo.name, str(digest))
+            if existing is not None:
+                return BlobInfo(digest, existing.size)
+            query = sa.select(blob_links).where(blob_links.c.digest == str(digest))
+            if source is not None:
+                query = query.where(blob_links.c.repository == source)
+            origin = conn.execute(query.limit(1)).first()
+            if origin is None or not self._store.exists(digest):
+                return None
+            self._repo.commit(
+                conn,
+                [
+                    self._repo.event(
+                        EventType.BLOB_MOUNTED,
+                        digest=str(digest),
+                        size=origin.size,
+                        **{"from": origin.repository},
+                    )
+                ],
+            )
+        return BlobInfo(digest, origin.size)
+
+    # ---- uploads ---------------------------------------------------------
+
+    def create_upload(self) -> UploadStatus:
+        upload_id = str(uuid.uuid4())
+        now = datetime.now(UTC)
+        self._store.stage(upload_id).close()
+        with self._repo.database.transaction() as conn:
+            conn.execute(
+                sa.insert(uploads).values(
+                    id=upload_id,
+                    repository=self._repo.name,
+                    offset=0,
+                    started_at=now,
+                    updated_at=now,
+                )
+            )
+        return UploadStatus(upload_id, self._repo.name, 0, now)
+
+    def upload_status(self, upload_id: str) -> UploadStatus:
+        try:
+            uuid.UUID(upload_id)
+        except ValueError:
+            raise BlobUploadUnknown(
+                "blob upload unknown", {"upload": upload_id}
+            ) from None
+        with self._repo.database.read() as conn:
+            row = conn.execute(
+                sa.select(uploads).where(
+                    (uploads.c.id == upload_id)
+                    & (uploads.c.repository == self._repo.name)
+                )
+            ).one_or_none()
+        if row is None:
+            raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id})
+        staged = self._store.staged_size(upload_id)
+        if staged is None:
+            raise BlobUploadUnknown(
+                "blob upload unknown: its staging file is gone", {"upload": upload_id}
+            )
+        return UploadStatus(
+            upload_id, self._repo.name, min(row.offset, staged), row.started_at
+        )
+
+    def _staged(self, status: UploadStatus) -> StagedBlob:
+        cache = self._repo.registry._staged
+        staged = cache.get(status.id)
+        if staged is None or staged.offset != status.offset:
+            if staged is not None:
+                staged.close()
+            staged = self._store.stage(status.id, status.offset)
+            cache[status.id] = staged
+        return staged
+
+    def write_upload(
+        self, upload_id: str, chunks: Iterable[bytes], start: int | None = None
+    ) -> UploadStatus:
+        """Append ``chunks`` to an upload; ``start`` must equal its offset."""
+        with self._repo.registry.upload_lock(upload_id):
+            status = self.upload_status(upload_id)
+            if start is not None and start != status.offset:
+                raise RangeInvalid(
+                    "chunk does not start at the upload's current offset",
+                    {"upload": upload_id, "start": start, "offset": status.offset},
+                    offset=status.offset,
+                )
+            staged = self._staged(status)
+            for chunk in chunks:
+                staged.write(chunk)
+            staged.flush()
+            with self._repo.database.transaction() as conn:
+                conn.execute(
+                    sa.update(uploads)
+                    .where(uploads.c.id == upload_id)
+                    .values(offset=staged.offset, updated_at=datetime.now(UTC))
+                )
+            return UploadStatus(
+                upload_id, self._repo.name, staged.offset, status.started_at
+            )
+
+    def commit_upload(
+        self, upload_id: str, digest: Digest, chunks: Iterable[bytes] = ()
+    ) -> BlobInfo:
+        """Append the final ``chunks``, verify ``digest`` and link the blob.
+
+        On a digest mismatch the upload is discarded and nothing is stored.
+        """
+        with self._repo.registry.upload_lock(upload_id):
+            status = self.upload_status(upload_id)
+            staged = self._staged(status)
+            self._repo.registry._staged.pop(upload_id, None)
+            try:
+                for chunk in chunks:
+                    staged.write(chunk)
+                return self._commit_staged(staged, digest, upload_id)
+            finally:
+                self._repo.registry._forget_upload(upload_id)
+
+    def push(self, digest: Digest, chunks: Iterable[bytes]) -> BlobInfo:
+        """Store a whole blob in one call: the monolithic upload."""
+        upload_id = str(uuid.uuid4())
+        staged = self._store.stage(upload_id)
+        try:
+            for chunk in chunks:
+                staged.write(chunk)
+        except BaseException:
+            staged.close()
+            self._store.discard(upload_id)
+            raise
+        return self._commit_staged(staged, digest, None)
+
+    def _commit_staged(
+        self, staged: StagedBlob, digest: Digest, upload_id: str | None
+    ) -> BlobInfo:
+        size = self._store.commit(staged, digest)
+        with self._repo.database.write() as conn:
+            if upload_id is not None:
+                conn.execute(sa.delete(uploads).where(uploads.c.id == upload_id))
+            if _blob_link(conn, self._repo.name, str(digest)) is None:
+                stored = self._repo.commit(
+                    conn,
+                    [
+                        self._repo.event(
+                            EventType.BLOB_PUSHED, digest=str(digest), size=size
+                        )
+                    ],
+                )
+                log.info(
+                    "blob_pushed",
+                    repository=self._repo.name,
+                    digest=str(digest),
+                    size=size,
+                    position=stored[-1].position,
+                    request_id=self._repo.request_id,
+                )
+        return BlobInfo(digest, size)
+
+    def cancel_upload(self, upload_id: str) -> None:
+        with self._repo.registry.upload_lock(upload_id):
+            self.upload_status(upload_id)
+            self._repo.registry._forget_upload(upload_id)
+            with self._repo.database.transaction() as conn:
+                conn.execute(sa.delete(uploads).where(uploads.c.id == upload_id))
+            self._store.discard(upload_id)
+
+
+def _reference_json(kind: str, descriptor: Descriptor) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "kind": kind,
+        "media_type": descriptor.media_type,
+        "digest": str(descriptor.digest),
+        "size": descriptor.size,
+    }
+    if descriptor.platform is not None:
+        body["platform"] = dict(descriptor.platform)
+    return body
+
+
+def _manifest_info(row: Any) -> ManifestInfo:
+    return ManifestInfo(
+        digest=Digest.parse(row.digest),
+        media_type=row.media_type,
+        size=row.size,
+        artifact_type=row.artifact_type,
+        subject=Digest.parse(row.subject) if row.subject else None,
+    )
+
+
+def _tag_digest(conn: Connection, repository: str, tag: str) -> str | None:
+    return conn.execute(
+        sa.select(tags.c.digest).where(
+            (tags.c.repository == repository) & (tags.c.tag == tag)
+        )
+    ).scalar_one_or_none()
+
+
+def _blob_link(conn: Connection, repository: str, digest: str) -> Any:
+    return conn.execute(
+        sa.select(blob_links).where(
+            (blob_links.c.repository == repository) & (blob_links.c.digest == digest)
+        )
+    ).one_or_none()
+
+
+def _repository_exists(conn: Connection, name: str) -> bool:
+    return (
+        conn.execute(
+            sa.select(repositories.c.name).where(repositories.c.name == name)
+        ).first()
+        is not None
+    )

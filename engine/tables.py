@@ -1,0 +1,208 @@
+"""Every SQL table cairn uses, in one place.
+
+Alembic migrations are the only source of the schema in a database; these
+definitions mirror them so queries can be written with SQLAlchemy Core, and a
+test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    SQLite has no timezone type, so values are stored as naive UTC and given
+    their zone back when read; PostgreSQL stores timestamptz.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a UTC time")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# ---- the log --------------------------------------------------------------
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("position", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("id", sa.Uuid, nullable=False, unique=True),
+    sa.Column("repository", sa.String(255), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("time", UTCDateTime, nullable=False),
+    sa.Column("actor_user", sa.String(255)),
+    sa.Column("actor_address", sa.String(255)),
+    sa.Column("request_id", sa.String(64)),
+    sa.Column("payload", JSONDocument, nullable=False),
+    sa.Column("previous_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+    sa.UniqueConstraint("repository", "version"),
+    sa.Index(None, "type", "position"),
+    sa.Index(None, "time"),
+)
+
+# One row (id 1): the last position and hash. Appends lock it, which
+# serialises them and keeps positions gap-free in commit order.
+log_head = sa.Table(
+    "log_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+# Each repository's stream version: the number of events it has.
+streams = sa.Table(
+    "streams",
+    metadata,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+# ---- content that is not a projection ---------------------------------------
+
+# Manifest bytes, exactly as pushed, shared by every repository that has them.
+manifest_contents = sa.Table(
+    "manifest_contents",
+    metadata,
+    sa.Column("digest", sa.String(140), primary_key=True),
+    sa.Column("content", sa.LargeBinary, nullable=False),
+)
+
+uploads = sa.Table(
+    "uploads",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("repository", sa.String(255), nullable=False),
+    sa.Column("offset", sa.BigInteger, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# ---- projections ------------------------------------------------------------
+
+repositories = sa.Table(
+    "repositories",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("created_position", sa.BigInteger, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+tags = sa.Table(
+    "tags",
+    metadata,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("digest", sa.String(140), nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index(None, "repository", "digest"),
+)
+
+manifests = sa.Table(
+    "manifests",
+    metadata,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("digest", sa.String(140), primary_key=True),
+    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("artifact_type", sa.String(255)),
+    sa.Column("subject", sa.String(140)),
+    sa.Column("references", JSONDocument, nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("pushed_at", UTCDateTime, nullable=False),
+    sa.Index(None, "position"),
+)
+
+blob_links = sa.Table(
+    "blob_links",
+    metadata,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("digest", sa.String(140), primary_key=True),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("linked_at", UTCDateTime, nullable=False),
+    sa.Index(None, "digest"),
+)
+
+referrers = sa.Table(
+    "referrers",
+    metadata,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("subject", sa.String(140), primary_key=True),
+    sa.Column("digest", sa.String(140), primary_key=True),
+    sa.Column("media_type", sa.String(255), nullable=False),
+    sa.Column("artifact_type", sa.String(255)),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("annotations", JSONDocument),
+    sa.Column("position", sa.BigInteger, nullable=False),
+)
+
+# Which digest a tag pointed to over which half-open range of positions
+# [from_position, to_position); to_position is NULL while the tag still does.
+tag_history = sa.Table(
+    "tag_history",
+    metadata,
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("tag", sa.String(128), primary_key=True),
+    sa.Column("from_position", sa.BigInteger, primary_key=True),
+    sa.Column("digest", sa.String(140), nullable=False),
+    sa.Column("from_time", UTCDateTime, nullable=False),
+    sa.Column("to_position", sa.BigInteger),
+    sa.Column("to_time", UTCDateTime),
+    sa.Column("actor_user", sa.String(255)),
+)
+
+# The last log position each projection has applied.
+projection_checkpoints = sa.Table(
+    "projection_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+)
+
+# The bus relay's progress: the last position JetStream acknowledged.
+relay_checkpoints = sa.Table(
+    "relay_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+PROJECTION_TABLES = (repositories, tags, manifests, blob_links, referrers, tag_history)

@@ -1,0 +1,98 @@
+"""Shared fixtures: a registry on SQLite and on PostgreSQL.
+
+PostgreSQL tests use one fresh database per test run, created on the server
+named by CAIRN_TEST_POSTGRES_URL (default: the local server on 127.0.0.1:5432
+as user postgres) and dropped at the end. Each test starts from empty tables.
+Set CAIRN_TEST_POSTGRES_URL=skip to run SQLite only; CI never does.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from engine.db import Database
+from engine.logs import configure_logging
+from engine.migrate import upgrade
+from engine.registry import Registry
+from engine.tables import metadata
+
+ADMIN_URL = os.environ.get(
+    "CAIRN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+configure_logging("warning", json=False)
+
+
+def _backends() -> list[str]:
+    return ["sqlite"] if ADMIN_URL == "skip" else ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """Create a fresh, migrated PostgreSQL database for this test run."""
+    if ADMIN_URL == "skip":
+        pytest.skip("CAIRN_TEST_POSTGRES_URL=skip")
+    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = (
+        sa.make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    )
+    database = Database(url)
+    upgrade(database)
+    database.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def reset_postgres(url: str) -> None:
+    """Empty every cairn table and reset the log head."""
+    engine = sa.create_engine(url)
+    names = ", ".join(f'"{table.name}"' for table in metadata.sorted_tables)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"TRUNCATE {names}")
+        conn.exec_driver_sql(
+            "INSERT INTO log_head (id, position, hash) VALUES (1, 0, :h)".replace(
+                ":h", "'" + "0" * 64 + "'"
+            )
+        )
+    engine.dispose()
+
+
+@pytest.fixture(params=_backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database: SQLite in tmp_path, or the run's PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'cairn.db'}"
+        database = Database(url)
+        upgrade(database)
+        database.dispose()
+        return url
+    url = request.getfixturevalue("postgres_url")
+    reset_postgres(url)
+    return url
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
+    registry = Registry.open(data_dir, database_url)
+    yield registry
+    registry.database.dispose()
