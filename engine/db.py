@@ -82,11 +82,7 @@ class Database:
         appended: list[Any] = []
         with self._writer.begin() as conn:
             if not self.is_sqlite:
-                conn.execute(
-                    sa.select(log_head.c.position)
-                    .where(log_head.c.id == 1)
-                    .with_for_update()
-                )
+                self._lock_head(conn)
             conn.info[APPENDED_KEY] = appended
             try:
                 yield conn
@@ -95,6 +91,19 @@ class Database:
         if appended:
             for listener in self.append_listeners:
                 listener(appended)
+
+    @contextmanager
+    def scratch(self) -> Iterator[Connection]:
+        """Open a transaction that holds the append lock and is always rolled
+        back, for checks that change tables only to compare them."""
+        with self._writer.connect() as conn:
+            transaction = conn.begin()
+            try:
+                if not self.is_sqlite:
+                    self._lock_head(conn)
+                yield conn
+            finally:
+                transaction.rollback()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -108,6 +117,12 @@ class Database:
         """Open a read-only transaction with a consistent snapshot."""
         with self._reader.connect() as conn, conn.begin():
             yield conn
+
+    @staticmethod
+    def _lock_head(conn: Connection) -> None:
+        conn.execute(
+            sa.select(log_head.c.position).where(log_head.c.id == 1).with_for_update()
+        )
 
     def dispose(self) -> None:
         self._writer.dispose()

@@ -19,9 +19,9 @@ from engine.domain.errors import (
 
 # The general grammar from the OCI image spec, checked before the
 # algorithm-specific rules so that a malformed value gets a precise message.
-_DIGEST_GRAMMAR: Final = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_DIGEST_GRAMMAR: Final = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 _ENCODED_LENGTH: Final = {"sha256": 64, "sha512": 128}
-_HEX: Final = re.compile(r"^[a-f0-9]+$")
+_HEX: Final = re.compile(r"[a-f0-9]+")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -37,7 +37,7 @@ class Digest:
     @classmethod
     def parse(cls, value: str) -> Digest:
         """Parse and validate ``value``, raising DigestInvalid naming it."""
-        if not isinstance(value, str) or not _DIGEST_GRAMMAR.match(value):
+        if not isinstance(value, str) or not _DIGEST_GRAMMAR.fullmatch(value):
             raise DigestInvalid("invalid digest", {"digest": value})
         algorithm, encoded = value.split(":", 1)
         expected_length = _ENCODED_LENGTH.get(algorithm)
@@ -46,7 +46,7 @@ class Digest:
                 "unsupported digest algorithm",
                 {"digest": value, "supported": sorted(_ENCODED_LENGTH)},
             )
-        if len(encoded) != expected_length or not _HEX.match(encoded):
+        if len(encoded) != expected_length or not _HEX.fullmatch(encoded):
             raise DigestInvalid(
                 f"invalid {algorithm} digest: expected {expected_length} "
                 "lowercase hex characters",

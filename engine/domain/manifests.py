@@ -58,7 +58,7 @@ MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 
 # RFC 6838 section 4.2, as the OCI image spec's descriptor definition cites it.
 _MEDIA_TYPE: Final = re.compile(
-    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$"
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 )
 
 
@@ -259,7 +259,9 @@ def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
     declared = body.get("mediaType")
     if declared is not None and not isinstance(declared, str):
         raise ManifestInvalid("mediaType must be a string", {"mediaType": declared})
-    if body.get("schemaVersion") == 1 or (declared or content_type) in DOCKER_SCHEMA1:
+    version = body.get("schemaVersion")
+    schema1 = type(version) is int and version == 1
+    if schema1 or (declared or content_type) in DOCKER_SCHEMA1:
         raise ManifestUnsupported(
             "Docker schema 1 manifests are not supported; push the image as "
             "Docker schema 2 or OCI",
@@ -307,7 +309,7 @@ def _optional_media_type(body: Mapping[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not _MEDIA_TYPE.match(value):
+    if not isinstance(value, str) or not _MEDIA_TYPE.fullmatch(value):
         raise ManifestInvalid(f"{key} is not a valid media type", {key: value})
     return value
 
@@ -339,7 +341,7 @@ def _descriptor(value: Any, where: str) -> Descriptor:
         raise ManifestInvalid(f"{where} must be a descriptor object", {"field": where})
 
     media_type = value.get("mediaType")
-    if not isinstance(media_type, str) or not _MEDIA_TYPE.match(media_type):
+    if not isinstance(media_type, str) or not _MEDIA_TYPE.fullmatch(media_type):
         raise ManifestInvalid(
             f"{where}.mediaType is missing or not a valid media type",
             {"field": f"{where}.mediaType", "mediaType": media_type},

@@ -1,0 +1,117 @@
+"""`cairn verify`: check the hash chain, blob contents and projections."""
+
+from __future__ import annotations
+
+import hashlib
+
+import sqlalchemy as sa
+import structlog
+
+from engine import log as event_log
+from engine.blobs.store import READ_CHUNK
+from engine.domain.digest import Digest
+from engine.domain.events import GENESIS_HASH
+from engine.projections import ALL_PROJECTIONS
+from engine.projections.rebuild import diff_projections, snapshot_projections
+from engine.registry import Registry
+from engine.tables import blob_links, manifest_contents, projection_checkpoints
+
+log = structlog.get_logger(__name__)
+
+
+def verify(registry: Registry) -> list[str]:
+    """Return a description of every problem found; empty means all is well."""
+    problems = verify_chain(registry) + verify_blobs(registry)
+    problems += verify_manifest_contents(registry) + verify_projections(registry)
+    log.info("verify_finished", problems=len(problems))
+    return problems
+
+
+def verify_chain(registry: Registry) -> list[str]:
+    """Check positions are 1..N without gaps and every hash links and matches."""
+    problems: list[str] = []
+    expected_position = 1
+    previous_hash = GENESIS_HASH
+    with registry.database.read() as conn:
+        head_position, head_hash = event_log.head(conn)
+        for event in event_log.read_all(conn, upcast_payload=False):
+            if event.position != expected_position:
+                problems.append(
+                    f"log: position {event.position} follows {expected_position - 1}; "
+                    "positions must have no gaps"
+                )
+            if event.previous_hash != previous_hash:
+                problems.append(
+                    f"log: event at position {event.position} has previous hash "
+                    f"{event.previous_hash}, but the event before it hashes to "
+                    f"{previous_hash}"
+                )
+            if event.expected_hash() != event.hash:
+                problems.append(
+                    f"log: event at position {event.position} ({event.id}) does not "
+                    f"match its hash {event.hash}; its content was changed"
+                )
+            previous_hash = event.hash
+            expected_position = event.position + 1
+    if head_position != expected_position - 1 or head_hash != previous_hash:
+        problems.append(
+            f"log: head records position {head_position} hash {head_hash}, but the "
+            f"last event is position {expected_position - 1} hash {previous_hash}"
+        )
+    return problems
+
+
+def verify_blobs(registry: Registry) -> list[str]:
+    """Check every stored blob hashes to its name and every link has its file."""
+    problems: list[str] = []
+    store = registry.blob_store
+    for digest, path in store.iter_blobs():
+        hasher = hashlib.new(digest.algorithm)
+        with open(path, "rb") as stream:
+            while chunk := stream.read(READ_CHUNK):
+                hasher.update(chunk)
+        if hasher.hexdigest() != digest.encoded:
+            problems.append(
+                f"blob {digest}: content hashes to {digest.algorithm}:"
+                f"{hasher.hexdigest()} ({path})"
+            )
+    with registry.database.read() as conn:
+        links = conn.execute(sa.select(blob_links.c.repository, blob_links.c.digest))
+        for repository, digest_text in links:
+            if not store.exists(Digest.parse(digest_text)):
+                problems.append(
+                    f"blob {digest_text}: linked in {repository} but missing on disk"
+                )
+    return problems
+
+
+def verify_manifest_contents(registry: Registry) -> list[str]:
+    problems: list[str] = []
+    with registry.database.read() as conn:
+        for digest, content in conn.execute(sa.select(manifest_contents)):
+            algorithm, encoded = digest.split(":", 1)
+            actual = hashlib.new(algorithm, bytes(content)).hexdigest()
+            if actual != encoded:
+                problems.append(f"manifest {digest}: stored bytes hash to {actual}")
+    return problems
+
+
+def verify_projections(registry: Registry) -> list[str]:
+    """Replay the log inside a transaction that is rolled back, and compare."""
+    with registry.database.scratch() as conn:
+        live = snapshot_projections(conn)
+        for projection in ALL_PROJECTIONS:
+            projection.reset(conn)
+        conn.execute(sa.delete(projection_checkpoints))
+        for event in event_log.read_all(conn):
+            try:
+                for projection in ALL_PROJECTIONS:
+                    if event.type in projection.handles:
+                        projection.apply(conn, event)
+            except (KeyError, TypeError, ValueError, sa.exc.SQLAlchemyError) as exc:
+                return [
+                    f"projections: replay fails at position {event.position} "
+                    f"({event.type}): {type(exc).__name__}: {exc}"
+                ]
+        rebuilt = snapshot_projections(conn)
+    return diff_projections(live, rebuilt)

@@ -1,0 +1,234 @@
+"""Manifest parsing and validation for every supported media type."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from engine.domain.digest import Digest
+from engine.domain.errors import ManifestInvalid, ManifestTooLarge, ManifestUnsupported
+from engine.domain.manifests import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    MAX_MANIFEST_SIZE,
+    OCI_EMPTY,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    DockerManifest,
+    DockerManifestList,
+    ImageIndex,
+    ImageManifest,
+    parse_manifest,
+)
+from tests.images import descriptor, encode, make_artifact, make_image, make_index
+
+
+def _image_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(make_image().manifest)
+    body.update(changes)
+    return body
+
+
+def test_oci_manifest_references() -> None:
+    image = make_image(layer_count=2)
+    manifest = parse_manifest(image.manifest)
+    assert isinstance(manifest, ImageManifest)
+    assert manifest.digest == Digest.of(image.manifest)
+    assert manifest.raw == image.manifest
+    kinds = [(r.kind, r.descriptor.digest) for r in manifest.references()]
+    assert kinds == [
+        ("config", Digest.of(image.config)),
+        ("layer", Digest.of(image.layers[0])),
+        ("layer", Digest.of(image.layers[1])),
+    ]
+
+
+def test_docker_manifest_and_list() -> None:
+    child = make_image(docker=True)
+    manifest = parse_manifest(child.manifest, DOCKER_MANIFEST)
+    assert isinstance(manifest, DockerManifest)
+    body = json.loads(make_index([child]))
+    body["mediaType"] = DOCKER_MANIFEST_LIST
+    listing = parse_manifest(encode(body))
+    assert isinstance(listing, DockerManifestList)
+    assert [r.kind for r in listing.references()] == ["manifest"]
+
+
+def test_nested_index() -> None:
+    inner = make_index([make_image(), make_image()])
+    outer = encode(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [descriptor(OCI_INDEX, inner)],
+        }
+    )
+    manifest = parse_manifest(outer)
+    assert isinstance(manifest, ImageIndex)
+    assert manifest.references()[0].descriptor.digest == Digest.of(inner)
+
+
+def test_artifact_with_subject() -> None:
+    subject = make_image()
+    artifact = make_artifact(subject, "application/vnd.example.sbom", b"{}")
+    manifest = parse_manifest(artifact.manifest)
+    assert manifest.artifact_type == "application/vnd.example.sbom"
+    assert manifest.subject is not None
+    assert manifest.subject.digest == subject.digest
+    subject_refs = [r for r in manifest.references() if r.kind == "subject"]
+    assert len(subject_refs) == 1
+    assert not subject_refs[0].required
+
+
+def test_artifact_type_defaults_to_config_media_type() -> None:
+    manifest = parse_manifest(make_image().manifest)
+    assert manifest.artifact_type == "application/vnd.oci.image.config.v1+json"
+
+
+def test_empty_config_requires_artifact_type() -> None:
+    body = _image_body(config=descriptor(OCI_EMPTY, b"{}"))
+    with pytest.raises(ManifestInvalid, match="artifactType"):
+        parse_manifest(encode(body))
+
+
+def test_media_type_from_content_type() -> None:
+    body = _image_body()
+    del body["mediaType"]
+    manifest = parse_manifest(encode(body), f"{OCI_MANIFEST}; charset=utf-8")
+    assert manifest.media_type == OCI_MANIFEST
+
+
+def test_media_type_from_shape() -> None:
+    body = json.loads(make_index([make_image()]))
+    del body["mediaType"]
+    assert parse_manifest(encode(body)).media_type == OCI_INDEX
+
+
+def test_media_type_mismatch_with_header() -> None:
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(make_image().manifest, DOCKER_MANIFEST)
+    assert caught.value.detail["contentType"] == DOCKER_MANIFEST
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/vnd.docker.distribution.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    ],
+)
+def test_schema1_rejected(content_type: str) -> None:
+    body = {"schemaVersion": 1, "name": "a", "tag": "b", "fsLayers": []}
+    with pytest.raises(ManifestUnsupported, match="schema 1"):
+        parse_manifest(encode(body), content_type)
+    with pytest.raises(ManifestUnsupported):
+        parse_manifest(encode(body))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\xff\xfe", "UTF-8"),
+        (b"{", "JSON"),
+        (b"[]", "object"),
+        (b'{"schemaVersion": 2, "mediaType": 7}', "mediaType"),
+        (b'{"schemaVersion": 2, "mediaType": "text/plain"}', "unsupported"),
+        (b'{"schemaVersion": 2}', "cannot tell"),
+    ],
+)
+def test_malformed_bodies(raw: bytes, message: str) -> None:
+    with pytest.raises(ManifestInvalid, match=message):
+        parse_manifest(raw)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"schemaVersion": 3}, "schemaVersion"),
+        ({"schemaVersion": True}, "schemaVersion"),
+        ({"config": None}, "config"),
+        ({"config": {"mediaType": "x", "digest": "sha256:0", "size": 1}}, "config"),
+        ({"layers": {}}, "layers"),
+        ({"layers": [{"mediaType": "a/b", "digest": "nope", "size": 1}]}, "layers[0]"),
+        (
+            {
+                "layers": [
+                    {
+                        "mediaType": "a/b",
+                        "digest": str(Digest.of(b"x")),
+                        "size": -1,
+                    }
+                ]
+            },
+            "layers[0].size",
+        ),
+        (
+            {
+                "layers": [
+                    {
+                        "mediaType": "a/b",
+                        "digest": str(Digest.of(b"x")),
+                        "size": 1.5,
+                    }
+                ]
+            },
+            "layers[0].size",
+        ),
+        ({"annotations": {"a": 1}}, "annotations"),
+        ({"artifactType": "not a media type"}, "artifactType"),
+        ({"subject": {"mediaType": OCI_MANIFEST, "size": 3}}, "subject"),
+    ],
+)
+def test_invalid_fields_named(changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(_image_body(**changes)))
+    assert field in caught.value.message + json.dumps(caught.value.detail)
+
+
+def test_index_platform_must_name_os_and_architecture() -> None:
+    body = json.loads(make_index([make_image()]))
+    body["manifests"][0]["platform"] = {"os": "linux"}
+    with pytest.raises(ManifestInvalid, match="platform"):
+        parse_manifest(encode(body))
+
+
+def test_embedded_data_must_match() -> None:
+    good = _image_body()
+    good["config"]["data"] = base64.b64encode(b"{}").decode()
+    good["config"]["digest"] = str(Digest.of(b"{}"))
+    good["config"]["size"] = 2
+    parse_manifest(encode(good))
+    bad = json.loads(encode(good))
+    bad["config"]["data"] = base64.b64encode(b"[]").decode()
+    with pytest.raises(ManifestInvalid, match="data"):
+        parse_manifest(encode(bad))
+
+
+def test_foreign_layers_not_required() -> None:
+    body = _image_body()
+    body["layers"].append(
+        {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": str(Digest.of(b"windows")),
+            "size": 7,
+            "urls": ["https://example.invalid/layer"],
+        }
+    )
+    references = parse_manifest(encode(body)).references()
+    assert [r.required for r in references] == [True, True, False]
+
+
+def test_size_limit() -> None:
+    body = _image_body(annotations={"pad": "x" * MAX_MANIFEST_SIZE})
+    with pytest.raises(ManifestTooLarge) as caught:
+        parse_manifest(encode(body))
+    assert caught.value.detail["limit"] == MAX_MANIFEST_SIZE
+
+
+def test_sha512_digest() -> None:
+    image = make_image()
+    manifest = parse_manifest(image.manifest, algorithm="sha512")
+    assert manifest.digest == Digest.of(image.manifest, "sha512")

@@ -1,0 +1,473 @@
+"""The storage contract: every test runs against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import sqlalchemy as sa
+
+from engine import log as event_log
+from engine.domain.digest import Digest
+from engine.domain.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    DigestMismatch,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    RangeInvalid,
+    TagInvalid,
+)
+from engine.domain.events import EventType
+from engine.projections.rebuild import rebuild_projections, snapshot_projections
+from engine.registry import Registry, Repository
+from engine.tables import blob_links, repositories, tags
+from engine.verify import verify
+from tests.images import Image, make_artifact, make_image, make_index
+
+
+def push_image(repo: Repository, image: Image, tag: str | None = "latest") -> None:
+    for blob in image.blobs:
+        repo.blobs.push(Digest.of(blob), [blob])
+    repo.manifests.put(image.manifest, image.media_type, tag=tag)
+
+
+def event_types(registry: Registry) -> list[str]:
+    with registry.database.read() as conn:
+        return [str(e.type) for e in event_log.read_all(conn)]
+
+
+def count(registry: Registry, table: sa.Table) -> int:
+    with registry.database.read() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def assert_nothing_stored(registry: Registry) -> None:
+    assert event_types(registry) == []
+    assert count(registry, blob_links) == 0
+    assert count(registry, tags) == 0
+    assert count(registry, repositories) == 0
+    assert registry.catalog() == []
+
+
+# ---- blobs ------------------------------------------------------------------
+
+
+def test_blob_push_stat_and_read(registry: Registry) -> None:
+    repo = registry.repository("library/alpine")
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = Digest.of(data)
+    info = repo.blobs.push(digest, [data[:1000], data[1000:]])
+    assert info.size == len(data)
+    assert repo.blobs.stat(digest).size == len(data)
+    assert b"".join(repo.blobs.open(digest)) == data
+    assert b"".join(repo.blobs.open(digest, 10, 20)) == data[10:20]
+    assert event_types(registry) == ["blob.pushed"]
+
+
+def test_zero_byte_blob(registry: Registry) -> None:
+    repo = registry.repository("empty")
+    digest = Digest.of(b"")
+    assert repo.blobs.push(digest, []).size == 0
+    assert b"".join(repo.blobs.open(digest)) == b""
+
+
+def test_sha512_blob(registry: Registry) -> None:
+    repo = registry.repository("sha")
+    data = os.urandom(5000)
+    digest = Digest.of(data, "sha512")
+    repo.blobs.push(digest, [data])
+    assert repo.blobs.stat(digest).size == 5000
+    assert registry.blob_store.path(digest).parts[-3] == "sha512"
+
+
+def test_blob_digest_mismatch_stores_nothing(registry: Registry) -> None:
+    repo = registry.repository("bad")
+    wrong = Digest.of(b"something else")
+    with pytest.raises(DigestMismatch) as caught:
+        repo.blobs.push(wrong, [b"content"])
+    assert caught.value.detail["expected"] == str(wrong)
+    assert not registry.blob_store.exists(wrong)
+    assert list(registry.blob_store.paths.staging_dir.iterdir()) == []
+    assert_nothing_stored(registry)
+
+
+def test_blob_stored_once_for_many_repositories(registry: Registry) -> None:
+    data = os.urandom(100)
+    digest = Digest.of(data)
+    for name in ("a", "b", "c"):
+        registry.repository(name).blobs.push(digest, [data])
+    files = [path for _, path in registry.blob_store.iter_blobs()]
+    assert files == [registry.blob_store.path(digest)]
+    assert count(registry, blob_links) == 3
+
+
+def test_blob_push_twice_appends_once(registry: Registry) -> None:
+    repo = registry.repository("twice")
+    data = b"abc"
+    repo.blobs.push(Digest.of(data), [data])
+    repo.blobs.push(Digest.of(data), [data])
+    assert event_types(registry) == ["blob.pushed"]
+
+
+def test_blob_unknown_and_delete(registry: Registry) -> None:
+    repo = registry.repository("del")
+    data = b"to delete"
+    digest = Digest.of(data)
+    with pytest.raises(BlobUnknown):
+        repo.blobs.stat(digest)
+    repo.blobs.push(digest, [data])
+    repo.blobs.delete(digest)
+    with pytest.raises(BlobUnknown):
+        repo.blobs.stat(digest)
+    with pytest.raises(BlobUnknown):
+        repo.blobs.delete(digest)
+    assert event_types(registry) == ["blob.pushed", "blob.deleted"]
+
+
+def test_chunked_upload_resumes_after_restart(registry: Registry, data_dir) -> None:  # type: ignore[no-untyped-def]
+    repo = registry.repository("chunks")
+    data = os.urandom(300_000)
+    upload = repo.blobs.create_upload()
+    status = repo.blobs.write_upload(upload.id, [data[:100_000]], start=0)
+    assert status.offset == 100_000
+
+    restarted = Registry.open(data_dir, registry.database.url)
+    again = restarted.repository("chunks")
+    assert again.blobs.upload_status(upload.id).offset == 100_000
+    with pytest.raises(RangeInvalid) as caught:
+        again.blobs.write_upload(upload.id, [data[50_000:]], start=50_000)
+    assert caught.value.offset == 100_000
+    again.blobs.write_upload(upload.id, [data[100_000:200_000]], start=100_000)
+    info = again.blobs.commit_upload(upload.id, Digest.of(data), [data[200_000:]])
+    assert info.size == len(data)
+    assert b"".join(again.blobs.open(Digest.of(data))) == data
+    with pytest.raises(BlobUploadUnknown):
+        again.blobs.upload_status(upload.id)
+    restarted.database.dispose()
+
+
+def test_upload_unknown_ids(registry: Registry) -> None:
+    repo = registry.repository("uploads")
+    for upload_id in (
+        "not-a-uuid",
+        "../../etc/passwd",
+        "00000000-0000-0000-0000-000000000000",
+    ):
+        with pytest.raises(BlobUploadUnknown) as caught:
+            repo.blobs.upload_status(upload_id)
+        assert caught.value.detail["upload"] == upload_id
+    other = registry.repository("other").blobs.create_upload()
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.upload_status(other.id)
+
+
+def test_upload_cancel(registry: Registry) -> None:
+    repo = registry.repository("cancel")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"partial"])
+    repo.blobs.cancel_upload(upload.id)
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.upload_status(upload.id)
+    assert list(registry.blob_store.paths.staging_dir.iterdir()) == []
+    assert_nothing_stored(registry)
+
+
+def test_upload_commit_mismatch_discards(registry: Registry) -> None:
+    repo = registry.repository("mismatch")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"abc"])
+    with pytest.raises(DigestMismatch):
+        repo.blobs.commit_upload(upload.id, Digest.of(b"abd"))
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.upload_status(upload.id)
+    assert_nothing_stored(registry)
+
+
+def test_mount(registry: Registry) -> None:
+    data = b"shared layer"
+    digest = Digest.of(data)
+    registry.repository("src").blobs.push(digest, [data])
+    target = registry.repository("dst")
+    assert target.blobs.mount(digest, "src") is not None
+    assert target.blobs.stat(digest).size == len(data)
+    assert registry.repository("any").blobs.mount(digest, None) is not None
+    assert registry.repository("none").blobs.mount(digest, "missing") is None
+    assert registry.repository("none").blobs.mount(Digest.of(b"x"), None) is None
+    with pytest.raises(NameInvalid):
+        target.blobs.mount(digest, "Bad Name")
+    with registry.database.read() as conn:
+        mounted = [
+            e for e in event_log.read_all(conn) if e.type is EventType.BLOB_MOUNTED
+        ]
+    assert [e.payload["from"] for e in mounted] == ["src", "src"]
+
+
+# ---- manifests and tags -------------------------------------------------------
+
+
+def test_manifest_put_get_and_tag(registry: Registry) -> None:
+    repo = registry.repository("library/app")
+    image = make_image(layer_count=2)
+    push_image(repo, image, tag="v1")
+    info, content = repo.manifests.get(image.digest)
+    assert content == image.manifest
+    assert info.media_type == image.media_type
+    assert repo.tags.get("v1").digest == image.digest
+    assert repo.tags.lookup(image.digest) == ["v1"]
+    assert event_types(registry)[-2:] == ["manifest.pushed", "tag.set"]
+
+
+def test_manifest_put_is_idempotent(registry: Registry) -> None:
+    repo = registry.repository("idem")
+    image = make_image()
+    push_image(repo, image)
+    before = event_types(registry)
+    result = repo.manifests.put(image.manifest, image.media_type, tag="latest")
+    assert result.events == []
+    assert event_types(registry) == before
+
+
+def test_manifest_requires_blobs(registry: Registry) -> None:
+    repo = registry.repository("missing")
+    image = make_image()
+    with pytest.raises(ManifestBlobUnknown) as caught:
+        repo.manifests.put(image.manifest, tag="latest")
+    missing = {entry["digest"] for entry in caught.value.detail["missing"]}
+    assert missing == {str(Digest.of(blob)) for blob in image.blobs}
+    assert_nothing_stored(registry)
+
+
+def test_manifest_blobs_must_be_in_this_repository(registry: Registry) -> None:
+    image = make_image()
+    push_image(registry.repository("one"), image)
+    with pytest.raises(ManifestBlobUnknown):
+        registry.repository("two").manifests.put(image.manifest)
+
+
+def test_manifest_digest_must_match_url(registry: Registry) -> None:
+    repo = registry.repository("digest")
+    image = make_image()
+    for blob in image.blobs:
+        repo.blobs.push(Digest.of(blob), [blob])
+    wrong = Digest.of(b"not the manifest")
+    with pytest.raises(ManifestInvalid) as caught:
+        repo.manifests.put(image.manifest, digest=wrong)
+    assert caught.value.detail["expected"] == str(wrong)
+    sha512 = Digest.of(image.manifest, "sha512")
+    assert repo.manifests.put(image.manifest, digest=sha512).manifest.digest == sha512
+
+
+def test_invalid_tag_stores_nothing(registry: Registry) -> None:
+    repo = registry.repository("tags")
+    with pytest.raises(TagInvalid):
+        repo.manifests.put(make_image().manifest, tag="-bad")
+    assert_nothing_stored(registry)
+
+
+def test_index_requires_child_manifests(registry: Registry) -> None:
+    repo = registry.repository("multi")
+    amd64, arm64 = make_image(), make_image()
+    push_image(repo, amd64, tag=None)
+    index = make_index([amd64, arm64])
+    with pytest.raises(ManifestBlobUnknown) as caught:
+        repo.manifests.put(index, tag="latest")
+    assert caught.value.detail["missing"] == [
+        {"kind": "manifest", "digest": str(arm64.digest)}
+    ]
+    push_image(repo, arm64, tag=None)
+    result = repo.manifests.put(index, tag="latest")
+    assert result.manifest.media_type == "application/vnd.oci.image.index.v1+json"
+
+
+def test_retag_records_previous_digest(registry: Registry) -> None:
+    repo = registry.repository("retag")
+    first, second = make_image(), make_image()
+    push_image(repo, first)
+    push_image(repo, second)
+    with registry.database.read() as conn:
+        tag_events = event_log.read(conn, types=["tag.set"])
+    assert [e.payload["previous"] for e in tag_events] == [None, str(first.digest)]
+    assert repo.tags.get("latest").digest == second.digest
+
+
+def test_manifest_delete_removes_its_tags(registry: Registry) -> None:
+    repo = registry.repository("delete")
+    image = make_image()
+    push_image(repo, image, tag="a")
+    repo.tags.tag("b", image.digest)
+    stored = repo.manifests.delete(image.digest)
+    assert [(str(e.type), e.payload.get("tag")) for e in stored] == [
+        ("tag.deleted", "a"),
+        ("tag.deleted", "b"),
+        ("manifest.deleted", None),
+    ]
+    assert repo.tags.list() == []
+    with pytest.raises(ManifestUnknown):
+        repo.manifests.get(image.digest)
+    with pytest.raises(ManifestUnknown):
+        repo.manifests.delete(image.digest)
+
+
+def test_untag_keeps_manifest(registry: Registry) -> None:
+    repo = registry.repository("untag")
+    image = make_image()
+    push_image(repo, image)
+    repo.tags.untag("latest")
+    assert repo.manifests.exists(image.digest)
+    with pytest.raises(ManifestUnknown):
+        repo.tags.get("latest")
+    with pytest.raises(ManifestUnknown):
+        repo.tags.untag("latest")
+    with pytest.raises(ManifestUnknown):
+        repo.tags.tag("x", Digest.of(b"unknown"))
+
+
+def test_tag_listing_pages(registry: Registry) -> None:
+    repo = registry.repository("pages")
+    image = make_image()
+    push_image(repo, image, tag=None)
+    names = sorted(f"t{i:03d}" for i in range(25))
+    for name in names:
+        repo.tags.tag(name, image.digest)
+    assert repo.tags.list() == names
+    assert repo.tags.list(n=10) == names[:10]
+    assert repo.tags.list(n=10, last=names[9]) == names[10:20]
+    assert repo.tags.list(last=names[-1]) == []
+    assert list(repo.tags.iter_all(page_size=7)) == names
+
+
+def test_tags_of_unknown_repository(registry: Registry) -> None:
+    with pytest.raises(NameUnknown) as caught:
+        registry.repository("nobody").tags.list()
+    assert caught.value.detail["name"] == "nobody"
+
+
+def test_referrers(registry: Registry) -> None:
+    repo = registry.repository("signed")
+    image = make_image()
+    push_image(repo, image)
+    sbom = make_artifact(image, "application/vnd.example.sbom", b"sbom")
+    signature = make_artifact(image, "application/vnd.example.sig", b"sig")
+    for artifact in (sbom, signature):
+        push_image(repo, artifact, tag=None)
+    found = repo.manifests.referrers(image.digest)
+    assert [d.digest for d in found] == [sbom.digest, signature.digest]
+    assert found[0].artifact_type == "application/vnd.example.sbom"
+    assert found[0].annotations == {
+        "org.opencontainers.image.created": "2026-01-01T00:00:00Z"
+    }
+    only = repo.manifests.referrers(image.digest, "application/vnd.example.sig")
+    assert [d.digest for d in only] == [signature.digest]
+    repo.manifests.delete(sbom.digest)
+    assert [d.digest for d in repo.manifests.referrers(image.digest)] == [
+        signature.digest
+    ]
+
+
+def test_referrer_before_subject(registry: Registry) -> None:
+    repo = registry.repository("early")
+    subject = make_image()
+    artifact = make_artifact(subject, "application/vnd.example.sig", b"sig")
+    push_image(repo, artifact, tag=None)
+    assert [d.digest for d in repo.manifests.referrers(subject.digest)] == [
+        artifact.digest
+    ]
+
+
+def test_catalog_and_enumeration(registry: Registry) -> None:
+    names = ["a/x", "b", "c/y/z"]
+    for name in names:
+        push_image(registry.repository(name), make_image())
+    assert registry.catalog() == names
+    assert registry.catalog(n=2) == names[:2]
+    assert registry.catalog(n=2, last="b") == names[2:]
+    assert list(registry.iter_repositories(page_size=1)) == names
+    assert [repo for repo, _ in registry.iter_manifests(page_size=2)] == names
+
+
+def test_log_positions_filters_and_chain(registry: Registry) -> None:
+    push_image(registry.repository("one"), make_image())
+    push_image(registry.repository("two"), make_image())
+    with registry.database.read() as conn:
+        everything = event_log.read(conn)
+        two = event_log.read(conn, repository="two")
+        tag_sets = event_log.read(conn, types=["tag.set"])
+        page = event_log.read(conn, after=3, limit=2)
+    assert [e.position for e in everything] == list(range(1, 9))
+    assert [e.version for e in two] == [1, 2, 3, 4]
+    assert {e.repository for e in two} == {"two"}
+    assert [e.repository for e in tag_sets] == ["one", "two"]
+    assert [e.position for e in page] == [4, 5]
+    for previous, event in itertools.pairwise(everything):
+        assert event.previous_hash == previous.hash
+        assert event.expected_hash() == event.hash
+
+
+def test_actor_and_request_id_recorded(registry: Registry) -> None:
+    from engine.domain.events import Actor
+
+    repo = registry.repository(
+        "who", actor=Actor("alice", "127.0.0.1"), request_id="req-1"
+    )
+    repo.blobs.push(Digest.of(b"x"), [b"x"])
+    with registry.database.read() as conn:
+        (event,) = event_log.read(conn)
+    assert event.actor == Actor("alice", "127.0.0.1")
+    assert event.request_id == "req-1"
+
+
+# ---- rebuild and verify -------------------------------------------------------
+
+
+def test_rebuild_equals_live(registry: Registry) -> None:
+    repo = registry.repository("rebuild")
+    image = make_image()
+    push_image(repo, image)
+    push_image(
+        repo, make_artifact(image, "application/vnd.example.sig", b"s"), tag="sig"
+    )
+    repo.tags.tag("other", image.digest)
+    repo.tags.untag("other")
+    registry.repository("mounted").blobs.mount(Digest.of(image.layers[0]), "rebuild")
+    with registry.database.read() as conn:
+        live = snapshot_projections(conn)
+    rebuild_projections(registry.database)
+    with registry.database.read() as conn:
+        assert snapshot_projections(conn) == live
+    assert verify(registry) == []
+
+
+def test_verify_finds_tampered_event(registry: Registry) -> None:
+    push_image(registry.repository("tamper"), make_image())
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.text("UPDATE events SET repository = 'elsewhere' WHERE position = 2")
+        )
+    problems = verify(registry)
+    assert any("position 2" in p and "hash" in p for p in problems)
+
+
+def test_verify_finds_corrupt_and_missing_blobs(registry: Registry) -> None:
+    image = make_image()
+    push_image(registry.repository("blobs"), image)
+    config_path = registry.blob_store.path(Digest.of(image.config))
+    config_path.write_bytes(b"corrupt")
+    registry.blob_store.path(Digest.of(image.layers[0])).unlink()
+    problems = verify(registry)
+    assert any(str(Digest.of(image.config)) in p and "hashes to" in p for p in problems)
+    assert any("missing on disk" in p for p in problems)
+
+
+def test_verify_finds_projection_drift(registry: Registry) -> None:
+    push_image(registry.repository("drift"), make_image())
+    with registry.database.transaction() as conn:
+        conn.execute(sa.text("DELETE FROM tags"))
+    problems = verify(registry)
+    assert any(p.startswith("projection tags:") for p in problems)
+    # verify must leave the tables exactly as it found them
+    assert count(registry, tags) == 0
