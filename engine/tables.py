@@ -40,7 +40,10 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# none_as_null stores Python None as SQL NULL rather than the JSON text "null".
+JSONDocument = sa.JSON(none_as_null=True).with_variant(
+    postgresql.JSONB(none_as_null=True), "postgresql"
+)
 
 metadata = sa.MetaData(
     naming_convention={

@@ -12,9 +12,15 @@ from engine.blobs.store import READ_CHUNK
 from engine.domain.digest import Digest
 from engine.domain.events import GENESIS_HASH
 from engine.projections import ALL_PROJECTIONS
-from engine.projections.rebuild import diff_projections, snapshot_projections
+from engine.projections.rebuild import (
+    ReplayError,
+    clear_projections,
+    diff_projections,
+    replay,
+    snapshot_projections,
+)
 from engine.registry import Registry
-from engine.tables import blob_links, manifest_contents, projection_checkpoints
+from engine.tables import blob_links, manifest_contents
 
 log = structlog.get_logger(__name__)
 
@@ -100,18 +106,10 @@ def verify_projections(registry: Registry) -> list[str]:
     """Replay the log inside a transaction that is rolled back, and compare."""
     with registry.database.scratch() as conn:
         live = snapshot_projections(conn)
-        for projection in ALL_PROJECTIONS:
-            projection.reset(conn)
-        conn.execute(sa.delete(projection_checkpoints))
-        for event in event_log.read_all(conn):
-            try:
-                for projection in ALL_PROJECTIONS:
-                    if event.type in projection.handles:
-                        projection.apply(conn, event)
-            except (KeyError, TypeError, ValueError, sa.exc.SQLAlchemyError) as exc:
-                return [
-                    f"projections: replay fails at position {event.position} "
-                    f"({event.type}): {type(exc).__name__}: {exc}"
-                ]
+        clear_projections(conn)
+        try:
+            replay(conn, ALL_PROJECTIONS)
+        except ReplayError as exc:
+            return [f"projections: {exc}"]
         rebuilt = snapshot_projections(conn)
     return diff_projections(live, rebuilt)

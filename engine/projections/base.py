@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
 from engine.tables import projection_checkpoints
+
+
+class FoldEvent(NamedTuple):
+    """The fields of an event that projections read, as a full rebuild
+    passes them: ``time`` is the database's own value, written back as is."""
+
+    position: int
+    repository: str
+    type: EventType
+    time: Any
+    actor_user: str | None
+    payload: dict[str, Any]
 
 
 class Projection(ABC):
@@ -28,10 +40,18 @@ class Projection(ABC):
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         """Update this projection's tables for one event."""
 
-    def reset(self, conn: Connection) -> None:
-        """Delete every row this projection owns."""
-        for table in self.tables:
-            conn.execute(sa.delete(table))
+    @abstractmethod
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        """Apply one event to an in-memory state, for a full rebuild.
+
+        Folding the whole log and then writing ``rows(state)`` must produce
+        exactly the rows that ``apply`` produces event by event; the rebuild
+        property test holds the two to that.
+        """
+
+    @abstractmethod
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        """Yield the table rows a folded state stands for."""
 
 
 def apply_events(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import Projection
+from engine.projections.base import FoldEvent, Projection
 from engine.tables import blob_links
 
 
@@ -34,3 +37,20 @@ class BlobLinkProjection(Projection):
                 linked_at=event.time,
             )
         )
+
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        key = (event.repository, event.payload["digest"])
+        state.pop(key, None)
+        if event.type is EventType.BLOB_DELETED:
+            return
+        state[key] = {
+            "repository": event.repository,
+            "digest": key[1],
+            "size": event.payload["size"],
+            "position": event.position,
+            "linked_at": event.time,
+        }
+
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        for row in state.values():
+            yield blob_links, row

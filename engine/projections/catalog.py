@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import Projection
+from engine.projections.base import FoldEvent, Projection
 from engine.tables import repositories
 
 
@@ -31,3 +34,21 @@ class CatalogProjection(Projection):
                     updated_at=event.time,
                 )
             )
+
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        row = state.get(event.repository)
+        if row is None:
+            state[event.repository] = {
+                "name": event.repository,
+                "created_position": event.position,
+                "created_at": event.time,
+                "updated_position": event.position,
+                "updated_at": event.time,
+            }
+        else:
+            row["updated_position"] = event.position
+            row["updated_at"] = event.time
+
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        for row in state.values():
+            yield repositories, row

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import Projection
+from engine.projections.base import FoldEvent, Projection
 from engine.tables import manifests, referrers
 
 
@@ -38,6 +41,28 @@ class ManifestProjection(Projection):
                 pushed_at=event.time,
             )
         )
+
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        payload = event.payload
+        key = (event.repository, payload["digest"])
+        state.pop(key, None)
+        if event.type is EventType.MANIFEST_DELETED:
+            return
+        state[key] = {
+            "repository": event.repository,
+            "digest": payload["digest"],
+            "media_type": payload["media_type"],
+            "size": payload["size"],
+            "artifact_type": payload.get("artifact_type"),
+            "subject": payload.get("subject"),
+            "references": payload["references"],
+            "position": event.position,
+            "pushed_at": event.time,
+        }
+
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        for row in state.values():
+            yield manifests, row
 
 
 class ReferrerProjection(Projection):
@@ -73,3 +98,24 @@ class ReferrerProjection(Projection):
                 position=event.position,
             )
         )
+
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        payload = event.payload
+        key = (event.repository, payload["digest"])
+        state.pop(key, None)
+        if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
+            return
+        state[key] = {
+            "repository": event.repository,
+            "subject": payload["subject"],
+            "digest": payload["digest"],
+            "media_type": payload["media_type"],
+            "artifact_type": payload.get("artifact_type"),
+            "size": payload["size"],
+            "annotations": payload.get("annotations"),
+            "position": event.position,
+        }
+
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        for row in state.values():
+            yield referrers, row

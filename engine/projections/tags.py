@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import Projection
+from engine.projections.base import FoldEvent, Projection
 from engine.tables import tag_history, tags
 
 
@@ -33,6 +36,23 @@ class TagProjection(Projection):
                 updated_at=event.time,
             )
         )
+
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        key = (event.repository, event.payload["tag"])
+        state.pop(key, None)
+        if event.type is EventType.TAG_DELETED:
+            return
+        state[key] = {
+            "repository": event.repository,
+            "tag": key[1],
+            "digest": event.payload["digest"],
+            "position": event.position,
+            "updated_at": event.time,
+        }
+
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        for row in state.values():
+            yield tags, row
 
 
 class TagHistoryProjection(Projection):
@@ -65,3 +85,33 @@ class TagHistoryProjection(Projection):
                 actor_user=event.actor.user,
             )
         )
+
+    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
+        # state["closed"] collects finished rows; state["open"] maps each tag
+        # to the row that is still open.
+        closed: list[dict[str, Any]] = state.setdefault("closed", [])
+        open_rows: dict[tuple[str, str], dict[str, Any]] = state.setdefault("open", {})
+        key = (event.repository, event.payload["tag"])
+        current = open_rows.pop(key, None)
+        if current is not None:
+            current["to_position"] = event.position
+            current["to_time"] = event.time
+            closed.append(current)
+        if event.type is EventType.TAG_DELETED:
+            return
+        open_rows[key] = {
+            "repository": event.repository,
+            "tag": key[1],
+            "from_position": event.position,
+            "digest": event.payload["digest"],
+            "from_time": event.time,
+            "to_position": None,
+            "to_time": None,
+            "actor_user": event.actor_user,
+        }
+
+    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+        for row in state.get("closed", []):
+            yield tag_history, row
+        for row in state.get("open", {}).values():
+            yield tag_history, row

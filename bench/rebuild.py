@@ -1,0 +1,146 @@
+"""Projection rebuild rate: append N events straight to the log, then time
+`rebuild_projections` over them.
+
+    .venv/bin/python -m bench.rebuild --events 1000000 [--database URL]
+
+The events imitate image pushes: for each image three blob.pushed, one
+manifest.pushed and one tag.set, spread over 10,000 repositories, with a
+retag every tenth image. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from engine import log as event_log
+from engine.db import Database, sqlite_url
+from engine.domain.events import Actor, EventType, NewEvent
+from engine.logs import configure_logging
+from engine.migrate import upgrade
+from engine.projections.rebuild import rebuild_projections
+
+APPEND_BATCH = 5_000
+
+
+def _digest(seed: str) -> str:
+    return "sha256:" + hashlib.sha256(seed.encode()).hexdigest()
+
+
+def generate(count: int, repositories: int = 10_000) -> list[NewEvent]:
+    events: list[NewEvent] = []
+    image = 0
+    while len(events) < count:
+        repository = f"bench/repo{image % repositories}"
+        layers = [_digest(f"{image}-{i}") for i in range(3)]
+        for layer in layers:
+            events.append(
+                NewEvent(
+                    EventType.BLOB_PUSHED, repository, {"digest": layer, "size": 1000}
+                )
+            )
+        manifest = _digest(f"manifest-{image}")
+        events.append(
+            NewEvent(
+                EventType.MANIFEST_PUSHED,
+                repository,
+                {
+                    "digest": manifest,
+                    "media_type": "application/vnd.oci.image.manifest.v1+json",
+                    "size": 500,
+                    "artifact_type": "application/vnd.oci.image.config.v1+json",
+                    "subject": None,
+                    "annotations": None,
+                    "references": [
+                        {
+                            "kind": "layer",
+                            "media_type": "a/b",
+                            "digest": d,
+                            "size": 1000,
+                        }
+                        for d in layers
+                    ],
+                },
+            )
+        )
+        tag = "latest" if image % 10 == 0 else f"v{image}"
+        events.append(
+            NewEvent(
+                EventType.TAG_SET,
+                repository,
+                {"tag": tag, "digest": manifest, "previous": None},
+            )
+        )
+        image += 1
+    return events[:count]
+
+
+def fill(database: Database, count: int) -> float:
+    started = time.perf_counter()
+    events = generate(count)
+    actor = Actor("bench", "127.0.0.1")
+    for start in range(0, len(events), APPEND_BATCH):
+        with database.write() as conn:
+            event_log.append(
+                conn,
+                events[start : start + APPEND_BATCH],
+                actor=actor,
+                request_id=str(uuid.uuid4()),
+            )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument(
+        "--database", help="PostgreSQL URL; default SQLite in a temp dir"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    configure_logging("warning")
+
+    with tempfile.TemporaryDirectory(prefix="cairn-rebuild-") as tmp:
+        database = Database(args.database or sqlite_url(Path(tmp)))
+        upgrade(database)
+        with database.write() as conn:
+            conn.execute(sa.text("DELETE FROM events"))
+            conn.execute(
+                sa.text("UPDATE log_head SET position = 0, hash = :h"), {"h": "0" * 64}
+            )
+            conn.execute(sa.text("DELETE FROM streams"))
+        fill_seconds = fill(database, args.events)
+        timings = []
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            rebuild_projections(database)
+            timings.append(time.perf_counter() - started)
+        database.dispose()
+
+    timings.sort()
+    median = timings[len(timings) // 2]
+    print(
+        json.dumps(
+            {
+                "workload": "projection_rebuild",
+                "backend": database.dialect,
+                "events": args.events,
+                "fill_seconds": round(fill_seconds, 2),
+                "rebuild_seconds": [round(t, 3) for t in timings],
+                "events_per_second_median": round(args.events / median),
+                "events_per_second_min": round(args.events / timings[-1]),
+                "events_per_second_max": round(args.events / timings[0]),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
