@@ -28,6 +28,7 @@ from engine.domain.digest import Digest
 from engine.domain.errors import (
     BlobUnknown,
     BlobUploadUnknown,
+    DigestMismatch,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestUnknown,
@@ -49,6 +50,54 @@ from engine.tables import (
 )
 
 log = structlog.get_logger(__name__)
+
+# Statements on the push and pull paths are built once: constructing one
+# costs several times more than running it.
+_MANIFEST_ROW = sa.select(manifests).where(
+    (manifests.c.repository == sa.bindparam("b_repository"))
+    & (manifests.c.digest == sa.bindparam("b_digest"))
+)
+_MANIFEST_CONTENT = sa.select(manifest_contents.c.content).where(
+    manifest_contents.c.digest == sa.bindparam("b_digest")
+)
+_MANIFEST_CONTENT_EXISTS = sa.select(manifest_contents.c.digest).where(
+    manifest_contents.c.digest == sa.bindparam("b_digest")
+)
+_INSERT_MANIFEST_CONTENT = sa.insert(manifest_contents)
+_TAGGED_MANIFEST = (
+    sa.select(manifests)
+    .join(
+        tags,
+        (tags.c.repository == manifests.c.repository)
+        & (tags.c.digest == manifests.c.digest),
+    )
+    .where(
+        (tags.c.repository == sa.bindparam("b_repository"))
+        & (tags.c.tag == sa.bindparam("b_tag"))
+    )
+)
+_TAG_DIGEST = sa.select(tags.c.digest).where(
+    (tags.c.repository == sa.bindparam("b_repository"))
+    & (tags.c.tag == sa.bindparam("b_tag"))
+)
+_BLOB_LINK = sa.select(blob_links).where(
+    (blob_links.c.repository == sa.bindparam("b_repository"))
+    & (blob_links.c.digest == sa.bindparam("b_digest"))
+)
+_REPOSITORY_EXISTS = sa.select(repositories.c.name).where(
+    repositories.c.name == sa.bindparam("b_name")
+)
+_UPLOAD_ROW = sa.select(uploads).where(
+    (uploads.c.id == sa.bindparam("b_id"))
+    & (uploads.c.repository == sa.bindparam("b_repository"))
+)
+_INSERT_UPLOAD = sa.insert(uploads)
+_UPDATE_UPLOAD = (
+    sa.update(uploads)
+    .where(uploads.c.id == sa.bindparam("b_id"))
+    .values(offset=sa.bindparam("b_offset"), updated_at=sa.bindparam("b_time"))
+)
+_DELETE_UPLOAD = sa.delete(uploads).where(uploads.c.id == sa.bindparam("b_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,10 +248,7 @@ class ManifestService:
 
     def _row(self, conn: Connection, digest: Digest) -> Any:
         return conn.execute(
-            sa.select(manifests).where(
-                (manifests.c.repository == self._repo.name)
-                & (manifests.c.digest == str(digest))
-            )
+            _MANIFEST_ROW, {"b_repository": self._repo.name, "b_digest": str(digest)}
         ).one_or_none()
 
     def exists(self, digest: Digest) -> bool:
@@ -228,9 +274,7 @@ class ManifestService:
                     {"repository": self._repo.name, "digest": str(digest)},
                 )
             content = conn.execute(
-                sa.select(manifest_contents.c.content).where(
-                    manifest_contents.c.digest == str(digest)
-                )
+                _MANIFEST_CONTENT, {"b_digest": str(digest)}
             ).scalar_one()
         return _manifest_info(row), bytes(content)
 
@@ -313,16 +357,11 @@ class ManifestService:
             )
 
     def _store_content(self, conn: Connection, manifest: Manifest) -> None:
-        exists = conn.execute(
-            sa.select(manifest_contents.c.digest).where(
-                manifest_contents.c.digest == str(manifest.digest)
-            )
-        ).first()
+        digest = str(manifest.digest)
+        exists = conn.execute(_MANIFEST_CONTENT_EXISTS, {"b_digest": digest}).first()
         if exists is None:
             conn.execute(
-                sa.insert(manifest_contents).values(
-                    digest=str(manifest.digest), content=manifest.raw
-                )
+                _INSERT_MANIFEST_CONTENT, {"digest": digest, "content": manifest.raw}
             )
 
     def _pushed_event(self, manifest: Manifest) -> NewEvent:
@@ -405,13 +444,7 @@ class TagService:
         validate_tag(tag)
         with self._repo.database.read() as conn:
             row = conn.execute(
-                sa.select(manifests)
-                .join(
-                    tags,
-                    (tags.c.repository == manifests.c.repository)
-                    & (tags.c.digest == manifests.c.digest),
-                )
-                .where((tags.c.repository == self._repo.name) & (tags.c.tag == tag))
+                _TAGGED_MANIFEST, {"b_repository": self._repo.name, "b_tag": tag}
             ).one_or_none()
         if row is None:
             raise ManifestUnknown(
@@ -581,13 +614,14 @@ class BlobService:
         self._store.stage(upload_id).close()
         with self._repo.database.transaction() as conn:
             conn.execute(
-                sa.insert(uploads).values(
-                    id=upload_id,
-                    repository=self._repo.name,
-                    offset=0,
-                    started_at=now,
-                    updated_at=now,
-                )
+                _INSERT_UPLOAD,
+                {
+                    "id": upload_id,
+                    "repository": self._repo.name,
+                    "offset": 0,
+                    "started_at": now,
+                    "updated_at": now,
+                },
             )
         return UploadStatus(upload_id, self._repo.name, 0, now)
 
@@ -600,10 +634,7 @@ class BlobService:
             ) from None
         with self._repo.database.read() as conn:
             row = conn.execute(
-                sa.select(uploads).where(
-                    (uploads.c.id == upload_id)
-                    & (uploads.c.repository == self._repo.name)
-                )
+                _UPLOAD_ROW, {"b_id": upload_id, "b_repository": self._repo.name}
             ).one_or_none()
         if row is None:
             raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id})
@@ -644,9 +675,12 @@ class BlobService:
             staged.flush()
             with self._repo.database.transaction() as conn:
                 conn.execute(
-                    sa.update(uploads)
-                    .where(uploads.c.id == upload_id)
-                    .values(offset=staged.offset, updated_at=datetime.now(UTC))
+                    _UPDATE_UPLOAD,
+                    {
+                        "b_id": upload_id,
+                        "b_offset": staged.offset,
+                        "b_time": datetime.now(UTC),
+                    },
                 )
             return UploadStatus(
                 upload_id, self._repo.name, staged.offset, status.started_at
@@ -667,6 +701,11 @@ class BlobService:
                 for chunk in chunks:
                     staged.write(chunk)
                 return self._commit_staged(staged, digest, upload_id)
+            except DigestMismatch:
+                # The store removed the staging file; the session goes with it.
+                with self._repo.database.transaction() as conn:
+                    conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
+                raise
             finally:
                 self._repo.registry._forget_upload(upload_id)
 
@@ -689,7 +728,7 @@ class BlobService:
         size = self._store.commit(staged, digest)
         with self._repo.database.write() as conn:
             if upload_id is not None:
-                conn.execute(sa.delete(uploads).where(uploads.c.id == upload_id))
+                conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
             if _blob_link(conn, self._repo.name, str(digest)) is None:
                 stored = self._repo.commit(
                     conn,
@@ -714,7 +753,7 @@ class BlobService:
             self.upload_status(upload_id)
             self._repo.registry._forget_upload(upload_id)
             with self._repo.database.transaction() as conn:
-                conn.execute(sa.delete(uploads).where(uploads.c.id == upload_id))
+                conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
             self._store.discard(upload_id)
 
 
@@ -742,24 +781,15 @@ def _manifest_info(row: Any) -> ManifestInfo:
 
 def _tag_digest(conn: Connection, repository: str, tag: str) -> str | None:
     return conn.execute(
-        sa.select(tags.c.digest).where(
-            (tags.c.repository == repository) & (tags.c.tag == tag)
-        )
+        _TAG_DIGEST, {"b_repository": repository, "b_tag": tag}
     ).scalar_one_or_none()
 
 
 def _blob_link(conn: Connection, repository: str, digest: str) -> Any:
     return conn.execute(
-        sa.select(blob_links).where(
-            (blob_links.c.repository == repository) & (blob_links.c.digest == digest)
-        )
+        _BLOB_LINK, {"b_repository": repository, "b_digest": digest}
     ).one_or_none()
 
 
 def _repository_exists(conn: Connection, name: str) -> bool:
-    return (
-        conn.execute(
-            sa.select(repositories.c.name).where(repositories.c.name == name)
-        ).first()
-        is not None
-    )
+    return conn.execute(_REPOSITORY_EXISTS, {"b_name": name}).first() is not None

@@ -33,17 +33,34 @@ from engine.tables import events, log_head, streams
 APPENDED_KEY = "cairn_appended_events"
 
 
+# Statements are built once: constructing one costs far more than running it.
+_HEAD = sa.select(log_head.c.position, log_head.c.hash).where(log_head.c.id == 1)
+_MOVE_HEAD = (
+    sa.update(log_head)
+    .where(log_head.c.id == 1)
+    .values(position=sa.bindparam("b_position"), hash=sa.bindparam("b_hash"))
+)
+_STREAM_VERSION = sa.select(streams.c.version).where(
+    streams.c.repository == sa.bindparam("b_repository")
+)
+_INSERT_STREAM = sa.insert(streams)
+_UPDATE_STREAM = (
+    sa.update(streams)
+    .where(streams.c.repository == sa.bindparam("b_repository"))
+    .values(version=sa.bindparam("b_version"))
+)
+_INSERT_EVENTS = sa.insert(events)
+
+
 def head(conn: Connection) -> tuple[int, str]:
     """Return the last position and its hash (0 and the genesis hash when empty)."""
-    row = conn.execute(
-        sa.select(log_head.c.position, log_head.c.hash).where(log_head.c.id == 1)
-    ).one()
+    row = conn.execute(_HEAD).one()
     return row.position, row.hash
 
 
 def stream_version(conn: Connection, repository: str) -> int:
     version = conn.execute(
-        sa.select(streams.c.version).where(streams.c.repository == repository)
+        _STREAM_VERSION, {"b_repository": repository}
     ).scalar_one_or_none()
     return version or 0
 
@@ -101,12 +118,8 @@ def append(
         stored.append(event)
         previous_hash = event.hash
 
-    conn.execute(sa.insert(events), [_event_row(event) for event in stored])
-    conn.execute(
-        sa.update(log_head)
-        .where(log_head.c.id == 1)
-        .values(position=position, hash=previous_hash)
-    )
+    conn.execute(_INSERT_EVENTS, [_event_row(event) for event in stored])
+    conn.execute(_MOVE_HEAD, {"b_position": position, "b_hash": previous_hash})
     _save_stream_versions(conn, versions, stored)
     pending = conn.info.get(APPENDED_KEY)
     if pending is not None:

@@ -70,14 +70,19 @@ def apply_events(
     return last
 
 
+_SAVE_CHECKPOINTS = (
+    sa.update(projection_checkpoints)
+    .where(projection_checkpoints.c.name.in_(sa.bindparam("b_names", expanding=True)))
+    .values(position=sa.bindparam("b_position"))
+)
+
+
 def save_checkpoints(
     conn: Connection, projections: Sequence[Projection], position: int
 ) -> None:
     names = [projection.name for projection in projections]
     updated = conn.execute(
-        sa.update(projection_checkpoints)
-        .where(projection_checkpoints.c.name.in_(names))
-        .values(position=position)
+        _SAVE_CHECKPOINTS, {"b_names": names, "b_position": position}
     ).rowcount
     if updated != len(names):
         present = set(

@@ -12,6 +12,12 @@ from engine.domain.events import EventType, StoredEvent
 from engine.projections.base import FoldEvent, Projection
 from engine.tables import blob_links
 
+_DELETE = sa.delete(blob_links).where(
+    (blob_links.c.repository == sa.bindparam("b_repository"))
+    & (blob_links.c.digest == sa.bindparam("b_digest"))
+)
+_INSERT = sa.insert(blob_links)
+
 
 class BlobLinkProjection(Projection):
     name = "blob_links"
@@ -22,20 +28,18 @@ class BlobLinkProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         digest = event.payload["digest"]
-        key = (blob_links.c.repository == event.repository) & (
-            blob_links.c.digest == digest
-        )
-        conn.execute(sa.delete(blob_links).where(key))
+        conn.execute(_DELETE, {"b_repository": event.repository, "b_digest": digest})
         if event.type is EventType.BLOB_DELETED:
             return
         conn.execute(
-            sa.insert(blob_links).values(
-                repository=event.repository,
-                digest=digest,
-                size=event.payload["size"],
-                position=event.position,
-                linked_at=event.time,
-            )
+            _INSERT,
+            {
+                "repository": event.repository,
+                "digest": digest,
+                "size": event.payload["size"],
+                "position": event.position,
+                "linked_at": event.time,
+            },
         )
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:

@@ -12,6 +12,16 @@ from engine.domain.events import EventType, StoredEvent
 from engine.projections.base import FoldEvent, Projection
 from engine.tables import repositories
 
+# Statements are built once: constructing one costs far more than running it.
+_TOUCH = (
+    sa.update(repositories)
+    .where(repositories.c.name == sa.bindparam("b_name"))
+    .values(
+        updated_position=sa.bindparam("b_position"), updated_at=sa.bindparam("b_time")
+    )
+)
+_INSERT = sa.insert(repositories)
+
 
 class CatalogProjection(Projection):
     name = "catalog"
@@ -19,20 +29,21 @@ class CatalogProjection(Projection):
     handles = frozenset(EventType)
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
-        updated = conn.execute(
-            sa.update(repositories)
-            .where(repositories.c.name == event.repository)
-            .values(updated_position=event.position, updated_at=event.time)
-        ).rowcount
-        if not updated:
+        touched = {
+            "b_name": event.repository,
+            "b_position": event.position,
+            "b_time": event.time,
+        }
+        if not conn.execute(_TOUCH, touched).rowcount:
             conn.execute(
-                sa.insert(repositories).values(
-                    name=event.repository,
-                    created_position=event.position,
-                    created_at=event.time,
-                    updated_position=event.position,
-                    updated_at=event.time,
-                )
+                _INSERT,
+                {
+                    "name": event.repository,
+                    "created_position": event.position,
+                    "created_at": event.time,
+                    "updated_position": event.position,
+                    "updated_at": event.time,
+                },
             )
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:

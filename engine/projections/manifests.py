@@ -12,6 +12,17 @@ from engine.domain.events import EventType, StoredEvent
 from engine.projections.base import FoldEvent, Projection
 from engine.tables import manifests, referrers
 
+_DELETE_MANIFEST = sa.delete(manifests).where(
+    (manifests.c.repository == sa.bindparam("b_repository"))
+    & (manifests.c.digest == sa.bindparam("b_digest"))
+)
+_INSERT_MANIFEST = sa.insert(manifests)
+_DELETE_REFERRER = sa.delete(referrers).where(
+    (referrers.c.repository == sa.bindparam("b_repository"))
+    & (referrers.c.digest == sa.bindparam("b_digest"))
+)
+_INSERT_REFERRER = sa.insert(referrers)
+
 
 class ManifestProjection(Projection):
     name = "manifests"
@@ -20,26 +31,23 @@ class ManifestProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         payload = event.payload
-        conn.execute(
-            sa.delete(manifests).where(
-                (manifests.c.repository == event.repository)
-                & (manifests.c.digest == payload["digest"])
-            )
-        )
+        key = {"b_repository": event.repository, "b_digest": payload["digest"]}
+        conn.execute(_DELETE_MANIFEST, key)
         if event.type is EventType.MANIFEST_DELETED:
             return
         conn.execute(
-            sa.insert(manifests).values(
-                repository=event.repository,
-                digest=payload["digest"],
-                media_type=payload["media_type"],
-                size=payload["size"],
-                artifact_type=payload.get("artifact_type"),
-                subject=payload.get("subject"),
-                references=payload["references"],
-                position=event.position,
-                pushed_at=event.time,
-            )
+            _INSERT_MANIFEST,
+            {
+                "repository": event.repository,
+                "digest": payload["digest"],
+                "media_type": payload["media_type"],
+                "size": payload["size"],
+                "artifact_type": payload.get("artifact_type"),
+                "subject": payload.get("subject"),
+                "references": payload["references"],
+                "position": event.position,
+                "pushed_at": event.time,
+            },
         )
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
@@ -78,25 +86,22 @@ class ReferrerProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         payload = event.payload
-        conn.execute(
-            sa.delete(referrers).where(
-                (referrers.c.repository == event.repository)
-                & (referrers.c.digest == payload["digest"])
-            )
-        )
+        key = {"b_repository": event.repository, "b_digest": payload["digest"]}
+        conn.execute(_DELETE_REFERRER, key)
         if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
             return
         conn.execute(
-            sa.insert(referrers).values(
-                repository=event.repository,
-                subject=payload["subject"],
-                digest=payload["digest"],
-                media_type=payload["media_type"],
-                artifact_type=payload.get("artifact_type"),
-                size=payload["size"],
-                annotations=payload.get("annotations"),
-                position=event.position,
-            )
+            _INSERT_REFERRER,
+            {
+                "repository": event.repository,
+                "subject": payload["subject"],
+                "digest": payload["digest"],
+                "media_type": payload["media_type"],
+                "artifact_type": payload.get("artifact_type"),
+                "size": payload["size"],
+                "annotations": payload.get("annotations"),
+                "position": event.position,
+            },
         )
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:

@@ -12,6 +12,22 @@ from engine.domain.events import EventType, StoredEvent
 from engine.projections.base import FoldEvent, Projection
 from engine.tables import tag_history, tags
 
+_DELETE_TAG = sa.delete(tags).where(
+    (tags.c.repository == sa.bindparam("b_repository"))
+    & (tags.c.tag == sa.bindparam("b_tag"))
+)
+_INSERT_TAG = sa.insert(tags)
+_CLOSE_HISTORY = (
+    sa.update(tag_history)
+    .where(
+        (tag_history.c.repository == sa.bindparam("b_repository"))
+        & (tag_history.c.tag == sa.bindparam("b_tag"))
+        & tag_history.c.to_position.is_(None)
+    )
+    .values(to_position=sa.bindparam("b_position"), to_time=sa.bindparam("b_time"))
+)
+_INSERT_HISTORY = sa.insert(tag_history)
+
 
 class TagProjection(Projection):
     name = "tags"
@@ -20,21 +36,18 @@ class TagProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         tag = event.payload["tag"]
-        conn.execute(
-            sa.delete(tags).where(
-                (tags.c.repository == event.repository) & (tags.c.tag == tag)
-            )
-        )
+        conn.execute(_DELETE_TAG, {"b_repository": event.repository, "b_tag": tag})
         if event.type is EventType.TAG_DELETED:
             return
         conn.execute(
-            sa.insert(tags).values(
-                repository=event.repository,
-                tag=tag,
-                digest=event.payload["digest"],
-                position=event.position,
-                updated_at=event.time,
-            )
+            _INSERT_TAG,
+            {
+                "repository": event.repository,
+                "tag": tag,
+                "digest": event.payload["digest"],
+                "position": event.position,
+                "updated_at": event.time,
+            },
         )
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
@@ -65,25 +78,28 @@ class TagHistoryProjection(Projection):
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         tag = event.payload["tag"]
         conn.execute(
-            sa.update(tag_history)
-            .where(
-                (tag_history.c.repository == event.repository)
-                & (tag_history.c.tag == tag)
-                & tag_history.c.to_position.is_(None)
-            )
-            .values(to_position=event.position, to_time=event.time)
+            _CLOSE_HISTORY,
+            {
+                "b_repository": event.repository,
+                "b_tag": tag,
+                "b_position": event.position,
+                "b_time": event.time,
+            },
         )
         if event.type is EventType.TAG_DELETED:
             return
         conn.execute(
-            sa.insert(tag_history).values(
-                repository=event.repository,
-                tag=tag,
-                from_position=event.position,
-                digest=event.payload["digest"],
-                from_time=event.time,
-                actor_user=event.actor.user,
-            )
+            _INSERT_HISTORY,
+            {
+                "repository": event.repository,
+                "tag": tag,
+                "from_position": event.position,
+                "digest": event.payload["digest"],
+                "from_time": event.time,
+                "to_position": None,
+                "to_time": None,
+                "actor_user": event.actor.user,
+            },
         )
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
