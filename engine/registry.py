@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,33 @@ class Registry:
             if len(rows) < page_size:
                 return
             after = rows[-1].position
+
+    def purge_uploads(self, older_than: timedelta) -> int:
+        """Delete upload sessions idle for longer than ``older_than``, and
+        staging files that belong to no session (left by a crash during a
+        monolithic push). Returns the number of staging files removed."""
+        cutoff = datetime.now(UTC) - older_than
+        with self.database.transaction() as conn:
+            stale = list(
+                conn.execute(
+                    sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
+                ).scalars()
+            )
+            if stale:
+                conn.execute(sa.delete(uploads).where(uploads.c.id.in_(stale)))
+            live = set(conn.execute(sa.select(uploads.c.id)).scalars())
+        removed = 0
+        for path in self.blob_store.paths.staging_dir.iterdir():
+            if path.name in live:
+                continue
+            modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            if path.name in stale or modified < cutoff:
+                self._forget_upload(path.name)
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("uploads_purged", removed=removed, older_than=str(older_than))
+        return removed
 
     def upload_lock(self, upload_id: str) -> threading.Lock:
         with self._upload_locks_guard:

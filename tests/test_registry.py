@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -25,7 +27,7 @@ from engine.domain.errors import (
 from engine.domain.events import EventType
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
 from engine.registry import Registry, Repository
-from engine.tables import blob_links, repositories, tags
+from engine.tables import blob_links, repositories, tags, uploads
 from engine.verify import verify
 from tests.images import Image, make_artifact, make_image, make_index
 
@@ -471,3 +473,29 @@ def test_verify_finds_projection_drift(registry: Registry) -> None:
     assert any(p.startswith("projection tags:") for p in problems)
     # verify must leave the tables exactly as it found them
     assert count(registry, tags) == 0
+
+
+def test_purge_stale_uploads(registry: Registry) -> None:
+    repo = registry.repository("purge")
+    stale = repo.blobs.create_upload()
+    repo.blobs.write_upload(stale.id, [b"old"])
+    fresh = repo.blobs.create_upload()
+    orphan = (
+        registry.blob_store.paths.staging_dir / "00000000-0000-4000-8000-000000000000"
+    )
+    orphan.write_bytes(b"left by a crash")
+    old = time.time() - 3 * 24 * 3600
+    os.utime(orphan, (old, old))
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(uploads)
+            .where(uploads.c.id == stale.id)
+            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
+        )
+
+    assert registry.purge_uploads(timedelta(days=1)) == 2
+
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.upload_status(stale.id)
+    assert not orphan.exists()
+    assert repo.blobs.upload_status(fresh.id).offset == 0
