@@ -114,3 +114,55 @@ def test_kill_during_blob_commits(registry: Registry, data_dir: Path) -> None:
     for event in pushed:
         assert restarted.blob_store.exists(Digest.parse(event.payload["digest"]))
     restarted.database.dispose()
+
+
+PUSH_2GIB = textwrap.dedent(
+    """
+    import hashlib, sys
+    from pathlib import Path
+    from engine.domain.digest import Digest
+    from engine.logs import configure_logging
+    from engine.registry import Registry
+
+    configure_logging("warning")
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    count = 2048
+    hasher = hashlib.sha256()
+    for _ in range(count):
+        hasher.update(chunk)
+    digest = Digest("sha256", hasher.hexdigest())
+    registry = Registry.open(Path(sys.argv[1]), sys.argv[2])
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+
+    baseline = status("VmRSS:")
+    upload = registry.repository("big").blobs.create_upload()
+    registry.repository("big").blobs.write_upload(
+        upload.id, (chunk for _ in range(count // 2))
+    )
+    registry.repository("big").blobs.commit_upload(
+        upload.id, digest, (chunk for _ in range(count // 2))
+    )
+    print(status("VmHWM:") - baseline)
+    """
+)
+
+
+def test_two_gib_upload_memory_stays_flat(registry: Registry, data_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PUSH_2GIB, str(data_dir), registry.database.url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    growth_kib = int(result.stdout.strip())
+    assert growth_kib < 64 * 1024, f"peak RSS grew by {growth_kib} KiB"
+    blob = registry.repository("big").blobs
+    with registry.database.read() as conn:
+        (event,) = event_log.read(conn, repository="big")
+    assert event.payload["size"] == 2 * 1024**3
+    assert blob.stat(Digest.parse(event.payload["digest"])).size == 2 * 1024**3

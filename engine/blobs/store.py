@@ -168,9 +168,14 @@ class BlobStore:
         if target.exists():
             staged.path.unlink(missing_ok=True)
             return size
+        new_prefix_dir = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged.path, target)
         _fsync_directory(target.parent)
+        if new_prefix_dir:
+            # The new directory's own entry must be durable too.
+            _fsync_directory(target.parent.parent)
+            _fsync_directory(target.parent.parent.parent)
         log.debug("blob_committed", digest=str(expected), size=size)
         return size
 
