@@ -36,7 +36,7 @@ from engine.domain.errors import (
     RangeInvalid,
 )
 from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
-from engine.domain.manifests import Descriptor, Manifest, parse_manifest
+from engine.domain.manifests import Descriptor, Manifest, Reference, parse_manifest
 from engine.domain.names import validate_repository_name, validate_tag
 from engine.projections import ALL_PROJECTIONS, apply_events
 from engine.tables import (
@@ -403,12 +403,14 @@ class ManifestService:
             references=[
                 _reference_json(r.kind, r.descriptor) for r in manifest.references()
             ],
+            content_size=_content_size(manifest.size, manifest.references()),
         )
 
     def delete(self, digest: Digest) -> list[StoredEvent]:
         """Delete a manifest and every tag that points to it."""
         with self._repo.database.write() as conn:
-            if self._row(conn, digest) is None:
+            row = self._row(conn, digest)
+            if row is None:
                 raise ManifestUnknown(
                     "manifest unknown",
                     {"repository": self._repo.name, "digest": str(digest)},
@@ -425,8 +427,17 @@ class ManifestService:
                 self._repo.event(EventType.TAG_DELETED, tag=name, previous=str(digest))
                 for name in tag_names
             ]
+            content_size = row.size + sum(
+                reference["size"]
+                for reference in row.references
+                if reference["kind"] in _BLOB_KINDS
+            )
             new_events.append(
-                self._repo.event(EventType.MANIFEST_DELETED, digest=str(digest))
+                self._repo.event(
+                    EventType.MANIFEST_DELETED,
+                    digest=str(digest),
+                    content_size=content_size,
+                )
             )
             stored = self._repo.commit(conn, new_events)
         log.info(
@@ -592,14 +603,16 @@ class BlobService:
     def delete(self, digest: Digest) -> list[StoredEvent]:
         """Unlink a blob from this repository. The bytes stay for others."""
         with self._repo.database.write() as conn:
-            if _blob_link(conn, self._repo.name, str(digest)) is None:
+            link = _blob_link(conn, self._repo.name, str(digest))
+            if link is None:
                 raise BlobUnknown(
                     "blob unknown to registry",
                     {"repository": self._repo.name, "digest": str(digest)},
                 )
-            return self._repo.commit(
-                conn, [self._repo.event(EventType.BLOB_DELETED, digest=str(digest))]
+            deleted = self._repo.event(
+                EventType.BLOB_DELETED, digest=str(digest), size=link.size
             )
+            return self._repo.commit(conn, [deleted])
 
     def mount(self, digest: Digest, source: str | None) -> BlobInfo | None:
         """Link a blob readable in ``source`` into this repository.
@@ -782,6 +795,18 @@ class BlobService:
             with self._repo.database.transaction() as conn:
                 conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
             self._store.discard(upload_id)
+
+
+# Reference kinds whose bytes are blobs; child manifests and subjects are not.
+_BLOB_KINDS = frozenset({"config", "layer"})
+
+
+def _content_size(manifest_size: int, references: Sequence[Reference]) -> int:
+    """Return the bytes a manifest accounts for as pushed: its own size plus
+    its config and layers, counted again for every manifest that shares them."""
+    return manifest_size + sum(
+        r.descriptor.size for r in references if r.kind in _BLOB_KINDS
+    )
 
 
 def _reference_json(kind: str, descriptor: Descriptor) -> dict[str, Any]:

@@ -124,6 +124,14 @@ repositories = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_position", sa.BigInteger, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("last_actor", sa.String(255)),
+    sa.Column("tag_count", sa.Integer, nullable=False),
+    sa.Column("manifest_count", sa.Integer, nullable=False),
+    # Bytes of the blobs linked into the repository, each counted once.
+    sa.Column("blob_bytes", sa.BigInteger, nullable=False),
+    # Bytes as pushed: every manifest with its config and layers, shared
+    # layers counted once per manifest.
+    sa.Column("pushed_bytes", sa.BigInteger, nullable=False),
 )
 
 tags = sa.Table(

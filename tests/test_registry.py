@@ -499,3 +499,33 @@ def test_purge_stale_uploads(registry: Registry) -> None:
         repo.blobs.upload_status(stale.id)
     assert not orphan.exists()
     assert repo.blobs.upload_status(fresh.id).offset == 0
+
+
+def test_catalog_counts_and_sizes(registry: Registry) -> None:
+    from engine.domain.events import Actor
+
+    repo = registry.repository("sizes", actor=Actor("bob", None))
+    shared = make_image(layer_count=2, layer_size=1000)
+    push_image(repo, shared, tag="a")
+    second = make_image(layer_count=1, layer_size=500)
+    push_image(repo, second, tag="b")
+    repo.tags.tag("c", shared.digest)
+    repo.tags.tag("c", second.digest)
+
+    with registry.database.read() as conn:
+        row = conn.execute(sa.select(repositories)).one()
+    blob_bytes = sum(len(b) for b in shared.blobs + second.blobs)
+    assert row.tag_count == 3
+    assert row.manifest_count == 2
+    assert row.blob_bytes == blob_bytes
+    assert row.pushed_bytes == blob_bytes + len(shared.manifest) + len(second.manifest)
+    assert row.last_actor == "bob"
+
+    repo.manifests.delete(second.digest)
+    repo.blobs.delete(Digest.of(second.layers[0]))
+    with registry.database.read() as conn:
+        row = conn.execute(sa.select(repositories)).one()
+    assert row.tag_count == 1
+    assert row.manifest_count == 1
+    assert row.blob_bytes == blob_bytes - len(second.layers[0])
+    assert row.pushed_bytes == sum(len(b) for b in shared.blobs) + len(shared.manifest)

@@ -1,4 +1,5 @@
-"""The catalog: every repository that has at least one event."""
+"""The catalog: every repository that has at least one event, with the
+counts and sizes a dashboard lists repositories by."""
 
 from __future__ import annotations
 
@@ -13,14 +14,61 @@ from engine.projections.base import FoldEvent, Projection
 from engine.tables import repositories
 
 # Statements are built once: constructing one costs far more than running it.
-_TOUCH = (
+_ROW = sa.select(repositories).where(repositories.c.name == sa.bindparam("b_name"))
+_INSERT = sa.insert(repositories)
+_UPDATE = (
     sa.update(repositories)
     .where(repositories.c.name == sa.bindparam("b_name"))
     .values(
-        updated_position=sa.bindparam("b_position"), updated_at=sa.bindparam("b_time")
+        updated_position=sa.bindparam("b_updated_position"),
+        updated_at=sa.bindparam("b_updated_at"),
+        last_actor=sa.bindparam("b_last_actor"),
+        tag_count=sa.bindparam("b_tag_count"),
+        manifest_count=sa.bindparam("b_manifest_count"),
+        blob_bytes=sa.bindparam("b_blob_bytes"),
+        pushed_bytes=sa.bindparam("b_pushed_bytes"),
     )
 )
-_INSERT = sa.insert(repositories)
+
+
+def _new_row(event: StoredEvent | FoldEvent, actor: str | None) -> dict[str, Any]:
+    return {
+        "name": event.repository,
+        "created_position": event.position,
+        "created_at": event.time,
+        "updated_position": event.position,
+        "updated_at": event.time,
+        "last_actor": actor,
+        "tag_count": 0,
+        "manifest_count": 0,
+        "blob_bytes": 0,
+        "pushed_bytes": 0,
+    }
+
+
+def _update(
+    row: dict[str, Any], event: StoredEvent | FoldEvent, actor: str | None
+) -> None:
+    """Apply one event to a repository row in place."""
+    row["updated_position"] = event.position
+    row["updated_at"] = event.time
+    row["last_actor"] = actor
+    payload = event.payload
+    match event.type:
+        case EventType.TAG_SET if payload.get("previous") is None:
+            row["tag_count"] += 1
+        case EventType.TAG_DELETED:
+            row["tag_count"] -= 1
+        case EventType.MANIFEST_PUSHED:
+            row["manifest_count"] += 1
+            row["pushed_bytes"] += payload["content_size"]
+        case EventType.MANIFEST_DELETED:
+            row["manifest_count"] -= 1
+            row["pushed_bytes"] -= payload["content_size"]
+        case EventType.BLOB_PUSHED | EventType.BLOB_MOUNTED:
+            row["blob_bytes"] += payload["size"]
+        case EventType.BLOB_DELETED:
+            row["blob_bytes"] -= payload["size"]
 
 
 class CatalogProjection(Projection):
@@ -29,36 +77,21 @@ class CatalogProjection(Projection):
     handles = frozenset(EventType)
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
-        touched = {
-            "b_name": event.repository,
-            "b_position": event.position,
-            "b_time": event.time,
-        }
-        if not conn.execute(_TOUCH, touched).rowcount:
-            conn.execute(
-                _INSERT,
-                {
-                    "name": event.repository,
-                    "created_position": event.position,
-                    "created_at": event.time,
-                    "updated_position": event.position,
-                    "updated_at": event.time,
-                },
-            )
+        found = conn.execute(_ROW, {"b_name": event.repository}).mappings().first()
+        if found is None:
+            row = _new_row(event, event.actor.user)
+            _update(row, event, event.actor.user)
+            conn.execute(_INSERT, row)
+            return
+        row = dict(found)
+        _update(row, event, event.actor.user)
+        conn.execute(_UPDATE, {"b_" + key: value for key, value in row.items()})
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         row = state.get(event.repository)
         if row is None:
-            state[event.repository] = {
-                "name": event.repository,
-                "created_position": event.position,
-                "created_at": event.time,
-                "updated_position": event.position,
-                "updated_at": event.time,
-            }
-        else:
-            row["updated_position"] = event.position
-            row["updated_at"] = event.time
+            row = state[event.repository] = _new_row(event, event.actor_user)
+        _update(row, event, event.actor_user)
 
     def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
         for row in state.values():

@@ -91,6 +91,11 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime, nullable=False),
         sa.Column("updated_position", sa.BigInteger, nullable=False),
         sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("last_actor", sa.String(255)),
+        sa.Column("tag_count", sa.Integer, nullable=False),
+        sa.Column("manifest_count", sa.Integer, nullable=False),
+        sa.Column("blob_bytes", sa.BigInteger, nullable=False),
+        sa.Column("pushed_bytes", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint("name", name="pk_repositories"),
     )
 
