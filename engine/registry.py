@@ -9,6 +9,7 @@ threads.
 
 from __future__ import annotations
 
+import builtins
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -556,7 +557,7 @@ class TagService:
                 return
             last = page[-1]
 
-    def lookup(self, digest: Digest) -> list[str]:
+    def lookup(self, digest: Digest) -> builtins.list[str]:
         """List the tags that point to ``digest``."""
         with self._repo.database.read() as conn:
             return list(

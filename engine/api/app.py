@@ -1,0 +1,281 @@
+"""The ASGI application: request ids, routing, error mapping, request logs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import anyio
+import structlog
+
+from engine.api import blobs, feed, health, listing, manifests, uploads
+from engine.api.errors import ErrorCode, HTTPError
+from engine.api.http import (
+    ClientDisconnected,
+    Receive,
+    Request,
+    Response,
+    Scope,
+    Send,
+    json_response,
+)
+from engine.api.routing import Router
+from engine.api.threads import upload_limiter
+from engine.domain.errors import RegistryError
+from engine.domain.events import Actor
+from engine.registry import Registry
+
+log = structlog.get_logger("engine.api")
+
+API_VERSION_HEADER: Final = ("Docker-Distribution-API-Version", "registry/2.0")
+
+# An incoming X-Request-Id is kept when it looks like an id. The log column
+# for it stores 64 characters.
+_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+=/-]{0,63}$")
+
+_NAME: Final = r"(?P<name>.+)"
+_SEGMENT: Final = r"[^/]+"
+
+
+class PullListener(Protocol):
+    """The part of the event bus that the API uses."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    def notify_pull(
+        self,
+        repository: str,
+        reference: str,
+        digest: str,
+        actor: Actor,
+        request_id: str | None,
+    ) -> None: ...
+
+
+@dataclass
+class AppState:
+    """Shared handler state: the registry, the bus and URL settings."""
+
+    registry: Registry
+    bus: PullListener | None = None
+    relative_urls: bool = False
+    upload_limiter: anyio.CapacityLimiter = field(default_factory=upload_limiter)
+
+
+def build_router() -> Router:
+    router = Router()
+    router.add(r"/v2/?", GET=base, HEAD=base)
+    router.add(r"/v2/_catalog", GET=listing.catalog)
+    router.add(rf"/v2/{_NAME}/tags/list", GET=listing.tags)
+    router.add(
+        rf"/v2/{_NAME}/manifests/(?P<reference>{_SEGMENT})",
+        GET=manifests.get_manifest,
+        HEAD=manifests.get_manifest,
+        PUT=manifests.put_manifest,
+        DELETE=manifests.delete_manifest,
+    )
+    router.add(rf"/v2/{_NAME}/blobs/uploads/?", POST=uploads.start_upload)
+    router.add(
+        rf"/v2/{_NAME}/blobs/uploads/(?P<upload>{_SEGMENT})",
+        GET=uploads.upload_status,
+        PATCH=uploads.patch_upload,
+        PUT=uploads.finish_upload,
+        DELETE=uploads.cancel_upload,
+    )
+    router.add(
+        rf"/v2/{_NAME}/blobs/(?P<digest>{_SEGMENT})",
+        GET=blobs.get_blob,
+        HEAD=blobs.get_blob,
+        DELETE=blobs.delete_blob,
+    )
+    router.add(rf"/v2/{_NAME}/referrers/(?P<digest>{_SEGMENT})", GET=listing.referrers)
+    router.add(r"/_cairn/health", GET=health.health)
+    router.add(r"/_cairn/events", GET=feed.events)
+    return router
+
+
+async def base(request: Request) -> Response:
+    return json_response({})
+
+
+class RegistryApp:
+    """The ASGI callable that serves the OCI distribution API and /_cairn/."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.router = build_router()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        await self._handle(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request = Request(scope, receive, self.state, _request_id(scope))
+        structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        status = 500
+        bytes_out = 0
+        try:
+            response = await self._dispatch(request)
+            status = response.status
+            bytes_out = await self._send(request, response, send)
+        except ClientDisconnected:
+            # nginx's code for a client that closed the connection first; the
+            # log shows it in place of the status that was cut short.
+            status = 499
+        except Exception:
+            # The response had started, so no error body can follow; the
+            # server closes the connection and the client sees a short body.
+            log.exception(
+                "response_failed",
+                method=request.method,
+                path=request.path,
+                request_id=request.request_id,
+            )
+        finally:
+            log.info(
+                "request_finished",
+                method=request.method,
+                path=request.path,
+                status=status,
+                bytes_in=request.bytes_in,
+                bytes_out=bytes_out,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                request_id=request.request_id,
+                remote=request.actor.address,
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    async def _dispatch(self, request: Request) -> Response:
+        try:
+            handler = self.router.resolve(request)
+            return await handler(request)
+        except HTTPError as error:
+            return _error_response(error)
+        except RegistryError as error:
+            return _error_response(HTTPError.from_registry_error(error))
+        except ClientDisconnected:
+            raise
+        except Exception:
+            log.exception(
+                "request_failed",
+                method=request.method,
+                path=request.path,
+                request_id=request.request_id,
+            )
+            return _error_response(
+                HTTPError(
+                    ErrorCode.UNKNOWN,
+                    500,
+                    "internal server error; the server log has the details",
+                    {"request_id": request.request_id},
+                )
+            )
+
+    async def _send(self, request: Request, response: Response, send: Send) -> int:
+        """Send ``response`` and return the number of body bytes sent."""
+        headers = [API_VERSION_HEADER, ("X-Request-Id", request.request_id)]
+        headers += response.headers
+        # RFC 9110 forbids Content-Length on a 204, and a 304 has no body.
+        if response.status not in (204, 304):
+            length = response.content_length
+            if length is None and response.stream is None:
+                length = len(response.body)
+            if length is not None:
+                headers.append(("Content-Length", str(length)))
+        if not request.body_finished:
+            # The rest of the body was never read, and closing the connection
+            # is cheaper than draining it.
+            headers.append(("Connection", "close"))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": [
+                    (name.lower().encode("latin-1"), value.encode("latin-1", "replace"))
+                    for name, value in headers
+                ],
+            }
+        )
+        if request.method == "HEAD" or response.stream is None:
+            body = b"" if request.method == "HEAD" else response.body
+            await send({"type": "http.response.body", "body": body})
+            return len(body)
+        return await _send_stream(request, response.stream, send)
+
+
+async def _send_stream(
+    request: Request, stream: AsyncIterator[bytes], send: Send
+) -> int:
+    """Send a streamed body, stopping early when the client goes away."""
+    sent = 0
+    disconnected = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
+    if request.body_finished:
+        watcher = asyncio.ensure_future(_watch_disconnect(request, disconnected))
+    try:
+        async for chunk in stream:
+            if disconnected.is_set():
+                raise ClientDisconnected("client disconnected during the response")
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return sent
+
+
+async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> None:
+    await request.wait_for_disconnect()
+    disconnected.set()
+
+
+def _error_response(error: HTTPError) -> Response:
+    return Response(
+        error.status,
+        [("Content-Type", "application/json"), *error.headers],
+        error.body(),
+    )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            candidate: str = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def create_app(
+    registry: Registry,
+    bus: PullListener | None = None,
+    *,
+    relative_urls: bool = False,
+) -> RegistryApp:
+    """Build the ASGI app on ``registry``; ``bus`` gets pull notifications."""
+    return RegistryApp(AppState(registry, bus, relative_urls))

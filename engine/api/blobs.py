@@ -1,0 +1,170 @@
+"""Blob routes: HEAD, GET (with byte ranges) and DELETE."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import BinaryIO, Final
+
+import structlog
+
+from engine.api.errors import HTTPError
+from engine.api.http import Request, Response, empty_response
+from engine.api.threads import run_sync
+from engine.domain.digest import Digest
+from engine.domain.errors import BlobUnknown, RangeNotSatisfiable
+from engine.registry import BlobInfo, Repository
+
+log = structlog.get_logger(__name__)
+
+READ_SIZE: Final = 1024 * 1024
+
+_RANGE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """Return the [start, end) bytes a Range header requests, or None for all.
+
+    Follows RFC 9110: a header that is malformed or requests several ranges
+    is ignored, and a range that starts past the end raises
+    RangeNotSatisfiable.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header.strip().replace(" ", ""))
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise _unsatisfiable(header, size)
+        return max(size - suffix, 0), size
+    start = int(first)
+    end = size if not last else int(last) + 1
+    if last and end <= start:
+        return None
+    if start >= size:
+        raise _unsatisfiable(header, size)
+    return start, min(end, size)
+
+
+def _unsatisfiable(header: str, size: int) -> RangeNotSatisfiable:
+    return RangeNotSatisfiable(
+        "requested range is not satisfiable",
+        {"range": header, "size": size},
+        size=size,
+    )
+
+
+def etag_matches(request: Request, digest: Digest) -> bool:
+    """Return True if If-None-Match names ``digest``, quoted or not."""
+    header = request.header("if-none-match")
+    if not header:
+        return False
+    candidates = {
+        value.strip().removeprefix("W/").strip('"') for value in header.split(",")
+    }
+    return str(digest) in candidates or "*" in candidates
+
+
+def blob_headers(digest: Digest) -> list[tuple[str, str]]:
+    return [
+        ("Content-Type", "application/octet-stream"),
+        ("Docker-Content-Digest", str(digest)),
+        ("ETag", f'"{digest}"'),
+        ("Accept-Ranges", "bytes"),
+        # Blobs are immutable: a digest names the same bytes forever.
+        ("Cache-Control", "max-age=31536000"),
+    ]
+
+
+def _stat(repository: Repository, digest: Digest) -> BlobInfo:
+    info = repository.blobs.stat(digest)
+    path = repository.registry.blob_store.path(digest)
+    if not path.is_file():
+        log.error(
+            "blob_file_missing",
+            repository=repository.name,
+            digest=str(digest),
+            request_id=repository.request_id,
+        )
+        raise BlobUnknown(
+            "blob unknown to registry",
+            {"repository": repository.name, "digest": str(digest)},
+        )
+    return info
+
+
+def _open(repository: Repository, digest: Digest, start: int) -> BinaryIO:
+    try:
+        stream = open(repository.registry.blob_store.path(digest), "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        log.error(
+            "blob_file_missing",
+            repository=repository.name,
+            digest=str(digest),
+            request_id=repository.request_id,
+        )
+        raise BlobUnknown(
+            "blob unknown to registry",
+            {"repository": repository.name, "digest": str(digest)},
+        ) from None
+    stream.seek(start)
+    return stream
+
+
+async def _read(stream: BinaryIO, length: int) -> AsyncIterator[bytes]:
+    try:
+        remaining = length
+        while remaining > 0:
+            chunk = await run_sync(stream.read, min(READ_SIZE, remaining))
+            if not chunk:
+                raise OSError(f"blob file ended {remaining} bytes early")
+            remaining -= len(chunk)
+            yield chunk
+    finally:
+        stream.close()
+
+
+async def get_blob(request: Request) -> Response:
+    """Serve GET and HEAD of /v2/<name>/blobs/<digest>."""
+    repository = request.repository()
+    digest = Digest.parse(request.path_params["digest"])
+    info = await run_sync(_stat, repository, digest)
+    headers = blob_headers(digest)
+
+    if etag_matches(request, digest):
+        return empty_response(304, headers)
+
+    try:
+        byte_range = parse_range(request.header("range"), info.size)
+    except RangeNotSatisfiable as error:
+        unsatisfied = [
+            ("Content-Range", f"bytes */{info.size}"),
+            ("Accept-Ranges", "bytes"),
+        ]
+        raise HTTPError.from_registry_error(error, unsatisfied) from None
+    status = 200
+    start, end = 0, info.size
+    if byte_range is not None:
+        status = 206
+        start, end = byte_range
+        headers.append(("Content-Range", f"bytes {start}-{end - 1}/{info.size}"))
+    length = end - start
+
+    if request.method == "HEAD" or length == 0:
+        return Response(status, headers, content_length=length)
+    stream = await run_sync(_open, repository, digest, start)
+    return Response(
+        status, headers, stream=_read(stream, length), content_length=length
+    )
+
+
+async def delete_blob(request: Request) -> Response:
+    repository = request.repository()
+    digest = Digest.parse(request.path_params["digest"])
+    await run_sync(repository.blobs.delete, digest)
+    return empty_response(202, [("Docker-Content-Digest", str(digest))])

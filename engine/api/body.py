@@ -1,0 +1,188 @@
+"""Request bodies: bounded reads, and streams handed to a worker thread.
+
+An upload body is received on the event loop, coalesced into buffers of
+about ``BUFFER_SIZE`` and passed through a bounded queue to the synchronous
+registry call that writes and hashes it in a worker thread. Receiving and
+writing overlap, and an upload keeps at most ``QUEUE_DEPTH + 2`` buffers in
+memory however large it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeVar
+
+import anyio.to_thread
+
+from engine.api.http import ClientDisconnected, Request
+from engine.domain.errors import ManifestTooLarge, SizeInvalid
+
+T = TypeVar("T")
+
+BUFFER_SIZE: Final = 1024 * 1024
+QUEUE_DEPTH: Final = 4
+
+_END: Final = object()
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    """Read the whole body, raising ManifestTooLarge past ``limit`` bytes.
+
+    A declared Content-Length over the limit is rejected before any byte is
+    read. A chunked body is read no further than one chunk past the limit.
+    """
+    declared = request.content_length()
+    if declared is not None and declared > limit:
+        raise ManifestTooLarge(
+            f"manifest is larger than {limit} bytes",
+            {"size": declared, "limit": limit},
+        )
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ManifestTooLarge(
+                f"manifest is larger than {limit} bytes",
+                {"size": f"more than {limit}", "limit": limit},
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class _ChunkPipe:
+    """A bounded queue from the event loop (producer) to one worker thread."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self._space = asyncio.Event()
+        self._error: BaseException | None = None
+        self.consumer_done = False
+
+    async def put(self, chunk: bytes) -> bool:
+        """Queue ``chunk``; return False if the consumer stopped reading."""
+        while not self.consumer_done:
+            try:
+                self._queue.put_nowait(chunk)
+                return True
+            except queue.Full:
+                self._space.clear()
+                if not self._queue.full():
+                    continue
+                await self._space.wait()
+        return False
+
+    def abort(self, error: BaseException) -> None:
+        """Make the worker's next read raise ``error``."""
+        self._error = error
+        # When the queue is full the worker is busy, and it checks the error
+        # before each chunk it takes.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_END)
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the queued chunks; runs in the worker thread."""
+        while True:
+            item = self._queue.get()
+            self._loop.call_soon_threadsafe(self._space.set)
+            if self._error is not None:
+                raise self._error
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+
+    def consumer_finished(self) -> None:
+        """Called from the worker thread when the registry call returns."""
+
+        def mark() -> None:
+            self.consumer_done = True
+            self._space.set()
+
+        self._loop.call_soon_threadsafe(mark)
+
+
+async def stream_to_thread(
+    request: Request,
+    consume: Callable[[Iterator[bytes]], T],
+    *,
+    expected_size: int | None = None,
+) -> T:
+    """Run ``consume(chunks)`` in a worker thread, fed with the request body.
+
+    ``expected_size`` is the body length a Content-Range header declared; a
+    body of another length raises SizeInvalid inside ``consume``, before it
+    can commit anything. A client that disconnects makes ``consume`` raise
+    ClientDisconnected the same way.
+    """
+    pipe = _ChunkPipe()
+
+    def run() -> T:
+        try:
+            return consume(pipe.chunks())
+        finally:
+            pipe.consumer_finished()
+
+    worker = asyncio.ensure_future(
+        anyio.to_thread.run_sync(run, limiter=request.state.upload_limiter)
+    )
+    try:
+        await _pump(request, pipe, expected_size)
+    except BaseException as error:
+        if isinstance(error, Exception):
+            pipe.abort(error)
+        else:
+            pipe.abort(ClientDisconnected("request cancelled"))
+        await _wait_uncancellable(worker)
+        raise
+    return await worker
+
+
+async def _pump(request: Request, pipe: _ChunkPipe, expected_size: int | None) -> None:
+    parts: list[bytes] = []
+    buffered = 0
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if expected_size is not None and received > expected_size:
+            raise _size_mismatch(expected_size, f"more than {expected_size}")
+        parts.append(chunk)
+        buffered += len(chunk)
+        if buffered >= BUFFER_SIZE:
+            if not await pipe.put(b"".join(parts)):
+                return
+            parts.clear()
+            buffered = 0
+    if parts and not await pipe.put(b"".join(parts)):
+        return
+    if expected_size is not None and received != expected_size:
+        raise _size_mismatch(expected_size, received)
+    await pipe.put(_END)  # type: ignore[arg-type]
+
+
+async def _wait_uncancellable(worker: asyncio.Future[Any]) -> None:
+    """Wait until ``worker`` ends, even while this task is being cancelled.
+
+    The worker thread holds the upload's lock and staging file, so no request
+    may end while it still runs.
+    """
+    cancelled = False
+    while not worker.done():
+        try:
+            await asyncio.wait({worker})
+        except asyncio.CancelledError:
+            cancelled = True
+    if not worker.cancelled():
+        worker.exception()  # Retrieved, so asyncio does not warn about it.
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+def _size_mismatch(expected: int, received: int | str) -> SizeInvalid:
+    return SizeInvalid(
+        "request body length does not match the Content-Range header",
+        {"content_range_length": expected, "received": received},
+    )

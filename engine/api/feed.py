@@ -1,0 +1,102 @@
+"""GET /_cairn/events: the log itself, a page at a time, for replay over HTTP.
+
+``after`` is the last position the consumer has seen (0 for the start),
+``limit`` caps the page (at most MAX_LIMIT), ``repository`` and ``type``
+(repeatable or comma-separated) filter it. ``next_after`` is the value to
+send next. After a short page it is the log head as read before the page,
+so a filtered consumer skips the events it does not want and misses none
+that it does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from engine import log as event_log
+from engine.api.errors import unsupported
+from engine.api.http import Request, Response
+from engine.api.threads import run_sync
+from engine.domain.events import EventType, StoredEvent
+from engine.domain.names import validate_repository_name
+from engine.registry import Registry
+
+# Positions are 64-bit integers in the log table.
+MAX_POSITION: Final = 2**63 - 1
+DEFAULT_LIMIT: Final = 100
+MAX_LIMIT: Final = 1000
+
+_EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
+
+
+def _count(request: Request, name: str, default: int) -> int:
+    value = request.param(name)
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or int(value) > MAX_POSITION:
+        raise unsupported(
+            f"{name} must be an integer from 0 to {MAX_POSITION}",
+            parameter=name,
+            value=value,
+        )
+    return int(value)
+
+
+def _types(request: Request) -> list[str]:
+    requested = [
+        part.strip()
+        for value in request.query.get("type", [])
+        for part in value.split(",")
+        if part.strip()
+    ]
+    for event_type in requested:
+        if event_type not in _EVENT_TYPES:
+            raise unsupported(
+                "unknown event type",
+                parameter="type",
+                value=event_type,
+                supported=sorted(_EVENT_TYPES),
+            )
+    return requested
+
+
+def _read(
+    registry: Registry,
+    after: int,
+    limit: int,
+    repository: str | None,
+    types: list[str],
+) -> tuple[int, list[StoredEvent]]:
+    with registry.database.read() as conn:
+        # The head is read first: every event at or below it is visible to
+        # the query that follows, on SQLite and PostgreSQL alike.
+        head, _ = event_log.head(conn)
+        page = event_log.read(
+            conn, after, limit, repository=repository, types=types or None
+        )
+    return head, page
+
+
+async def events(request: Request) -> Response:
+    after = _count(request, "after", 0)
+    limit = _count(request, "limit", DEFAULT_LIMIT)
+    if limit == 0:
+        raise unsupported("limit must be at least 1", parameter="limit", value=0)
+    limit = min(limit, MAX_LIMIT)
+    repository = request.param("repository") or None
+    if repository is not None:
+        validate_repository_name(repository)
+    types = _types(request)
+
+    head, page = await run_sync(
+        _read, request.state.registry, after, limit, repository, types
+    )
+    last = page[-1].position if page else after
+    next_after = last if len(page) == limit else max(after, head, last)
+    document: dict[str, Any] = {
+        "events": [event.to_json() for event in page],
+        "next_after": next_after,
+        "head": head,
+    }
+    body = json.dumps(document, separators=(",", ":"), default=str).encode()
+    return Response(200, [("Content-Type", "application/json")], body)

@@ -1,0 +1,225 @@
+"""A thin request and response layer over raw ASGI.
+
+cairn needs little from a web framework: path routing, headers, streamed
+bodies in both directions. This module is all of it, so the hot paths
+(blob uploads and downloads) stay one function call away from ASGI.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs, quote
+
+from engine.api.errors import unsupported
+from engine.domain.events import Actor
+
+if TYPE_CHECKING:
+    from engine.api.app import AppState
+    from engine.registry import Repository
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Host names and ports as they may appear in a Host or X-Forwarded-Host
+# header. Anything else (spaces, slashes, control characters) is ignored
+# rather than echoed into a Location header.
+_HOST: Final = re.compile(r"^[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}$")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_FORWARDED_PAIR: Final = re.compile(r'\s*([A-Za-z]+)\s*=\s*("[^"]*"|[^;,]*)')
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its request body ended."""
+
+
+class Request:
+    """One HTTP request: its scope, headers, query and body stream."""
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        state: AppState,
+        request_id: str,
+    ) -> None:
+        self.scope = scope
+        self._receive = receive
+        self.state = state
+        self.request_id = request_id
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.path_params: dict[str, str] = {}
+        self.headers = _header_map(scope.get("headers", []))
+        query = scope.get("query_string", b"").decode("utf-8", "replace")
+        self.query = parse_qs(query, keep_blank_values=True)
+        self.bytes_in = 0
+        self.body_finished = not self.has_body
+
+    @property
+    def has_body(self) -> bool:
+        length = self.header("content-length")
+        if length is not None:
+            return length.strip() not in ("", "0")
+        return self.header("transfer-encoding") is not None
+
+    def header(self, name: str) -> str | None:
+        """Return the header's values joined with commas, or None."""
+        values = self.headers.get(name.lower())
+        return ", ".join(values) if values else None
+
+    def content_length(self) -> int | None:
+        """Return Content-Length as a number, or None when absent or malformed."""
+        value = self.header("content-length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value)
+
+    def param(self, name: str) -> str | None:
+        """Return the first value of query parameter ``name``.
+
+        Raises HTTPError 400 for a value with control characters, which no
+        name, tag or media type contains and PostgreSQL cannot store.
+        """
+        values: list[str] | None = self.query.get(name)
+        if not values:
+            return None
+        if _CONTROL.search(values[0]):
+            raise unsupported(
+                f"query parameter {name} contains control characters",
+                parameter=name,
+                value=values[0],
+            )
+        return values[0]
+
+    async def wait_for_disconnect(self) -> None:
+        """Return once the client has gone; call only after the body is read."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+    def repository(self) -> Repository:
+        """Return the repository named in the path, raising NameInvalid."""
+        return self.state.registry.repository(
+            self.path_params["name"], actor=self.actor, request_id=self.request_id
+        )
+
+    @property
+    def actor(self) -> Actor:
+        client = self.scope.get("client")
+        return Actor(user=None, address=client[0] if client else None)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Yield the body as the server delivers it.
+
+        Raises ClientDisconnected when the connection closes first.
+        """
+        while not self.body_finished:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("client disconnected during the request body")
+            chunk = message.get("body", b"")
+            if not message.get("more_body", False):
+                self.body_finished = True
+            if chunk:
+                self.bytes_in += len(chunk)
+                yield chunk
+
+    def base_url(self) -> str | None:
+        """Return scheme://host as the client sees this server, or None.
+
+        The host comes from the Forwarded, X-Forwarded-Host or Host headers,
+        in that order, so URLs stay right behind a reverse proxy. None means
+        no usable host was sent; callers then return a relative URL.
+        """
+        forwarded = _parse_forwarded(self.header("forwarded"))
+        scheme = forwarded.get("proto") or _first(self.header("x-forwarded-proto"))
+        host = forwarded.get("host") or _first(self.header("x-forwarded-host"))
+        host = host or self.header("host")
+        if not host:
+            server = self.scope.get("server")
+            if server and server[1] is not None:
+                host = f"{server[0]}:{server[1]}"
+        scheme = (scheme or self.scope.get("scheme") or "http").lower()
+        if scheme not in ("http", "https") or not host or not _HOST.match(host):
+            return None
+        return f"{scheme}://{host}"
+
+    def url_for(self, path: str) -> str:
+        """Return the URL of ``path`` on this server, absolute when possible."""
+        if self.state.relative_urls:
+            return path
+        base = self.base_url()
+        return f"{base}{path}" if base else path
+
+
+@dataclass
+class Response:
+    """A response whose body is either bytes or an async stream of chunks.
+
+    A streamed response sets ``content_length`` when it is known; without it
+    the server uses chunked transfer encoding.
+    """
+
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    content_length: int | None = None
+
+    def header(self, name: str, value: str) -> Response:
+        self.headers.append((name, value))
+        return self
+
+
+def json_response(
+    document: Any, status: int = 200, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return Response(
+        status,
+        [("Content-Type", "application/json"), *(headers or [])],
+        body,
+    )
+
+
+def empty_response(
+    status: int, headers: list[tuple[str, str]] | None = None
+) -> Response:
+    return Response(status, headers or [])
+
+
+def repository_path(name: str, *parts: str) -> str:
+    """Return /v2/<name>/<parts...> with each part percent-encoded."""
+    encoded = "/".join(quote(part, safe=":") for part in parts)
+    return f"/v2/{name}/{encoded}"
+
+
+def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
+    headers: dict[str, list[str]] = {}
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        headers.setdefault(key, []).append(value.decode("latin-1"))
+    return headers
+
+
+def _first(value: str | None) -> str | None:
+    """Return the first entry of a comma-separated proxy header."""
+    if not value:
+        return None
+    return value.split(",", 1)[0].strip() or None
+
+
+def _parse_forwarded(value: str | None) -> dict[str, str]:
+    """Return the proto and host of the first hop of an RFC 7239 header."""
+    if not value:
+        return {}
+    first_hop = value.split(",", 1)[0]
+    pairs: dict[str, str] = {}
+    for match in _FORWARDED_PAIR.finditer(first_hop):
+        pairs[match.group(1).lower()] = match.group(2).strip().strip('"')
+    return pairs

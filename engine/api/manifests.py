@@ -1,0 +1,187 @@
+"""Manifest routes: HEAD, GET, PUT and DELETE by tag or digest.
+
+Content negotiation serves the stored manifest as pushed, whatever the
+Accept header lists, with one exception taken from Distribution v3. A
+client that fetches an image index or Docker manifest list by tag, accepts
+neither, but accepts the type of the index's linux/amd64 entry gets that
+entry instead.
+
+Distribution v3 returns 404 when the Accept header leaves out a stored OCI
+type. cairn serves the bytes instead, because the Content-Type tells the
+client what it got, and a 404 for a manifest that exists breaks more
+clients than it protects.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from engine.api.blobs import etag_matches
+from engine.api.body import read_limited
+from engine.api.http import Request, Response, empty_response, repository_path
+from engine.api.threads import run_sync
+from engine.domain.digest import Digest
+from engine.domain.errors import DigestMismatch
+from engine.domain.manifests import (
+    DOCKER_MANIFEST_LIST,
+    MAX_MANIFEST_SIZE,
+    OCI_INDEX,
+)
+from engine.domain.names import validate_tag
+from engine.registry import ManifestInfo, Repository
+
+INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+DEFAULT_PLATFORM: Final = {"os": "linux", "architecture": "amd64"}
+
+
+def parse_reference(reference: str) -> tuple[str | None, Digest | None]:
+    """Split a manifest reference into (tag, None) or (None, digest)."""
+    if ":" in reference:
+        return None, Digest.parse(reference)
+    return validate_tag(reference), None
+
+
+def accepted_types(request: Request) -> set[str] | None:
+    """Return the media types the Accept header lists, or None for any type."""
+    header = request.header("accept")
+    if not header:
+        return None
+    types = {part.split(";", 1)[0].strip().lower() for part in header.split(",")}
+    types.discard("")
+    if not types or "*/*" in types or "application/*" in types:
+        return None
+    return types
+
+
+def _resolve(
+    repository: Repository, tag: str | None, digest: Digest | None
+) -> ManifestInfo:
+    if tag is not None:
+        return repository.tags.get(tag)
+    assert digest is not None
+    return repository.manifests.stat(digest)
+
+
+def _platform_child(
+    repository: Repository, content: bytes, accepted: set[str]
+) -> tuple[ManifestInfo, bytes] | None:
+    """Return the linux/amd64 entry of an index when the client accepts it."""
+    try:
+        entries = json.loads(content).get("manifests", [])
+    except (ValueError, AttributeError):
+        return None
+    for entry in entries:
+        platform: Any = entry.get("platform") or {}
+        if (
+            platform.get("os") == DEFAULT_PLATFORM["os"]
+            and platform.get("architecture") == DEFAULT_PLATFORM["architecture"]
+            and entry.get("mediaType") in accepted
+        ):
+            return repository.manifests.get(Digest.parse(entry["digest"]))
+    return None
+
+
+def _fetch(
+    repository: Repository,
+    tag: str | None,
+    digest: Digest | None,
+    accepted: set[str] | None,
+    with_content: bool,
+) -> tuple[ManifestInfo, bytes | None]:
+    info = _resolve(repository, tag, digest)
+    needs_negotiation = (
+        tag is not None
+        and accepted is not None
+        and info.media_type in INDEX_TYPES
+        and info.media_type not in accepted
+    )
+    if not with_content and not needs_negotiation:
+        return info, None
+    info, content = repository.manifests.get(info.digest)
+    if needs_negotiation:
+        assert accepted is not None
+        child = _platform_child(repository, content, accepted)
+        if child is not None:
+            info, content = child
+    return info, content
+
+
+async def get_manifest(request: Request) -> Response:
+    """Serve GET and HEAD of /v2/<name>/manifests/<reference>."""
+    repository = request.repository()
+    reference = request.path_params["reference"]
+    tag, digest = parse_reference(reference)
+    is_get = request.method == "GET"
+
+    info, content = await run_sync(
+        _fetch, repository, tag, digest, accepted_types(request), is_get
+    )
+    headers = [
+        ("Content-Type", info.media_type),
+        ("Docker-Content-Digest", str(info.digest)),
+        ("ETag", f'"{info.digest}"'),
+    ]
+    if etag_matches(request, info.digest):
+        return empty_response(304, headers)
+    if not is_get:
+        return Response(200, headers, content_length=info.size)
+
+    bus = request.state.bus
+    if bus is not None:
+        bus.notify_pull(
+            repository.name,
+            reference,
+            str(info.digest),
+            request.actor,
+            request.request_id,
+        )
+    return Response(200, headers, content or b"")
+
+
+def _put(
+    repository: Repository,
+    raw: bytes,
+    content_type: str | None,
+    tag: str | None,
+    digest: Digest | None,
+) -> ManifestInfo:
+    # A digest in the URL that the body does not hash to is the client's
+    # digest being wrong, so it gets DIGEST_INVALID as a blob would.
+    if digest is not None:
+        actual = Digest.of(raw, digest.algorithm)
+        if actual != digest:
+            raise DigestMismatch(
+                "manifest content does not match the digest in the URL",
+                {"expected": str(digest), "actual": str(actual)},
+            )
+    return repository.manifests.put(raw, content_type, tag=tag, digest=digest).manifest
+
+
+async def put_manifest(request: Request) -> Response:
+    repository = request.repository()
+    tag, digest = parse_reference(request.path_params["reference"])
+    raw = await read_limited(request, MAX_MANIFEST_SIZE)
+    stored = await run_sync(
+        _put, repository, raw, request.header("content-type"), tag, digest
+    )
+    location = repository_path(repository.name, "manifests", str(stored.digest))
+    headers = [
+        ("Location", request.url_for(location)),
+        ("Docker-Content-Digest", str(stored.digest)),
+    ]
+    if stored.subject is not None:
+        headers.append(("OCI-Subject", str(stored.subject)))
+    return empty_response(201, headers)
+
+
+async def delete_manifest(request: Request) -> Response:
+    """Delete a manifest by digest, or only the tag when given a tag."""
+    repository = request.repository()
+    tag, digest = parse_reference(request.path_params["reference"])
+    if tag is not None:
+        await run_sync(repository.tags.untag, tag)
+    else:
+        assert digest is not None
+        await run_sync(repository.manifests.delete, digest)
+    return empty_response(202)

@@ -1,0 +1,127 @@
+"""`cairn serve`: run migrations, start the bus, serve HTTP with uvicorn.
+
+uvicorn runs with uvloop and httptools, its access log off (the app logs
+each request itself) and its logging left to cairn's structlog set-up.
+SIGTERM and SIGINT stop accepting connections, let in-flight requests finish
+(up to --shutdown-timeout), stop the bus and exit with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+
+import sqlalchemy as sa
+import structlog
+import uvicorn
+import uvloop
+
+from engine.api.app import create_app
+from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
+from engine.config import StorageSettings
+
+log = structlog.get_logger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind a listening TCP socket; port 0 picks a free port."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _display_url(host: str, port: int) -> str:
+    bracketed = f"[{host}]" if ":" in host else host
+    return f"http://{bracketed}:{port}"
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the registry until SIGTERM or SIGINT; return the exit status."""
+    from engine.migrate import upgrade
+    from engine.registry import Registry
+
+    settings = StorageSettings.from_args(args)
+    data_dir = Path(settings.data_dir).resolve()
+    registry = Registry.open(data_dir, settings.database_url)
+    upgrade(registry.database)
+    bus = Bus.from_args(args, registry.database, data_dir)
+
+    host, port = args.listen
+    try:
+        sock = bind_socket(host, port)
+    except OSError as error:
+        log.error("server_start_failed", host=host, port=port, error=str(error))
+        print(f"cairn: cannot listen on {host}:{port}: {error}")
+        return 1
+    port = sock.getsockname()[1]
+
+    app = create_app(registry, bus, relative_urls=args.relative_urls)
+    config = uvicorn.Config(
+        app,
+        loop="none",
+        http="httptools",
+        ws="none",
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        proxy_headers=True,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+
+    database = sa.make_url(registry.database.url).render_as_string(hide_password=True)
+    print(f"cairn listening on {_display_url(host, port)}", flush=True)
+    print(f"data directory {data_dir}, database {database}", flush=True)
+    log.info(
+        "server_started",
+        url=_display_url(host, port),
+        data_dir=str(data_dir),
+        database=database,
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        # uvicorn installs its own handlers while it serves and raises the
+        # signal again once it has shut down. This handler catches that
+        # repeat, and also a signal that arrives before uvicorn starts.
+        server.should_exit = True
+
+    exit_status = 0
+    previous = {
+        sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_run(server, sock, bus))
+    except (NatsServerNotFound, EmbeddedNatsError) as error:
+        log.error("bus_start_failed", error=str(error))
+        print(f"cairn: cannot start the embedded NATS server: {error}")
+        exit_status = 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+        registry.database.dispose()
+    log.info("server_stopped", url=_display_url(host, port), status=exit_status)
+    return exit_status
+
+
+async def _run(server: uvicorn.Server, sock: socket.socket, bus: Bus) -> None:
+    await bus.start()
+    try:
+        if not server.should_exit:
+            await server.serve(sockets=[sock])
+    finally:
+        await bus.stop()

@@ -1,0 +1,193 @@
+"""Blob upload routes: start, mount, chunk, status, finish and cancel.
+
+Range headers on upload responses follow Distribution's convention, an
+inclusive ``0-<offset - 1>``, written ``0-0`` while the upload is empty.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Final
+
+from engine.api.body import stream_to_thread
+from engine.api.errors import HTTPError
+from engine.api.http import Request, Response, empty_response, repository_path
+from engine.api.threads import run_sync
+from engine.domain.digest import Digest
+from engine.domain.errors import (
+    DigestInvalid,
+    RangeInvalid,
+    RegistryError,
+    SizeInvalid,
+)
+from engine.registry import BlobInfo, Repository, UploadStatus
+
+# The OCI form is "<start>-<end>"; the "bytes " prefix and "/<total>" suffix
+# of RFC 9110's Content-Range are accepted as well.
+_CONTENT_RANGE: Final = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+
+
+def _upload_headers(
+    request: Request, repository: str, status: UploadStatus
+) -> list[tuple[str, str]]:
+    end = status.offset - 1 if status.offset > 0 else 0
+    return [
+        (
+            "Location",
+            request.url_for(repository_path(repository, "blobs", "uploads", status.id)),
+        ),
+        ("Range", f"0-{end}"),
+        ("Docker-Upload-UUID", status.id),
+        ("Blob-Upload-Session-ID", status.id),
+    ]
+
+
+def _blob_created(request: Request, repository: str, info: BlobInfo) -> Response:
+    location = request.url_for(repository_path(repository, "blobs", str(info.digest)))
+    return empty_response(
+        201, [("Location", location), ("Docker-Content-Digest", str(info.digest))]
+    )
+
+
+def _digest_param(request: Request) -> Digest:
+    value = request.param("digest")
+    if value is None:
+        raise DigestInvalid(
+            "the digest query parameter is required to finish an upload",
+            {"digest": None},
+        )
+    return Digest.parse(value)
+
+
+async def _upload_range(
+    request: Request, repository: Repository, upload_id: str
+) -> tuple[int | None, int | None]:
+    """Return the chunk's start offset and length from Content-Range.
+
+    Both are None without the header. A malformed or inverted range raises a
+    416 that carries the upload's current Range, as the specification requires.
+    """
+    header = request.header("content-range")
+    if header is None:
+        return None, None
+    match = _CONTENT_RANGE.match(header.strip())
+    if match is None or int(match.group(2)) < int(match.group(1)):
+        status = await run_sync(repository.blobs.upload_status, upload_id)
+        raise HTTPError.from_registry_error(
+            RangeInvalid(
+                "invalid Content-Range: expected <start>-<end>, inclusive",
+                {"content_range": header, "offset": status.offset},
+                offset=status.offset,
+            ),
+            _upload_headers(request, repository.name, status),
+        )
+    start, end = int(match.group(1)), int(match.group(2))
+    length = end - start + 1
+    declared = request.content_length()
+    if declared is not None and declared != length:
+        raise SizeInvalid(
+            "Content-Length does not match the length of the Content-Range",
+            {"content_range": header, "content_length": declared},
+        )
+    return start, length
+
+
+async def _range_error(
+    request: Request, repository: Repository, upload_id: str, error: RangeInvalid
+) -> HTTPError:
+    status = await run_sync(repository.blobs.upload_status, upload_id)
+    return HTTPError.from_registry_error(
+        error, _upload_headers(request, repository.name, status)
+    )
+
+
+async def start_upload(request: Request) -> Response:
+    """Serve POST /v2/<name>/blobs/uploads/: mount, monolithic push or start."""
+    repository = request.repository()
+
+    mount = request.param("mount")
+    if mount is not None:
+        info = await _try_mount(repository, mount, request.param("from"))
+        if info is not None:
+            return _blob_created(request, repository.name, info)
+
+    elif request.param("digest") is not None:
+        digest = Digest.parse(request.param("digest") or "")
+
+        def push(chunks: Iterator[bytes]) -> BlobInfo:
+            return repository.blobs.push(digest, chunks)
+
+        info = await stream_to_thread(request, push)
+        return _blob_created(request, repository.name, info)
+
+    status = await run_sync(repository.blobs.create_upload)
+    return empty_response(202, _upload_headers(request, repository.name, status))
+
+
+async def _try_mount(
+    repository: Repository, mount: str, source: str | None
+) -> BlobInfo | None:
+    """Mount a blob, or return None so the caller starts a normal upload.
+
+    An unparsable digest or source name also falls back, as the
+    specification requires of a mount the registry cannot perform.
+    """
+    try:
+        digest = Digest.parse(mount)
+        return await run_sync(repository.blobs.mount, digest, source or None)
+    except RegistryError:
+        return None
+
+
+async def upload_status(request: Request) -> Response:
+    repository = request.repository()
+    status = await run_sync(
+        repository.blobs.upload_status, request.path_params["upload"]
+    )
+    return empty_response(204, _upload_headers(request, repository.name, status))
+
+
+async def patch_upload(request: Request) -> Response:
+    """Append a chunk; a chunk that does not start at the offset gets a 416."""
+    repository = request.repository()
+    upload_id = request.path_params["upload"]
+    start, length = await _upload_range(request, repository, upload_id)
+
+    def write(chunks: Iterator[bytes]) -> UploadStatus:
+        return repository.blobs.write_upload(upload_id, chunks, start)
+
+    try:
+        status = await stream_to_thread(request, write, expected_size=length)
+    except RangeInvalid as error:
+        raise await _range_error(request, repository, upload_id, error) from None
+    return empty_response(202, _upload_headers(request, repository.name, status))
+
+
+async def finish_upload(request: Request) -> Response:
+    """Append the final chunk if there is one, verify the digest, link the blob."""
+    repository = request.repository()
+    upload_id = request.path_params["upload"]
+    digest = _digest_param(request)
+    start, length = await _upload_range(request, repository, upload_id)
+
+    def finish(chunks: Iterator[bytes]) -> BlobInfo:
+        # Writing first checks the chunk's start under the upload's lock; the
+        # commit then verifies the digest over everything written.
+        repository.blobs.write_upload(upload_id, chunks, start)
+        return repository.blobs.commit_upload(upload_id, digest)
+
+    try:
+        if request.has_body:
+            info = await stream_to_thread(request, finish, expected_size=length)
+        else:
+            info = await run_sync(repository.blobs.commit_upload, upload_id, digest)
+    except RangeInvalid as error:
+        raise await _range_error(request, repository, upload_id, error) from None
+    return _blob_created(request, repository.name, info)
+
+
+async def cancel_upload(request: Request) -> Response:
+    repository = request.repository()
+    await run_sync(repository.blobs.cancel_upload, request.path_params["upload"])
+    return empty_response(204)

@@ -1,0 +1,670 @@
+"""Every OCI error code the server produces, and that bad input stores nothing.
+
+Each case sends a bad request, checks the code, the status and that the
+detail names the offending value, then checks that the log, the blob links,
+the tags, the catalog and the blob files are exactly as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.api.app import create_app
+from engine.domain.digest import Digest
+from engine.domain.manifests import MAX_MANIFEST_SIZE, OCI_MANIFEST
+from engine.registry import Registry
+from tests.images import encode, make_image
+from tests.server import (
+    ServerThread,
+    committed_blob_files,
+    push_blob,
+    push_image,
+    running,
+    stored_state,
+    upload_rows,
+)
+
+UNKNOWN_DIGEST = str(Digest.of(b"never pushed"))
+
+
+@pytest.fixture
+def server(registry: Registry) -> Iterator[ServerThread]:
+    with running(create_app(registry)) as server:
+        yield server
+
+
+@pytest.fixture
+def api(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["Content-Type"] == "application/json"
+    errors = response.json()["errors"]
+    assert len(errors) == 1
+    return errors[0]
+
+
+def _mentions(detail: Any, value: object) -> bool:
+    return str(value) in json.dumps(detail)
+
+
+@pytest.fixture
+def unchanged(registry: Registry) -> Iterator[Callable[[], None]]:
+    """Return a check that storage equals its state when the check was made."""
+    before: dict[str, Any] = {}
+
+    def snapshot() -> None:
+        before.update(
+            state=stored_state(registry), files=committed_blob_files(registry)
+        )
+
+    def check() -> None:
+        assert stored_state(registry) == before["state"]
+        assert committed_blob_files(registry) == before["files"]
+
+    snapshot()
+    check.snapshot = snapshot  # type: ignore[attr-defined]
+    yield check
+
+
+def _resnapshot(unchanged: Callable[[], None]) -> None:
+    unchanged.snapshot()  # type: ignore[attr-defined]
+
+
+# ---- NAME_INVALID and NAME_UNKNOWN ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v2/Library/App/blobs/uploads/"),
+        ("PUT", "/v2/Library/App/manifests/v1"),
+        ("GET", "/v2/Library/App/tags/list"),
+        ("GET", f"/v2/Library/App/blobs/{UNKNOWN_DIGEST}"),
+        ("GET", f"/v2/Library/App/referrers/{UNKNOWN_DIGEST}"),
+    ],
+)
+def test_name_invalid(
+    api: httpx.Client, unchanged: Callable[[], None], method: str, path: str
+) -> None:
+    response = api.request(method, path, content=b"{}")
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "NAME_INVALID"
+    assert error["detail"]["name"] == "Library/App"
+    unchanged()
+
+
+def test_name_too_long(api: httpx.Client, unchanged: Callable[[], None]) -> None:
+    name = "a" * 300
+
+    response = api.post(f"/v2/{name}/blobs/uploads/")
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "NAME_INVALID"
+    assert error["detail"]["length"] == 300
+    unchanged()
+
+
+def test_name_unknown(api: httpx.Client, unchanged: Callable[[], None]) -> None:
+    response = api.get("/v2/library/nothing-here/tags/list")
+
+    assert response.status_code == 404
+    error = _error(response)
+    assert error["code"] == "NAME_UNKNOWN"
+    assert error["detail"]["name"] == "library/nothing-here"
+    unchanged()
+
+
+# ---- blobs and uploads -----------------------------------------------------------
+
+
+def test_blob_unknown(api: httpx.Client, unchanged: Callable[[], None]) -> None:
+    for method in ("GET", "DELETE"):
+        response = api.request(method, f"/v2/library/app/blobs/{UNKNOWN_DIGEST}")
+
+        assert response.status_code == 404
+        error = _error(response)
+        assert error["code"] == "BLOB_UNKNOWN"
+        assert error["detail"]["digest"] == UNKNOWN_DIGEST
+    head = api.head(f"/v2/library/app/blobs/{UNKNOWN_DIGEST}")
+    assert head.status_code == 404
+    assert head.content == b""
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["sha256:short", "md5:d41d8cd98f00b204e9800998ecf8427e", "sha256:" + "A" * 64],
+)
+def test_digest_invalid_in_path(
+    api: httpx.Client, unchanged: Callable[[], None], digest: str
+) -> None:
+    for path in (
+        f"/v2/library/app/blobs/{digest}",
+        f"/v2/library/app/manifests/{digest}",
+        f"/v2/library/app/referrers/{digest}",
+    ):
+        response = api.get(path)
+
+        assert response.status_code == 400, path
+        error = _error(response)
+        assert error["code"] == "DIGEST_INVALID"
+        assert _mentions(error["detail"], digest)
+    unchanged()
+
+
+def test_upload_digest_mismatch(
+    api: httpx.Client, registry: Registry, unchanged: Callable[[], None]
+) -> None:
+    started = api.post("/v2/library/app/blobs/uploads/")
+    location = started.headers["Location"]
+    api.patch(location, content=b"some bytes")
+    _resnapshot(unchanged)
+
+    response = api.put(location, params={"digest": UNKNOWN_DIGEST}, content=b"more")
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "DIGEST_INVALID"
+    assert error["detail"]["expected"] == UNKNOWN_DIGEST
+    assert error["detail"]["actual"] == str(Digest.of(b"some bytesmore"))
+    unchanged()
+    assert "library/app" not in stored_state(registry)["repositories"]
+    # The upload is discarded, as after a cancel.
+    assert api.get(location).status_code == 404
+    assert upload_rows(registry) == 0
+
+
+def test_monolithic_post_digest_mismatch(
+    api: httpx.Client, registry: Registry, unchanged: Callable[[], None]
+) -> None:
+    response = api.post(
+        "/v2/library/app/blobs/uploads/",
+        params={"digest": UNKNOWN_DIGEST},
+        content=b"not what the digest says",
+    )
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "DIGEST_INVALID"
+    assert error["detail"]["expected"] == UNKNOWN_DIGEST
+    unchanged()
+    assert list((registry.blob_store.paths.staging_dir).iterdir()) == []
+
+
+def test_finish_upload_without_digest(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    location = api.post("/v2/library/app/blobs/uploads/").headers["Location"]
+
+    response = api.put(location, content=b"data")
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "DIGEST_INVALID"
+    assert error["detail"] == {"digest": None}
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    "upload_id", ["9b2f5c1e-0000-4000-8000-000000000000", "not-a-uuid", "%2E%2E"]
+)
+def test_blob_upload_unknown(
+    api: httpx.Client, unchanged: Callable[[], None], upload_id: str
+) -> None:
+    path = f"/v2/library/app/blobs/uploads/{upload_id}"
+    for method, kwargs in [
+        ("GET", {}),
+        ("PATCH", {"content": b"chunk"}),
+        ("PUT", {"params": {"digest": UNKNOWN_DIGEST}, "content": b"x"}),
+        ("DELETE", {}),
+    ]:
+        response = api.request(method, path, **kwargs)
+
+        assert response.status_code == 404, method
+        error = _error(response)
+        assert error["code"] == "BLOB_UPLOAD_UNKNOWN"
+        assert error["detail"]["upload"] in (upload_id, "..")
+    unchanged()
+
+
+def test_blob_upload_invalid_out_of_order(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    location = api.post("/v2/library/app/blobs/uploads/").headers["Location"]
+
+    response = api.put(
+        location,
+        params={"digest": UNKNOWN_DIGEST},
+        content=b"late chunk",
+        headers={"Content-Range": "100-109"},
+    )
+
+    assert response.status_code == 416
+    assert response.headers["Range"] == "0-0"
+    error = _error(response)
+    assert error["code"] == "BLOB_UPLOAD_INVALID"
+    assert error["detail"]["start"] == 100
+    unchanged()
+
+
+def test_size_invalid_content_range_length(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    location = api.post("/v2/library/app/blobs/uploads/").headers["Location"]
+
+    response = api.patch(location, content=b"12345", headers={"Content-Range": "0-9"})
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "SIZE_INVALID"
+    assert error["detail"] == {"content_range": "0-9", "content_length": 5}
+    assert api.get(location).headers["Range"] == "0-0"
+    unchanged()
+
+
+def test_size_invalid_chunked_body_shorter_than_range(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    location = api.post("/v2/library/app/blobs/uploads/").headers["Location"]
+
+    def body() -> Iterator[bytes]:
+        yield b"only six"
+
+    response = api.patch(location, content=body(), headers={"Content-Range": "0-99"})
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "SIZE_INVALID"
+    assert error["detail"] == {"content_range_length": 100, "received": 8}
+    # The partial chunk was not committed: the upload is still empty.
+    assert api.get(location).headers["Range"] == "0-0"
+    unchanged()
+
+
+# ---- manifests ---------------------------------------------------------------------
+
+
+def test_manifest_unknown(api: httpx.Client, unchanged: Callable[[], None]) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+    _resnapshot(unchanged)
+
+    for reference in ("v2", UNKNOWN_DIGEST):
+        for method in ("GET", "DELETE"):
+            response = api.request(method, f"/v2/library/app/manifests/{reference}")
+
+            assert response.status_code == 404
+            error = _error(response)
+            assert error["code"] == "MANIFEST_UNKNOWN"
+            assert _mentions(error["detail"], reference)
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    ("body", "offending"),
+    [
+        (b"{not json", "error"),
+        (b"[]", "list"),
+        (encode({"schemaVersion": 2, "mediaType": "text/plain"}), "text/plain"),
+        (encode({"schemaVersion": 1, "name": "x", "tag": "y"}), "schema"),
+        (
+            encode({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}),
+            "config",
+        ),
+    ],
+)
+def test_manifest_invalid(
+    api: httpx.Client, unchanged: Callable[[], None], body: bytes, offending: str
+) -> None:
+    response = api.put(
+        "/v2/library/app/manifests/v1",
+        content=body,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert offending in json.dumps(error).lower()
+    unchanged()
+
+
+def test_manifest_invalid_tag(api: httpx.Client, unchanged: Callable[[], None]) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "library/app", blob)
+    _resnapshot(unchanged)
+
+    response = api.put(
+        "/v2/library/app/manifests/-bad-tag",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"]["tag"] == "-bad-tag"
+    unchanged()
+
+
+def test_manifest_digest_mismatch(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "library/app", blob)
+    _resnapshot(unchanged)
+
+    response = api.put(
+        f"/v2/library/app/manifests/{UNKNOWN_DIGEST}",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "DIGEST_INVALID"
+    assert error["detail"]["expected"] == UNKNOWN_DIGEST
+    assert error["detail"]["actual"] == str(image.digest)
+    unchanged()
+
+
+def test_manifest_blob_unknown(
+    api: httpx.Client, registry: Registry, unchanged: Callable[[], None]
+) -> None:
+    image = make_image(2)
+    push_blob(api, "library/app", image.config)
+    _resnapshot(unchanged)
+
+    response = api.put(
+        "/v2/library/app/manifests/v1",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "MANIFEST_BLOB_UNKNOWN"
+    missing = {entry["digest"] for entry in error["detail"]["missing"]}
+    assert missing == {str(Digest.of(layer)) for layer in image.layers}
+    unchanged()
+    assert api.get("/v2/library/app/tags/list").json()["tags"] == []
+
+
+def test_manifest_too_large_by_content_length(
+    server: ServerThread, unchanged: Callable[[], None]
+) -> None:
+    # A raw socket: the server must respond from the headers alone, before the
+    # client has sent a byte of the body.
+    size = MAX_MANIFEST_SIZE + 1
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"PUT /v2/library/app/manifests/v1 HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\n"
+            b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+            + f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        reply = _read_response(sock)
+
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "SIZE_INVALID"
+    assert error["detail"] == {"size": size, "limit": MAX_MANIFEST_SIZE}
+    unchanged()
+
+
+def test_manifest_too_large_chunked(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        for _ in range(10):
+            sent += 1024 * 1024
+            yield b" " * (1024 * 1024)
+
+    try:
+        response = api.put(
+            "/v2/library/app/manifests/v1",
+            content=body(),
+            headers={"Content-Type": OCI_MANIFEST},
+        )
+    except httpx.TransportError:
+        # The server may close the connection while the client still sends.
+        response = None
+
+    if response is not None:
+        assert response.status_code == 413
+        error = _error(response)
+        assert error["code"] == "SIZE_INVALID"
+        assert error["detail"]["limit"] == MAX_MANIFEST_SIZE
+    unchanged()
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Read one response whose body has a Content-Length."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        lengths = [
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ]
+        if sep and lengths and len(body) >= lengths[0]:
+            return data
+
+
+# ---- UNSUPPORTED -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/v1/", "/v2/library/app", "/v2/library/app/blobs", "/_cairn/x"]
+)
+def test_unknown_route(api: httpx.Client, path: str) -> None:
+    response = api.get(path)
+
+    assert response.status_code == 404
+    error = _error(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["path"] == path
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/v2/", "GET, HEAD"),
+        ("PATCH", "/v2/library/app/manifests/v1", "DELETE, GET, HEAD, PUT"),
+        ("PUT", f"/v2/library/app/blobs/{UNKNOWN_DIGEST}", "DELETE, GET, HEAD"),
+        ("DELETE", "/v2/library/app/tags/list", "GET"),
+        ("POST", "/_cairn/events", "GET"),
+    ],
+)
+def test_method_not_allowed(
+    api: httpx.Client,
+    unchanged: Callable[[], None],
+    method: str,
+    path: str,
+    allowed: str,
+) -> None:
+    response = api.request(method, path, content=b"ignored")
+
+    assert response.status_code == 405
+    assert response.headers["Allow"] == allowed
+    error = _error(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["method"] == method
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("/v2/library/app/tags/list?n=-1", "-1"),
+        ("/v2/_catalog?n=ten", "ten"),
+        ("/_cairn/events?after=x", "x"),
+        ("/_cairn/events?limit=0", "0"),
+        ("/_cairn/events?type=blob.exploded", "blob.exploded"),
+    ],
+)
+def test_invalid_query_parameter(
+    api: httpx.Client, unchanged: Callable[[], None], path: str, value: str
+) -> None:
+    response = api.get(path)
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert str(error["detail"]["value"]) == value
+    unchanged()
+
+
+# ---- no request of any shape gets a 500 ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body"),
+    [
+        ("GET", "/v2/../../etc/passwd", {}, b""),
+        ("GET", "/v2/library/app/manifests/%00", {}, b""),
+        ("GET", "/v2/library/app/manifests/" + "a" * 5000, {}, b""),
+        ("GET", "/v2/library/app/blobs/sha256:%ff%fe", {}, b""),
+        ("GET", "/v2/_catalog?last=%ff%fe&n=2", {}, b""),
+        ("GET", "/v2/library/app/tags/list?n=99999999999999999999999", {}, b""),
+        ("GET", "/v2/library/app/tags/list?last=%00", {}, b""),
+        ("GET", "/v2/_catalog?last=a%00b", {}, b""),
+        (
+            "GET",
+            f"/v2/library/app/referrers/{UNKNOWN_DIGEST}?artifactType=%00",
+            {},
+            b"",
+        ),
+        ("GET", "/_cairn/events?after=99999999999999999999999", {}, b""),
+        ("GET", "/_cairn/events?repository=%00", {}, b""),
+        ("POST", "/v2/library/app/blobs/uploads/?mount=%00&from=%00", {}, b""),
+        ("OPTIONS", "/v2/", {}, b""),
+        ("TRACE", "/v2/", {}, b""),
+        ("PUT", "/v2/library/app/manifests/v1", {"Content-Type": "x/y"}, b"\xff" * 9),
+        ("PUT", "/v2/library/app/manifests/v1", {"Content-Type": ";;;"}, b"{}"),
+        (
+            "PATCH",
+            "/v2/library/app/blobs/uploads/x",
+            {"Content-Range": "9-1"},
+            b"",
+        ),
+        ("GET", "/v2/library/app/blobs/uploads/", {}, b""),
+        ("POST", "/v2/library/app/blobs/uploads/?digest=nope", {}, b"x"),
+        ("POST", "/v2/library/app/blobs/uploads/?mount=&from=", {}, b""),
+        ("GET", "/v2/library/app/referrers/sha256:abc?artifactType=%00", {}, b""),
+        ("GET", "/_cairn/events?repository=UPPER", {}, b""),
+        ("GET", "/v2/", {"X-Request-Id": "x" * 500}, b""),
+        ("GET", "/v2/", {"Range": "bytes=---"}, b""),
+        ("GET", "/v2/", {"Forwarded": "proto=gopher;host=@@@"}, b""),
+    ],
+)
+def test_no_server_error(
+    api: httpx.Client,
+    unchanged: Callable[[], None],
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    response = api.request(method, path, headers=headers, content=body)
+
+    assert response.status_code < 500
+    assert "X-Request-Id" in response.headers
+    if response.status_code >= 400:
+        assert _error(response)["code"]
+    unchanged()
+
+
+def test_request_id_echoed(api: httpx.Client) -> None:
+    sane = api.get("/v2/", headers={"X-Request-Id": "build-42.step:7"})
+    insane = api.get("/v2/", headers={"X-Request-Id": "bad id with spaces"})
+
+    assert sane.headers["X-Request-Id"] == "build-42.step:7"
+    assert insane.headers["X-Request-Id"] != "bad id with spaces"
+    assert len(insane.headers["X-Request-Id"]) == 32
+
+
+def test_request_id_recorded_in_events(api: httpx.Client) -> None:
+    data = os.urandom(64)
+    digest = Digest.of(data)
+
+    api.post(
+        "/v2/library/app/blobs/uploads/",
+        params={"digest": str(digest)},
+        content=data,
+        headers={"X-Request-Id": "push-0001"},
+    )
+
+    events = api.get("/_cairn/events").json()["events"]
+    assert events[-1]["request_id"] == "push-0001"
+    assert events[-1]["actor"] == {"user": None, "address": "127.0.0.1"}
+
+
+def test_internal_error_is_generic(tmp_path: Path) -> None:
+    # A database without cairn's schema makes every query fail inside the
+    # engine: the client must see a plain 500, never the exception.
+    registry = Registry.open(tmp_path / "unmigrated")
+    try:
+        with (
+            running(create_app(registry)) as server,
+            httpx.Client(base_url=server.url) as client,
+        ):
+            response = client.get("/v2/library/app/tags/list")
+    finally:
+        registry.database.dispose()
+
+    assert response.status_code == 500
+    error = _error(response)
+    assert error["code"] == "UNKNOWN"
+    assert error["detail"] == {"request_id": response.headers["X-Request-Id"]}
+    assert "Traceback" not in response.text
+    assert "sqlite" not in response.text.lower()
+
+
+def test_client_disconnect_mid_upload(
+    server: ServerThread, api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    location = api.post("/v2/library/app/blobs/uploads/").headers["Location"]
+    path = location.removeprefix(server.url)
+    api.patch(location, content=b"0123456789")
+    _resnapshot(unchanged)
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Length: 10000000\r\n\r\n".encode()
+            + os.urandom(3 * 1024 * 1024)
+        )
+
+    # The aborted chunk leaves the upload where the last complete one ended.
+    status = api.get(location)
+    assert status.status_code == 204
+    assert status.headers["Range"] == "0-9"
+    resumed = api.patch(location, content=b"abc", headers={"Content-Range": "10-12"})
+    assert resumed.status_code == 202
+    unchanged()

@@ -1,0 +1,480 @@
+"""Manifest, tag, referrer and catalog routes over real HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from engine.api.app import create_app
+from engine.domain.digest import Digest
+from engine.domain.manifests import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from engine.registry import Registry
+from tests.images import encode, make_artifact, make_image, make_index
+from tests.server import ServerThread, push_blob, push_image, running
+
+
+@pytest.fixture
+def server(registry: Registry) -> Iterator[ServerThread]:
+    with running(create_app(registry)) as server:
+        yield server
+
+
+@pytest.fixture
+def api(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+# ---- push and pull ---------------------------------------------------------------
+
+
+def test_manifest_put_by_tag(api: httpx.Client, server: ServerThread) -> None:
+    image = make_image()
+
+    response = push_image(api, "library/app", image, "v1")
+
+    assert response.status_code == 201
+    assert response.headers["Docker-Content-Digest"] == str(image.digest)
+    assert response.headers["Location"] == (
+        f"{server.url}/v2/library/app/manifests/{image.digest}"
+    )
+    assert "OCI-Subject" not in response.headers
+
+
+@pytest.mark.parametrize("reference", ["v1", "digest"])
+def test_manifest_get_and_head(api: httpx.Client, reference: str) -> None:
+    image = make_image(2)
+    push_image(api, "library/app", image, "v1")
+    if reference == "digest":
+        reference = str(image.digest)
+
+    get = api.get(f"/v2/library/app/manifests/{reference}")
+    head = api.head(f"/v2/library/app/manifests/{reference}")
+
+    assert get.status_code == 200
+    assert get.content == image.manifest
+    assert get.headers["Content-Type"] == OCI_MANIFEST
+    assert get.headers["Docker-Content-Digest"] == str(image.digest)
+    assert get.headers["Content-Length"] == str(len(image.manifest))
+    assert get.headers["ETag"] == f'"{image.digest}"'
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["Content-Length"] == str(len(image.manifest))
+    assert head.headers["Docker-Content-Digest"] == str(image.digest)
+    assert head.headers["Content-Type"] == OCI_MANIFEST
+
+
+def test_manifest_put_by_digest(api: httpx.Client) -> None:
+    image = make_image(docker=True)
+    for blob in image.blobs:
+        push_blob(api, "library/app", blob)
+
+    response = api.put(
+        f"/v2/library/app/manifests/{image.digest}",
+        content=image.manifest,
+        headers={"Content-Type": DOCKER_MANIFEST},
+    )
+
+    assert response.status_code == 201
+    fetched = api.get(f"/v2/library/app/manifests/{image.digest}")
+    assert fetched.headers["Content-Type"] == DOCKER_MANIFEST
+    assert fetched.content == image.manifest
+
+
+def test_sha512_manifest(api: httpx.Client) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "library/app", blob)
+    digest = Digest.of(image.manifest, "sha512")
+
+    response = api.put(
+        f"/v2/library/app/manifests/{digest}",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 201
+    assert response.headers["Docker-Content-Digest"] == str(digest)
+    fetched = api.get(f"/v2/library/app/manifests/{digest}")
+    assert fetched.status_code == 200
+    assert fetched.content == image.manifest
+    assert api.delete(f"/v2/library/app/manifests/{digest}").status_code == 202
+
+
+def test_sha512_subject_referrers(api: httpx.Client) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "library/app", blob)
+    subject_digest = Digest.of(image.manifest, "sha512")
+    api.put(
+        f"/v2/library/app/manifests/{subject_digest}",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    artifact = json.loads(
+        make_artifact(image, "application/vnd.example.sbom.v1", b"sbom").manifest
+    )
+    artifact["subject"]["digest"] = str(subject_digest)
+    raw = encode(artifact)
+    for blob in (b"{}", b"sbom"):
+        push_blob(api, "library/app", blob)
+
+    pushed = api.put(
+        f"/v2/library/app/manifests/{Digest.of(raw, 'sha512')}",
+        content=raw,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    listed = api.get(f"/v2/library/app/referrers/{subject_digest}")
+
+    assert pushed.status_code == 201
+    assert pushed.headers["OCI-Subject"] == str(subject_digest)
+    manifests = listed.json()["manifests"]
+    assert [m["digest"] for m in manifests] == [str(Digest.of(raw, "sha512"))]
+
+
+def test_manifest_if_none_match(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+
+    response = api.get(
+        "/v2/library/app/manifests/v1", headers={"If-None-Match": f'"{image.digest}"'}
+    )
+
+    assert response.status_code == 304
+
+
+def test_retag_moves_tag(api: httpx.Client) -> None:
+    first, second = make_image(), make_image()
+    push_image(api, "library/app", first, "latest")
+    push_image(api, "library/app", second, "latest")
+
+    response = api.get("/v2/library/app/manifests/latest")
+
+    assert response.headers["Docker-Content-Digest"] == str(second.digest)
+
+
+# ---- content negotiation -----------------------------------------------------------
+
+
+def _push_index(api: httpx.Client, media_type: str = OCI_INDEX) -> tuple[bytes, list]:
+    amd64, arm64 = make_image(docker=True), make_image(docker=True)
+    push_image(api, "library/multi", amd64)
+    push_image(api, "library/multi", arm64)
+    index = json.loads(
+        make_index(
+            [amd64, arm64],
+            [
+                {"architecture": "amd64", "os": "linux"},
+                {"architecture": "arm64", "os": "linux"},
+            ],
+        )
+    )
+    index["mediaType"] = media_type
+    raw = encode(index)
+    response = api.put(
+        "/v2/library/multi/manifests/latest",
+        content=raw,
+        headers={"Content-Type": media_type},
+    )
+    assert response.status_code == 201, response.text
+    return raw, [amd64, arm64]
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        None,
+        "*/*",
+        f"{OCI_INDEX}, {OCI_MANIFEST}",
+        f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {OCI_INDEX}",
+        f"{OCI_INDEX};q=0.5",
+    ],
+)
+def test_index_served_as_stored(api: httpx.Client, accept: str | None) -> None:
+    raw, _ = _push_index(api)
+    headers = {"Accept": accept} if accept else {}
+
+    response = api.get("/v2/library/multi/manifests/latest", headers=headers)
+
+    assert response.content == raw
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert response.headers["Docker-Content-Digest"] == str(Digest.of(raw))
+
+
+@pytest.mark.parametrize("index_type", [OCI_INDEX, DOCKER_MANIFEST_LIST])
+def test_index_resolved_for_client_without_index_support(
+    api: httpx.Client, index_type: str
+) -> None:
+    _, (amd64, _) = _push_index(api, index_type)
+
+    response = api.get(
+        "/v2/library/multi/manifests/latest", headers={"Accept": DOCKER_MANIFEST}
+    )
+
+    assert response.content == amd64.manifest
+    assert response.headers["Content-Type"] == DOCKER_MANIFEST
+    assert response.headers["Docker-Content-Digest"] == str(amd64.digest)
+
+
+def test_index_by_digest_never_rewritten(api: httpx.Client) -> None:
+    raw, _ = _push_index(api)
+
+    response = api.get(
+        f"/v2/library/multi/manifests/{Digest.of(raw)}",
+        headers={"Accept": DOCKER_MANIFEST},
+    )
+
+    assert response.content == raw
+
+
+def test_index_served_when_no_entry_fits(api: httpx.Client) -> None:
+    raw, _ = _push_index(api)
+
+    response = api.get(
+        "/v2/library/multi/manifests/latest", headers={"Accept": OCI_MANIFEST}
+    )
+
+    assert response.content == raw
+    assert response.headers["Content-Type"] == OCI_INDEX
+
+
+def test_oci_manifest_served_to_docker_only_accept(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+
+    response = api.get(
+        "/v2/library/app/manifests/v1", headers={"Accept": DOCKER_MANIFEST}
+    )
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == OCI_MANIFEST
+
+
+# ---- deletes ---------------------------------------------------------------------
+
+
+def test_delete_tag_keeps_manifest(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+
+    response = api.delete("/v2/library/app/manifests/v1")
+
+    assert response.status_code == 202
+    assert api.get("/v2/library/app/manifests/v1").status_code == 404
+    assert api.get(f"/v2/library/app/manifests/{image.digest}").status_code == 200
+
+
+def test_delete_manifest_by_digest(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+
+    response = api.delete(f"/v2/library/app/manifests/{image.digest}")
+
+    assert response.status_code == 202
+    assert api.get(f"/v2/library/app/manifests/{image.digest}").status_code == 404
+    missing_tag = api.get("/v2/library/app/manifests/v1")
+    assert missing_tag.status_code == 404
+    assert missing_tag.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert api.get("/v2/library/app/tags/list").json()["tags"] == []
+
+
+# ---- referrers ---------------------------------------------------------------------
+
+
+def _push_artifact(api: httpx.Client, subject_manifest: bytes, kind: str) -> bytes:
+    artifact = make_artifact(subject_manifest, kind, kind.encode())
+    for blob in artifact.blobs:
+        push_blob(api, "library/app", blob)
+    response = api.put(
+        f"/v2/library/app/manifests/{artifact.digest}",
+        content=artifact.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert response.status_code == 201
+    assert response.headers["OCI-Subject"] == str(Digest.of(subject_manifest))
+    return artifact.manifest
+
+
+def test_referrers(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    sbom = _push_artifact(api, image.manifest, "application/vnd.example.sbom.v1")
+    signature = _push_artifact(api, image.manifest, "application/vnd.example.sig.v1")
+
+    response = api.get(f"/v2/library/app/referrers/{image.digest}")
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert "OCI-Filters-Applied" not in response.headers
+    index = response.json()
+    assert index["schemaVersion"] == 2
+    assert index["mediaType"] == OCI_INDEX
+    assert [m["digest"] for m in index["manifests"]] == [
+        str(Digest.of(sbom)),
+        str(Digest.of(signature)),
+    ]
+    first = index["manifests"][0]
+    assert first["artifactType"] == "application/vnd.example.sbom.v1"
+    assert first["mediaType"] == OCI_MANIFEST
+    assert first["size"] == len(sbom)
+    assert first["annotations"] == {
+        "org.opencontainers.image.created": "2026-01-01T00:00:00Z"
+    }
+
+
+def test_referrers_filter(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    _push_artifact(api, image.manifest, "application/vnd.example.sbom.v1")
+    signature = _push_artifact(api, image.manifest, "application/vnd.example.sig.v1")
+
+    response = api.get(
+        f"/v2/library/app/referrers/{image.digest}",
+        params={"artifactType": "application/vnd.example.sig.v1"},
+    )
+
+    assert response.headers["OCI-Filters-Applied"] == "artifactType"
+    manifests = response.json()["manifests"]
+    assert [m["digest"] for m in manifests] == [str(Digest.of(signature))]
+
+
+def test_referrers_subject_pushed_later(api: httpx.Client) -> None:
+    image = make_image()
+    _push_artifact(api, image.manifest, "application/vnd.example.sbom.v1")
+
+    response = api.get(f"/v2/library/app/referrers/{image.digest}")
+
+    assert len(response.json()["manifests"]) == 1
+
+
+@pytest.mark.parametrize("repository", ["library/app", "library/never-pushed"])
+def test_referrers_empty(api: httpx.Client, repository: str) -> None:
+    response = api.get(f"/v2/{repository}/referrers/{Digest.of(b'nothing')}")
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert response.json() == {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [],
+    }
+
+
+# ---- tags and catalog ----------------------------------------------------------------
+
+
+def _tag_many(api: httpx.Client, repository: str, names: list[str]) -> None:
+    image = make_image()
+    push_image(api, repository, image, names[0])
+    for name in names[1:]:
+        response = api.put(
+            f"/v2/{repository}/manifests/{name}",
+            content=image.manifest,
+            headers={"Content-Type": image.media_type},
+        )
+        assert response.status_code == 201
+
+
+def test_tags_list_lexical(api: httpx.Client) -> None:
+    _tag_many(api, "library/app", ["v2", "latest", "V1", "v10", "1.0"])
+
+    response = api.get("/v2/library/app/tags/list")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "name": "library/app",
+        "tags": ["1.0", "V1", "latest", "v10", "v2"],
+    }
+    assert "Link" not in response.headers
+
+
+def test_tags_list_pagination(api: httpx.Client) -> None:
+    _tag_many(api, "library/app", ["a", "b", "c", "d", "e"])
+
+    pages = []
+    url: str | None = "/v2/library/app/tags/list?n=2"
+    while url is not None:
+        response = api.get(url)
+        pages.append(response.json()["tags"])
+        link = response.headers.get("Link")
+        url = link[1 : link.index(">")] if link else None
+
+    assert pages == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_tags_list_link_format(api: httpx.Client) -> None:
+    _tag_many(api, "library/app", ["a", "b", "c"])
+
+    response = api.get("/v2/library/app/tags/list", params={"n": 2})
+
+    assert response.headers["Link"] == (
+        '</v2/library/app/tags/list?n=2&last=b>; rel="next"'
+    )
+
+
+def test_tags_list_last(api: httpx.Client) -> None:
+    _tag_many(api, "library/app", ["a", "b", "c"])
+
+    response = api.get("/v2/library/app/tags/list", params={"last": "a"})
+
+    assert response.json()["tags"] == ["b", "c"]
+
+
+def test_tags_list_n_zero(api: httpx.Client) -> None:
+    _tag_many(api, "library/app", ["a"])
+
+    response = api.get("/v2/library/app/tags/list", params={"n": 0})
+
+    assert response.json()["tags"] == []
+    assert "Link" not in response.headers
+
+
+def test_tags_list_streams_past_one_page(api: httpx.Client, registry: Registry) -> None:
+    image = make_image()
+    push_image(api, "library/many", image, "t0000")
+    repository = registry.repository("library/many")
+    names = [f"t{i:04d}" for i in range(1, 1205)]
+    for name in names:
+        repository.tags.tag(name, image.digest)
+
+    response = api.get("/v2/library/many/tags/list")
+
+    assert response.status_code == 200
+    assert response.json()["tags"] == ["t0000", *names]
+
+
+def test_catalog_pagination(api: httpx.Client) -> None:
+    for name in ["zeta", "alpha", "mid/one", "mid/two"]:
+        push_blob(api, name, name.encode())
+
+    everything = api.get("/v2/_catalog")
+    first = api.get("/v2/_catalog", params={"n": 3})
+    rest = api.get(first.headers["Link"][1 : first.headers["Link"].index(">")])
+
+    assert everything.json() == {
+        "repositories": ["alpha", "mid/one", "mid/two", "zeta"]
+    }
+    assert first.json()["repositories"] == ["alpha", "mid/one", "mid/two"]
+    assert first.headers["Link"] == '</v2/_catalog?n=3&last=mid%2Ftwo>; rel="next"'
+    assert rest.json()["repositories"] == ["zeta"]
+    assert "Link" not in rest.headers
+
+
+def test_catalog_empty(api: httpx.Client) -> None:
+    assert api.get("/v2/_catalog").json() == {"repositories": []}
+
+
+def test_base_endpoint(api: httpx.Client) -> None:
+    response = api.get("/v2/")
+
+    assert response.status_code == 200
+    assert response.json() == {}
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
