@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +176,31 @@ def test_large_upload_memory_stays_flat(serve: ServeProcess) -> None:
     # The pipeline keeps a handful of 1 MiB buffers, and 64 MiB leaves room for
     # the allocator and the database driver, far below the 256 MiB sent.
     assert grown_mib < 64, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_idle_upload_expires_on_restart(
+    serve: ServeProcess, data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    with httpx.Client(base_url=serve.url, timeout=60) as client:
+        location = client.post("/v2/library/app/blobs/uploads/").headers["Location"]
+        path = location.removeprefix(serve.url)
+        assert client.patch(location, content=b"partial").status_code == 202
+    serve.kill()
+    time.sleep(0.5)
+
+    # 0.0001 hours is 0.36 s, so the upload is idle past its expiry by now.
+    restarted = start_serve(
+        data_dir, database_url, tmp_path / "restarted.log", "--upload-expiry", "0.0001"
+    )
+    try:
+        with httpx.Client(base_url=restarted.url, timeout=60) as client:
+            deadline = time.monotonic() + 30
+            status = client.get(path)
+            while status.status_code == 204 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                status = client.get(path)
+            assert status.status_code == 404
+            assert status.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+        assert list((data_dir / "uploads").iterdir()) == []
+    finally:
+        assert restarted.stop() == 0

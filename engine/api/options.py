@@ -8,6 +8,7 @@ from engine.bus.options import add_bus_options
 from engine.config import DEFAULT_LISTEN, env_default, parse_listen
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_UPLOAD_EXPIRY_HOURS = 24.0
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -34,5 +35,16 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="seconds to let in-flight requests finish after SIGTERM or SIGINT "
         "before they are cancelled (env CAIRN_SHUTDOWN_TIMEOUT; "
         f"default {DEFAULT_SHUTDOWN_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--upload-expiry",
+        type=float,
+        default=float(
+            env_default("UPLOAD_EXPIRY", str(DEFAULT_UPLOAD_EXPIRY_HOURS))
+            or DEFAULT_UPLOAD_EXPIRY_HOURS
+        ),
+        help="hours an upload may sit idle before its session and staging file "
+        "are deleted; checked hourly (env CAIRN_UPLOAD_EXPIRY; "
+        f"default {DEFAULT_UPLOAD_EXPIRY_HOURS:g})",
     )
     add_bus_options(parser)

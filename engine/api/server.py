@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import signal
 import socket
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 
@@ -23,8 +24,11 @@ import uvloop
 from engine.api.app import create_app
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.config import StorageSettings
+from engine.registry import Registry
 
 log = structlog.get_logger(__name__)
+
+UPLOAD_PURGE_INTERVAL = 3600.0
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -50,7 +54,6 @@ def _display_url(host: str, port: int) -> str:
 def serve(args: argparse.Namespace) -> int:
     """Run the registry until SIGTERM or SIGINT; return the exit status."""
     from engine.migrate import upgrade
-    from engine.registry import Registry
 
     settings = StorageSettings.from_args(args)
     data_dir = Path(settings.data_dir).resolve()
@@ -104,7 +107,8 @@ def serve(args: argparse.Namespace) -> int:
     }
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_run(server, sock, bus))
+            expiry = timedelta(hours=args.upload_expiry)
+            runner.run(_run(server, sock, bus, registry, expiry))
     except (NatsServerNotFound, EmbeddedNatsError) as error:
         log.error("bus_start_failed", error=str(error))
         print(f"cairn: cannot start the embedded NATS server: {error}")
@@ -118,10 +122,28 @@ def serve(args: argparse.Namespace) -> int:
     return exit_status
 
 
-async def _run(server: uvicorn.Server, sock: socket.socket, bus: Bus) -> None:
+async def _run(
+    server: uvicorn.Server,
+    sock: socket.socket,
+    bus: Bus,
+    registry: Registry,
+    upload_expiry: timedelta,
+) -> None:
     await bus.start()
+    purger = asyncio.create_task(_purge_uploads(registry, upload_expiry))
     try:
         if not server.should_exit:
             await server.serve(sockets=[sock])
     finally:
+        purger.cancel()
         await bus.stop()
+
+
+async def _purge_uploads(registry: Registry, expiry: timedelta) -> None:
+    """Delete idle uploads at start and then every hour."""
+    while True:
+        try:
+            await asyncio.to_thread(registry.purge_uploads, expiry)
+        except (OSError, sa.exc.SQLAlchemyError) as error:
+            log.error("uploads_purge_failed", error=str(error))
+        await asyncio.sleep(UPLOAD_PURGE_INTERVAL)
