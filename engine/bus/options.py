@@ -61,9 +61,21 @@ def add_tail_options(parser: argparse.ArgumentParser) -> None:
         help="start at this log position; default: only events from now on",
     )
     parser.add_argument(
-        "--type", dest="event_type", help="only this event type, e.g. manifest.pushed"
+        "--type",
+        dest="event_type",
+        help="only this event type, e.g. manifest.pushed, or family, e.g. tag",
     )
-    parser.add_argument("--repository", help="only events of this repository")
+    parser.add_argument(
+        "--repository",
+        help="only events of this repository, e.g. library/alpine, or of every "
+        "repository under a namespace ending in '/', e.g. library/",
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="exit after printing this many events; default: run until interrupted",
+    )
     _add_stream_options(parser)
 
 

@@ -1,0 +1,160 @@
+"""A NATS connection that is re-established with exponential backoff.
+
+nats-py's own reconnection is turned off: it retries at a fixed interval and
+buffers publishes while disconnected, which hides the outage from the relay.
+Here a lost connection is closed at once, so the relay's publishes fail at
+once too. This loop then opens a new connection with growing delays and logs
+its attempts at most once per ``log_interval``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client
+
+from engine.bus.retry import Backoff, Throttle
+
+log = structlog.get_logger(__name__)
+
+# Errors nats-py raises when a server cannot be reached or drops the link.
+CONNECTION_ERRORS = (OSError, TimeoutError, nats.errors.Error)
+
+
+def redact_url(url: str) -> str:
+    """Remove a user name, password or token from a URL before logging it."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, ""))
+
+
+class NatsLink:
+    """One NATS client connection, kept open by ``run()`` until cancelled."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        backoff_initial: float,
+        backoff_max: float,
+        log_interval: float,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.client: Client | None = None
+        # Resolved when the current connection closes; a new one per connection.
+        self.closed: asyncio.Future[None] | None = None
+        self._connected = asyncio.Event()
+        self._backoff = Backoff(backoff_initial, backoff_max)
+        self._throttle = Throttle(log_interval)
+        self._connect_timeout = connect_timeout
+
+    @property
+    def is_connected(self) -> bool:
+        return self.client is not None and self.client.is_connected
+
+    async def wait_connected(self, timeout: float | None = None) -> Client | None:
+        """Wait up to ``timeout`` seconds for a connection; None if there is none."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self.client
+
+    async def run(self) -> None:
+        safe_url = redact_url(self.url)
+        while True:
+            client, closed = await self._connect(safe_url)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # nats-py can swallow a cancellation that arrives during
+                # connect; honour it here rather than run on.
+                await client.close()
+                raise asyncio.CancelledError
+            self.client, self.closed = client, closed
+            self._connected.set()
+            try:
+                await closed
+            finally:
+                self._connected.clear()
+                self.client = None
+            log.warning(
+                "nats_disconnected",
+                url=safe_url,
+                connection=self.name,
+                error=str(client.last_error) if client.last_error else None,
+            )
+
+    async def _connect(self, safe_url: str) -> tuple[Client, asyncio.Future[None]]:
+        loop = asyncio.get_running_loop()
+        while True:
+            closed: asyncio.Future[None] = loop.create_future()
+
+            async def on_closed(closed: asyncio.Future[None] = closed) -> None:
+                if not closed.done():
+                    closed.set_result(None)
+
+            async def on_error(error: Exception) -> None:
+                log.debug("nats_error", url=safe_url, error=str(error))
+
+            try:
+                # One quick retry inside nats-py (reconnect_time_wait=0), then
+                # control comes back here for the backoff.
+                client = await nats.connect(
+                    self.url,
+                    name=self.name,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    connect_timeout=self._connect_timeout,
+                    ping_interval=10,
+                    max_outstanding_pings=3,
+                    error_cb=on_error,
+                    disconnected_cb=on_closed,
+                    closed_cb=on_closed,
+                )
+            except CONNECTION_ERRORS as error:
+                delay = self._backoff.next_delay()
+                suppressed = self._throttle.ready()
+                if suppressed is not None:
+                    log.warning(
+                        "nats_connect_failed",
+                        url=safe_url,
+                        connection=self.name,
+                        attempt=self._backoff.attempt,
+                        error=str(error) or type(error).__name__,
+                        retry_in=round(delay, 2),
+                        suppressed=suppressed,
+                    )
+                await asyncio.sleep(delay)
+                continue
+            log.info(
+                "nats_connected",
+                url=safe_url,
+                connection=self.name,
+                attempts=self._backoff.attempt + 1,
+            )
+            self._backoff.reset()
+            self._throttle.reset()
+            return client, closed
+
+    async def close(self) -> None:
+        """Close the current connection, flushing what it has buffered."""
+        client = self.client
+        if client is not None and not client.is_closed:
+            try:
+                await asyncio.wait_for(client.close(), 5.0)
+            except CONNECTION_ERRORS as error:
+                log.info(
+                    "nats_close_failed", url=redact_url(self.url), error=str(error)
+                )

@@ -1,0 +1,74 @@
+"""The NATS messages cairn publishes: events on the stream, pulls on core NATS."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from engine.bus.subjects import event_subject, pull_subject
+from engine.domain.events import Actor, StoredEvent, format_time
+
+# JetStream drops a message whose id it has seen within the stream's
+# duplicate window.
+MSG_ID: Final = "Nats-Msg-Id"
+# JetStream rejects a message unless the stream's last sequence is this one.
+# The relay chains its publishes with it to keep the stream in log order.
+EXPECTED_LAST_SEQUENCE: Final = "Nats-Expected-Last-Sequence"
+
+EVENT_ID: Final = "Cairn-Event-Id"
+EVENT_TYPE: Final = "Cairn-Event-Type"
+REPOSITORY: Final = "Cairn-Repository"
+POSITION: Final = "Cairn-Position"
+
+
+def encode_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def event_message(prefix: str, event: StoredEvent) -> tuple[str, bytes, dict[str, str]]:
+    """Return the subject, body and headers that carry ``event`` on the stream.
+
+    The body is ``StoredEvent.to_json()``; the headers repeat the id, type,
+    repository and position so that consumers can route without parsing it.
+    """
+    event_id = str(event.id)
+    headers = {
+        MSG_ID: event_id,
+        EVENT_ID: event_id,
+        EVENT_TYPE: str(event.type),
+        REPOSITORY: event.repository,
+        POSITION: str(event.position),
+    }
+    subject = event_subject(prefix, event.type, event.repository)
+    return subject, encode_json(event.to_json()), headers
+
+
+def pull_message(
+    prefix: str,
+    repository: str,
+    reference: str,
+    digest: str,
+    actor: Actor,
+    request_id: str | None,
+    time: datetime | None = None,
+) -> tuple[str, bytes]:
+    """Return the subject and body of a manifest pull notification."""
+    body = {
+        "type": "manifest.pulled",
+        "repository": repository,
+        "reference": reference,
+        "digest": digest,
+        "time": format_time(time or datetime.now(UTC)),
+        "actor": actor.to_json(),
+        "request_id": request_id,
+    }
+    return pull_subject(prefix, repository), encode_json(body)
+
+
+def header_position(headers: dict[str, str] | None) -> int | None:
+    """Return the log position a message header carries, or None."""
+    value = (headers or {}).get(POSITION)
+    if value is None or not value.isdigit():
+        return None
+    return int(value)

@@ -1,0 +1,90 @@
+"""The JetStream stream of events: its configuration and its last message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats.js.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+
+from engine.bus.messages import EVENT_ID, header_position
+from engine.bus.subjects import stream_subjects
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTail:
+    """The stream's last sequence and, when its last message is a cairn event
+    that is still stored, that event's position and id."""
+
+    last_sequence: int
+    position: int | None = None
+    event_id: str | None = None
+
+
+async def ensure_stream(
+    js: JetStreamContext, name: str, prefix: str, duplicate_window: float
+) -> None:
+    """Create the stream, or update the subjects and duplicate window of an
+    existing one.
+
+    Other settings of an existing stream (replicas, limits, placement) are
+    the operator's and stay as they are. The duplicate window only grows.
+    """
+    subjects = stream_subjects(prefix)
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                subjects=subjects,
+                storage=StorageType.FILE,
+                duplicate_window=duplicate_window,
+                description="cairn registry events, in log order",
+            )
+        )
+        log.info("stream_created", stream=name, subjects=subjects)
+        return
+
+    config = info.config
+    window = max(config.duplicate_window or 0.0, duplicate_window)
+    if (
+        sorted(config.subjects or []) != sorted(subjects)
+        or (config.duplicate_window or 0.0) < duplicate_window
+    ):
+        await js.update_stream(
+            config.evolve(subjects=subjects, duplicate_window=window)
+        )
+        log.info(
+            "stream_updated",
+            stream=name,
+            subjects=subjects,
+            previous_subjects=config.subjects,
+            duplicate_window=window,
+        )
+    if config.storage != StorageType.FILE:
+        log.warning(
+            "stream_not_on_file_storage",
+            stream=name,
+            storage=str(config.storage),
+            note="events published to it are lost when the NATS server restarts",
+        )
+
+
+async def read_tail(js: JetStreamContext, name: str) -> StreamTail:
+    """Read the stream's last sequence and the position its last message carries."""
+    info = await js.stream_info(name)
+    last_sequence = info.state.last_seq
+    if last_sequence == 0:
+        return StreamTail(0)
+    try:
+        message = await js.get_msg(name, last_sequence)
+    except nats.js.errors.NotFoundError:
+        # The last message was deleted or purged; the sequence stays.
+        return StreamTail(last_sequence)
+    headers = message.headers or {}
+    return StreamTail(last_sequence, header_position(headers), headers.get(EVENT_ID))

@@ -1,0 +1,176 @@
+"""NATS subjects for events and pulls, with a reversible repository encoding.
+
+An event of type ``manifest.pushed`` in repository ``library/alpine`` is
+published on ``<prefix>.manifest.pushed.library.alpine``: the prefix (default
+``cairn``), the two tokens of the event type, then one token per repository
+path component. Subscribers filter by type (``cairn.tag.>``) or by namespace
+(``cairn.*.*.library.>``). Pulls go to ``<prefix>.pull.<repository tokens>``.
+
+Repository encoding
+-------------------
+
+Each path component (the text between two ``/``) becomes one subject token.
+Inside a component, the ASCII bytes ``a``-``z``, ``0``-``9`` and ``-`` stay as
+they are. Every other byte of the component's UTF-8 encoding becomes ``_``
+followed by two uppercase hexadecimal digits, so that
+
+- ``.`` becomes ``_2E``, ``_`` becomes ``_5F`` and ``__`` becomes ``_5F_5F``;
+- ``*`` (``_2A``), ``>`` (``_3E``), ``$`` (``_24``), whitespace and any
+  uppercase or non-ASCII character are escaped the same way.
+
+``library/alpine`` encodes to ``library.alpine`` and ``my.org/web_app`` to
+``my_2Eorg.web_5Fapp``. Encoded tokens contain only ``A``-``Z``, ``a``-``z``,
+``0``-``9``, ``-`` and ``_``, the "restricted-term" characters of the NATS
+naming conventions (NATS architecture decision record ADR-6). So a token
+never contains a separator or wildcard, and never starts with the ``$`` that
+NATS reserves for system subjects. Decoding reverses the mapping exactly and
+accepts only the canonical form. A name with an empty path component cannot
+be encoded, because NATS tokens are never empty; valid repository names have
+none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from engine.domain.events import EventType
+
+PULL_TOKEN: Final = "pull"
+
+# The first token of every event type ("blob", "manifest", "tag"). The stream
+# captures ``<prefix>.<family>.>`` for each, and not ``<prefix>.>``, so that
+# core NATS pull notifications on ``<prefix>.pull.>`` are never stored in it.
+EVENT_FAMILIES: Final = tuple(sorted({str(t).split(".")[0] for t in EventType}))
+
+_KEPT: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-")
+_ESCAPE: Final = ord("_")
+_HEX: Final = "0123456789ABCDEF"
+_TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+_PREFIX_TOKEN: Final = re.compile(r"^[^\s.*>]+$")
+
+
+def encode_component(component: str) -> str:
+    """Encode one repository path component as a subject token."""
+    if not component:
+        raise ValueError("cannot encode an empty repository path component")
+    if "/" in component:
+        raise ValueError(f"path component {component!r} contains '/'")
+    token = []
+    for byte in component.encode("utf-8"):
+        if byte in _KEPT:
+            token.append(chr(byte))
+        else:
+            token.append("_" + _HEX[byte >> 4] + _HEX[byte & 0x0F])
+    return "".join(token)
+
+
+def decode_component(token: str) -> str:
+    """Decode one subject token back into a repository path component."""
+    if not _TOKEN.match(token):
+        raise ValueError(f"invalid repository token {token!r}")
+    raw = token.encode("ascii")
+    decoded = bytearray()
+    index = 0
+    while index < len(raw):
+        byte = raw[index]
+        if byte in _KEPT:
+            decoded.append(byte)
+            index += 1
+            continue
+        escape = raw[index + 1 : index + 3].decode("ascii")
+        if byte != _ESCAPE or len(escape) != 2 or not set(escape) <= set(_HEX):
+            raise ValueError(
+                f"invalid escape at offset {index} in repository token {token!r}"
+            )
+        value = int(escape, 16)
+        # An escaped byte that encoding keeps as itself would give a second
+        # subject for the same name, so only the canonical form decodes.
+        if value in _KEPT:
+            raise ValueError(
+                f"non-canonical escape _{escape} in repository token {token!r}"
+            )
+        decoded.append(value)
+        index += 3
+    try:
+        return decoded.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"repository token {token!r} does not decode to UTF-8"
+        ) from error
+
+
+def encode_repository(repository: str) -> str:
+    """Encode a repository name as dot-separated subject tokens."""
+    return ".".join(encode_component(part) for part in repository.split("/"))
+
+
+def decode_repository(tokens: str) -> str:
+    """Decode the repository tokens of a subject into the repository name."""
+    return "/".join(decode_component(token) for token in tokens.split("."))
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` unchanged if it can start a subject, else raise."""
+    tokens = prefix.split(".")
+    if not prefix or not all(_PREFIX_TOKEN.match(token) for token in tokens):
+        raise ValueError(
+            f"invalid subject prefix {prefix!r}: expected one or more tokens "
+            "separated by '.', without whitespace, '*' or '>', e.g. cairn"
+        )
+    return prefix
+
+
+def event_subject(prefix: str, event_type: str, repository: str) -> str:
+    """Return the subject an event of ``event_type`` in ``repository`` goes to."""
+    return f"{prefix}.{EventType(event_type)}.{encode_repository(repository)}"
+
+
+def pull_subject(prefix: str, repository: str) -> str:
+    return f"{prefix}.{PULL_TOKEN}.{encode_repository(repository)}"
+
+
+def parse_event_subject(prefix: str, subject: str) -> tuple[EventType, str]:
+    """Split an event subject into its event type and repository name."""
+    head = prefix + "."
+    if not subject.startswith(head):
+        raise ValueError(f"subject {subject!r} does not start with {head!r}")
+    family, action, *repository = subject.removeprefix(head).split(".")
+    if not repository:
+        raise ValueError(f"subject {subject!r} has no repository tokens")
+    return EventType(f"{family}.{action}"), decode_repository(".".join(repository))
+
+
+def stream_subjects(prefix: str) -> list[str]:
+    """List the subjects the event stream captures: one per event family."""
+    return [f"{prefix}.{family}.>" for family in EVENT_FAMILIES]
+
+
+def filter_subject(
+    prefix: str, event_type: str | None = None, repository: str | None = None
+) -> str:
+    """Build a subject filter for events of a type and of a repository.
+
+    ``event_type`` is a full type (``tag.set``) or a family (``tag``).
+    ``repository`` is a name (``library/alpine``), or a namespace ending in
+    ``/`` (``library/``) that matches every repository below it.
+    """
+    if event_type is None:
+        type_tokens = "*.*"
+    elif event_type in EVENT_FAMILIES:
+        type_tokens = f"{event_type}.*"
+    else:
+        try:
+            type_tokens = str(EventType(event_type))
+        except ValueError:
+            known = ", ".join([*EVENT_FAMILIES, *(str(t) for t in EventType)])
+            raise ValueError(
+                f"unknown event type {event_type!r}: expected one of {known}"
+            ) from None
+    if repository is None:
+        repository_tokens = ">"
+    elif repository.endswith("/"):
+        repository_tokens = encode_repository(repository.removesuffix("/")) + ".>"
+    else:
+        repository_tokens = encode_repository(repository)
+    return f"{prefix}.{type_tokens}.{repository_tokens}"

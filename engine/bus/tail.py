@@ -1,0 +1,183 @@
+"""`cairn events tail`: print events from the JetStream stream as they arrive.
+
+The command reads through an ephemeral ordered consumer whose subject filter
+comes from ``--type`` and ``--repository``. ``--from POSITION`` starts at a
+log position. The relay publishes in log order, so positions in the stream
+rise with its sequence numbers, and a binary search over the
+``Cairn-Position`` header finds the first sequence at or after the position.
+That works even when the two numbers differ, as in a stream created after
+the log began or a purged one. Messages before the position are skipped as a
+second check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any, TextIO
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from engine.bus.connection import CONNECTION_ERRORS, redact_url
+from engine.bus.messages import header_position
+from engine.bus.subjects import filter_subject
+
+
+def tail(args: argparse.Namespace) -> int:
+    """Run `cairn events tail`; return the exit status."""
+    try:
+        subject = filter_subject(args.subject_prefix, args.event_type, args.repository)
+    except ValueError as error:
+        print(f"cairn events tail: {error}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_tail(args, subject, sys.stdout))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
+    url = redact_url(args.nats_url)
+    closed = asyncio.get_running_loop().create_future()
+
+    async def on_closed() -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    async def on_error(error: Exception) -> None:
+        pass  # connection failures surface below, with the URL
+
+    try:
+        client = await nats.connect(
+            args.nats_url,
+            name="cairn events tail",
+            allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
+            error_cb=on_error,
+            disconnected_cb=on_closed,
+            closed_cb=on_closed,
+        )
+    except CONNECTION_ERRORS as error:
+        print(
+            f"cairn events tail: cannot connect to NATS at {url}: "
+            f"{error or type(error).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+
+    try:
+        js = client.jetstream()
+        try:
+            config = await _consumer_config(
+                js, args.stream, args.from_position, subject
+            )
+        except nats.js.errors.NotFoundError:
+            print(
+                f"cairn events tail: stream {args.stream} not found at {url}; "
+                "is cairn serve publishing to this NATS server?",
+                file=sys.stderr,
+            )
+            return 1
+        subscription = await js.subscribe(
+            subject, stream=args.stream, ordered_consumer=True, config=config
+        )
+        printed = 0
+        readable = out.isatty()
+        while args.count is None or printed < args.count:
+            if closed.done():
+                print(f"cairn events tail: connection to {url} closed", file=sys.stderr)
+                return 1
+            try:
+                message = await subscription.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            position = header_position(message.headers)
+            if args.from_position is not None and (position or 0) < args.from_position:
+                continue
+            out.write(_format(message, readable) + "\n")
+            out.flush()
+            printed += 1
+        return 0
+    finally:
+        if not client.is_closed:
+            await client.close()
+
+
+async def _consumer_config(
+    js: JetStreamContext, stream: str, from_position: int | None, subject: str
+) -> ConsumerConfig:
+    info = await js.stream_info(stream)
+    if from_position is None:
+        return ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    start = await _first_sequence_at(
+        js, stream, subject, from_position, info.state.first_seq, info.state.last_seq
+    )
+    return ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+    )
+
+
+async def _first_sequence_at(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    position: int,
+    first_sequence: int,
+    last_sequence: int,
+) -> int:
+    """Find the first stream sequence whose event is at or after ``position``.
+
+    Returns ``last_sequence + 1`` (the next message to arrive) when no stored
+    message qualifies. A message without a position header counts as before
+    ``position``.
+    """
+    low, high = max(first_sequence, 1), last_sequence + 1
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            message = await js.get_msg(stream, middle, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            high = middle  # nothing matches at or after middle
+            continue
+        found = header_position(message.headers)
+        if found is not None and found >= position:
+            high = middle
+        else:
+            low = (message.seq or middle) + 1
+    return low
+
+
+def _format(message: Msg, readable: bool) -> str:
+    if not readable:
+        return message.data.decode()
+    event = json.loads(message.data)
+    return "  ".join(
+        [
+            f"{event.get('position', '?'):>8}",
+            str(event.get("time", "")),
+            f"{event.get('type', '?'):<16}",
+            str(event.get("repository", "")),
+            _summary(event.get("payload") or {}),
+        ]
+    ).rstrip()
+
+
+def _summary(payload: dict[str, Any]) -> str:
+    fields = []
+    for key in ("tag", "digest", "previous", "from", "size", "media_type"):
+        value = payload.get(key)
+        if value is None:
+            continue
+        text = str(value)
+        if key in ("digest", "previous") and len(text) > 19:
+            text = text[:19] + "…"
+        fields.append(f"{key}={text}")
+    return " ".join(fields)

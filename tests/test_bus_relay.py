@@ -1,0 +1,277 @@
+"""The relay against a real nats-server: delivery, outages, health, pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+import sqlalchemy as sa
+from nats.js.api import StorageType
+
+from engine.bus import Bus, BusSettings
+from engine.bus import checkpoint as store
+from engine.domain.events import Actor
+from engine.registry import Registry
+from tests.nats import (
+    BusThread,
+    NatsServer,
+    assert_stream_matches_log,
+    checkpoint_of,
+    fast_settings,
+    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
+    push_image,
+    run,
+    stream_size,
+    wait_for_stream_size,
+    wait_until,
+)
+
+
+def test_events_published_in_order(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    bus = Bus(fast_settings(nats_server.url), registry.database, data_dir)
+    with BusThread(bus):
+        push_image(registry, "library/alpine", "3.20")
+        push_image(registry, "my.org/web_app", "latest")
+        wait_for_stream_size(nats_server.url, 8)
+        wait_until(lambda: checkpoint_of(registry) == 8)
+    assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_backlog_published_when_nats_starts(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    nats_server.stop()
+    bus = Bus(fast_settings(nats_server.url), registry.database, data_dir)
+    with BusThread(bus) as thread:
+        for index in range(3):
+            push_image(registry, f"team/app{index}", "v1")
+        health = wait_until(lambda: (h := thread.health())["lag_events"] == 12 and h)
+        assert health["state"] == "connecting"
+        assert health["leader"] is True
+        assert health["log_head"] == 12
+        assert health["checkpoint"] == 0
+        assert health["lag_seconds"] is not None
+
+        nats_server.start()
+        wait_until(lambda: thread.health()["state"] == "caught_up")
+        health = thread.health()
+        assert health["lag_events"] == 0
+        assert health["lag_seconds"] == 0.0
+        assert health["checkpoint"] == 12
+    assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_nats_restart_mid_stream(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    bus = Bus(fast_settings(nats_server.url), registry.database, data_dir)
+    with BusThread(bus) as thread:
+        push_image(registry, "library/alpine", "1")
+        wait_until(lambda: thread.health()["checkpoint"] == 4)
+
+        nats_server.stop()
+        push_image(registry, "library/alpine", "2")
+        push_image(registry, "library/busybox", "1")
+        nats_server.start()
+        push_image(registry, "library/busybox", "2")
+
+        wait_until(lambda: thread.health()["checkpoint"] == 16)
+    assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_stream_configuration(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    bus = Bus(fast_settings(nats_server.url), registry.database, data_dir)
+    with BusThread(bus) as thread:
+        wait_until(lambda: thread.health()["state"] == "caught_up")
+
+    async def read_config() -> object:
+        client = await nats.connect(nats_server.url)
+        try:
+            return (await client.jetstream().stream_info("CAIRN")).config
+        finally:
+            await client.close()
+
+    config = run(read_config())
+    assert sorted(config.subjects) == [
+        "cairn.blob.>",
+        "cairn.manifest.>",
+        "cairn.tag.>",
+    ]
+    assert config.storage == StorageType.FILE
+    assert config.duplicate_window == 120.0
+
+
+def test_append_wakes_relay_before_poll(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    # With an hour between polls, only the append listener can have woken it.
+    settings = fast_settings(nats_server.url, poll_interval=3600.0)
+    bus = Bus(settings, registry.database, data_dir)
+    with BusThread(bus) as thread:
+        wait_until(lambda: thread.health()["state"] == "caught_up")
+        push_image(registry, "library/alpine", "latest")
+        wait_for_stream_size(nats_server.url, 4)
+    assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_lost_checkpoint_write_not_republished(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    """A checkpoint that fell behind the stream does not cause duplicates.
+
+    Setting the checkpoint back to 0 stands for a relay that died before it
+    could write its checkpoint, longer ago than the duplicate window.
+    """
+    settings = fast_settings(nats_server.url, duplicate_window=1.0)
+    with BusThread(Bus(settings, registry.database, data_dir)) as thread:
+        push_image(registry, "library/alpine", "1")
+        wait_until(lambda: thread.health()["checkpoint"] == 4)
+    with registry.database.transaction() as conn:
+        store.set_checkpoint(conn, "CAIRN", 0)
+
+    with BusThread(Bus(settings, registry.database, data_dir)) as thread:
+        push_image(registry, "library/alpine", "2")
+        wait_until(lambda: thread.health()["checkpoint"] == 8)
+    assert stream_size(nats_server.url) == 8
+    assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_stream_behind_checkpoint_republishes(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    """Events the stream lost after acknowledging them are published again."""
+    settings = fast_settings(nats_server.url)
+    with BusThread(Bus(settings, registry.database, data_dir)) as thread:
+        push_image(registry, "library/alpine", "1")
+        wait_until(lambda: thread.health()["checkpoint"] == 4)
+
+    async def recreate_with_first_two() -> None:
+        # Keep positions 1 and 2 only, as if the server lost the rest.
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            first_two = [await js.get_msg("CAIRN", sequence) for sequence in (1, 2)]
+            config = (await js.stream_info("CAIRN")).config
+            await js.delete_stream("CAIRN")
+            await js.add_stream(config)
+            for message in first_two:
+                await js.publish(message.subject, message.data, headers=message.headers)
+        finally:
+            await client.close()
+
+    run(recreate_with_first_two())
+    with BusThread(Bus(settings, registry.database, data_dir)) as thread:
+        wait_until(lambda: thread.health()["state"] == "caught_up")
+        wait_for_stream_size(nats_server.url, 4)
+    assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_disabled_bus(registry: Registry, data_dir: Path) -> None:
+    bus = Bus(BusSettings(enabled=False), registry.database, data_dir)
+    with BusThread(bus) as thread:
+        push_image(registry, "library/alpine", "1")
+        health = thread.health()
+    assert health["state"] == "disabled"
+    assert health["nats_url"] is None
+    assert bus.nats_url is None
+    assert registry.database.append_listeners == []
+
+
+def test_health_is_json(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    url = nats_server.url.replace("nats://", "nats://user:secret@")
+    bus = Bus(fast_settings(url), registry.database, data_dir)
+    with BusThread(bus) as thread:
+        health = thread.health()
+    text = json.dumps(health)
+    assert "secret" not in text
+    assert health["nats_url"].startswith("nats://***@127.0.0.1:")
+
+
+def test_pull_notifications(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    settings = fast_settings(nats_server.url, publish_pulls=True)
+    bus = Bus(settings, registry.database, data_dir)
+    with BusThread(bus) as thread:
+        wait_until(lambda: thread.health()["state"] == "caught_up")
+
+        async def pull_once() -> nats.aio.msg.Msg:
+            client = await nats.connect(nats_server.url)
+            try:
+                subscription = await client.subscribe("cairn.pull.>")
+                await client.flush()
+                # Core NATS delivers at most once, and a subscription can miss
+                # messages sent just after it is made, so notify until one
+                # arrives.
+                for _ in range(100):
+                    bus.notify_pull(
+                        "library/alpine",
+                        "latest",
+                        "sha256:" + "a" * 64,
+                        Actor("reader", "10.0.0.1"),
+                        "request-1",
+                    )
+                    try:
+                        return await subscription.next_msg(timeout=0.1)
+                    except nats.errors.TimeoutError:
+                        continue
+                raise AssertionError("no pull notification arrived")
+            finally:
+                await client.close()
+
+        message = thread.call(pull_once())
+    assert message.subject == "cairn.pull.library.alpine"
+    body = json.loads(message.data)
+    assert body["repository"] == "library/alpine"
+    assert body["reference"] == "latest"
+    assert body["digest"] == "sha256:" + "a" * 64
+    assert body["actor"] == {"user": "reader", "address": "10.0.0.1"}
+    assert body["request_id"] == "request-1"
+    assert stream_size(nats_server.url) == 0
+
+
+def test_notify_pull_never_raises(registry: Registry, data_dir: Path) -> None:
+    # Nothing listens on port 9, so the notifications are dropped, not raised.
+    settings = fast_settings("nats://127.0.0.1:9", publish_pulls=True)
+    bus = Bus(settings, registry.database, data_dir)
+    with BusThread(bus) as thread:
+
+        async def notify() -> None:
+            bus.notify_pull("library/alpine", "latest", "sha256:x", Actor(), None)
+            bus.notify_pull("", "latest", "sha256:x", Actor(), None)
+            await asyncio.sleep(0)
+
+        thread.call(notify())
+        wait_until(lambda: thread.health()["pulls_dropped"] == 2)
+
+
+def test_checkpoint_only_moves_forward(registry: Registry) -> None:
+    with registry.database.transaction() as conn:
+        store.advance_checkpoint(conn, "relay", 5)
+        store.advance_checkpoint(conn, "relay", 3)
+        assert store.read_checkpoint(conn, "relay") == 5
+        store.set_checkpoint(conn, "relay", 2)
+        assert store.read_checkpoint(conn, "relay") == 2
+        assert store.read_checkpoint(conn, "other") == 0
+
+
+@pytest.mark.parametrize("position", [1, 3])
+def test_event_id_lookup(registry: Registry, position: int) -> None:
+    push_image(registry, "library/alpine", "1")
+    with registry.database.read() as conn:
+        expected = conn.execute(
+            sa.text("SELECT id FROM events WHERE position = :p"), {"p": position}
+        ).scalar_one()
+        assert store.event_id_at(conn, position) == uuid.UUID(str(expected))
+        assert store.event_id_at(conn, 99) is None

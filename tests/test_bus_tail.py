@@ -1,0 +1,141 @@
+"""`cairn events tail` in a subprocess, against a stream the relay filled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nats
+import pytest
+
+from engine.bus import Bus
+from engine.registry import Registry
+from tests.nats import (
+    BusThread,
+    NatsServer,
+    checkpoint_of,
+    fast_settings,
+    log_events,
+    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
+    push_image,
+    run,
+    wait_until,
+)
+
+# The tail reads NATS only, so one database backend is enough.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def cairn_tail(url: str, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "events", "tail", "--nats", url, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def publish_log(registry: Registry, nats_server: NatsServer, data_dir: Path) -> None:
+    with BusThread(Bus(fast_settings(nats_server.url), registry.database, data_dir)):
+        push_image(registry, "library/alpine", "3.20")
+        push_image(registry, "team/web.app", "latest")
+        wait_until(lambda: checkpoint_of(registry) == 8)
+
+
+@sqlite_only
+def test_tail_prints_json_lines(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    publish_log(registry, nats_server, data_dir)
+    result = cairn_tail(nats_server.url, "--from", "1", "--count", "8")
+    assert result.returncode == 0, result.stderr
+    printed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert printed == [event.to_json() for event in log_events(registry)]
+
+
+@sqlite_only
+def test_tail_filters_type_and_repository(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    publish_log(registry, nats_server, data_dir)
+    events = log_events(registry)
+
+    tags = cairn_tail(
+        nats_server.url, "--from", "1", "--type", "tag.set", "--count", "2"
+    )
+    assert tags.returncode == 0, tags.stderr
+    assert [json.loads(line)["position"] for line in tags.stdout.splitlines()] == [
+        e.position for e in events if e.type == "tag.set"
+    ]
+
+    web = cairn_tail(
+        nats_server.url, "--from", "1", "--repository", "team/web.app", "--count", "4"
+    )
+    assert web.returncode == 0, web.stderr
+    assert [json.loads(line)["position"] for line in web.stdout.splitlines()] == [
+        e.position for e in events if e.repository == "team/web.app"
+    ]
+
+    manifests = cairn_tail(
+        nats_server.url,
+        "--from",
+        "1",
+        "--type",
+        "manifest",
+        "--repository",
+        "library/",
+        "--count",
+        "1",
+    )
+    assert manifests.returncode == 0, manifests.stderr
+    [line] = manifests.stdout.splitlines()
+    assert json.loads(line)["type"] == "manifest.pushed"
+    assert json.loads(line)["repository"] == "library/alpine"
+
+
+@sqlite_only
+def test_tail_from_position_when_sequences_differ(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    """A foreign first message shifts every sequence; --from still finds the
+    position by its header."""
+
+    async def publish_foreign() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            await js.add_stream(name="CAIRN", subjects=["cairn.tag.>"])
+            await js.publish("cairn.tag.set.other", b"not an event")
+        finally:
+            await client.close()
+
+    run(publish_foreign())
+    publish_log(registry, nats_server, data_dir)
+    result = cairn_tail(nats_server.url, "--from", "6", "--count", "3")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["position"] for line in result.stdout.splitlines()] == [
+        6,
+        7,
+        8,
+    ]
+
+
+def test_tail_reports_unknown_type() -> None:
+    result = cairn_tail("nats://127.0.0.1:9", "--type", "tags")
+    assert result.returncode == 2
+    assert "unknown event type 'tags'" in result.stderr
+
+
+def test_tail_reports_unreachable_server() -> None:
+    result = cairn_tail("nats://127.0.0.1:9", "--from", "1")
+    assert result.returncode == 1
+    assert "cannot connect to NATS at nats://127.0.0.1:9" in result.stderr
+
+
+def test_tail_reports_missing_stream(nats_server: NatsServer) -> None:
+    result = cairn_tail(nats_server.url, "--stream", "NOPE")
+    assert result.returncode == 1
+    assert "stream NOPE not found" in result.stderr
