@@ -62,6 +62,18 @@ def _cmd_events_tail(args: argparse.Namespace) -> int:
     return tail(args)
 
 
+def _cmd_webhook(args: argparse.Namespace) -> int:
+    from consumers.webhook.commands import main as webhook_main
+
+    return webhook_main(args)
+
+
+def _cmd_mirror(args: argparse.Namespace) -> int:
+    from consumers.mirror.commands import main as mirror_main
+
+    return mirror_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cairn", description="A container registry whose storage is an event log."
@@ -115,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tail_options(tail)
     tail.set_defaults(handler=_cmd_events_tail)
+
+    webhook = commands.add_parser(
+        "webhook", help="deliver events from NATS to HTTP endpoints"
+    )
+    from consumers.webhook.options import add_webhook_options
+
+    add_webhook_options(webhook)
+    webhook.set_defaults(handler=_cmd_webhook)
+
+    mirror = commands.add_parser(
+        "mirror", help="replay a cairn's history into another registry, then follow it"
+    )
+    from consumers.mirror.options import add_mirror_options
+
+    add_mirror_options(mirror)
+    mirror.set_defaults(handler=_cmd_mirror)
 
     return parser
 

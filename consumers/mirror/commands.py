@@ -1,0 +1,152 @@
+"""Entry point of `cairn mirror`: build the parts from options and run them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from consumers.globs import matches_any
+from consumers.mirror.checkpoint import Checkpoint, CheckpointError
+from consumers.mirror.copier import Copier, Stats
+from consumers.mirror.errors import MirrorError
+from consumers.mirror.feed import FeedClient
+from consumers.mirror.layout import LayoutTarget
+from consumers.mirror.live import LiveEvents
+from consumers.mirror.progress import Progress
+from consumers.mirror.registry import RegistryClient
+from consumers.mirror.runner import MirrorRunner, MirrorSettings
+from consumers.mirror.target import RegistryTarget, Target
+from engine.bus.connection import redact_url
+
+log = structlog.get_logger(__name__)
+
+USER_AGENT = "cairn-mirror"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `cairn mirror`; return the exit status."""
+    problem = _check_args(args)
+    if problem is not None:
+        print(f"cairn mirror: {problem}", file=sys.stderr)
+        return 2
+    source = args.source.rstrip("/")
+    target = _target_description(args.target)
+    try:
+        checkpoint = Checkpoint.load(args.checkpoint, source, target)
+    except CheckpointError as error:
+        print(f"cairn mirror: {error}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(args, source, checkpoint))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    for name in ("source", "target"):
+        value: str = getattr(args, name)
+        if name == "target" and value.startswith("oci:"):
+            if not value.removeprefix("oci:"):
+                return "invalid --target oci:DIR: DIR is empty"
+            continue
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return (
+                f"invalid --{name} {value!r}: expected an http:// or https:// URL"
+                + (" or oci:DIR" if name == "target" else "")
+            )
+    if args.poll_interval <= 0 or args.timeout <= 0:
+        return "--poll-interval and --timeout must be positive"
+    if args.retries < 1:
+        return "--retries must be at least 1"
+    return None
+
+
+def _target_description(value: str) -> str:
+    if value.startswith("oci:"):
+        return "oci:" + str(Path(value.removeprefix("oci:")).resolve())
+    return value.rstrip("/")
+
+
+def _build_target(description: str, timeout: float) -> Target:
+    if description.startswith("oci:"):
+        return LayoutTarget(Path(description.removeprefix("oci:")))
+    client = httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        follow_redirects=False,
+        headers={"User-Agent": USER_AGENT},
+    )
+    return RegistryTarget(RegistryClient(description, client))
+
+
+async def _run(args: argparse.Namespace, source: str, checkpoint: Checkpoint) -> int:
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(args.timeout),
+        follow_redirects=True,
+        headers={"User-Agent": USER_AGENT},
+    )
+    target = _build_target(checkpoint.target, args.timeout)
+    settings = MirrorSettings(
+        repositories=tuple(args.repositories),
+        once=args.once,
+        poll_interval=args.poll_interval,
+        retries=args.retries,
+    )
+    stats = Stats()
+    copier = Copier(
+        RegistryClient(source, http),
+        target,
+        mirrored=lambda repository: matches_any(repository, settings.repositories),
+        propagate_deletes=args.propagate_deletes,
+        stats=stats,
+    )
+    live = (
+        LiveEvents(args.nats_url, args.stream, args.subject_prefix)
+        if args.nats_url
+        else None
+    )
+    progress = Progress(stats, args.progress)
+    runner = MirrorRunner(
+        settings, FeedClient(source, http), copier, checkpoint, progress, live
+    )
+
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    ticker = asyncio.create_task(progress.tick(), name="cairn-mirror-progress")
+    status = 0
+    try:
+        await runner.run()
+    except asyncio.CancelledError:
+        log.info("mirror_interrupted", position=runner.position)
+    except MirrorError as error:
+        log.error("mirror_failed", position=runner.position, error=str(error))
+        status = 1
+    finally:
+        ticker.cancel()
+        progress.finish()
+        if live is not None:
+            await live.close()
+        with contextlib.suppress(httpx.HTTPError):
+            await target.aclose()
+            await http.aclose()
+    log.info(
+        "mirror_stopped",
+        status=status,
+        position=runner.position,
+        applied=stats.applied,
+        skipped=stats.skipped,
+        bytes_copied=stats.bytes_copied,
+        nats_url=redact_url(args.nats_url) if args.nats_url else None,
+    )
+    return status

@@ -1,0 +1,273 @@
+"""Reproduce one source event on the target.
+
+Every step first checks whether the target already has the result, so an
+event applied twice changes nothing. Content is always copied in
+dependency order: blobs, then child manifests, then the manifest by digest,
+then the tag. That order is kept even when the events arrive in another
+shape, because a manifest event copies any blob or child the target lacks,
+and a tag event copies its manifest first.
+
+When the source no longer has what an event is about (a later event
+deleted it), the event is skipped: replaying the rest of the log brings the
+target to the source's current state regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from consumers.mirror.errors import MirrorError, SourceGone, TransientError
+from consumers.mirror.registry import BlobStream, RegistryClient
+from consumers.mirror.target import Target
+from engine.domain.digest import Digest, DigestVerifier
+from engine.domain.errors import DigestMismatch, RegistryError
+from engine.domain.events import EventType, upcast
+from engine.domain.manifests import parse_manifest
+
+log = structlog.get_logger(__name__)
+
+# An index of indexes of ... deeper than this is refused rather than followed.
+MAX_MANIFEST_DEPTH: Final = 8
+# Digests whose target repository the copier remembers, for mounts.
+LOCATION_CACHE_SIZE: Final = 100_000
+
+
+@dataclass
+class Stats:
+    """Counters for progress reports."""
+
+    applied: int = 0
+    skipped: int = 0
+    bytes_copied: int = 0
+    blobs_copied: int = 0
+    blobs_mounted: int = 0
+    manifests_copied: int = 0
+
+
+class Copier:
+    def __init__(
+        self,
+        source: RegistryClient,
+        target: Target,
+        *,
+        mirrored: Callable[[str], bool],
+        propagate_deletes: bool,
+        stats: Stats,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.mirrored = mirrored
+        self.propagate_deletes = propagate_deletes
+        self.stats = stats
+        self._locations: OrderedDict[str, str] = OrderedDict()
+
+    async def apply(self, event: dict[str, Any]) -> str:
+        """Apply one event; return what happened, for the log ("copied", ...)."""
+        event_type = EventType(event["type"])
+        repository: str = event["repository"]
+        payload = upcast(event_type, int(event["schema_version"]), event["payload"])
+
+        match event_type:
+            case EventType.BLOB_PUSHED | EventType.BLOB_MOUNTED:
+                return await self.copy_blob(
+                    repository, payload["digest"], payload.get("from")
+                )
+            case EventType.MANIFEST_PUSHED:
+                return await self.copy_manifest(repository, payload["digest"])
+            case EventType.TAG_SET:
+                return await self.set_tag(repository, payload["tag"], payload["digest"])
+        if not self.propagate_deletes:
+            return "deletes_not_propagated"
+        match event_type:
+            case EventType.TAG_DELETED:
+                if not await self.target.delete_tag(repository, payload["tag"]):
+                    log.warning(
+                        "tag_delete_unsupported",
+                        repository=repository,
+                        tag=payload["tag"],
+                        target=self.target.description,
+                        note="the tag goes when its manifest is deleted",
+                    )
+                    return "unsupported"
+            case EventType.MANIFEST_DELETED:
+                await self.target.delete_manifest(repository, payload["digest"])
+            case EventType.BLOB_DELETED:
+                await self.target.delete_blob(repository, payload["digest"])
+        return "deleted"
+
+    # ---- blobs -----------------------------------------------------------
+
+    async def copy_blob(
+        self, repository: str, digest: str, mount_from: str | None = None
+    ) -> str:
+        if await self.target.has_blob(repository, digest):
+            self._remember(digest, repository)
+            return "present"
+        candidate = self._mount_candidate(repository, digest, mount_from)
+        try:
+            copy = await self.target.put_blob(
+                repository,
+                digest,
+                lambda: self._open_verified(repository, digest),
+                candidate,
+            )
+        except SourceGone:
+            log.info(
+                "blob_skipped",
+                repository=repository,
+                digest=digest,
+                reason="no longer on the source",
+            )
+            return "gone"
+        self._remember(digest, repository)
+        if copy.mounted:
+            self.stats.blobs_mounted += 1
+            log.debug(
+                "blob_mounted", repository=repository, digest=digest, source=candidate
+            )
+            return "mounted"
+        self.stats.blobs_copied += 1
+        log.debug("blob_copied", repository=repository, digest=digest, size=copy.size)
+        return "copied"
+
+    def _mount_candidate(
+        self, repository: str, digest: str, mount_from: str | None
+    ) -> str | None:
+        if mount_from and mount_from != repository and self.mirrored(mount_from):
+            return mount_from
+        known = self._locations.get(digest)
+        return known if known != repository else None
+
+    def _remember(self, digest: str, repository: str) -> None:
+        self._locations[digest] = repository
+        self._locations.move_to_end(digest)
+        if len(self._locations) > LOCATION_CACHE_SIZE:
+            self._locations.popitem(last=False)
+
+    @asynccontextmanager
+    async def _open_verified(
+        self, repository: str, digest: str
+    ) -> AsyncIterator[BlobStream]:
+        expected = Digest.parse(digest)
+        async with self.source.open_blob(repository, digest) as blob:
+            yield BlobStream(
+                blob.size, self._verified(blob.chunks, expected, blob.size, repository)
+            )
+
+    async def _verified(
+        self,
+        chunks: AsyncIterator[bytes],
+        expected: Digest,
+        size: int | None,
+        repository: str,
+    ) -> AsyncIterator[bytes]:
+        """Pass chunks through, holding back the last one until the digest
+        checks, so the target never receives a whole blob with wrong bytes."""
+        verifier = DigestVerifier(expected.algorithm)
+        held: bytes | None = None
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            await asyncio.to_thread(verifier.update, chunk)
+            if held is not None:
+                yield held
+                self.stats.bytes_copied += len(held)
+            held = chunk
+        if size is not None and verifier.size != size:
+            raise TransientError(
+                f"blob {expected} in {repository}: read {verifier.size} bytes of "
+                f"the {size} the source announced"
+            )
+        try:
+            verifier.verify(expected)
+        except DigestMismatch as error:
+            raise TransientError(
+                f"blob {expected} in {repository}: the bytes read from the source "
+                f"hash to {error.detail.get('actual')}"
+            ) from None
+        if held is not None:
+            yield held
+            self.stats.bytes_copied += len(held)
+
+    # ---- manifests and tags -----------------------------------------------
+
+    async def copy_manifest(self, repository: str, digest: str, depth: int = 0) -> str:
+        """Copy a manifest and whatever it requires that the target lacks.
+
+        Returns "present", "copied" or "gone" (skipped: the source no longer
+        has the manifest or something it requires).
+        """
+        if await self.target.has_manifest(repository, digest):
+            return "present"
+        if depth > MAX_MANIFEST_DEPTH:
+            raise MirrorError(
+                f"manifest {digest} in {repository} nests indexes deeper than "
+                f"{MAX_MANIFEST_DEPTH} levels"
+            )
+        fetched = await self.source.get_manifest(repository, digest)
+        if fetched is None:
+            log.info(
+                "manifest_skipped",
+                repository=repository,
+                digest=digest,
+                reason="no longer on the source",
+            )
+            return "gone"
+        media_type, raw = fetched
+        expected = Digest.parse(digest)
+        if Digest.of(raw, expected.algorithm) != expected:
+            raise TransientError(
+                f"manifest {digest} in {repository}: the bytes read from the "
+                "source have another digest"
+            )
+        try:
+            manifest = parse_manifest(raw, media_type, algorithm=expected.algorithm)
+        except RegistryError as error:
+            raise MirrorError(
+                f"manifest {digest} in {repository} does not parse: {error}"
+            ) from None
+
+        for reference in manifest.references():
+            if not reference.required:
+                continue
+            child = str(reference.descriptor.digest)
+            if reference.kind == "manifest":
+                outcome = await self.copy_manifest(repository, child, depth + 1)
+            else:
+                outcome = await self.copy_blob(repository, child)
+            if outcome == "gone":
+                log.info(
+                    "manifest_skipped",
+                    repository=repository,
+                    digest=digest,
+                    reason=f"its {reference.kind} {child} is no longer on the source",
+                )
+                return "gone"
+
+        await self.target.put_manifest(repository, digest, manifest.media_type, raw)
+        self.stats.manifests_copied += 1
+        log.debug("manifest_copied", repository=repository, digest=digest)
+        return "copied"
+
+    async def set_tag(self, repository: str, tag: str, digest: str) -> str:
+        if await self.target.tagged_digest(repository, tag) == digest:
+            return "present"
+        if await self.copy_manifest(repository, digest) == "gone":
+            log.info(
+                "tag_skipped",
+                repository=repository,
+                tag=tag,
+                digest=digest,
+                reason="its manifest is no longer on the source",
+            )
+            return "gone"
+        await self.target.set_tag(repository, tag, digest)
+        log.debug("tag_set", repository=repository, tag=tag, digest=digest)
+        return "tagged"

@@ -1,0 +1,99 @@
+"""Command-line options of `cairn mirror`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from engine.config import env_default
+
+
+def add_mirror_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="base URL of the cairn registry to copy from, e.g. http://127.0.0.1:5000",
+    )
+    parser.add_argument(
+        "--target",
+        required=True,
+        help="base URL of the registry to copy to (cairn or any OCI registry), "
+        "or oci:DIR for an OCI image layout per repository under DIR",
+    )
+    parser.add_argument(
+        "--repositories",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="GLOB",
+        help="mirror only repositories matching one of these shell patterns, "
+        "e.g. 'library/*'; default: every repository",
+    )
+
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="exit after catching up with the source's head instead of following",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="file that records the last applied position, to resume from; "
+        "default: none, so every run replays from position 0",
+    )
+
+    parser.add_argument(
+        "--nats",
+        dest="nats_url",
+        default=env_default("NATS_URL"),
+        help="NATS server of the source, to follow new events as they happen "
+        "(env CAIRN_NATS_URL); without it, or while it is unreachable, the "
+        "mirror polls the HTTP feed",
+    )
+    parser.add_argument(
+        "--stream",
+        default=env_default("NATS_STREAM", "CAIRN"),
+        help="JetStream stream of the source's events (env CAIRN_NATS_STREAM; "
+        "default CAIRN)",
+    )
+    parser.add_argument(
+        "--subject-prefix",
+        default=env_default("NATS_SUBJECT_PREFIX", "cairn"),
+        help="first subject token of the source's events "
+        "(env CAIRN_NATS_SUBJECT_PREFIX; default cairn)",
+    )
+
+    parser.add_argument(
+        "--propagate-deletes",
+        action="store_true",
+        help="also delete tags, manifests and blobs on the target when the "
+        "source deletes them; default: deletes are not copied",
+    )
+
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=2.0,
+        help="seconds between reads of the HTTP feed when NATS is not used (default 2)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a connection or for the next bytes of an "
+        "answer, on source and target (default 60)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=8,
+        help="attempts per event after timeouts and 5xx or 429 responses, with "
+        "exponential backoff, before the mirror stops with status 1 (default 8)",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=["auto", "line", "log", "none"],
+        default="auto",
+        help="progress reports: a rewritten line on standard error, log lines, "
+        "or none; auto picks the line on a terminal (default auto)",
+    )

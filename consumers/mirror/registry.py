@@ -1,0 +1,237 @@
+"""A client for the OCI Distribution API (v1.1), the mirror's only way in or
+out of a registry.
+
+Every method raises TransientError for failures worth retrying (status
+408, 425, 429 or 5xx, timeouts and dropped connections) and MirrorError for
+other unexpected responses, with the registry's error body in the message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote
+
+import httpx
+
+from consumers.mirror.errors import MirrorError, SourceGone, TransientError
+from engine.domain.manifests import MANIFEST_MEDIA_TYPES
+
+CHUNK_SIZE: Final = 1024 * 1024
+ERROR_BODY_LIMIT: Final = 300
+MANIFEST_ACCEPT: Final = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
+_RETRYABLE: Final = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStream:
+    """A blob being read: its size when the registry sent one, and its bytes."""
+
+    size: int | None
+    chunks: AsyncIterator[bytes]
+
+
+class RegistryClient:
+    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.client = client
+
+    def url(self, repository: str, *parts: str) -> str:
+        path = "/".join(quote(part, safe=":") for part in parts)
+        return f"{self.base_url}/v2/{quote(repository)}/{path}"
+
+    async def _request(
+        self, method: str, url: str, what: str, **kwargs: object
+    ) -> httpx.Response:
+        try:
+            response = await self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
+        except httpx.TransportError as error:
+            raise TransientError(f"{what}: {error or type(error).__name__}") from error
+        return response
+
+    # ---- blobs -----------------------------------------------------------
+
+    async def blob_exists(self, repository: str, digest: str) -> bool:
+        what = f"HEAD blob {digest} in {repository}"
+        response = await self._request(
+            "HEAD", self.url(repository, "blobs", digest), what
+        )
+        if response.status_code == 404:
+            return False
+        check(response, what)
+        return True
+
+    @asynccontextmanager
+    async def open_blob(
+        self, repository: str, digest: str
+    ) -> AsyncIterator[BlobStream]:
+        """Stream a blob; raise SourceGone when the repository no longer has it."""
+        what = f"GET blob {digest} in {repository}"
+        request = self.client.build_request(
+            "GET", self.url(repository, "blobs", digest)
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError as error:
+            raise TransientError(f"{what}: {error or type(error).__name__}") from error
+        try:
+            if response.status_code == 404:
+                raise SourceGone(f"{what}: not found")
+            if response.status_code >= 300:
+                await response.aread()
+            check(response, what)
+            length = response.headers.get("Content-Length", "")
+            size = int(length) if length.isdigit() else None
+            yield BlobStream(size, _chunks(response, what))
+        finally:
+            await response.aclose()
+
+    async def start_upload(
+        self, repository: str, mount: str | None = None, source: str | None = None
+    ) -> tuple[bool, str]:
+        """Start an upload, or mount ``mount`` from ``source`` when given.
+
+        Returns (True, blob URL) when the registry mounted the blob, and
+        (False, upload URL) when an upload session is open instead.
+        """
+        params = {"mount": mount, "from": source} if mount and source else None
+        what = f"POST upload in {repository}"
+        response = await self._request(
+            "POST", self.url(repository, "blobs", "uploads", ""), what, params=params
+        )
+        check(response, what)
+        location = response.headers.get("Location")
+        if response.status_code == 201:
+            return True, location or ""
+        if response.status_code != 202 or not location:
+            raise MirrorError(
+                f"{what}: expected 202 with a Location header, got "
+                f"{response.status_code}"
+            )
+        return False, str(response.url.join(location))
+
+    async def finish_upload(
+        self, location: str, digest: str, size: int | None, chunks: AsyncIterator[bytes]
+    ) -> None:
+        """Send the whole blob in one PUT and check the digest the registry stored."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        what = f"PUT upload of {digest}"
+        # The upload URL may carry state in its query (Distribution's _state);
+        # the digest joins it rather than replacing it.
+        url = httpx.URL(location).copy_merge_params({"digest": digest})
+        response = await self._request(
+            "PUT", str(url), what, content=chunks, headers=headers
+        )
+        check(response, what)
+        stored = response.headers.get("Docker-Content-Digest")
+        if stored and stored != digest:
+            raise MirrorError(f"{what}: the registry stored it as {stored}")
+
+    async def cancel_upload(self, location: str) -> None:
+        # A registry expires abandoned uploads itself, so a failure is harmless.
+        with contextlib.suppress(httpx.TransportError):
+            await self.client.delete(location)
+
+    async def delete_blob(self, repository: str, digest: str) -> bool:
+        """Delete a blob; False when the registry does not allow deletes."""
+        return await self._delete(self.url(repository, "blobs", digest), repository)
+
+    # ---- manifests -------------------------------------------------------
+
+    async def get_manifest(
+        self, repository: str, reference: str
+    ) -> tuple[str, bytes] | None:
+        """Return the manifest's media type and exact bytes, or None if absent."""
+        what = f"GET manifest {reference} in {repository}"
+        response = await self._request(
+            "GET",
+            self.url(repository, "manifests", reference),
+            what,
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if response.status_code == 404:
+            return None
+        check(response, what)
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        return media_type, response.content
+
+    async def manifest_digest(self, repository: str, reference: str) -> str | None:
+        """Return the digest a tag or digest resolves to, or None if absent."""
+        what = f"HEAD manifest {reference} in {repository}"
+        response = await self._request(
+            "HEAD",
+            self.url(repository, "manifests", reference),
+            what,
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if response.status_code == 404:
+            return None
+        check(response, what)
+        digest: str | None = response.headers.get("Docker-Content-Digest")
+        if not digest:
+            raise MirrorError(f"{what}: the response has no Docker-Content-Digest")
+        return digest
+
+    async def put_manifest(
+        self, repository: str, reference: str, media_type: str, raw: bytes
+    ) -> str | None:
+        """PUT a manifest by tag or digest; return the digest the registry reports."""
+        what = f"PUT manifest {reference} in {repository}"
+        response = await self._request(
+            "PUT",
+            self.url(repository, "manifests", reference),
+            what,
+            content=raw,
+            headers={"Content-Type": media_type},
+        )
+        check(response, what)
+        stored: str | None = response.headers.get("Docker-Content-Digest")
+        return stored
+
+    async def delete_manifest(self, repository: str, reference: str) -> bool:
+        """Delete a manifest or tag; False when the registry does not allow it."""
+        return await self._delete(
+            self.url(repository, "manifests", reference), repository
+        )
+
+    async def _delete(self, url: str, repository: str) -> bool:
+        what = f"DELETE {url.removeprefix(self.base_url)}"
+        response = await self._request("DELETE", url, what)
+        if response.status_code in (200, 202, 204, 404):
+            return True
+        if response.status_code in (400, 405):
+            return False
+        check(response, what)
+        return True
+
+
+def check(response: httpx.Response, what: str) -> None:
+    """Raise for a response whose status is not 2xx."""
+    status = response.status_code
+    if status < 300:
+        return
+    detail = _error_text(response)
+    message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status in _RETRYABLE or status >= 500:
+        raise TransientError(message)
+    raise MirrorError(message)
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return response.text[:ERROR_BODY_LIMIT].strip()
+    except httpx.ResponseNotRead:
+        return ""
+
+
+async def _chunks(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.aiter_bytes(CHUNK_SIZE):
+            yield chunk
+    except httpx.TransportError as error:
+        raise TransientError(f"{what}: {error or type(error).__name__}") from error

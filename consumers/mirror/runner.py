@@ -1,0 +1,189 @@
+"""The mirror's main loop: replay the feed, then follow NATS or poll.
+
+The position is the last source event the mirror has dealt with: applied,
+or skipped because its repository is not mirrored. It is checkpointed
+after every applied event and at the end of every page, so a restart
+repeats at most the event that was in progress, which is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import structlog
+
+from consumers.backoff import retry_delay
+from consumers.globs import matches_any
+from consumers.mirror.checkpoint import Checkpoint
+from consumers.mirror.copier import Copier, Stats
+from consumers.mirror.errors import MirrorError, TransientError
+from consumers.mirror.feed import FeedClient, FeedPage
+from consumers.mirror.live import LiveEvents
+from consumers.mirror.progress import Progress
+from engine.domain.events import EventType
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# With NATS following, the feed is still read this often, in case the
+# source's relay is behind or messages were lost.
+RESYNC_INTERVAL: Final = 30.0
+RETRY_INITIAL: Final = 0.5
+RETRY_MAX: Final = 30.0
+
+_EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    repositories: tuple[str, ...] = ()
+    once: bool = False
+    poll_interval: float = 2.0
+    retries: int = 8
+
+
+class MirrorRunner:
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        feed: FeedClient,
+        copier: Copier,
+        checkpoint: Checkpoint,
+        progress: Progress,
+        live: LiveEvents | None,
+    ) -> None:
+        self.settings = settings
+        self.feed = feed
+        self.copier = copier
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.live = live
+        self.stats: Stats = copier.stats
+        self.position = checkpoint.position
+
+    def mirrored(self, repository: str) -> bool:
+        return matches_any(repository, self.settings.repositories)
+
+    async def run(self) -> None:
+        """Catch up, then follow until cancelled (or return, with ``once``)."""
+        log.info(
+            "mirror_started",
+            source=self.checkpoint.source,
+            target=self.checkpoint.target,
+            position=self.position,
+            repositories=list(self.settings.repositories) or None,
+        )
+        if self.live is not None and not self.settings.once:
+            self.live.start()
+        await self.catch_up()
+        log.info(
+            "mirror_caught_up",
+            position=self.position,
+            applied=self.stats.applied,
+            skipped=self.stats.skipped,
+            bytes_copied=self.stats.bytes_copied,
+        )
+        if self.settings.once:
+            return
+        while True:
+            event = await self._next_live_event()
+            if event is None:
+                await self.catch_up()
+                continue
+            position = event["position"]
+            if position <= self.position:
+                continue
+            if position > self.position + 1:
+                # Missed messages: the feed has them, and this one too.
+                await self.catch_up()
+                continue
+            await self.process(event)
+            self.progress.update(self.position, position)
+
+    async def _next_live_event(self) -> dict[str, Any] | None:
+        live = self.live
+        if live is None or not live.subscribed.is_set():
+            await asyncio.sleep(self.settings.poll_interval)
+            return None
+        try:
+            return await asyncio.wait_for(live.queue.get(), RESYNC_INTERVAL)
+        except TimeoutError:
+            return None
+
+    async def catch_up(self) -> None:
+        """Apply feed pages until a page reaches the head it reports."""
+        while True:
+            page = await self._retrying(
+                lambda: self.feed.page(self.position), "read the event feed"
+            )
+            for event in page.events:
+                await self.process(event)
+            await self._advance(page)
+            self.progress.update(self.position, page.head)
+            if not page.events or self.position >= page.head:
+                return
+
+    async def _advance(self, page: FeedPage) -> None:
+        if page.next_after > self.position:
+            self.position = page.next_after
+        if self.checkpoint.position != self.position:
+            await self.checkpoint.save(self.position)
+
+    async def process(self, event: dict[str, Any]) -> None:
+        position = int(event["position"])
+        if position <= self.position:
+            return
+        if event.get("type") not in _EVENT_TYPES:
+            log.warning(
+                "event_type_unknown",
+                position=position,
+                type=event.get("type"),
+                note="written by a newer cairn; upgrade the mirror",
+            )
+            self.stats.skipped += 1
+            self.position = position
+            return
+        if not self.mirrored(event["repository"]):
+            self.stats.skipped += 1
+            self.position = position
+            return
+
+        outcome = await self._retrying(
+            lambda: self.copier.apply(event), f"apply event {position}"
+        )
+        self.stats.applied += 1
+        self.position = position
+        await self.checkpoint.save(position)
+        self.progress.update(position)
+        log.debug(
+            "event_applied",
+            position=position,
+            type=event["type"],
+            repository=event["repository"],
+            outcome=outcome,
+        )
+
+    async def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await step()
+            except TransientError as error:
+                if attempt >= self.settings.retries:
+                    raise MirrorError(
+                        f"gave up after {attempt} attempts to {what}: {error}"
+                    ) from error
+                delay = retry_delay(attempt, RETRY_INITIAL, RETRY_MAX)
+                log.warning(
+                    "mirror_retrying",
+                    step=what,
+                    attempt=attempt,
+                    error=str(error),
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay)

@@ -1,0 +1,154 @@
+"""Entry points of `cairn webhook` and `cairn webhook dead-letters`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from consumers.natsclient import NATS_ERRORS, connect_once
+from consumers.webhook.config import ConfigError, WebhookConfig, load_config
+from consumers.webhook.dead_letters import DeadLetter, DeadLetterStore
+from consumers.webhook.delivery import build_request, http_client, send
+from consumers.webhook.lookup import ManifestLookup
+from consumers.webhook.options import nats_url_from
+from consumers.webhook.payloads import ManifestFacts
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the webhook command that ``args`` selects; return the exit status."""
+    config_path: Path | None = getattr(args, "config", None)
+    if config_path is None:
+        print("cairn webhook: --config FILE is required", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        print(f"cairn webhook: {error}", file=sys.stderr)
+        return 2
+    nats_url = nats_url_from(args, config.nats_url)
+
+    if args.webhook_command is None:
+        from consumers.webhook.service import run_webhook
+
+        return asyncio.run(run_webhook(config, nats_url))
+    try:
+        if args.dead_letters_command == "list":
+            return asyncio.run(_list(config, nats_url, args, sys.stdout))
+        return asyncio.run(_redeliver(config, nats_url, args, sys.stdout))
+    except ConnectionError as error:
+        print(f"cairn webhook: {error}", file=sys.stderr)
+        return 1
+
+
+def _selected(letter: DeadLetter, args: argparse.Namespace) -> bool:
+    return not args.event_id or letter.event_id in args.event_id
+
+
+async def _list(
+    config: WebhookConfig, nats_url: str, args: argparse.Namespace, out: TextIO
+) -> int:
+    client = await connect_once(nats_url, "cairn webhook dead-letters")
+    try:
+        store = DeadLetterStore(
+            client.jetstream(), config.dead_letter_stream, config.dead_letter_prefix
+        )
+        count = 0
+        async for letter in store.list(args.endpoint):
+            if not _selected(letter, args):
+                continue
+            count += 1
+            if args.json:
+                out.write(json.dumps(letter.to_json(), separators=(",", ":")) + "\n")
+            else:
+                out.write(_format(letter) + "\n")
+        if not args.json:
+            out.write(f"{count} dead letter(s)\n")
+        return 0
+    finally:
+        await client.close()
+
+
+def _format(letter: DeadLetter) -> str:
+    event = letter.event
+    return "  ".join(
+        [
+            f"{letter.sequence:>6}",
+            letter.failed_at,
+            letter.endpoint,
+            letter.event_id,
+            f"position={event.get('position', '?')}",
+            str(event.get("type", "?")),
+            str(event.get("repository", "?")),
+            f"attempts={letter.attempts}",
+            f"error={letter.error}" if letter.error else "",
+        ]
+    ).rstrip()
+
+
+async def _redeliver(
+    config: WebhookConfig, nats_url: str, args: argparse.Namespace, out: TextIO
+) -> int:
+    """POST each selected dead letter once, and remove those that got a 2xx.
+
+    Dead letters of endpoints no longer in the configuration are kept and
+    reported, and so are the ones that fail again.
+    """
+    client = await connect_once(nats_url, "cairn webhook dead-letters")
+    lookup = ManifestLookup(config.registry_url) if config.registry_url else None
+    delivered = failed = 0
+    try:
+        store = DeadLetterStore(
+            client.jetstream(), config.dead_letter_stream, config.dead_letter_prefix
+        )
+        letters = [
+            letter
+            async for letter in store.list(args.endpoint)
+            if _selected(letter, args)
+        ]
+        for letter in letters:
+            endpoint = config.endpoint(letter.endpoint)
+            if endpoint is None:
+                out.write(
+                    f"kept {letter.event_id}: endpoint {letter.endpoint!r} is not "
+                    "in the configuration\n"
+                )
+                failed += 1
+                continue
+            facts: ManifestFacts | None = None
+            digest = (letter.event.get("payload") or {}).get("digest")
+            if (
+                lookup is not None
+                and letter.event.get("type") == "tag.set"
+                and isinstance(digest, str)
+            ):
+                facts = await lookup.facts(str(letter.event.get("repository")), digest)
+            request = build_request(endpoint, letter.event, config.registry_url, facts)
+            async with http_client(endpoint) as http:
+                outcome = await send(http, endpoint, request, letter.attempts + 1)
+            if outcome.delivered:
+                try:
+                    await store.remove(letter.sequence)
+                except NATS_ERRORS as error:
+                    out.write(
+                        f"delivered {letter.event_id} to {endpoint.name} but could "
+                        f"not remove dead letter {letter.sequence}: {error}\n"
+                    )
+                    failed += 1
+                    continue
+                delivered += 1
+                out.write(f"delivered {letter.event_id} to {endpoint.name}\n")
+            else:
+                failed += 1
+                out.write(
+                    f"failed {letter.event_id} to {endpoint.name}: {outcome.error}\n"
+                )
+    finally:
+        if lookup is not None:
+            await lookup.aclose()
+        await client.close()
+    out.write(f"{delivered} redelivered, {failed} kept\n")
+    return 0 if failed == 0 else 1

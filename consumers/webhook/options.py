@@ -1,0 +1,71 @@
+"""Command-line options of `cairn webhook` and `cairn webhook dead-letters`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from consumers import DEFAULT_NATS_URL
+from engine.config import env_default
+
+
+def add_webhook_options(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser, argparse.SUPPRESS)
+    commands = parser.add_subparsers(
+        dest="webhook_command", metavar="COMMAND", required=False
+    )
+    dead_letters = commands.add_parser(
+        "dead-letters", help="list or redeliver events that exhausted their attempts"
+    )
+    dead_letter_commands = dead_letters.add_subparsers(
+        dest="dead_letters_command", metavar="COMMAND", required=True
+    )
+
+    listing = dead_letter_commands.add_parser("list", help="print the dead letters")
+    _add_common(listing, argparse.SUPPRESS)
+    _add_selection(listing)
+    listing.add_argument(
+        "--json", action="store_true", help="print one JSON object per line"
+    )
+
+    redeliver = dead_letter_commands.add_parser(
+        "redeliver",
+        help="send dead letters to their endpoints again, once each; each one "
+        "delivered is removed",
+    )
+    _add_common(redeliver, argparse.SUPPRESS)
+    _add_selection(redeliver)
+
+
+def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+    # The same options on `webhook` and on each dead-letters command; the
+    # inner ones default to SUPPRESS so that they do not hide outer values.
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help="TOML file with the NATS settings and the [[endpoints]]",
+    )
+    parser.add_argument(
+        "--nats",
+        dest="nats_url",
+        default=default,
+        help="NATS server URL, e.g. nats://127.0.0.1:4222 (env CAIRN_NATS_URL); "
+        "overrides [nats] url; default nats://127.0.0.1:4222",
+    )
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", help="only the dead letters of this endpoint")
+    parser.add_argument(
+        "--event-id",
+        action="append",
+        default=[],
+        help="only the dead letter of this event id (repeatable)",
+    )
+
+
+def nats_url_from(args: argparse.Namespace, configured: str | None) -> str:
+    """Pick the NATS URL: --nats, CAIRN_NATS_URL, the file's [nats] url, loopback."""
+    given = getattr(args, "nats_url", None)
+    return given or env_default("NATS_URL") or configured or DEFAULT_NATS_URL

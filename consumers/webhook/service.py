@@ -1,0 +1,79 @@
+"""`cairn webhook`: one delivery task per endpoint until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import structlog
+
+from consumers.natsclient import NATS_ERRORS, connect
+from consumers.webhook.config import WebhookConfig
+from consumers.webhook.dead_letters import DeadLetterStore
+from consumers.webhook.lookup import ManifestLookup
+from consumers.webhook.worker import EndpointWorker
+from engine.bus.connection import redact_url
+
+log = structlog.get_logger(__name__)
+
+
+async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
+    """Deliver events until a signal arrives; return the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    log.info(
+        "webhook_starting",
+        nats_url=redact_url(nats_url),
+        endpoints=[endpoint.name for endpoint in config.endpoints],
+    )
+    connecting = asyncio.create_task(connect(nats_url, "cairn webhook"))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        log.info("webhook_stopped", status=0)
+        return 0
+    client = connecting.result()
+
+    js = client.jetstream()
+    dead_letters = DeadLetterStore(
+        js, config.dead_letter_stream, config.dead_letter_prefix
+    )
+    lookup = ManifestLookup(config.registry_url) if config.registry_url else None
+    workers = {
+        asyncio.create_task(
+            EndpointWorker(endpoint, config, js, dead_letters, lookup).run(),
+            name=f"cairn-webhook-{endpoint.name}",
+        ): endpoint.name
+        for endpoint in config.endpoints
+    }
+    status = 0
+    try:
+        done, _ = await asyncio.wait(
+            [stopping, *workers], return_when=asyncio.FIRST_COMPLETED
+        )
+        for worker, name in workers.items():
+            if worker in done and worker.exception() is not None:
+                # A worker only returns through a bug: NATS and HTTP errors
+                # are retried inside it.
+                log.error(
+                    "endpoint_task_failed",
+                    endpoint=name,
+                    error=repr(worker.exception()),
+                )
+                status = 1
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        stopping.cancel()
+        if lookup is not None:
+            await lookup.aclose()
+        with contextlib.suppress(*NATS_ERRORS):
+            await asyncio.wait_for(client.close(), 5.0)
+    log.info("webhook_stopped", status=status)
+    return status

@@ -1,0 +1,292 @@
+"""One endpoint's delivery loop over its durable JetStream consumer.
+
+The consumer is a pull consumer named ``cairn-webhook-<endpoint>`` with
+explicit acks and ``max_ack_pending = 1``. JetStream hands out the next
+event only when the current one is settled. So each endpoint receives its
+events in log order, one request at a time, and a restart resumes after the
+last acknowledged event. A message is settled by
+
+- ``ack`` after a 2xx response, or when the endpoint's filters skip it;
+- ``nak`` with a delay after a failed attempt: JetStream redelivers it after
+  the delay and counts the delivery, so the attempt number survives a
+  restart;
+- ``term`` once the attempts are used up and the event is a dead letter.
+
+Each endpoint runs in a task of its own with its own HTTP client, so a slow
+or failing endpoint never delays another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from typing import Any, Final
+
+import httpx
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from consumers.backoff import retry_delay
+from consumers.natsclient import NATS_ERRORS
+from consumers.webhook.config import Endpoint, WebhookConfig
+from consumers.webhook.dead_letters import DeadLetterStore
+from consumers.webhook.delivery import build_request, http_client, send
+from consumers.webhook.lookup import ManifestLookup
+from consumers.webhook.payloads import ManifestFacts, media_type_of
+from engine.domain.events import EventType
+
+log = structlog.get_logger(__name__)
+
+# How long one fetch waits for a message before asking again.
+FETCH_WAIT: Final = 5.0
+# Delays between attempts to (re)create the consumer after a NATS error.
+RESUBSCRIBE_INITIAL: Final = 0.5
+RESUBSCRIBE_MAX: Final = 30.0
+
+_EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
+
+
+class EndpointWorker:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        config: WebhookConfig,
+        js: JetStreamContext,
+        dead_letters: DeadLetterStore,
+        lookup: ManifestLookup | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.config = config
+        self.js = js
+        self.dead_letters = dead_letters
+        self.lookup = lookup
+        self.log = log.bind(endpoint=endpoint.name)
+
+    async def run(self) -> None:
+        """Deliver until cancelled; NATS errors are logged and retried."""
+        failures = 0
+        async with http_client(self.endpoint) as client:
+            while True:
+                subscription: JetStreamContext.PullSubscription | None = None
+                try:
+                    subscription = await self._subscribe()
+                    failures = 0
+                    await self._consume(subscription, client)
+                except nats.js.errors.NotFoundError:
+                    failures += 1
+                    delay = retry_delay(failures, RESUBSCRIBE_INITIAL, RESUBSCRIBE_MAX)
+                    self.log.warning(
+                        "stream_not_found",
+                        stream=self.config.stream,
+                        retry_in=round(delay, 2),
+                        hint="is cairn serve publishing to this NATS server?",
+                    )
+                    await asyncio.sleep(delay)
+                except NATS_ERRORS as error:
+                    failures += 1
+                    delay = retry_delay(failures, RESUBSCRIBE_INITIAL, RESUBSCRIBE_MAX)
+                    self.log.warning(
+                        "consumer_failed",
+                        consumer=self.endpoint.consumer_name,
+                        error=str(error) or type(error).__name__,
+                        retry_in=round(delay, 2),
+                    )
+                    await asyncio.sleep(delay)
+                finally:
+                    if subscription is not None:
+                        with contextlib.suppress(*NATS_ERRORS):
+                            await subscription.unsubscribe()
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        await self.dead_letters.ensure()
+        await ensure_consumer(self.js, self.config.stream, self.endpoint)
+        subscription = await self.js.pull_subscribe_bind(
+            durable=self.endpoint.consumer_name, stream=self.config.stream
+        )
+        self.log.info(
+            "endpoint_subscribed",
+            consumer=self.endpoint.consumer_name,
+            stream=self.config.stream,
+            url=self.endpoint.safe_url,
+            format=self.endpoint.format,
+        )
+        return subscription
+
+    async def _consume(
+        self, subscription: JetStreamContext.PullSubscription, client: httpx.AsyncClient
+    ) -> None:
+        while True:
+            try:
+                messages = await subscription.fetch(1, timeout=FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                continue
+            for message in messages:
+                await self._handle(message, client)
+
+    async def _handle(self, message: Msg, client: httpx.AsyncClient) -> None:
+        attempt = message.metadata.num_delivered or 1
+        event = _decode(message)
+        if event is None:
+            self.log.error(
+                "event_invalid",
+                sequence=message.metadata.sequence.stream,
+                note="not a cairn event; terminated without delivery",
+            )
+            await message.term()
+            return
+        ids = {
+            "event_id": event["id"],
+            "position": event.get("position"),
+            "type": event["type"],
+            "repository": event["repository"],
+        }
+        if event["type"] not in _EVENT_TYPES:
+            self.log.warning(
+                "event_type_unknown",
+                **ids,
+                note="published by a newer cairn; skipped without delivery",
+            )
+            await message.ack_sync()
+            return
+        if not self.endpoint.accepts(event["type"], event["repository"]):
+            await message.ack_sync()
+            return
+        facts = await self._facts(event)
+        if self.endpoint.ignores_media_type(media_type_of(event, facts)):
+            await message.ack_sync()
+            return
+
+        if attempt > self.endpoint.max_attempts:
+            # The last attempt was made, then the process stopped before
+            # recording its failure.
+            await self._dead_letter(message, event, attempt - 1, None, None, ids)
+            return
+        request = build_request(self.endpoint, event, self.config.registry_url, facts)
+        try:
+            outcome = await send(client, self.endpoint, request, attempt)
+        except asyncio.CancelledError:
+            # Shutting down mid-request: hand the event back at once so the
+            # next run delivers it without waiting for ack_wait.
+            with contextlib.suppress(*NATS_ERRORS):
+                await asyncio.shield(message.nak())
+            raise
+
+        if outcome.delivered:
+            await message.ack_sync()
+            self.log.info(
+                "event_delivered",
+                **ids,
+                attempt=attempt,
+                status=outcome.status,
+                seconds=outcome.seconds,
+            )
+            return
+        if attempt >= self.endpoint.max_attempts:
+            await self._dead_letter(
+                message, event, attempt, outcome.status, outcome.error, ids
+            )
+            return
+        delay = retry_delay(
+            attempt, self.endpoint.backoff_initial, self.endpoint.backoff_max
+        )
+        await message.nak(delay=delay)
+        self.log.warning(
+            "delivery_failed",
+            **ids,
+            attempt=attempt,
+            max_attempts=self.endpoint.max_attempts,
+            status=outcome.status,
+            error=outcome.error,
+            retry_in=round(delay, 2),
+        )
+
+    async def _facts(self, event: dict[str, Any]) -> ManifestFacts | None:
+        if event["type"] != EventType.TAG_SET or self.lookup is None:
+            return None
+        digest = (event.get("payload") or {}).get("digest")
+        if not isinstance(digest, str):
+            return None
+        return await self.lookup.facts(event["repository"], digest)
+
+    async def _dead_letter(
+        self,
+        message: Msg,
+        event: dict[str, Any],
+        attempts: int,
+        status: int | None,
+        error: str | None,
+        ids: dict[str, Any],
+    ) -> None:
+        await self.dead_letters.add(self.endpoint.name, event, attempts, status, error)
+        await message.term()
+        self.log.error(
+            "event_dead_lettered",
+            **ids,
+            attempts=attempts,
+            status=status,
+            error=error,
+            stream=self.dead_letters.stream,
+        )
+
+
+async def ensure_consumer(
+    js: JetStreamContext, stream: str, endpoint: Endpoint
+) -> None:
+    """Create the endpoint's durable consumer, or update its ack wait.
+
+    Where an existing consumer starts is JetStream's to keep: ``start`` only
+    applies when the consumer is created.
+    """
+    name = endpoint.consumer_name
+    try:
+        info = await js.consumer_info(stream, name)
+    except nats.js.errors.NotFoundError:
+        policy = DeliverPolicy.ALL if endpoint.start == "all" else DeliverPolicy.NEW
+        await js.add_consumer(
+            stream,
+            ConsumerConfig(
+                durable_name=name,
+                description=f"cairn webhook endpoint {endpoint.name}",
+                deliver_policy=policy,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=endpoint.ack_wait,
+                max_ack_pending=1,
+                max_deliver=-1,
+            ),
+        )
+        log.info(
+            "consumer_created",
+            consumer=name,
+            stream=stream,
+            deliver_policy=str(policy.value),
+        )
+        return
+    current = info.config
+    if (
+        not math.isclose(current.ack_wait or 0.0, endpoint.ack_wait, rel_tol=1e-6)
+        or current.max_ack_pending != 1
+    ):
+        current.ack_wait = endpoint.ack_wait
+        current.max_ack_pending = 1
+        await js.add_consumer(stream, current)
+        log.info(
+            "consumer_updated", consumer=name, stream=stream, ack_wait=endpoint.ack_wait
+        )
+
+
+def _decode(message: Msg) -> dict[str, Any] | None:
+    try:
+        event = json.loads(message.data)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    if not all(isinstance(event.get(key), str) for key in ("id", "type", "repository")):
+        return None
+    return event

@@ -1,0 +1,601 @@
+"""`cairn mirror` end to end: real cairn servers, Distribution's
+docker-registry and skopeo, every one on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.api.app import create_app
+from engine.bus import Bus
+from engine.domain.digest import Digest
+from engine.migrate import upgrade
+from engine.registry import Registry
+from tests.images import Image, make_artifact, make_image, make_index
+from tests.nats import (
+    BusThread,
+    NatsServer,
+    fast_settings,
+    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
+    wait_until,
+)
+from tests.server import ServeProcess, push_image, running, start_serve
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
+WAIT = 60.0
+
+needs_skopeo = pytest.mark.skipif(
+    shutil.which("skopeo") is None, reason="skopeo is not installed"
+)
+needs_docker_registry = pytest.mark.skipif(
+    not DOCKER_REGISTRY.exists(), reason="Debian's docker-registry is not installed"
+)
+
+
+# ---- servers --------------------------------------------------------------------
+
+
+def serve_cairn(directory: Path) -> ServeProcess:
+    directory.mkdir(parents=True)
+    data_dir = directory / "data"
+    data_dir.mkdir()
+    return start_serve(
+        data_dir, f"sqlite:///{directory / 'cairn.db'}", directory / "serve.log"
+    )
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[ServeProcess]:
+    served = serve_cairn(tmp_path / "source")
+    try:
+        yield served
+    finally:
+        served.kill()
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[ServeProcess]:
+    served = serve_cairn(tmp_path / "target")
+    try:
+        yield served
+    finally:
+        served.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def docker_registry(directory: Path) -> Iterator[str]:
+    """Run Distribution's registry with filesystem storage and deletes enabled."""
+    directory.mkdir(parents=True)
+    port = free_port()
+    config = directory / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        "storage:\n"
+        f"  filesystem:\n    rootdirectory: {directory / 'storage'}\n"
+        "  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    with (directory / "registry.log").open("ab") as log_file:
+        process = subprocess.Popen(
+            [str(DOCKER_REGISTRY), "serve", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise AssertionError((directory / "registry.log").read_text()[-2000:])
+        try:
+            return httpx.get(f"{url}/v2/", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(answers, WAIT)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def cairn_on_nats(directory: Path, nats_url: str) -> Iterator[str]:
+    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``."""
+    data_dir = directory / "data"
+    data_dir.mkdir(parents=True)
+    registry = Registry.open(data_dir, f"sqlite:///{directory / 'cairn.db'}")
+    upgrade(registry.database)
+    bus = Bus(fast_settings(nats_url), registry.database, data_dir)
+    try:
+        with BusThread(bus), running(create_app(registry, bus)) as server:
+            yield server.url
+    finally:
+        registry.database.dispose()
+
+
+# ---- the mirror -----------------------------------------------------------------
+
+
+def mirror_argv(source: str, target: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "--log-format",
+        "json",
+        "mirror",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--progress",
+        "log",
+        *extra,
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+
+
+def run_mirror(
+    source: str, target: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        mirror_argv(source, target, "--once", *extra),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def start_mirror(
+    source: str, target: str, log_path: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            mirror_argv(source, target, *extra),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            cwd=REPO_ROOT,
+            env=clean_env(),
+        )
+
+
+def log_events(text: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+# ---- skopeo ---------------------------------------------------------------------
+
+
+def skopeo(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["skopeo", *argv], capture_output=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+
+
+def docker_ref(url: str, repository: str, tag: str | None = None) -> str:
+    host = url.removeprefix("http://")
+    return f"docker://{host}/{repository}" + (f":{tag}" if tag else "")
+
+
+def list_tags(url: str, repository: str) -> list[str]:
+    result = skopeo("list-tags", "--tls-verify=false", docker_ref(url, repository))
+    assert result.returncode == 0, result.stderr.decode()
+    return sorted(json.loads(result.stdout)["Tags"])
+
+
+def raw_manifest(url: str, repository: str, tag: str) -> bytes:
+    result = skopeo(
+        "inspect", "--raw", "--tls-verify=false", docker_ref(url, repository, tag)
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def assert_same_tags(source: str, target: str, repositories: list[str]) -> None:
+    """Assert that skopeo lists the same tags on both sides, with the same digests."""
+    for repository in repositories:
+        tags = list_tags(source, repository)
+        assert list_tags(target, repository) == tags, repository
+        for tag in tags:
+            expected = raw_manifest(source, repository, tag)
+            copied = raw_manifest(target, repository, tag)
+            assert sha256(copied) == sha256(expected), f"{repository}:{tag}"
+
+
+def manifest_status(url: str, repository: str, reference: str) -> int:
+    response = httpx.head(
+        f"{url}/v2/{repository}/manifests/{reference}",
+        headers={
+            "Accept": "application/vnd.oci.image.manifest.v1+json, "
+            "application/vnd.oci.image.index.v1+json, "
+            "application/vnd.docker.distribution.manifest.v2+json"
+        },
+    )
+    return response.status_code
+
+
+def head_position(url: str) -> int:
+    return int(httpx.get(f"{url}/_cairn/events", params={"limit": 1}).json()["head"])
+
+
+# ---- content on the source ------------------------------------------------------
+
+
+def put_manifest(
+    client: httpx.Client, repository: str, reference: str, image: Image | bytes
+) -> None:
+    raw = image.manifest if isinstance(image, Image) else image
+    media_type = (
+        image.media_type if isinstance(image, Image) else json.loads(raw)["mediaType"]
+    )
+    response = client.put(
+        f"/v2/{repository}/manifests/{reference}",
+        content=raw,
+        headers={"Content-Type": media_type},
+    )
+    assert response.status_code == 201, response.text
+
+
+def mount_blob(
+    client: httpx.Client, repository: str, digest: Digest, origin: str
+) -> None:
+    response = client.post(
+        f"/v2/{repository}/blobs/uploads/",
+        params={"mount": str(digest), "from": origin},
+    )
+    assert response.status_code == 201, response.text
+
+
+def populate(url: str) -> dict[str, Any]:
+    """Push, mount, retag and delete on the source; return what was pushed."""
+    first = make_image(layer_count=2, layer_size=4096)
+    docker = make_image(docker=True)
+    arm = make_image()
+    index = make_index([first, arm])
+    doomed = make_image()
+    with httpx.Client(base_url=url) as client:
+        push_image(client, "library/app", first, "v1")
+        push_image(client, "library/app", docker, "v2")
+        push_image(client, "library/app", arm)
+        put_manifest(client, "library/app", "multi", index)
+        # Retag: v1 moves to the Docker image, stable keeps the first one.
+        put_manifest(client, "library/app", "stable", first)
+        put_manifest(client, "library/app", "v1", docker)
+        # A second repository whose blobs arrive by cross-repository mount.
+        for blob in first.blobs:
+            mount_blob(client, "team/app", Digest.of(blob), "library/app")
+        put_manifest(client, "team/app", "latest", first)
+        # Pushed, tagged, then deleted: a manifest the mirror must skip.
+        push_image(client, "library/app", doomed, "doomed")
+        response = client.delete(f"/v2/library/app/manifests/{doomed.digest}")
+        assert response.status_code == 202, response.text
+    return {"first": first, "docker": docker, "index": index, "doomed": doomed}
+
+
+# ---- tests ----------------------------------------------------------------------
+
+
+@needs_skopeo
+def test_mirror_cairn_to_cairn(source: ServeProcess, target: ServeProcess) -> None:
+    pushed = populate(source.url)
+
+    result = run_mirror(source.url, target.url, "--propagate-deletes")
+
+    assert_same_tags(source.url, target.url, ["library/app", "team/app"])
+    assert list_tags(target.url, "library/app") == ["multi", "stable", "v1", "v2"]
+    assert (
+        manifest_status(target.url, "library/app", str(pushed["doomed"].digest)) == 404
+    )
+    index_digest = sha256(pushed["index"])
+    assert manifest_status(target.url, "library/app", index_digest) == 200
+    events = [line["event"] for line in log_events(result.stderr)]
+    assert "mirror_caught_up" in events
+    assert "manifest_skipped" in events
+
+
+@needs_skopeo
+@needs_docker_registry
+def test_mirror_cairn_to_docker_registry(tmp_path: Path, source: ServeProcess) -> None:
+    pushed = populate(source.url)
+
+    with docker_registry(tmp_path / "registry") as registry_url:
+        run_mirror(source.url, registry_url, "--propagate-deletes")
+
+        assert_same_tags(source.url, registry_url, ["library/app", "team/app"])
+        doomed = str(pushed["doomed"].digest)
+        assert manifest_status(registry_url, "library/app", doomed) == 404
+        # A second run finds everything in place and changes nothing.
+        run_mirror(source.url, registry_url, "--propagate-deletes")
+        assert_same_tags(source.url, registry_url, ["library/app", "team/app"])
+
+
+@needs_skopeo
+def test_mirror_propagates_tag_deletes(
+    source: ServeProcess, target: ServeProcess, tmp_path: Path
+) -> None:
+    image = make_image()
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", image, "keep")
+        put_manifest(client, "library/app", "drop", image)
+    checkpoint = tmp_path / "checkpoint.json"
+    run_mirror(source.url, target.url, "--checkpoint", str(checkpoint))
+    assert list_tags(target.url, "library/app") == ["drop", "keep"]
+
+    response = httpx.delete(f"{source.url}/v2/library/app/manifests/drop")
+    assert response.status_code == 202, response.text
+    run_mirror(source.url, target.url, "--checkpoint", str(checkpoint))
+    # Without --propagate-deletes the target keeps the tag.
+    assert list_tags(target.url, "library/app") == ["drop", "keep"]
+
+    checkpoint.unlink()
+    run_mirror(
+        source.url, target.url, "--checkpoint", str(checkpoint), "--propagate-deletes"
+    )
+    assert list_tags(target.url, "library/app") == ["keep"]
+    saved = json.loads(checkpoint.read_text())
+    assert saved["position"] == head_position(source.url)
+    assert saved["source"] == source.url
+    assert saved["target"] == target.url
+
+
+def test_mirror_filters_repositories(
+    source: ServeProcess, target: ServeProcess
+) -> None:
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", make_image(), "v1")
+        push_image(client, "private/app", make_image(), "v1")
+
+    run_mirror(source.url, target.url, "--repositories", "library/*")
+
+    assert manifest_status(target.url, "library/app", "v1") == 200
+    assert manifest_status(target.url, "private/app", "v1") == 404
+
+
+@needs_skopeo
+def test_mirror_converges_after_kill(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    images = [make_image(layer_count=2, layer_size=8 * 1024 * 1024) for _ in range(3)]
+    with httpx.Client(base_url=source.url, timeout=60) as client:
+        for number, image in enumerate(images):
+            push_image(client, "library/big", image, f"v{number}")
+    head = head_position(source.url)
+    checkpoint = tmp_path / "checkpoint.json"
+
+    mirror = start_mirror(
+        source.url,
+        target.url,
+        tmp_path / "mirror-killed.log",
+        "--once",
+        "--checkpoint",
+        str(checkpoint),
+    )
+    try:
+
+        def started_copying() -> bool:
+            if mirror.poll() is not None:
+                return True
+            if not checkpoint.exists():
+                return False
+            return json.loads(checkpoint.read_text())["position"] >= 1
+
+        wait_until(started_copying, WAIT, interval=0.01)
+    finally:
+        if mirror.poll() is None:
+            os.kill(mirror.pid, signal.SIGKILL)
+        mirror.wait(10)
+    # The kill landed before the mirror finished: the copy was interrupted.
+    assert mirror.returncode == -signal.SIGKILL
+    killed_at = json.loads(checkpoint.read_text())["position"]
+    assert 1 <= killed_at < head
+
+    run_mirror(source.url, target.url, "--checkpoint", str(checkpoint))
+
+    assert json.loads(checkpoint.read_text())["position"] == head
+    assert_same_tags(source.url, target.url, ["library/big"])
+    for image in images:
+        for blob in image.blobs:
+            response = httpx.head(
+                f"{target.url}/v2/library/big/blobs/{Digest.of(blob)}"
+            )
+            assert response.status_code == 200
+            assert int(response.headers["Content-Length"]) == len(blob)
+
+
+@needs_skopeo
+def test_mirror_to_oci_layout(tmp_path: Path, source: ServeProcess) -> None:
+    pushed = populate(source.url)
+    layout = tmp_path / "layout"
+
+    run_mirror(source.url, f"oci:{layout}", "--propagate-deletes")
+
+    app = layout / "library" / "app"
+    assert json.loads((app / "oci-layout").read_text()) == {
+        "imageLayoutVersion": "1.0.0"
+    }
+    index = json.loads((app / "index.json").read_text())
+    tags = {
+        entry["annotations"]["org.opencontainers.image.ref.name"]: entry["digest"]
+        for entry in index["manifests"]
+        if "annotations" in entry
+    }
+    assert tags == {
+        "v1": str(pushed["docker"].digest),
+        "v2": str(pushed["docker"].digest),
+        "stable": str(pushed["first"].digest),
+        "multi": sha256(pushed["index"]),
+    }
+    assert str(pushed["doomed"].digest) not in {e["digest"] for e in index["manifests"]}
+
+    copied = tmp_path / "copied"
+    result = skopeo("copy", f"oci:{app}:stable", f"dir:{copied}")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (copied / "manifest.json").read_bytes() == pushed["first"].manifest
+    for blob in pushed["first"].blobs:
+        assert (copied / Digest.of(blob).encoded).read_bytes() == blob
+    # skopeo 1.9 reads only OCI media types from a layout, so the Docker
+    # image under v1 and v2 is checked by its bytes instead.
+    docker_digest = Digest.parse(tags["v2"])
+    blob_file = app / "blobs" / "sha256" / docker_digest.encoded
+    assert blob_file.read_bytes() == pushed["docker"].manifest
+    result = skopeo("inspect", "--raw", f"oci:{app}:multi")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == pushed["index"]
+    team = layout / "team" / "app"
+    result = skopeo("inspect", "--raw", f"oci:{team}:latest")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == pushed["first"].manifest
+
+
+def test_mirror_follows_by_polling(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", make_image(), "v1")
+    log_path = tmp_path / "mirror.log"
+    # Nothing listens on this port: the mirror polls the feed meanwhile.
+    unreachable = f"nats://127.0.0.1:{free_port()}"
+    mirror = start_mirror(
+        source.url,
+        target.url,
+        log_path,
+        "--poll-interval",
+        "0.1",
+        "--nats",
+        unreachable,
+    )
+    try:
+        wait_until(
+            lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
+        )
+        later = make_image()
+        with httpx.Client(base_url=source.url) as client:
+            push_image(client, "library/app", later, "v2")
+        wait_until(
+            lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
+        )
+    finally:
+        mirror.terminate()
+        status = mirror.wait(30)
+    assert status == 0
+    events = [line["event"] for line in log_events(log_path.read_text())]
+    assert "mirror_stopped" in events
+
+
+@needs_skopeo
+def test_mirror_follows_nats(
+    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+) -> None:
+    with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
+        with httpx.Client(base_url=source_url) as client:
+            push_image(client, "library/app", make_image(), "v1")
+        log_path = tmp_path / "mirror.log"
+        # A long poll interval, so that only NATS can make the mirror prompt.
+        mirror = start_mirror(
+            source_url,
+            target.url,
+            log_path,
+            "--nats",
+            nats_server.url,
+            "--poll-interval",
+            "300",
+        )
+        try:
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
+            )
+            wait_until(
+                lambda: (
+                    "nats_following"
+                    in {line["event"] for line in log_events(log_path.read_text())}
+                ),
+                WAIT,
+            )
+            artifact = make_artifact(
+                make_image(), "application/vnd.example+json", b"{}"
+            )
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v2")
+                push_image(client, "library/app", artifact, "signature")
+                response = client.delete("/v2/library/app/manifests/v1")
+                assert response.status_code == 202, response.text
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "signature") == 200,
+                WAIT,
+            )
+        finally:
+            mirror.terminate()
+            status = mirror.wait(30)
+        assert status == 0
+        # Deletes stay on the source without --propagate-deletes.
+        assert manifest_status(target.url, "library/app", "v1") == 200
+        assert list_tags(target.url, "library/app") == ["signature", "v1", "v2"]
+
+
+def test_mirror_rejects_foreign_checkpoint(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(
+        json.dumps(
+            {"source": "http://127.0.0.1:1", "target": target.url, "position": 3}
+        )
+    )
+
+    result = subprocess.run(
+        mirror_argv(source.url, target.url, "--once", "--checkpoint", str(checkpoint)),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert "belongs to the mirror from http://127.0.0.1:1" in result.stderr

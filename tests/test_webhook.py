@@ -1,0 +1,677 @@
+"""`cairn webhook` end to end: a cairn publishing to a real nats-server, the
+webhook as a subprocess, and HTTP receivers in this process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.api.app import create_app
+from engine.bus import Bus
+from engine.migrate import upgrade
+from engine.registry import Registry
+from tests.images import make_image
+from tests.nats import (
+    BusThread,
+    NatsServer,
+    fast_settings,
+    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
+    wait_until,
+)
+from tests.server import push_image, running
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRET = "s3cret-for-tests-only"
+WAIT = 60.0
+
+
+# ---- a cairn that publishes to NATS ------------------------------------------
+
+
+@contextmanager
+def cairn_on_nats(directory: Path, nats_url: str) -> Iterator[str]:
+    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``."""
+    data_dir = directory / "data"
+    data_dir.mkdir(parents=True)
+    registry = Registry.open(data_dir, f"sqlite:///{directory / 'cairn.db'}")
+    upgrade(registry.database)
+    bus = Bus(fast_settings(nats_url), registry.database, data_dir)
+    try:
+        with BusThread(bus), running(create_app(registry, bus)) as server:
+            yield server.url
+    finally:
+        registry.database.dispose()
+
+
+@pytest.fixture
+def cairn(tmp_path: Path, nats_server: NatsServer) -> Iterator[str]:
+    with cairn_on_nats(tmp_path / "cairn", nats_server.url) as url:
+        yield url
+
+
+def feed_events(cairn_url: str) -> list[dict[str, Any]]:
+    response = httpx.get(f"{cairn_url}/_cairn/events", params={"limit": 1000})
+    assert response.status_code == 200, response.text
+    return response.json()["events"]
+
+
+# ---- an HTTP receiver ----------------------------------------------------------
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def event_id(self) -> str:
+        return self.headers["idempotency-key"]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every POST.
+
+    ``plan[path]`` lists the statuses to respond with first. After them, and
+    for paths without a plan, ``default_status`` applies.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.plan: dict[str, list[int]] = {}
+        self.default_status: dict[str, int] = {}
+        # A request to a gated path waits until its gate is set.
+        self.gates: dict[str, threading.Event] = {}
+        self.delay = 0.0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(length)
+                with receiver.lock:
+                    receiver.requests.append(
+                        Received(
+                            self.path,
+                            {k.lower(): v for k, v in self.headers.items()},
+                            body,
+                        )
+                    )
+                    planned = receiver.plan.get(self.path)
+                    status = (
+                        planned.pop(0)
+                        if planned
+                        else receiver.default_status.get(self.path, 200)
+                    )
+                gate = receiver.gates.get(self.path)
+                if gate is not None:
+                    gate.wait(WAIT)
+                if receiver.delay:
+                    time.sleep(receiver.delay)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def of(self, path: str) -> list[Received]:
+        with self.lock:
+            return [request for request in self.requests if request.path == path]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    server.thread.start()
+    try:
+        yield server
+    finally:
+        for gate in server.gates.values():
+            gate.set()
+        server.server.shutdown()
+        server.server.server_close()
+
+
+# ---- the webhook process -------------------------------------------------------
+
+
+class WebhookProcess:
+    """`cairn webhook` as a subprocess whose JSON log lines go to a file."""
+
+    def __init__(self, config: Path, nats_url: str, log_path: Path) -> None:
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+        with log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "engine.cli",
+                    "--log-format",
+                    "json",
+                    "webhook",
+                    "--config",
+                    str(config),
+                    "--nats",
+                    nats_url,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                cwd=REPO_ROOT,
+                env=env,
+            )
+
+    def log_events(self) -> list[dict[str, Any]]:
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+        return lines
+
+    def count(self, event: str) -> int:
+        return sum(1 for line in self.log_events() if line.get("event") == event)
+
+    def wait_subscribed(self, endpoints: int) -> None:
+        def subscribed() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"cairn webhook exited: {self.log_path.read_text()[-2000:]}"
+                )
+            return self.count("endpoint_subscribed") >= endpoints
+
+        wait_until(subscribed, WAIT)
+
+    def kill(self) -> None:
+        """SIGKILL the webhook by its PID, as a crash would end it."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(30)
+
+
+@pytest.fixture
+def start_webhook(tmp_path: Path, nats_server: NatsServer) -> Iterator[Any]:
+    started: list[WebhookProcess] = []
+
+    def start(config: Path) -> WebhookProcess:
+        process = WebhookProcess(
+            config, nats_server.url, tmp_path / f"webhook-{len(started)}.log"
+        )
+        started.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.kill()
+
+
+def toml_value(value: Any) -> str:
+    """Encode strings, numbers, lists and flat tables; JSON strings are TOML's."""
+    if isinstance(value, dict):
+        pairs = ", ".join(
+            f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()
+        )
+        return "{ " + pairs + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return json.dumps(value)
+
+
+def write_config(path: Path, endpoints: list[dict[str, Any]], extra: str = "") -> Path:
+    lines = [extra]
+    for endpoint in endpoints:
+        lines.append("[[endpoints]]")
+        for key, value in endpoint.items():
+            lines.append(f"{key} = {toml_value(value)}")
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def cairn_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--log-format", "json", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=WAIT,
+    )
+
+
+# ---- tests ----------------------------------------------------------------------
+
+
+def test_webhook_delivers_both_formats(
+    tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
+) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "distribution",
+                "url": receiver.url("/distribution"),
+                "format": "distribution",
+                "secret": SECRET,
+                "headers": {"Authorization": "Bearer token-for-tests"},
+                "repositories": ["library/*"],
+                "start": "all",
+            },
+            {
+                "name": "cloudevents",
+                "url": receiver.url("/cloudevents"),
+                "format": "cloudevents",
+                "event_types": ["manifest.*", "tag.*"],
+                "ignore_media_types": ["application/vnd.docker.*"],
+                "start": "all",
+            },
+        ],
+        extra=f'[registry]\nurl = "{cairn}"\n',
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(2)
+
+    image = make_image(layer_count=2)
+    docker_image = make_image(docker=True)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", image, "v1")
+        push_image(client, "library/app", docker_image, "docker")
+        push_image(client, "other/app", make_image(), "v1")
+    events = feed_events(cairn)
+    library = [e for e in events if e["repository"] == "library/app"]
+    wanted_cloud = [
+        e
+        for e in events
+        if e["type"] in ("manifest.pushed", "tag.set")
+        and not (
+            e["type"] == "manifest.pushed"
+            and e["payload"]["media_type"].startswith("application/vnd.docker.")
+        )
+        and not (e["type"] == "tag.set" and e["payload"]["tag"] == "docker")
+    ]
+
+    wait_until(lambda: len(receiver.of("/distribution")) >= len(library), WAIT)
+    wait_until(lambda: len(receiver.of("/cloudevents")) >= len(wanted_cloud), WAIT)
+
+    distribution = receiver.of("/distribution")
+    assert [r.event_id for r in distribution] == [e["id"] for e in library]
+    for request, event in zip(distribution, library, strict=True):
+        assert request.headers["content-type"] == (
+            "application/vnd.docker.distribution.events.v1+json"
+        )
+        assert request.headers["cairn-event-id"] == event["id"]
+        assert request.headers["cairn-event-type"] == event["type"]
+        assert request.headers["authorization"] == "Bearer token-for-tests"
+        expected = hmac.new(SECRET.encode(), request.body, hashlib.sha256).hexdigest()
+        assert request.headers["cairn-signature"] == f"sha256={expected}"
+        envelope = request.json()
+        assert len(envelope["events"]) == 1
+        notification = envelope["events"][0]
+        assert notification["id"] == event["id"]
+        assert notification["timestamp"] == event["time"]
+        assert notification["target"]["repository"] == "library/app"
+        assert notification["request"]["id"] == event["request_id"]
+        assert notification["request"]["addr"] == event["actor"]["address"]
+        assert notification["source"]["addr"] == cairn.removeprefix("http://")
+
+    by_type = {
+        (r.json()["events"][0]["action"], event["type"])
+        for r, event in zip(distribution, library, strict=True)
+    }
+    assert ("push", "blob.pushed") in by_type
+    assert ("push", "manifest.pushed") in by_type
+    assert ("push", "tag.set") in by_type
+
+    manifest_push = next(
+        r.json()["events"][0]
+        for r, e in zip(distribution, library, strict=True)
+        if e["type"] == "manifest.pushed"
+        and e["payload"]["digest"] == str(image.digest)
+    )
+    assert manifest_push["target"]["mediaType"] == image.media_type
+    assert manifest_push["target"]["digest"] == str(image.digest)
+    assert manifest_push["target"]["size"] == len(image.manifest)
+    assert manifest_push["target"]["length"] == len(image.manifest)
+    assert manifest_push["target"]["url"] == (
+        f"{cairn}/v2/library/app/manifests/{image.digest}"
+    )
+    tag_push = next(
+        r.json()["events"][0]
+        for r, e in zip(distribution, library, strict=True)
+        if e["type"] == "tag.set" and e["payload"]["tag"] == "v1"
+    )
+    assert tag_push["target"]["tag"] == "v1"
+    assert tag_push["target"]["digest"] == str(image.digest)
+    # The webhook looked up what a tag event does not carry.
+    assert tag_push["target"]["mediaType"] == image.media_type
+    assert tag_push["target"]["size"] == len(image.manifest)
+
+    cloud = receiver.of("/cloudevents")
+    assert [r.event_id for r in cloud] == [e["id"] for e in wanted_cloud]
+    for request, event in zip(cloud, wanted_cloud, strict=True):
+        assert request.headers["content-type"] == "application/cloudevents+json"
+        assert "cairn-signature" not in request.headers
+        document = request.json()
+        assert document["specversion"] == "1.0"
+        assert document["id"] == event["id"]
+        assert document["type"] == "io.cairn." + event["type"]
+        assert document["source"] == f"{cairn}/v2/{event['repository']}"
+        assert document["time"] == event["time"]
+        assert document["datacontenttype"] == "application/json"
+        assert document["data"] == event
+    subjects = [r.json()["subject"] for r in cloud]
+    assert subjects[:2] == [str(image.digest), "v1"]
+    assert len(subjects) == 4
+
+    assert SECRET not in webhook.log_path.read_text()
+    assert webhook.stop() == 0
+    assert webhook.count("webhook_stopped") == 1
+
+
+def test_webhook_retries_until_receiver_recovers(
+    tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
+) -> None:
+    receiver.plan["/flaky"] = [500, 503, 500]
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "flaky",
+                "url": receiver.url("/flaky"),
+                "event_types": ["manifest.pushed"],
+                "backoff_initial": "50ms",
+                "backoff_max": "200ms",
+                "max_attempts": 10,
+                "start": "all",
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    first, second = make_image(), make_image()
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", first)
+        push_image(client, "library/app", second)
+    pushed = [e["id"] for e in feed_events(cairn) if e["type"] == "manifest.pushed"]
+
+    wait_until(lambda: len(receiver.of("/flaky")) >= 5, WAIT)
+
+    requests = receiver.of("/flaky")
+    assert [r.event_id for r in requests] == [pushed[0]] * 4 + [pushed[1]]
+    assert [r.headers["cairn-delivery-attempt"] for r in requests] == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "1",
+    ]
+    assert webhook.count("delivery_failed") == 3
+    assert webhook.count("event_delivered") == 2
+
+
+def test_webhook_restart_loses_nothing(
+    tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
+) -> None:
+    receiver.delay = 0.05
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "steady",
+                "url": receiver.url("/steady"),
+                "timeout": "1s",
+                "ack_wait": "2s",
+                "start": "all",
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        for index in range(4):
+            push_image(client, f"library/app{index}", make_image(), "v1")
+
+        wait_until(lambda: len(receiver.of("/steady")) >= 3, WAIT)
+        webhook.kill()
+        for index in range(4, 6):
+            push_image(client, f"library/app{index}", make_image(), "v1")
+
+    # The restart also changes the ack wait, which updates the consumer.
+    config.write_text(config.read_text().replace('ack_wait = "2s"', 'ack_wait = "3s"'))
+    restarted = start_webhook(config)
+    expected = [e["id"] for e in feed_events(cairn)]
+    wait_until(
+        lambda: {r.event_id for r in receiver.of("/steady")} >= set(expected), WAIT
+    )
+
+    received = [r.event_id for r in receiver.of("/steady")]
+    assert set(received) == set(expected)
+    # At most the event in flight at the kill is delivered twice.
+    assert len(received) - len(expected) <= 1
+    first_seen = list(dict.fromkeys(received))
+    assert first_seen == expected
+    assert restarted.count("consumer_updated") == 1
+    assert restarted.stop() == 0
+
+
+def test_webhook_survives_nats_restart(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "steady",
+                "url": receiver.url("/steady"),
+                "event_types": ["tag.set"],
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "before")
+        wait_until(lambda: len(receiver.of("/steady")) >= 1, WAIT)
+
+        nats_server.stop()
+        push_image(client, "library/app", make_image(), "during")
+        nats_server.start()
+        push_image(client, "library/app", make_image(), "after")
+
+    tags = [e["id"] for e in feed_events(cairn) if e["type"] == "tag.set"]
+    wait_until(lambda: {r.event_id for r in receiver.of("/steady")} >= set(tags), WAIT)
+    assert list(dict.fromkeys(r.event_id for r in receiver.of("/steady"))) == tags
+    assert webhook.process.poll() is None
+
+
+def test_webhook_slow_endpoint_delays_no_other(
+    tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
+) -> None:
+    receiver.gates["/stuck"] = threading.Event()
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {"name": "stuck", "url": receiver.url("/stuck"), "timeout": "30s"},
+            {"name": "fast", "url": receiver.url("/fast")},
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(2)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "v1")
+        push_image(client, "library/app", make_image(), "v2")
+    expected = [e["id"] for e in feed_events(cairn)]
+
+    wait_until(lambda: len(receiver.of("/fast")) >= len(expected), WAIT)
+
+    assert [r.event_id for r in receiver.of("/fast")] == expected
+    # The stuck endpoint is still waiting for its first response.
+    assert [r.event_id for r in receiver.of("/stuck")] == expected[:1]
+    receiver.gates["/stuck"].set()
+    wait_until(lambda: len(receiver.of("/stuck")) >= len(expected), WAIT)
+    assert [r.event_id for r in receiver.of("/stuck")] == expected
+
+
+def test_webhook_dead_letters_and_redelivery(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+) -> None:
+    receiver.default_status["/down"] = 500
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "down",
+                "url": receiver.url("/down"),
+                "secret": SECRET,
+                "event_types": ["tag.set"],
+                "backoff_initial": "50ms",
+                "backoff_max": "100ms",
+                "max_attempts": 2,
+                "start": "all",
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "v1")
+        push_image(client, "library/app", make_image(), "v2")
+    tag_events = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+
+    wait_until(lambda: webhook.count("event_dead_lettered") >= 2, WAIT)
+    assert len(receiver.of("/down")) == 4
+
+    listed = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "list",
+        "--config",
+        str(config),
+        "--json",
+        "--nats",
+        nats_server.url,
+    )
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [letter["event"]["id"] for letter in letters] == [
+        e["id"] for e in tag_events
+    ]
+    assert {letter["endpoint"] for letter in letters} == {"down"}
+    assert {letter["attempts"] for letter in letters} == {2}
+    assert {letter["status"] for letter in letters} == {500}
+
+    # Still down: the redelivery fails and keeps both records.
+    failed = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "redeliver",
+        "--config",
+        str(config),
+        "--nats",
+        nats_server.url,
+    )
+    assert failed.returncode == 1
+    assert "0 redelivered, 2 kept" in failed.stdout
+
+    receiver.default_status["/down"] = 204
+    only_first = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "redeliver",
+        "--config",
+        str(config),
+        "--nats",
+        nats_server.url,
+        "--event-id",
+        tag_events[0]["id"],
+    )
+    assert only_first.returncode == 0, only_first.stdout + only_first.stderr
+    assert "1 redelivered, 0 kept" in only_first.stdout
+    rest = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "redeliver",
+        "--config",
+        str(config),
+        "--nats",
+        nats_server.url,
+    )
+    assert rest.returncode == 0, rest.stdout + rest.stderr
+    assert "1 redelivered, 0 kept" in rest.stdout
+
+    delivered = [r for r in receiver.of("/down")][-2:]
+    assert [r.event_id for r in delivered] == [e["id"] for e in tag_events]
+    for request in delivered:
+        expected = hmac.new(SECRET.encode(), request.body, hashlib.sha256).hexdigest()
+        assert request.headers["cairn-signature"] == f"sha256={expected}"
+        assert request.headers["cairn-delivery-attempt"] == "3"
+
+    empty = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "list",
+        "--config",
+        str(config),
+        "--nats",
+        nats_server.url,
+    )
+    assert empty.returncode == 0, empty.stderr
+    assert empty.stdout.strip() == "0 dead letter(s)"
+    assert SECRET not in webhook.log_path.read_text()
+
+
+def test_webhook_rejects_invalid_config(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [{"name": "bad name", "url": "http://127.0.0.1:1/hook"}],
+    )
+
+    result = cairn_cli("webhook", "--config", str(config))
+
+    assert result.returncode == 2
+    assert "invalid name 'bad name'" in result.stderr

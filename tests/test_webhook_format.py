@@ -1,0 +1,301 @@
+"""The webhook's configuration rules and request bodies, without servers."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumers.webhook.config import ConfigError, parse_config, parse_duration
+from consumers.webhook.delivery import build_request, sign
+from consumers.webhook.payloads import (
+    ManifestFacts,
+    cloudevent,
+    distribution_event,
+    media_type_of,
+)
+from engine.domain.events import Actor, EventType, StoredEvent
+
+REGISTRY = "https://registry.example.com"
+DIGEST = "sha256:" + "a" * 64
+OTHER = "sha256:" + "b" * 64
+
+
+def event(event_type: EventType, **payload: Any) -> dict[str, Any]:
+    return StoredEvent(
+        position=7,
+        id=uuid.uuid4(),
+        repository="library/app",
+        version=3,
+        type=event_type,
+        schema_version=1,
+        time=datetime(2026, 1, 2, 3, 4, 5, 600000, tzinfo=UTC),
+        actor=Actor("alice", "10.1.2.3"),
+        request_id="req-1",
+        payload=payload,
+        previous_hash="0" * 64,
+        hash="1" * 64,
+    ).to_json()
+
+
+def endpoint_config(**endpoint: Any) -> dict[str, Any]:
+    return {"endpoints": [{"name": "hook", "url": "http://127.0.0.1:9/h", **endpoint}]}
+
+
+# ---- configuration ----------------------------------------------------------------
+
+
+def test_config_defaults() -> None:
+    config = parse_config(endpoint_config())
+
+    endpoint = config.endpoints[0]
+    assert endpoint.format == "distribution"
+    assert endpoint.consumer_name == "cairn-webhook-hook"
+    assert endpoint.start == "new"
+    assert endpoint.ack_wait > endpoint.timeout
+    assert config.stream == "CAIRN"
+    assert config.nats_url is None
+    assert config.dead_letter_stream == "CAIRN_WEBHOOK_DEAD_LETTERS"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(5, 5.0), (0.5, 0.5), ("500ms", 0.5), ("2s", 2.0), ("2m", 120.0), ("1h", 3600.0)],
+)
+def test_config_durations(value: Any, seconds: float) -> None:
+    assert parse_duration(value, "timeout") == seconds
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ({"tiemout": 5}, "unknown keys ['tiemout']"),
+        ({"name": "a.b"}, "invalid name 'a.b'"),
+        ({"url": "ftp://127.0.0.1/h"}, "invalid URL"),
+        ({"format": "xml"}, "invalid format 'xml'"),
+        ({"timeout": "5 parsecs"}, "invalid duration"),
+        ({"timeout": 0}, "must be positive"),
+        ({"timeout": 10, "ack_wait": 10}, "ack_wait (10 s) must be longer"),
+        ({"event_types": ["manifest.pushd"]}, "matches no event type"),
+        ({"max_attempts": 0}, "max_attempts must be at least 1"),
+        ({"secret": "x", "secret_env": "Y"}, "set only one of secret, secret_env"),
+        ({"secret_env": "CAIRN_TEST_UNSET_SECRET"}, "is not set"),
+        ({"headers": {"X-Many": [1]}}, "header X-Many must be a string"),
+        ({"start": "middle"}, "invalid start 'middle'"),
+    ],
+)
+def test_config_rejects(endpoint: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(endpoint_config(**endpoint))
+
+    assert message in str(error.value)
+
+
+def test_config_rejects_duplicate_names() -> None:
+    document = {
+        "endpoints": [
+            {"name": "same", "url": "http://127.0.0.1:9/a"},
+            {"name": "same", "url": "http://127.0.0.1:9/b"},
+        ]
+    }
+
+    with pytest.raises(ConfigError, match="repeated: \\['same'\\]"):
+        parse_config(document)
+
+
+def test_config_requires_endpoints() -> None:
+    with pytest.raises(ConfigError, match="no endpoints configured"):
+        parse_config({"nats": {"url": "nats://127.0.0.1:4222"}})
+
+
+def test_config_reads_secret_file(tmp_path: Path) -> None:
+    (tmp_path / "secret.txt").write_text("from-a-file\n")
+
+    config = parse_config(endpoint_config(secret_file="secret.txt"), tmp_path)
+
+    assert config.endpoints[0].secret == "from-a-file"
+    assert "from-a-file" not in repr(config)
+
+
+def test_endpoint_safe_url_hides_credentials() -> None:
+    config = parse_config(
+        {"endpoints": [{"name": "h", "url": "https://u:p@example.com:8443/h?token=t"}]}
+    )
+
+    assert config.endpoints[0].safe_url == "https://example.com:8443/h"
+    assert "token" not in repr(config)
+
+
+def test_config_headers_accept_lists() -> None:
+    config = parse_config(
+        endpoint_config(headers={"Authorization": "Bearer x", "X-Tag": ["a", "b"]})
+    )
+
+    assert config.endpoints[0].headers == (
+        ("Authorization", "Bearer x"),
+        ("X-Tag", "a"),
+        ("X-Tag", "b"),
+    )
+
+
+def test_endpoint_filters() -> None:
+    config = parse_config(
+        endpoint_config(
+            event_types=["manifest.*"],
+            repositories=["library/*"],
+            ignore_media_types=["application/vnd.oci.image.index.*"],
+        )
+    )
+    endpoint = config.endpoints[0]
+
+    assert endpoint.accepts("manifest.pushed", "library/app")
+    assert not endpoint.accepts("tag.set", "library/app")
+    assert not endpoint.accepts("manifest.pushed", "team/app")
+    assert endpoint.ignores_media_type("application/vnd.oci.image.index.v1+json")
+    assert not endpoint.ignores_media_type("application/vnd.oci.image.manifest.v1+json")
+    assert not endpoint.ignores_media_type(None)
+
+
+# ---- Distribution envelope ---------------------------------------------------------
+
+
+def test_distribution_manifest_push() -> None:
+    pushed = event(
+        EventType.MANIFEST_PUSHED,
+        digest=DIGEST,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=512,
+    )
+
+    notification = distribution_event(pushed, REGISTRY, None)
+
+    assert notification == {
+        "id": pushed["id"],
+        "timestamp": "2026-01-02T03:04:05.600000Z",
+        "action": "push",
+        "target": {
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "size": 512,
+            "digest": DIGEST,
+            "length": 512,
+            "repository": "library/app",
+            "url": f"{REGISTRY}/v2/library/app/manifests/{DIGEST}",
+        },
+        "request": {
+            "id": "req-1",
+            "addr": "10.1.2.3",
+            "host": "registry.example.com",
+            "method": "PUT",
+            "useragent": "",
+        },
+        "actor": {"name": "alice"},
+        "source": {"addr": "registry.example.com"},
+    }
+
+
+def test_distribution_blob_mount() -> None:
+    mounted = event(EventType.BLOB_MOUNTED, digest=DIGEST, size=10, **{"from": "a/b"})
+
+    notification = distribution_event(mounted, REGISTRY, None)
+
+    assert notification["action"] == "mount"
+    assert notification["request"]["method"] == "POST"
+    assert notification["target"]["fromRepository"] == "a/b"
+    assert notification["target"]["mediaType"] == "application/octet-stream"
+    assert notification["target"]["url"] == f"{REGISTRY}/v2/library/app/blobs/{DIGEST}"
+
+
+def test_distribution_tag_set_uses_looked_up_facts() -> None:
+    tagged = event(EventType.TAG_SET, tag="v1", digest=DIGEST, previous=OTHER)
+    facts = ManifestFacts("application/vnd.oci.image.index.v1+json", 300)
+
+    with_facts = distribution_event(tagged, REGISTRY, facts)["target"]
+    without = distribution_event(tagged, None, None)["target"]
+
+    assert with_facts["tag"] == "v1"
+    assert with_facts["mediaType"] == facts.media_type
+    assert with_facts["size"] == with_facts["length"] == 300
+    assert without == {"digest": DIGEST, "repository": "library/app", "tag": "v1"}
+    assert media_type_of(tagged, facts) == facts.media_type
+    assert media_type_of(tagged, None) is None
+
+
+@pytest.mark.parametrize(
+    ("deleted", "target"),
+    [
+        (
+            event(EventType.MANIFEST_DELETED, digest=DIGEST),
+            {"digest": DIGEST, "repository": "library/app"},
+        ),
+        (
+            event(EventType.BLOB_DELETED, digest=DIGEST),
+            {"digest": DIGEST, "repository": "library/app"},
+        ),
+        (
+            event(EventType.TAG_DELETED, tag="v1", previous=DIGEST),
+            {"repository": "library/app", "tag": "v1"},
+        ),
+    ],
+    ids=["manifest", "blob", "tag"],
+)
+def test_distribution_deletes(deleted: dict[str, Any], target: dict[str, Any]) -> None:
+    notification = distribution_event(deleted, REGISTRY, None)
+
+    assert notification["action"] == "delete"
+    assert notification["request"]["method"] == "DELETE"
+    assert notification["target"] == target
+
+
+def test_distribution_without_actor_or_registry() -> None:
+    pushed = event(EventType.BLOB_PUSHED, digest=DIGEST, size=3)
+    pushed["actor"] = {"user": None, "address": None}
+
+    notification = distribution_event(pushed, None, None)
+
+    assert notification["actor"] == {}
+    assert notification["source"] == {}
+    assert "url" not in notification["target"]
+    assert notification["request"]["addr"] == ""
+
+
+# ---- CloudEvents -------------------------------------------------------------------
+
+
+def test_cloudevent_structure() -> None:
+    tagged = event(EventType.TAG_SET, tag="v1", digest=DIGEST, previous=None)
+
+    document = cloudevent(tagged, REGISTRY)
+
+    assert document == {
+        "specversion": "1.0",
+        "id": tagged["id"],
+        "source": f"{REGISTRY}/v2/library/app",
+        "type": "io.cairn.tag.set",
+        "subject": "v1",
+        "time": "2026-01-02T03:04:05.600000Z",
+        "datacontenttype": "application/json",
+        "data": tagged,
+    }
+
+
+# ---- requests ------------------------------------------------------------------------
+
+
+def test_request_signature_and_content_type() -> None:
+    config = parse_config(endpoint_config(format="cloudevents", secret="k"))
+    endpoint = config.endpoints[0]
+    pushed = event(EventType.BLOB_PUSHED, digest=DIGEST, size=3)
+
+    request = build_request(endpoint, pushed, None, None)
+
+    assert request.content_type == "application/cloudevents+json"
+    assert request.event_id == pushed["id"]
+    assert json.loads(request.body)["id"] == pushed["id"]
+    expected = hmac.new(b"k", request.body, hashlib.sha256).hexdigest()
+    assert sign("k", request.body) == f"sha256={expected}"
