@@ -170,8 +170,11 @@ def push_blob(client: httpx.Client, repository: str, data: bytes) -> Digest:
     digest = Digest.of(data)
     started = client.post(f"/v2/{repository}/blobs/uploads/")
     assert started.status_code == 202, started.text
+    # Merge into the Location's own query, which some registries use for
+    # upload state; httpx's params= would replace it.
+    location = httpx.URL(started.headers["Location"])
     finished = client.put(
-        started.headers["Location"], params={"digest": str(digest)}, content=data
+        location.copy_merge_params({"digest": str(digest)}), content=data
     )
     assert finished.status_code == 201, finished.text
     return digest

@@ -529,3 +529,28 @@ def test_catalog_counts_and_sizes(registry: Registry) -> None:
     assert row.manifest_count == 1
     assert row.blob_bytes == blob_bytes - len(second.layers[0])
     assert row.pushed_bytes == sum(len(b) for b in shared.blobs) + len(shared.manifest)
+
+
+def test_old_events_are_upcast_on_read(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.domain import events as domain_events
+
+    image = make_image()
+    push_image(registry.repository("old"), image)
+    monkeypatch.setitem(domain_events.CURRENT_SCHEMA_VERSION, EventType.TAG_SET, 2)
+    monkeypatch.setitem(
+        domain_events._UPCASTERS,
+        (EventType.TAG_SET, 1),
+        lambda payload: {**payload, "source": "upcast"},
+    )
+    with registry.database.read() as conn:
+        (current,) = event_log.read(conn, types=["tag.set"])
+        (stored,) = event_log.read(conn, types=["tag.set"], upcast_payload=False)
+    assert current.schema_version == 2
+    assert current.payload["source"] == "upcast"
+    assert stored.schema_version == 1
+    assert "source" not in stored.payload
+    assert stored.expected_hash() == stored.hash
+    rebuild_projections(registry.database)
+    assert registry.repository("old").tags.get("latest").digest == image.digest

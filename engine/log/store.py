@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.errors import ConcurrencyConflict
 from engine.domain.events import (
+    CURRENT_SCHEMA_VERSION,
     Actor,
     EventType,
     NewEvent,
@@ -168,14 +169,15 @@ def row_to_event(row: Any, *, upcast_payload: bool = True) -> StoredEvent:
     """Build a StoredEvent from an ``events`` row.
 
     With ``upcast_payload`` the payload is brought to the current schema
-    version; without it the event is exactly as stored, which is what hash
-    verification needs.
+    version, and ``schema_version`` says so; without it the event is exactly
+    as stored, which is what hash verification needs.
     """
     event_type = EventType(row.type)
     payload = row.payload
     schema_version = row.schema_version
-    if upcast_payload:
+    if upcast_payload and schema_version != CURRENT_SCHEMA_VERSION[event_type]:
         payload = upcast(event_type, schema_version, payload)
+        schema_version = CURRENT_SCHEMA_VERSION[event_type]
     return StoredEvent(
         position=row.position,
         id=row.id if isinstance(row.id, uuid.UUID) else uuid.UUID(str(row.id)),
