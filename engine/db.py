@@ -11,6 +11,7 @@ would add no write concurrency.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,13 @@ class Database:
         # from the committing thread; the bus relay uses this to wake up.
         self.append_listeners: list[Callable[[list[Any]], None]] = []
         self.dialect = sa.make_url(self.url).get_backend_name()
+        # SQLite has one write lock, and a writer that finds it taken sleeps
+        # in the busy handler with growing back-off (tens of milliseconds),
+        # so under concurrency most of a push's latency would be sleep. The
+        # writers of one process queue on this lock instead, which wakes the
+        # next one as soon as the lock is released; only writers in other
+        # processes still meet the busy handler.
+        self._sqlite_write_lock = threading.Lock()
         if self.is_sqlite:
             self._writer = _sqlite_engine(self.url, immediate=True, echo=echo)
             self._reader = _sqlite_engine(self.url, immediate=False, echo=echo)
@@ -80,7 +88,7 @@ class Database:
     def write(self) -> Iterator[Connection]:
         """Open a transaction that holds the log's append lock until commit."""
         appended: list[Any] = []
-        with self._writer.begin() as conn:
+        with self._write_lock(), self._writer.begin() as conn:
             if not self.is_sqlite:
                 self._lock_head(conn)
             conn.info[APPENDED_KEY] = appended
@@ -96,7 +104,7 @@ class Database:
     def scratch(self) -> Iterator[Connection]:
         """Open a transaction that holds the append lock and is always rolled
         back, for checks that change tables only to compare them."""
-        with self._writer.connect() as conn:
+        with self._write_lock(), self._writer.connect() as conn:
             transaction = conn.begin()
             try:
                 if not self.is_sqlite:
@@ -108,8 +116,11 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """Open a read-write transaction that does not touch the log."""
-        engine = self._writer if self.is_sqlite else self._reader
-        with engine.begin() as conn:
+        if not self.is_sqlite:
+            with self._reader.begin() as conn:
+                yield conn
+            return
+        with self._write_lock(), self._writer.begin() as conn:
             yield conn
 
     @contextmanager
@@ -117,6 +128,14 @@ class Database:
         """Open a read-only transaction with a consistent snapshot."""
         with self._reader.connect() as conn, conn.begin():
             yield conn
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        if not self.is_sqlite:
+            yield
+            return
+        with self._sqlite_write_lock:
+            yield
 
     @staticmethod
     def _lock_head(conn: Connection) -> None:
