@@ -1,0 +1,1 @@
+"""Benchmark harness that measures OCI Distribution registries over HTTP."""
