@@ -367,17 +367,30 @@ class ManifestService:
         return PutManifestResult(info, stored)
 
     def _check_references(self, conn: Connection, manifest: Manifest) -> None:
+        """Check that every required reference is in the repository with the
+        size its descriptor declares; clients verify sizes when they pull."""
         missing: list[dict[str, str]] = []
         for reference in manifest.references():
             if not reference.required:
                 continue
-            digest = str(reference.descriptor.digest)
+            descriptor = reference.descriptor
             if reference.kind == "manifest":
-                present = self._row(conn, reference.descriptor.digest) is not None
+                row = self._row(conn, descriptor.digest)
             else:
-                present = _blob_link(conn, self._repo.name, digest) is not None
-            if not present:
-                missing.append({"kind": reference.kind, "digest": digest})
+                row = _blob_link(conn, self._repo.name, str(descriptor.digest))
+            if row is None:
+                missing.append(
+                    {"kind": reference.kind, "digest": str(descriptor.digest)}
+                )
+            elif row.size != descriptor.size:
+                raise ManifestInvalid(
+                    f"{reference.kind} size does not match the stored content",
+                    {
+                        "digest": str(descriptor.digest),
+                        "size": descriptor.size,
+                        "stored_size": row.size,
+                    },
+                )
         if missing:
             raise ManifestBlobUnknown(
                 "manifest references content that is not in the repository",

@@ -497,8 +497,8 @@ def test_unknown_route(api: httpx.Client, path: str) -> None:
         ("POST", "/v2/", "GET, HEAD"),
         ("PATCH", "/v2/library/app/manifests/v1", "DELETE, GET, HEAD, PUT"),
         ("PUT", f"/v2/library/app/blobs/{UNKNOWN_DIGEST}", "DELETE, GET, HEAD"),
-        ("DELETE", "/v2/library/app/tags/list", "GET"),
-        ("POST", "/_cairn/events", "GET"),
+        ("DELETE", "/v2/library/app/tags/list", "GET, HEAD"),
+        ("POST", "/_cairn/events", "GET, HEAD"),
     ],
 )
 def test_method_not_allowed(

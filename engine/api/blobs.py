@@ -19,7 +19,8 @@ log = structlog.get_logger(__name__)
 
 READ_SIZE: Final = 1024 * 1024
 
-_RANGE: Final = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 19 ASCII digits a side; a longer number is treated as malformed.
+_RANGE: Final = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -31,7 +32,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    match = _RANGE.match(header.strip().replace(" ", ""))
+    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
     if match is None:
         return None
     first, last = match.groups()

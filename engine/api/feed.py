@@ -15,14 +15,14 @@ from typing import Any, Final
 
 from engine import log as event_log
 from engine.api.errors import unsupported
-from engine.api.http import Request, Response
+from engine.api.http import MAX_INT64, Request, Response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.events import EventType, StoredEvent
 from engine.domain.names import validate_repository_name
 from engine.registry import Registry
 
 # Positions are 64-bit integers in the log table.
-MAX_POSITION: Final = 2**63 - 1
+MAX_POSITION: Final = MAX_INT64
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 
@@ -33,13 +33,14 @@ def _count(request: Request, name: str, default: int) -> int:
     value = request.param(name)
     if value is None or value == "":
         return default
-    if not value.isdigit() or int(value) > MAX_POSITION:
+    number = parse_decimal(value)
+    if number is None:
         raise unsupported(
             f"{name} must be an integer from 0 to {MAX_POSITION}",
             parameter=name,
             value=value,
         )
-    return int(value)
+    return number
 
 
 def _types(request: Request) -> list[str]:

@@ -29,6 +29,21 @@ Send = Callable[[Message], Awaitable[None]]
 # Host names and ports as they may appear in a Host or X-Forwarded-Host
 # header. Anything else (spaces, slashes, control characters) is ignored
 # rather than echoed into a Location header.
+# Counts, offsets and positions: ASCII digits only (str.isdigit and the \d
+# of re also accept other scripts' digits, which int() may then reject), and
+# at most 19 of them, so every value fits a signed 64-bit column.
+_DECIMAL: Final = re.compile(r"[0-9]{1,19}")
+MAX_INT64: Final = 2**63 - 1
+
+
+def parse_decimal(value: str) -> int | None:
+    """Return ``value`` as a non-negative int64, or None when it is not one."""
+    if not _DECIMAL.fullmatch(value):
+        return None
+    number = int(value)
+    return number if number <= MAX_INT64 else None
+
+
 _HOST: Final = re.compile(r"^[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}$")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _FORWARDED_PAIR: Final = re.compile(r'\s*([A-Za-z]+)\s*=\s*("[^"]*"|[^;,]*)')
@@ -76,9 +91,9 @@ class Request:
     def content_length(self) -> int | None:
         """Return Content-Length as a number, or None when absent or malformed."""
         value = self.header("content-length")
-        if value is None or not value.strip().isdigit():
+        if value is None:
             return None
-        return int(value)
+        return parse_decimal(value.strip())
 
     def param(self, name: str) -> str | None:
         """Return the first value of query parameter ``name``.

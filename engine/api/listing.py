@@ -15,7 +15,7 @@ from typing import Final
 from urllib.parse import urlencode
 
 from engine.api.errors import unsupported
-from engine.api.http import Request, Response, json_response
+from engine.api.http import Request, Response, json_response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_INDEX
@@ -30,11 +30,12 @@ def page_size(request: Request) -> int | None:
     value = request.param("n")
     if value is None or value == "":
         return None
-    if not value.isdigit():
+    number = parse_decimal(value)
+    if number is None:
         raise unsupported(
-            "n must be a non-negative integer", parameter="n", value=value
+            "n must be an integer from 0 to 2^63-1", parameter="n", value=value
         )
-    return int(value)
+    return number
 
 
 def _link(path: str, n: int, last: str) -> tuple[str, str]:

@@ -30,10 +30,12 @@ class Router:
 
     def add(self, pattern: str, **methods: Handler) -> None:
         """Add ``pattern`` (a regular expression on the path) with handlers
-        keyed by HTTP method, for example ``GET=get_blob``."""
-        self._routes.append(
-            Route(re.compile(pattern), {m.upper(): h for m, h in methods.items()})
-        )
+        keyed by HTTP method, for example ``GET=get_blob``. A path with a GET handler
+        also serves HEAD, with the same headers and no body."""
+        handlers = {m.upper(): h for m, h in methods.items()}
+        if "GET" in handlers:
+            handlers.setdefault("HEAD", handlers["GET"])
+        self._routes.append(Route(re.compile(pattern), handlers))
 
     def resolve(self, request: Request) -> Handler:
         """Return the handler for ``request`` and set its path parameters.
@@ -41,6 +43,16 @@ class Router:
         Raises HTTPError 404 for an unknown path and 405 for a method the
         path does not support.
         """
+        raw_path: bytes = request.scope.get("raw_path") or b""
+        if b"%2f" in raw_path.lower() and request.path.startswith("/v2/"):
+            # The server decodes %2F to "/", which would make an encoded
+            # slash inside one name component look like a separator.
+            raise HTTPError(
+                ErrorCode.NAME_INVALID,
+                400,
+                "repository names cannot contain an encoded slash (%2F)",
+                {"path": raw_path.decode("latin-1")},
+            )
         for route in self._routes:
             match = route.pattern.fullmatch(request.path)
             if match is None:

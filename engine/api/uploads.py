@@ -25,7 +25,10 @@ from engine.registry import BlobInfo, Repository, UploadStatus
 
 # The OCI form is "<start>-<end>"; the "bytes " prefix and "/<total>" suffix
 # of RFC 9110's Content-Range are accepted as well.
-_CONTENT_RANGE: Final = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+# Offsets are at most 19 ASCII digits, so they fit a signed 64-bit column.
+_CONTENT_RANGE: Final = re.compile(
+    r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/(?:[0-9]{1,19}|\*))?"
+)
 
 
 def _upload_headers(
@@ -71,7 +74,7 @@ async def _upload_range(
     header = request.header("content-range")
     if header is None:
         return None, None
-    match = _CONTENT_RANGE.match(header.strip())
+    match = _CONTENT_RANGE.fullmatch(header.strip())
     if match is None or int(match.group(2)) < int(match.group(1)):
         status = await run_sync(repository.blobs.upload_status, upload_id)
         raise HTTPError.from_registry_error(

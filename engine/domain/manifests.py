@@ -52,6 +52,22 @@ MANIFEST_MEDIA_TYPES: Final = frozenset(
     {OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST}
 )
 
+# Sizes must fit a signed 64-bit integer, the widest column SQL offers.
+MAX_SIZE: Final = 2**63 - 1
+
+# Deeper JSON is rejected before parsing; real manifests nest about 4 levels.
+MAX_NESTING: Final = 64
+
+# A PUT may also name no particular type, leaving it to the body's mediaType.
+_ACCEPTED_CONTENT_TYPES: Final = (
+    MANIFEST_MEDIA_TYPES
+    | DOCKER_SCHEMA1
+    | {
+        "application/json",
+        "application/octet-stream",
+    }
+)
+
 # Manifests larger than this are rejected; Distribution and most registries
 # use the same 4 MiB limit.
 MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
@@ -233,19 +249,82 @@ def parse_manifest(
 
 def _decode_json(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestInvalid("manifest is not UTF-8", {"offset": exc.start}) from None
+    if len(text) - len(text.lstrip("[{")) > MAX_NESTING:
+        raise ManifestInvalid(
+            f"manifest nests deeper than {MAX_NESTING} levels", {"limit": MAX_NESTING}
+        )
+    try:
+        body = json.loads(text, parse_float=_bounded_float, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise ManifestInvalid(
             "manifest is not valid JSON",
             {"error": exc.msg, "line": exc.lineno, "column": exc.colno},
         ) from None
+    except RecursionError:
+        raise ManifestInvalid("manifest nests too deeply to parse", {}) from None
+    except _NumberOutOfRange as exc:
+        raise ManifestInvalid(
+            "manifest contains a number outside the signed 64-bit range",
+            {"number": exc.args[0]},
+        ) from None
     if not isinstance(body, dict):
         raise ManifestInvalid(
             "manifest must be a JSON object", {"type": type(body).__name__}
         )
+    _check_strings(body)
     return body
+
+
+class _NumberOutOfRange(ValueError):
+    pass
+
+
+def _bounded_int(literal: str) -> int:
+    # Checked on the literal, before int() meets a number too long to convert.
+    digits = literal.lstrip("-")
+    if len(digits) > 19 or int(literal) > MAX_SIZE or int(literal) < -MAX_SIZE - 1:
+        raise _NumberOutOfRange(literal[:40])
+    return int(literal)
+
+
+def _bounded_float(literal: str) -> float:
+    # Floats are legal JSON but no manifest field is fractional; they are
+    # kept as floats so that type checks reject them where an int belongs.
+    if len(literal) > 40:
+        raise _NumberOutOfRange(literal[:40])
+    return float(literal)
+
+
+def _check_strings(body: dict[str, Any]) -> None:
+    """Reject strings that cannot be stored: lone UTF-16 surrogates, which
+    have no UTF-8 encoding, and NUL, which PostgreSQL's JSON cannot hold."""
+    pending: list[Any] = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, str):
+            _check_string(value)
+
+
+def _check_string(value: str) -> None:
+    if "\x00" in value:
+        raise ManifestInvalid(
+            "manifest contains a NUL character", {"string": value[:100]}
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ManifestInvalid(
+            "manifest contains a lone UTF-16 surrogate, which is not a character",
+            {"escape": f"\\u{ord(value[exc.start]):04x}"},
+        ) from None
 
 
 def _bare_media_type(content_type: str | None) -> str | None:
@@ -266,6 +345,11 @@ def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
             "Docker schema 1 manifests are not supported; push the image as "
             "Docker schema 2 or OCI",
             {"mediaType": declared or content_type},
+        )
+    if content_type is not None and content_type not in _ACCEPTED_CONTENT_TYPES:
+        raise ManifestInvalid(
+            "Content-Type is not a manifest media type",
+            {"contentType": content_type, "supported": sorted(MANIFEST_MEDIA_TYPES)},
         )
     if declared is not None:
         if declared not in MANIFEST_MEDIA_TYPES:
@@ -301,7 +385,8 @@ def _require(body: Mapping[str, Any], key: str) -> Any:
 
 def _require_schema_version(body: Mapping[str, Any]) -> None:
     version = body.get("schemaVersion")
-    if version != 2 or isinstance(version, bool):
+    # type() rather than isinstance: True and 2.0 compare equal to ints.
+    if type(version) is not int or version != 2:
         raise ManifestInvalid("schemaVersion must be 2", {"schemaVersion": version})
 
 
@@ -356,9 +441,9 @@ def _descriptor(value: Any, where: str) -> Descriptor:
         ) from None
 
     size = value.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+    if type(size) is not int or not 0 <= size <= MAX_SIZE:
         raise ManifestInvalid(
-            f"{where}.size must be a non-negative integer",
+            f"{where}.size must be an integer from 0 to {MAX_SIZE}",
             {"field": f"{where}.size", "size": size},
         )
 

@@ -1,0 +1,199 @@
+"""Bad input found by trying cairn as a new user: each gets a 4xx in the OCI
+error format, never a 500, and stores nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.api.app import create_app
+from engine.domain.digest import Digest
+from engine.domain.manifests import OCI_MANIFEST
+from engine.registry import Registry
+from tests.images import encode, make_image
+from tests.server import ServerThread, push_blob, push_image, running, stored_state
+
+NINES = "9" * 5000
+
+
+@pytest.fixture
+def server(registry: Registry) -> Iterator[ServerThread]:
+    with running(create_app(registry)) as server:
+        yield server
+
+
+@pytest.fixture
+def api(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    errors = response.json()["errors"]
+    assert len(errors) == 1
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/_catalog?n=%C2%B2",
+        "/v2/_catalog?n=%D9%A3",
+        "/v2/_catalog?n=%EF%BC%92",
+        f"/v2/_catalog?n={NINES}",
+        "/v2/_catalog?n=9223372036854775808",
+        "/v2/demo/app/tags/list?n=%C2%B2",
+        f"/v2/demo/app/tags/list?n={NINES}",
+        "/_cairn/events?after=%C2%B2",
+        f"/_cairn/events?after={NINES}",
+        "/_cairn/events?limit=%C2%B2",
+    ],
+)
+def test_counts_must_be_ascii_int64(
+    api: httpx.Client, registry: Registry, path: str
+) -> None:
+    push_image(api, "demo/app", make_image(), "v1")
+    response = api.get(path)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["value"] in path or "%" in path
+
+
+@pytest.mark.parametrize(
+    "header", [f"bytes={NINES}-", f"bytes=-{NINES}", f"bytes=0-{NINES}"]
+)
+def test_huge_range_is_ignored(api: httpx.Client, header: str) -> None:
+    data = b"range me"
+    digest = push_blob(api, "demo/app", data)
+    for method in ("GET", "HEAD"):
+        response = api.request(
+            method, f"/v2/demo/app/blobs/{digest}", headers={"Range": header}
+        )
+        assert response.status_code == 200
+        assert response.headers["Content-Length"] == str(len(data))
+
+
+def test_huge_content_range_is_416(api: httpx.Client, registry: Registry) -> None:
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    response = api.patch(
+        location, content=b"abc", headers={"Content-Range": f"0-{NINES}"}
+    )
+    assert response.status_code == 416
+    assert error_of(response)["code"] == "BLOB_UPLOAD_INVALID"
+    assert response.headers["Range"] == "0-0"
+
+
+def _manifest_with(registry: Registry, api: httpx.Client, **changes: Any) -> bytes:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "demo/app", blob)
+    body = json.loads(image.manifest)
+    body.update(changes)
+    return encode(body)
+
+
+def _layer_size(api: httpx.Client, registry: Registry, size: Any) -> bytes:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "demo/app", blob)
+    body = json.loads(image.manifest)
+    body["layers"][0]["size"] = size
+    return encode(body)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda r, a: _layer_size(a, r, 2**64), "18446744073709551616"),
+        (lambda r, a: _layer_size(a, r, 2**63), "9223372036854775808"),
+        (lambda r, a: _layer_size(a, r, 999), "size does not match"),
+        (lambda r, a: _manifest_with(r, a, schemaVersion=2.0), "schemaVersion"),
+        (lambda r, a: _manifest_with(r, a, annotations={"k": "a\u0000b"}), "NUL"),
+        (lambda r, a: _manifest_with(r, a, extra=int(NINES[:4000])), "64-bit"),
+        (lambda r, a: b"[" * 100_000 + b"]" * 100_000, "nests"),
+        (lambda r, a: b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "nests"),
+        (
+            lambda r, a: _manifest_with(r, a).replace(
+                b'"schemaVersion"', b'"annotations": {"k": "\\ud800"}, "schemaVersion"'
+            ),
+            "surrogate",
+        ),
+    ],
+    ids=[
+        "size-2^64",
+        "size-2^63",
+        "size-mismatch",
+        "schema-version-float",
+        "nul-annotation",
+        "4000-digit-number",
+        "nested-arrays",
+        "nested-objects",
+        "lone-surrogate",
+    ],
+)
+def test_bad_manifests_rejected(
+    api: httpx.Client, registry: Registry, build: Any, message: str
+) -> None:
+    body = build(registry, api)
+    before = stored_state(registry)
+    digest = Digest.of(body)
+    for reference in ("v1", str(digest)):
+        response = api.put(
+            f"/v2/demo/app/manifests/{reference}",
+            content=body,
+            headers={"Content-Type": OCI_MANIFEST},
+        )
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert error["code"] in ("MANIFEST_INVALID", "DIGEST_INVALID")
+        assert message in error["message"] + json.dumps(error["detail"])
+    assert stored_state(registry) == before
+
+
+def test_text_plain_content_type_rejected(
+    api: httpx.Client, registry: Registry
+) -> None:
+    body = _manifest_with(registry, api)
+    before = stored_state(registry)
+    response = api.put(
+        "/v2/demo/app/manifests/v1",
+        content=body,
+        headers={"Content-Type": "text/plain"},
+    )
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"]["contentType"] == "text/plain"
+    assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/_catalog",
+        "/v2/demo/app/tags/list",
+        f"/v2/demo/app/referrers/{Digest.of(b'x')}",
+        "/_cairn/events",
+        "/_cairn/health",
+    ],
+)
+def test_head_answers_where_get_does(api: httpx.Client, path: str) -> None:
+    push_image(api, "demo/app", make_image(), "v1")
+    head = api.head(path)
+    get = api.get(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+
+
+def test_encoded_slash_in_name_rejected(api: httpx.Client) -> None:
+    push_image(api, "demo/hello", make_image(), "v1")
+    response = api.get(httpx.URL("/v2/demo%2Fhello/tags/list"))
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "NAME_INVALID"
+    assert "%2F" in error["detail"]["path"]
