@@ -136,14 +136,10 @@ def _save_stream_versions(
         first_version.setdefault(event.repository, event.version)
     for repository, version in versions.items():
         if first_version[repository] == 1:
-            conn.execute(
-                sa.insert(streams).values(repository=repository, version=version)
-            )
+            conn.execute(_INSERT_STREAM, {"repository": repository, "version": version})
         else:
             conn.execute(
-                sa.update(streams)
-                .where(streams.c.repository == repository)
-                .values(version=version)
+                _UPDATE_STREAM, {"b_repository": repository, "b_version": version}
             )
 
 
