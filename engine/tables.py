@@ -74,6 +74,10 @@ events = sa.Table(
     sa.UniqueConstraint("repository", "version"),
     sa.Index(None, "type", "position"),
     sa.Index(None, "time"),
+    # The event feed's filters, each read newest first.
+    sa.Index(None, "repository", "position"),
+    sa.Index(None, "actor_user", "position"),
+    sa.Index(None, "actor_address", "position"),
 )
 
 # One row (id 1): the last position and hash. Appends lock it, which
@@ -132,6 +136,11 @@ repositories = sa.Table(
     # Bytes as pushed: every manifest with its config and layers, shared
     # layers counted once per manifest.
     sa.Column("pushed_bytes", sa.BigInteger, nullable=False),
+    # The sort orders of the repository listing; name breaks ties.
+    sa.Index(None, "blob_bytes", "name"),
+    sa.Index(None, "pushed_bytes", "name"),
+    sa.Index(None, "tag_count", "name"),
+    sa.Index(None, "updated_position"),
 )
 
 tags = sa.Table(
@@ -143,6 +152,7 @@ tags = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index(None, "repository", "digest"),
+    sa.Index(None, "repository", "position"),
 )
 
 manifests = sa.Table(
@@ -158,6 +168,7 @@ manifests = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("pushed_at", UTCDateTime, nullable=False),
     sa.Index(None, "position"),
+    sa.Index(None, "repository", "position"),
 )
 
 blob_links = sa.Table(
@@ -182,6 +193,7 @@ referrers = sa.Table(
     sa.Column("size", sa.BigInteger, nullable=False),
     sa.Column("annotations", JSONDocument),
     sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Index(None, "repository", "position"),
 )
 
 # Which digest a tag pointed to over which half-open range of positions
@@ -197,6 +209,33 @@ tag_history = sa.Table(
     sa.Column("to_position", sa.BigInteger),
     sa.Column("to_time", UTCDateTime),
     sa.Column("actor_user", sa.String(255)),
+)
+
+# Events and bytes pushed per hour of event time (hours since the Unix epoch,
+# UTC) and event type, over all repositories and per repository. ``bytes``
+# counts what clients uploaded: the sizes of pushed blobs and manifests. Both
+# keys start with the hour, and on SQLite the rows are stored in key order
+# (WITHOUT ROWID), so a time range is one sequential read.
+activity = sa.Table(
+    "activity",
+    metadata,
+    sa.Column("hour", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("type", sa.String(32), primary_key=True),
+    sa.Column("events", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sqlite_with_rowid=False,
+)
+
+repository_activity = sa.Table(
+    "repository_activity",
+    metadata,
+    sa.Column("hour", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("repository", sa.String(255), primary_key=True),
+    sa.Column("type", sa.String(32), primary_key=True),
+    sa.Column("events", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Index(None, "repository", "hour"),
+    sqlite_with_rowid=False,
 )
 
 # The last log position each projection has applied.
@@ -216,4 +255,13 @@ relay_checkpoints = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
-PROJECTION_TABLES = (repositories, tags, manifests, blob_links, referrers, tag_history)
+PROJECTION_TABLES = (
+    repositories,
+    tags,
+    manifests,
+    blob_links,
+    referrers,
+    tag_history,
+    activity,
+    repository_activity,
+)

@@ -1,5 +1,6 @@
 """Views built from the log: updated inline with each append, rebuildable."""
 
+from engine.projections.activity import ActivityProjection
 from engine.projections.base import Projection, apply_events, checkpoints
 from engine.projections.blob_links import BlobLinkProjection
 from engine.projections.catalog import CatalogProjection
@@ -13,6 +14,7 @@ ALL_PROJECTIONS: tuple[Projection, ...] = (
     ReferrerProjection(),
     TagProjection(),
     TagHistoryProjection(),
+    ActivityProjection(),
 )
 
 __all__ = ["ALL_PROJECTIONS", "Projection", "apply_events", "checkpoints"]

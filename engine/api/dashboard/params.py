@@ -1,0 +1,154 @@
+"""Query parameters of the dashboard API, checked before any query runs.
+
+Each parser raises the 400 UNSUPPORTED error that names the parameter and
+the value, so a client sees what to change. A parameter sent with an empty
+value is invalid, like any other value that does not parse; to use the
+default, leave the parameter out.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Final
+
+from engine.api.errors import unsupported
+from engine.api.http import Request
+from engine.domain.names import validate_repository_name, validate_tag
+from engine.queries.pages import MAX_INTEGER
+
+# Characters a repository name may contain; a prefix is a name cut anywhere.
+_PREFIX: Final = re.compile(r"[a-z0-9._/-]{1,255}")
+MAX_TEXT: Final = 255
+_MAX_DIGITS: Final = len(str(MAX_INTEGER))
+
+
+def _value(request: Request, name: str) -> str | None:
+    """Return the parameter's value, None when absent; 400 when empty."""
+    value = request.param(name)
+    if value == "":
+        raise unsupported(
+            f"{name} is empty: give a value or leave the parameter out",
+            parameter=name,
+            value=value,
+        )
+    return value
+
+
+def integer(
+    request: Request,
+    name: str,
+    default: int | None,
+    *,
+    minimum: int = 0,
+    maximum: int = MAX_INTEGER,
+) -> int | None:
+    """Return parameter ``name`` as an integer from ``minimum`` to ``maximum``."""
+    value = _value(request, name)
+    if value is None:
+        return default
+    # The length check keeps int() away from strings of thousands of digits.
+    valid = value.isascii() and value.isdigit() and len(value) <= _MAX_DIGITS
+    if not valid or not minimum <= int(value) <= maximum:
+        raise unsupported(
+            f"{name} must be an integer from {minimum} to {maximum}",
+            parameter=name,
+            value=value,
+        )
+    return int(value)
+
+
+def choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = _value(request, name)
+    if value is None:
+        return default
+    if value not in choices:
+        raise unsupported(
+            f"{name} must be one of {', '.join(choices)}",
+            parameter=name,
+            value=value,
+            supported=list(choices),
+        )
+    return value
+
+
+def time(request: Request, name: str) -> datetime | None:
+    """Return parameter ``name`` as an aware datetime, RFC 3339 with an offset."""
+    value = _value(request, name)
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise unsupported(
+            f"{name} must be an RFC 3339 time with a UTC offset, such as "
+            "2026-12-01T00:00:00Z (send '+' in an offset as %2B)",
+            parameter=name,
+            value=value,
+        )
+    if not 1970 <= moment.year <= 9998:
+        raise unsupported(
+            f"{name} must be a time between the years 1970 and 9998",
+            parameter=name,
+            value=value,
+        )
+    return moment
+
+
+def text(request: Request, name: str) -> str | None:
+    """Return a free-text parameter such as an actor, at most 255 printable
+    characters."""
+    value = _value(request, name)
+    if value is None:
+        return None
+    if len(value) > MAX_TEXT or not value.isprintable():
+        raise unsupported(
+            f"{name} must be at most {MAX_TEXT} printable characters",
+            parameter=name,
+            value=value,
+        )
+    return value
+
+
+def prefix(request: Request) -> str | None:
+    value = _value(request, "prefix")
+    if value is None:
+        return None
+    if not _PREFIX.fullmatch(value):
+        raise unsupported(
+            "prefix must be the start of a repository name: lowercase letters, "
+            "digits, '.', '_', '-' and '/'",
+            parameter="prefix",
+            value=value,
+        )
+    return value
+
+
+def cursor(request: Request) -> str | None:
+    return _value(request, "cursor")
+
+
+def repository(request: Request) -> str:
+    """Return the repository name from the path, raising NameInvalid."""
+    return validate_repository_name(request.path_params["name"])
+
+
+def optional_repository(request: Request) -> str | None:
+    value = _value(request, "repository")
+    return validate_repository_name(value) if value is not None else None
+
+
+def tag(request: Request) -> str:
+    return validate_tag(request.path_params["tag"])
+
+
+def types(request: Request) -> list[str]:
+    """Return the event types in ``type``, repeatable or comma-separated."""
+    return [
+        part.strip()
+        for value in request.query.get("type", [])
+        for part in value.split(",")
+        if part.strip()
+    ]

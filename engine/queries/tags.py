@@ -1,0 +1,329 @@
+"""Tags now and at any log position, and every digest a tag pointed to."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from engine.domain.errors import ManifestUnknown, NameUnknown, Unsupported
+from engine.domain.events import format_time
+from engine.queries.pages import Page, check_page_size, decode_cursor, encode_cursor
+from engine.tables import events, manifests, repositories, tag_history, tags
+
+# Reference kinds whose bytes are blobs, as the manifest.pushed event lists them.
+BLOB_KINDS: Final = frozenset({"config", "layer"})
+TAG_SORTS: Final = ("name", "recent")
+
+_EXISTS = sa.select(repositories.c.name).where(
+    repositories.c.name == sa.bindparam("b_repository")
+)
+
+_CURRENT = (
+    sa.select(
+        tags.c.tag,
+        tags.c.digest,
+        tags.c.position,
+        tags.c.updated_at,
+        manifests.c.media_type,
+        manifests.c.size,
+        manifests.c.artifact_type,
+        manifests.c.references,
+        events.c.actor_user,
+        events.c.actor_address,
+    )
+    .select_from(tags)
+    .outerjoin(
+        manifests,
+        (manifests.c.repository == tags.c.repository)
+        & (manifests.c.digest == tags.c.digest),
+    )
+    .outerjoin(events, events.c.position == tags.c.position)
+    .where(tags.c.repository == sa.bindparam("b_repository"))
+)
+_BY_NAME = _CURRENT.order_by(tags.c.tag).limit(sa.bindparam("b_limit"))
+_BY_NAME_AFTER = _BY_NAME.where(tags.c.tag > sa.bindparam("b_tag"))
+_RECENT = _CURRENT.order_by(tags.c.position.desc()).limit(sa.bindparam("b_limit"))
+_RECENT_BEFORE = _RECENT.where(tags.c.position < sa.bindparam("b_position"))
+_ONE = _CURRENT.where(tags.c.tag == sa.bindparam("b_tag"))
+
+_CHILDREN = sa.select(
+    manifests.c.digest, manifests.c.size, manifests.c.references
+).where(
+    (manifests.c.repository == sa.bindparam("b_repository"))
+    & manifests.c.digest.in_(sa.bindparam("b_digests", expanding=True))
+)
+
+_started = events.alias("started")
+_ended = events.alias("ended")
+
+_HISTORY = (
+    sa.select(
+        tag_history.c.tag,
+        tag_history.c.digest,
+        tag_history.c.from_position,
+        tag_history.c.from_time,
+        tag_history.c.to_position,
+        tag_history.c.to_time,
+        tag_history.c.actor_user,
+        _started.c.actor_address,
+        _ended.c.type.label("ended_type"),
+        _ended.c.actor_user.label("ended_user"),
+        _ended.c.actor_address.label("ended_address"),
+        manifests.c.media_type,
+        manifests.c.size,
+    )
+    .select_from(tag_history)
+    .outerjoin(_started, _started.c.position == tag_history.c.from_position)
+    .outerjoin(_ended, _ended.c.position == tag_history.c.to_position)
+    .outerjoin(
+        manifests,
+        (manifests.c.repository == tag_history.c.repository)
+        & (manifests.c.digest == tag_history.c.digest),
+    )
+    .where(tag_history.c.repository == sa.bindparam("b_repository"))
+)
+_TAG_HISTORY = (
+    _HISTORY.where(tag_history.c.tag == sa.bindparam("b_tag"))
+    .order_by(tag_history.c.from_position.desc())
+    .limit(sa.bindparam("b_limit"))
+)
+_TAG_HISTORY_BEFORE = _TAG_HISTORY.where(
+    tag_history.c.from_position < sa.bindparam("b_position")
+)
+_TAG_AT = (
+    _HISTORY.where(
+        (tag_history.c.tag == sa.bindparam("b_tag"))
+        & (tag_history.c.from_position <= sa.bindparam("b_position"))
+    )
+    .order_by(tag_history.c.from_position.desc())
+    .limit(1)
+)
+# A range [from_position, to_position) contains the position.
+_TAGS_AT = (
+    _HISTORY.where(
+        (tag_history.c.from_position <= sa.bindparam("b_position"))
+        & (
+            tag_history.c.to_position.is_(None)
+            | (tag_history.c.to_position > sa.bindparam("b_position"))
+        )
+    )
+    .order_by(tag_history.c.tag)
+    .limit(sa.bindparam("b_limit"))
+)
+_TAGS_AT_AFTER = _TAGS_AT.where(tag_history.c.tag > sa.bindparam("b_tag"))
+
+
+def _actor(user: str | None, address: str | None) -> dict[str, str | None]:
+    return {"user": user, "address": address}
+
+
+def platforms(references: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Return the platform of each child manifest an index lists."""
+    return [
+        {"digest": reference["digest"], **reference["platform"]}
+        for reference in references or []
+        if reference.get("kind") == "manifest" and reference.get("platform")
+    ]
+
+
+def _own_content_size(size: int, references: list[dict[str, Any]]) -> int:
+    return size + sum(r["size"] for r in references if r.get("kind") in BLOB_KINDS)
+
+
+def content_sizes(conn: Connection, repository: str, rows: list[Any]) -> dict[str, int]:
+    """Return, per manifest digest, its bytes with its config and layers; an
+    index adds those of the children the repository holds."""
+    sizes: dict[str, int] = {}
+    children: set[str] = set()
+    for row in rows:
+        if row.size is None:
+            continue
+        sizes[row.digest] = _own_content_size(row.size, row.references)
+        children.update(
+            r["digest"] for r in row.references if r.get("kind") == "manifest"
+        )
+    if not children:
+        return sizes
+    child_sizes = {
+        child.digest: _own_content_size(child.size, child.references)
+        for child in conn.execute(
+            _CHILDREN, {"b_repository": repository, "b_digests": sorted(children)}
+        )
+    }
+    for row in rows:
+        if row.size is None:
+            continue
+        sizes[row.digest] += sum(
+            child_sizes.get(r["digest"], 0)
+            for r in row.references
+            if r.get("kind") == "manifest"
+        )
+    return sizes
+
+
+def _current_json(row: Any, sizes: dict[str, int]) -> dict[str, Any]:
+    return {
+        "tag": row.tag,
+        "digest": row.digest,
+        "media_type": row.media_type,
+        "artifact_type": row.artifact_type,
+        "size": row.size,
+        "content_size": sizes.get(row.digest),
+        "platforms": platforms(row.references),
+        "position": row.position,
+        "pushed_at": format_time(row.updated_at),
+        "pushed_by": _actor(row.actor_user, row.actor_address),
+    }
+
+
+def _history_json(row: Any) -> dict[str, Any]:
+    ended = None
+    if row.to_position is not None:
+        ended = {
+            "type": row.ended_type,
+            "actor": _actor(row.ended_user, row.ended_address),
+        }
+    return {
+        "tag": row.tag,
+        "digest": row.digest,
+        "media_type": row.media_type,
+        "size": row.size,
+        "from_position": row.from_position,
+        "from_time": format_time(row.from_time),
+        "to_position": row.to_position,
+        "to_time": format_time(row.to_time) if row.to_time else None,
+        "actor": _actor(row.actor_user, row.actor_address),
+        "ended_by": ended,
+    }
+
+
+def require_repository(conn: Connection, repository: str) -> None:
+    if conn.execute(_EXISTS, {"b_repository": repository}).first() is None:
+        raise NameUnknown("repository name not known to registry", {"name": repository})
+
+
+def tag_page(
+    conn: Connection,
+    repository: str,
+    *,
+    sort: str = "name",
+    n: int = 100,
+    cursor: str | None = None,
+) -> Page:
+    """List a repository's tags by name or most recently set first, with the
+    manifest each points to and who set it."""
+    if sort not in TAG_SORTS:
+        raise Unsupported(
+            "unknown sort order",
+            {"parameter": "sort", "value": sort, "supported": list(TAG_SORTS)},
+        )
+    check_page_size(n)
+    params: dict[str, Any] = {"b_repository": repository, "b_limit": n + 1}
+    if sort == "name":
+        statement = _BY_NAME
+        if cursor is not None:
+            (params["b_tag"],) = decode_cursor(cursor, (str,))
+            statement = _BY_NAME_AFTER
+    else:
+        statement = _RECENT
+        if cursor is not None:
+            (params["b_position"],) = decode_cursor(cursor, (int,))
+            statement = _RECENT_BEFORE
+    rows = conn.execute(statement, params).all()
+    if not rows and cursor is None:
+        require_repository(conn, repository)
+
+    next_cursor = None
+    if len(rows) > n:
+        rows = rows[:n]
+        last = rows[-1]
+        next_cursor = encode_cursor(last.tag if sort == "name" else last.position)
+    sizes = content_sizes(conn, repository, rows)
+    return Page([_current_json(row, sizes) for row in rows], next_cursor)
+
+
+def tag(conn: Connection, repository: str, name: str) -> dict[str, Any]:
+    """Return what ``name`` points to now; ManifestUnknown when it is not set."""
+    row = conn.execute(_ONE, {"b_repository": repository, "b_tag": name}).first()
+    if row is None:
+        require_repository(conn, repository)
+        raise ManifestUnknown("tag unknown", {"repository": repository, "tag": name})
+    return _current_json(row, content_sizes(conn, repository, [row]))
+
+
+def tag_at(
+    conn: Connection, repository: str, name: str, position: int
+) -> dict[str, Any]:
+    """Return the history entry in force at ``position``; ManifestUnknown when
+    the tag was not set then."""
+    row = conn.execute(
+        _TAG_AT, {"b_repository": repository, "b_tag": name, "b_position": position}
+    ).first()
+    if row is None or (row.to_position is not None and row.to_position <= position):
+        require_repository(conn, repository)
+        raise ManifestUnknown(
+            "tag was not set at that position",
+            {"repository": repository, "tag": name, "position": position},
+        )
+    return _history_json(row)
+
+
+def tags_at(
+    conn: Connection,
+    repository: str,
+    position: int,
+    *,
+    n: int = 100,
+    cursor: str | None = None,
+) -> Page:
+    """List the tags set at ``position``, by name, from the tag history."""
+    check_page_size(n)
+    params: dict[str, Any] = {
+        "b_repository": repository,
+        "b_position": position,
+        "b_limit": n + 1,
+    }
+    statement = _TAGS_AT
+    if cursor is not None:
+        (params["b_tag"],) = decode_cursor(cursor, (str,))
+        statement = _TAGS_AT_AFTER
+    rows = conn.execute(statement, params).all()
+    if not rows and cursor is None:
+        require_repository(conn, repository)
+    next_cursor = None
+    if len(rows) > n:
+        rows = rows[:n]
+        next_cursor = encode_cursor(rows[-1].tag)
+    return Page([_history_json(row) for row in rows], next_cursor)
+
+
+def tag_history(
+    conn: Connection,
+    repository: str,
+    name: str,
+    *,
+    n: int = 100,
+    cursor: str | None = None,
+) -> Page:
+    """List every digest ``name`` pointed to, newest first, each with its
+    range of positions and times and who started and ended it."""
+    check_page_size(n)
+    params: dict[str, Any] = {"b_repository": repository, "b_tag": name}
+    params["b_limit"] = n + 1
+    statement = _TAG_HISTORY
+    if cursor is not None:
+        (params["b_position"],) = decode_cursor(cursor, (int,))
+        statement = _TAG_HISTORY_BEFORE
+    rows = conn.execute(statement, params).all()
+    if not rows and cursor is None:
+        require_repository(conn, repository)
+        raise ManifestUnknown(
+            "tag has no history", {"repository": repository, "tag": name}
+        )
+    next_cursor = None
+    if len(rows) > n:
+        rows = rows[:n]
+        next_cursor = encode_cursor(rows[-1].from_position)
+    return Page([_history_json(row) for row in rows], next_cursor)

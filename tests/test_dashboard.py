@@ -1,0 +1,277 @@
+"""The dashboard API over HTTP: documents, the Cairn-Position header,
+min_position, errors, and the OpenAPI description."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+from engine.api.app import RegistryApp, create_app
+from engine.api.dashboard.consistency import PositionWaiter
+from engine.api.dashboard.openapi import document as openapi_document
+from engine.registry import Registry
+from tests.images import make_image, make_index
+from tests.server import log_position, push_image, running
+
+API = "/_cairn/api/v1"
+
+
+@pytest.fixture
+def app(registry: Registry) -> RegistryApp:
+    return create_app(registry)
+
+
+@pytest.fixture
+def api(app: RegistryApp) -> Iterator[httpx.Client]:
+    with (
+        running(app) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+def pushed(api: httpx.Client) -> dict[str, Any]:
+    first = make_image()
+    second = make_image()
+    push_image(api, "library/app", first, "v1")
+    push_image(api, "library/app", second, "v2")
+    index = make_index([first, second])
+    response = api.put(
+        "/v2/library/app/manifests/multi",
+        content=index,
+        headers={"Content-Type": "application/vnd.oci.image.index.v1+json"},
+    )
+    assert response.status_code == 201
+    push_image(api, "library/app", second, "v1")
+    push_image(api, "tools/builder", make_image(), "latest")
+    return {"first": str(first.digest), "second": str(second.digest)}
+
+
+def _validate(path: str, body: Any) -> None:
+    """Check ``body`` against the OpenAPI schema of GET ``path``."""
+    spec = openapi_document()
+    operation = spec["paths"][path]["get"]
+    schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    resolver_document = {**schema, "components": spec["components"]}
+    jsonschema.validate(
+        body,
+        resolver_document,
+        cls=jsonschema.Draft202012Validator,
+    )
+
+
+# ---- documents -----------------------------------------------------------------
+
+
+def test_every_route_answers(
+    api: httpx.Client, registry: Registry, pushed: dict[str, Any]
+) -> None:
+    cases = {
+        "/position": "/position",
+        "/repositories": "/repositories?sort=size&order=desc",
+        "/repositories/{name}": "/repositories/library/app",
+        "/repositories/{name}/-/tags": "/repositories/library/app/-/tags",
+        "/repositories/{name}/-/tags/{tag}": "/repositories/library/app/-/tags/v1",
+        "/repositories/{name}/-/tags/{tag}/history": (
+            "/repositories/library/app/-/tags/v1/history"
+        ),
+        "/repositories/{name}/-/manifests": "/repositories/library/app/-/manifests",
+        "/repositories/{name}/-/referrers": "/repositories/library/app/-/referrers",
+        "/catalog": "/catalog?position=3",
+        "/activity": "/activity?bucket=day",
+        "/top": "/top?by=activity",
+        "/events": "/events?type=tag.set&type=manifest.pushed",
+    }
+    head = log_position(registry)
+    for template, path in cases.items():
+        response = api.get(API + path)
+
+        assert response.status_code == 200, (path, response.text)
+        assert response.headers["Cairn-Position"] == str(head), path
+        _validate(template, response.json())
+
+
+def test_repository_listing_over_http(
+    api: httpx.Client, pushed: dict[str, Any]
+) -> None:
+    first = api.get(f"{API}/repositories", params={"n": 1}).json()
+    second = api.get(
+        f"{API}/repositories", params={"n": 1, "cursor": first["next_cursor"]}
+    ).json()
+    prefixed = api.get(f"{API}/repositories", params={"prefix": "tools/"}).json()
+
+    assert first["total"] == 2
+    assert [r["name"] for r in first["repositories"]] == ["library/app"]
+    assert [r["name"] for r in second["repositories"]] == ["tools/builder"]
+    assert second["next_cursor"] is None
+    assert [r["name"] for r in prefixed["repositories"]] == ["tools/builder"]
+
+
+def test_tags_now_and_then(api: httpx.Client, pushed: dict[str, Any]) -> None:
+    base = f"{API}/repositories/library/app/-/tags"
+    now = api.get(base).json()
+    history = api.get(f"{base}/v1/history").json()["history"]
+    moved_at = history[0]["from_position"]
+    before = api.get(base, params={"position": moved_at - 1}).json()
+    then = api.get(f"{base}/v1", params={"at": history[1]["from_time"]}).json()
+
+    assert {t["tag"]: t["digest"] for t in now["tags"]}["v1"] == pushed["second"]
+    multi = {t["tag"]: t for t in now["tags"]}["multi"]
+    assert [p["architecture"] for p in multi["platforms"]] == ["arch0", "arch1"]
+    assert [h["digest"] for h in history] == [pushed["second"], pushed["first"]]
+    assert before["point"] == {"position": moved_at - 1, "at": None}
+    assert {t["tag"]: t["digest"] for t in before["tags"]}["v1"] == pushed["first"]
+    assert then["tag"]["digest"] == pushed["first"]
+    assert then["point"]["position"] < moved_at
+
+
+def test_position_past_head_means_head(
+    api: httpx.Client, pushed: dict[str, Any]
+) -> None:
+    response = api.get(f"{API}/catalog", params={"position": 10**12})
+
+    assert response.json()["point"]["position"] == int(
+        response.headers["Cairn-Position"]
+    )
+    assert len(response.json()["repositories"]) == 2
+
+
+def test_slashes_may_be_encoded(api: httpx.Client, pushed: dict[str, Any]) -> None:
+    response = api.get(f"{API}/repositories/library%2Fapp/-/tags/v2")
+
+    assert response.status_code == 200
+    assert response.json()["tag"]["digest"] == pushed["second"]
+
+
+# ---- min_position ------------------------------------------------------------------
+
+
+def test_min_position_waits_for_push(
+    api: httpx.Client, app: RegistryApp, registry: Registry, pushed: dict[str, Any]
+) -> None:
+    head = log_position(registry)
+    results: list[httpx.Response] = []
+
+    def read_after_push() -> None:
+        results.append(
+            api.get(
+                f"{API}/repositories/tools/builder/-/tags",
+                params={"min_position": head + 1},
+            )
+        )
+
+    waiter = app.state.position_waiter
+    assert waiter is not None
+    reader = threading.Thread(target=read_after_push)
+    reader.start()
+    # Push only once the request is waiting, so the test sees it woken.
+    deadline = time.monotonic() + 30
+    while waiter.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert waiter.waiting == 1
+    registry.repository("tools/builder").tags.tag("v9", make_pushed_digest(registry))
+    reader.join(timeout=30)
+
+    assert len(results) == 1
+    response = results[0]
+    assert int(response.headers["Cairn-Position"]) >= head + 1
+    assert "v9" in [t["tag"] for t in response.json()["tags"]]
+
+
+def make_pushed_digest(registry: Registry) -> Any:
+    """Return the digest that tools/builder:latest points to."""
+    return registry.repository("tools/builder").tags.get("latest").digest
+
+
+def test_min_position_gives_up(app: RegistryApp, registry: Registry) -> None:
+    app.state.position_waiter = PositionWaiter(registry.database, max_wait=0.2)
+    with (
+        running(app) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        push_image(client, "app", make_image(), "v1")
+        response = client.get(f"{API}/position", params={"min_position": 10**9})
+
+    assert response.status_code == 200
+    assert response.headers["Cairn-Position"] == str(log_position(registry))
+    assert response.json()["head"] == log_position(registry)
+
+
+# ---- errors ----------------------------------------------------------------------
+
+
+BAD_REQUESTS = [
+    ("/repositories?n=0", "n", "0"),
+    ("/repositories?n=1001", "n", "1001"),
+    ("/repositories?n=ten", "n", "ten"),
+    ("/repositories?sort=colour", "sort", "colour"),
+    ("/repositories?order=up", "order", "up"),
+    ("/repositories?prefix=UPPER", "prefix", "UPPER"),
+    ("/repositories?cursor=!!", "cursor", "!!"),
+    ("/repositories?min_position=-1", "min_position", "-1"),
+    ("/catalog?at=yesterday", "at", "yesterday"),
+    ("/catalog?at=2026-01-01T00:00:00", "at", "2026-01-01T00:00:00"),
+    ("/catalog?position=99999999999999999999", "position", "99999999999999999999"),
+    ("/catalog?at=2026-01-01T00:00:00Z&position=3", "at", "2026-01-01T00:00:00Z"),
+    ("/activity?bucket=week", "bucket", "week"),
+    ("/activity?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z", "until", None),
+    ("/top?by=colour", "by", "colour"),
+    ("/top?n=101", "n", "101"),
+    ("/events?type=blob.eaten", "type", "blob.eaten"),
+    ("/events?actor=%07bell", "actor", "\x07bell"),
+    ("/repositories/library/app/-/tags?position=3&sort=recent", "sort", "recent"),
+]
+
+
+@pytest.mark.parametrize(("path", "parameter", "value"), BAD_REQUESTS)
+def test_bad_parameters_get_400(
+    api: httpx.Client, path: str, parameter: str, value: str | None
+) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+
+    response = api.get(API + path)
+
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["message"]
+    assert error["detail"]["parameter"] == parameter
+    if value is not None:
+        assert error["detail"]["value"] == value
+
+
+def test_unknown_and_invalid_names(api: httpx.Client) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+
+    unknown = api.get(f"{API}/repositories/library/none")
+    invalid = api.get(f"{API}/repositories/Library/App/-/tags")
+    no_tag = api.get(f"{API}/repositories/library/app/-/tags/v9")
+    bad_tag = api.get(f"{API}/repositories/library/app/-/tags/-v1/history")
+    early = api.get(f"{API}/repositories/library/app/-/tags/v1", params={"position": 1})
+
+    assert unknown.status_code == 404
+    assert unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert invalid.status_code == 400
+    assert invalid.json()["errors"][0]["code"] == "NAME_INVALID"
+    assert no_tag.status_code == 404
+    assert no_tag.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert bad_tag.status_code == 400
+    assert early.status_code == 404
+    assert early.json()["errors"][0]["detail"]["position"] == 1
+
+
+def test_openapi_document_served(api: httpx.Client) -> None:
+    response = api.get(f"{API}/openapi.json")
+
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.")
+    assert document == openapi_document()
+    assert "/repositories/{name}/-/tags/{tag}/history" in document["paths"]

@@ -1,0 +1,208 @@
+"""The web dashboard in a real browser: Debian's Chromium, headless, through
+Playwright. The browser only talks to the in-process server on 127.0.0.1.
+
+Screenshots go to test-artifacts/ at the repository root (or the directory
+in CAIRN_TEST_ARTIFACTS) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, Route, sync_playwright
+
+from engine.api.app import create_app
+from engine.migrate import upgrade
+from engine.registry import Registry
+from tests.images import Image, encode, make_artifact, make_image, make_index
+from tests.server import ServerThread, push_image, running
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(
+    os.environ.get(
+        "CAIRN_TEST_ARTIFACTS",
+        Path(__file__).resolve().parent.parent / "test-artifacts",
+    )
+)
+HOSTILE = (
+    '<script>window.__injected = 1</script><img src=x onerror="window.__injected = 2">'
+)
+TIMEOUT_MS = 30_000
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed"
+)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerThread]:
+    registry = Registry.open(tmp_path / "data")
+    upgrade(registry.database)
+    with running(create_app(registry)) as served:
+        yield served
+    registry.database.dispose()
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        blocked: list[str] = []
+
+        def only_loopback(route: Route) -> None:
+            # Every request the dashboard makes must go to the test server.
+            url = route.request.url
+            if url.startswith("http://127.0.0.1:"):
+                route.continue_()
+            else:
+                blocked.append(url)
+                route.abort()
+
+        page.route("**/*", only_loopback)
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        yield page
+        browser.close()
+        assert blocked == []
+        assert errors == []
+
+
+def _push_content(url: str) -> dict[str, Page]:
+    """Push two images, an index and a signature with hostile annotations."""
+    first = make_image(layer_size=4096)
+    second = make_image(layer_size=2048)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        push_image(client, "library/app", first, "v1")
+        push_image(client, "library/app", second, "v2")
+        push_image(client, "library/app", second, "v1")
+        index = make_index([first, second])
+        response = client.put(
+            "/v2/library/app/manifests/multi",
+            content=index,
+            headers={"Content-Type": "application/vnd.oci.image.index.v1+json"},
+        )
+        assert response.status_code == 201
+        signature = make_artifact(first, "application/vnd.example.sig", b"sig")
+        document = json.loads(signature.manifest)
+        document["annotations"] = {"org.example.note": HOSTILE}
+        push_image(
+            client,
+            "library/app",
+            Image(signature.config, signature.layers, encode(document)),
+        )
+        push_image(client, "tools/builder", make_image(), "latest")
+        summary = client.get("/_cairn/api/v1/repositories/library/app").json()
+        totals = client.get("/_cairn/api/v1/activity").json()["totals"]
+    return {"summary": summary, "totals": totals}
+
+
+def _wait_loaded(page: Page) -> None:
+    page.wait_for_selector("body[data-loaded]", timeout=TIMEOUT_MS)
+    assert page.get_attribute("body", "data-loaded") == "true"
+
+
+def _screenshot(page: Page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_overview_shows_activity(server: ServerThread, browser_page: Page) -> None:
+    pushed = _push_content(server.url)
+    page = browser_page
+
+    page.goto(f"{server.url}/_cairn/ui/")
+    _wait_loaded(page)
+
+    totals = pushed["totals"]
+    assert isinstance(totals, dict)
+    assert page.text_content("#total-pushes .value") == str(totals["pushes"])
+    assert page.text_content("#total-events .value") == str(totals["events"])
+    bars = page.eval_on_selector_all(
+        "#activity-chart rect.push-bar",
+        "nodes => nodes.map(n => Number(n.dataset.pushes)).reduce((a, b) => a + b, 0)",
+    )
+    assert bars == totals["pushes"]
+    names = page.eval_on_selector_all(
+        "#repositories a.repository", "nodes => nodes.map(n => n.textContent)"
+    )
+    assert names == ["library/app", "tools/builder"]
+    largest = page.text_content("#top-size tbody tr:first-child a")
+    assert largest == "library/app"
+    event_rows = page.locator("#events tbody tr").count()
+    assert event_rows == min(25, totals["events"])
+    assert _screenshot(page, "dashboard-overview.png").stat().st_size > 0
+
+
+def test_repository_page_escapes_annotations(
+    server: ServerThread, browser_page: Page
+) -> None:
+    pushed = _push_content(server.url)
+    summary = pushed["summary"]
+    assert isinstance(summary, dict)
+    page = browser_page
+
+    page.goto(f"{server.url}/_cairn/ui/repository.html?name=library/app")
+    _wait_loaded(page)
+
+    assert page.text_content("#title") == "library/app"
+    assert page.text_content("#tag-count .value") == str(summary["tag_count"])
+    assert page.text_content("#manifest-count .value") == str(summary["manifest_count"])
+    tags = page.eval_on_selector_all(
+        "#tags a.tag", "nodes => nodes.map(n => n.textContent)"
+    )
+    assert tags == ["multi", "v1", "v2"]
+    assert "linux/arch0" in page.text_content("#tags")
+    assert page.locator("#timeline rect.segment").count() == 4
+
+    referrers = page.text_content("#referrers")
+    assert HOSTILE in referrers
+    assert page.evaluate("window.__injected") is None
+    assert page.locator("main script, main img").count() == 0
+    assert _screenshot(page, "dashboard-repository.png").stat().st_size > 0
+
+
+def test_tag_page_shows_history(server: ServerThread, browser_page: Page) -> None:
+    _push_content(server.url)
+    history = httpx.get(
+        f"{server.url}/_cairn/api/v1/repositories/library/app/-/tags/v1/history"
+    ).json()["history"]
+    page = browser_page
+
+    page.goto(f"{server.url}/_cairn/ui/tag.html?name=library/app&tag=v1")
+    _wait_loaded(page)
+
+    assert page.text_content("#title") == "library/app:v1"
+    assert page.text_content("#change-count .value") == "2"
+    assert page.locator("#history tbody tr").count() == 2
+    assert page.locator("#timeline rect.segment").count() == 2
+
+    page.click("#at-form button")
+    page.wait_for_selector("#at-result:not(:empty)", timeout=TIMEOUT_MS)
+    assert f"pointed to {history[0]['digest']}" in page.text_content("#at-result")
+    shot = _screenshot(page, "dashboard-tag.png")
+
+    page.fill("#at", "2000-01-01T00:00:00")
+    page.click("#at-form button")
+    page.wait_for_selector("#at-result:text('Not set then')", timeout=TIMEOUT_MS)
+    assert "MANIFEST_UNKNOWN" in page.text_content("#at-result")
+    assert shot.stat().st_size > 0
