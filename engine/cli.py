@@ -3,26 +3,199 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.config import StorageSettings, add_storage_options
+import structlog
+
+from engine.config import StorageSettings, add_storage_options, env_default
 from engine.logs import configure_logging
 
+if TYPE_CHECKING:
+    from engine.registry import Registry
 
-def _open_registry(args: argparse.Namespace, *, migrate: bool = True):  # type: ignore[no-untyped-def]
+log = structlog.get_logger(__name__)
+
+
+class StorageUnavailable(Exception):
+    """A data directory or database that a command cannot use.
+
+    The message is one line for standard error, and ``fields`` contains the
+    ids that go with it in the log line.
+    """
+
+    def __init__(self, message: str, **fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+def report_storage_error(error: StorageUnavailable) -> int:
+    """Log ``error``, print it as one line on standard error and return 1."""
+    log.error("storage_open_failed", error=str(error), **error.fields)
+    print(f"cairn: {error}", file=sys.stderr)
+    return 1
+
+
+def database_label(settings: StorageSettings) -> str:
+    """Return the database URL to show to an operator, its password hidden."""
+    import sqlalchemy as sa
+
+    from engine.db import sqlite_url
+
+    url = settings.database_url or sqlite_url(settings.data_dir)
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return "(invalid URL)"
+
+
+@contextmanager
+def storage_errors(settings: StorageSettings) -> Iterator[None]:
+    """Raise StorageUnavailable when the data directory or the database fails."""
+    import sqlalchemy as sa
+
+    data_dir = settings.data_dir.absolute()
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        failed_path = error.filename
+        if failed_path is not None and Path(failed_path).absolute() != data_dir:
+            reason = f"{reason}: {failed_path}"
+        raise StorageUnavailable(
+            f"cannot use data directory {data_dir}: {reason}", data_dir=str(data_dir)
+        ) from error
+    except sa.exc.OperationalError as error:
+        # Only the driver's first line is kept, because psycopg adds hint
+        # lines after it.
+        lines = str(error.orig).strip().splitlines()
+        reason = lines[0] if lines else type(error.orig).__name__
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: {reason}", database=database
+        ) from error
+
+
+def check_database_url(settings: StorageSettings) -> None:
+    """Raise StorageUnavailable unless the URL names SQLite or PostgreSQL."""
+    import sqlalchemy as sa
+
+    from engine.db import normalise_url
+
+    if not settings.database_url:
+        return
+    try:
+        url = sa.make_url(normalise_url(settings.database_url))
+    except (sa.exc.ArgumentError, ValueError) as error:
+        # The URL stays out of the message, because the password of a URL
+        # that does not parse cannot be hidden.
+        raise StorageUnavailable(
+            f"invalid database URL: {error}: expected e.g. postgresql://user@host/db"
+        ) from error
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"unsupported database {database}: cairn supports SQLite and "
+            "PostgreSQL URLs, e.g. postgresql://user@host/db",
+            database=database,
+        )
+
+
+def check_data_dir(settings: StorageSettings, *, create: bool) -> None:
+    """Raise StorageUnavailable unless the data directory is usable.
+
+    A missing directory passes when ``create`` is true. Otherwise the
+    directory must contain what `cairn serve` and `cairn db upgrade` create
+    in it: ``blobs/``, and ``cairn.db`` unless the database is PostgreSQL.
+    """
+    from engine.db import SQLITE_FILE
+
+    data_dir = settings.data_dir.absolute()
+    hint = "check --data-dir or CAIRN_DATA_DIR"
+    try:
+        mode = data_dir.stat().st_mode
+    except FileNotFoundError:
+        if create:
+            return
+        raise StorageUnavailable(
+            f"data directory {data_dir} not found: {hint}", data_dir=str(data_dir)
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise StorageUnavailable(
+            f"cannot use data directory {data_dir}: Not a directory",
+            data_dir=str(data_dir),
+        )
+    if create:
+        return
+
+    expected = ["blobs"] if settings.database_url else ["blobs", SQLITE_FILE]
+    missing = [name for name in expected if not (data_dir / name).exists()]
+    if missing:
+        raise StorageUnavailable(
+            f"data directory {data_dir} contains no cairn data "
+            f"({' and '.join(missing)} not found): {hint}",
+            data_dir=str(data_dir),
+        )
+
+
+def check_writable(registry: Registry, settings: StorageSettings) -> None:
+    """Raise StorageUnavailable unless blobs and uploads can be written."""
+    data_dir = settings.data_dir.absolute()
+    paths = registry.blob_store.paths
+    for directory in (paths.root, paths.root / "blobs", paths.staging_dir):
+        if os.access(directory, os.W_OK | os.X_OK):
+            continue
+        reason = "not writable"
+        if directory.absolute() != data_dir:
+            reason = f"{directory} is not writable"
+        raise StorageUnavailable(
+            f"cannot use data directory {data_dir}: {reason}", data_dir=str(data_dir)
+        )
+
+
+def open_registry(
+    settings: StorageSettings, *, create: bool, writable: bool = False
+) -> Registry:
+    """Open the registry and bring its schema up to date.
+
+    ``create`` allows a missing data directory, which is then created, and
+    ``writable`` also checks that blobs and uploads can be written. Raises
+    StorageUnavailable with a one-line message when the data directory or
+    the database cannot be used.
+    """
     from engine.migrate import upgrade
     from engine.registry import Registry
 
-    settings = StorageSettings.from_args(args)
-    registry = Registry.open(settings.data_dir, settings.database_url)
-    if migrate:
-        upgrade(registry.database)
+    check_database_url(settings)
+    with storage_errors(settings):
+        check_data_dir(settings, create=create)
+        try:
+            registry = Registry.open(settings.data_dir, settings.database_url)
+        except ImportError as error:
+            database = database_label(settings)
+            raise StorageUnavailable(
+                f"cannot use database {database}: its driver is not installed "
+                f"({error})",
+                database=database,
+            ) from error
+    try:
+        with storage_errors(settings):
+            if writable:
+                check_writable(registry, settings)
+            upgrade(registry.database)
+    except StorageUnavailable:
+        registry.database.dispose()
+        raise
     return registry
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    _open_registry(args)
+    open_registry(StorageSettings.from_args(args), create=True)
     print("schema is up to date")
     return 0
 
@@ -30,8 +203,10 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 def _cmd_rebuild(args: argparse.Namespace) -> int:
     from engine.projections.rebuild import rebuild_projections
 
-    registry = _open_registry(args)
-    position = rebuild_projections(registry.database)
+    settings = StorageSettings.from_args(args)
+    registry = open_registry(settings, create=False)
+    with storage_errors(settings):
+        position = rebuild_projections(registry.database)
     print(f"projections rebuilt up to position {position}")
     return 0
 
@@ -39,8 +214,10 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from engine.verify import verify
 
-    registry = _open_registry(args)
-    problems = verify(registry)
+    settings = StorageSettings.from_args(args)
+    registry = open_registry(settings, create=False)
+    with storage_errors(settings):
+        problems = verify(registry)
     for problem in problems:
         print(f"problem: {problem}")
     if problems:
@@ -72,6 +249,36 @@ def _cmd_mirror(args: argparse.Namespace) -> int:
     from consumers.mirror.commands import main as mirror_main
 
     return mirror_main(args)
+
+
+def _read_password(name: str) -> str:
+    """Prompt twice on a terminal; otherwise read one line from stdin."""
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("repeat the password: ") != password:
+            raise ValueError("the two passwords differ")
+        return password
+    return sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+
+
+def _cmd_users_add(args: argparse.Namespace) -> int:
+    from engine.api.auth import Role, add_user
+
+    path: Path = args.auth_file
+    try:
+        password = _read_password(args.name)
+        replaced = add_user(path, args.name, Role(args.role), password)
+    except (ValueError, OSError) as error:
+        log.error(
+            "user_add_failed", user=args.name, auth_file=str(path), error=str(error)
+        )
+        print(f"cairn: cannot add user {args.name} to {path}: {error}", file=sys.stderr)
+        return 1
+    action = "replaced" if replaced else "added"
+    print(f"user {args.name} {action} in {path} with role {args.role}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +351,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_mirror_options(mirror)
     mirror.set_defaults(handler=_cmd_mirror)
 
+    users = commands.add_parser("users", help="users of HTTP Basic authentication")
+    user_commands = users.add_subparsers(
+        dest="users_command", required=True, metavar="COMMAND"
+    )
+    users_add = user_commands.add_parser(
+        "add",
+        help="add a user to a users file, or replace its password and role; "
+        "the password is one line from stdin, or prompted for on a terminal",
+    )
+    auth_file = env_default("AUTH_FILE")
+    users_add.add_argument(
+        "--auth-file",
+        type=Path,
+        default=auth_file,
+        required=auth_file is None,
+        help="users file to change, created with mode 0600 when missing "
+        "(env CAIRN_AUTH_FILE)",
+    )
+    users_add.add_argument("name", metavar="NAME", help="user name")
+    users_add.add_argument(
+        "--role",
+        choices=["pull", "push"],
+        default="pull",
+        help="pull reads; push also writes (default pull)",
+    )
+    users_add.set_defaults(handler=_cmd_users_add)
+
     return parser
 
 
@@ -152,7 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(args.log_level, json_logs)
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except StorageUnavailable as error:
+        return report_storage_error(error)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,9 @@ def _wait_until_up(served: ServeProcess) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{served.url}/v2/", timeout=5).status_code == 200:
+            # A server started with --auth-file returns 401 here.
+            status = httpx.get(f"{served.url}/v2/", timeout=5).status_code
+            if status in (200, 401):
                 return
         except httpx.TransportError:
             time.sleep(0.05)

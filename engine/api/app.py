@@ -13,7 +13,9 @@ from typing import Any, Final, Protocol
 import anyio
 import structlog
 
-from engine.api import blobs, feed, health, listing, manifests, uploads
+from engine.api import blobs, dashboard, feed, health, listing, manifests, ui, uploads
+from engine.api.auth import Authenticator, User, authorize, is_public
+from engine.api.dashboard.consistency import PositionWaiter
 from engine.api.errors import ErrorCode, HTTPError
 from engine.api.http import (
     ClientDisconnected,
@@ -24,7 +26,9 @@ from engine.api.http import (
     Send,
     json_response,
 )
-from engine.api.routing import Router
+from engine.api.metrics import Metrics
+from engine.api.ratelimit import RateLimiter, too_many_requests
+from engine.api.routing import Handler, Router
 from engine.api.threads import upload_limiter
 from engine.domain.errors import RegistryError
 from engine.domain.events import Actor
@@ -65,6 +69,11 @@ class AppState:
     bus: PullListener | None = None
     relative_urls: bool = False
     upload_limiter: anyio.CapacityLimiter = field(default_factory=upload_limiter)
+    metrics: Metrics | None = None
+    position_waiter: PositionWaiter | None = None
+    # None leaves the registry open to everyone, without a rate limit.
+    authenticator: Authenticator | None = None
+    rate_limiter: RateLimiter | None = None
 
 
 def build_router() -> Router:
@@ -96,11 +105,30 @@ def build_router() -> Router:
     router.add(rf"/v2/{_NAME}/referrers/(?P<digest>{_SEGMENT})", GET=listing.referrers)
     router.add(r"/_cairn/health", GET=health.health)
     router.add(r"/_cairn/events", GET=feed.events)
+    dashboard.add_routes(router)
+    router.add(r"/_cairn/ui/?", GET=ui.page, HEAD=ui.page)
+    router.add(r"/_cairn/ui/(?P<file>[^/]+)", GET=ui.page, HEAD=ui.page)
+    router.add(r"/metrics", GET=metrics)
     return router
 
 
 async def base(request: Request) -> Response:
     return json_response({})
+
+
+async def metrics(request: Request) -> Response:
+    collected = request.state.metrics
+    if collected is None:
+        raise HTTPError(ErrorCode.UNSUPPORTED, 404, "metrics are not enabled")
+    return await collected.handle(request)
+
+
+def route_label(handler: Handler | None) -> str:
+    """Return the metrics label of a route: its handler's module and name."""
+    if handler is None:
+        return "unmatched"
+    module = getattr(handler, "__module__", "").removeprefix("engine.api.")
+    return f"{module}.{getattr(handler, '__name__', 'handler')}"
 
 
 class RegistryApp:
@@ -124,8 +152,9 @@ class RegistryApp:
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
         status = 500
         bytes_out = 0
+        route = "unmatched"
         try:
-            response = await self._dispatch(request)
+            response, route = await self._dispatch(request)
             status = response.status
             bytes_out = await self._send(request, response, send)
         except ClientDisconnected:
@@ -142,6 +171,7 @@ class RegistryApp:
                 request_id=request.request_id,
             )
         finally:
+            elapsed = time.perf_counter() - started
             log.info(
                 "request_finished",
                 method=request.method,
@@ -149,20 +179,35 @@ class RegistryApp:
                 status=status,
                 bytes_in=request.bytes_in,
                 bytes_out=bytes_out,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                duration_ms=round(elapsed * 1000, 3),
                 request_id=request.request_id,
                 remote=request.actor.address,
             )
+            if self.state.metrics is not None:
+                self.state.metrics.observe(
+                    route,
+                    request.method,
+                    status,
+                    request.bytes_in,
+                    bytes_out,
+                    elapsed,
+                )
             structlog.contextvars.unbind_contextvars("request_id")
 
-    async def _dispatch(self, request: Request) -> Response:
+    async def _dispatch(self, request: Request) -> tuple[Response, str]:
+        """Run the request's handler; return its response and route label."""
+        handler: Handler | None = None
         try:
+            user = await self._admit(request)
             handler = self.router.resolve(request)
-            return await handler(request)
+            if user is not None:
+                authorize(request, user)
+            return await handler(request), route_label(handler)
         except HTTPError as error:
-            return _error_response(error)
+            return _error_response(error), route_label(handler)
         except RegistryError as error:
-            return _error_response(HTTPError.from_registry_error(error))
+            response = _error_response(HTTPError.from_registry_error(error))
+            return response, route_label(handler)
         except ClientDisconnected:
             raise
         except Exception:
@@ -172,7 +217,7 @@ class RegistryApp:
                 path=request.path,
                 request_id=request.request_id,
             )
-            return _error_response(
+            response = _error_response(
                 HTTPError(
                     ErrorCode.UNKNOWN,
                     500,
@@ -180,6 +225,26 @@ class RegistryApp:
                     {"request_id": request.request_id},
                 )
             )
+            return response, route_label(handler)
+
+    async def _admit(self, request: Request) -> User | None:
+        """Apply the rate limit, then authenticate; return the user, if any.
+
+        Raises HTTPError 429 or 401. The health check skips both, so probes
+        always reach it.
+        """
+        if is_public(request):
+            return None
+        limiter = self.state.rate_limiter
+        if limiter is not None:
+            retry_after = limiter.acquire(request.actor.address)
+            if retry_after is not None:
+                raise too_many_requests(request.actor.address, retry_after)
+        if self.state.authenticator is None:
+            return None
+        user = await self.state.authenticator.authenticate(request)
+        request.user = user.name
+        return user
 
     async def _send(self, request: Request, response: Response, send: Send) -> int:
         """Send ``response`` and return the number of body bytes sent."""
@@ -276,6 +341,21 @@ def create_app(
     bus: PullListener | None = None,
     *,
     relative_urls: bool = False,
+    authenticator: Authenticator | None = None,
+    rate_limiter: RateLimiter | None = None,
 ) -> RegistryApp:
-    """Build the ASGI app on ``registry``; ``bus`` gets pull notifications."""
-    return RegistryApp(AppState(registry, bus, relative_urls))
+    """Build the ASGI app on ``registry``; ``bus`` gets pull notifications.
+
+    ``authenticator`` turns on Basic authentication and ``rate_limiter`` a
+    per-address request limit; without them the registry is open.
+    """
+    state = AppState(
+        registry,
+        bus,
+        relative_urls,
+        metrics=Metrics(registry, bus),
+        position_waiter=PositionWaiter(registry.database),
+        authenticator=authenticator,
+        rate_limiter=rate_limiter,
+    )
+    return RegistryApp(state)

@@ -46,8 +46,8 @@ class ErrorCode(StrEnum):
     NAME_INVALID = "NAME_INVALID"
     NAME_UNKNOWN = "NAME_UNKNOWN"
     SIZE_INVALID = "SIZE_INVALID"
-    # NOTE: cairn has no authentication or rate limiting yet, so nothing
-    # produces UNAUTHORIZED, DENIED or TOOMANYREQUESTS.
+    # UNAUTHORIZED and DENIED come from engine.api.auth (--auth-file) and
+    # TOOMANYREQUESTS from engine.api.ratelimit (--rate-limit).
     UNAUTHORIZED = "UNAUTHORIZED"
     DENIED = "DENIED"
     UNSUPPORTED = "UNSUPPORTED"

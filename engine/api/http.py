@@ -75,6 +75,9 @@ class Request:
         self.query = parse_qs(query, keep_blank_values=True)
         self.bytes_in = 0
         self.body_finished = not self.has_body
+        # The authenticated user name, set before the handler runs when the
+        # app has a users file; None on an open registry.
+        self.user: str | None = None
 
     @property
     def has_body(self) -> bool:
@@ -126,7 +129,7 @@ class Request:
     @property
     def actor(self) -> Actor:
         client = self.scope.get("client")
-        return Actor(user=None, address=client[0] if client else None)
+        return Actor(user=self.user, address=client[0] if client else None)
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Yield the body as the server delivers it.

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from engine.bus.options import add_bus_options
 from engine.config import DEFAULT_LISTEN, env_default, parse_listen
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_UPLOAD_EXPIRY_HOURS = 24.0
+
+
+def parse_rate_limit(value: str) -> int:
+    """Parse --rate-limit: a whole number of requests per second, at least 1."""
+    try:
+        rate = int(value)
+    except ValueError:
+        rate = 0
+    if rate < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid rate limit {value!r}: expected a whole number of requests "
+            "per second, at least 1"
+        )
+    return rate
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -46,5 +61,23 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="hours an upload may sit idle before its session and staging file "
         "are deleted; checked hourly (env CAIRN_UPLOAD_EXPIRY; "
         f"default {DEFAULT_UPLOAD_EXPIRY_HOURS:g})",
+    )
+    parser.add_argument(
+        "--auth-file",
+        type=Path,
+        default=env_default("AUTH_FILE"),
+        help="users file for HTTP Basic authentication, one name:role:scrypt$... "
+        "line per user (see `cairn users add`); every request except "
+        "/_cairn/health then needs credentials (env CAIRN_AUTH_FILE; "
+        "default: no authentication)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=parse_rate_limit,
+        default=env_default("RATE_LIMIT"),
+        metavar="N",
+        help="requests per second allowed from each client address, with "
+        "bursts of 2N; more get 429 with Retry-After (env CAIRN_RATE_LIMIT; "
+        "default: no limit)",
     )
     add_bus_options(parser)

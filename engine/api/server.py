@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import signal
 import socket
+import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -22,7 +24,10 @@ import uvicorn
 import uvloop
 
 from engine.api.app import create_app
+from engine.api.auth import Authenticator, AuthFileError
+from engine.api.ratelimit import RateLimiter
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
+from engine.cli import StorageUnavailable, open_registry, report_storage_error
 from engine.config import StorageSettings
 from engine.registry import Registry
 
@@ -53,12 +58,25 @@ def _display_url(host: str, port: int) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the registry until SIGTERM or SIGINT; return the exit status."""
-    from engine.migrate import upgrade
+    try:
+        authenticator = _load_authenticator(args.auth_file)
+    except AuthFileError as error:
+        log.error("server_start_failed", error=str(error))
+        print(f"cairn: {error}", file=sys.stderr)
+        return 1
+    rate_limiter = None
+    if args.rate_limit is not None:
+        rate_limiter = RateLimiter(args.rate_limit)
+        log.info("rate_limit_enabled", rate=rate_limiter.rate, burst=rate_limiter.burst)
 
     settings = StorageSettings.from_args(args)
     data_dir = Path(settings.data_dir).resolve()
-    registry = Registry.open(data_dir, settings.database_url)
-    upgrade(registry.database)
+    try:
+        registry = open_registry(
+            replace(settings, data_dir=data_dir), create=True, writable=True
+        )
+    except StorageUnavailable as error:
+        return report_storage_error(error)
     bus = Bus.from_args(args, registry.database, data_dir)
 
     host, port = args.listen
@@ -66,11 +84,18 @@ def serve(args: argparse.Namespace) -> int:
         sock = bind_socket(host, port)
     except OSError as error:
         log.error("server_start_failed", host=host, port=port, error=str(error))
-        print(f"cairn: cannot listen on {host}:{port}: {error}")
+        print(f"cairn: cannot listen on {host}:{port}: {error}", file=sys.stderr)
+        registry.database.dispose()
         return 1
     port = sock.getsockname()[1]
 
-    app = create_app(registry, bus, relative_urls=args.relative_urls)
+    app = create_app(
+        registry,
+        bus,
+        relative_urls=args.relative_urls,
+        authenticator=authenticator,
+        rate_limiter=rate_limiter,
+    )
     config = uvicorn.Config(
         app,
         loop="none",
@@ -111,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
             runner.run(_run(server, sock, bus, registry, expiry))
     except (NatsServerNotFound, EmbeddedNatsError) as error:
         log.error("bus_start_failed", error=str(error))
-        print(f"cairn: cannot start the embedded NATS server: {error}")
+        print(f"cairn: cannot start the embedded NATS server: {error}", file=sys.stderr)
         exit_status = 1
     finally:
         for sig, handler in previous.items():
@@ -120,6 +145,20 @@ def serve(args: argparse.Namespace) -> int:
         registry.database.dispose()
     log.info("server_stopped", url=_display_url(host, port), status=exit_status)
     return exit_status
+
+
+def _load_authenticator(auth_file: Path | None) -> Authenticator | None:
+    """Load the users file, if one is set; raise AuthFileError when invalid."""
+    if auth_file is None:
+        return None
+    authenticator = Authenticator.from_file(auth_file)
+    if authenticator.users:
+        log.info(
+            "auth_enabled", auth_file=str(auth_file), users=len(authenticator.users)
+        )
+    else:
+        log.warning("auth_enabled_without_users", auth_file=str(auth_file))
+    return authenticator
 
 
 async def _run(

@@ -1,0 +1,443 @@
+"""HTTP Basic authentication against a users file, and pull or push roles.
+
+The users file (``cairn serve --auth-file``) has one user per line::
+
+    name:role:scrypt$<n>$<r>$<p>$<salt base64>$<hash base64>
+
+``role`` is ``pull`` (read only) or ``push`` (read and write); blank lines
+and lines starting with ``#`` are ignored. The hash is hashlib.scrypt of the
+UTF-8 password with the stored cost parameters and salt.
+
+With a users file loaded, every request needs valid credentials except
+GET and HEAD of /_cairn/health, which stays open for liveness probes.
+That covers /v2/ (GET /v2/ included, where clients discover that
+authentication is on), the /_cairn/ event feed, dashboard API and UI, and
+/metrics: reading any of them needs the pull role. Writing, that is any
+method other than GET and HEAD, needs the push role. A request without
+valid credentials gets 401 UNAUTHORIZED and a pull user's write gets
+403 DENIED.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from engine.api.errors import ErrorCode, HTTPError
+
+if TYPE_CHECKING:
+    from engine.api.http import Request
+
+log = structlog.get_logger(__name__)
+
+REALM: Final = "cairn"
+CHALLENGE: Final = ("WWW-Authenticate", f'Basic realm="{REALM}"')
+
+# Paths that need no credentials, for probes that cannot send any.
+PUBLIC_PATHS: Final = frozenset({"/_cairn/health"})
+READ_METHODS: Final = frozenset({"GET", "HEAD"})
+
+# User names are stored as Actor.user (255 characters) and cannot contain
+# ":", which ends the user name in Basic credentials (RFC 7617).
+_USER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+# Cost of new hashes: 128 * n * r bytes of memory, 32 MiB, per check.
+SCRYPT_N: Final = 2**15
+SCRYPT_R: Final = 8
+SCRYPT_P: Final = 1
+SALT_BYTES: Final = 16
+HASH_BYTES: Final = 32
+# A users file may not ask for more memory than this per check.
+MAX_SCRYPT_MEMORY: Final = 256 * 2**20
+
+# Concurrent scrypt checks; each takes 128 * n * r bytes while it runs.
+MAX_HASH_THREADS: Final = 4
+# A verified password is remembered this many seconds, so a push of many
+# blobs pays for one scrypt check instead of one per request.
+VERIFIED_TTL_S: Final = 300.0
+MAX_VERIFIED: Final = 4096
+# Seconds between two auth_failed log lines for one remote address.
+FAILURE_LOG_INTERVAL_S: Final = 60.0
+
+
+class Role(StrEnum):
+    """The permission of a user: pull reads, push reads and writes."""
+
+    PULL = "pull"
+    PUSH = "push"
+
+
+class AuthFileError(ValueError):
+    """A users file that cannot be read or contains an invalid line."""
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordHash:
+    """An scrypt hash with its cost parameters and salt."""
+
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    hash: bytes
+
+    @classmethod
+    def create(cls, password: str) -> PasswordHash:
+        """Hash ``password`` with a new random salt and the default cost."""
+        salt = secrets.token_bytes(SALT_BYTES)
+        digest = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, HASH_BYTES)
+        return cls(SCRYPT_N, SCRYPT_R, SCRYPT_P, salt, digest)
+
+    @classmethod
+    def parse(cls, text: str) -> PasswordHash:
+        """Parse ``scrypt$n$r$p$salt$hash``, raising ValueError when invalid."""
+        parts = text.split("$")
+        if len(parts) != 6 or parts[0] != "scrypt":
+            raise ValueError("expected scrypt$<n>$<r>$<p>$<salt>$<hash>")
+        try:
+            n, r, p = (int(part) for part in parts[1:4])
+            salt = base64.b64decode(parts[4], validate=True)
+            digest = base64.b64decode(parts[5], validate=True)
+        except (ValueError, binascii.Error) as error:
+            raise ValueError(f"invalid scrypt parameters: {error}") from None
+        if n < 2 or n & (n - 1) or r < 1 or p < 1:
+            raise ValueError("scrypt n must be a power of 2 and r and p positive")
+        if _memory(n, r, p) > MAX_SCRYPT_MEMORY:
+            raise ValueError(
+                f"scrypt n={n} r={r} needs more than {MAX_SCRYPT_MEMORY} bytes"
+            )
+        if not salt or len(digest) < 16:
+            raise ValueError("the salt is empty or the hash shorter than 16 bytes")
+        return cls(n, r, p, salt, digest)
+
+    def format(self) -> str:
+        salt = base64.b64encode(self.salt).decode()
+        digest = base64.b64encode(self.hash).decode()
+        return f"scrypt${self.n}${self.r}${self.p}${salt}${digest}"
+
+    def verify(self, password: str) -> bool:
+        """Check ``password`` against the hash, comparing in constant time.
+
+        Blocks for one scrypt run, so async callers use a worker thread.
+        """
+        candidate = _scrypt(password, self.salt, self.n, self.r, self.p, len(self.hash))
+        return hmac.compare_digest(candidate, self.hash)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """One line of the users file."""
+
+    name: str
+    role: Role
+    password: PasswordHash
+
+    def format(self) -> str:
+        return f"{self.name}:{self.role}:{self.password.format()}"
+
+
+def _memory(n: int, r: int, p: int) -> int:
+    # scrypt's working memory in bytes: n blocks of 128 * r bytes for its
+    # table, and p + 2 more for the input and scratch blocks.
+    return 128 * r * (n + p + 2)
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    return hashlib.scrypt(
+        password.encode(),
+        salt=salt,
+        n=n,
+        r=r,
+        p=p,
+        maxmem=_memory(n, r, p) + 2**20,
+        dklen=length,
+    )
+
+
+def validate_user_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can be a user name."""
+    if not _USER_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid user name {name!r}: expected 1 to 64 letters, digits, "
+            "'.', '_', '@' or '-', starting with a letter or digit"
+        )
+
+
+def parse_user(line: str) -> User:
+    """Parse one ``name:role:hash`` line, raising ValueError when invalid."""
+    name, sep, rest = line.partition(":")
+    role_text, sep2, hash_text = rest.partition(":")
+    if not sep or not sep2:
+        raise ValueError("expected name:role:scrypt$...")
+    validate_user_name(name)
+    try:
+        role = Role(role_text)
+    except ValueError:
+        raise ValueError(f"unknown role {role_text!r}: expected pull or push") from None
+    return User(name, role, PasswordHash.parse(hash_text))
+
+
+def load_users(path: Path) -> dict[str, User]:
+    """Read the users file at ``path``, keyed by user name.
+
+    Raises AuthFileError naming the file, and the line for a bad entry.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AuthFileError(f"cannot read users file {path}: {error}") from error
+    users: dict[str, User] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            user = parse_user(line)
+        except ValueError as error:
+            raise AuthFileError(f"users file {path} line {number}: {error}") from None
+        if user.name in users:
+            raise AuthFileError(
+                f"users file {path} line {number}: user {user.name} is listed twice"
+            )
+        users[user.name] = user
+    return users
+
+
+def add_user(path: Path, name: str, role: Role, password: str) -> bool:
+    """Add or replace the line of user ``name``; return True when replaced.
+
+    The file is rewritten through a temporary file in the same directory and
+    renamed over the old one, so a reader sees the old or the new file and
+    never half of one. Both have mode 0600. Other lines are kept as they are.
+    """
+    validate_user_name(name)
+    if not password:
+        raise ValueError("the password is empty")
+    new_line = User(name, role, PasswordHash.create(password)).format()
+
+    try:
+        old_lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        old_lines = []
+    lines, replaced = _replace_line(old_lines, name, new_line)
+
+    # NOTE: two `cairn users add` runs at once on one file can lose one of
+    # the two changes, because nothing locks the file between read and rename.
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write("".join(f"{line}\n" for line in lines))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return replaced
+
+
+def _replace_line(
+    lines: Iterable[str], name: str, new_line: str
+) -> tuple[list[str], bool]:
+    result: list[str] = []
+    replaced = False
+    for line in lines:
+        if line.strip().partition(":")[0] == name:
+            if not replaced:
+                result.append(new_line)
+            replaced = True
+        else:
+            result.append(line)
+    if not replaced:
+        result.append(new_line)
+    return result, replaced
+
+
+class _FailureLog:
+    """Log auth_failed at most once per interval per remote address.
+
+    Later failures from that address within the interval are counted, and
+    the count is logged as one auth_failures_suppressed line once the
+    interval is over.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        # address -> (time of its last log line, failures not yet logged)
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def record(self, user: str | None, address: str | None, reason: str) -> None:
+        now = self._clock()
+        self.flush(now)
+        key = address or ""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], entry[1] + 1)
+            return
+        log.warning("auth_failed", user=user, remote=address, reason=reason)
+        self._entries[key] = (now, 0)
+
+    def flush(self, now: float | None = None) -> None:
+        """Forget addresses whose interval is over, logging their counts.
+
+        NOTE: this runs only when a request that needs credentials arrives,
+        so on an idle server a count waits in memory until the next one.
+        """
+        now = self._clock() if now is None else now
+        while self._entries:
+            address, (logged_at, suppressed) = next(iter(self._entries.items()))
+            if now - logged_at < self._interval:
+                return
+            del self._entries[address]
+            if suppressed:
+                log.warning(
+                    "auth_failures_suppressed",
+                    remote=address or None,
+                    failures=suppressed,
+                    seconds=self._interval,
+                )
+
+
+class Authenticator:
+    """The check of Basic credentials against the users of one users file."""
+
+    def __init__(
+        self,
+        users: dict[str, User],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.users = users
+        self._clock = clock
+        self._limiter = anyio.CapacityLimiter(MAX_HASH_THREADS)
+        # Keyed by an HMAC of name and password under a key that lives only
+        # in this process, so the passwords themselves are never stored.
+        self._key = secrets.token_bytes(32)
+        self._verified: OrderedDict[bytes, float] = OrderedDict()
+        self._failures = _FailureLog(FAILURE_LOG_INTERVAL_S, clock)
+        # Checked for unknown users, so they take as long as known ones.
+        self._decoy = PasswordHash.create(secrets.token_urlsafe(16))
+
+    @classmethod
+    def from_file(cls, path: Path) -> Authenticator:
+        return cls(load_users(path))
+
+    async def authenticate(self, request: Request) -> User:
+        """Return the user whose credentials ``request`` carries.
+
+        Raises HTTPError 401 UNAUTHORIZED when there are none or they are
+        wrong. The password is never logged or put in the error.
+        """
+        self._failures.flush()
+        header = request.header("authorization")
+        if header is None:
+            raise _unauthorized("authentication required", None)
+        try:
+            name, password = parse_basic(header)
+        except ValueError as error:
+            self._failures.record(None, request.actor.address, str(error))
+            raise _unauthorized(
+                f"invalid Authorization header: {error}", None
+            ) from None
+        if not name and not password:
+            # Clients send empty credentials when they have none for this
+            # registry, which is the same as sending none at all.
+            raise _unauthorized("authentication required", None)
+
+        user = self.users.get(name)
+        key = hmac.digest(self._key, f"{name}\0{password}".encode(), "sha256")
+        if user is not None and self._remembered(key):
+            return user
+
+        stored = user.password if user is not None else self._decoy
+        matches = await anyio.to_thread.run_sync(
+            stored.verify, password, limiter=self._limiter
+        )
+        if user is None or not matches:
+            self._failures.record(name, request.actor.address, "invalid credentials")
+            raise _unauthorized("invalid user name or password", name)
+        self._remember(key)
+        return user
+
+    def _remembered(self, key: bytes) -> bool:
+        expires = self._verified.get(key)
+        if expires is None:
+            return False
+        if expires <= self._clock():
+            del self._verified[key]
+            return False
+        return True
+
+    def _remember(self, key: bytes) -> None:
+        self._verified[key] = self._clock() + VERIFIED_TTL_S
+        self._verified.move_to_end(key)
+        while len(self._verified) > MAX_VERIFIED:
+            self._verified.popitem(last=False)
+
+
+def parse_basic(header: str) -> tuple[str, str]:
+    """Return the user name and password of a Basic Authorization header.
+
+    Raises ValueError for another scheme or malformed credentials.
+    """
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise ValueError(f"unsupported scheme {scheme!r}: expected Basic")
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ValueError("the Basic credentials are not base64 of UTF-8") from None
+    name, sep, password = decoded.partition(":")
+    if not sep:
+        raise ValueError("the Basic credentials contain no ':'")
+    return name, password
+
+
+def is_public(request: Request) -> bool:
+    """Return True for a request that needs no credentials and no rate limit."""
+    return request.path in PUBLIC_PATHS and request.method in READ_METHODS
+
+
+def authorize(request: Request, user: User) -> None:
+    """Raise HTTPError 403 DENIED when ``user`` may not make ``request``."""
+    if request.method in READ_METHODS or user.role is Role.PUSH:
+        return
+    repository = request.path_params.get("name")
+    raise HTTPError(
+        ErrorCode.DENIED,
+        403,
+        f"user {user.name} has the pull role and cannot write to "
+        f"repository {repository}",
+        {
+            "user": user.name,
+            "role": str(user.role),
+            "repository": repository,
+            "method": request.method,
+        },
+    )
+
+
+def _unauthorized(message: str, user: str | None) -> HTTPError:
+    detail = {"realm": REALM} if user is None else {"realm": REALM, "user": user}
+    return HTTPError(ErrorCode.UNAUTHORIZED, 401, message, detail, [CHALLENGE])
