@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.bus import Bus, BusSettings, NatsServerNotFound
-from engine.bus.embedded import find_nats_server
+from engine.bus import Bus, BusSettings, EmbeddedNatsError, NatsServerNotFound
+from engine.bus.embedded import StoreInUse, StoreLock, find_nats_server
 from engine.registry import Registry
 from tests.nats import (
     BusThread,
@@ -124,3 +124,86 @@ def test_embedded_server_dies_with_cairn(registry: Registry, data_dir: Path) -> 
         os.kill(program.pid, signal.SIGKILL)
         program.wait(10)
     wait_until(lambda: not pid_alive(server_pid))
+
+
+@sqlite_only
+def test_second_embedded_server_rejected(registry: Registry, data_dir: Path) -> None:
+    settings = BusSettings(poll_interval=0.2)
+    first = Bus(settings, registry.database, data_dir)
+    with BusThread(first):
+        url = first.nats_url
+        assert url is not None
+        config = (data_dir / "nats" / "nats-server.conf").read_text()
+
+        second = Bus(settings, registry.database, data_dir)
+        with pytest.raises(StoreInUse) as raised:
+            run(second.start())
+
+        message = str(raised.value)
+        assert isinstance(raised.value, EmbeddedNatsError)
+        assert f"{data_dir / 'nats'} is in use" in message
+        assert f"PID {os.getpid()}" in message
+        assert f"--nats {url}" in message
+        assert "--no-nats" in message
+        assert second.embedded_server_pid is None
+        assert (data_dir / "nats" / "nats-server.conf").read_text() == config
+
+        pid = first.embedded_server_pid
+        assert pid is not None
+        assert pid_alive(pid)
+        push_image(registry, "library/alpine", "latest")
+        wait_until(lambda: checkpoint_of(registry) == 4)
+        assert_stream_matches_log(url, registry)
+
+    # Once the first server has stopped, the store is free again.
+    third = Bus(settings, registry.database, data_dir)
+    with BusThread(third):
+        assert third.embedded_server_pid is not None
+
+
+def process_state(pid: int) -> str:
+    """Return the state letter from /proc/PID/stat, or "" once it has gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return stat.rpartition(")")[2].split()[0]
+
+
+@sqlite_only
+def test_store_lock_outlives_cairn(registry: Registry, data_dir: Path) -> None:
+    program = subprocess.Popen(
+        [sys.executable, "-c", EMBEDDED_PROGRAM, registry.database.url, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert program.stdout is not None
+    server_pid = int(program.stdout.readline())
+    try:
+        # A stopped nats-server keeps its parent-death SIGTERM pending, so
+        # it outlives cairn until it is continued.
+        os.kill(server_pid, signal.SIGSTOP)
+        wait_until(lambda: process_state(server_pid) == "T")
+        os.kill(program.pid, signal.SIGKILL)
+        program.wait(10)
+
+        with pytest.raises(StoreInUse) as raised:
+            StoreLock(data_dir / "nats").acquire()
+        assert raised.value.holder_alive is False
+        assert f"nats-server PID {server_pid}" in str(raised.value)
+        assert f"cairn process (PID {program.pid})" in str(raised.value)
+
+        # The next start waits for the orphaned server to exit.
+        os.kill(server_pid, signal.SIGCONT)
+        bus = Bus(BusSettings(poll_interval=0.2), registry.database, data_dir)
+        with BusThread(bus):
+            assert bus.embedded_server_pid is not None
+            # Exited, though its parent may not have reaped it yet.
+            assert process_state(server_pid) in ("", "Z")
+    finally:
+        if program.poll() is None:
+            os.kill(program.pid, signal.SIGKILL)
+            program.wait(10)
+        if pid_alive(server_pid):
+            os.kill(server_pid, signal.SIGCONT)

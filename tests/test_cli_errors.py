@@ -1,0 +1,406 @@
+"""`cairn` commands given a data directory or database they cannot use.
+
+Each command runs as a subprocess and must exit with status 1, print one
+`cairn: ...` line on standard error, log the error as JSON, and show no
+traceback. Unwritable directories are tested as the user nobody when the
+tests run as root, because root may write anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.nats import wait_until
+from tests.server import START_TIMEOUT_S, push_blob
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+# Arguments after `cairn`, for each command that opens the storage.
+STORAGE_COMMANDS = {
+    "serve": ["serve", "--no-nats", "--listen", "127.0.0.1:0"],
+    "verify": ["verify"],
+    "rebuild": ["projections", "rebuild"],
+    "db-upgrade": ["db", "upgrade"],
+}
+CREATING_COMMANDS = ["serve", "db-upgrade"]
+READING_COMMANDS = ["verify", "rebuild"]
+
+
+@dataclass
+class Result:
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def messages(self) -> list[str]:
+        """The lines of standard error that are not JSON log lines."""
+        return [line for line in self.stderr.splitlines() if line.startswith("cairn:")]
+
+    @property
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.stderr.splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def logged_error(self, event: str) -> dict[str, Any] | None:
+        for line in self.log_events:
+            if line.get("event") == event and line.get("level") == "error":
+                return line
+        return None
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+
+
+def _unprivileged_prefix() -> list[str]:
+    """Return the command prefix that drops root's rights, or [] for others."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv to drop privileges")
+    nobody = pwd.getpwnam("nobody")
+    return [
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+    ]
+
+
+def run_cairn(*args: str, unprivileged: bool = False) -> Result:
+    """Run `cairn --log-format json ARGS` to completion."""
+    prefix = _unprivileged_prefix() if unprivileged else []
+    command = [*prefix, sys.executable, "-m", "engine.cli", "--log-format", "json"]
+    completed = subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=REPOSITORY_ROOT,
+        env=_environment(),
+        timeout=START_TIMEOUT_S,
+    )
+    return Result(completed.returncode, completed.stdout, completed.stderr)
+
+
+def assert_storage_error(result: Result, message: str) -> None:
+    """Check the exit status, the one-line message, the log line, no traceback."""
+    assert result.status == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.messages) == 1, result.stderr
+    assert result.messages[0].startswith(f"cairn: {message}"), result.messages[0]
+    logged = result.logged_error("storage_open_failed")
+    assert logged is not None, result.stderr
+    assert logged["error"] == result.messages[0].removeprefix("cairn: ")
+    assert "listening on" not in result.stdout
+
+
+@pytest.fixture
+def locked_dir() -> Iterator[Path]:
+    """An empty directory that unprivileged cairn processes can enter, not write.
+
+    It lives in a fresh directory under the system's temporary directory,
+    because pytest's own temporary directories are closed to other users.
+    """
+    root = Path(tempfile.mkdtemp(prefix="cairn-locked-"))
+    root.chmod(0o755)
+    locked = root / "locked"
+    locked.mkdir()
+    locked.chmod(0o555 if os.geteuid() != 0 else 0o755)
+    try:
+        yield locked
+    finally:
+        for path in [locked, *locked.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("command", CREATING_COMMANDS)
+def test_data_dir_not_creatable(command: str, locked_dir: Path) -> None:
+    data_dir = locked_dir / "data"
+
+    result = run_cairn(
+        *STORAGE_COMMANDS[command], "--data-dir", str(data_dir), unprivileged=True
+    )
+
+    assert_storage_error(
+        result, f"cannot use data directory {data_dir}: Permission denied"
+    )
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("command", CREATING_COMMANDS)
+def test_data_dir_not_writable(command: str, locked_dir: Path) -> None:
+    result = run_cairn(
+        *STORAGE_COMMANDS[command], "--data-dir", str(locked_dir), unprivileged=True
+    )
+
+    assert_storage_error(
+        result, f"cannot use data directory {locked_dir}: Permission denied"
+    )
+    assert list(locked_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
+def test_used_data_dir_not_writable(command: str, locked_dir: Path) -> None:
+    data_dir = locked_dir / "data"
+    locked_dir.chmod(0o755)
+    assert run_cairn("db", "upgrade", "--data-dir", str(data_dir)).status == 0
+    for path in [data_dir, data_dir / "blobs", data_dir / "uploads"]:
+        path.chmod(0o555)
+    (data_dir / "cairn.db").chmod(0o444)
+
+    result = run_cairn(
+        *STORAGE_COMMANDS[command], "--data-dir", str(data_dir), unprivileged=True
+    )
+
+    assert_storage_error(result, "cannot use ")
+    assert str(data_dir) in result.messages[0]
+
+
+@pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
+def test_data_dir_below_regular_file(command: str, tmp_path: Path) -> None:
+    regular_file = tmp_path / "file"
+    regular_file.write_text("not a directory\n")
+    data_dir = regular_file / "data"
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(
+        result, f"cannot use data directory {data_dir}: Not a directory"
+    )
+    assert regular_file.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
+def test_data_dir_is_regular_file(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "file"
+    data_dir.write_text("not a directory\n")
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(
+        result, f"cannot use data directory {data_dir}: Not a directory"
+    )
+    assert data_dir.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS)
+def test_missing_data_dir_not_created(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "typo"
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(result, f"data directory {data_dir} not found")
+    assert not data_dir.exists()
+    assert "no problems found" not in result.stdout
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS)
+def test_empty_data_dir_left_empty(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(result, f"data directory {data_dir} contains no cairn data")
+    assert list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS)
+def test_used_data_dir_accepted(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert run_cairn("db", "upgrade", "--data-dir", str(data_dir)).status == 0
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert result.status == 0, result.stderr
+    assert result.messages == []
+
+
+def test_db_upgrade_creates_data_dir(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "data"
+
+    result = run_cairn("db", "upgrade", "--data-dir", str(data_dir))
+
+    assert result.status == 0, result.stderr
+    assert (data_dir / "cairn.db").is_file()
+    assert (data_dir / "blobs").is_dir()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that is bound but not listening, so connections fail."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
+def test_database_unreachable(command: str, tmp_path: Path, refused_port: int) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "blobs").mkdir(parents=True)
+    url = f"postgresql://cairn:secret-password@127.0.0.1:{refused_port}/cairn"
+
+    result = run_cairn(
+        *STORAGE_COMMANDS[command], "--data-dir", str(data_dir), "--database", url
+    )
+
+    redacted_url = f"postgresql://cairn:***@127.0.0.1:{refused_port}/cairn"
+    assert_storage_error(result, f"cannot use database {redacted_url}: ")
+    assert "secret-password" not in result.stderr
+    logged = result.logged_error("storage_open_failed")
+    assert logged is not None
+    assert logged["database"] == redacted_url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "invalid database URL: "),
+        ("postgresql://cairn:secret@127.0.0.1:port/cairn", "invalid database URL: "),
+        ("mysql://cairn:secret@127.0.0.1/cairn", "unsupported database mysql://"),
+    ],
+    ids=["unparsable", "bad-port", "mysql"],
+)
+def test_database_url_invalid(url: str, message: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+
+    result = run_cairn("db", "upgrade", "--data-dir", str(data_dir), "--database", url)
+
+    assert_storage_error(result, message)
+    assert "secret" not in result.messages[0]
+
+
+# ---- two `cairn serve` processes on one data directory ------------------------
+
+
+@dataclass
+class EmbeddedServe:
+    """A `cairn serve` subprocess that starts its embedded nats-server."""
+
+    process: subprocess.Popen[str]
+    url: str
+
+    def stop(self) -> int:
+        """Send SIGTERM to the process by its PID and return its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout=START_TIMEOUT_S)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return status
+
+
+def start_embedded_serve(data_dir: Path, log_path: Path) -> EmbeddedServe:
+    command = [sys.executable, "-m", "engine.cli", "--log-format", "json", "serve"]
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [*command, "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            cwd=REPOSITORY_ROOT,
+            env=_environment(),
+            text=True,
+        )
+    assert process.stdout is not None
+    url = None
+    for line in process.stdout:
+        match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+        if match:
+            url = match.group(1)
+            break
+    if url is None:
+        process.wait(timeout=START_TIMEOUT_S)
+        raise RuntimeError(f"cairn serve exited early; see {log_path}")
+
+    # cairn serve prints its address once the socket is bound, but accepts
+    # connections only after the bus has started.
+    try:
+        wait_until(lambda: answers(url), timeout=START_TIMEOUT_S)
+    except AssertionError:
+        process.kill()
+        process.wait(timeout=START_TIMEOUT_S)
+        raise
+    return EmbeddedServe(process, url)
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v2/", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def bus_health(url: str) -> dict[str, Any]:
+    response = httpx.get(f"{url}/_cairn/health", timeout=10)
+    assert response.status_code == 200, response.text
+    bus: dict[str, Any] = response.json()["bus"]
+    return bus
+
+
+def caught_up(health: dict[str, Any]) -> dict[str, Any] | None:
+    """Return ``health`` once the relay has published every logged event."""
+    if health["state"] == "caught_up" and health["log_head"]:
+        return health
+    return None
+
+
+def test_second_serve_rejects_store(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = start_embedded_serve(data_dir, tmp_path / "first.log")
+    try:
+        nats_url = bus_health(first.url)["nats_url"]
+        assert nats_url.startswith("nats://127.0.0.1:")
+
+        second = run_cairn(
+            "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"
+        )
+
+        assert second.status == 1, second.stderr
+        assert "Traceback" not in second.stderr
+        assert len(second.messages) == 1, second.stderr
+        message = second.messages[0]
+        assert message.startswith("cairn: cannot start the embedded NATS server: ")
+        assert f"{data_dir / 'nats'} is in use" in message
+        assert f"PID {first.process.pid}" in message
+        assert f"--nats {nats_url}" in message
+        assert "--no-nats" in message
+        assert second.logged_error("bus_start_failed") is not None
+
+        assert first.process.poll() is None
+        with httpx.Client(base_url=first.url, timeout=30) as client:
+            push_blob(client, "library/app", b"pushed after the second serve failed")
+        health = wait_until(lambda: caught_up(bus_health(first.url)))
+        assert health is not None
+        assert health["nats_url"] == nats_url
+        assert health["checkpoint"] == 1
+        assert health["last_error"] is None
+    finally:
+        status = first.stop()
+    assert status == 0
+    assert "Traceback" not in (tmp_path / "first.log").read_text()
