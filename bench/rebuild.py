@@ -67,6 +67,7 @@ def generate(count: int, repositories: int = 10_000) -> list[NewEvent]:
                         }
                         for d in layers
                     ],
+                    "content_size": 500 + 1000 * len(layers),
                 },
             )
         )
