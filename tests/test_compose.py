@@ -24,4 +24,20 @@ def test_compose_config_is_valid() -> None:
     )
     assert result.returncode == 0, result.stderr
     services = set(result.stdout.split())
-    assert {"postgres", "nats", "migrate", "cairn-1", "cairn-2"} <= services
+    assert {
+        "postgres",
+        "nats",
+        "migrate",
+        "cairn-1",
+        "cairn-2",
+        "webhook",
+        "mirror-target",
+        "mirror",
+    } <= services
+
+
+def test_compose_webhook_config_loads() -> None:
+    from consumers.webhook.config import load_config
+
+    config = load_config(ROOT / "deploy" / "webhook.toml")
+    assert [endpoint.name for endpoint in config.endpoints] == ["example"]
