@@ -5,6 +5,7 @@ reading the log itself."""
 from __future__ import annotations
 
 import calendar
+import functools
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -52,10 +53,22 @@ def epoch_hour(moment: datetime | str) -> int:
     full rebuild passes.
     """
     if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return calendar.timegm(moment.utctimetuple()) // SECONDS_PER_HOUR
+        # "YYYY-MM-DD HH" names the hour; a rebuild meets each one many times.
+        return _hour_of_prefix(moment[:13])
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return _hour_of_fields(moment.year, moment.month, moment.day, moment.hour)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hour_of_prefix(prefix: str) -> int:
+    moment = datetime.fromisoformat(prefix)
+    return _hour_of_fields(moment.year, moment.month, moment.day, moment.hour)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hour_of_fields(year: int, month: int, day: int, hour: int) -> int:
+    return calendar.timegm((year, month, day, hour, 0, 0)) // SECONDS_PER_HOUR
 
 
 def uploaded_bytes(event_type: EventType, payload: dict[str, Any]) -> int:
