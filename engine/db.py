@@ -60,16 +60,10 @@ class Database:
         # from the committing thread; the bus relay uses this to wake up.
         self.append_listeners: list[Callable[[list[Any]], None]] = []
         self.dialect = sa.make_url(self.url).get_backend_name()
-        # SQLite has one write lock, and a writer that finds it taken sleeps
-        # in the busy handler with growing back-off (tens of milliseconds),
-        # so under concurrency most of a push's latency would be sleep. The
-        # writers of one process queue on this lock instead, which wakes the
-        # next one as soon as the lock is released; only writers in other
-        # processes still meet the busy handler.
-        self._sqlite_write_lock = threading.Lock()
         if self.is_sqlite:
             self._writer = _sqlite_engine(self.url, immediate=True, echo=echo)
             self._reader = _sqlite_engine(self.url, immediate=False, echo=echo)
+            self._group = GroupCommit(self._writer)
         else:
             self._writer = sa.create_engine(
                 self.url, echo=echo, pool_pre_ping=True, pool_size=10
@@ -86,9 +80,14 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """Open a transaction that holds the log's append lock until commit."""
+        """Open a transaction that holds the log's append lock until commit.
+
+        Returns only once the changes are durably committed. On SQLite the
+        transaction may be shared with other writers of this process (see
+        GroupCommit), and its changes commit or roll back as one unit of it.
+        """
         appended: list[Any] = []
-        with self._write_lock(), self._writer.begin() as conn:
+        with self._write_connection() as conn:
             if not self.is_sqlite:
                 self._lock_head(conn)
             conn.info[APPENDED_KEY] = appended
@@ -104,11 +103,14 @@ class Database:
     def scratch(self) -> Iterator[Connection]:
         """Open a transaction that holds the append lock and is always rolled
         back, for checks that change tables only to compare them."""
-        with self._write_lock(), self._writer.connect() as conn:
+        if self.is_sqlite:
+            with self._group.member(rollback=True) as conn:
+                yield conn
+            return
+        with self._writer.connect() as conn:
             transaction = conn.begin()
             try:
-                if not self.is_sqlite:
-                    self._lock_head(conn)
+                self._lock_head(conn)
                 yield conn
             finally:
                 transaction.rollback()
@@ -120,7 +122,7 @@ class Database:
             with self._reader.begin() as conn:
                 yield conn
             return
-        with self._write_lock(), self._writer.begin() as conn:
+        with self._group.member() as conn:
             yield conn
 
     @contextmanager
@@ -130,12 +132,13 @@ class Database:
             yield conn
 
     @contextmanager
-    def _write_lock(self) -> Iterator[None]:
-        if not self.is_sqlite:
-            yield
+    def _write_connection(self) -> Iterator[Connection]:
+        if self.is_sqlite:
+            with self._group.member() as conn:
+                yield conn
             return
-        with self._sqlite_write_lock:
-            yield
+        with self._writer.begin() as conn:
+            yield conn
 
     @staticmethod
     def _lock_head(conn: Connection) -> None:
@@ -146,6 +149,109 @@ class Database:
     def dispose(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
+
+
+class _SharedTransaction:
+    """One SQLite write transaction that writers join one after another."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.transaction = conn.begin()
+        self.members = 0
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+
+class GroupCommit:
+    """Let the SQLite writers of one process share a transaction and its fsync.
+
+    SQLite has one write lock, and each commit in WAL mode with
+    synchronous=FULL waits for an fsync. Writers take turns on a threading
+    lock, which hands over as soon as it is released, instead of sleeping in
+    SQLite's busy handler with its growing back-off. Each writer runs inside
+    a SAVEPOINT of the open transaction, so its failure rolls back only its
+    own changes. A writer that finishes while others wait hands its turn to
+    the next and waits for the commit; the last one, or the MAX_MEMBERS-th,
+    commits for all. Nobody returns before the commit that holds their
+    changes, so a 201 still means durable. Writers in other processes meet
+    the busy handler as before.
+    """
+
+    MAX_MEMBERS = 32
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._turn = threading.Lock()
+        self._guard = threading.Lock()
+        self._waiting = 0
+        self._open: _SharedTransaction | None = None
+
+    @contextmanager
+    def member(self, *, rollback: bool = False) -> Iterator[Connection]:
+        """Run the caller's statements as one member of a shared transaction;
+        ``rollback`` discards them even when they succeed."""
+        shared = self._join()
+        savepoint = shared.conn.begin_nested()
+        failure: BaseException | None = None
+        try:
+            yield shared.conn
+        except BaseException as exc:
+            failure = exc
+        try:
+            if failure is None and not rollback:
+                savepoint.commit()
+            else:
+                savepoint.rollback()
+        except BaseException as exc:
+            shared.error = exc
+            failure = failure or exc
+        self._leave(shared)
+        if failure is not None:
+            raise failure
+        if shared.error is not None:
+            raise shared.error
+
+    def _join(self) -> _SharedTransaction:
+        with self._guard:
+            self._waiting += 1
+        self._turn.acquire()
+        with self._guard:
+            self._waiting -= 1
+        shared = self._open
+        if shared is None:
+            try:
+                shared = _SharedTransaction(self._engine.connect())
+            except BaseException:
+                self._turn.release()
+                raise
+            self._open = shared
+        shared.members += 1
+        return shared
+
+    def _leave(self, shared: _SharedTransaction) -> None:
+        with self._guard:
+            others_waiting = self._waiting > 0
+        if (
+            others_waiting
+            and shared.error is None
+            and shared.members < self.MAX_MEMBERS
+        ):
+            self._turn.release()
+            shared.finished.wait()
+            return
+        self._open = None
+        try:
+            if shared.error is None:
+                shared.transaction.commit()
+            else:
+                shared.transaction.rollback()
+        except BaseException as exc:
+            shared.error = shared.error or exc
+            log.error("group_commit_failed", members=shared.members, error=str(exc))
+        finally:
+            shared.conn.close()
+            self._turn.release()
+            shared.finished.set()
 
 
 def _sqlite_engine(url: str, *, immediate: bool, echo: bool) -> Engine:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +17,11 @@ import sqlalchemy as sa
 
 from engine import log as event_log
 from engine.domain.digest import Digest
+from engine.domain.errors import ManifestBlobUnknown
 from engine.registry import Registry
 from engine.tables import streams
 from engine.verify import verify, verify_blobs, verify_chain
+from tests.images import make_image
 
 WRITER = textwrap.dedent(
     """
@@ -166,3 +170,38 @@ def test_two_gib_upload_memory_stays_flat(registry: Registry, data_dir: Path) ->
         (event,) = event_log.read(conn, repository="big")
     assert event.payload["size"] == 2 * 1024**3
     assert blob.stat(Digest.parse(event.payload["digest"])).size == 2 * 1024**3
+
+
+def test_concurrent_writers_share_commits_safely(registry: Registry) -> None:
+    """Writers in many threads, half of them failing: every success is
+    committed once and no failure leaves anything behind."""
+    images = [make_image(seed=bytes([i])) for i in range(8)]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        repo = registry.repository(f"threads/r{index % 3}")
+        image = images[index]
+        try:
+            for blob in image.blobs:
+                repo.blobs.push(Digest.of(blob), [blob])
+            for round_number in range(10):
+                repo.manifests.put(image.manifest, tag=f"t{index}-{round_number}")
+                with contextlib.suppress(ManifestBlobUnknown):
+                    repo.manifests.put(images[(index + 1) % 8].manifest, tag="bad")
+        except BaseException as exc:  # reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    assert errors == []
+    assert verify(registry) == []
+    with registry.database.read() as conn:
+        tag_sets = event_log.read(conn, types=["tag.set"], limit=10_000)
+    pushed_tags = {(e.repository, e.payload["tag"]) for e in tag_sets}
+    for index in range(8):
+        for round_number in range(10):
+            assert (f"threads/r{index % 3}", f"t{index}-{round_number}") in pushed_tags
