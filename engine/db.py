@@ -49,8 +49,8 @@ class Database:
     On SQLite the writer starts every transaction with BEGIN IMMEDIATE, which
     takes the database's write lock at once, so a command's reads and its
     append see one consistent state and concurrent writers queue instead of
-    failing on a lock upgrade. Readers use plain BEGIN and, in WAL mode,
-    never block or get blocked by the writer. On PostgreSQL both are one
+    failing on a lock upgrade. Readers use plain BEGIN, and in WAL mode they
+    do not wait for the writer, nor it for them. On PostgreSQL both are one
     engine, and ``write()`` locks the log head row instead.
     """
 
@@ -171,10 +171,10 @@ class GroupCommit:
     SQLite's busy handler with its growing back-off. Each writer runs inside
     a SAVEPOINT of the open transaction, so its failure rolls back only its
     own changes. A writer that finishes while others wait hands its turn to
-    the next and waits for the commit; the last one, or the MAX_MEMBERS-th,
-    commits for all. Nobody returns before the commit that holds their
-    changes, so a 201 still means durable. Writers in other processes meet
-    the busy handler as before.
+    the next and then waits for the commit. The last writer, or the
+    MAX_MEMBERS-th, commits for all of them. No writer returns before the
+    commit that contains its changes, so a 201 still means durable. Writers
+    in other processes still wait in the busy handler.
     """
 
     MAX_MEMBERS = 32

@@ -631,7 +631,7 @@ class BlobService:
     def mount(self, digest: Digest, source: str | None) -> BlobInfo | None:
         """Link a blob readable in ``source`` into this repository.
 
-        With no ``source``, any repository that holds the blob will do. Return
+        With no ``source``, any repository that contains the blob will do. Return
         None when the blob cannot be mounted, so the caller can fall back to a
         normal upload.
         """

@@ -1,8 +1,8 @@
 """Every SQL table cairn uses, in one place.
 
-Alembic migrations are the only source of the schema in a database; these
-definitions mirror them so queries can be written with SQLAlchemy Core, and a
-test checks that the two agree.
+Alembic migrations are the only source of the schema in a database. These
+definitions mirror them so that queries can be written with SQLAlchemy Core,
+and a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -196,8 +196,9 @@ referrers = sa.Table(
     sa.Index(None, "repository", "position"),
 )
 
-# Which digest a tag pointed to over which half-open range of positions
-# [from_position, to_position); to_position is NULL while the tag still does.
+# Tag history: one row per digest a tag pointed to, over the half-open range
+# of positions [from_position, to_position). to_position is NULL while the
+# tag still points there.
 tag_history = sa.Table(
     "tag_history",
     metadata,

@@ -11,7 +11,7 @@ DEFAULT_SUBJECT_PREFIX = "cairn"
 
 
 def add_bus_options(parser: argparse.ArgumentParser) -> None:
-    """Add the options that say where `cairn serve` publishes events."""
+    """Add the options that set where `cairn serve` publishes events."""
     group = parser.add_argument_group("event bus")
     choice = group.add_mutually_exclusive_group()
     choice.add_argument(

@@ -1,7 +1,7 @@
 """The event types, their payloads, and the envelope that makes the log a
 hash chain.
 
-Payloads are plain JSON objects. Each event type has a schema version; an
+Payloads are plain JSON objects. Each event type has a schema version. An
 event read back at an older version is upcast to the current one before
 anything applies it, so projections only ever see current payloads.
 """
@@ -41,7 +41,7 @@ _UPCASTERS: dict[tuple[EventType, int], Upcaster] = {}
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who caused an event: the authenticated user and the client address."""
+    """The cause of an event: the authenticated user and the client address."""
 
     user: str | None = None
     address: str | None = None
@@ -74,7 +74,7 @@ class NewEvent:
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An event as the log holds it, with its position and chain hashes."""
+    """An event as stored in the log, with its position and chain hashes."""
 
     position: int
     id: uuid.UUID

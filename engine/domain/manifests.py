@@ -111,7 +111,7 @@ class Descriptor:
 @dataclass(frozen=True, slots=True)
 class Reference:
     """One thing a manifest points at. ``kind`` is config, layer, manifest or
-    subject; ``required`` says whether the repository must hold it."""
+    subject, and ``required`` is whether the repository must contain it."""
 
     kind: str
     descriptor: Descriptor
@@ -137,7 +137,7 @@ class Manifest(ABC):
     @property
     @abstractmethod
     def artifact_type(self) -> str | None:
-        """The artifact type the referrers API reports for this manifest."""
+        """Return the artifact type the referrers API lists for this manifest."""
 
     @abstractmethod
     def references(self) -> list[Reference]:

@@ -30,7 +30,7 @@ from engine.domain.events import (
 from engine.tables import events, log_head, streams
 
 # Key in Connection.info under which a write transaction collects the events
-# it appends, so listeners can be told once the transaction has committed.
+# it appends, so listeners can be called once the transaction has committed.
 APPENDED_KEY = "cairn_appended_events"
 
 
@@ -165,8 +165,8 @@ def row_to_event(row: Any, *, upcast_payload: bool = True) -> StoredEvent:
     """Build a StoredEvent from an ``events`` row.
 
     With ``upcast_payload`` the payload is brought to the current schema
-    version, and ``schema_version`` says so; without it the event is exactly
-    as stored, which is what hash verification needs.
+    version and ``schema_version`` is set to match. Without it the event is
+    exactly as stored, which is what hash verification needs.
     """
     event_type = EventType(row.type)
     payload = row.payload

@@ -45,8 +45,8 @@ class Projection(ABC):
         """Apply one event to an in-memory state, for a full rebuild.
 
         Folding the whole log and then writing ``rows(state)`` must produce
-        exactly the rows that ``apply`` produces event by event; the rebuild
-        property test holds the two to that.
+        exactly the rows that ``apply`` produces event by event. The rebuild
+        property test checks that the two agree.
         """
 
     @abstractmethod

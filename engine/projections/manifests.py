@@ -24,6 +24,35 @@ _DELETE_REFERRER = sa.delete(referrers).where(
 _INSERT_REFERRER = sa.insert(referrers)
 
 
+def _manifest_row(event: StoredEvent | FoldEvent) -> dict[str, Any]:
+    payload = event.payload
+    return {
+        "repository": event.repository,
+        "digest": payload["digest"],
+        "media_type": payload["media_type"],
+        "size": payload["size"],
+        "artifact_type": payload.get("artifact_type"),
+        "subject": payload.get("subject"),
+        "references": payload["references"],
+        "position": event.position,
+        "pushed_at": event.time,
+    }
+
+
+def _referrer_row(event: StoredEvent | FoldEvent) -> dict[str, Any]:
+    payload = event.payload
+    return {
+        "repository": event.repository,
+        "subject": payload["subject"],
+        "digest": payload["digest"],
+        "media_type": payload["media_type"],
+        "artifact_type": payload.get("artifact_type"),
+        "size": payload["size"],
+        "annotations": payload.get("annotations"),
+        "position": event.position,
+    }
+
+
 class ManifestProjection(Projection):
     name = "manifests"
     tables = (manifests,)
@@ -35,20 +64,7 @@ class ManifestProjection(Projection):
         conn.execute(_DELETE_MANIFEST, key)
         if event.type is EventType.MANIFEST_DELETED:
             return
-        conn.execute(
-            _INSERT_MANIFEST,
-            {
-                "repository": event.repository,
-                "digest": payload["digest"],
-                "media_type": payload["media_type"],
-                "size": payload["size"],
-                "artifact_type": payload.get("artifact_type"),
-                "subject": payload.get("subject"),
-                "references": payload["references"],
-                "position": event.position,
-                "pushed_at": event.time,
-            },
-        )
+        conn.execute(_INSERT_MANIFEST, _manifest_row(event))
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         payload = event.payload
@@ -56,17 +72,7 @@ class ManifestProjection(Projection):
         state.pop(key, None)
         if event.type is EventType.MANIFEST_DELETED:
             return
-        state[key] = {
-            "repository": event.repository,
-            "digest": payload["digest"],
-            "media_type": payload["media_type"],
-            "size": payload["size"],
-            "artifact_type": payload.get("artifact_type"),
-            "subject": payload.get("subject"),
-            "references": payload["references"],
-            "position": event.position,
-            "pushed_at": event.time,
-        }
+        state[key] = _manifest_row(event)
 
     def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
         for row in state.values():
@@ -90,19 +96,7 @@ class ReferrerProjection(Projection):
         conn.execute(_DELETE_REFERRER, key)
         if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
             return
-        conn.execute(
-            _INSERT_REFERRER,
-            {
-                "repository": event.repository,
-                "subject": payload["subject"],
-                "digest": payload["digest"],
-                "media_type": payload["media_type"],
-                "artifact_type": payload.get("artifact_type"),
-                "size": payload["size"],
-                "annotations": payload.get("annotations"),
-                "position": event.position,
-            },
-        )
+        conn.execute(_INSERT_REFERRER, _referrer_row(event))
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         payload = event.payload
@@ -110,16 +104,7 @@ class ReferrerProjection(Projection):
         state.pop(key, None)
         if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
             return
-        state[key] = {
-            "repository": event.repository,
-            "subject": payload["subject"],
-            "digest": payload["digest"],
-            "media_type": payload["media_type"],
-            "artifact_type": payload.get("artifact_type"),
-            "size": payload["size"],
-            "annotations": payload.get("annotations"),
-            "position": event.position,
-        }
+        state[key] = _referrer_row(event)
 
     def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
         for row in state.values():
