@@ -11,6 +11,7 @@ would add no write concurrency.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,7 +64,8 @@ class Database:
         if self.is_sqlite:
             self._writer = _sqlite_engine(self.url, immediate=True, echo=echo)
             self._reader = _sqlite_engine(self.url, immediate=False, echo=echo)
-            self._group = GroupCommit(self._writer)
+            database = sa.make_url(self.url).database or ""
+            self._group = GroupCommit(self._writer, Path(f"{database}-wal"))
         else:
             self._writer = sa.create_engine(
                 self.url, echo=echo, pool_pre_ping=True, pool_size=10
@@ -116,13 +118,20 @@ class Database:
                 transaction.rollback()
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """Open a read-write transaction that does not touch the log."""
+    def transaction(self, *, durable: bool = True) -> Iterator[Connection]:
+        """Open a read-write transaction that does not touch the log.
+
+        With ``durable=False`` the commit survives a crash of the process
+        but not of the machine: for bookkeeping that a client can redo, such
+        as an upload session that has received no blob yet.
+        """
         if not self.is_sqlite:
             with self._reader.begin() as conn:
+                if not durable:
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
             return
-        with self._group.member() as conn:
+        with self._group.member(durable=durable) as conn:
             yield conn
 
     @contextmanager
@@ -158,6 +167,7 @@ class _SharedTransaction:
         self.conn = conn
         self.transaction = conn.begin()
         self.members = 0
+        self.durable = False
         self.error: BaseException | None = None
         self.finished = threading.Event()
 
@@ -165,8 +175,8 @@ class _SharedTransaction:
 class GroupCommit:
     """Let the SQLite writers of one process share a transaction and its fsync.
 
-    SQLite has one write lock, and each commit in WAL mode with
-    synchronous=FULL waits for an fsync. Writers take turns on a threading
+    SQLite has one write lock, and each durable commit waits for an fsync
+    of the write-ahead log. Writers take turns on a threading
     lock, which hands over as soon as it is released, instead of sleeping in
     SQLite's busy handler with its growing back-off. Each writer runs inside
     a SAVEPOINT of the open transaction, so its failure rolls back only its
@@ -175,22 +185,34 @@ class GroupCommit:
     MAX_MEMBERS-th, commits for all of them. No writer returns before the
     commit that contains its changes, so a 201 still means durable. Writers
     in other processes still wait in the busy handler.
+
+    The connections run with synchronous=NORMAL, and a shared transaction
+    with at least one durable member fsyncs the write-ahead log after its
+    commit. That is what synchronous=FULL does after every commit, but
+    SQLite cannot change the setting inside a transaction, and a shared
+    transaction learns whether it must be durable only as members join.
     """
 
     MAX_MEMBERS = 32
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, wal: Path) -> None:
         self._engine = engine
+        self._wal = wal
+        self._wal_inode: int | None = None
         self._turn = threading.Lock()
         self._guard = threading.Lock()
         self._waiting = 0
         self._open: _SharedTransaction | None = None
 
     @contextmanager
-    def member(self, *, rollback: bool = False) -> Iterator[Connection]:
+    def member(
+        self, *, rollback: bool = False, durable: bool = True
+    ) -> Iterator[Connection]:
         """Run the caller's statements as one member of a shared transaction;
-        ``rollback`` discards them even when they succeed."""
+        ``rollback`` discards them even when they succeed, and ``durable``
+        makes the commit wait until they are on disk."""
         shared = self._join()
+        shared.durable = shared.durable or (durable and not rollback)
         savepoint = shared.conn.begin_nested()
         failure: BaseException | None = None
         try:
@@ -243,6 +265,8 @@ class GroupCommit:
         try:
             if shared.error is None:
                 shared.transaction.commit()
+                if shared.durable:
+                    self._sync_wal()
             else:
                 shared.transaction.rollback()
         except BaseException as exc:
@@ -252,6 +276,28 @@ class GroupCommit:
             shared.conn.close()
             self._turn.release()
             shared.finished.set()
+
+    def _sync_wal(self) -> None:
+        # fdatasync flushes the file's data whichever descriptor wrote it.
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            # SQLite removes the log only after checkpointing it into the
+            # database file and syncing that.
+            return
+        try:
+            os.fdatasync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if inode != self._wal_inode:
+            # A new log file's directory entry must be durable too.
+            directory = os.open(self._wal.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            self._wal_inode = inode
 
 
 def _sqlite_engine(url: str, *, immediate: bool, echo: bool) -> Engine:
@@ -271,9 +317,10 @@ def _sqlite_engine(url: str, *, immediate: bool, echo: bool) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL makes every commit durable in WAL mode: a committed push
-        # survives a power cut, not only a process crash.
-        cursor.execute("PRAGMA synchronous=FULL")
+        # NORMAL syncs the log at checkpoints only; GroupCommit syncs it
+        # after every durable commit, so a committed push survives a power
+        # cut, not only a process crash.
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

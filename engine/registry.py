@@ -666,7 +666,7 @@ class BlobService:
         upload_id = str(uuid.uuid4())
         now = datetime.now(UTC)
         self._store.stage(upload_id).close()
-        with self._repo.database.transaction() as conn:
+        with self._repo.database.transaction(durable=False) as conn:
             conn.execute(
                 _INSERT_UPLOAD,
                 {
@@ -717,17 +717,14 @@ class BlobService:
         """Append ``chunks`` to an upload; ``start`` must equal its offset."""
         with self._repo.registry.upload_lock(upload_id):
             status = self.upload_status(upload_id)
-            if start is not None and start != status.offset:
-                raise RangeInvalid(
-                    "chunk does not start at the upload's current offset",
-                    {"upload": upload_id, "start": start, "offset": status.offset},
-                    offset=status.offset,
-                )
+            _check_start(status, start)
             staged = self._staged(status)
             for chunk in chunks:
                 staged.write(chunk)
             staged.flush()
-            with self._repo.database.transaction() as conn:
+            # After a power cut the session may report an older offset, and
+            # the client resends from there.
+            with self._repo.database.transaction(durable=False) as conn:
                 conn.execute(
                     _UPDATE_UPLOAD,
                     {
@@ -741,14 +738,20 @@ class BlobService:
             )
 
     def commit_upload(
-        self, upload_id: str, digest: Digest, chunks: Iterable[bytes] = ()
+        self,
+        upload_id: str,
+        digest: Digest,
+        chunks: Iterable[bytes] = (),
+        start: int | None = None,
     ) -> BlobInfo:
-        """Append the final ``chunks``, verify ``digest`` and link the blob.
+        """Append the final ``chunks``, verify ``digest`` and link the blob;
+        ``start``, when given, must equal the upload's offset.
 
         On a digest mismatch the upload is discarded and nothing is stored.
         """
         with self._repo.registry.upload_lock(upload_id):
             status = self.upload_status(upload_id)
+            _check_start(status, start)
             staged = self._staged(status)
             self._repo.registry._staged.pop(upload_id, None)
             try:
@@ -757,7 +760,7 @@ class BlobService:
                 return self._commit_staged(staged, digest, upload_id)
             except DigestMismatch:
                 # The store removed the staging file; the session goes with it.
-                with self._repo.database.transaction() as conn:
+                with self._repo.database.transaction(durable=False) as conn:
                     conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
                 raise
             finally:
@@ -806,9 +809,18 @@ class BlobService:
         with self._repo.registry.upload_lock(upload_id):
             self.upload_status(upload_id)
             self._repo.registry._forget_upload(upload_id)
-            with self._repo.database.transaction() as conn:
+            with self._repo.database.transaction(durable=False) as conn:
                 conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
             self._store.discard(upload_id)
+
+
+def _check_start(status: UploadStatus, start: int | None) -> None:
+    if start is not None and start != status.offset:
+        raise RangeInvalid(
+            "chunk does not start at the upload's current offset",
+            {"upload": status.id, "start": start, "offset": status.offset},
+            offset=status.offset,
+        )
 
 
 # Reference kinds whose bytes are blobs; child manifests and subjects are not.

@@ -175,10 +175,7 @@ async def finish_upload(request: Request) -> Response:
     start, length = await _upload_range(request, repository, upload_id)
 
     def finish(chunks: Iterator[bytes]) -> BlobInfo:
-        # Writing first checks the chunk's start under the upload's lock; the
-        # commit then verifies the digest over everything written.
-        repository.blobs.write_upload(upload_id, chunks, start)
-        return repository.blobs.commit_upload(upload_id, digest)
+        return repository.blobs.commit_upload(upload_id, digest, chunks, start)
 
     try:
         if request.has_body:
