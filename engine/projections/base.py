@@ -40,6 +40,12 @@ class Projection(ABC):
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         """Update this projection's tables for one event."""
 
+    def apply_all(self, conn: Connection, events: Sequence[StoredEvent]) -> None:
+        """Update this projection's tables for the events of one append, in
+        order. A projection may override it to write each row once."""
+        for event in events:
+            self.apply(conn, event)
+
     @abstractmethod
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         """Apply one event to an in-memory state, for a full rebuild.
@@ -59,12 +65,14 @@ def apply_events(
 ) -> int:
     """Apply ``events`` to each projection that handles them and move the
     projections' checkpoints to the last position. Return that position."""
-    last = 0
-    for event in events:
-        for projection in projections:
-            if event.type in projection.handles:
-                projection.apply(conn, event)
-        last = event.position
+    # Each projection reads and writes only its own tables, so applying
+    # them one after another gives the same rows as interleaving them.
+    batch = list(events)
+    for projection in projections:
+        handled = [event for event in batch if event.type in projection.handles]
+        if handled:
+            projection.apply_all(conn, handled)
+    last = batch[-1].position if batch else 0
     if last:
         save_checkpoints(conn, projections, last)
     return last

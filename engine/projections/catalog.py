@@ -3,7 +3,7 @@ counts and sizes a dashboard lists repositories by."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -77,15 +77,24 @@ class CatalogProjection(Projection):
     handles = frozenset(EventType)
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
-        found = conn.execute(_ROW, {"b_name": event.repository}).mappings().first()
-        if found is None:
-            row = _new_row(event, event.actor.user)
-            _update(row, event, event.actor.user)
-            conn.execute(_INSERT, row)
-            return
-        row = dict(found)
-        _update(row, event, event.actor.user)
-        conn.execute(_UPDATE, {"b_" + key: value for key, value in row.items()})
+        self.apply_all(conn, [event])
+
+    def apply_all(self, conn: Connection, events: Sequence[StoredEvent]) -> None:
+        # One read and one write per repository, however many events it has.
+        by_repository: dict[str, list[StoredEvent]] = {}
+        for event in events:
+            by_repository.setdefault(event.repository, []).append(event)
+        for name, group in by_repository.items():
+            found = conn.execute(_ROW, {"b_name": name}).mappings().first()
+            row = dict(found) if found is not None else None
+            if row is None:
+                row = _new_row(group[0], group[0].actor.user)
+            for event in group:
+                _update(row, event, event.actor.user)
+            if found is None:
+                conn.execute(_INSERT, row)
+            else:
+                conn.execute(_UPDATE, {"b_" + key: value for key, value in row.items()})
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         row = state.get(event.repository)

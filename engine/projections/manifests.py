@@ -59,12 +59,13 @@ class ManifestProjection(Projection):
     handles = frozenset({EventType.MANIFEST_PUSHED, EventType.MANIFEST_DELETED})
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
-        payload = event.payload
-        key = {"b_repository": event.repository, "b_digest": payload["digest"]}
-        conn.execute(_DELETE_MANIFEST, key)
-        if event.type is EventType.MANIFEST_DELETED:
+        # The registry appends manifest.pushed only for a manifest that the
+        # repository does not hold, so there is no row to replace.
+        if event.type is EventType.MANIFEST_PUSHED:
+            conn.execute(_INSERT_MANIFEST, _manifest_row(event))
             return
-        conn.execute(_INSERT_MANIFEST, _manifest_row(event))
+        key = {"b_repository": event.repository, "b_digest": event.payload["digest"]}
+        conn.execute(_DELETE_MANIFEST, key)
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         payload = event.payload
@@ -92,11 +93,13 @@ class ReferrerProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         payload = event.payload
+        if event.type is EventType.MANIFEST_PUSHED:
+            # As for manifests, a pushed manifest has no row yet.
+            if payload.get("subject"):
+                conn.execute(_INSERT_REFERRER, _referrer_row(event))
+            return
         key = {"b_repository": event.repository, "b_digest": payload["digest"]}
         conn.execute(_DELETE_REFERRER, key)
-        if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
-            return
-        conn.execute(_INSERT_REFERRER, _referrer_row(event))
 
     def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
         payload = event.payload

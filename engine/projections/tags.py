@@ -29,6 +29,17 @@ _CLOSE_HISTORY = (
 _INSERT_HISTORY = sa.insert(tag_history)
 
 
+def _is_new_tag(event: StoredEvent) -> bool:
+    """Return True for a tag.set whose tag pointed nowhere before it: it has
+    no row to replace and no history row to close."""
+    payload = event.payload
+    return (
+        event.type is EventType.TAG_SET
+        and "previous" in payload
+        and payload["previous"] is None
+    )
+
+
 class TagProjection(Projection):
     name = "tags"
     tables = (tags,)
@@ -36,7 +47,8 @@ class TagProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         tag = event.payload["tag"]
-        conn.execute(_DELETE_TAG, {"b_repository": event.repository, "b_tag": tag})
+        if not _is_new_tag(event):
+            conn.execute(_DELETE_TAG, {"b_repository": event.repository, "b_tag": tag})
         if event.type is EventType.TAG_DELETED:
             return
         conn.execute(
@@ -77,15 +89,16 @@ class TagHistoryProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         tag = event.payload["tag"]
-        conn.execute(
-            _CLOSE_HISTORY,
-            {
-                "b_repository": event.repository,
-                "b_tag": tag,
-                "b_position": event.position,
-                "b_time": event.time,
-            },
-        )
+        if not _is_new_tag(event):
+            conn.execute(
+                _CLOSE_HISTORY,
+                {
+                    "b_repository": event.repository,
+                    "b_tag": tag,
+                    "b_position": event.position,
+                    "b_time": event.time,
+                },
+            )
         if event.type is EventType.TAG_DELETED:
             return
         conn.execute(
