@@ -85,6 +85,15 @@ _BLOB_LINK = sa.select(blob_links).where(
     (blob_links.c.repository == sa.bindparam("b_repository"))
     & (blob_links.c.digest == sa.bindparam("b_digest"))
 )
+_BLOB_SIZES = sa.select(blob_links.c.digest, blob_links.c.size).where(
+    (blob_links.c.repository == sa.bindparam("b_repository"))
+    & blob_links.c.digest.in_(sa.bindparam("b_digests", expanding=True))
+)
+_MANIFEST_SIZES = sa.select(manifests.c.digest, manifests.c.size).where(
+    (manifests.c.repository == sa.bindparam("b_repository"))
+    & manifests.c.digest.in_(sa.bindparam("b_digests", expanding=True))
+)
+_SIZE_BATCH = 500
 _REPOSITORY_EXISTS = sa.select(repositories.c.name).where(
     repositories.c.name == sa.bindparam("b_name")
 )
@@ -369,26 +378,34 @@ class ManifestService:
     def _check_references(self, conn: Connection, manifest: Manifest) -> None:
         """Check that every required reference is in the repository with the
         size its descriptor declares; clients verify sizes when they pull."""
+        required = [r for r in manifest.references() if r.required]
+        # One query per kind of content, however many layers the image has.
+        child_sizes = self._stored_sizes(
+            conn,
+            _MANIFEST_SIZES,
+            [str(r.descriptor.digest) for r in required if r.kind == "manifest"],
+        )
+        blob_sizes = self._stored_sizes(
+            conn,
+            _BLOB_SIZES,
+            [str(r.descriptor.digest) for r in required if r.kind != "manifest"],
+        )
         missing: list[dict[str, str]] = []
-        for reference in manifest.references():
-            if not reference.required:
-                continue
+        for reference in required:
             descriptor = reference.descriptor
-            if reference.kind == "manifest":
-                row = self._row(conn, descriptor.digest)
-            else:
-                row = _blob_link(conn, self._repo.name, str(descriptor.digest))
-            if row is None:
+            sizes = child_sizes if reference.kind == "manifest" else blob_sizes
+            stored_size = sizes.get(str(descriptor.digest))
+            if stored_size is None:
                 missing.append(
                     {"kind": reference.kind, "digest": str(descriptor.digest)}
                 )
-            elif row.size != descriptor.size:
+            elif stored_size != descriptor.size:
                 raise ManifestInvalid(
                     f"{reference.kind} size does not match the stored content",
                     {
                         "digest": str(descriptor.digest),
                         "size": descriptor.size,
-                        "stored_size": row.size,
+                        "stored_size": stored_size,
                     },
                 )
         if missing:
@@ -396,6 +413,19 @@ class ManifestService:
                 "manifest references content that is not in the repository",
                 {"repository": self._repo.name, "missing": missing},
             )
+
+    def _stored_sizes(
+        self, conn: Connection, query: sa.Select[Any], digests: list[str]
+    ) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        # Batches stay well under the bound parameters SQLite allows.
+        for start in range(0, len(digests), _SIZE_BATCH):
+            batch = digests[start : start + _SIZE_BATCH]
+            rows = conn.execute(
+                query, {"b_repository": self._repo.name, "b_digests": batch}
+            )
+            sizes.update((row.digest, row.size) for row in rows)
+        return sizes
 
     def _store_content(self, conn: Connection, manifest: Manifest) -> None:
         digest = str(manifest.digest)

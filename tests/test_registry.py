@@ -244,6 +244,23 @@ def test_manifest_requires_blobs(registry: Registry) -> None:
     assert_nothing_stored(registry)
 
 
+def test_manifest_checks_every_layer_of_many(registry: Registry) -> None:
+    repo = registry.repository("wide")
+    # More layers than one batch of the reference check holds.
+    image = make_image(layer_count=1200, layer_size=16)
+    for blob in image.blobs[:-1]:
+        repo.blobs.push(Digest.of(blob), [blob])
+    with pytest.raises(ManifestBlobUnknown) as caught:
+        repo.manifests.put(image.manifest, image.media_type, tag="v1")
+    missing = [entry["digest"] for entry in caught.value.detail["missing"]]
+    assert missing == [str(Digest.of(image.blobs[-1]))]
+
+    last = image.blobs[-1]
+    repo.blobs.push(Digest.of(last), [last])
+    result = repo.manifests.put(image.manifest, image.media_type, tag="v1")
+    assert result.manifest.digest == image.digest
+
+
 def test_manifest_blobs_must_be_in_this_repository(registry: Registry) -> None:
     image = make_image()
     push_image(registry.repository("one"), image)
