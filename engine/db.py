@@ -51,8 +51,8 @@ class Database:
     takes the database's write lock at once, so a command's reads and its
     append see one consistent state and concurrent writers queue instead of
     failing on a lock upgrade. Readers use plain BEGIN, and in WAL mode they
-    do not wait for the writer, nor it for them. On PostgreSQL both are one
-    engine, and ``write()`` locks the log head row instead.
+    do not wait for the writer, nor it for them. On PostgreSQL ``write()``
+    locks the log head row instead, and readers run at REPEATABLE READ.
     """
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
@@ -70,7 +70,16 @@ class Database:
             self._writer = sa.create_engine(
                 self.url, echo=echo, pool_pre_ping=True, pool_size=10
             )
-            self._reader = self._writer
+            # READ COMMITTED, PostgreSQL's default, would give each statement
+            # of a read its own snapshot.
+            self._reader = sa.create_engine(
+                self.url,
+                echo=echo,
+                pool_pre_ping=True,
+                pool_size=10,
+                isolation_level="REPEATABLE READ",
+                execution_options={"postgresql_readonly": True},
+            )
 
     @property
     def is_sqlite(self) -> bool:
@@ -126,7 +135,7 @@ class Database:
         as an upload session that has received no blob yet.
         """
         if not self.is_sqlite:
-            with self._reader.begin() as conn:
+            with self._writer.begin() as conn:
                 if not durable:
                     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 yield conn
@@ -136,7 +145,7 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """Open a read-only transaction with a consistent snapshot."""
+        """Open a read-only transaction whose statements all see one state."""
         with self._reader.connect() as conn, conn.begin():
             yield conn
 

@@ -1,4 +1,4 @@
-"""Which commits wait for the disk: events always, upload bookkeeping never."""
+"""Which commits wait for the disk, and what a read transaction sees."""
 
 from __future__ import annotations
 
@@ -87,3 +87,26 @@ def test_postgresql_bookkeeping_commits_async(registry: Registry) -> None:
         assert conn.exec_driver_sql(show).scalar() == "on"
     with registry.database.write() as conn:
         assert conn.exec_driver_sql(show).scalar() == "on"
+
+
+def test_read_sees_one_state(registry: Registry) -> None:
+    repository = registry.repository("app")
+    repository.blobs.push(Digest.of(b"first"), [b"first"])
+    head = sa.text("SELECT position FROM log_head WHERE id = 1")
+    with registry.database.read() as conn:
+        before = conn.execute(head).scalar_one()
+        # Another writer commits while the read is open.
+        repository.blobs.push(Digest.of(b"second"), [b"second"])
+        assert conn.execute(head).scalar_one() == before
+    with registry.database.read() as conn:
+        assert conn.execute(head).scalar_one() == before + 1
+
+
+def test_postgresql_reads_are_read_only(registry: Registry) -> None:
+    if registry.database.is_sqlite:
+        pytest.skip("a PostgreSQL setting")
+    with (
+        pytest.raises(sa.exc.InternalError, match="read-only transaction"),
+        registry.database.read() as conn,
+    ):
+        conn.execute(sa.text("UPDATE log_head SET position = position"))

@@ -37,23 +37,9 @@ _PROJECTION_NAMES = frozenset(projection.name for projection in ALL_PROJECTIONS)
 
 @contextmanager
 def snapshot(database: Database) -> Iterator[Connection]:
-    """Open a read-only transaction whose statements all see one state.
-
-    PostgreSQL's default READ COMMITTED gives each statement a new snapshot,
-    so the log head read first could fall behind the rows read after it;
-    REPEATABLE READ keeps one snapshot for the whole transaction. SQLite's
-    reader transactions already do.
-    """
-    if database.is_sqlite:
-        with database.read() as conn:
-            yield conn
-        return
-    with (
-        database.engine.connect().execution_options(
-            isolation_level="REPEATABLE READ", postgresql_readonly=True
-        ) as conn,
-        conn.begin(),
-    ):
+    """Open a read-only transaction whose statements all see one state, so
+    the log head read first never falls behind the rows read after it."""
+    with database.read() as conn:
         yield conn
 
 
