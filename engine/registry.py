@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from engine import log as event_log
 from engine.blobs import BlobStore, StagedBlob
-from engine.db import Database
+from engine.db import Database, PlainQuery
 from engine.domain.digest import Digest
 from engine.domain.errors import (
     BlobUnknown,
@@ -94,6 +94,24 @@ _MANIFEST_SIZES = sa.select(manifests.c.digest, manifests.c.size).where(
     & manifests.c.digest.in_(sa.bindparam("b_digests", expanding=True))
 )
 _SIZE_BATCH = 500
+# Listing pages. A LIMIT as large as a signed 64-bit integer allows stands
+# for no limit at all.
+_NO_LIMIT = 2**63 - 1
+_TAGS_PAGE = PlainQuery(
+    sa.select(tags.c.tag)
+    .where(
+        (tags.c.repository == sa.bindparam("b_repository"))
+        & (tags.c.tag > sa.bindparam("b_last"))
+    )
+    .order_by(tags.c.tag)
+    .limit(sa.bindparam("b_limit"))
+)
+_CATALOG_PAGE = PlainQuery(
+    sa.select(repositories.c.name)
+    .where(repositories.c.name > sa.bindparam("b_last"))
+    .order_by(repositories.c.name)
+    .limit(sa.bindparam("b_limit"))
+)
 _REPOSITORY_EXISTS = sa.select(repositories.c.name).where(
     repositories.c.name == sa.bindparam("b_name")
 )
@@ -168,13 +186,10 @@ class Registry:
 
     def catalog(self, n: int | None = None, last: str | None = None) -> list[str]:
         """List repository names in lexical order, after ``last``."""
-        query = sa.select(repositories.c.name).order_by(repositories.c.name)
-        if last:
-            query = query.where(repositories.c.name > last)
-        if n is not None:
-            query = query.limit(n)
+        # Every name is longer than "", so "" as last starts at the beginning.
+        params = {"b_last": last or "", "b_limit": _NO_LIMIT if n is None else n}
         with self.database.read() as conn:
-            return list(conn.execute(query).scalars())
+            return [row[0] for row in _CATALOG_PAGE.rows(conn, params)]
 
     def iter_repositories(self, page_size: int = 1000) -> Iterator[str]:
         last: str | None = None
@@ -573,17 +588,13 @@ class TagService:
 
         Raises NameUnknown when the repository has never had an event.
         """
-        query = (
-            sa.select(tags.c.tag)
-            .where(tags.c.repository == self._repo.name)
-            .order_by(tags.c.tag)
-        )
-        if last:
-            query = query.where(tags.c.tag > last)
-        if n is not None:
-            query = query.limit(n)
+        params = {
+            "b_repository": self._repo.name,
+            "b_last": last or "",
+            "b_limit": _NO_LIMIT if n is None else n,
+        }
         with self._repo.database.read() as conn:
-            names = list(conn.execute(query).scalars())
+            names = [row[0] for row in _TAGS_PAGE.rows(conn, params)]
             if not names and not _repository_exists(conn, self._repo.name):
                 raise NameUnknown(
                     "repository name not known to registry", {"name": self._repo.name}
