@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from typing import BinaryIO, Final
 
 import structlog
@@ -16,8 +15,6 @@ from engine.domain.errors import BlobUnknown, RangeNotSatisfiable
 from engine.registry import BlobInfo, Repository
 
 log = structlog.get_logger(__name__)
-
-READ_SIZE: Final = 1024 * 1024
 
 # At most 19 ASCII digits a side; a longer number is treated as malformed.
 _RANGE: Final = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
@@ -99,9 +96,9 @@ def _stat(repository: Repository, digest: Digest) -> BlobInfo:
     return info
 
 
-def _open(repository: Repository, digest: Digest, start: int) -> BinaryIO:
+def _open(repository: Repository, digest: Digest) -> BinaryIO:
     try:
-        stream = open(repository.registry.blob_store.path(digest), "rb")  # noqa: SIM115
+        return open(repository.registry.blob_store.path(digest), "rb")
     except FileNotFoundError:
         log.error(
             "blob_file_missing",
@@ -113,21 +110,6 @@ def _open(repository: Repository, digest: Digest, start: int) -> BinaryIO:
             "blob unknown to registry",
             {"repository": repository.name, "digest": str(digest)},
         ) from None
-    stream.seek(start)
-    return stream
-
-
-async def _read(stream: BinaryIO, length: int) -> AsyncIterator[bytes]:
-    try:
-        remaining = length
-        while remaining > 0:
-            chunk = await run_sync(stream.read, min(READ_SIZE, remaining))
-            if not chunk:
-                raise OSError(f"blob file ended {remaining} bytes early")
-            remaining -= len(chunk)
-            yield chunk
-    finally:
-        stream.close()
 
 
 async def get_blob(request: Request) -> Response:
@@ -158,9 +140,9 @@ async def get_blob(request: Request) -> Response:
 
     if request.method == "HEAD" or length == 0:
         return Response(status, headers, content_length=length)
-    stream = await run_sync(_open, repository, digest, start)
+    file = await run_sync(_open, repository, digest)
     return Response(
-        status, headers, stream=_read(stream, length), content_length=length
+        status, headers, content_length=length, file=file, file_offset=start
     )
 
 

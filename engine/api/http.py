@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from urllib.parse import parse_qs, quote
 
 from engine.api.errors import unsupported
@@ -177,10 +177,12 @@ class Request:
 
 @dataclass
 class Response:
-    """A response whose body is either bytes or an async stream of chunks.
+    """A response whose body is bytes, an async stream of chunks or a file.
 
     A streamed response sets ``content_length`` when it is known; without it
-    the server uses chunked transfer encoding.
+    the server uses chunked transfer encoding. A file response sends
+    ``content_length`` bytes of ``file`` from ``file_offset``, and the app
+    closes the file once the response is sent.
     """
 
     status: int
@@ -188,6 +190,12 @@ class Response:
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
     content_length: int | None = None
+    file: BinaryIO | None = None
+    file_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.file is not None and self.content_length is None:
+            raise ValueError("a file response needs content_length")
 
     def header(self, name: str, value: str) -> Response:
         self.headers.append((name, value))

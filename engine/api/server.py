@@ -25,6 +25,7 @@ import uvloop
 
 from engine.api.app import create_app
 from engine.api.auth import Authenticator, AuthFileError
+from engine.api.protocol import CairnHttpProtocol
 from engine.api.ratelimit import RateLimiter
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.cli import StorageUnavailable, open_registry, report_storage_error
@@ -99,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app,
         loop="none",
-        http="httptools",
+        http=CairnHttpProtocol,
         ws="none",
         lifespan="off",
         access_log=False,
