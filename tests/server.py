@@ -27,6 +27,7 @@ import uvloop
 
 from engine import log as event_log
 from engine.api.app import RegistryApp
+from engine.api.protocol import CairnHttpProtocol
 from engine.api.server import bind_socket
 from engine.domain.digest import Digest
 from engine.registry import Registry
@@ -46,7 +47,7 @@ class ServerThread:
         config = uvicorn.Config(
             app,
             loop="none",
-            http="httptools",
+            http=CairnHttpProtocol,
             ws="none",
             lifespan="off",
             access_log=False,

@@ -69,6 +69,10 @@ MAX_SENDFILE_THREADS: Final = 16
 # long at a time.
 THREAD_WRITABLE_WAIT_MS: Final = 50
 
+# Bytes of request body received before the socket stops being read until
+# the app takes them. uvicorn's own limit is 64 KiB.
+BODY_BUFFER_LIMIT: Final = 1024 * 1024
+
 # Maximum bytes of a rejected request's head kept to name the offending part,
 # and maximum characters of a value quoted in the error detail.
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -144,6 +148,20 @@ class CairnHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._message_open = False
+
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's own on_body stops reading the socket once 64 KiB wait
+        # for the app. Upload bodies go to disk in 1 MiB buffers, so this
+        # lets up to BODY_BUFFER_LIMIT gather first.
+        cycle = self.cycle
+        if cycle.response_complete or (
+            self.parser.should_upgrade() and self._should_upgrade()
+        ):
+            return
+        cycle.body += body
+        if len(cycle.body) > BODY_BUFFER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def _start_asgi_task(
         self, cycle: RequestResponseCycle, app: ASGI3Application
