@@ -756,3 +756,46 @@ def test_serve_invalid_auth_file(tmp_path: Path) -> None:
     assert absent.returncode == 1
     assert f"cannot read users file {missing}" in absent.stderr
     assert not (tmp_path / "cairn-data").exists()
+
+
+def _statuses(url: str, forwarded_for: list[str]) -> list[int]:
+    with httpx.Client(base_url=url, trust_env=False) as client:
+        return [
+            client.get("/v2/", headers={"X-Forwarded-For": address}).status_code
+            for address in forwarded_for
+        ]
+
+
+def test_forwarded_for_ignored_by_default(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    serve = start_serve(
+        data_dir, database_url, tmp_path / "serve.log", "--rate-limit", "1"
+    )
+    try:
+        # Each request claims another address, but all come from one.
+        statuses = _statuses(serve.url, [f"192.0.2.{i}" for i in range(1, 6)])
+    finally:
+        assert serve.stop() == 0
+    assert 429 in statuses
+
+
+def test_forwarded_for_from_trusted_proxy(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    serve = start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        "--rate-limit",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+    )
+    try:
+        distinct = _statuses(serve.url, [f"192.0.2.{i}" for i in range(1, 6)])
+        repeated = _statuses(serve.url, ["198.51.100.7"] * 5)
+    finally:
+        assert serve.stop() == 0
+    assert distinct == [200] * 5
+    assert 429 in repeated

@@ -80,4 +80,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "bursts of 2N; more get 429 with Retry-After (env CAIRN_RATE_LIMIT; "
         "default: no limit)",
     )
+    parser.add_argument(
+        "--trusted-proxies",
+        default=env_default("TRUSTED_PROXIES", ""),
+        metavar="ADDRESSES",
+        help="comma-separated addresses of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto headers name the client; "
+        "the rate limit and the event log then see the client's address "
+        "(env CAIRN_TRUSTED_PROXIES; default: none, every client is its "
+        "connection's address)",
+    )
     add_bus_options(parser)

@@ -97,6 +97,8 @@ def serve(args: argparse.Namespace) -> int:
         authenticator=authenticator,
         rate_limiter=rate_limiter,
     )
+    addresses = args.trusted_proxies.split(",")
+    trusted_proxies = [address.strip() for address in addresses if address.strip()]
     config = uvicorn.Config(
         app,
         loop="none",
@@ -106,7 +108,10 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_config=None,
         server_header=False,
-        proxy_headers=True,
+        # Without a trusted proxy, a client could choose its own address
+        # for the rate limit and the log with X-Forwarded-For.
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=trusted_proxies or None,
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
     server = uvicorn.Server(config)
