@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import hashlib
 import hmac
 import os
@@ -223,37 +224,98 @@ def load_users(path: Path) -> dict[str, User]:
 def add_user(path: Path, name: str, role: Role, password: str) -> bool:
     """Add or replace the line of user ``name``; return True when replaced.
 
-    The file is rewritten through a temporary file in the same directory and
-    renamed over the old one, so a reader sees the old or the new file and
-    never half of one. Both have mode 0600. Other lines are kept as they are.
+    Runs on one file are serialized: each holds an exclusive ``flock`` on the
+    users file from its read until its rename, so concurrent runs lose no
+    change. The file is rewritten through a temporary file in the same
+    directory, fsynced, renamed over the old one, and the directory is
+    fsynced, so a reader sees the old or the new file and never half of one.
+    Both have mode 0600. Other lines are kept as they are.
     """
     validate_user_name(name)
     if not password:
         raise ValueError("the password is empty")
     new_line = User(name, role, PasswordHash.create(password)).format()
 
-    try:
-        old_lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        old_lines = []
-    lines, replaced = _replace_line(old_lines, name, new_line)
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if _create_file(path, f"{new_line}\n"):
+                return False
+            # Another run created the file first: lock and update that one.
+            continue
+        with os.fdopen(descriptor, encoding="utf-8") as locked:
+            fcntl.flock(locked.fileno(), fcntl.LOCK_EX)
+            # If the run that held the lock renamed a new file over this
+            # one, these contents are out of date: lock the new file.
+            if not _is_same_file(locked.fileno(), path):
+                continue
+            lines, replaced = _replace_line(locked.read().splitlines(), name, new_line)
+            _replace_file(path, "".join(f"{line}\n" for line in lines))
+            # Closing ``locked`` releases the lock, after the rename.
+            return replaced
 
-    # NOTE: two `cairn users add` runs at once on one file can lose one of
-    # the two changes, because nothing locks the file between read and rename.
+
+def _is_same_file(descriptor: int, path: Path) -> bool:
+    opened = os.fstat(descriptor)
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino)
+
+
+def _write_temporary(path: Path, text: str) -> str:
+    """Write ``text`` to a new fsynced file of mode 0600 beside ``path``."""
     descriptor, temporary = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
     )
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             os.fchmod(file.fileno(), 0o600)
-            file.write("".join(f"{line}\n" for line in lines))
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
+
+
+def _replace_file(path: Path, text: str) -> None:
+    temporary = _write_temporary(path, text)
+    try:
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return replaced
+    _fsync_directory(path.parent)
+
+
+def _create_file(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text``; return False if it exists already.
+
+    ``os.link`` fails when the name exists, so a file that another run
+    created in the meantime is never overwritten, and no reader sees the
+    file before its contents are complete.
+    """
+    temporary = _write_temporary(path, text)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    _fsync_directory(path.parent)
+    return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _replace_line(
