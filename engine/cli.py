@@ -239,6 +239,53 @@ def _cmd_events_tail(args: argparse.Namespace) -> int:
     return tail(args)
 
 
+def _cmd_events_republish(args: argparse.Namespace) -> int:
+    from engine.bus.reset import RelayRunning, reset_checkpoint
+    from engine.bus.settings import validate_stream_name
+
+    stream: str = args.stream
+    try:
+        validate_stream_name(stream)
+        if args.from_position < 1:
+            raise ValueError(
+                f"invalid position {args.from_position}: expected 1 or more"
+            )
+    except ValueError as error:
+        print(f"cairn events republish: {error}", file=sys.stderr)
+        return 2
+    settings = StorageSettings.from_args(args)
+    registry = open_registry(settings, create=False)
+    try:
+        with storage_errors(settings):
+            reset = reset_checkpoint(
+                registry.database, settings.data_dir, stream, args.from_position
+            )
+    except (RelayRunning, ValueError) as error:
+        log.error("relay_reset_failed", stream=stream, error=str(error))
+        print(f"cairn events republish: {error}", file=sys.stderr)
+        return 1
+    finally:
+        registry.database.dispose()
+    log.info(
+        "relay_checkpoint_reset",
+        stream=stream,
+        previous=reset.previous,
+        checkpoint=reset.checkpoint,
+        head=reset.head,
+    )
+    outcome = "the log has no event after it"
+    if reset.checkpoint < reset.head:
+        outcome = (
+            f"cairn serve publishes positions {reset.checkpoint + 1} to "
+            f"{reset.head} again when it starts"
+        )
+    print(
+        f"relay checkpoint of stream {stream} set from {reset.previous} to "
+        f"{reset.checkpoint}: {outcome}"
+    )
+    return 0
+
+
 def _cmd_webhook(args: argparse.Namespace) -> int:
     from consumers.webhook.commands import main as webhook_main
 
@@ -334,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tail_options(tail)
     tail.set_defaults(handler=_cmd_events_tail)
+    from engine.bus.options import REPUBLISH_DESCRIPTION, add_republish_options
+
+    republish = event_commands.add_parser(
+        "republish",
+        help="make the relay publish the log to NATS again from a position",
+        description=REPUBLISH_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_republish_options(republish)
+    republish.set_defaults(handler=_cmd_events_republish)
 
     webhook = commands.add_parser(
         "webhook", help="deliver events from NATS to HTTP endpoints"

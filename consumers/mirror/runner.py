@@ -23,6 +23,7 @@ from consumers.mirror.errors import MirrorError, TransientError
 from consumers.mirror.feed import FeedClient, FeedPage
 from consumers.mirror.live import LiveEvents
 from consumers.mirror.progress import Progress
+from engine.bus.messages import is_stand_in
 from engine.domain.events import EventType
 
 log = structlog.get_logger(__name__)
@@ -97,8 +98,9 @@ class MirrorRunner:
             position = event["position"]
             if position <= self.position:
                 continue
-            if position > self.position + 1:
-                # Missed messages: the feed has them, and this one too.
+            if position > self.position + 1 or is_stand_in(event):
+                # Missed messages, or a stand-in that the relay sent without
+                # the payload: the feed has them in full, and this one too.
                 await self.catch_up()
                 continue
             await self.process(event)

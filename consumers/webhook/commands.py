@@ -13,9 +13,10 @@ from consumers.natsclient import NATS_ERRORS, connect_once
 from consumers.webhook.config import ConfigError, WebhookConfig, load_config
 from consumers.webhook.dead_letters import DeadLetter, DeadLetterStore
 from consumers.webhook.delivery import build_request, http_client, send
-from consumers.webhook.lookup import ManifestLookup
+from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
 from consumers.webhook.options import nats_url_from
 from consumers.webhook.payloads import ManifestFacts
+from engine.bus.messages import is_stand_in
 
 
 def main(args: argparse.Namespace) -> int:
@@ -95,10 +96,13 @@ async def _redeliver(
     """POST each selected dead letter once, and remove those that got a 2xx.
 
     Dead letters of endpoints no longer in the configuration are kept and
-    reported, and so are the ones that fail again.
+    reported, and so are the ones that fail again. A dead letter that holds
+    a stand-in without its payload is sent with the full event read from
+    the registry's event feed when ``[registry] url`` is set.
     """
     client = await connect_once(nats_url, "cairn webhook dead-letters")
     lookup = ManifestLookup(config.registry_url) if config.registry_url else None
+    events = EventLookup(config.registry_url) if config.registry_url else None
     delivered = failed = 0
     try:
         store = DeadLetterStore(
@@ -118,15 +122,26 @@ async def _redeliver(
                 )
                 failed += 1
                 continue
+            event = letter.event
+            if events is not None and is_stand_in(event):
+                try:
+                    event = await events.event(int(event["position"]), str(event["id"]))
+                except (EventLookupFailed, KeyError, TypeError, ValueError) as error:
+                    out.write(
+                        f"kept {letter.event_id}: its payload was omitted on NATS "
+                        f"and reading the full event failed: {error}\n"
+                    )
+                    failed += 1
+                    continue
             facts: ManifestFacts | None = None
-            digest = (letter.event.get("payload") or {}).get("digest")
+            digest = (event.get("payload") or {}).get("digest")
             if (
                 lookup is not None
-                and letter.event.get("type") == "tag.set"
+                and event.get("type") == "tag.set"
                 and isinstance(digest, str)
             ):
-                facts = await lookup.facts(str(letter.event.get("repository")), digest)
-            request = build_request(endpoint, letter.event, config.registry_url, facts)
+                facts = await lookup.facts(str(event.get("repository")), digest)
+            request = build_request(endpoint, event, config.registry_url, facts)
             async with http_client(endpoint) as http:
                 outcome = await send(http, endpoint, request, letter.attempts + 1)
             if outcome.delivered:
@@ -149,6 +164,8 @@ async def _redeliver(
     finally:
         if lookup is not None:
             await lookup.aclose()
+        if events is not None:
+            await events.aclose()
         await client.close()
     out.write(f"{delivered} redelivered, {failed} kept\n")
     return 0 if failed == 0 else 1

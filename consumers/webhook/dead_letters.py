@@ -11,12 +11,18 @@ Each message carries ``Nats-Msg-Id: <endpoint>:<event id>``, so that a
 webhook that crashes after recording a dead letter but before terminating
 the original message records it once, not twice, when it runs again within
 the stream's duplicate window.
+
+An event that fits in a message of the event stream can be too large once
+the dead-letter fields are added around it. Its dead letter then keeps the
+event as a stand-in without the payload, in the form the relay sends
+(``engine.bus.messages.stand_in_message``), and redelivery reads the full
+event from the registry's event feed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -26,11 +32,13 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
+from engine.bus.messages import message_size
 from engine.domain.events import format_time
 
 log = structlog.get_logger(__name__)
 
 MSG_ID: Final = "Nats-Msg-Id"
+EXPECTED_STREAM: Final = "Nats-Expected-Stream"
 DUPLICATE_WINDOW: Final = 120.0
 
 
@@ -63,10 +71,19 @@ class DeadLetter:
 
 
 class DeadLetterStore:
-    def __init__(self, js: JetStreamContext, stream: str, prefix: str) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        prefix: str,
+        max_payload: Callable[[], int] | None = None,
+    ) -> None:
         self.js = js
         self.stream = stream
         self.prefix = prefix
+        # Returns the connected server's max_payload in bytes, read at each
+        # add. None for a store that only lists and removes.
+        self.max_payload = max_payload
 
     def subject(self, endpoint: str | None = None) -> str:
         return f"{self.prefix}.{endpoint}" if endpoint else f"{self.prefix}.>"
@@ -98,7 +115,7 @@ class DeadLetterStore:
         error: str | None,
     ) -> None:
         """Record a dead letter and wait until JetStream has stored it."""
-        body = {
+        document = {
             "endpoint": endpoint,
             "attempts": attempts,
             "status": status,
@@ -106,11 +123,25 @@ class DeadLetterStore:
             "failed_at": format_time(datetime.now(UTC)),
             "event": event,
         }
+        headers = {MSG_ID: f"{endpoint}:{event.get('id')}"}
+        body = _encode(document)
+        # js.publish adds this header, which counts against max_payload too.
+        sent_headers = {**headers, EXPECTED_STREAM: self.stream}
+        limit = self.max_payload() if self.max_payload is not None else None
+        if limit is not None and message_size(body, sent_headers) > limit:
+            document["event"] = {**event, "payload": None, "payload_omitted": True}
+            body = _encode(document)
+            log.warning(
+                "dead_letter_payload_omitted",
+                endpoint=endpoint,
+                event_id=event.get("id"),
+                position=event.get("position"),
+                limit=limit,
+                note="the dead letter keeps the event without its payload; "
+                "redelivery reads it from the registry's event feed",
+            )
         await self.js.publish(
-            self.subject(endpoint),
-            json.dumps(body, separators=(",", ":")).encode(),
-            stream=self.stream,
-            headers={MSG_ID: f"{endpoint}:{event.get('id')}"},
+            self.subject(endpoint), body, stream=self.stream, headers=headers
         )
 
     async def list(self, endpoint: str | None = None) -> AsyncIterator[DeadLetter]:
@@ -134,6 +165,10 @@ class DeadLetterStore:
 
     async def remove(self, sequence: int) -> None:
         await self.js.delete_msg(self.stream, sequence)
+
+
+def _encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _decode(sequence: int, data: bytes) -> DeadLetter:

@@ -1,16 +1,20 @@
-"""Look up the media type and size of a tagged manifest on the registry.
+"""Look up on the registry what an event from NATS does not carry.
 
 A tag.set event names only the tag and the digest; Distribution receivers
 expect the target's media type and size as well. With ``[registry] url``
 configured, the webhook sends one HEAD request per manifest to the registry
 and keeps the results in a small cache. Digests never change their
 content, so a cached result stays right.
+
+An event too large for the NATS server arrives as a stand-in without its
+payload (``engine.bus.messages.stand_in_message``). The webhook then reads
+the full event from the registry's event feed, ``GET /_cairn/events``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Final
+from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
@@ -67,6 +71,51 @@ class ManifestLookup:
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
         return facts
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class EventLookupFailed(Exception):
+    """The registry's event feed did not return the event asked for."""
+
+
+class EventLookup:
+    """Reads single events from the registry's event feed."""
+
+    def __init__(self, registry_url: str, client: httpx.AsyncClient | None = None):
+        self.url = f"{registry_url}/_cairn/events"
+        self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT)
+
+    async def event(self, position: int, event_id: str) -> dict[str, Any]:
+        """Return the event at ``position``, which must have id ``event_id``.
+
+        Raises EventLookupFailed with the URL and the reason.
+        """
+        what = f"GET {self.url}?after={position - 1}&limit=1"
+        try:
+            response = await self._client.get(
+                self.url, params={"after": position - 1, "limit": 1}
+            )
+        except httpx.HTTPError as error:
+            raise EventLookupFailed(
+                f"{what} failed: {error or type(error).__name__}"
+            ) from None
+        if response.status_code != 200:
+            raise EventLookupFailed(f"{what} returned HTTP {response.status_code}")
+        try:
+            found = response.json()["events"]
+        except (ValueError, KeyError, TypeError):
+            raise EventLookupFailed(f"{what} returned no event page") from None
+        if not found or not isinstance(found[0], dict):
+            raise EventLookupFailed(f"{what} returned no event at position {position}")
+        event: dict[str, Any] = found[0]
+        if event.get("position") != position or event.get("id") != event_id:
+            raise EventLookupFailed(
+                f"{what} returned event {event.get('id')} at position "
+                f"{event.get('position')}, not event {event_id} at {position}"
+            )
+        return event
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -11,7 +11,7 @@ import structlog
 from consumers.natsclient import NATS_ERRORS, connect
 from consumers.webhook.config import WebhookConfig
 from consumers.webhook.dead_letters import DeadLetterStore
-from consumers.webhook.lookup import ManifestLookup
+from consumers.webhook.lookup import EventLookup, ManifestLookup
 from consumers.webhook.worker import EndpointWorker
 from engine.bus.connection import redact_url
 
@@ -41,12 +41,16 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
 
     js = client.jetstream()
     dead_letters = DeadLetterStore(
-        js, config.dead_letter_stream, config.dead_letter_prefix
+        js,
+        config.dead_letter_stream,
+        config.dead_letter_prefix,
+        max_payload=lambda: client.max_payload,
     )
     lookup = ManifestLookup(config.registry_url) if config.registry_url else None
+    events = EventLookup(config.registry_url) if config.registry_url else None
     workers = {
         asyncio.create_task(
-            EndpointWorker(endpoint, config, js, dead_letters, lookup).run(),
+            EndpointWorker(endpoint, config, js, dead_letters, lookup, events).run(),
             name=f"cairn-webhook-{endpoint.name}",
         ): endpoint.name
         for endpoint in config.endpoints
@@ -73,6 +77,8 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
         stopping.cancel()
         if lookup is not None:
             await lookup.aclose()
+        if events is not None:
+            await events.aclose()
         with contextlib.suppress(*NATS_ERRORS):
             await asyncio.wait_for(client.close(), 5.0)
     log.info("webhook_stopped", status=status)

@@ -12,6 +12,11 @@ last acknowledged event. A message is settled by
   restart;
 - ``term`` once the attempts are used up and the event is a dead letter.
 
+An event that the relay sent as a stand-in without its payload, because it
+was too large for NATS, is read in full from the registry's event feed
+before it is delivered. A failed read counts as a failed attempt. Without
+``[registry] url`` the stand-in is delivered as it is, with a warning.
+
 Each endpoint runs in a task of its own with its own HTTP client, so a slow
 or failing endpoint never delays another.
 """
@@ -36,9 +41,10 @@ from consumers.backoff import retry_delay
 from consumers.natsclient import NATS_ERRORS
 from consumers.webhook.config import Endpoint, WebhookConfig
 from consumers.webhook.dead_letters import DeadLetterStore
-from consumers.webhook.delivery import build_request, http_client, send
-from consumers.webhook.lookup import ManifestLookup
+from consumers.webhook.delivery import Outcome, build_request, http_client, send
+from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
 from consumers.webhook.payloads import ManifestFacts, media_type_of
+from engine.bus.messages import is_stand_in
 from engine.domain.events import EventType
 
 log = structlog.get_logger(__name__)
@@ -60,12 +66,14 @@ class EndpointWorker:
         js: JetStreamContext,
         dead_letters: DeadLetterStore,
         lookup: ManifestLookup | None,
+        events: EventLookup | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.config = config
         self.js = js
         self.dead_letters = dead_letters
         self.lookup = lookup
+        self.events = events
         self.log = log.bind(endpoint=endpoint.name)
 
     async def run(self) -> None:
@@ -157,6 +165,12 @@ class EndpointWorker:
         if not self.endpoint.accepts(event["type"], event["repository"]):
             await message.ack_sync()
             return
+        # A dead letter records the message as received: a stand-in stays a
+        # stand-in there, because the full event may not fit in NATS either.
+        received = event
+        fetch_error: str | None = None
+        if is_stand_in(event):
+            event, fetch_error = await self._full_event(event, ids)
         facts = await self._facts(event)
         if self.endpoint.ignores_media_type(media_type_of(event, facts)):
             await message.ack_sync()
@@ -165,17 +179,22 @@ class EndpointWorker:
         if attempt > self.endpoint.max_attempts:
             # The last attempt was made, then the process stopped before
             # recording its failure.
-            await self._dead_letter(message, event, attempt - 1, None, None, ids)
+            await self._dead_letter(message, received, attempt - 1, None, None, ids)
             return
-        request = build_request(self.endpoint, event, self.config.registry_url, facts)
-        try:
-            outcome = await send(client, self.endpoint, request, attempt)
-        except asyncio.CancelledError:
-            # Shutting down mid-request: hand the event back at once so the
-            # next run delivers it without waiting for ack_wait.
-            with contextlib.suppress(*NATS_ERRORS):
-                await asyncio.shield(message.nak())
-            raise
+        if fetch_error is not None:
+            outcome = Outcome(False, None, fetch_error, 0.0)
+        else:
+            request = build_request(
+                self.endpoint, event, self.config.registry_url, facts
+            )
+            try:
+                outcome = await send(client, self.endpoint, request, attempt)
+            except asyncio.CancelledError:
+                # Shutting down mid-request: hand the event back at once so
+                # the next run delivers it without waiting for ack_wait.
+                with contextlib.suppress(*NATS_ERRORS):
+                    await asyncio.shield(message.nak())
+                raise
 
         if outcome.delivered:
             await message.ack_sync()
@@ -189,7 +208,7 @@ class EndpointWorker:
             return
         if attempt >= self.endpoint.max_attempts:
             await self._dead_letter(
-                message, event, attempt, outcome.status, outcome.error, ids
+                message, received, attempt, outcome.status, outcome.error, ids
             )
             return
         delay = retry_delay(
@@ -205,6 +224,33 @@ class EndpointWorker:
             error=outcome.error,
             retry_in=round(delay, 2),
         )
+
+    async def _full_event(
+        self, stand_in: dict[str, Any], ids: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        """Read the event that ``stand_in`` replaces from the event feed.
+
+        Returns the event and None, or the stand-in and the reason the read
+        failed. Without an event feed to read, returns the stand-in and None.
+        """
+        if self.events is None:
+            self.log.warning(
+                "event_payload_omitted",
+                **ids,
+                note="NATS carried this event without its payload, so it is "
+                "delivered without it; set [registry] url to read the full "
+                "event from the registry's event feed",
+            )
+            return stand_in, None
+        position = stand_in.get("position")
+        if not isinstance(position, int):
+            return stand_in, "the stand-in carries no position"
+        try:
+            event = await self.events.event(position, stand_in["id"])
+        except EventLookupFailed as error:
+            return stand_in, str(error)
+        self.log.info("event_read_from_feed", **ids, reason="payload omitted on NATS")
+        return event, None
 
     async def _facts(self, event: dict[str, Any]) -> ManifestFacts | None:
         if event["type"] != EventType.TAG_SET or self.lookup is None:

@@ -20,6 +20,14 @@ EVENT_ID: Final = "Cairn-Event-Id"
 EVENT_TYPE: Final = "Cairn-Event-Type"
 REPOSITORY: Final = "Cairn-Repository"
 POSITION: Final = "Cairn-Position"
+# Set to "true" on a stand-in: a message whose event was too large for the
+# NATS server or the stream, sent with the payload left out.
+PAYLOAD_OMITTED: Final = "Cairn-Payload-Omitted"
+
+# The header block as nats-py 2.x encodes it: "NATS/1.0\r\n", then
+# "Key: Value\r\n" per header, then "\r\n".
+_HEADER_LINE_BYTES: Final = len(b"NATS/1.0\r\n")
+_HEADER_END_BYTES: Final = len(b"\r\n")
 
 
 def encode_json(document: dict[str, Any]) -> bytes:
@@ -42,6 +50,43 @@ def event_message(prefix: str, event: StoredEvent) -> tuple[str, bytes, dict[str
     }
     subject = event_subject(prefix, event.type, event.repository)
     return subject, encode_json(event.to_json()), headers
+
+
+def stand_in_message(
+    prefix: str, event: StoredEvent
+) -> tuple[str, bytes, dict[str, str]]:
+    """Return the message that replaces ``event`` when it is too large to send.
+
+    It has the subject and headers of the event's message plus
+    ``Cairn-Payload-Omitted: true``. Its body is ``StoredEvent.to_json()``
+    with ``payload`` set to null and ``payload_omitted`` set to true. The
+    hashes stay, so the full event, read from ``GET /_cairn/events`` or the
+    log at that position, can be checked against it.
+    """
+    subject, _, headers = event_message(prefix, event)
+    headers[PAYLOAD_OMITTED] = "true"
+    document = event.to_json()
+    document["payload"] = None
+    document["payload_omitted"] = True
+    return subject, encode_json(document), headers
+
+
+def is_stand_in(document: dict[str, Any]) -> bool:
+    """Return True if a decoded message body is a stand-in without its payload."""
+    return document.get("payload_omitted") is True
+
+
+def message_size(body: bytes, headers: dict[str, str]) -> int:
+    """Return the bytes the NATS server counts against its max_payload.
+
+    That is the header block and the body together. The stream's
+    max_msg_size counts the same bytes; tests/test_relay_oversize.py checks
+    the server's limit to the byte (nats-server 2.15).
+    """
+    header_bytes = _HEADER_LINE_BYTES + _HEADER_END_BYTES
+    for key, value in headers.items():
+        header_bytes += len(key.encode()) + len(b": ") + len(value.encode()) + 2
+    return header_bytes + len(body)
 
 
 def pull_message(

@@ -1,10 +1,11 @@
-"""Command-line options for the bus: `cairn serve` and `cairn events tail`."""
+"""Command-line options for the bus: `cairn serve`, `cairn events tail` and
+`cairn events republish`."""
 
 from __future__ import annotations
 
 import argparse
 
-from engine.config import env_default
+from engine.config import add_storage_options, env_default
 
 DEFAULT_STREAM = "CAIRN"
 DEFAULT_SUBJECT_PREFIX = "cairn"
@@ -77,6 +78,54 @@ def add_tail_options(parser: argparse.ArgumentParser) -> None:
         help="exit after printing this many events; default: run until interrupted",
     )
     _add_stream_options(parser)
+
+
+REPUBLISH_DESCRIPTION = """\
+Set the checkpoint of the relay in `cairn serve` so that it publishes the
+log to NATS again from position POSITION, for example to fill a new, empty
+NATS server with the whole history (--from 1). The events go out when
+cairn serve starts. Stop every cairn serve that uses this database first:
+while one of them runs the relay, the command exits with status 1 and
+changes nothing.
+
+What the stream and its subscribers then receive depends on the stream's
+last message, which the relay checks before it publishes:
+
+- An empty, new or purged stream receives every event from POSITION on,
+  once each, in log order. JetStream drops a message as a duplicate if it
+  stored one with the same Nats-Msg-Id (the event id) within the stream's
+  duplicate window (2 minutes by default), even when the stream was purged
+  since. So after a purge, wait for the window to pass, or delete the
+  stream instead (the relay creates it again).
+- A stream whose last message is an event of this log receives nothing
+  again: the relay resumes right after that message, whatever the
+  checkpoint, because the stream already contains the events up to it.
+  Purge or delete the stream first to republish into it.
+- A stream whose last message came from another publisher receives the
+  events from POSITION on after that message. Subscribers see each event
+  that the stream already contains a second time, with the same
+  Cairn-Event-Id header, except those dropped as duplicates within the
+  duplicate window.
+"""
+
+
+def add_republish_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `cairn events republish`."""
+    add_storage_options(parser)
+    parser.add_argument(
+        "--from",
+        dest="from_position",
+        type=int,
+        required=True,
+        metavar="POSITION",
+        help="first log position to publish again; 1 republishes the whole log",
+    )
+    parser.add_argument(
+        "--stream",
+        default=env_default("NATS_STREAM", DEFAULT_STREAM),
+        help="JetStream stream whose relay to reset (env CAIRN_NATS_STREAM; "
+        f"default {DEFAULT_STREAM})",
+    )
 
 
 def _add_stream_options(parser: argparse._ActionsContainer) -> None:

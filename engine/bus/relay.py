@@ -32,6 +32,12 @@ Every event reaches the stream once and in log order because of three rules:
    so a message re-sent within the duplicate window is acknowledged as a
    duplicate and not stored again.
 
+An event whose message is larger than the server's max_payload or the
+stream's max_msg_size would fail on every attempt and stop the relay, so
+it goes out as a stand-in of the same subject, position and id, with its
+payload left out (see ``stand_in_message``), and a warning is logged.
+Consumers read the full event from ``GET /_cairn/events``.
+
 One process at a time runs the relay; see ``engine.bus.leader``.
 """
 
@@ -55,7 +61,12 @@ from nats.js.api import PubAck
 from engine.bus import checkpoint as store
 from engine.bus.connection import CONNECTION_ERRORS, NatsLink
 from engine.bus.leader import Leadership
-from engine.bus.messages import EXPECTED_LAST_SEQUENCE, event_message
+from engine.bus.messages import (
+    EXPECTED_LAST_SEQUENCE,
+    event_message,
+    message_size,
+    stand_in_message,
+)
 from engine.bus.retry import Backoff, Throttle
 from engine.bus.settings import BusSettings
 from engine.bus.stream import ensure_stream, read_tail
@@ -78,6 +89,10 @@ class PublishFailed(Exception):
         self.position = event.position
         self.event_id = str(event.id)
         self.error = error
+
+
+class StandInTooLarge(Exception):
+    """Even the stand-in of an event is larger than the message size limit."""
 
 
 RELAY_ERRORS = (*CONNECTION_ERRORS, sa.exc.SQLAlchemyError, PublishFailed)
@@ -120,6 +135,9 @@ class Relay:
         # position written to the checkpoint row.
         self._acked_position: int | None = None
         self._saved: int | None = None
+        # The largest message in bytes, headers included, that the connected
+        # server and the stream accept. It is set on each connection.
+        self._max_message_size = 0
         self._save_lock = threading.Lock()
         self.leader = False
         # The leader's last acknowledged position; a standby's last read of
@@ -260,9 +278,12 @@ class Relay:
         """Publish until the connection closes; return True on lost leadership."""
         settings = self._settings
         js = client.jetstream(timeout=settings.ack_timeout)
-        await ensure_stream(
+        stream = await ensure_stream(
             js, settings.stream, settings.subject_prefix, settings.duplicate_window
         )
+        self._max_message_size = client.max_payload
+        if stream.max_msg_size is not None and stream.max_msg_size > 0:
+            self._max_message_size = min(client.max_payload, stream.max_msg_size)
         expected = await self._reconcile(js)
         self._published_since_behind = 0
         next_check = time.monotonic() + settings.poll_interval
@@ -317,14 +338,12 @@ class Relay:
         expected: int,
     ) -> _Outcome:
         """Send ``events`` as one window, then take the acks in log order."""
-        prefix = self._settings.subject_prefix
         futures: list[asyncio.Future[PubAck]] = []
         acked: list[StoredEvent] = []
         last_sequence = expected
         try:
             for offset, event in enumerate(events):
-                subject, body, headers = event_message(prefix, event)
-                headers[EXPECTED_LAST_SEQUENCE] = str(expected + offset)
+                subject, body, headers = self._message(event, expected + offset)
                 futures.append(await js.publish_async(subject, body, headers=headers))
             for event, future in zip(events, futures, strict=True):
                 ack = await self._await_ack(future, closed)
@@ -332,15 +351,58 @@ class Relay:
                 if ack.duplicate:
                     return _Outcome(acked, last_sequence, duplicate=True)
                 last_sequence = ack.seq
-        except CONNECTION_ERRORS as error:
+        except (*CONNECTION_ERRORS, StandInTooLarge) as error:
+            # The failed event is the one being sent, or else the first one
+            # not acknowledged.
+            failed = len(futures) if len(futures) < len(events) else len(acked)
             return _Outcome(
-                acked, last_sequence, error=PublishFailed(events[len(acked)], error)
+                acked, last_sequence, error=PublishFailed(events[failed], error)
             )
         finally:
             for future in futures:
                 if not future.done():
                     future.cancel()
         return _Outcome(acked, last_sequence)
+
+    def _message(
+        self, event: StoredEvent, expected_last_sequence: int
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """Return the subject, body and headers to publish ``event`` with.
+
+        Returns the stand-in when the event's message exceeds the size limit.
+        Raises StandInTooLarge when the stand-in exceeds it too.
+        """
+        prefix = self._settings.subject_prefix
+        subject, body, headers = event_message(prefix, event)
+        headers[EXPECTED_LAST_SEQUENCE] = str(expected_last_sequence)
+        size = message_size(body, headers)
+        limit = self._max_message_size
+        if size <= limit:
+            return subject, body, headers
+
+        subject, body, headers = stand_in_message(prefix, event)
+        headers[EXPECTED_LAST_SEQUENCE] = str(expected_last_sequence)
+        stand_in_size = message_size(body, headers)
+        if stand_in_size > limit:
+            raise StandInTooLarge(
+                f"the event's message is {size} bytes and even its stand-in "
+                f"without the payload is {stand_in_size} bytes, above the limit "
+                f"of {limit} bytes: raise max_payload on the NATS server or "
+                "max_msg_size on the stream"
+            )
+        log.warning(
+            "relay_payload_omitted",
+            relay=self._name,
+            position=event.position,
+            event_id=str(event.id),
+            type=str(event.type),
+            repository=event.repository,
+            size=size,
+            limit=limit,
+            note="published a stand-in without the payload; consumers read "
+            "the event from GET /_cairn/events",
+        )
+        return subject, body, headers
 
     async def _await_ack(
         self, future: asyncio.Future[PubAck], closed: asyncio.Future[None]

@@ -19,6 +19,14 @@ DEFAULT_DUPLICATE_WINDOW: Final = 120.0
 _STREAM_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
+def validate_stream_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can name cairn's JetStream stream."""
+    if not _STREAM_NAME.match(name):
+        raise ValueError(
+            f"invalid stream name {name!r}: use 1 to 32 letters, digits, '-' or '_'"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class BusSettings:
     """Settings of the bus: the NATS server, stream, subjects and relay timing.
@@ -53,11 +61,7 @@ class BusSettings:
 
     def __post_init__(self) -> None:
         validate_prefix(self.subject_prefix)
-        if not _STREAM_NAME.match(self.stream):
-            raise ValueError(
-                f"invalid stream name {self.stream!r}: use 1 to 32 letters, digits, "
-                "'-' or '_'"
-            )
+        validate_stream_name(self.stream)
         if not 0 <= self.embedded_port <= 65535:
             raise ValueError(
                 f"invalid NATS port {self.embedded_port}: expected 0-65535"

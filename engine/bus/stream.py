@@ -27,9 +27,9 @@ class StreamTail:
 
 async def ensure_stream(
     js: JetStreamContext, name: str, prefix: str, duplicate_window: float
-) -> None:
+) -> StreamConfig:
     """Create the stream, or update the subjects and duplicate window of an
-    existing one.
+    existing one, and return its configuration.
 
     Other settings of an existing stream (replicas, limits, placement) are
     the operator's and stay as they are. The duplicate window only grows.
@@ -38,7 +38,7 @@ async def ensure_stream(
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        await js.add_stream(
+        created = await js.add_stream(
             StreamConfig(
                 name=name,
                 subjects=subjects,
@@ -48,7 +48,7 @@ async def ensure_stream(
             )
         )
         log.info("stream_created", stream=name, subjects=subjects)
-        return
+        return created.config
 
     config = info.config
     window = max(config.duplicate_window or 0.0, duplicate_window)
@@ -56,14 +56,16 @@ async def ensure_stream(
         sorted(config.subjects or []) != sorted(subjects)
         or (config.duplicate_window or 0.0) < duplicate_window
     ):
-        await js.update_stream(
+        previous_subjects = config.subjects
+        updated = await js.update_stream(
             config.evolve(subjects=subjects, duplicate_window=window)
         )
+        config = updated.config
         log.info(
             "stream_updated",
             stream=name,
             subjects=subjects,
-            previous_subjects=config.subjects,
+            previous_subjects=previous_subjects,
             duplicate_window=window,
         )
     if config.storage != StorageType.FILE:
@@ -73,6 +75,7 @@ async def ensure_stream(
             storage=str(config.storage),
             note="events published to it are lost when the NATS server restarts",
         )
+    return config
 
 
 async def read_tail(js: JetStreamContext, name: str) -> StreamTail:

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from engine.bus.connection import CONNECTION_ERRORS, redact_url
-from engine.bus.messages import header_position
+from engine.bus.messages import header_position, is_stand_in
 from engine.bus.subjects import filter_subject
 
 
@@ -159,13 +159,16 @@ def _format(message: Msg, readable: bool) -> str:
     if not readable:
         return message.data.decode()
     event = json.loads(message.data)
+    summary = _summary(event.get("payload") or {})
+    if is_stand_in(event):
+        summary = "(payload omitted on NATS; GET /_cairn/events has it)"
     return "  ".join(
         [
             f"{event.get('position', '?'):>8}",
             str(event.get("time", "")),
             f"{event.get('type', '?'):<16}",
             str(event.get("repository", "")),
-            _summary(event.get("payload") or {}),
+            summary,
         ]
     ).rstrip()
 
