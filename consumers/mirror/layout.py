@@ -12,6 +12,17 @@ the annotation for each manifest that no tag points at.
 Blobs are written to a temporary file, fsynced and renamed into place, so a
 file named by a digest is always whole. ``index.json`` is rewritten the same
 way. The mirror must be the only writer of DIR.
+
+Each propagated delete is followed by a garbage collection of the
+repository's ``blobs/``. A blob file stays while a manifest that
+``index.json`` lists reaches it: that manifest's own file, its config and
+layers, and the same for its child manifests and its subject, recursively.
+Every other file named by a digest is removed, and so are temporary files
+that a crash left behind. That includes blobs copied for a manifest whose
+own event comes later; the copy of that manifest fetches them again. When
+a manifest in that closure is missing or does not parse, nothing is
+removed. A blob.deleted event removes only that blob, and only when no
+manifest reaches it.
 """
 
 from __future__ import annotations
@@ -24,15 +35,24 @@ import uuid
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from consumers.mirror.target import BlobCopy, BlobOpener
 from engine.domain.digest import Digest
+from engine.domain.errors import RegistryError
 from engine.domain.manifests import parse_manifest
 from engine.domain.names import validate_repository_name
+
+log = structlog.get_logger(__name__)
 
 REF_NAME: Final = "org.opencontainers.image.ref.name"
 INDEX_MEDIA_TYPE: Final = "application/vnd.oci.image.index.v1+json"
 LAYOUT_VERSION: Final = {"imageLayoutVersion": "1.0.0"}
 TEMP_PREFIX: Final = ".partial-"
+
+
+class LayoutUnreadable(Exception):
+    """A manifest that index.json's closure needs is missing or does not parse."""
 
 
 class LayoutTarget:
@@ -41,6 +61,9 @@ class LayoutTarget:
         self.description = f"oci:{root}"
         # The mirror is the only writer, so each index is read once and kept.
         self._indexes: dict[str, list[dict[str, Any]]] = {}
+        # The digests that each repository's index.json reaches, computed on
+        # a delete and forgotten whenever that index.json changes.
+        self._referenced: dict[str, frozenset[str]] = {}
 
     def repository_dir(self, repository: str) -> Path:
         # The repository grammar allows no "." or ".." component, so the
@@ -144,21 +167,109 @@ class LayoutTarget:
         return True
 
     async def delete_manifest(self, repository: str, digest: str) -> None:
-        # NOTE: the manifest's blob file stays, like every blob file; the
-        # layout only stops listing it. Nothing collects unreferenced files.
         index = await self._index(repository)
         kept = [entry for entry in index if entry["digest"] != digest]
         if len(kept) != len(index):
             index[:] = kept
             await self._save_index(repository)
+        # Also when the entry was gone already: a crash after the index was
+        # saved and before the files were removed leaves them to this run.
+        await self._collect_garbage(repository)
 
     async def delete_blob(self, repository: str, digest: str) -> None:
-        # NOTE: blob files stay, because a manifest the layout still lists may
-        # reference them and the layout must stay readable.
-        return None
+        referenced = await self._referenced_digests(repository)
+        if referenced is None or digest in referenced:
+            return
+        path = self._blob_path(repository, digest)
+        removed, size = await asyncio.to_thread(_remove_files, [path])
+        if removed:
+            log.info(
+                "layout_blob_removed", repository=repository, digest=digest, size=size
+            )
 
     async def aclose(self) -> None:
         return None
+
+    # ---- garbage collection of blobs/ ------------------------------------
+
+    async def _collect_garbage(self, repository: str) -> None:
+        referenced = await self._referenced_digests(repository)
+        if referenced is None:
+            return
+        blobs = self.repository_dir(repository) / "blobs"
+        garbage = await asyncio.to_thread(_unreferenced_files, blobs, referenced)
+        removed, size = await asyncio.to_thread(_remove_files, garbage)
+        if removed:
+            log.info(
+                "layout_blobs_removed", repository=repository, files=removed, size=size
+            )
+
+    async def _referenced_digests(self, repository: str) -> frozenset[str] | None:
+        """Return the digests that index.json reaches, or None if unknown."""
+        cached = self._referenced.get(repository)
+        if cached is not None:
+            return cached
+        entries = list(await self._index(repository))
+        try:
+            referenced = await asyncio.to_thread(self._closure, repository, entries)
+        except LayoutUnreadable as error:
+            log.warning(
+                "layout_gc_skipped",
+                repository=repository,
+                error=str(error),
+                note="no blob file was removed",
+            )
+            return None
+        self._referenced[repository] = referenced
+        return referenced
+
+    def _closure(
+        self, repository: str, entries: list[dict[str, Any]]
+    ) -> frozenset[str]:
+        """Return every digest that the manifests of ``entries`` reach.
+
+        Raises LayoutUnreadable when a listed or child manifest has no file,
+        or a manifest file does not parse, because the blobs it references
+        are then unknown. A subject without a file is skipped, because a
+        referrer may be copied without its subject.
+        """
+        referenced: set[str] = set()
+        # (digest, media type, whether its file must exist)
+        pending: list[tuple[str, str | None, bool]] = [
+            (str(entry.get("digest")), entry.get("mediaType"), True)
+            for entry in entries
+        ]
+        while pending:
+            digest, media_type, required = pending.pop()
+            if digest in referenced:
+                continue
+            try:
+                parsed = Digest.parse(digest)
+                raw = self._blob_path(repository, digest).read_bytes()
+            except RegistryError as error:
+                raise LayoutUnreadable(f"invalid digest {digest!r}: {error}") from None
+            except FileNotFoundError:
+                if required:
+                    raise LayoutUnreadable(
+                        f"manifest {digest} has no file in blobs/"
+                    ) from None
+                continue
+            referenced.add(digest)
+            try:
+                manifest = parse_manifest(raw, media_type, algorithm=parsed.algorithm)
+            except RegistryError as error:
+                raise LayoutUnreadable(
+                    f"manifest {digest} does not parse: {error}"
+                ) from None
+            for reference in manifest.references():
+                child = reference.descriptor
+                if reference.kind in ("manifest", "subject"):
+                    pending.append(
+                        (str(child.digest), child.media_type, reference.required)
+                    )
+                else:
+                    referenced.add(str(child.digest))
+        return frozenset(referenced)
 
     # ---- index.json ------------------------------------------------------
 
@@ -179,6 +290,7 @@ class LayoutTarget:
         return [entry for entry in manifests if isinstance(entry, dict)]
 
     async def _save_index(self, repository: str) -> None:
+        self._referenced.pop(repository, None)
         document = {
             "schemaVersion": 2,
             "mediaType": INDEX_MEDIA_TYPE,
@@ -238,6 +350,51 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(temp, path)
     _sync_dir(path.parent)
+
+
+def _unreferenced_files(blobs: Path, referenced: frozenset[str]) -> list[Path]:
+    """List the files under ``blobs/<algorithm>/`` that no manifest reaches.
+
+    These are files named by a digest outside ``referenced``, and temporary
+    files, which only a crashed write leaves, because the mirror writes one
+    file at a time. Other names are not the mirror's and stay.
+    """
+    garbage: list[Path] = []
+    try:
+        algorithms = [path for path in blobs.iterdir() if path.is_dir()]
+    except FileNotFoundError:
+        return garbage
+    for directory in algorithms:
+        for path in directory.iterdir():
+            if path.name.startswith(TEMP_PREFIX):
+                garbage.append(path)
+                continue
+            digest = f"{directory.name}:{path.name}"
+            try:
+                Digest.parse(digest)
+            except RegistryError:
+                continue
+            if digest not in referenced and path.is_file():
+                garbage.append(path)
+    return garbage
+
+
+def _remove_files(paths: list[Path]) -> tuple[int, int]:
+    """Remove ``paths`` and fsync their directories; return the count and bytes."""
+    removed = size = 0
+    directories: set[Path] = set()
+    for path in paths:
+        try:
+            length = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+        size += length
+        directories.add(path.parent)
+    for directory in directories:
+        _sync_dir(directory)
+    return removed, size
 
 
 def _sync_and_close(handle: Any) -> None:
