@@ -8,10 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
 from engine.bus import Bus, BusSettings, EmbeddedNatsError, NatsServerNotFound
-from engine.bus.embedded import StoreInUse, StoreLock, find_nats_server
+from engine.bus.embedded import (
+    MAX_PAYLOAD,
+    StoreInUse,
+    StoreLock,
+    find_nats_server,
+)
 from engine.registry import Registry
 from tests.nats import (
     BusThread,
@@ -58,7 +64,16 @@ def test_embedded_server_lifecycle(registry: Registry, data_dir: Path) -> None:
         assert health["embedded"] is True
         assert health["nats_url"] == url
         assert_stream_matches_log(url, registry)
+        assert run(_max_payload(url)) == MAX_PAYLOAD
     wait_until(lambda: not pid_alive(pid))
+
+
+async def _max_payload(url: str) -> int:
+    client = await nats.connect(url)
+    try:
+        return int(client.max_payload)
+    finally:
+        await client.close()
 
 
 @sqlite_only

