@@ -5,7 +5,8 @@
 
 The events imitate image pushes: for each image three blob.pushed, one
 manifest.pushed and one tag.set, spread over 10,000 repositories, with a
-retag every tenth image. Prints one JSON object.
+retag every tenth image. Prints one JSON object, with the seconds of each
+phase of the median round (see PHASES in engine/projections/rebuild.py).
 """
 
 from __future__ import annotations
@@ -98,6 +99,20 @@ def fill(database: Database, count: int) -> float:
     return time.perf_counter() - started
 
 
+def _log_length(database: Database) -> int:
+    with database.read() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM events")).scalar_one())
+
+
+def _empty_log(database: Database) -> None:
+    with database.write() as conn:
+        conn.execute(sa.text("DELETE FROM events"))
+        conn.execute(
+            sa.text("UPDATE log_head SET position = 0, hash = :h"), {"h": "0" * 64}
+        )
+        conn.execute(sa.text("DELETE FROM streams"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -105,39 +120,54 @@ def main() -> None:
         "--database", help="PostgreSQL URL; default SQLite in a temp dir"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="directory for the SQLite database, kept after the run; "
+        "default a temp dir that is removed",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip the fill when the log already contains exactly --events events",
+    )
     args = parser.parse_args()
     configure_logging("warning")
 
     with tempfile.TemporaryDirectory(prefix="cairn-rebuild-") as tmp:
-        database = Database(args.database or sqlite_url(Path(tmp)))
+        data_dir = args.data_dir or Path(tmp)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(args.database or sqlite_url(data_dir))
         upgrade(database)
-        with database.write() as conn:
-            conn.execute(sa.text("DELETE FROM events"))
-            conn.execute(
-                sa.text("UPDATE log_head SET position = 0, hash = :h"), {"h": "0" * 64}
-            )
-            conn.execute(sa.text("DELETE FROM streams"))
-        fill_seconds = fill(database, args.events)
-        timings = []
+        fill_seconds = None
+        if not (args.reuse and _log_length(database) == args.events):
+            _empty_log(database)
+            fill_seconds = round(fill(database, args.events), 2)
+        rounds: list[tuple[float, dict[str, float]]] = []
         for _ in range(args.rounds):
+            phases: dict[str, float] = {}
             started = time.perf_counter()
-            rebuild_projections(database)
-            timings.append(time.perf_counter() - started)
+            rebuild_projections(database, phases=phases)
+            rounds.append((time.perf_counter() - started, phases))
         database.dispose()
 
-    timings.sort()
-    median = timings[len(timings) // 2]
+    rounds.sort(key=lambda result: result[0])
+    timings = [seconds for seconds, _phases in rounds]
+    median, median_phases = rounds[len(rounds) // 2]
     print(
         json.dumps(
             {
                 "workload": "projection_rebuild",
                 "backend": database.dialect,
                 "events": args.events,
-                "fill_seconds": round(fill_seconds, 2),
+                "fill_seconds": fill_seconds,
                 "rebuild_seconds": [round(t, 3) for t in timings],
                 "events_per_second_median": round(args.events / median),
                 "events_per_second_min": round(args.events / timings[-1]),
                 "events_per_second_max": round(args.events / timings[0]),
+                "median_round_phases": {
+                    name: round(seconds, 3) for name, seconds in median_phases.items()
+                },
             }
         )
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import calendar
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import FoldEvent, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import activity, repository_activity
 
 SECONDS_PER_HOUR = 3600
@@ -49,8 +49,9 @@ _UPSERTS = {
 def epoch_hour(moment: datetime | str) -> int:
     """Return the whole hours between the Unix epoch and ``moment`` (UTC).
 
-    A string is a timestamp as SQLite stores it (naive UTC), which is what a
-    full rebuild passes.
+    A string is a timestamp as a full rebuild passes it: the text SQLite
+    stores (naive UTC) or PostgreSQL's ISO text in UTC. Both start with
+    "YYYY-MM-DD HH".
     """
     if isinstance(moment, str):
         # "YYYY-MM-DD HH" names the hour; a rebuild meets each one many times.
@@ -91,10 +92,19 @@ class ActivityProjection(Projection):
         conn.execute(overall, values)
         conn.execute(per_repository, {**values, "repository": event.repository})
 
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        hour = epoch_hour(event.time)
-        size = uploaded_bytes(event.type, event.payload)
-        for key in ((hour, str(event.type)), (event.repository, hour, str(event.type))):
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        # Only the per-repository totals are kept: rows() sums them into the
+        # overall ones, because every event counts in both.
+        last_moment = None
+        hour = 0
+        for _position, repository, event_type, moment, _user, payload in events:
+            # Consecutive events often share a time (one append stamps all of
+            # its events with one), so the hour is computed once for them.
+            if moment != last_moment:
+                hour = epoch_hour(moment)
+                last_moment = moment
+            size = int(payload["size"]) if event_type in UPLOAD_TYPES else 0
+            key = (hour, repository, event_type)
             totals = state.get(key)
             if totals is None:
                 state[key] = [1, size]
@@ -102,23 +112,28 @@ class ActivityProjection(Projection):
                 totals[0] += 1
                 totals[1] += size
 
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        for key, (events, size) in state.items():
-            if len(key) == 2:
-                hour, event_type = key
-                yield (
-                    activity,
-                    {"hour": hour, "type": event_type, "events": events, "bytes": size},
-                )
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        overall: dict[tuple[int, str], list[int]] = {}
+        per_repository = []
+        for (hour, repository, event_type), (events, size) in state.items():
+            name = str(event_type)
+            per_repository.append((hour, repository, name, events, size))
+            totals = overall.get((hour, name))
+            if totals is None:
+                overall[hour, name] = [events, size]
             else:
-                repository, hour, event_type = key
-                yield (
-                    repository_activity,
-                    {
-                        "repository": repository,
-                        "hour": hour,
-                        "type": event_type,
-                        "events": events,
-                        "bytes": size,
-                    },
-                )
+                totals[0] += events
+                totals[1] += size
+        yield FoldRows(
+            activity,
+            ("hour", "type", "events", "bytes"),
+            [
+                (hour, name, events, size)
+                for (hour, name), (events, size) in overall.items()
+            ],
+        )
+        yield FoldRows(
+            repository_activity,
+            ("hour", "repository", "type", "events", "bytes"),
+            per_repository,
+        )

@@ -15,7 +15,12 @@ from engine.tables import projection_checkpoints
 
 class FoldEvent(NamedTuple):
     """The fields of an event that projections read, as a full rebuild
-    passes them: ``time`` is the database's own value, written back as is."""
+    passes them: ``time`` is the database's own value, written back as is.
+
+    On SQLite that value is the stored text (naive UTC). On PostgreSQL it is
+    the timestamptz as text in UTC, because a replay sets the transaction's
+    TimeZone to UTC.
+    """
 
     position: int
     repository: str
@@ -23,6 +28,15 @@ class FoldEvent(NamedTuple):
     time: Any
     actor_user: str | None
     payload: dict[str, Any]
+
+
+class FoldRows(NamedTuple):
+    """Rows of one table that a folded state represents, each a tuple of
+    values in ``columns`` order. JSON columns contain the decoded value."""
+
+    table: sa.Table
+    columns: tuple[str, ...]
+    rows: Iterable[tuple[Any, ...]]
 
 
 class Projection(ABC):
@@ -47,17 +61,19 @@ class Projection(ABC):
             self.apply(conn, event)
 
     @abstractmethod
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        """Apply one event to an in-memory state, for a full rebuild.
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        """Apply events to an in-memory state, for a full rebuild.
 
-        Folding the whole log and then writing ``rows(state)`` must produce
-        exactly the rows that ``apply`` produces event by event. The rebuild
-        property test checks that the two agree.
+        A rebuild calls this once per page of the log, in log order, with
+        only the events whose type is in ``handles``. Folding the whole log
+        and then writing ``rows(state)`` must produce exactly the rows that
+        ``apply`` produces event by event. The rebuild property test checks
+        that the two agree.
         """
 
     @abstractmethod
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        """Yield the table rows a folded state stands for."""
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        """Yield the rows that a folded state represents, one table at a time."""
 
 
 def apply_events(

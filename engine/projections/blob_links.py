@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import FoldEvent, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import blob_links
 
 _DELETE = sa.delete(blob_links).where(
@@ -17,6 +17,7 @@ _DELETE = sa.delete(blob_links).where(
     & (blob_links.c.digest == sa.bindparam("b_digest"))
 )
 _INSERT = sa.insert(blob_links)
+_COLUMNS = ("repository", "digest", "size", "position", "linked_at")
 
 
 class BlobLinkProjection(Projection):
@@ -42,19 +43,20 @@ class BlobLinkProjection(Projection):
             },
         )
 
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        key = (event.repository, event.payload["digest"])
-        state.pop(key, None)
-        if event.type is EventType.BLOB_DELETED:
-            return
-        state[key] = {
-            "repository": event.repository,
-            "digest": key[1],
-            "size": event.payload["size"],
-            "position": event.position,
-            "linked_at": event.time,
-        }
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        deleted = EventType.BLOB_DELETED
+        for position, repository, event_type, moment, _user, payload in events:
+            digest = payload["digest"]
+            if event_type is deleted:
+                state.pop((repository, digest), None)
+            else:
+                state[repository, digest] = (
+                    repository,
+                    digest,
+                    payload["size"],
+                    position,
+                    moment,
+                )
 
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        for row in state.values():
-            yield blob_links, row
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        yield FoldRows(blob_links, _COLUMNS, state.values())

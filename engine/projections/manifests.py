@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import FoldEvent, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import manifests, referrers
 
 _DELETE_MANIFEST = sa.delete(manifests).where(
@@ -24,33 +24,72 @@ _DELETE_REFERRER = sa.delete(referrers).where(
 _INSERT_REFERRER = sa.insert(referrers)
 
 
-def _manifest_row(event: StoredEvent | FoldEvent) -> dict[str, Any]:
-    payload = event.payload
-    return {
-        "repository": event.repository,
-        "digest": payload["digest"],
-        "media_type": payload["media_type"],
-        "size": payload["size"],
-        "artifact_type": payload.get("artifact_type"),
-        "subject": payload.get("subject"),
-        "references": payload["references"],
-        "position": event.position,
-        "pushed_at": event.time,
-    }
+_MANIFEST_COLUMNS = (
+    "repository",
+    "digest",
+    "media_type",
+    "size",
+    "artifact_type",
+    "subject",
+    "references",
+    "position",
+    "pushed_at",
+)
+_REFERRER_COLUMNS = (
+    "repository",
+    "subject",
+    "digest",
+    "media_type",
+    "artifact_type",
+    "size",
+    "annotations",
+    "position",
+)
 
 
-def _referrer_row(event: StoredEvent | FoldEvent) -> dict[str, Any]:
-    payload = event.payload
-    return {
-        "repository": event.repository,
-        "subject": payload["subject"],
-        "digest": payload["digest"],
-        "media_type": payload["media_type"],
-        "artifact_type": payload.get("artifact_type"),
-        "size": payload["size"],
-        "annotations": payload.get("annotations"),
-        "position": event.position,
-    }
+def _manifest_values(
+    repository: str, position: int, moment: Any, payload: dict[str, Any]
+) -> tuple[Any, ...]:
+    """Return a manifests row as values in ``_MANIFEST_COLUMNS`` order."""
+    return (
+        repository,
+        payload["digest"],
+        payload["media_type"],
+        payload["size"],
+        payload.get("artifact_type"),
+        payload.get("subject"),
+        payload["references"],
+        position,
+        moment,
+    )
+
+
+def _referrer_values(
+    repository: str, position: int, payload: dict[str, Any]
+) -> tuple[Any, ...]:
+    """Return a referrers row as values in ``_REFERRER_COLUMNS`` order."""
+    return (
+        repository,
+        payload["subject"],
+        payload["digest"],
+        payload["media_type"],
+        payload.get("artifact_type"),
+        payload["size"],
+        payload.get("annotations"),
+        position,
+    )
+
+
+def _manifest_row(event: StoredEvent) -> dict[str, Any]:
+    values = _manifest_values(
+        event.repository, event.position, event.time, event.payload
+    )
+    return dict(zip(_MANIFEST_COLUMNS, values, strict=True))
+
+
+def _referrer_row(event: StoredEvent) -> dict[str, Any]:
+    values = _referrer_values(event.repository, event.position, event.payload)
+    return dict(zip(_REFERRER_COLUMNS, values, strict=True))
 
 
 class ManifestProjection(Projection):
@@ -67,17 +106,17 @@ class ManifestProjection(Projection):
         key = {"b_repository": event.repository, "b_digest": event.payload["digest"]}
         conn.execute(_DELETE_MANIFEST, key)
 
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        payload = event.payload
-        key = (event.repository, payload["digest"])
-        state.pop(key, None)
-        if event.type is EventType.MANIFEST_DELETED:
-            return
-        state[key] = _manifest_row(event)
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        deleted = EventType.MANIFEST_DELETED
+        for position, repository, event_type, moment, _user, payload in events:
+            key = (repository, payload["digest"])
+            if event_type is deleted:
+                state.pop(key, None)
+            else:
+                state[key] = _manifest_values(repository, position, moment, payload)
 
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        for row in state.values():
-            yield manifests, row
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        yield FoldRows(manifests, _MANIFEST_COLUMNS, state.values())
 
 
 class ReferrerProjection(Projection):
@@ -101,14 +140,14 @@ class ReferrerProjection(Projection):
         key = {"b_repository": event.repository, "b_digest": payload["digest"]}
         conn.execute(_DELETE_REFERRER, key)
 
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        payload = event.payload
-        key = (event.repository, payload["digest"])
-        state.pop(key, None)
-        if event.type is EventType.MANIFEST_DELETED or not payload.get("subject"):
-            return
-        state[key] = _referrer_row(event)
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        deleted = EventType.MANIFEST_DELETED
+        for position, repository, event_type, _moment, _user, payload in events:
+            if event_type is deleted:
+                state.pop((repository, payload["digest"]), None)
+            elif payload.get("subject"):
+                key = (repository, payload["digest"])
+                state[key] = _referrer_values(repository, position, payload)
 
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        for row in state.values():
-            yield referrers, row
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        yield FoldRows(referrers, _REFERRER_COLUMNS, state.values())

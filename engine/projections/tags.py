@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
-from engine.projections.base import FoldEvent, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import tag_history, tags
 
 _DELETE_TAG = sa.delete(tags).where(
@@ -27,6 +27,17 @@ _CLOSE_HISTORY = (
     .values(to_position=sa.bindparam("b_position"), to_time=sa.bindparam("b_time"))
 )
 _INSERT_HISTORY = sa.insert(tag_history)
+_TAG_COLUMNS = ("repository", "tag", "digest", "position", "updated_at")
+_HISTORY_COLUMNS = (
+    "repository",
+    "tag",
+    "from_position",
+    "digest",
+    "from_time",
+    "to_position",
+    "to_time",
+    "actor_user",
+)
 
 
 def _is_new_tag(event: StoredEvent) -> bool:
@@ -62,22 +73,23 @@ class TagProjection(Projection):
             },
         )
 
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        key = (event.repository, event.payload["tag"])
-        state.pop(key, None)
-        if event.type is EventType.TAG_DELETED:
-            return
-        state[key] = {
-            "repository": event.repository,
-            "tag": key[1],
-            "digest": event.payload["digest"],
-            "position": event.position,
-            "updated_at": event.time,
-        }
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        deleted = EventType.TAG_DELETED
+        for position, repository, event_type, moment, _user, payload in events:
+            tag = payload["tag"]
+            if event_type is deleted:
+                state.pop((repository, tag), None)
+            else:
+                state[repository, tag] = (
+                    repository,
+                    tag,
+                    payload["digest"],
+                    position,
+                    moment,
+                )
 
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        for row in state.values():
-            yield tags, row
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        yield FoldRows(tags, _TAG_COLUMNS, state.values())
 
 
 class TagHistoryProjection(Projection):
@@ -115,32 +127,49 @@ class TagHistoryProjection(Projection):
             },
         )
 
-    def fold(self, state: dict[Any, Any], event: FoldEvent) -> None:
-        # state["closed"] collects finished rows; state["open"] maps each tag
-        # to the row that is still open.
-        closed: list[dict[str, Any]] = state.setdefault("closed", [])
-        open_rows: dict[tuple[str, str], dict[str, Any]] = state.setdefault("open", {})
-        key = (event.repository, event.payload["tag"])
-        current = open_rows.pop(key, None)
-        if current is not None:
-            current["to_position"] = event.position
-            current["to_time"] = event.time
-            closed.append(current)
-        if event.type is EventType.TAG_DELETED:
-            return
-        open_rows[key] = {
-            "repository": event.repository,
-            "tag": key[1],
-            "from_position": event.position,
-            "digest": event.payload["digest"],
-            "from_time": event.time,
-            "to_position": None,
-            "to_time": None,
-            "actor_user": event.actor_user,
-        }
+    def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        # state["closed"] collects finished rows as tuples in _HISTORY_COLUMNS
+        # order. state["open"] maps each tag to its open row, without the
+        # to_position and to_time that closing it fills in.
+        closed: list[tuple[Any, ...]] = state.setdefault("closed", [])
+        open_rows: dict[tuple[str, str], tuple[Any, ...]] = state.setdefault("open", {})
+        deleted = EventType.TAG_DELETED
+        for position, repository, event_type, moment, user, payload in events:
+            key = (repository, payload["tag"])
+            current = open_rows.pop(key, None)
+            if current is not None:
+                _, tag, from_position, digest, from_time, actor_user = current
+                closed.append(
+                    (
+                        repository,
+                        tag,
+                        from_position,
+                        digest,
+                        from_time,
+                        position,
+                        moment,
+                        actor_user,
+                    )
+                )
+            if event_type is not deleted:
+                open_rows[key] = (
+                    repository,
+                    key[1],
+                    position,
+                    payload["digest"],
+                    moment,
+                    user,
+                )
 
-    def rows(self, state: dict[Any, Any]) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
-        for row in state.get("closed", []):
-            yield tag_history, row
-        for row in state.get("open", {}).values():
-            yield tag_history, row
+    def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
+        yield FoldRows(tag_history, _HISTORY_COLUMNS, state.get("closed", []))
+        yield FoldRows(
+            tag_history, _HISTORY_COLUMNS, _open_history(state.get("open", {}))
+        )
+
+
+def _open_history(
+    open_rows: dict[tuple[str, str], tuple[Any, ...]],
+) -> Iterator[tuple[Any, ...]]:
+    for repository, tag, from_position, digest, from_time, user in open_rows.values():
+        yield (repository, tag, from_position, digest, from_time, None, None, user)
