@@ -18,6 +18,7 @@ from typing import Any, Final, TypeVar
 import anyio.to_thread
 
 from engine.api.http import ClientDisconnected, Request
+from engine.api.memory import TRIMMER
 from engine.domain.errors import ManifestTooLarge, SizeInvalid
 
 T = TypeVar("T")
@@ -121,10 +122,12 @@ async def stream_to_thread(
     pipe = _ChunkPipe()
 
     def run() -> T:
+        TRIMMER.upload_started()
         try:
             return consume(pipe.chunks())
         finally:
             pipe.consumer_finished()
+            TRIMMER.upload_finished(request.bytes_in)
 
     worker = asyncio.ensure_future(
         anyio.to_thread.run_sync(run, limiter=request.state.upload_limiter)
