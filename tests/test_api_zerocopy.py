@@ -11,6 +11,7 @@ from a test app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -435,6 +436,43 @@ def test_invalid_chunk_in_request_body(serve: ServeProcess) -> None:
     assert error["code"] == "UNSUPPORTED"
     assert error["message"] == "invalid chunked request body"
     assert error["detail"]["part"] == "body"
+
+
+def _assert_headers_too_large(response: RawResponse) -> None:
+    assert response.status == 400
+    error = json.loads(response.body)["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["message"] == "request headers too large"
+    assert error["detail"]["part"] == "header"
+    assert error["detail"]["reason"] == "request headers exceed 65536 bytes"
+
+
+def test_many_headers_rejected(serve: ServeProcess) -> None:
+    headers = [f"X-Filler-{i}: {'a' * 1000}" for i in range(100)]
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(request_bytes("GET", "/v2/", *headers))
+        response = read_response(reader)
+        assert reader.read() == b""
+    _assert_headers_too_large(response)
+
+
+def test_endless_header_rejected(serve: ServeProcess) -> None:
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+        # One header value arrives in pieces and never ends.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(64):
+                sock.sendall(b"a" * 65536)
+                time.sleep(0.01)
+        response = read_response(reader)
+    _assert_headers_too_large(response)
+
+
+def test_headers_under_limit_accepted(serve: ServeProcess) -> None:
+    headers = [f"X-Filler-{i}: {'a' * 1000}" for i in range(60)]
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(request_bytes("GET", "/v2/", *headers))
+        assert read_response(reader).status == 200
 
 
 def test_rejection_waits_for_pipelined_responses(

@@ -73,6 +73,10 @@ THREAD_WRITABLE_WAIT_MS: Final = 50
 # the app takes them. uvicorn's own limit is 64 KiB.
 BODY_BUFFER_LIMIT: Final = 1024 * 1024
 
+# Maximum bytes of one request's header names and values. A longer head
+# gets a 400, so a client cannot make the server hold headers of any size.
+MAX_HEADER_BYTES: Final = 64 * 1024
+
 # Maximum bytes of a rejected request's head kept to name the offending part,
 # and maximum characters of a value quoted in the error detail.
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -85,6 +89,10 @@ _FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _sendfile_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
     "cairn_sendfile_limiter"
 )
+
+
+class HeadersTooLarge(httptools.HttpParserCallbackError):
+    """A request's headers are larger than MAX_HEADER_BYTES."""
 
 
 class ConnectionClosed(ConnectionError):
@@ -110,6 +118,10 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._chunk_starts_message = True
         self._messages_begun_in_chunk = 0
         self._message_open = False
+        # Header bytes of the request being parsed, and bytes received while
+        # its head was incomplete; None once its headers are complete.
+        self._header_bytes = 0
+        self._head_received: int | None = None
         self._rejected = False
         self._pending_rejection: bytes | None = None
 
@@ -133,6 +145,8 @@ class CairnHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._message_open = True
+        self._header_bytes = 0
+        self._head_received = 0
         self._messages_begun_in_chunk += 1
         if self._chunk_starts_message and self._messages_begun_in_chunk == 1:
             self._head_chunks = [self._chunk[:MAX_HEAD_BYTES]]
@@ -141,7 +155,14 @@ class CairnHttpProtocol(HttpToolsProtocol):
         if self._zerocopy:
             self.scope["extensions"] = {ZEROCOPY_SEND: {}}
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _headers_too_large()
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        self._head_received = None
         super().on_headers_complete()
         self._head_chunks = None
 
@@ -337,6 +358,14 @@ class CairnHttpProtocol(HttpToolsProtocol):
             if sum(map(len, self._head_chunks)) > MAX_HEAD_BYTES:
                 self._head_chunks = None
         self._unset_keepalive_if_required()
+        if self._head_received is not None:
+            # httptools gathers a header's value across chunks before it
+            # calls on_header, so a head still open after this many bytes
+            # is rejected before it can grow further.
+            if self._head_received > MAX_HEADER_BYTES + MAX_HEAD_BYTES:
+                self._reject(_headers_too_large())
+                return
+            self._head_received += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -464,6 +493,7 @@ _REASON_PARTS: Final = (
     ("url path", "path", "invalid characters in the request path"),
     ("url query", "query", "invalid characters in the request query"),
     ("url", "target", "invalid request target"),
+    ("headers exceed", "header", "request headers too large"),
     ("content-length", "header", "invalid Content-Length header"),
     ("transfer-encoding", "header", "invalid Transfer-Encoding header"),
     ("header", "header", "invalid header"),
@@ -522,9 +552,17 @@ def describe_rejection(
     return message, detail
 
 
+def _headers_too_large() -> HeadersTooLarge:
+    return HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
+
+
 def _reason(error: httptools.HttpParserError) -> str:
     """Return llhttp's reason, or httptools.parse_url's for a failed callback."""
+    if isinstance(error, HeadersTooLarge):
+        return str(error)
     cause = error.__context__
+    if isinstance(cause, HeadersTooLarge):
+        return str(cause)
     if isinstance(error, httptools.HttpParserCallbackError) and isinstance(
         cause, httptools.HttpParserInvalidURLError
     ):
