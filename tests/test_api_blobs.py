@@ -70,6 +70,8 @@ def test_blob_head_and_get(api: httpx.Client) -> None:
         ("bytes=-5", 2995, 3000),
         ("bytes=0-999999", 0, 3000),
         ("bytes=0-0", 0, 1),
+        ("bytes=0-18446744073709551616", 0, 3000),
+        ("bytes=-99999999999999999999999", 0, 3000),
     ],
 )
 def test_blob_range(api: httpx.Client, header: str, start: int, end: int) -> None:
@@ -84,7 +86,16 @@ def test_blob_range(api: httpx.Client, header: str, start: int, end: int) -> Non
     assert response.headers["Content-Length"] == str(end - start)
 
 
-@pytest.mark.parametrize("header", ["bytes=3000-", "bytes=5000-6000", "bytes=-0"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=3000-",
+        "bytes=5000-6000",
+        "bytes=-0",
+        "bytes=18446744073709551616-",
+        "bytes=99999999999999999999999-",
+    ],
+)
 def test_blob_range_unsatisfiable(api: httpx.Client, header: str) -> None:
     digest = push_blob(api, "library/app", os.urandom(3000))
 
@@ -104,6 +115,21 @@ def test_blob_range_ignored_when_malformed(api: httpx.Client, header: str) -> No
 
     assert response.status_code == 200
     assert response.content == data
+
+
+def test_blob_if_range(api: httpx.Client) -> None:
+    data = os.urandom(100)
+    digest = push_blob(api, "library/app", data)
+    path = f"/v2/library/app/blobs/{digest}"
+
+    matching = api.get(path, headers={"Range": "bytes=0-0", "If-Range": f'"{digest}"'})
+    assert matching.status_code == 206
+    assert matching.content == data[:1]
+
+    for validator in ('"other"', "Wed, 21 Oct 2015 07:28:00 GMT"):
+        other = api.get(path, headers={"Range": "bytes=0-0", "If-Range": validator})
+        assert other.status_code == 200, validator
+        assert other.content == data
 
 
 def test_blob_if_none_match(api: httpx.Client) -> None:

@@ -16,8 +16,9 @@ from engine.registry import BlobInfo, Repository
 
 log = structlog.get_logger(__name__)
 
-# At most 19 ASCII digits a side; a longer number is treated as malformed.
-_RANGE: Final = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})")
+# A number of any size up to 100 digits is read as it is, so a start past
+# int64 is past the end and an end past it is clamped; longer is malformed.
+_RANGE: Final = re.compile(r"bytes=([0-9]{0,100})-([0-9]{0,100})")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -122,8 +123,14 @@ async def get_blob(request: Request) -> Response:
     if etag_matches(request, digest):
         return empty_response(304, headers)
 
+    range_header = request.header("range")
+    if_range = request.header("if-range")
+    if if_range is not None and if_range.strip() != f'"{digest}"':
+        # RFC 9110: a validator that does not match (here, anything but the
+        # ETag; blobs have no Last-Modified) asks for the whole blob.
+        range_header = None
     try:
-        byte_range = parse_range(request.header("range"), info.size)
+        byte_range = parse_range(range_header, info.size)
     except RangeNotSatisfiable as error:
         unsatisfied = [
             ("Content-Range", f"bytes */{info.size}"),
