@@ -318,10 +318,13 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
         password = _read_password(args.name)
         replaced = add_user(path, args.name, Role(args.role), password)
     except (ValueError, OSError) as error:
-        log.error(
-            "user_add_failed", user=args.name, auth_file=str(path), error=str(error)
-        )
-        print(f"cairn: cannot add user {args.name} to {path}: {error}", file=sys.stderr)
+        # An OSError raised on an open descriptor names the descriptor, not
+        # the file, so only its description is shown beside the path.
+        reason = error.strerror if isinstance(error, OSError) else None
+        reason = reason or str(error)
+        log.error("user_add_failed", user=args.name, auth_file=str(path), error=reason)
+        message = f"cairn: cannot add user {args.name} to {path}: {reason}"
+        print(message, file=sys.stderr)
         return 1
     action = "replaced" if replaced else "added"
     print(f"user {args.name} {action} in {path} with role {args.role}")

@@ -560,6 +560,16 @@ def test_users_add_rejects_invalid_input(
     assert not path.exists()
 
 
+def test_users_add_names_path_on_error(tmp_path: Path) -> None:
+    directory = tmp_path / "users"
+    directory.mkdir()
+
+    result = _users_add(directory, "alice", "secret")
+
+    assert result.returncode == 1
+    assert f"cannot add user alice to {directory}: Is a directory" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
