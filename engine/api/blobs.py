@@ -16,8 +16,8 @@ from engine.registry import BlobInfo, Repository
 
 log = structlog.get_logger(__name__)
 
-# A number of any size up to 100 digits is read as it is, so a start past
-# int64 is past the end and an end past it is clamped; longer is malformed.
+# Each number may have up to 100 digits and is read as it is. A start past
+# the end then gets a 416 and a large end is clamped. Longer is malformed.
 _RANGE: Final = re.compile(r"bytes=([0-9]{0,100})-([0-9]{0,100})")
 
 
@@ -126,8 +126,8 @@ async def get_blob(request: Request) -> Response:
     range_header = request.header("range")
     if_range = request.header("if-range")
     if if_range is not None and if_range.strip() != f'"{digest}"':
-        # RFC 9110: a validator that does not match (here, anything but the
-        # ETag; blobs have no Last-Modified) asks for the whole blob.
+        # RFC 9110 13.1.5: a validator that does not match gets the whole
+        # blob. Only the ETag matches, because blobs have no Last-Modified.
         range_header = None
     try:
         byte_range = parse_range(range_header, info.size)
