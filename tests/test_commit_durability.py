@@ -1,4 +1,4 @@
-"""Which commits wait for the disk, and what a read transaction sees."""
+"""Which commits wait for the disk, and which state a read transaction reads."""
 
 from __future__ import annotations
 

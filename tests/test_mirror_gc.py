@@ -95,22 +95,22 @@ async def delete_image(target: LayoutTarget, image: Image | bytes, tag: str) -> 
 def test_delete_removes_only_unreferenced_blobs(tmp_path: Path) -> None:
     shared = os.urandom(512)
     doomed = image_with_layers([shared, os.urandom(512)])
-    kept = image_with_layers([shared, os.urandom(512)])
+    surviving = image_with_layers([shared, os.urandom(512)])
     target = LayoutTarget(tmp_path)
 
     async def scenario() -> None:
         await put_image(target, doomed, "old")
-        await put_image(target, kept, "new")
+        await put_image(target, surviving, "new")
         await delete_image(target, doomed, "old")
 
     run(scenario())
 
-    assert listed_digests(tmp_path) == {str(kept.digest)}
+    assert listed_digests(tmp_path) == {str(surviving.digest)}
     assert not blob_file(tmp_path, doomed.manifest).exists()
     assert not blob_file(tmp_path, doomed.config).exists()
     assert not blob_file(tmp_path, doomed.layers[1]).exists()
     assert blob_file(tmp_path, shared).read_bytes() == shared
-    for data in (kept.manifest, *kept.blobs):
+    for data in (surviving.manifest, *surviving.blobs):
         assert blob_file(tmp_path, data).read_bytes() == data
 
 
@@ -165,13 +165,13 @@ def test_referrer_keeps_its_subject(tmp_path: Path) -> None:
 
 def test_collects_leftovers_of_earlier_runs(tmp_path: Path) -> None:
     """A new process collects what an earlier one left, temporary files too."""
-    doomed, kept = make_image(), make_image()
+    doomed, surviving = make_image(), make_image()
     stray = os.urandom(256)
 
     async def first_run() -> None:
         target = LayoutTarget(tmp_path)
         await put_image(target, doomed, "old")
-        await put_image(target, kept, "new")
+        await put_image(target, surviving, "new")
         await put_blob(target, stray)
 
     run(first_run())
@@ -189,18 +189,18 @@ def test_collects_leftovers_of_earlier_runs(tmp_path: Path) -> None:
     assert not blob_file(tmp_path, stray).exists()
     assert not partial.exists()
     assert foreign.read_text() == "not a blob"
-    for data in (kept.manifest, *kept.blobs):
+    for data in (surviving.manifest, *surviving.blobs):
         assert blob_file(tmp_path, data).read_bytes() == data
 
 
 def test_repeated_delete_collects_again(tmp_path: Path) -> None:
     """Replaying a delete after a crash between index.json and the removal."""
-    doomed, kept = make_image(), make_image()
+    doomed, surviving = make_image(), make_image()
 
     async def copy() -> None:
         target = LayoutTarget(tmp_path)
         await put_image(target, doomed, None)
-        await put_image(target, kept, None)
+        await put_image(target, surviving, None)
 
     run(copy())
     # What the crash left: index.json without the manifest, its files still there.
@@ -218,7 +218,7 @@ def test_repeated_delete_collects_again(tmp_path: Path) -> None:
 
     for data in (doomed.manifest, *doomed.blobs):
         assert not blob_file(tmp_path, data).exists()
-    for data in (kept.manifest, *kept.blobs):
+    for data in (surviving.manifest, *surviving.blobs):
         assert blob_file(tmp_path, data).exists()
 
 
@@ -282,11 +282,11 @@ def test_mirror_collects_layout_after_delete(
 ) -> None:
     shared = os.urandom(2048)
     doomed = image_with_layers([shared, os.urandom(2048)])
-    kept = image_with_layers([shared, os.urandom(2048)])
+    surviving = image_with_layers([shared, os.urandom(2048)])
     layout = tmp_path / "layout"
     with httpx.Client(base_url=source.url) as client:
         push_image(client, REPOSITORY, doomed, "old")
-        push_image(client, REPOSITORY, kept, "new")
+        push_image(client, REPOSITORY, surviving, "new")
 
     checkpoint = tmp_path / "checkpoint.json"
     run_mirror(
@@ -310,13 +310,15 @@ def test_mirror_collects_layout_after_delete(
         str(checkpoint),
     )
 
-    assert listed_digests(layout) == {str(kept.digest)}
+    assert listed_digests(layout) == {str(surviving.digest)}
     for data in (doomed.manifest, doomed.config, doomed.layers[1]):
         assert not blob_file(layout, data).exists()
-    for data in (kept.manifest, *kept.blobs):
+    for data in (surviving.manifest, *surviving.blobs):
         assert blob_file(layout, data).read_bytes() == data
     remaining = {
         path.name for path in (layout / REPOSITORY / "blobs" / "sha256").iterdir()
     }
-    expected = {Digest.of(data).encoded for data in (kept.manifest, *kept.blobs)}
+    expected = {
+        Digest.of(data).encoded for data in (surviving.manifest, *surviving.blobs)
+    }
     assert remaining == expected

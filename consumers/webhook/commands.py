@@ -96,7 +96,7 @@ async def _redeliver(
     """POST each selected dead letter once, and remove those that got a 2xx.
 
     Dead letters of endpoints no longer in the configuration are kept and
-    reported, and so are the ones that fail again. A dead letter that holds
+    reported, and so are the ones that fail again. A dead letter that contains
     a stand-in without its payload is sent with the full event read from
     the registry's event feed when ``[registry] url`` is set.
     """

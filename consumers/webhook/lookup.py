@@ -92,27 +92,29 @@ class EventLookup:
 
         Raises EventLookupFailed with the URL and the reason.
         """
-        what = f"GET {self.url}?after={position - 1}&limit=1"
+        request = f"GET {self.url}?after={position - 1}&limit=1"
         try:
             response = await self._client.get(
                 self.url, params={"after": position - 1, "limit": 1}
             )
         except httpx.HTTPError as error:
             raise EventLookupFailed(
-                f"{what} failed: {error or type(error).__name__}"
+                f"{request} failed: {error or type(error).__name__}"
             ) from None
         if response.status_code != 200:
-            raise EventLookupFailed(f"{what} returned HTTP {response.status_code}")
+            raise EventLookupFailed(f"{request} returned HTTP {response.status_code}")
         try:
             found = response.json()["events"]
         except (ValueError, KeyError, TypeError):
-            raise EventLookupFailed(f"{what} returned no event page") from None
+            raise EventLookupFailed(f"{request} returned no event page") from None
         if not found or not isinstance(found[0], dict):
-            raise EventLookupFailed(f"{what} returned no event at position {position}")
+            raise EventLookupFailed(
+                f"{request} returned no event at position {position}"
+            )
         event: dict[str, Any] = found[0]
         if event.get("position") != position or event.get("id") != event_id:
             raise EventLookupFailed(
-                f"{what} returned event {event.get('id')} at position "
+                f"{request} returned event {event.get('id')} at position "
                 f"{event.get('position')}, not event {event_id} at {position}"
             )
         return event

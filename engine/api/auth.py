@@ -224,7 +224,7 @@ def load_users(path: Path) -> dict[str, User]:
 def add_user(path: Path, name: str, role: Role, password: str) -> bool:
     """Add or replace the line of user ``name``; return True when replaced.
 
-    Runs on one file are serialized: each holds an exclusive ``flock`` on the
+    Runs on one file are serialized: each takes an exclusive ``flock`` on the
     users file from its read until its rename, so concurrent runs lose no
     change. The file is rewritten through a temporary file in the same
     directory, fsynced, renamed over the old one, and the directory is

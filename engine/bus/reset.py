@@ -3,8 +3,8 @@
 The relay reads its checkpoint row when it becomes the leader and then
 keeps its position in memory, writing it back as JetStream acknowledges.
 A checkpoint changed under a running leader would be overwritten, so the
-change is made only while this process holds the relay's leader lock (see
-``engine.bus.leader``). While a `cairn serve` holds it, the reset is
+change is made only while this process has the relay's leader lock (see
+``engine.bus.leader``). While a `cairn serve` has it, the reset is
 rejected.
 """
 
@@ -37,10 +37,10 @@ def reset_checkpoint(
 ) -> CheckpointReset:
     """Set relay ``name``'s checkpoint so it publishes from ``first_position``.
 
-    Raises RelayRunning while another process leads the relay, and
+    Raises RelayRunning while another process leads the relay. Raises
     ValueError unless ``first_position`` is between 1 and the position after
-    the current checkpoint: the reset only moves the checkpoint back, because
-    moving it forward would leave events out of the stream for good.
+    the current checkpoint, because moving the checkpoint forward would
+    leave events out of the stream for good.
     """
     if first_position < 1:
         raise ValueError(f"invalid position {first_position}: expected 1 or more")
