@@ -10,6 +10,7 @@ threads.
 from __future__ import annotations
 
 import builtins
+import functools
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from engine import log as event_log
 from engine.blobs import BlobStore, StagedBlob
-from engine.db import Database, PlainQuery
+from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
     BlobUnknown,
@@ -39,6 +40,7 @@ from engine.domain.errors import (
 from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
 from engine.domain.manifests import Descriptor, Manifest, Reference, parse_manifest
 from engine.domain.names import validate_repository_name, validate_tag
+from engine.prepared import Prepared, in_list
 from engine.projections import ALL_PROJECTIONS, apply_events
 from engine.tables import (
     blob_links,
@@ -54,18 +56,24 @@ log = structlog.get_logger(__name__)
 
 # Statements on the push and pull paths are built once: constructing one
 # costs several times more than running it.
-_MANIFEST_ROW = sa.select(manifests).where(
-    (manifests.c.repository == sa.bindparam("b_repository"))
-    & (manifests.c.digest == sa.bindparam("b_digest"))
+_MANIFEST_ROW = Prepared(
+    sa.select(manifests).where(
+        (manifests.c.repository == sa.bindparam("b_repository"))
+        & (manifests.c.digest == sa.bindparam("b_digest"))
+    )
 )
-_MANIFEST_CONTENT = sa.select(manifest_contents.c.content).where(
-    manifest_contents.c.digest == sa.bindparam("b_digest")
+_MANIFEST_CONTENT = Prepared(
+    sa.select(manifest_contents.c.content).where(
+        manifest_contents.c.digest == sa.bindparam("b_digest")
+    )
 )
-_MANIFEST_CONTENT_EXISTS = sa.select(manifest_contents.c.digest).where(
-    manifest_contents.c.digest == sa.bindparam("b_digest")
+_MANIFEST_CONTENT_EXISTS = Prepared(
+    sa.select(manifest_contents.c.digest).where(
+        manifest_contents.c.digest == sa.bindparam("b_digest")
+    )
 )
-_INSERT_MANIFEST_CONTENT = sa.insert(manifest_contents)
-_TAGGED_MANIFEST = (
+_INSERT_MANIFEST_CONTENT = Prepared(sa.insert(manifest_contents))
+_TAGGED_MANIFEST = Prepared(
     sa.select(manifests)
     .join(
         tags,
@@ -77,27 +85,23 @@ _TAGGED_MANIFEST = (
         & (tags.c.tag == sa.bindparam("b_tag"))
     )
 )
-_TAG_DIGEST = sa.select(tags.c.digest).where(
-    (tags.c.repository == sa.bindparam("b_repository"))
-    & (tags.c.tag == sa.bindparam("b_tag"))
+_TAG_DIGEST = Prepared(
+    sa.select(tags.c.digest).where(
+        (tags.c.repository == sa.bindparam("b_repository"))
+        & (tags.c.tag == sa.bindparam("b_tag"))
+    )
 )
-_BLOB_LINK = sa.select(blob_links).where(
-    (blob_links.c.repository == sa.bindparam("b_repository"))
-    & (blob_links.c.digest == sa.bindparam("b_digest"))
-)
-_BLOB_SIZES = sa.select(blob_links.c.digest, blob_links.c.size).where(
-    (blob_links.c.repository == sa.bindparam("b_repository"))
-    & blob_links.c.digest.in_(sa.bindparam("b_digests", expanding=True))
-)
-_MANIFEST_SIZES = sa.select(manifests.c.digest, manifests.c.size).where(
-    (manifests.c.repository == sa.bindparam("b_repository"))
-    & manifests.c.digest.in_(sa.bindparam("b_digests", expanding=True))
+_BLOB_LINK = Prepared(
+    sa.select(blob_links).where(
+        (blob_links.c.repository == sa.bindparam("b_repository"))
+        & (blob_links.c.digest == sa.bindparam("b_digest"))
+    )
 )
 _SIZE_BATCH = 500
 # Listing pages. A LIMIT as large as a signed 64-bit integer allows stands
 # for no limit at all.
 _NO_LIMIT = 2**63 - 1
-_TAGS_PAGE = PlainQuery(
+_TAGS_PAGE = Prepared(
     sa.select(tags.c.tag)
     .where(
         (tags.c.repository == sa.bindparam("b_repository"))
@@ -106,26 +110,30 @@ _TAGS_PAGE = PlainQuery(
     .order_by(tags.c.tag)
     .limit(sa.bindparam("b_limit"))
 )
-_CATALOG_PAGE = PlainQuery(
+_CATALOG_PAGE = Prepared(
     sa.select(repositories.c.name)
     .where(repositories.c.name > sa.bindparam("b_last"))
     .order_by(repositories.c.name)
     .limit(sa.bindparam("b_limit"))
 )
-_REPOSITORY_EXISTS = sa.select(repositories.c.name).where(
-    repositories.c.name == sa.bindparam("b_name")
+_REPOSITORY_EXISTS = Prepared(
+    sa.select(repositories.c.name).where(repositories.c.name == sa.bindparam("b_name"))
 )
-_UPLOAD_ROW = sa.select(uploads).where(
-    (uploads.c.id == sa.bindparam("b_id"))
-    & (uploads.c.repository == sa.bindparam("b_repository"))
+_UPLOAD_ROW = Prepared(
+    sa.select(uploads).where(
+        (uploads.c.id == sa.bindparam("b_id"))
+        & (uploads.c.repository == sa.bindparam("b_repository"))
+    )
 )
-_INSERT_UPLOAD = sa.insert(uploads)
-_UPDATE_UPLOAD = (
+_INSERT_UPLOAD = Prepared(sa.insert(uploads))
+_UPDATE_UPLOAD = Prepared(
     sa.update(uploads)
     .where(uploads.c.id == sa.bindparam("b_id"))
     .values(offset=sa.bindparam("b_offset"), updated_at=sa.bindparam("b_time"))
 )
-_DELETE_UPLOAD = sa.delete(uploads).where(uploads.c.id == sa.bindparam("b_id"))
+_DELETE_UPLOAD = Prepared(
+    sa.delete(uploads).where(uploads.c.id == sa.bindparam("b_id"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +197,7 @@ class Registry:
         # Every name is longer than "", so "" as last starts at the beginning.
         params = {"b_last": last or "", "b_limit": _NO_LIMIT if n is None else n}
         with self.database.read() as conn:
-            return [row[0] for row in _CATALOG_PAGE.rows(conn, params)]
+            return [row[0] for row in _CATALOG_PAGE.execute(conn, params).tuples]
 
     def iter_repositories(self, page_size: int = 1000) -> Iterator[str]:
         last: str | None = None
@@ -299,8 +307,8 @@ class ManifestService:
         self._repo = repository
 
     def _row(self, conn: Connection, digest: Digest) -> Any:
-        return conn.execute(
-            _MANIFEST_ROW, {"b_repository": self._repo.name, "b_digest": str(digest)}
+        return _MANIFEST_ROW.execute(
+            conn, {"b_repository": self._repo.name, "b_digest": str(digest)}
         ).one_or_none()
 
     def exists(self, digest: Digest) -> bool:
@@ -325,8 +333,8 @@ class ManifestService:
                     "manifest unknown",
                     {"repository": self._repo.name, "digest": str(digest)},
                 )
-            content = conn.execute(
-                _MANIFEST_CONTENT, {"b_digest": str(digest)}
+            content = _MANIFEST_CONTENT.execute(
+                conn, {"b_digest": str(digest)}
             ).scalar_one()
         return _manifest_info(row), bytes(content)
 
@@ -397,12 +405,12 @@ class ManifestService:
         # One query per kind of content, however many layers the image has.
         child_sizes = self._stored_sizes(
             conn,
-            _MANIFEST_SIZES,
+            manifests,
             [str(r.descriptor.digest) for r in required if r.kind == "manifest"],
         )
         blob_sizes = self._stored_sizes(
             conn,
-            _BLOB_SIZES,
+            blob_links,
             [str(r.descriptor.digest) for r in required if r.kind != "manifest"],
         )
         missing: list[dict[str, str]] = []
@@ -430,24 +438,24 @@ class ManifestService:
             )
 
     def _stored_sizes(
-        self, conn: Connection, query: sa.Select[Any], digests: list[str]
+        self, conn: Connection, table: sa.Table, digests: list[str]
     ) -> dict[str, int]:
         sizes: dict[str, int] = {}
         # Batches stay well under the bound parameters SQLite allows.
         for start in range(0, len(digests), _SIZE_BATCH):
             batch = digests[start : start + _SIZE_BATCH]
-            rows = conn.execute(
-                query, {"b_repository": self._repo.name, "b_digests": batch}
-            )
-            sizes.update((row.digest, row.size) for row in rows)
+            params = {"b_repository": self._repo.name}
+            params.update((f"b_digest_{i}", digest) for i, digest in enumerate(batch))
+            rows = _sizes_query(table.name, len(batch)).execute(conn, params)
+            sizes.update(rows.tuples)
         return sizes
 
     def _store_content(self, conn: Connection, manifest: Manifest) -> None:
         digest = str(manifest.digest)
-        exists = conn.execute(_MANIFEST_CONTENT_EXISTS, {"b_digest": digest}).first()
+        exists = _MANIFEST_CONTENT_EXISTS.execute(conn, {"b_digest": digest}).first()
         if exists is None:
-            conn.execute(
-                _INSERT_MANIFEST_CONTENT, {"digest": digest, "content": manifest.raw}
+            _INSERT_MANIFEST_CONTENT.execute(
+                conn, {"digest": digest, "content": manifest.raw}
             )
 
     def _pushed_event(self, manifest: Manifest) -> NewEvent:
@@ -540,8 +548,8 @@ class TagService:
         """Return the manifest ``tag`` points to."""
         validate_tag(tag)
         with self._repo.database.read() as conn:
-            row = conn.execute(
-                _TAGGED_MANIFEST, {"b_repository": self._repo.name, "b_tag": tag}
+            row = _TAGGED_MANIFEST.execute(
+                conn, {"b_repository": self._repo.name, "b_tag": tag}
             ).one_or_none()
         if row is None:
             raise ManifestUnknown(
@@ -594,7 +602,7 @@ class TagService:
             "b_limit": _NO_LIMIT if n is None else n,
         }
         with self._repo.database.read() as conn:
-            names = [row[0] for row in _TAGS_PAGE.rows(conn, params)]
+            names = [row[0] for row in _TAGS_PAGE.execute(conn, params).tuples]
             if not names and not _repository_exists(conn, self._repo.name):
                 raise NameUnknown(
                     "repository name not known to registry", {"name": self._repo.name}
@@ -708,8 +716,8 @@ class BlobService:
         now = datetime.now(UTC)
         self._store.stage(upload_id).close()
         with self._repo.database.transaction(durable=False) as conn:
-            conn.execute(
-                _INSERT_UPLOAD,
+            _INSERT_UPLOAD.execute(
+                conn,
                 {
                     "id": upload_id,
                     "repository": self._repo.name,
@@ -728,8 +736,8 @@ class BlobService:
                 "blob upload unknown", {"upload": upload_id}
             ) from None
         with self._repo.database.read() as conn:
-            row = conn.execute(
-                _UPLOAD_ROW, {"b_id": upload_id, "b_repository": self._repo.name}
+            row = _UPLOAD_ROW.execute(
+                conn, {"b_id": upload_id, "b_repository": self._repo.name}
             ).one_or_none()
         if row is None:
             raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id})
@@ -766,8 +774,8 @@ class BlobService:
             # After a power cut the session may report an older offset, and
             # the client resends from there.
             with self._repo.database.transaction(durable=False) as conn:
-                conn.execute(
-                    _UPDATE_UPLOAD,
+                _UPDATE_UPLOAD.execute(
+                    conn,
                     {
                         "b_id": upload_id,
                         "b_offset": staged.offset,
@@ -802,7 +810,7 @@ class BlobService:
             except DigestMismatch:
                 # The store removed the staging file; the session goes with it.
                 with self._repo.database.transaction(durable=False) as conn:
-                    conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
+                    _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
                 raise
             finally:
                 self._repo.registry._forget_upload(upload_id)
@@ -826,7 +834,7 @@ class BlobService:
         size = self._store.commit(staged, digest)
         with self._repo.database.write() as conn:
             if upload_id is not None:
-                conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
+                _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
             if _blob_link(conn, self._repo.name, str(digest)) is None:
                 stored = self._repo.commit(
                     conn,
@@ -851,8 +859,21 @@ class BlobService:
             self.upload_status(upload_id)
             self._repo.registry._forget_upload(upload_id)
             with self._repo.database.transaction(durable=False) as conn:
-                conn.execute(_DELETE_UPLOAD, {"b_id": upload_id})
+                _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
             self._store.discard(upload_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _sizes_query(table_name: str, count: int) -> Prepared:
+    """Return the query for the stored sizes of ``count`` digests in one
+    repository's manifests or blob links."""
+    table = manifests if table_name == manifests.name else blob_links
+    return Prepared(
+        sa.select(table.c.digest, table.c.size).where(
+            (table.c.repository == sa.bindparam("b_repository"))
+            & in_list(table.c.digest, "b_digest", count)
+        )
+    )
 
 
 def _check_start(status: UploadStatus, start: int | None) -> None:
@@ -899,16 +920,16 @@ def _manifest_info(row: Any) -> ManifestInfo:
 
 
 def _tag_digest(conn: Connection, repository: str, tag: str) -> str | None:
-    return conn.execute(
-        _TAG_DIGEST, {"b_repository": repository, "b_tag": tag}
+    return _TAG_DIGEST.execute(
+        conn, {"b_repository": repository, "b_tag": tag}
     ).scalar_one_or_none()
 
 
 def _blob_link(conn: Connection, repository: str, digest: str) -> Any:
-    return conn.execute(
-        _BLOB_LINK, {"b_repository": repository, "b_digest": digest}
+    return _BLOB_LINK.execute(
+        conn, {"b_repository": repository, "b_digest": digest}
     ).one_or_none()
 
 
 def _repository_exists(conn: Connection, name: str) -> bool:
-    return conn.execute(_REPOSITORY_EXISTS, {"b_name": name}).first() is not None
+    return _REPOSITORY_EXISTS.execute(conn, {"b_name": name}).first() is not None

@@ -27,6 +27,7 @@ from engine.domain.events import (
     event_hash,
     upcast,
 )
+from engine.prepared import Prepared
 from engine.tables import events, log_head, streams
 
 # Key in Connection.info under which a write transaction collects the events
@@ -35,34 +36,36 @@ APPENDED_KEY = "cairn_appended_events"
 
 
 # Statements are built once: constructing one costs far more than running it.
-_HEAD = sa.select(log_head.c.position, log_head.c.hash).where(log_head.c.id == 1)
-_MOVE_HEAD = (
+_HEAD = Prepared(
+    sa.select(log_head.c.position, log_head.c.hash).where(log_head.c.id == 1)
+)
+_MOVE_HEAD = Prepared(
     sa.update(log_head)
     .where(log_head.c.id == 1)
     .values(position=sa.bindparam("b_position"), hash=sa.bindparam("b_hash"))
 )
-_STREAM_VERSION = sa.select(streams.c.version).where(
-    streams.c.repository == sa.bindparam("b_repository")
+_STREAM_VERSION = Prepared(
+    sa.select(streams.c.version).where(
+        streams.c.repository == sa.bindparam("b_repository")
+    )
 )
-_INSERT_STREAM = sa.insert(streams)
-_UPDATE_STREAM = (
+_INSERT_STREAM = Prepared(sa.insert(streams))
+_UPDATE_STREAM = Prepared(
     sa.update(streams)
     .where(streams.c.repository == sa.bindparam("b_repository"))
     .values(version=sa.bindparam("b_version"))
 )
-_INSERT_EVENTS = sa.insert(events)
+_INSERT_EVENTS = Prepared(sa.insert(events))
 
 
 def head(conn: Connection) -> tuple[int, str]:
     """Return the last position and its hash (0 and the genesis hash when empty)."""
-    row = conn.execute(_HEAD).one()
-    return row.position, row.hash
+    position, hash_ = _HEAD.execute(conn).tuples[0]
+    return position, hash_
 
 
 def stream_version(conn: Connection, repository: str) -> int:
-    version = conn.execute(
-        _STREAM_VERSION, {"b_repository": repository}
-    ).scalar_one_or_none()
+    version = _STREAM_VERSION.execute(conn, {"b_repository": repository}).scalar()
     return version or 0
 
 
@@ -119,8 +122,8 @@ def append(
         stored.append(event)
         previous_hash = event.hash
 
-    conn.execute(_INSERT_EVENTS, [_event_row(event) for event in stored])
-    conn.execute(_MOVE_HEAD, {"b_position": position, "b_hash": previous_hash})
+    _INSERT_EVENTS.executemany(conn, [_event_row(event) for event in stored])
+    _MOVE_HEAD.execute(conn, {"b_position": position, "b_hash": previous_hash})
     _save_stream_versions(conn, versions, stored)
     pending = conn.info.get(APPENDED_KEY)
     if pending is not None:
@@ -136,10 +139,10 @@ def _save_stream_versions(
         first_version.setdefault(event.repository, event.version)
     for repository, version in versions.items():
         if first_version[repository] == 1:
-            conn.execute(_INSERT_STREAM, {"repository": repository, "version": version})
+            _INSERT_STREAM.execute(conn, {"repository": repository, "version": version})
         else:
-            conn.execute(
-                _UPDATE_STREAM, {"b_repository": repository, "b_version": version}
+            _UPDATE_STREAM.execute(
+                conn, {"b_repository": repository, "b_version": version}
             )
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
+from engine.prepared import Prepared
 from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import activity, repository_activity
 
@@ -39,8 +40,8 @@ def _upsert(dialect: Any, table: sa.Table, key: list[str]) -> Any:
 # SQLAlchemy constructs; the statements are built once per backend.
 _UPSERTS = {
     name: (
-        _upsert(dialect, activity, ["hour", "type"]),
-        _upsert(dialect, repository_activity, ["hour", "repository", "type"]),
+        Prepared(_upsert(dialect, activity, ["hour", "type"])),
+        Prepared(_upsert(dialect, repository_activity, ["hour", "repository", "type"])),
     )
     for name, dialect in (("sqlite", sqlite), ("postgresql", postgresql))
 }
@@ -82,15 +83,42 @@ class ActivityProjection(Projection):
     handles = frozenset(EventType)
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
+        self.apply_all(conn, [event])
+
+    def apply_all(self, conn: Connection, events: Sequence[StoredEvent]) -> None:
+        # One upsert per table and key, however many events share the key.
+        totals: dict[tuple[int, str, str], list[int]] = {}
+        for event in events:
+            key = (epoch_hour(event.time), event.repository, str(event.type))
+            counts = totals.setdefault(key, [0, 0])
+            counts[0] += 1
+            counts[1] += uploaded_bytes(event.type, event.payload)
+        overall_totals: dict[tuple[int, str], list[int]] = {}
+        for (hour, _repository, event_type), (count, size) in totals.items():
+            counts = overall_totals.setdefault((hour, event_type), [0, 0])
+            counts[0] += count
+            counts[1] += size
         overall, per_repository = _UPSERTS[conn.dialect.name]
-        values = {
-            "hour": epoch_hour(event.time),
-            "type": str(event.type),
-            "events": 1,
-            "bytes": uploaded_bytes(event.type, event.payload),
-        }
-        conn.execute(overall, values)
-        conn.execute(per_repository, {**values, "repository": event.repository})
+        overall.executemany(
+            conn,
+            [
+                {"hour": hour, "type": event_type, "events": count, "bytes": size}
+                for (hour, event_type), (count, size) in overall_totals.items()
+            ],
+        )
+        per_repository.executemany(
+            conn,
+            [
+                {
+                    "hour": hour,
+                    "repository": repository,
+                    "type": event_type,
+                    "events": count,
+                    "bytes": size,
+                }
+                for (hour, repository, event_type), (count, size) in totals.items()
+            ],
+        )
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
         # Only the per-repository totals are kept: rows() sums them into the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -10,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
+from engine.prepared import Prepared, in_list
 from engine.tables import projection_checkpoints
 
 
@@ -94,20 +96,22 @@ def apply_events(
     return last
 
 
-_SAVE_CHECKPOINTS = (
-    sa.update(projection_checkpoints)
-    .where(projection_checkpoints.c.name.in_(sa.bindparam("b_names", expanding=True)))
-    .values(position=sa.bindparam("b_position"))
-)
+@functools.lru_cache(maxsize=16)
+def _save_checkpoints_statement(count: int) -> Prepared:
+    return Prepared(
+        sa.update(projection_checkpoints)
+        .where(in_list(projection_checkpoints.c.name, "b_name", count))
+        .values(position=sa.bindparam("b_position"))
+    )
 
 
 def save_checkpoints(
     conn: Connection, projections: Sequence[Projection], position: int
 ) -> None:
     names = [projection.name for projection in projections]
-    updated = conn.execute(
-        _SAVE_CHECKPOINTS, {"b_names": names, "b_position": position}
-    ).rowcount
+    params: dict[str, Any] = {"b_position": position}
+    params.update((f"b_name_{i}", name) for i, name in enumerate(names))
+    updated = _save_checkpoints_statement(len(names)).execute(conn, params).rowcount
     if updated != len(names):
         present = set(
             conn.execute(

@@ -9,14 +9,17 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
+from engine.prepared import Prepared
 from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import blob_links
 
-_DELETE = sa.delete(blob_links).where(
-    (blob_links.c.repository == sa.bindparam("b_repository"))
-    & (blob_links.c.digest == sa.bindparam("b_digest"))
+_DELETE = Prepared(
+    sa.delete(blob_links).where(
+        (blob_links.c.repository == sa.bindparam("b_repository"))
+        & (blob_links.c.digest == sa.bindparam("b_digest"))
+    )
 )
-_INSERT = sa.insert(blob_links)
+_INSERT = Prepared(sa.insert(blob_links))
 _COLUMNS = ("repository", "digest", "size", "position", "linked_at")
 
 
@@ -29,11 +32,11 @@ class BlobLinkProjection(Projection):
 
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         digest = event.payload["digest"]
-        conn.execute(_DELETE, {"b_repository": event.repository, "b_digest": digest})
+        _DELETE.execute(conn, {"b_repository": event.repository, "b_digest": digest})
         if event.type is EventType.BLOB_DELETED:
             return
-        conn.execute(
-            _INSERT,
+        _INSERT.execute(
+            conn,
             {
                 "repository": event.repository,
                 "digest": digest,

@@ -11,13 +11,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
+from engine.prepared import Prepared
 from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import repositories
 
 # Statements are built once: constructing one costs far more than running it.
-_ROW = sa.select(repositories).where(repositories.c.name == sa.bindparam("b_name"))
-_INSERT = sa.insert(repositories)
-_UPDATE = (
+_ROW = Prepared(
+    sa.select(repositories).where(repositories.c.name == sa.bindparam("b_name"))
+)
+_INSERT = Prepared(sa.insert(repositories))
+_UPDATE = Prepared(
     sa.update(repositories)
     .where(repositories.c.name == sa.bindparam("b_name"))
     .values(
@@ -98,16 +101,16 @@ class CatalogProjection(Projection):
         for event in events:
             by_repository.setdefault(event.repository, []).append(event)
         for name, group in by_repository.items():
-            found = conn.execute(_ROW, {"b_name": name}).mappings().first()
+            found = _ROW.execute(conn, {"b_name": name}).mapping()
             row = dict(found) if found is not None else None
             if row is None:
                 row = _new_row(group[0], group[0].actor.user)
             for event in group:
                 _update(row, event, event.actor.user)
             if found is None:
-                conn.execute(_INSERT, row)
+                _INSERT.execute(conn, row)
             else:
-                conn.execute(_UPDATE, {"b_" + key: value for key, value in row.items()})
+                _UPDATE.execute(conn, {"b_" + key: value for key, value in row.items()})
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
         for event in events:

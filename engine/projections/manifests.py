@@ -9,19 +9,24 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
+from engine.prepared import Prepared
 from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import manifests, referrers
 
-_DELETE_MANIFEST = sa.delete(manifests).where(
-    (manifests.c.repository == sa.bindparam("b_repository"))
-    & (manifests.c.digest == sa.bindparam("b_digest"))
+_DELETE_MANIFEST = Prepared(
+    sa.delete(manifests).where(
+        (manifests.c.repository == sa.bindparam("b_repository"))
+        & (manifests.c.digest == sa.bindparam("b_digest"))
+    )
 )
-_INSERT_MANIFEST = sa.insert(manifests)
-_DELETE_REFERRER = sa.delete(referrers).where(
-    (referrers.c.repository == sa.bindparam("b_repository"))
-    & (referrers.c.digest == sa.bindparam("b_digest"))
+_INSERT_MANIFEST = Prepared(sa.insert(manifests))
+_DELETE_REFERRER = Prepared(
+    sa.delete(referrers).where(
+        (referrers.c.repository == sa.bindparam("b_repository"))
+        & (referrers.c.digest == sa.bindparam("b_digest"))
+    )
 )
-_INSERT_REFERRER = sa.insert(referrers)
+_INSERT_REFERRER = Prepared(sa.insert(referrers))
 
 
 _MANIFEST_COLUMNS = (
@@ -101,10 +106,10 @@ class ManifestProjection(Projection):
         # The registry appends manifest.pushed only for a manifest that the
         # repository does not hold, so there is no row to replace.
         if event.type is EventType.MANIFEST_PUSHED:
-            conn.execute(_INSERT_MANIFEST, _manifest_row(event))
+            _INSERT_MANIFEST.execute(conn, _manifest_row(event))
             return
         key = {"b_repository": event.repository, "b_digest": event.payload["digest"]}
-        conn.execute(_DELETE_MANIFEST, key)
+        _DELETE_MANIFEST.execute(conn, key)
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
         deleted = EventType.MANIFEST_DELETED
@@ -135,10 +140,10 @@ class ReferrerProjection(Projection):
         if event.type is EventType.MANIFEST_PUSHED:
             # As for manifests, a pushed manifest has no row yet.
             if payload.get("subject"):
-                conn.execute(_INSERT_REFERRER, _referrer_row(event))
+                _INSERT_REFERRER.execute(conn, _referrer_row(event))
             return
         key = {"b_repository": event.repository, "b_digest": payload["digest"]}
-        conn.execute(_DELETE_REFERRER, key)
+        _DELETE_REFERRER.execute(conn, key)
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
         deleted = EventType.MANIFEST_DELETED

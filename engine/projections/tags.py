@@ -9,15 +9,18 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
+from engine.prepared import Prepared
 from engine.projections.base import FoldEvent, FoldRows, Projection
 from engine.tables import tag_history, tags
 
-_DELETE_TAG = sa.delete(tags).where(
-    (tags.c.repository == sa.bindparam("b_repository"))
-    & (tags.c.tag == sa.bindparam("b_tag"))
+_DELETE_TAG = Prepared(
+    sa.delete(tags).where(
+        (tags.c.repository == sa.bindparam("b_repository"))
+        & (tags.c.tag == sa.bindparam("b_tag"))
+    )
 )
-_INSERT_TAG = sa.insert(tags)
-_CLOSE_HISTORY = (
+_INSERT_TAG = Prepared(sa.insert(tags))
+_CLOSE_HISTORY = Prepared(
     sa.update(tag_history)
     .where(
         (tag_history.c.repository == sa.bindparam("b_repository"))
@@ -26,7 +29,7 @@ _CLOSE_HISTORY = (
     )
     .values(to_position=sa.bindparam("b_position"), to_time=sa.bindparam("b_time"))
 )
-_INSERT_HISTORY = sa.insert(tag_history)
+_INSERT_HISTORY = Prepared(sa.insert(tag_history))
 _TAG_COLUMNS = ("repository", "tag", "digest", "position", "updated_at")
 _HISTORY_COLUMNS = (
     "repository",
@@ -59,11 +62,11 @@ class TagProjection(Projection):
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         tag = event.payload["tag"]
         if not _is_new_tag(event):
-            conn.execute(_DELETE_TAG, {"b_repository": event.repository, "b_tag": tag})
+            _DELETE_TAG.execute(conn, {"b_repository": event.repository, "b_tag": tag})
         if event.type is EventType.TAG_DELETED:
             return
-        conn.execute(
-            _INSERT_TAG,
+        _INSERT_TAG.execute(
+            conn,
             {
                 "repository": event.repository,
                 "tag": tag,
@@ -102,8 +105,8 @@ class TagHistoryProjection(Projection):
     def apply(self, conn: Connection, event: StoredEvent) -> None:
         tag = event.payload["tag"]
         if not _is_new_tag(event):
-            conn.execute(
-                _CLOSE_HISTORY,
+            _CLOSE_HISTORY.execute(
+                conn,
                 {
                     "b_repository": event.repository,
                     "b_tag": tag,
@@ -113,8 +116,8 @@ class TagHistoryProjection(Projection):
             )
         if event.type is EventType.TAG_DELETED:
             return
-        conn.execute(
-            _INSERT_HISTORY,
+        _INSERT_HISTORY.execute(
+            conn,
             {
                 "repository": event.repository,
                 "tag": tag,
