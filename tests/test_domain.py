@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -20,9 +21,11 @@ from engine.domain.events import (
     GENESIS_HASH,
     Actor,
     EventType,
+    NewEvent,
     StoredEvent,
     event_hash,
     upcast,
+    uuid7,
 )
 from engine.domain.names import validate_repository_name, validate_tag
 
@@ -166,3 +169,17 @@ def test_upcast_rejects_newer_schema() -> None:
     with pytest.raises(ValueError, match="upgrade cairn"):
         upcast(EventType.TAG_SET, 99, {})
     assert upcast(EventType.TAG_SET, 1, {"tag": "t"}) == {"tag": "t"}
+
+
+def test_event_ids_are_version_7() -> None:
+    event = NewEvent(EventType.TAG_SET, "repo", {"tag": "a"})
+    assert event.id.version == 7
+    assert event.id.variant == uuid.RFC_4122
+
+
+def test_event_ids_sort_by_time() -> None:
+    earlier = [uuid7() for _ in range(100)]
+    time.sleep(0.002)
+    later = uuid7()
+    assert later > max(earlier)
+    assert len(set(earlier)) == len(earlier)
