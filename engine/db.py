@@ -166,6 +166,8 @@ class Database:
         )
 
     def dispose(self) -> None:
+        if self.is_sqlite:
+            self._group.close()
         self._writer.dispose()
         self._reader.dispose()
 
@@ -222,6 +224,9 @@ class GroupCommit:
         self._guard = threading.Lock()
         self._waiting = 0
         self._open: _SharedTransaction | None = None
+        # One connection serves every shared transaction in turn, which
+        # saves a pool checkout and reset per transaction.
+        self._connection: Connection | None = None
 
     @contextmanager
     def member(
@@ -271,8 +276,11 @@ class GroupCommit:
         shared = self._open
         if shared is None:
             try:
-                shared = _SharedTransaction(self._engine.connect())
+                if self._connection is None:
+                    self._connection = self._engine.connect()
+                shared = _SharedTransaction(self._connection)
             except BaseException:
+                self._drop_connection()
                 self._turn.release()
                 raise
             self._open = shared
@@ -302,10 +310,27 @@ class GroupCommit:
         except BaseException as exc:
             shared.error = shared.error or exc
             log.error("group_commit_failed", members=shared.members, error=str(exc))
+            self._drop_connection()
         finally:
-            shared.conn.close()
             self._turn.release()
             shared.finished.set()
+
+    def close(self) -> None:
+        """Close the writers' connection; the next writer opens a new one."""
+        with self._turn:
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        # After a failed commit or rollback the connection's state is
+        # unknown, so it is discarded instead of returned to the pool.
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.invalidate()
+            connection.close()
+        except Exception as exc:
+            log.warning("writer_connection_close_failed", error=str(exc))
 
     def _sync_wal(self) -> None:
         # fdatasync flushes the file's data whichever descriptor wrote it.
