@@ -35,6 +35,12 @@ READ_CHUNK = 1024 * 1024
 BACKGROUND_SYNC_BYTES = 32 * 1024 * 1024
 _SYNCER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cairn-blob-sync")
 
+# Writes of at least this many bytes go to the file in a helper thread while
+# the calling thread hashes them. Both release the GIL, so a large upload
+# uses two cores.
+PARALLEL_WRITE_BYTES = 256 * 1024
+_WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-blob-write")
+
 
 @dataclass(frozen=True, slots=True)
 class BlobPaths:
@@ -90,8 +96,16 @@ class StagedBlob:
             remaining -= len(chunk)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._file.write(data)
-        self._verifier.update(data)
+        if len(data) >= PARALLEL_WRITE_BYTES:
+            written = _WRITER.submit(self._file.write, data)
+            try:
+                self._verifier.update(data)
+            finally:
+                # The file must not be touched again before this write ends.
+                written.result()
+        else:
+            self._file.write(data)
+            self._verifier.update(data)
         self.offset += len(data)
         self._unsynced += len(data)
         if self._unsynced >= BACKGROUND_SYNC_BYTES and (
