@@ -714,7 +714,8 @@ class BlobService:
     def create_upload(self) -> UploadStatus:
         upload_id = str(uuid.uuid4())
         now = datetime.now(UTC)
-        self._store.stage(upload_id).close()
+        # The staging file is created by the first write: a session with no
+        # bytes yet has none, which saves a create and a close per blob.
         with self._repo.database.transaction(durable=False) as conn:
             _INSERT_UPLOAD.execute(
                 conn,
@@ -742,6 +743,8 @@ class BlobService:
         if row is None:
             raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id})
         staged = self._store.staged_size(upload_id)
+        if staged is None and row.offset == 0:
+            staged = 0
         if staged is None:
             raise BlobUploadUnknown(
                 "blob upload unknown: its staging file is gone", {"upload": upload_id}

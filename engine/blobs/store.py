@@ -74,9 +74,16 @@ class StagedBlob:
         self.path = path
         self.offset = offset
         self._verifier = DigestVerifier("sha256")
-        self._file = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115
         self._unsynced = 0
         self._sync: Future[None] | None = None
+        try:
+            self._file = open(path, "r+b")  # noqa: SIM115
+        except FileNotFoundError:
+            if offset:
+                raise
+            # A new, empty file needs no truncating or rehashing.
+            self._file = open(path, "w+b")  # noqa: SIM115
+            return
         if offset:
             self._rehash_prefix(offset)
         self._file.truncate(offset)
