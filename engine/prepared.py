@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 class Prepared:
@@ -28,7 +29,7 @@ class Prepared:
     (see ``in_list``).
     """
 
-    def __init__(self, statement: sa.Executable) -> None:
+    def __init__(self, statement: sa.ClauseElement) -> None:
         self.statement = statement
         self._plans: dict[tuple[str, tuple[str, ...]], _Plan] = {}
 
@@ -93,9 +94,11 @@ class _Plan:
     """One compiled form of a Prepared statement, with its type processors."""
 
     def __init__(
-        self, statement: sa.Executable, dialect: sa.Dialect, names: tuple[str, ...]
+        self, statement: sa.ClauseElement, dialect: sa.Dialect, names: tuple[str, ...]
     ) -> None:
-        compiled = statement.compile(dialect=dialect, column_keys=list(names))
+        compiled = cast(
+            SQLCompiler, statement.compile(dialect=dialect, column_keys=list(names))
+        )
         if compiled.escaped_bind_names or "POSTCOMPILE" in compiled.string:
             raise ValueError(
                 "Prepared cannot run expanding or escaped bind parameters: "
@@ -120,12 +123,12 @@ class _Plan:
         self.result_processors: list[Any] = []
         if isinstance(statement, sa.Select):
             columns = list(statement.selected_columns)
-            self.fields = tuple(column.key for column in columns)
+            self.fields = tuple(str(column.key) for column in columns)
             self.result_processors = [
                 column.type.dialect_impl(dialect).result_processor(dialect, None)
                 for column in columns
             ]
-        self.row_type = collections.namedtuple(  # type: ignore[misc]
+        self.row_type: Any = collections.namedtuple(  # type: ignore[misc]
             "Row", self.fields, rename=True
         )
 
@@ -148,7 +151,7 @@ class Rows:
     """The rows a Prepared statement returned, with the accessors of a
     SQLAlchemy Result that cairn uses."""
 
-    def __init__(self, plan: _Plan, fetched: list[Any], rowcount: int) -> None:
+    def __init__(self, plan: _Plan, fetched: Sequence[Any], rowcount: int) -> None:
         processors = plan.result_processors
         if any(processor is not None for processor in processors):
             fetched = [
@@ -159,7 +162,7 @@ class Rows:
                 for row in fetched
             ]
         self._plan = plan
-        self.tuples: list[tuple[Any, ...]] = fetched
+        self.tuples: Sequence[tuple[Any, ...]] = fetched
         self.rowcount = rowcount
 
     def all(self) -> list[Any]:
