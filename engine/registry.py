@@ -693,7 +693,11 @@ class BlobService:
             query = sa.select(blob_links).where(blob_links.c.digest == str(digest))
             if source is not None:
                 query = query.where(blob_links.c.repository == source)
-            origin = conn.execute(query.limit(1)).first()
+            # The repository that linked the blob first is the origin, so
+            # the choice does not depend on the table's storage order.
+            origin = conn.execute(
+                query.order_by(blob_links.c.position).limit(1)
+            ).first()
             if origin is None or not self._store.exists(digest):
                 return None
             self._repo.commit(
