@@ -7,6 +7,7 @@ request goes there.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import sqlalchemy as sa
@@ -26,7 +27,6 @@ import uvicorn
 import uvloop
 
 from engine import log as event_log
-from engine.api.app import RegistryApp
 from engine.api.protocol import CairnHttpProtocol
 from engine.api.server import bind_socket
 from engine.domain.digest import Digest
@@ -38,16 +38,24 @@ START_TIMEOUT_S = 60.0
 
 
 class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1 from a background thread."""
+    """uvicorn serving ``app`` on 127.0.0.1 from a background thread.
 
-    def __init__(self, app: RegistryApp) -> None:
+    ``app`` is usually a RegistryApp, but any ASGI app works, and
+    ``protocol`` may be CairnHttpProtocol configured with other timeouts.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        protocol: type[CairnHttpProtocol] = CairnHttpProtocol,
+    ) -> None:
         self._sock = bind_socket("127.0.0.1", 0)
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app,
             loop="none",
-            http=CairnHttpProtocol,
+            http=protocol,
             ws="none",
             lifespan="off",
             access_log=False,
@@ -76,8 +84,10 @@ class ServerThread:
 
 
 @contextmanager
-def running(app: RegistryApp) -> Iterator[ServerThread]:
-    server = ServerThread(app)
+def running(
+    app: Any, protocol: type[CairnHttpProtocol] = CairnHttpProtocol
+) -> Iterator[ServerThread]:
+    server = ServerThread(app, protocol)
     server.start()
     try:
         yield server
@@ -150,6 +160,34 @@ def start_serve(
     served = ServeProcess(process, url, log_path)
     _wait_until_up(served)
     return served
+
+
+def log_records(log_path: Path, event: str, **fields: object) -> list[dict[str, Any]]:
+    """Return the JSON log records of ``event`` with ``fields``, in order."""
+    records = []
+    for line in log_path.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        if record.get("event") == event and all(
+            record.get(name) == value for name, value in fields.items()
+        ):
+            records.append(record)
+    return records
+
+
+def wait_for_log_record(
+    log_path: Path, event: str, timeout: float = 30, **fields: object
+) -> dict[str, Any]:
+    """Wait until the log has a record of ``event`` with ``fields``; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = log_records(log_path, event, **fields)
+        if records:
+            return records[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {event} record with {fields} in {log_path}")
+        time.sleep(0.05)
 
 
 def _wait_until_up(served: ServeProcess) -> None:

@@ -42,6 +42,13 @@ API_VERSION_HEADER: Final = ("Docker-Distribution-API-Version", "registry/2.0")
 # reading them into Python (asgiref's extensions.rst, "Zero Copy Send").
 ZEROCOPY_SEND: Final = "http.response.zerocopysend"
 
+# cairn's own ASGI extension for engine.api.protocol's idle timeouts. Its
+# value is a dict per request, in which the app stores its request id under
+# "request_id" for the server's log line. The server sets "timed_out" to
+# "read" or "write" when it closes the request's connection because the
+# client sent, or took, nothing for too long.
+IDLE_TIMEOUT: Final = "cairn.idle_timeout"
+
 # Bytes read per worker-thread call when a file body is streamed.
 READ_SIZE: Final = 1024 * 1024
 
@@ -157,16 +164,20 @@ class RegistryApp:
         started = time.perf_counter()
         request = Request(scope, receive, self.state, _request_id(scope))
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
+        idle_timeout = (scope.get("extensions") or {}).get(IDLE_TIMEOUT)
+        if idle_timeout is not None:
+            idle_timeout["request_id"] = request.request_id
         status = 500
-        bytes_out = 0
         route = "unmatched"
         try:
             response, route = await self._dispatch(request)
             status = response.status
-            bytes_out = await self._send(request, response, send)
+            await self._send(request, response, send)
         except ClientDisconnected:
-            # nginx's code for a client that closed the connection first; the
-            # log shows it in place of the status that was cut short.
+            # nginx's code for a client that closed the connection first, and
+            # here also for one that stopped reading until the write idle
+            # timeout closed it. The log shows it in place of the status that
+            # was cut short.
             status = 499
         except Exception:
             # The response had started, so no error body can follow; the
@@ -178,6 +189,10 @@ class RegistryApp:
                 request_id=request.request_id,
             )
         finally:
+            if idle_timeout is not None and idle_timeout.get("timed_out") == "read":
+                # The server closed the connection because the body stalled,
+                # and it logged request_body_timed_out.
+                status = 408
             elapsed = time.perf_counter() - started
             log.info(
                 "request_finished",
@@ -185,7 +200,7 @@ class RegistryApp:
                 path=request.path,
                 status=status,
                 bytes_in=request.bytes_in,
-                bytes_out=bytes_out,
+                bytes_out=request.bytes_out,
                 duration_ms=round(elapsed * 1000, 3),
                 request_id=request.request_id,
                 remote=request.actor.address,
@@ -196,7 +211,7 @@ class RegistryApp:
                     request.method,
                     status,
                     request.bytes_in,
-                    bytes_out,
+                    request.bytes_out,
                     elapsed,
                 )
             structlog.contextvars.unbind_contextvars("request_id")
@@ -253,8 +268,8 @@ class RegistryApp:
         request.user = user.name
         return user
 
-    async def _send(self, request: Request, response: Response, send: Send) -> int:
-        """Send ``response`` and return the number of body bytes sent."""
+    async def _send(self, request: Request, response: Response, send: Send) -> None:
+        """Send ``response``, counting its body bytes in ``request.bytes_out``."""
         headers = [API_VERSION_HEADER, ("X-Request-Id", request.request_id)]
         headers += response.headers
         # RFC 9110 forbids Content-Length on a 204, and a 304 has no body.
@@ -279,17 +294,18 @@ class RegistryApp:
             }
         )
         if response.file is not None:
-            return await _send_file(request, response, response.file, send)
-        if request.method == "HEAD" or response.stream is None:
+            await _send_file(request, response, response.file, send)
+        elif request.method == "HEAD" or response.stream is None:
             body = b"" if request.method == "HEAD" else response.body
             await send({"type": "http.response.body", "body": body})
-            return len(body)
-        return await _send_stream(request, response.stream, send)
+            request.bytes_out += len(body)
+        else:
+            await _send_stream(request, response.stream, send)
 
 
 async def _send_file(
     request: Request, response: Response, file: BinaryIO, send: Send
-) -> int:
+) -> None:
     """Send a file response's range and close the file.
 
     The bytes go by zero-copy send when the server offers it (cairn serve
@@ -300,10 +316,11 @@ async def _send_file(
     try:
         if request.method == "HEAD" or length == 0:
             await send({"type": "http.response.body", "body": b""})
-            return 0
-        if ZEROCOPY_SEND not in request.scope.get("extensions", {}):
+            return
+        if ZEROCOPY_SEND not in (request.scope.get("extensions") or {}):
             chunks = _read_file(file, response.file_offset, length)
-            return await _send_stream(request, chunks, send)
+            await _send_stream(request, chunks, send)
+            return
         message = {
             "type": ZEROCOPY_SEND,
             "file": file,
@@ -312,10 +329,15 @@ async def _send_file(
         }
         try:
             await send(message)
-        except ConnectionError as error:
-            reason = "client disconnected during the response"
-            raise ClientDisconnected(reason) from error
-        return length
+        except OSError as error:
+            # engine.api.protocol's errors carry the bytes of the range that
+            # went out before the failure.
+            request.bytes_out += getattr(error, "bytes_sent", 0)
+            if isinstance(error, ConnectionError):
+                reason = "client disconnected during the response"
+                raise ClientDisconnected(reason) from error
+            raise
+        request.bytes_out += length
     finally:
         file.close()
 
@@ -333,9 +355,12 @@ async def _read_file(file: BinaryIO, offset: int, length: int) -> AsyncIterator[
 
 async def _send_stream(
     request: Request, stream: AsyncIterator[bytes], send: Send
-) -> int:
-    """Send a streamed body, stopping early when the client goes away."""
-    sent = 0
+) -> None:
+    """Send a streamed body, stopping early when the client goes away.
+
+    Each chunk counts in ``request.bytes_out`` once the server has taken it,
+    which may be before the client has received it.
+    """
     disconnected = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
     if request.body_finished:
@@ -345,7 +370,7 @@ async def _send_stream(
             if disconnected.is_set():
                 raise ClientDisconnected("client disconnected during the response")
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            sent += len(chunk)
+            request.bytes_out += len(chunk)
         await send({"type": "http.response.body", "body": b""})
     finally:
         if watcher is not None:
@@ -353,7 +378,6 @@ async def _send_stream(
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-    return sent
 
 
 async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> None:

@@ -74,6 +74,8 @@ class Request:
         query = scope.get("query_string", b"").decode("utf-8", "replace")
         self.query = parse_qs(query, keep_blank_values=True)
         self.bytes_in = 0
+        # Response body bytes sent, counted by engine.api.app as they go out.
+        self.bytes_out = 0
         self.body_finished = not self.has_body
         # The authenticated user name, set before the handler runs when the
         # app has a users file; None on an open registry.

@@ -10,6 +10,14 @@ from engine.config import DEFAULT_LISTEN, env_default, parse_listen
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_UPLOAD_EXPIRY_HOURS = 24.0
+# Seconds without a byte of the request, or without progress sending the
+# response, before the connection is closed. 60 s is the default of nginx's
+# client_header_timeout, client_body_timeout and send_timeout
+# (ngx_http_core_module). A client on a slow link still moves some bytes
+# within that time, and a stalled one ties up a connection, a worker thread
+# and, for a download, an open file.
+DEFAULT_READ_IDLE_TIMEOUT = 60.0
+DEFAULT_WRITE_IDLE_TIMEOUT = 60.0
 
 
 def parse_rate_limit(value: str) -> int:
@@ -24,6 +32,20 @@ def parse_rate_limit(value: str) -> int:
             "per second, at least 1"
         )
     return rate
+
+
+def parse_idle_timeout(value: str) -> float | None:
+    """Parse an idle timeout in seconds, returning None for 0 (no timeout)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"invalid timeout {value!r}: expected a number of seconds, "
+            "or 0 to turn the timeout off"
+        )
+    return seconds or None
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +83,27 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         help="hours an upload may sit idle before its session and staging file "
         "are deleted; checked hourly (env CAIRN_UPLOAD_EXPIRY; "
         f"default {DEFAULT_UPLOAD_EXPIRY_HOURS:g})",
+    )
+    parser.add_argument(
+        "--read-idle-timeout",
+        type=parse_idle_timeout,
+        default=env_default("READ_IDLE_TIMEOUT", str(DEFAULT_READ_IDLE_TIMEOUT)),
+        metavar="SECONDS",
+        help="seconds a client may send nothing while the server waits for "
+        "a request (a new connection's first request, or the rest of a "
+        "request's head or body) before the connection is closed; 0 turns "
+        "it off (env CAIRN_READ_IDLE_TIMEOUT; "
+        f"default {DEFAULT_READ_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--write-idle-timeout",
+        type=parse_idle_timeout,
+        default=env_default("WRITE_IDLE_TIMEOUT", str(DEFAULT_WRITE_IDLE_TIMEOUT)),
+        metavar="SECONDS",
+        help="seconds a client may take no byte of a response that the "
+        "server is sending before the connection is closed; 0 turns it off "
+        "(env CAIRN_WRITE_IDLE_TIMEOUT; "
+        f"default {DEFAULT_WRITE_IDLE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--auth-file",

@@ -1,4 +1,4 @@
-"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with two additions.
+"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with three additions.
 
 Zero-copy send: every request's scope advertises the ASGI extension
 ``http.response.zerocopysend``. After ``http.response.start`` the app may send
@@ -15,23 +15,41 @@ UNSUPPORTED, the code cairn gives other malformed input that no specific
 OCI code covers: the request fails before routing, so NAME_INVALID or
 MANIFEST_INVALID would name a part that was never looked at.
 
+Idle timeouts: a connection closes when the client sends nothing for
+``read_idle_timeout`` seconds while the server waits for a request (a new
+connection's first request, or the rest of a request's head or body), or
+takes nothing for ``write_idle_timeout`` seconds while the server has
+response bytes to send. A client that is slow but keeps moving bytes is never
+cut off. Time during which the server itself stops reading (its body buffer
+is full, or it has not yet sent ``100 Continue``) does not count. Between
+requests, uvicorn's keep-alive timeout applies instead. Each request's scope
+advertises the extension ``cairn.idle_timeout``, a dict in which the app may
+store ``request_id`` for the server's log line, and in which the server sets
+``timed_out`` to ``"read"`` or ``"write"`` when it closes the connection of
+that request. The app then receives ``http.disconnect``, and its sends fail
+or are dropped as after any disconnect.
+
 The class depends on internals of uvicorn 0.55's
 ``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``
 and ``data_received`` (replacing the latter's error handling), calls private
 helpers of the base class, and reads and sets the state of
-``RequestResponseCycle`` and of the pipeline queue. pyproject.toml pins
-uvicorn to the minor version it was checked against.
+``RequestResponseCycle``, of the pipeline queue and of ``FlowControl``.
+pyproject.toml pins uvicorn to the minor version it was checked against.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import select
+import struct
+import termios
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
 
 import anyio
 import anyio.lowlevel
@@ -52,8 +70,9 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import is_ssl
 
-from engine.api.app import API_VERSION_HEADER, ZEROCOPY_SEND
+from engine.api.app import API_VERSION_HEADER, IDLE_TIMEOUT, ZEROCOPY_SEND
 from engine.api.errors import ErrorCode, error_body
+from engine.api.options import DEFAULT_READ_IDLE_TIMEOUT, DEFAULT_WRITE_IDLE_TIMEOUT
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +96,17 @@ BODY_BUFFER_LIMIT: Final = 1024 * 1024
 # gets a 400, so a client cannot make the server hold headers of any size.
 MAX_HEADER_BYTES: Final = 64 * 1024
 
+# The idle timeouts are checked this many times per timeout, so one fires
+# between 1 and about 1.5 timeouts after the last byte moved (a check that
+# the timer runs a little early finds the timeout not yet expired).
+IDLE_CHECKS_PER_TIMEOUT: Final = 4
+
+# SIOCOUTQ, which Linux defines as TIOCOUTQ: the bytes in a TCP socket's send
+# queue, unsent or not yet acknowledged by the peer. The queue shrinks as the
+# client reads, in steps far smaller than the free space that makes the
+# socket writable again, which can be more than a MiB.
+_SEND_QUEUE_IOCTL: Final = termios.TIOCOUTQ
+
 # Maximum bytes of a rejected request's head kept to name the offending part,
 # and maximum characters of a value quoted in the error detail.
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -96,17 +126,52 @@ class HeadersTooLarge(httptools.HttpParserCallbackError):
 
 
 class ConnectionClosed(ConnectionError):
-    """The client closed the connection during a zero-copy send."""
+    """The connection closed during a zero-copy send.
+
+    ``bytes_sent`` is the number of the range's bytes sent before it closed.
+    """
+
+    def __init__(self, message: str, bytes_sent: int = 0) -> None:
+        super().__init__(message)
+        self.bytes_sent = bytes_sent
+
+
+class FileSendFailed(OSError):
+    """Reading the file failed, or the file ended early, during a zero-copy send.
+
+    ``bytes_sent`` is the number of the range's bytes sent before the failure.
+    """
+
+    def __init__(self, message: str, bytes_sent: int) -> None:
+        super().__init__(message)
+        self.bytes_sent = bytes_sent
+
+
+@dataclass(eq=False, slots=True)
+class _FileTransfer:
+    """Bytes sent so far by one zero-copy send.
+
+    The worker thread advances ``sent`` and the event loop reads it.
+    """
+
+    sent: int = 0
 
 
 class CairnHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with zero-copy send and OCI 400 errors."""
+    """uvicorn's httptools protocol with zero-copy send, OCI 400 errors and
+    idle timeouts."""
+
+    # Seconds, or None for no timeout; configured_protocol sets them.
+    read_idle_timeout: ClassVar[float | None] = DEFAULT_READ_IDLE_TIMEOUT
+    write_idle_timeout: ClassVar[float | None] = DEFAULT_WRITE_IDLE_TIMEOUT
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._zerocopy = False
+        self._socket_fd: int | None = None
         self._connection_lost = False
         self._writable_waiter: asyncio.Future[None] | None = None
+        self._transfer: _FileTransfer | None = None
         # The cycle whose app task runs now. self.cycle is the last request
         # parsed, which may still wait in self.pipeline.
         self._running_cycle: RequestResponseCycle | None = None
@@ -124,6 +189,27 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._head_received: int | None = None
         self._rejected = False
         self._pending_rejection: bytes | None = None
+        # Idle timeouts: while the server waits on the client, one timer per
+        # connection runs _check_idle, which compares these counters with
+        # their values at its previous run.
+        timeouts = [
+            timeout
+            for timeout in (self.read_idle_timeout, self.write_idle_timeout)
+            if timeout is not None
+        ]
+        self._idle_check_interval = (
+            min(timeouts) / IDLE_CHECKS_PER_TIMEOUT if timeouts else None
+        )
+        self._idle_check: asyncio.TimerHandle | None = None
+        self._bytes_received = 0
+        self._body_received = 0
+        self._writes_resumed = 0
+        # When the current stretch without progress began, as the last check
+        # saw it (None when the server was not waiting), and the counters then.
+        self._read_idle_since: float | None = None
+        self._read_sample = 0
+        self._write_idle_since: float | None = None
+        self._write_sample: tuple[object, ...] = ()
 
     # ---- connection ---------------------------------------------------------
 
@@ -133,10 +219,16 @@ class CairnHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # sendfile needs a plain socket, because TLS encrypts in user space.
         sock = transport.get_extra_info("socket")
+        self._socket_fd = sock.fileno() if sock is not None else None
         self._zerocopy = sock is not None and not is_ssl(transport)
+        # The first request is awaited under the read idle timeout.
+        self._arm_idle_check()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connection_lost = True
+        if self._idle_check is not None:
+            self._idle_check.cancel()
+            self._idle_check = None
         super().connection_lost(exc)
         waiter = self._writable_waiter
         if waiter is not None and not waiter.done():
@@ -147,13 +239,16 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._message_open = True
         self._header_bytes = 0
         self._head_received = 0
+        self._body_received = 0
         self._messages_begun_in_chunk += 1
         if self._chunk_starts_message and self._messages_begun_in_chunk == 1:
             self._head_chunks = [self._chunk[:MAX_HEAD_BYTES]]
         else:
             self._head_chunks = None
+        extensions: dict[str, dict[object, object]] = {IDLE_TIMEOUT: {}}
         if self._zerocopy:
-            self.scope["extensions"] = {ZEROCOPY_SEND: {}}
+            extensions[ZEROCOPY_SEND] = {}
+        self.scope["extensions"] = extensions
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
@@ -179,6 +274,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
             self.parser.should_upgrade() and self._should_upgrade()
         ):
             return
+        self._body_received += len(body)
         cycle.body += body
         if len(cycle.body) > BODY_BUFFER_LIMIT:
             self.flow.pause_reading()
@@ -193,6 +289,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
+        if self.transport.get_write_buffer_size() > 0:
+            # The client has yet to take the end of the response.
+            self._arm_idle_check()
         super().on_response_complete()
         if self._pending_rejection is not None and not self._response_in_flight():
             self._send_rejection(self._pending_rejection)
@@ -224,10 +323,11 @@ class CairnHttpProtocol(HttpToolsProtocol):
     ) -> None:
         """Send a zero-copy message's file range as (part of) the body.
 
-        Raises ConnectionError when the client has gone (the ASGI HTTP spec
-        lets ``send`` raise OSError on a closed connection) and OSError when
-        the file cannot be read or ends before ``count`` bytes. Both close
-        the connection.
+        Raises ConnectionError when the client has gone or the write idle
+        timeout closed the connection (the ASGI HTTP spec lets ``send`` raise
+        OSError on a closed connection), and FileSendFailed when the file
+        cannot be read or ends before ``count`` bytes. Both close the
+        connection, and both carry ``bytes_sent``.
         """
         if cycle.disconnected or self._connection_lost:
             raise ConnectionClosed("client disconnected before the response body")
@@ -280,7 +380,8 @@ class CairnHttpProtocol(HttpToolsProtocol):
         The transport's buffered bytes (the response head, at least) go out
         first. Then worker threads run os.sendfile on a duplicate of the
         socket's descriptor, and the event loop waits whenever a thread finds
-        the socket unwritable for THREAD_WRITABLE_WAIT_MS.
+        the socket unwritable for THREAD_WRITABLE_WAIT_MS. Raises
+        ConnectionClosed or FileSendFailed with the bytes sent so far.
         """
         await self._flush_transport()
         if self._connection_lost or self.transport.is_closing():
@@ -288,26 +389,40 @@ class CairnHttpProtocol(HttpToolsProtocol):
         # The duplicate keeps the socket open while a thread uses it, even if
         # the transport closes its own descriptor and the number is reused.
         sock_fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        transfer = _FileTransfer()
+        self._transfer = transfer
+        self._arm_idle_check()
         try:
-            sent = 0
-            while sent < count:
+            while transfer.sent < count:
                 if self._connection_lost:
-                    raise ConnectionClosed("client disconnected during the response")
+                    raise ConnectionClosed(
+                        "client disconnected during the response", transfer.sent
+                    )
                 # abandon_on_cancel=False: a cancelled task still waits for the
                 # thread, so sock_fd is never closed while the thread uses it.
-                sent += await anyio.to_thread.run_sync(
+                await anyio.to_thread.run_sync(
                     _sendfile_until_blocked,
                     sock_fd,
                     file_fd,
-                    offset + sent,
-                    count - sent,
+                    offset,
+                    count,
+                    transfer,
                     self._is_connection_lost,
                     abandon_on_cancel=False,
                     limiter=_limiter(),
                 )
-                if sent < count:
+                if transfer.sent < count:
                     await self._wait_writable(sock_fd)
+        except ConnectionClosed:
+            raise
+        except ConnectionError as error:
+            raise ConnectionClosed(
+                f"client disconnected during the response: {error}", transfer.sent
+            ) from error
+        except OSError as error:
+            raise FileSendFailed(str(error), transfer.sent) from error
         finally:
+            self._transfer = None
             os.close(sock_fd)
 
     def _is_connection_lost(self) -> bool:
@@ -344,12 +459,171 @@ class CairnHttpProtocol(HttpToolsProtocol):
             loop.remove_writer(sock_fd)
             self._writable_waiter = None
 
+    # ---- idle timeouts --------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_idle_check()
+
+    def resume_writing(self) -> None:
+        self._writes_resumed += 1
+        super().resume_writing()
+
+    def _arm_idle_check(self) -> None:
+        if (
+            self._idle_check is None
+            and self._idle_check_interval is not None
+            and not self._connection_lost
+        ):
+            self._idle_check = self.loop.call_later(
+                self._idle_check_interval, self._check_idle
+            )
+
+    def _check_idle(self) -> None:
+        """Close the connection if the client has moved no byte for a timeout.
+
+        Runs every ``_idle_check_interval`` seconds while the server waits on
+        the client. Progress is any change of the counters since the last
+        check, so no timer is created per chunk.
+        """
+        self._idle_check = None
+        if self._connection_lost:
+            return
+        now = self.loop.time()
+        waiting = False
+
+        read_timeout = self.read_idle_timeout
+        if read_timeout is not None and self._awaiting_request():
+            waiting = True
+            if (
+                self._read_idle_since is None
+                or self._bytes_received != self._read_sample
+            ):
+                self._read_idle_since = now
+                self._read_sample = self._bytes_received
+            elif now - self._read_idle_since >= read_timeout:
+                self._read_idle_since = None
+                self._read_timed_out(read_timeout)
+        else:
+            self._read_idle_since = None
+
+        write_timeout = self.write_idle_timeout
+        if write_timeout is not None and self._output_pending():
+            waiting = True
+            sample = self._write_progress()
+            if self._write_idle_since is None or sample != self._write_sample:
+                self._write_idle_since = now
+                self._write_sample = sample
+            elif now - self._write_idle_since >= write_timeout:
+                self._write_timed_out(write_timeout)
+                return
+        else:
+            self._write_idle_since = None
+
+        if waiting:
+            self._arm_idle_check()
+
+    def _awaiting_request(self) -> bool:
+        """Return True while the server waits for request bytes from the client."""
+        if self._rejected or self.flow.read_paused or self.transport.is_closing():
+            return False
+        if not self._message_open:
+            # Only before a connection's first request: between requests,
+            # uvicorn's keep-alive timeout closes an idle connection.
+            return self.cycle is None
+        if self._head_received is not None:
+            # A pipelined head may wait while an earlier response goes out.
+            return not self._response_in_flight()
+        # uvicorn sends 100 Continue on the app's first receive, and until
+        # then the client waits for it.
+        return not self.cycle.waiting_for_100_continue
+
+    def _output_pending(self) -> bool:
+        return self._transfer is not None or self.transport.get_write_buffer_size() > 0
+
+    def _write_progress(self) -> tuple[object, ...]:
+        """Return values that stay equal only while no response byte moves.
+
+        While the client takes nothing, nothing is added either: the
+        transport pauses the app's writes, and the socket is not writable
+        for sendfile.
+        """
+        transfer = self._transfer
+        return (
+            self._writes_resumed,
+            transfer,
+            transfer.sent if transfer is not None else 0,
+            self.transport.get_write_buffer_size(),
+            self._send_queue_bytes(),
+        )
+
+    def _send_queue_bytes(self) -> int | None:
+        """Return the socket's send queue length, or None where it is unknown."""
+        if self._socket_fd is None:
+            return None
+        try:
+            raw = fcntl.ioctl(self._socket_fd, _SEND_QUEUE_IOCTL, bytes(4))
+        except OSError:
+            return None
+        length: int = struct.unpack("i", raw)[0]
+        return length
+
+    def _read_timed_out(self, timeout: float) -> None:
+        remote = self.client[0] if self.client else None
+        if not self._message_open or self._head_received is not None:
+            log.warning(
+                "request_head_timed_out",
+                partial_head=self._message_open,
+                timeout_s=timeout,
+                remote=remote,
+            )
+            self.transport.close()
+            return
+        cycle = self.cycle
+        details = _idle_timeout_details(cycle)
+        details["timed_out"] = "read"
+        log.warning(
+            "request_body_timed_out",
+            request_id=details.get("request_id"),
+            method=cycle.scope["method"],
+            path=cycle.scope["path"],
+            bytes_received=self._body_received,
+            timeout_s=timeout,
+            remote=remote,
+        )
+        # Its app receives http.disconnect, and its sends are ignored.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self.transport.close()
+
+    def _write_timed_out(self, timeout: float) -> None:
+        cycle = self._running_cycle
+        fields: dict[str, object] = {}
+        if cycle is not None:
+            details = _idle_timeout_details(cycle)
+            details["timed_out"] = "write"
+            fields = {
+                "request_id": details.get("request_id"),
+                "method": cycle.scope["method"],
+                "path": cycle.scope["path"],
+            }
+        log.warning(
+            "response_timed_out",
+            **fields,
+            bytes_buffered=self.transport.get_write_buffer_size(),
+            timeout_s=timeout,
+            remote=self.client[0] if self.client else None,
+        )
+        # close() would wait until the client takes the buffered bytes.
+        self.transport.abort()
+
     # ---- rejected requests --------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             # The parser stopped at the error, so later bytes have no meaning.
             return
+        self._bytes_received += len(data)
         self._chunk = data
         self._chunk_starts_message = not self._message_open
         self._messages_begun_in_chunk = 0
@@ -377,8 +651,12 @@ class CairnHttpProtocol(HttpToolsProtocol):
                 self._unsupported_upgrade_warning()
         except httptools.HttpParserError as error:
             self._reject(error)
+            return
         finally:
             self._chunk = b""
+        if self._message_open and self._idle_check is None:
+            # The rest of this request's head or body is awaited.
+            self._arm_idle_check()
 
     def _reject(self, error: httptools.HttpParserError) -> None:
         """Send a 400 OCI error for a request that httptools rejected.
@@ -437,6 +715,29 @@ class CairnHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+def configured_protocol(
+    *, read_idle_timeout: float | None, write_idle_timeout: float | None
+) -> type[CairnHttpProtocol]:
+    """Return CairnHttpProtocol with these idle timeouts in seconds.
+
+    None turns a timeout off. uvicorn creates the protocol itself, so the
+    settings travel as class attributes.
+    """
+    read_timeout, write_timeout = read_idle_timeout, write_idle_timeout
+
+    class ConfiguredHttpProtocol(CairnHttpProtocol):
+        read_idle_timeout = read_timeout
+        write_idle_timeout = write_timeout
+
+    return ConfiguredHttpProtocol
+
+
+def _idle_timeout_details(cycle: RequestResponseCycle) -> dict[object, object]:
+    """Return the request's ``cairn.idle_timeout`` extension dict."""
+    extensions = cycle.scope.get("extensions") or {}
+    return extensions.setdefault(IDLE_TIMEOUT, {})
+
+
 def _limiter() -> anyio.CapacityLimiter:
     try:
         return _sendfile_limiter.get()
@@ -456,19 +757,21 @@ def _sendfile_until_blocked(
     file_fd: int,
     offset: int,
     count: int,
+    transfer: _FileTransfer,
     stopped: Callable[[], bool],
-) -> int:
-    """Send up to ``count`` bytes of ``file_fd`` to the non-blocking socket.
+) -> None:
+    """Send the rest of ``count`` bytes of ``file_fd`` from ``offset`` to the
+    non-blocking socket, adding each call's bytes to ``transfer.sent``.
 
-    Returns the number of bytes sent: ``count``, or fewer when the socket
-    stayed unwritable for THREAD_WRITABLE_WAIT_MS or ``stopped()`` became
-    true. Raises ConnectionError (EPIPE, ECONNRESET) when the client has
-    gone, and OSError when the file ends before ``count`` bytes.
+    Returns when all are sent, when the socket stayed unwritable for
+    THREAD_WRITABLE_WAIT_MS or when ``stopped()`` became true. Raises
+    ConnectionError (EPIPE, ECONNRESET) when the client has gone, and OSError
+    when the file ends before ``count`` bytes.
     """
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
-    sent = 0
-    while sent < count and not stopped():
+    while transfer.sent < count and not stopped():
+        sent = transfer.sent
         try:
             chunk = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
         except BlockingIOError:
@@ -479,8 +782,8 @@ def _sendfile_until_blocked(
             continue
         if chunk == 0:
             raise OSError(f"file ended {count - sent} bytes before the range's end")
-        sent += chunk
-    return sent
+        # The event loop reads this while the thread runs, to see progress.
+        transfer.sent = sent + chunk
 
 
 # ---- describing a rejected request -------------------------------------------

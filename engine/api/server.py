@@ -2,7 +2,10 @@
 
 uvicorn runs with uvloop and httptools, its access log off (the app logs
 each request itself) and its logging left to cairn's structlog set-up.
-SIGTERM and SIGINT stop accepting connections, let in-flight requests finish
+Connections close after --read-idle-timeout seconds without a byte from a
+client that the server waits on, and after --write-idle-timeout seconds in
+which a client takes no byte of a response. SIGTERM and SIGINT stop
+accepting connections, let in-flight requests finish
 (up to --shutdown-timeout), stop the bus and exit with status 0.
 """
 
@@ -25,7 +28,7 @@ import uvloop
 
 from engine.api.app import create_app
 from engine.api.auth import Authenticator, AuthFileError
-from engine.api.protocol import CairnHttpProtocol
+from engine.api.protocol import configured_protocol
 from engine.api.ratelimit import RateLimiter
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.cli import StorageUnavailable, open_registry, report_storage_error
@@ -102,7 +105,10 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app,
         loop="none",
-        http=CairnHttpProtocol,
+        http=configured_protocol(
+            read_idle_timeout=args.read_idle_timeout,
+            write_idle_timeout=args.write_idle_timeout,
+        ),
         ws="none",
         lifespan="off",
         access_log=False,
