@@ -5,7 +5,10 @@ The process is shared by the module and runs on SQLite, because what is
 tested here is the HTTP layer. The in-process tests run uvicorn with
 CairnHttpProtocol in a thread, so they can count os.sendfile calls (which
 shows that blob GETs take the zero-copy path) and send zero-copy messages
-from a test app.
+from a test app. A client on loopback gets file bodies copied through a
+buffer instead of by sendfile, so the in-process tests of sendfile use a
+protocol with that copy turned off, and the cairn serve tests exercise the
+copy.
 """
 
 from __future__ import annotations
@@ -555,14 +558,22 @@ def test_server_still_serves_after_rejections(serve: ServeProcess, blob: Blob) -
 # ---- the protocol in-process ---------------------------------------------------
 
 
+class SendfileProtocol(CairnHttpProtocol):
+    """The protocol as it serves a client on another host: with sendfile."""
+
+    copy_on_loopback = False
+
+
 @contextmanager
-def protocol_server(app: Any) -> Iterator[str]:
-    """Serve ``app`` with CairnHttpProtocol on 127.0.0.1 from a thread."""
+def protocol_server(
+    app: Any, protocol: type[CairnHttpProtocol] = SendfileProtocol
+) -> Iterator[str]:
+    """Serve ``app`` with ``protocol`` on 127.0.0.1 from a thread."""
     sock = bind_socket("127.0.0.1", 0)
     config = uvicorn.Config(
         app,
         loop="none",
-        http=CairnHttpProtocol,
+        http=protocol,
         ws="none",
         lifespan="off",
         access_log=False,
@@ -618,6 +629,22 @@ def test_app_sends_blob_by_sendfile(
     assert whole.body == data
     assert ranged.body == data[1000:2000]
     assert sum(sendfile_calls) == BLOB_SIZE + 1000
+
+
+def test_loopback_client_gets_copied_body(
+    registry: Registry, sendfile_calls: list[int]
+) -> None:
+    data = os.urandom(BLOB_SIZE)
+    with protocol_server(create_app(registry), CairnHttpProtocol) as url:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+            digest = push_blob(client, REPOSITORY, data)
+        path = f"/v2/{REPOSITORY}/blobs/{digest}"
+        whole = get(url, path)
+        ranged = get(url, path, "Range: bytes=1000-1999")
+
+    assert whole.body == data
+    assert ranged.body == data[1000:2000]
+    assert sendfile_calls == []
 
 
 def _file_app(

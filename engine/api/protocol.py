@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import os
 import re
 import select
@@ -87,6 +88,16 @@ MAX_SENDFILE_THREADS: Final = 16
 # stays in one thread, and a stalled client occupies a thread at most this
 # long at a time.
 THREAD_WRITABLE_WAIT_MS: Final = 50
+
+# To a client on the loopback interface the file is copied through a buffer
+# of this size instead of with sendfile. Over loopback the receiver copies
+# the bytes straight out of the page-cache pages that sendfile queued, and
+# those are cold in the CPU caches; a socket write queues a copy that is
+# still warm. A Python client reading 256 MiB with recv_into(1 MiB) got
+# about 1,650 MiB/s from sendfile and 2,550 to 2,900 MiB/s from 64 KiB
+# writes (2 vCPUs, Linux 6.18 under Firecracker). Over a real network
+# sendfile saves the server that copy.
+LOOPBACK_COPY_BYTES: Final = 64 * 1024
 
 # Bytes of request body received before the socket stops being read until
 # the app takes them. uvicorn's own limit is 64 KiB.
@@ -164,10 +175,14 @@ class CairnHttpProtocol(HttpToolsProtocol):
     # Seconds, or None for no timeout; configured_protocol sets them.
     read_idle_timeout: ClassVar[float | None] = DEFAULT_READ_IDLE_TIMEOUT
     write_idle_timeout: ClassVar[float | None] = DEFAULT_WRITE_IDLE_TIMEOUT
+    # Whether a loopback client's file bodies are copied through a buffer
+    # (see LOOPBACK_COPY_BYTES) instead of sent with sendfile.
+    copy_on_loopback: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._zerocopy = False
+        self._peer_is_loopback = False
         self._socket_fd: int | None = None
         self._connection_lost = False
         self._writable_waiter: asyncio.Future[None] | None = None
@@ -221,6 +236,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
         sock = transport.get_extra_info("socket")
         self._socket_fd = sock.fileno() if sock is not None else None
         self._zerocopy = sock is not None and not is_ssl(transport)
+        self._peer_is_loopback = self.copy_on_loopback and _is_loopback(
+            transport.get_extra_info("peername")
+        )
         # The first request is awaited under the read idle timeout.
         self._arm_idle_check()
 
@@ -401,7 +419,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
                 # abandon_on_cancel=False: a cancelled task still waits for the
                 # thread, so sock_fd is never closed while the thread uses it.
                 await anyio.to_thread.run_sync(
-                    _sendfile_until_blocked,
+                    _copy_until_blocked
+                    if self._peer_is_loopback
+                    else _sendfile_until_blocked,
                     sock_fd,
                     file_fd,
                     offset,
@@ -784,6 +804,48 @@ def _sendfile_until_blocked(
             raise OSError(f"file ended {count - sent} bytes before the range's end")
         # The event loop reads this while the thread runs, to see progress.
         transfer.sent = sent + chunk
+
+
+def _copy_until_blocked(
+    sock_fd: int,
+    file_fd: int,
+    offset: int,
+    count: int,
+    transfer: _FileTransfer,
+    stopped: Callable[[], bool],
+) -> None:
+    """Do what _sendfile_until_blocked does, with pread and write through a
+    LOOPBACK_COPY_BYTES buffer in place of sendfile."""
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLOUT)
+    buffer = memoryview(bytearray(LOOPBACK_COPY_BYTES))
+    pending = buffer[:0]
+    while transfer.sent < count and not stopped():
+        sent = transfer.sent
+        if not pending:
+            wanted = min(LOOPBACK_COPY_BYTES, count - sent)
+            read = os.preadv(file_fd, [buffer[:wanted]], offset + sent)
+            if read == 0:
+                raise OSError(f"file ended {count - sent} bytes before the range's end")
+            pending = buffer[:read]
+        try:
+            written = os.write(sock_fd, pending)
+        except BlockingIOError:
+            if not poller.poll(THREAD_WRITABLE_WAIT_MS):
+                break
+            continue
+        pending = pending[written:]
+        transfer.sent = sent + written
+
+
+def _is_loopback(peer: object) -> bool:
+    """Return True when ``peer``, a socket's peer name, is a loopback address."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False
+    try:
+        return ipaddress.ip_address(peer[0].split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 # ---- describing a rejected request -------------------------------------------
