@@ -4,7 +4,9 @@ Zero-copy send: every request's scope advertises the ASGI extension
 ``http.response.zerocopysend``. After ``http.response.start`` the app may send
 ``{"type": "http.response.zerocopysend", "file": ..., "offset": ...,
 "count": ..., "more_body": ...}``, and the server copies those bytes from the
-file to the socket with ``os.sendfile``, so they never pass through Python.
+file to the socket with ``os.sendfile`` in a worker thread, so they never pass
+through Python. A client on the loopback interface gets them through a
+64 KiB buffer instead (see LOOPBACK_COPY_BYTES), still off the event loop.
 
 Rejected requests: httptools rejects, among others, an unknown method, a
 malformed Content-Length, raw non-ASCII bytes in the path and an invalid
