@@ -718,8 +718,8 @@ class BlobService:
     def create_upload(self) -> UploadStatus:
         upload_id = str(uuid.uuid4())
         now = datetime.now(UTC)
-        # The staging file is created by the first write: a session with no
-        # bytes yet has none, which saves a create and a close per blob.
+        # The first write creates the staging file. A session with no bytes
+        # yet has none, which saves a create and a close per blob.
         with self._repo.database.transaction(durable=False) as conn:
             _INSERT_UPLOAD.execute(
                 conn,

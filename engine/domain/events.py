@@ -45,9 +45,10 @@ def uuid7() -> uuid.UUID:
     """Return a version 7 UUID (RFC 9562): 48 bits of Unix time in
     milliseconds, then 74 random bits.
 
-    Ids made later sort after earlier ones, so each new event's entry in the
-    unique index on ``events.id`` lands at the right edge of the B-tree. A
-    random (version 4) id dirtied about four extra index pages per commit.
+    Ids made in a later millisecond sort after earlier ones, so each new
+    event's entry in the unique index on ``events.id`` lands at the right
+    edge of the B-tree. With random (version 4) ids, that index dirtied 2.4
+    pages per manifest PUT on SQLite instead of 1.4 (average of 200 PUTs).
     """
     milliseconds = time.time_ns() // 1_000_000
     value = (milliseconds & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10))
