@@ -6,7 +6,9 @@
 The events imitate image pushes: for each image three blob.pushed, one
 manifest.pushed and one tag.set, spread over 10,000 repositories, with a
 retag every tenth image. Prints one JSON object, with the seconds of each
-phase of the median round (see PHASES in engine/projections/rebuild.py).
+phase of the median round (see PHASES in engine/projections/rebuild.py),
+the CPU seconds of each round (all threads of the process), and the
+process's peak resident set size, which includes the fill when there is one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import tempfile
 import time
 import uuid
@@ -143,17 +146,19 @@ def main() -> None:
         if not (args.reuse and _log_length(database) == args.events):
             _empty_log(database)
             fill_seconds = round(fill(database, args.events), 2)
-        rounds: list[tuple[float, dict[str, float]]] = []
+        rounds: list[tuple[float, float, dict[str, float]]] = []
         for _ in range(args.rounds):
             phases: dict[str, float] = {}
             started = time.perf_counter()
+            cpu_started = time.process_time()
             rebuild_projections(database, phases=phases)
-            rounds.append((time.perf_counter() - started, phases))
+            cpu = time.process_time() - cpu_started
+            rounds.append((time.perf_counter() - started, cpu, phases))
         database.dispose()
 
     rounds.sort(key=lambda result: result[0])
-    timings = [seconds for seconds, _phases in rounds]
-    median, median_phases = rounds[len(rounds) // 2]
+    timings = [seconds for seconds, _cpu, _phases in rounds]
+    median, _median_cpu, median_phases = rounds[len(rounds) // 2]
     print(
         json.dumps(
             {
@@ -162,6 +167,10 @@ def main() -> None:
                 "events": args.events,
                 "fill_seconds": fill_seconds,
                 "rebuild_seconds": [round(t, 3) for t in timings],
+                "rebuild_cpu_seconds": [round(cpu, 3) for _s, cpu, _p in rounds],
+                "peak_rss_mib": round(
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                ),
                 "events_per_second_median": round(args.events / median),
                 "events_per_second_min": round(args.events / timings[-1]),
                 "events_per_second_max": round(args.events / timings[0]),

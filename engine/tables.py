@@ -120,6 +120,10 @@ uploads = sa.Table(
 
 # ---- projections ------------------------------------------------------------
 
+# blob_links, tags and tag_history are WITHOUT ROWID tables on SQLite, which
+# stores their small rows in the primary key's B-tree, with no second B-tree
+# for a rowid. Migration 0003 has the sizes that this saved.
+
 repositories = sa.Table(
     "repositories",
     metadata,
@@ -153,6 +157,7 @@ tags = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.Index(None, "repository", "digest"),
     sa.Index(None, "repository", "position"),
+    sqlite_with_rowid=False,
 )
 
 manifests = sa.Table(
@@ -180,6 +185,7 @@ blob_links = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("linked_at", UTCDateTime, nullable=False),
     sa.Index(None, "digest"),
+    sqlite_with_rowid=False,
 )
 
 referrers = sa.Table(
@@ -210,6 +216,7 @@ tag_history = sa.Table(
     sa.Column("to_position", sa.BigInteger),
     sa.Column("to_time", UTCDateTime),
     sa.Column("actor_user", sa.String(255)),
+    sqlite_with_rowid=False,
 )
 
 # Events and bytes pushed per hour of event time (hours since the Unix epoch,

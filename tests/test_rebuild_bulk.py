@@ -70,8 +70,10 @@ def test_rebuild_in_small_pages_equals_live(
 ) -> None:
     fill(registry)
     live = snapshot(registry)
-    # Pages of two events split each push across pages.
+    # Pages of two events split each push across pages. PostgreSQL's fetches
+    # of five rows end in the middle of a page.
     monkeypatch.setattr(rebuild, "REPLAY_PAGE_SIZE", 2)
+    monkeypatch.setattr(rebuild, "POSTGRESQL_FETCH_SIZE", 5)
     position = rebuild_projections(registry.database)
     assert snapshot(registry) == live
     assert position == len(event_types(registry))
@@ -102,8 +104,8 @@ def test_failed_rebuild_keeps_old_projections(
     written: list[str] = []
     original = rebuild._BulkWriter.write
 
-    def write_then_fail(self: Any, rows: Any) -> None:
-        original(self, rows)
+    def write_then_fail(self: Any, rows: Any, *args: Any) -> None:
+        original(self, rows, *args)
         written.append(rows.table.name)
         if len(written) == 3:
             raise OSError("disk full")
@@ -113,6 +115,34 @@ def test_failed_rebuild_keeps_old_projections(
         rebuild_projections(registry.database)
 
     assert len(written) == 3
+    assert snapshot(registry) == live
+    assert index_definitions(registry.database) == indexes
+    assert gc.isenabled()
+    monkeypatch.undo()
+    assert verify(registry) == []
+
+
+def test_failed_index_creation_keeps_old_projections(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement that fails in the helper thread fails the rebuild."""
+    fill(registry)
+    live = snapshot(registry)
+    indexes = index_definitions(registry.database)
+    original = rebuild._secondary_indexes
+
+    def with_broken_index(conn: Any, tables: Any) -> Any:
+        # The index is dropped as usual, and creating it again fails.
+        found = original(conn, tables)
+        name, _definition = found["tags"][0]
+        found["tags"][0] = (name, "CREATE INDEX ix_broken ON no_such_table (x)")
+        return found
+
+    monkeypatch.setattr(rebuild, "_secondary_indexes", with_broken_index)
+    driver_error = registry.database.engine.dialect.loaded_dbapi.Error
+    with pytest.raises(driver_error, match="no_such_table"):
+        rebuild_projections(registry.database)
+
     assert snapshot(registry) == live
     assert index_definitions(registry.database) == indexes
     assert gc.isenabled()
@@ -159,8 +189,8 @@ KILLED_REBUILDER = textwrap.dedent(
     original = rebuild._BulkWriter.write
     written = []
 
-    def write_then_stall(self, rows):
-        original(self, rows)
+    def write_then_stall(self, rows, *args):
+        original(self, rows, *args)
         written.append(rows.table.name)
         if len(written) == 2:
             print("loading", flush=True)

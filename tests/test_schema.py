@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from engine.db import Database
+from engine.db import Database, sqlite_url
 from engine.domain.digest import Digest
-from engine.migrate import current_revision, head_revision, upgrade
+from engine.migrate import _config, current_revision, head_revision, upgrade
 from engine.registry import Registry
 from engine.tables import metadata
 from tests.images import make_image
@@ -26,6 +27,74 @@ def test_migrations_match_table_definitions(database_url: str) -> None:
         differences = compare_metadata(context, metadata)
     database.dispose()
     assert differences == []
+
+
+def sqlite_schema(database: Database) -> dict[str, str]:
+    """Return the CREATE statement of every table and index, by name."""
+    query = "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"
+    with database.read() as conn:
+        return {name: sql for name, sql in conn.execute(sa.text(query)).all()}
+
+
+def tables_without_rowid(database: Database) -> set[str]:
+    return {
+        name
+        for name, sql in sqlite_schema(database).items()
+        if sql.startswith("CREATE TABLE") and sql.rstrip().endswith("WITHOUT ROWID")
+    }
+
+
+def test_migrations_match_sqlite_rowid_option(tmp_path: Path) -> None:
+    """compare_metadata does not compare WITHOUT ROWID, so this test does."""
+    database = Database(sqlite_url(tmp_path))
+    upgrade(database)
+    expected = {
+        table.name
+        for table in metadata.sorted_tables
+        if not table.dialect_options["sqlite"]["with_rowid"]
+    }
+    assert tables_without_rowid(database) == expected
+    assert {"blob_links", "tags", "tag_history"} <= expected
+    database.dispose()
+
+
+def test_without_rowid_migration_keeps_rows(tmp_path: Path) -> None:
+    registry = Registry.open(tmp_path / "data")
+    upgrade(registry.database)
+    image = make_image()
+    repo = registry.repository("app")
+    for blob in image.blobs:
+        repo.blobs.push(Digest.of(blob), [blob])
+    repo.manifests.put(image.manifest, tag="v1")
+    repo.tags.tag("v2", image.digest)
+    repo.tags.untag("v1")
+    database = registry.database
+    tables = ("blob_links", "tags", "tag_history")
+
+    def rows() -> dict[str, list[tuple[object, ...]]]:
+        found: dict[str, list[tuple[object, ...]]] = {}
+        with database.read() as conn:
+            for table in tables:
+                query = sa.text(f"SELECT * FROM {table} ORDER BY 1, 2, 3")
+                found[table] = [tuple(row) for row in conn.execute(query)]
+        return found
+
+    before = rows()
+    schema = sqlite_schema(database)
+    assert all(before.values())
+
+    config = _config()
+    with database.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002")
+    assert tables_without_rowid(database).isdisjoint(tables)
+    assert rows() == before
+
+    upgrade(database)
+    assert set(tables) <= tables_without_rowid(database)
+    assert rows() == before
+    assert sqlite_schema(database) == schema
+    database.dispose()
 
 
 def test_upgrade_is_idempotent(database_url: str) -> None:

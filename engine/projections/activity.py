@@ -152,14 +152,17 @@ class ActivityProjection(Projection):
             else:
                 totals[0] += events
                 totals[1] += size
+        # Both lists start with their table's primary key, so sorting them
+        # puts the rows in key order.
         yield FoldRows(
             activity,
             ("hour", "type", "events", "bytes"),
-            [
+            sorted(
                 (hour, name, events, size)
                 for (hour, name), (events, size) in overall.items()
-            ],
+            ),
         )
+        per_repository.sort()
         yield FoldRows(
             repository_activity,
             ("hour", "repository", "type", "events", "bytes"),

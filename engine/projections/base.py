@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -34,11 +35,34 @@ class FoldEvent(NamedTuple):
 
 class FoldRows(NamedTuple):
     """Rows of one table that a folded state represents, each a tuple of
-    values in ``columns`` order. JSON columns contain the decoded value."""
+    values in ``columns`` order. JSON columns contain the decoded value.
+
+    Columns left out are NULL in the written rows, because no projection
+    column has a default.
+    Projections yield rows in primary key order where that is cheap, because
+    each insert then lands next to the previous one in the key's B-tree. On
+    SQLite, inserting the 600,000 blob_links rows of bench/rebuild.py took
+    1.2 s of CPU in key order and 1.5 s in log order.
+    """
 
     table: sa.Table
     columns: tuple[str, ...]
     rows: Iterable[tuple[Any, ...]]
+
+
+def rows_by_key(
+    state: dict[Any, dict[Any, tuple[Any, ...]]],
+) -> Iterator[tuple[Any, ...]]:
+    """Yield the rows of a state that maps a key's first column to its second
+    and then to the row, in the order of the two columns.
+
+    Sorting the thousands of small dicts took about a fifth of the time of
+    sorting one dict of every row by its whole key.
+    """
+    row = operator.itemgetter(1)
+    for first in sorted(state):
+        # The keys of a dict are unique, so the sort never compares rows.
+        yield from map(row, sorted(state[first].items()))
 
 
 class Projection(ABC):

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
 from engine.prepared import Prepared
-from engine.projections.base import FoldEvent, FoldRows, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection, rows_by_key
 from engine.tables import blob_links
 
 _DELETE = Prepared(
@@ -47,19 +47,17 @@ class BlobLinkProjection(Projection):
         )
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        # state maps a repository to its links: digest -> row.
         deleted = EventType.BLOB_DELETED
         for position, repository, event_type, moment, _user, payload in events:
             digest = payload["digest"]
+            links = state.get(repository)
+            if links is None:
+                links = state[repository] = {}
             if event_type is deleted:
-                state.pop((repository, digest), None)
+                links.pop(digest, None)
             else:
-                state[repository, digest] = (
-                    repository,
-                    digest,
-                    payload["size"],
-                    position,
-                    moment,
-                )
+                links[digest] = (repository, digest, payload["size"], position, moment)
 
     def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
-        yield FoldRows(blob_links, _COLUMNS, state.values())
+        yield FoldRows(blob_links, _COLUMNS, rows_by_key(state))

@@ -34,6 +34,15 @@ _UPDATE = Prepared(
     )
 )
 _COLUMNS = tuple(column.name for column in repositories.c)
+_ROW_VALUES = operator.itemgetter(*_COLUMNS)
+# Positions of the values that the fold changes in a row of _COLUMNS.
+_UPDATED_POSITION = _COLUMNS.index("updated_position")
+_UPDATED_AT = _COLUMNS.index("updated_at")
+_LAST_ACTOR = _COLUMNS.index("last_actor")
+_TAG_COUNT = _COLUMNS.index("tag_count")
+_MANIFEST_COUNT = _COLUMNS.index("manifest_count")
+_BLOB_BYTES = _COLUMNS.index("blob_bytes")
+_PUSHED_BYTES = _COLUMNS.index("pushed_bytes")
 _BLOB_PUSHED = EventType.BLOB_PUSHED
 _BLOB_MOUNTED = EventType.BLOB_MOUNTED
 _BLOB_DELETED = EventType.BLOB_DELETED
@@ -66,9 +75,10 @@ def _update(
     row["updated_at"] = event.time
     row["last_actor"] = actor
     payload = event.payload
-    # A full rebuild runs this once per event. With identity tests on module
-    # constants in place of a match on EventType members, the catalog's fold
-    # took 0.80 instead of 1.16 microseconds an event (bench/rebuild.py).
+    # CatalogProjection.fold makes the same changes to its list rows, so a
+    # change here needs one there. Identity tests on module constants took
+    # 0.80 instead of the 1.16 microseconds an event of a match on EventType
+    # members, when the fold still called this function (bench/rebuild.py).
     event_type = event.type
     if event_type is _BLOB_PUSHED or event_type is _BLOB_MOUNTED:
         row["blob_bytes"] += payload["size"]
@@ -113,12 +123,34 @@ class CatalogProjection(Projection):
                 _UPDATE.execute(conn, {"b_" + key: value for key, value in row.items()})
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        # The same changes as _update, on a list in _COLUMNS order per
+        # repository, with the type tests inline: the catalog's fold took 0.35
+        # instead of 0.50 s for the 1,000,000 events of bench/rebuild.py.
         for event in events:
-            row = state.get(event.repository)
+            position, repository, event_type, moment, user, payload = event
+            row = state.get(repository)
             if row is None:
-                row = state[event.repository] = _new_row(event, event.actor_user)
-            _update(row, event, event.actor_user)
+                row = state[repository] = list(_ROW_VALUES(_new_row(event, user)))
+            else:
+                row[_UPDATED_POSITION] = position
+                row[_UPDATED_AT] = moment
+                row[_LAST_ACTOR] = user
+            if event_type is _BLOB_PUSHED or event_type is _BLOB_MOUNTED:
+                row[_BLOB_BYTES] += payload["size"]
+            elif event_type is _MANIFEST_PUSHED:
+                row[_MANIFEST_COUNT] += 1
+                row[_PUSHED_BYTES] += payload["content_size"]
+            elif event_type is _TAG_SET:
+                if payload.get("previous") is None:
+                    row[_TAG_COUNT] += 1
+            elif event_type is _BLOB_DELETED:
+                row[_BLOB_BYTES] -= payload["size"]
+            elif event_type is _MANIFEST_DELETED:
+                row[_MANIFEST_COUNT] -= 1
+                row[_PUSHED_BYTES] -= payload["content_size"]
+            elif event_type is _TAG_DELETED:
+                row[_TAG_COUNT] -= 1
 
     def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
-        values = operator.itemgetter(*_COLUMNS)
-        yield FoldRows(repositories, _COLUMNS, map(values, state.values()))
+        ordered = (tuple(state[name]) for name in sorted(state))
+        yield FoldRows(repositories, _COLUMNS, ordered)

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
 from engine.prepared import Prepared
-from engine.projections.base import FoldEvent, FoldRows, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection, rows_by_key
 from engine.tables import manifests, referrers
 
 _DELETE_MANIFEST = Prepared(
@@ -112,16 +112,21 @@ class ManifestProjection(Projection):
         _DELETE_MANIFEST.execute(conn, key)
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        # state maps a repository to its manifests: digest -> row.
         deleted = EventType.MANIFEST_DELETED
         for position, repository, event_type, moment, _user, payload in events:
-            key = (repository, payload["digest"])
+            digest = payload["digest"]
+            repository_manifests = state.get(repository)
+            if repository_manifests is None:
+                repository_manifests = state[repository] = {}
             if event_type is deleted:
-                state.pop(key, None)
+                repository_manifests.pop(digest, None)
             else:
-                state[key] = _manifest_values(repository, position, moment, payload)
+                row = _manifest_values(repository, position, moment, payload)
+                repository_manifests[digest] = row
 
     def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
-        yield FoldRows(manifests, _MANIFEST_COLUMNS, state.values())
+        yield FoldRows(manifests, _MANIFEST_COLUMNS, rows_by_key(state))
 
 
 class ReferrerProjection(Projection):
@@ -155,4 +160,6 @@ class ReferrerProjection(Projection):
                 state[key] = _referrer_values(repository, position, payload)
 
     def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
-        yield FoldRows(referrers, _REFERRER_COLUMNS, state.values())
+        # Each row starts with its primary key (repository, subject, digest),
+        # so sorting the rows puts them in key order.
+        yield FoldRows(referrers, _REFERRER_COLUMNS, sorted(state.values()))

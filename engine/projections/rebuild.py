@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import orjson
@@ -22,17 +25,32 @@ from engine.tables import projection_checkpoints
 
 log = structlog.get_logger(__name__)
 
-# Events read from the log and folded per page.
-REPLAY_PAGE_SIZE = 20_000
+# Events decoded and folded at a time. In small pages the rows, payloads and
+# FoldEvents of a page are still in the CPU's caches when the fold reads
+# them. On SQLite, reading, decoding and folding the 1,000,000 events of
+# bench/rebuild.py took 4.0 s in pages of 100 and 5.5 s in pages of 20,000.
+REPLAY_PAGE_SIZE = 100
+# Rows fetched from PostgreSQL's server-side cursor at a time, one round trip
+# each. SQLite, which has no round trip, fetches a page at a time: fetching
+# 20,000 rows at a time made its rebuild of bench/rebuild.py's log 0.4 to
+# 0.9 s slower in three runs.
+POSTGRESQL_FETCH_SIZE = 20_000
+# Rows that a rebuild encodes and keeps in memory while a helper thread
+# creates the indexes of the rows written before them. 100,000 rows of
+# manifests, the largest rows, took 59 MB and 0.35 s to encode with
+# bench/rebuild.py.
+ENCODE_AHEAD_ROWS = 100_000
 # SQLite's page cache while a replay writes, in KiB (1 GiB). The cache grows
 # only as pages are used. The projection tables of bench/rebuild.py's
-# 1,000,000 events take 460 MB, so they stay in memory until commit. Larger
+# 1,000,000 events take 395 MB, so they stay in memory until commit. Larger
 # ones spill to the write-ahead log before commit, which is slower.
 SQLITE_REPLAY_CACHE_KIB = 1_048_576
 
 # The phases of a rebuild, each timed in seconds: deleting the old rows,
 # fetching log rows from the driver, decoding them into FoldEvents, folding,
 # writing the folded rows, creating the secondary indexes, and committing.
+# The deletes and the indexes run in a helper thread while the rebuild folds
+# or writes, and count only the time that the rebuild then waits for them.
 PHASES = ("clear", "read", "decode", "fold", "write", "index", "commit")
 
 
@@ -42,15 +60,23 @@ def rebuild_projections(
     """Drop every projection row and replay the whole log; return the position
     reached. Runs in one transaction holding the append lock, so no push can
     interleave and a failure or crash leaves the old projections in place.
-    The old rows are deleted once the log is folded, and on PostgreSQL
+    On PostgreSQL the old rows are deleted once the log is folded, and
     readers wait from then until the rebuild commits.
 
     ``phases``, when given, receives the seconds spent in each of PHASES.
     """
     timings = dict.fromkeys(PHASES, 0.0)
     started = time.perf_counter()
+    # On SQLite another connection reads the log, in a read transaction that
+    # starts after this one has taken the write lock, so it reads the same
+    # log. Meanwhile a helper thread clears the projections on this one.
+    # PostgreSQL clears them only after the fold, because TRUNCATE makes
+    # readers wait until commit.
+    log_reader = database.read if database.is_sqlite else None
     with database.write() as conn:
-        position = _replay(conn, ALL_PROJECTIONS, timings, clear=True)
+        position = _replay(
+            conn, ALL_PROJECTIONS, timings, clear=True, log_reader=log_reader
+        )
         commit_started = time.perf_counter()
     timings["commit"] = time.perf_counter() - commit_started
     elapsed = time.perf_counter() - started
@@ -72,14 +98,17 @@ def clear_projections(conn: Connection, *, truncate: bool = False) -> None:
     ``truncate`` uses TRUNCATE on PostgreSQL: transactional there and far
     faster than DELETE on large tables, but it blocks readers until commit.
     """
+    for statement in _clear_statements(conn, truncate=truncate):
+        conn.exec_driver_sql(statement)
+
+
+def _clear_statements(conn: Connection, *, truncate: bool) -> list[str]:
     tables = [table for p in ALL_PROJECTIONS for table in p.tables]
     tables.append(projection_checkpoints)
+    quote = conn.dialect.identifier_preparer.quote
     if truncate and conn.dialect.name == "postgresql":
-        quote = conn.dialect.identifier_preparer.quote
-        conn.exec_driver_sql("TRUNCATE " + ", ".join(quote(t.name) for t in tables))
-        return
-    for table in tables:
-        conn.execute(sa.delete(table))
+        return ["TRUNCATE " + ", ".join(quote(table.name) for table in tables)]
+    return [f"DELETE FROM {quote(table.name)}" for table in tables]
 
 
 class ReplayError(Exception):
@@ -106,8 +135,8 @@ def replay(
     however many events touched it, and the rows go to the driver as tuples
     (executemany on SQLite, COPY on PostgreSQL). Timestamps are copied from
     the events table as the database returns them as text. ``phases``
-    accumulates the seconds spent in each of PHASES but "clear" and
-    "commit".
+    accumulates the seconds spent in each of PHASES but "clear", "index"
+    and "commit".
     """
     timings = phases if phases is not None else dict.fromkeys(PHASES, 0.0)
     return _replay(conn, projections, timings, clear=False)
@@ -119,30 +148,57 @@ def _replay(
     timings: dict[str, float],
     *,
     clear: bool,
+    log_reader: Callable[[], AbstractContextManager[Connection]] | None = None,
 ) -> int:
     """Fold the log and write the folded rows. With ``clear``, first delete
-    every projection row and checkpoint, and rebuild the secondary indexes
-    of the projection tables after the load instead of during it."""
+    every projection row and checkpoint, and drop the secondary indexes of
+    the projection tables, which are created again after the load: one sort
+    each instead of one insert per row. ``log_reader``, when given, opens
+    the transaction that the log is read in, on another connection than
+    ``conn``.
+
+    The statements that drop, delete and create run in the driver with the
+    GIL released, in a helper thread. Meanwhile this thread frees the state
+    it has written and encodes the next rows, and with ``log_reader`` it
+    folds the log while the old rows are deleted. Indexing blob_links and
+    encoding the references of manifests took 0.6 and 0.7 s for the
+    1,000,000 events of bench/rebuild.py, and 0.7 s side by side on an idle
+    second core. All of it runs in the caller's transaction, so a failure
+    rolls it all back.
+    """
     tables = [table for projection in projections for table in projection.tables]
     states: list[dict[Any, Any]] = [{} for _ in projections]
-    # The fold allocates millions of tuples and dicts that all live until the
-    # end, and the cyclic garbage collector would traverse them again and
-    # again while finding nothing to free.
-    with _gc_paused():
-        position = _fold_log(conn, projections, states, timings)
-        with _bulk_load(conn, tables, timings, drop_indexes=clear) as writer:
+    # The fold allocates millions of tuples and dicts that all live until they
+    # are written, and the cyclic garbage collector would traverse them again
+    # and again while finding nothing to free. They are freed while it is
+    # still off, so that its next full collection does not traverse them.
+    with _gc_paused(), contextlib.ExitStack() as stack:
+        try:
+            if log_reader is None:
+                position = _fold_log(conn, projections, states, timings)
+            indexes = _secondary_indexes(conn, tables) if clear else {}
+            stack.enter_context(_sqlite_cache(conn))
+            helper = stack.enter_context(_Helper(conn, timings))
             if clear:
-                started = time.perf_counter()
-                clear_projections(conn, truncate=True)
-                timings["clear"] += time.perf_counter() - started
-            started = time.perf_counter()
+                drops = [f"DROP INDEX {name}" for name, _ in _definitions(indexes)]
+                helper.start([*drops, *_clear_statements(conn, truncate=True)], "clear")
+            if log_reader is not None:
+                with log_reader() as log_conn:
+                    position = _fold_log(log_conn, projections, states, timings)
+            writer = _BulkWriter(conn, timings)
             for projection, state in zip(projections, states, strict=True):
                 for rows in projection.rows(state):
-                    writer.write(rows)
-            # Freed while the collector is off, so that its next full
-            # collection does not traverse them.
+                    writer.write(rows, helper)
+                owned = {t.name: indexes.get(t.name, []) for t in projection.tables}
+                creates = [definition for _, definition in _definitions(owned)]
+                if creates:
+                    helper.start(creates, "index")
+                started = time.perf_counter()
+                state.clear()
+                timings["write"] += time.perf_counter() - started
+            helper.wait()
+        finally:
             states.clear()
-            timings["write"] += time.perf_counter() - started
     if position:
         save_checkpoints(conn, projections, position)
     return position
@@ -216,7 +272,8 @@ def _read_log(conn: Connection, timings: dict[str, float]) -> Iterator[list[Fold
     """Yield the whole log in position order, a page of FoldEvents at a time.
 
     One query streams every row through the driver's cursor, which is a
-    server-side cursor on PostgreSQL, so no more than a page is in memory.
+    server-side cursor on PostgreSQL, so no more than POSTGRESQL_FETCH_SIZE
+    rows are in memory.
     """
     dialect = conn.dialect.name
     dbapi_connection = conn.connection.dbapi_connection
@@ -229,33 +286,58 @@ def _read_log(conn: Connection, timings: dict[str, float]) -> Iterator[list[Fold
         cursor = dbapi_connection.cursor(name="cairn_replay")
     else:
         cursor = dbapi_connection.cursor()
+    fetch_size = POSTGRESQL_FETCH_SIZE if dialect == "postgresql" else REPLAY_PAGE_SIZE
+    strings: dict[str, str] = {}
     try:
         cursor.execute(_READ_LOG[dialect])
         while True:
             started = time.perf_counter()
-            rows = cursor.fetchmany(REPLAY_PAGE_SIZE)
-            fetched = time.perf_counter()
-            timings["read"] += fetched - started
+            rows = cursor.fetchmany(fetch_size)
+            timings["read"] += time.perf_counter() - started
             if not rows:
                 return
-            page = _decode_page(rows)
-            timings["decode"] += time.perf_counter() - fetched
-            yield page
+            for start in range(0, len(rows), REPLAY_PAGE_SIZE):
+                started = time.perf_counter()
+                page = _decode_page(rows[start : start + REPLAY_PAGE_SIZE], strings)
+                timings["decode"] += time.perf_counter() - started
+                yield page
     finally:
         cursor.close()
 
 
-def _decode_page(rows: Sequence[Any]) -> list[FoldEvent]:
+def _decode_page(rows: Sequence[Any], strings: dict[str, str]) -> list[FoldEvent]:
+    """Decode log rows into FoldEvents.
+
+    ``strings`` maps each repository name, time and user seen so far to one
+    copy of it, which the events then share instead of the driver's new
+    string per row. Folded states keep a few thousand strings instead of
+    millions, and the dicts keyed by repository find them by identity.
+    Consecutive events often share all three, because one append stamps all
+    its events with one time.
+    """
     loads = orjson.loads
     current = CURRENT_SCHEMA_VERSION
-    make = FoldEvent._make
+    # FoldEvent._make without its check of the field count: tuple.__new__ is
+    # a C call and _make a Python one.
+    new = tuple.__new__
+    shared = strings.setdefault
+    last_repository: str | None = None
+    last_moment: Any = None
+    last_user: str | None = None
     page = []
     for position, repository, type_name, schema_version, moment, user, text in rows:
         event_type = _EVENT_TYPES[type_name]
         payload = loads(text)
         if schema_version != current[event_type]:
             payload = upcast(event_type, schema_version, payload)
-        page.append(make((position, repository, event_type, moment, user, payload)))
+        if repository != last_repository:
+            last_repository = shared(repository, repository)
+        if moment != last_moment:
+            last_moment = shared(moment, moment)
+        if user != last_user:
+            last_user = None if user is None else shared(user, user)
+        event = (position, last_repository, event_type, last_moment, last_user, payload)
+        page.append(new(FoldEvent, event))
     return page
 
 
@@ -268,37 +350,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-@contextmanager
-def _bulk_load(
-    conn: Connection,
-    tables: Sequence[sa.Table],
-    timings: dict[str, float],
-    *,
-    drop_indexes: bool,
-) -> Iterator[_BulkWriter]:
-    """Yield the writer that loads ``tables``, with SQLite's page cache
-    enlarged. It is enlarged only now because SQLite reads the log faster
-    with its default cache.
-
-    With ``drop_indexes`` the tables' secondary indexes (those that back no
-    constraint) are dropped first and created again from their stored
-    definitions afterwards, which sorts each index once instead of inserting
-    into it row by row. Both happen in the caller's transaction, so a failure
-    rolls them back with the rows. On PostgreSQL DROP INDEX locks readers
-    out until commit, which a rebuild's TRUNCATE does anyway but a check
-    that rolls back must not.
-    """
-    indexes = _secondary_indexes(conn, tables) if drop_indexes else []
-    for name, _definition in indexes:
-        conn.exec_driver_sql(f"DROP INDEX {name}")
-    with _sqlite_cache(conn):
-        yield _BulkWriter(conn)
-        started = time.perf_counter()
-        for _name, definition in indexes:
-            conn.exec_driver_sql(definition)
-        timings["index"] += time.perf_counter() - started
 
 
 _SQLITE_INDEXES = sa.text(
@@ -314,26 +365,40 @@ _POSTGRESQL_INDEXES = sa.text(
 
 def _secondary_indexes(
     conn: Connection, tables: Sequence[sa.Table]
-) -> list[tuple[str, str]]:
-    """Return the quoted name and the CREATE INDEX statement of each index on
-    ``tables`` that backs no primary key or unique constraint."""
+) -> dict[str, list[tuple[str, str]]]:
+    """Return, for each of ``tables``, the quoted name and the CREATE INDEX
+    statement of each of its indexes that backs no primary key or unique
+    constraint."""
     quote = conn.dialect.identifier_preparer.quote
-    indexes: list[tuple[str, str]] = []
+    indexes: dict[str, list[tuple[str, str]]] = {}
     for table in tables:
         if conn.dialect.name == "sqlite":
             rows = conn.execute(_SQLITE_INDEXES, {"table": table.name}).all()
-            indexes.extend((quote(name), sql) for name, sql in rows)
+            indexes[table.name] = [(quote(name), sql) for name, sql in rows]
         else:
             parameters = {"table": quote(table.name)}
             rows = conn.execute(_POSTGRESQL_INDEXES, parameters).all()
-            indexes.extend((name, sql) for name, sql in rows)
+            indexes[table.name] = [(name, sql) for name, sql in rows]
     return indexes
+
+
+def _definitions(
+    indexes: dict[str, list[tuple[str, str]]],
+) -> Iterator[tuple[str, str]]:
+    for table_indexes in indexes.values():
+        yield from table_indexes
 
 
 @contextmanager
 def _sqlite_cache(conn: Connection) -> Iterator[None]:
     """Enlarge SQLite's page cache for the connection, then restore it.
 
+    The cache keeps the pages that dropping the indexes and deleting the old
+    rows free, and those that the load writes, until commit. While the
+    indexes were still dropped with the default cache, SQLite spilled pages
+    to the write-ahead log during the drops, and the clear phase of
+    bench/rebuild.py's --reuse rounds took 0.36 to 6.9 s. With the cache
+    enlarged first it took 0.25 to 0.75 s.
     The setting is per connection and not transactional, so it is restored
     on every exit, because the pool hands the connection on.
     """
@@ -348,18 +413,96 @@ def _sqlite_cache(conn: Connection) -> Iterator[None]:
         conn.exec_driver_sql(f"PRAGMA cache_size = {int(previous)}")
 
 
+class _Helper:
+    """A thread that runs statements on the transaction's connection while
+    the calling thread prepares rows.
+
+    The two threads take turns on the connection: the caller waits for the
+    helper before it inserts rows, starts the next statements or leaves.
+    The time it waits is added to the phase named when the statements
+    started.
+    """
+
+    def __init__(self, conn: Connection, timings: dict[str, float]) -> None:
+        self._dbapi_connection: Any = conn.connection.dbapi_connection
+        self._timings = timings
+        self._thread: threading.Thread | None = None
+        self._phase = ""
+        self._error: Exception | None = None
+
+    def __enter__(self) -> _Helper:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.wait()
+            return
+        # The error in flight is raised, but only once the helper has left the
+        # connection to the rollback.
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            log.warning(
+                "projection_rebuild_statement_failed",
+                phase=self._phase,
+                error=str(self._error),
+            )
+
+    def start(self, statements: Sequence[str], phase: str) -> None:
+        """Run ``statements`` in order in a new thread."""
+        self.wait()
+        self._phase = phase
+        self._thread = threading.Thread(
+            target=self._run, args=(statements,), name="cairn-rebuild-helper"
+        )
+        self._thread.start()
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> float:
+        """Wait until the statements are done, raise their error if one
+        failed, and return the seconds waited."""
+        if self._thread is None:
+            return 0.0
+        started = time.perf_counter()
+        self._thread.join()
+        waited = time.perf_counter() - started
+        self._timings[self._phase] += waited
+        self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        return waited
+
+    def _run(self, statements: Sequence[str]) -> None:
+        try:
+            cursor = self._dbapi_connection.cursor()
+            try:
+                for statement in statements:
+                    cursor.execute(statement)
+            finally:
+                cursor.close()
+        except Exception as exc:
+            self._error = exc
+
+
 class _BulkWriter:
     """Write FoldRows with the driver's fastest bulk path: executemany on
     SQLite, COPY on PostgreSQL."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, timings: dict[str, float]) -> None:
         # sqlite3's or psycopg's own connection: its cursors take any
         # iterable in executemany, and psycopg's have copy().
         self._dbapi_connection: Any = conn.connection.dbapi_connection
         self._sqlite = conn.dialect.name == "sqlite"
         self._quote = conn.dialect.identifier_preparer.quote
+        self._timings = timings
 
-    def write(self, rows: FoldRows) -> None:
+    def write(self, rows: FoldRows, helper: _Helper) -> None:
+        """Insert ``rows`` once ``helper`` is done with the connection, and
+        encode rows ahead while it is not."""
+        started = time.perf_counter()
         json_columns = [
             i
             for i, name in enumerate(rows.columns)
@@ -367,26 +510,44 @@ class _BulkWriter:
         ]
         columns = ", ".join(self._quote(name) for name in rows.columns)
         table = self._quote(rows.table.name)
+        # PostgreSQL stores jsonb parsed, so any valid encoding gives the
+        # same value there.
+        encode = _json_text if self._sqlite else _orjson_text
+        values = iter(_encoded(rows.rows, json_columns, encode))
+        ahead = _encode_ahead(values, helper)
+        waited = helper.wait()
         if self._sqlite:
-            values = _encoded(rows.rows, json_columns, _json_text)
             placeholders = ", ".join(["?"] * len(rows.columns))
             cursor = self._dbapi_connection.cursor()
             try:
                 cursor.executemany(
-                    f"INSERT INTO {table} ({columns}) VALUES ({placeholders})", values
+                    f"INSERT INTO {table} ({columns}) VALUES ({placeholders})",
+                    itertools.chain(ahead, values),
                 )
             finally:
                 cursor.close()
-            return
-        # PostgreSQL stores jsonb parsed, so any valid encoding gives the
-        # same value.
-        values = _encoded(rows.rows, json_columns, _orjson_text)
-        with (
-            self._dbapi_connection.cursor() as cursor,
-            cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
-        ):
-            for row in values:
-                copy.write_row(row)
+        else:
+            with (
+                self._dbapi_connection.cursor() as cursor,
+                cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy,
+            ):
+                for row in itertools.chain(ahead, values):
+                    copy.write_row(row)
+        self._timings["write"] += time.perf_counter() - started - waited
+
+
+def _encode_ahead(
+    values: Iterator[tuple[Any, ...]], helper: _Helper
+) -> list[tuple[Any, ...]]:
+    """Return the rows that ``values`` yields while ``helper`` is busy, taken
+    a thousand at a time and at most ENCODE_AHEAD_ROWS of them."""
+    ahead: list[tuple[Any, ...]] = []
+    while helper.busy() and len(ahead) < ENCODE_AHEAD_ROWS:
+        chunk = list(itertools.islice(values, 1000))
+        if not chunk:
+            break
+        ahead.extend(chunk)
+    return ahead
 
 
 def _encoded(

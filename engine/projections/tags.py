@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.events import EventType, StoredEvent
 from engine.prepared import Prepared
-from engine.projections.base import FoldEvent, FoldRows, Projection
+from engine.projections.base import FoldEvent, FoldRows, Projection, rows_by_key
 from engine.tables import tag_history, tags
 
 _DELETE_TAG = Prepared(
@@ -40,6 +40,10 @@ _HISTORY_COLUMNS = (
     "to_position",
     "to_time",
     "actor_user",
+)
+# An open row leaves to_position and to_time NULL.
+_OPEN_HISTORY_COLUMNS = tuple(
+    name for name in _HISTORY_COLUMNS if name not in ("to_position", "to_time")
 )
 
 
@@ -77,13 +81,17 @@ class TagProjection(Projection):
         )
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
+        # state maps a repository to its tags: tag -> row.
         deleted = EventType.TAG_DELETED
         for position, repository, event_type, moment, _user, payload in events:
             tag = payload["tag"]
+            repository_tags = state.get(repository)
+            if repository_tags is None:
+                repository_tags = state[repository] = {}
             if event_type is deleted:
-                state.pop((repository, tag), None)
+                repository_tags.pop(tag, None)
             else:
-                state[repository, tag] = (
+                repository_tags[tag] = (
                     repository,
                     tag,
                     payload["digest"],
@@ -92,7 +100,7 @@ class TagProjection(Projection):
                 )
 
     def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
-        yield FoldRows(tags, _TAG_COLUMNS, state.values())
+        yield FoldRows(tags, _TAG_COLUMNS, rows_by_key(state))
 
 
 class TagHistoryProjection(Projection):
@@ -132,16 +140,20 @@ class TagHistoryProjection(Projection):
 
     def fold(self, state: dict[Any, Any], events: Sequence[FoldEvent]) -> None:
         # state["closed"] collects finished rows as tuples in _HISTORY_COLUMNS
-        # order. state["open"] maps each tag to its open row, without the
+        # order. state["open"] maps a repository to its tags, and each tag to
+        # its open row in _OPEN_HISTORY_COLUMNS order: without the
         # to_position and to_time that closing it fills in.
         closed: list[tuple[Any, ...]] = state.setdefault("closed", [])
-        open_rows: dict[tuple[str, str], tuple[Any, ...]] = state.setdefault("open", {})
+        open_rows: dict[str, dict[str, tuple[Any, ...]]] = state.setdefault("open", {})
         deleted = EventType.TAG_DELETED
         for position, repository, event_type, moment, user, payload in events:
-            key = (repository, payload["tag"])
-            current = open_rows.pop(key, None)
+            tag = payload["tag"]
+            repository_rows = open_rows.get(repository)
+            if repository_rows is None:
+                repository_rows = open_rows[repository] = {}
+            current = repository_rows.pop(tag, None)
             if current is not None:
-                _, tag, from_position, digest, from_time, actor_user = current
+                _, _, from_position, digest, from_time, actor_user = current
                 closed.append(
                     (
                         repository,
@@ -155,9 +167,9 @@ class TagHistoryProjection(Projection):
                     )
                 )
             if event_type is not deleted:
-                open_rows[key] = (
+                repository_rows[tag] = (
                     repository,
-                    key[1],
+                    tag,
                     position,
                     payload["digest"],
                     moment,
@@ -165,14 +177,11 @@ class TagHistoryProjection(Projection):
                 )
 
     def rows(self, state: dict[Any, Any]) -> Iterator[FoldRows]:
-        yield FoldRows(tag_history, _HISTORY_COLUMNS, state.get("closed", []))
+        closed = state.get("closed", [])
+        # In key order: (repository, tag, from_position) is unique, so the
+        # sort never compares the columns after it.
+        closed.sort()
+        yield FoldRows(tag_history, _HISTORY_COLUMNS, closed)
         yield FoldRows(
-            tag_history, _HISTORY_COLUMNS, _open_history(state.get("open", {}))
+            tag_history, _OPEN_HISTORY_COLUMNS, rows_by_key(state.get("open", {}))
         )
-
-
-def _open_history(
-    open_rows: dict[tuple[str, str], tuple[Any, ...]],
-) -> Iterator[tuple[Any, ...]]:
-    for repository, tag, from_position, digest, from_time, user in open_rows.values():
-        yield (repository, tag, from_position, digest, from_time, None, None, user)
