@@ -105,6 +105,7 @@ class _Plan:
                 f"{compiled.string}"
             )
         self.sql = compiled.string
+
         # Each bind as (name, key in the caller's parameters, default,
         # required, processor). A literal value in the statement has no key
         # in the parameters, so its default is used.
@@ -119,6 +120,7 @@ class _Plan:
             binds = [by_name[name] for name in order]
         self._binds = binds
         self._positional = order is not None
+
         self.fields: tuple[str, ...] = ()
         self.result_processors: list[Any] = []
         if isinstance(statement, sa.Select):

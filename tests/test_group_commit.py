@@ -46,7 +46,7 @@ def wait_for_waiters(db: Database, count: int) -> None:
 
 
 def run_members(db: Database, first: str, others: list[str], failing: set[str]):
-    """Run a first member that holds its turn until every other member waits,
+    """Run a first member that keeps its turn until every other member waits,
     so that all of them join its transaction. Return each name's error."""
     errors: dict[str, BaseException | None] = {}
 

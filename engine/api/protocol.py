@@ -94,7 +94,7 @@ THREAD_WRITABLE_WAIT_MS: Final = 50
 # To a client on the loopback interface the file is copied through a buffer
 # of this size instead of with sendfile. Over loopback the receiver copies
 # the bytes straight out of the page-cache pages that sendfile queued, and
-# those are cold in the CPU caches; a socket write queues a copy that is
+# those are cold in the CPU caches. A socket write queues a copy that is
 # still warm. A Python client reading 256 MiB with recv_into(1 MiB) got
 # about 1,650 MiB/s from sendfile and 2,550 to 2,900 MiB/s from 64 KiB
 # writes (2 vCPUs, Linux 6.18 under Firecracker). Over a real network
@@ -421,15 +421,14 @@ class CairnHttpProtocol(HttpToolsProtocol):
                 # abandon_on_cancel=False: a cancelled task still waits for the
                 # thread, so sock_fd is never closed while the thread uses it.
                 await anyio.to_thread.run_sync(
-                    _copy_until_blocked
-                    if self._peer_is_loopback
-                    else _sendfile_until_blocked,
+                    _send_until_blocked,
                     sock_fd,
                     file_fd,
                     offset,
                     count,
                     transfer,
                     self._is_connection_lost,
+                    self._peer_is_loopback,
                     abandon_on_cancel=False,
                     limiter=_limiter(),
                 )
@@ -774,30 +773,34 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _sendfile_until_blocked(
+def _send_until_blocked(
     sock_fd: int,
     file_fd: int,
     offset: int,
     count: int,
     transfer: _FileTransfer,
     stopped: Callable[[], bool],
+    copy: bool,
 ) -> None:
     """Send the rest of ``count`` bytes of ``file_fd`` from ``offset`` to the
     non-blocking socket, adding each call's bytes to ``transfer.sent``.
 
-    Returns when all are sent, when the socket stayed unwritable for
-    THREAD_WRITABLE_WAIT_MS or when ``stopped()`` became true. Raises
-    ConnectionError (EPIPE, ECONNRESET) when the client has gone, and OSError
-    when the file ends before ``count`` bytes.
+    With ``copy`` the bytes go by pread and write through a
+    LOOPBACK_COPY_BYTES buffer, and otherwise by sendfile. Returns when all
+    are sent, when the socket stayed unwritable for THREAD_WRITABLE_WAIT_MS
+    or when ``stopped()`` became true. Raises ConnectionError (EPIPE,
+    ECONNRESET) when the client has gone, and OSError when the file ends
+    before ``count`` bytes.
     """
+    send_some = _copier(sock_fd, file_fd) if copy else _sendfiler(sock_fd, file_fd)
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
     while transfer.sent < count and not stopped():
         sent = transfer.sent
         try:
-            chunk = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
+            chunk = send_some(offset + sent, count - sent)
         except BlockingIOError:
-            # poll also returns on POLLERR and POLLHUP, and the next sendfile
+            # poll also returns on POLLERR and POLLHUP, and the next send
             # then raises the connection's error.
             if not poller.poll(THREAD_WRITABLE_WAIT_MS):
                 break
@@ -808,36 +811,33 @@ def _sendfile_until_blocked(
         transfer.sent = sent + chunk
 
 
-def _copy_until_blocked(
-    sock_fd: int,
-    file_fd: int,
-    offset: int,
-    count: int,
-    transfer: _FileTransfer,
-    stopped: Callable[[], bool],
-) -> None:
-    """Do what _sendfile_until_blocked does, with pread and write through a
-    LOOPBACK_COPY_BYTES buffer in place of sendfile."""
-    poller = select.poll()
-    poller.register(sock_fd, select.POLLOUT)
+def _sendfiler(sock_fd: int, file_fd: int) -> Callable[[int, int], int]:
+    def send_some(position: int, remaining: int) -> int:
+        return os.sendfile(sock_fd, file_fd, position, remaining)
+
+    return send_some
+
+
+def _copier(sock_fd: int, file_fd: int) -> Callable[[int, int], int]:
+    """Return a send step that copies through one buffer. Bytes read but not
+    yet written stay in the buffer for the next step, which is always asked
+    for the position right after the bytes written so far."""
     buffer = memoryview(bytearray(LOOPBACK_COPY_BYTES))
     pending = buffer[:0]
-    while transfer.sent < count and not stopped():
-        sent = transfer.sent
+
+    def send_some(position: int, remaining: int) -> int:
+        nonlocal pending
         if not pending:
-            wanted = min(LOOPBACK_COPY_BYTES, count - sent)
-            read = os.preadv(file_fd, [buffer[:wanted]], offset + sent)
+            wanted = min(LOOPBACK_COPY_BYTES, remaining)
+            read = os.preadv(file_fd, [buffer[:wanted]], position)
             if read == 0:
-                raise OSError(f"file ended {count - sent} bytes before the range's end")
+                return 0
             pending = buffer[:read]
-        try:
-            written = os.write(sock_fd, pending)
-        except BlockingIOError:
-            if not poller.poll(THREAD_WRITABLE_WAIT_MS):
-                break
-            continue
+        written = os.write(sock_fd, pending)
         pending = pending[written:]
-        transfer.sent = sent + written
+        return written
+
+    return send_some
 
 
 def _is_loopback(peer: object) -> bool:
