@@ -208,11 +208,16 @@ class BlobStore:
                 "uploaded content does not match digest",
                 {"expected": str(expected), "actual": str(actual), "size": size},
             )
-        staged.sync_and_close()
         target = self.paths.blob(expected)
         if target.exists():
+            # The stored copy was fsynced before its rename, so this one needs
+            # no flush. Its directory is synced in case the commit that
+            # renamed it has not yet synced it.
+            staged.close()
             staged.path.unlink(missing_ok=True)
+            _fsync_directory(target.parent)
             return size
+        staged.sync_and_close()
         new_prefix_dir = not target.parent.exists()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged.path, target)
