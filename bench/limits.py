@@ -12,12 +12,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 MIB = 1 << 20
+FSYNC_PROBE_PREFIX = "fsync-probe-"
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,16 @@ def fsync_write_throughput(directory: Path, total_bytes: int) -> Limit:
     """Write total_bytes in 1 MiB chunks to a new file in directory, then fsync.
 
     The time includes the fsync, so the figure is the rate of durable writes to
-    that directory's filesystem, not of the page cache.
+    that directory's filesystem, not of the page cache. The file is left in
+    place: the caller removes it once every try has run, so that no try writes
+    into page-cache memory that an earlier try freed. A registry keeps the blobs
+    it writes, and on a virtual machine writing into memory the guest has not
+    touched before can be several times slower than reusing freed pages.
     """
     chunk = os.urandom(MIB)
     count = max(1, total_bytes // MIB)
-    path = directory / "fsync-probe.bin"
+    fd, _ = tempfile.mkstemp(prefix=FSYNC_PROBE_PREFIX, dir=directory)
     start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         for _ in range(count):
             os.write(fd, chunk)
@@ -63,12 +68,11 @@ def fsync_write_throughput(directory: Path, total_bytes: int) -> Limit:
     finally:
         os.close(fd)
     elapsed = time.perf_counter() - start
-    path.unlink()
     return Limit(
         "disk-fsync",
         "disk write + fsync",
         count / elapsed,
-        f"{count} MiB written in 1 MiB chunks then fsync, in {directory}",
+        f"{count} MiB written in 1 MiB chunks to a new file then fsync, in {directory}",
     )
 
 
@@ -146,9 +150,13 @@ def measure_limits(data_dir: Path, quick: bool) -> dict[str, Limit]:
     ]
     limits = {}
     for probe in probes:
-        results = sorted(
-            (probe() for _ in range(tries)), key=lambda limit: limit.mib_per_s
-        )
+        try:
+            results = sorted(
+                (probe() for _ in range(tries)), key=lambda limit: limit.mib_per_s
+            )
+        finally:
+            for path in data_dir.glob(f"{FSYNC_PROBE_PREFIX}*"):
+                path.unlink()
         median = results[len(results) // 2]
         detail = median.detail
         if tries > 1:
