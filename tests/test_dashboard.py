@@ -275,3 +275,20 @@ def test_openapi_document_served(api: httpx.Client) -> None:
     assert document["openapi"].startswith("3.")
     assert document == openapi_document()
     assert "/repositories/{name}/-/tags/{tag}/history" in document["paths"]
+
+
+def test_ui_without_slash_redirects(api: httpx.Client) -> None:
+    response = api.get("/_cairn/ui?tab=tags")
+
+    assert response.status_code == 308
+    assert response.headers["Location"].endswith("/_cairn/ui/?tab=tags")
+
+
+def test_ui_assets_resolve_after_redirect(api: httpx.Client) -> None:
+    page = api.get("/_cairn/ui", follow_redirects=True)
+
+    assert page.status_code == 200
+    assert page.url.path == "/_cairn/ui/"
+    for asset in ("style.css", "app.js"):
+        assert f'"{asset}"' in page.text
+        assert api.get(page.url.join(asset)).status_code == 200

@@ -120,7 +120,8 @@ def build_router() -> Router:
     router.add(r"/_cairn/health", GET=health.health)
     router.add(r"/_cairn/events", GET=feed.events)
     dashboard.add_routes(router)
-    router.add(r"/_cairn/ui/?", GET=ui.page, HEAD=ui.page)
+    router.add(r"/_cairn/ui", GET=ui.redirect_to_index)
+    router.add(r"/_cairn/ui/", GET=ui.page)
     router.add(r"/_cairn/ui/(?P<file>[^/]+)", GET=ui.page, HEAD=ui.page)
     router.add(r"/metrics", GET=metrics)
     return router

@@ -42,6 +42,17 @@ def _content(name: str) -> bytes:
     return resources.files(__package__).joinpath("static", name).read_bytes()
 
 
+async def redirect_to_index(request: Request) -> Response:
+    """Redirect GET /_cairn/ui to /_cairn/ui/, keeping the query string.
+
+    The pages link their scripts and styles by relative paths, which resolve
+    under /_cairn/ only without the trailing slash.
+    """
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    location = request.url_for("/_cairn/ui/") + (f"?{query}" if query else "")
+    return Response(308, [("Location", location)])
+
+
 async def page(request: Request) -> Response:
     """Serve GET /_cairn/ui/ and the files beside it."""
     name = request.path_params.get("file") or "index.html"
