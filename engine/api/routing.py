@@ -50,7 +50,8 @@ class Router:
             raise HTTPError(
                 ErrorCode.NAME_INVALID,
                 400,
-                "repository names cannot contain an encoded slash (%2F)",
+                "a /v2/ path cannot contain an encoded slash (%2F): no repository "
+                "name component, tag, digest or upload id has one",
                 {"path": raw_path.decode("latin-1")},
             )
         for route in self._routes:
