@@ -486,12 +486,13 @@ def test_invalid_chunk_in_request_body(serve: ServeProcess) -> None:
 
 
 def _assert_headers_too_large(response: RawResponse) -> None:
-    assert response.status == 400
+    assert response.status == 431
     error = json.loads(response.body)["errors"][0]
     assert error["code"] == "UNSUPPORTED"
     assert error["message"] == "request headers too large"
     assert error["detail"]["part"] == "header"
     assert error["detail"]["reason"] == "request headers exceed 65536 bytes"
+    assert error["detail"]["limit"] == 65536
 
 
 def test_many_headers_rejected(serve: ServeProcess) -> None:

@@ -12,7 +12,7 @@ Rejected requests: httptools rejects, among others, an unknown method, a
 malformed Content-Length, raw non-ASCII bytes in the path and an invalid
 header. Such a request gets a 400 with the OCI error body that the app sends
 elsewhere, in place of uvicorn's plain-text "Invalid HTTP request
-received.". Its code is
+received.", or a 431 when its headers exceed MAX_HEADER_BYTES. Its code is
 UNSUPPORTED, the code cairn gives other malformed input that no specific
 OCI code covers: the request fails before routing, so NAME_INVALID or
 MANIFEST_INVALID would name a part that was never looked at.
@@ -106,7 +106,7 @@ LOOPBACK_COPY_BYTES: Final = 64 * 1024
 BODY_BUFFER_LIMIT: Final = 1024 * 1024
 
 # Maximum bytes of one request's header names and values. A longer head
-# gets a 400, so a client cannot make the server hold headers of any size.
+# gets a 431, so a client cannot make the server hold headers of any size.
 MAX_HEADER_BYTES: Final = 64 * 1024
 
 # The idle timeouts are checked this many times per timeout, so one fires
@@ -680,22 +680,23 @@ class CairnHttpProtocol(HttpToolsProtocol):
             self._arm_idle_check()
 
     def _reject(self, error: httptools.HttpParserError) -> None:
-        """Send a 400 OCI error for a request that httptools rejected.
+        """Send a 400 or 431 OCI error for a request that httptools rejected.
 
-        The 400 follows every response to the requests before it on the
+        The error follows every response to the requests before it on the
         connection, and then the connection closes.
         """
         self._rejected = True
         head = b"".join(self._head_chunks) if self._head_chunks is not None else None
-        message, detail = describe_rejection(error, head)
+        status, message, detail = describe_rejection(error, head)
         log.warning(
             "request_rejected",
+            status=status,
             error=message,
             detail=detail,
             remote=self.client[0] if self.client else None,
         )
         response = rejection_response(
-            message, detail, self.server_state.default_headers
+            status, message, detail, self.server_state.default_headers
         )
 
         # A request whose headers were parsed already has a cycle, and an
@@ -860,7 +861,6 @@ _REASON_PARTS: Final = (
     ("url path", "path", "invalid characters in the request path"),
     ("url query", "query", "invalid characters in the request query"),
     ("url", "target", "invalid request target"),
-    ("headers exceed", "header", "request headers too large"),
     ("content-length", "header", "invalid Content-Length header"),
     ("transfer-encoding", "header", "invalid Transfer-Encoding header"),
     ("header", "header", "invalid header"),
@@ -873,15 +873,24 @@ _REASON_PARTS: Final = (
 
 def describe_rejection(
     error: httptools.HttpParserError, head: bytes | None
-) -> tuple[str, dict[str, str]]:
-    """Return the message and detail of the 400 for a request httptools rejected.
+) -> tuple[int, str, dict[str, str | int]]:
+    """Return the status, message and detail for a request httptools rejected.
 
-    ``head`` is the request's bytes from its first byte, when known. The
-    detail has ``reason``, the parser's words, and ``part``, the part of
-    the request they name (method, path, query, target, header, body,
-    version or request). It quotes the offending bytes as ``value`` (and the
-    header's name as ``header``) where ``head`` contains them.
+    The status is 431 (RFC 6585) for headers over MAX_HEADER_BYTES, with the
+    limit in the detail, and 400 otherwise. ``head`` is the request's bytes
+    from its first byte, when known. The detail has ``reason``, the parser's
+    words, and ``part``, the part of the request they name (method, path,
+    query, target, header, body, version or request). It quotes the
+    offending bytes as ``value`` (and the header's name as ``header``) where
+    ``head`` contains them.
     """
+    if _is_headers_too_large(error):
+        too_large: dict[str, str | int] = {
+            "part": "header",
+            "reason": _reason(error),
+            "limit": MAX_HEADER_BYTES,
+        }
+        return 431, "request headers too large", too_large
     reason = _reason(error)
     lowered = reason.lower()
     if isinstance(error, httptools.HttpParserInvalidMethodError):
@@ -891,7 +900,7 @@ def describe_rejection(
         if keyword in lowered:
             part, message = keyword_part, keyword_message
             break
-    detail = {"part": part, "reason": reason}
+    detail: dict[str, str | int] = {"part": part, "reason": reason}
 
     lines = _head_lines(head)
     request_line = lines[0].split(b" ") if lines else []
@@ -916,11 +925,19 @@ def describe_rejection(
                 value = bad[1]
     if value is not None:
         detail["value"] = quote_bytes(value)
-    return message, detail
+    return 400, message, detail
 
 
 def _headers_too_large() -> HeadersTooLarge:
     return HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
+
+
+def _is_headers_too_large(error: httptools.HttpParserError) -> bool:
+    # A HeadersTooLarge raised in a parser callback reaches the protocol as
+    # the context of the parser's own error.
+    return isinstance(error, HeadersTooLarge) or isinstance(
+        error.__context__, HeadersTooLarge
+    )
 
 
 def _reason(error: httptools.HttpParserError) -> str:
@@ -942,11 +959,15 @@ def _reason(error: httptools.HttpParserError) -> str:
 
 
 def rejection_response(
-    message: str, detail: dict[str, str], default_headers: list[tuple[bytes, bytes]]
+    status: int,
+    message: str,
+    detail: Mapping[str, str | int],
+    default_headers: list[tuple[bytes, bytes]],
 ) -> bytes:
-    """Return the bytes of a 400 with the OCI error body, closing the connection."""
-    body = error_body(ErrorCode.UNSUPPORTED, message, detail)
-    lines = [STATUS_LINE[400]]
+    """Return the bytes of an error response with the OCI error body, closing
+    the connection."""
+    body = error_body(ErrorCode.UNSUPPORTED, message, dict(detail))
+    lines = [STATUS_LINE[status]]
     for name, value in default_headers:
         lines.append(name + b": " + value + b"\r\n")
     version_name, version_value = API_VERSION_HEADER
