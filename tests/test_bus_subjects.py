@@ -141,6 +141,12 @@ def test_filter_subject_unknown_type() -> None:
         filter_subject("cairn", "tags")
 
 
+@pytest.mark.parametrize("repository", ["Bad/Name", "library//", "/", "a b"])
+def test_filter_subject_invalid_repository(repository: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid repository '{repository}'"):
+        filter_subject("cairn", None, repository)
+
+
 @pytest.mark.parametrize("prefix", ["", "a..b", "a.*", "a.>", "a b", "."])
 def test_invalid_prefix_rejected(prefix: str) -> None:
     with pytest.raises(ValueError, match="invalid subject prefix"):

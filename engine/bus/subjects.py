@@ -34,7 +34,9 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from engine.domain.errors import NameInvalid
 from engine.domain.events import EventType
+from engine.domain.names import validate_repository_name
 
 PULL_TOKEN: Final = "pull"
 
@@ -170,7 +172,20 @@ def filter_subject(
     if repository is None:
         repository_tokens = ">"
     elif repository.endswith("/"):
-        repository_tokens = encode_repository(repository.removesuffix("/")) + ".>"
+        namespace = _valid_repository(repository.removesuffix("/"), repository)
+        repository_tokens = encode_repository(namespace) + ".>"
     else:
-        repository_tokens = encode_repository(repository)
+        repository_tokens = encode_repository(_valid_repository(repository))
     return f"{prefix}.{type_tokens}.{repository_tokens}"
+
+
+def _valid_repository(name: str, argument: str | None = None) -> str:
+    """Return ``name``; raise ValueError, quoting ``argument`` (the filter as
+    the user typed it), if it is no valid repository name, because such a
+    filter would match no event."""
+    try:
+        return validate_repository_name(name)
+    except NameInvalid as error:
+        raise ValueError(
+            f"invalid repository {argument or name!r}: {error.message}"
+        ) from None
