@@ -525,6 +525,7 @@ def test_method_not_allowed(
         ("/v2/_catalog?n=ten", "ten"),
         ("/_cairn/events?after=x", "x"),
         ("/_cairn/events?limit=0", "0"),
+        ("/_cairn/events?limit=-1", "-1"),
         ("/_cairn/events?type=blob.exploded", "blob.exploded"),
     ],
 )
@@ -538,6 +539,14 @@ def test_invalid_query_parameter(
     assert error["code"] == "UNSUPPORTED"
     assert str(error["detail"]["value"]) == value
     unchanged()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_event_limit_range_message(api: httpx.Client, value: str) -> None:
+    response = api.get("/_cairn/events", params={"limit": value})
+
+    assert response.status_code == 400
+    assert _error(response)["message"].startswith("limit must be an integer from 1 ")
 
 
 # ---- no request of any shape gets a 500 ----------------------------------------------

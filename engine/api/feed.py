@@ -29,14 +29,14 @@ MAX_LIMIT: Final = 1000
 _EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
 
 
-def _count(request: Request, name: str, default: int) -> int:
+def _count(request: Request, name: str, default: int, minimum: int = 0) -> int:
     value = request.param(name)
     if value is None or value == "":
         return default
     number = parse_decimal(value)
-    if number is None:
+    if number is None or number < minimum:
         raise unsupported(
-            f"{name} must be an integer from 0 to {MAX_POSITION}",
+            f"{name} must be an integer from {minimum} to {MAX_POSITION}",
             parameter=name,
             value=value,
         )
@@ -80,10 +80,7 @@ def _read(
 
 async def events(request: Request) -> Response:
     after = _count(request, "after", 0)
-    limit = _count(request, "limit", DEFAULT_LIMIT)
-    if limit == 0:
-        raise unsupported("limit must be at least 1", parameter="limit", value=0)
-    limit = min(limit, MAX_LIMIT)
+    limit = min(_count(request, "limit", DEFAULT_LIMIT, minimum=1), MAX_LIMIT)
     repository = request.param("repository") or None
     if repository is not None:
         validate_repository_name(repository)
