@@ -468,6 +468,33 @@ def test_rejected_request_is_logged(serve: ServeProcess) -> None:
     assert records[-1]["level"] == "warning"
 
 
+def _log_records(serve: ServeProcess, event: str) -> list[dict[str, Any]]:
+    records = []
+    for line in serve.log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") == event:
+                records.append(record)
+    return records
+
+
+def test_tls_handshake_logged_at_info(serve: ServeProcess) -> None:
+    # The start of a TLS 1.2 ClientHello record.
+    client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)
+    rejected_before = len(_log_records(serve, "request_rejected"))
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(client_hello)
+        assert read_response(reader).status == 400
+
+    deadline = time.monotonic() + 30
+    while not (records := _log_records(serve, "tls_handshake_rejected")):
+        assert time.monotonic() < deadline, "no tls_handshake_rejected log line"
+        time.sleep(0.1)
+    assert records[-1]["level"] == "info"
+    assert records[-1]["remote"] == "127.0.0.1"
+    assert len(_log_records(serve, "request_rejected")) == rejected_before
+
+
 def test_invalid_chunk_in_request_body(serve: ServeProcess) -> None:
     with connection(serve.url) as (sock, reader):
         sock.sendall(

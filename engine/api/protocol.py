@@ -109,6 +109,10 @@ BODY_BUFFER_LIMIT: Final = 1024 * 1024
 # gets a 431, so a client cannot make the server hold headers of any size.
 MAX_HEADER_BYTES: Final = 64 * 1024
 
+# The first bytes of a TLS handshake record (content type 22, major version
+# 3): a client that speaks TLS to this plain-HTTP server.
+TLS_HANDSHAKE_RECORD: Final = b"\x16\x03"
+
 # The idle timeouts are checked this many times per timeout, so one fires
 # between 1 and about 1.5 timeouts after the last byte moved (a check that
 # the timer runs a little early finds the timeout not yet expired).
@@ -688,13 +692,20 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._rejected = True
         head = b"".join(self._head_chunks) if self._head_chunks is not None else None
         status, message, detail = describe_rejection(error, head)
-        log.warning(
-            "request_rejected",
-            status=status,
-            error=message,
-            detail=detail,
-            remote=self.client[0] if self.client else None,
-        )
+        remote = self.client[0] if self.client else None
+        if head is not None and head.startswith(TLS_HANDSHAKE_RECORD):
+            # podman and skopeo try HTTPS first, and fall back to plain HTTP
+            # for a registry configured as insecure, so every push to a
+            # plain-HTTP cairn can begin with one of these.
+            log.info("tls_handshake_rejected", remote=remote)
+        else:
+            log.warning(
+                "request_rejected",
+                status=status,
+                error=message,
+                detail=detail,
+                remote=remote,
+            )
         response = rejection_response(
             status, message, detail, self.server_state.default_headers
         )
