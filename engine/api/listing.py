@@ -9,13 +9,18 @@ streamed one page at a time, so no listing is ever held in memory whole.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 from urllib.parse import urlencode
 
 from engine.api.errors import unsupported
-from engine.api.http import Request, Response, json_response, parse_decimal
+from engine.api.http import (
+    Request,
+    Response,
+    encode_json,
+    json_response,
+    parse_decimal,
+)
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_INDEX
@@ -70,14 +75,14 @@ async def _paged(
 async def _stream_all(
     prefix: dict[str, str], key: str, first: list[str], fetch: Page
 ) -> AsyncIterator[bytes]:
-    head = json.dumps({**prefix, key: []}, separators=(",", ":"))
     # Everything but the closing "]}" of the empty list.
-    yield head[:-2].encode()
+    yield encode_json({**prefix, key: []})[:-2]
     page = first
-    separator = ""
+    separator = b""
     while page:
-        yield (separator + ",".join(json.dumps(entry) for entry in page)).encode()
-        separator = ","
+        # The page's JSON array without its brackets.
+        yield separator + encode_json(page)[1:-1]
+        separator = b","
         if len(page) < MAX_PAGE_SIZE:
             break
         page = await run_sync(fetch, MAX_PAGE_SIZE, page[-1])
@@ -115,5 +120,4 @@ async def referrers(request: Request) -> Response:
         "mediaType": OCI_INDEX,
         "manifests": [descriptor.to_json() for descriptor in descriptors],
     }
-    body = json.dumps(document, separators=(",", ":")).encode()
-    return Response(200, headers, body)
+    return Response(200, headers, encode_json(document))
