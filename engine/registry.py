@@ -927,9 +927,10 @@ def _manifest_info(row: Any) -> ManifestInfo:
 
 
 def _tag_digest(conn: Connection, repository: str, tag: str) -> str | None:
-    return _TAG_DIGEST.execute(
+    digest: str | None = _TAG_DIGEST.execute(
         conn, {"b_repository": repository, "b_tag": tag}
     ).scalar_one_or_none()
+    return digest
 
 
 def _blob_link(conn: Connection, repository: str, digest: str) -> Any:

@@ -134,7 +134,7 @@ def append(
 def _save_stream_versions(
     conn: Connection, versions: dict[str, int], stored: list[StoredEvent]
 ) -> None:
-    first_version = {}
+    first_version: dict[str, int] = {}
     for event in stored:
         first_version.setdefault(event.repository, event.version)
     for repository, version in versions.items():

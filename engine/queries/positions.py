@@ -11,9 +11,10 @@ from sqlalchemy.engine import Connection
 
 from engine.db import Database
 from engine.projections import ALL_PROJECTIONS
-from engine.tables import events, log_head, projection_checkpoints
+from engine.tables import events, projection_checkpoints
+from engine.tables import log_head as log_head_table
 
-_HEAD = sa.select(log_head.c.position).where(log_head.c.id == 1)
+_HEAD = sa.select(log_head_table.c.position).where(log_head_table.c.id == 1)
 _CHECKPOINTS = sa.select(
     projection_checkpoints.c.name, projection_checkpoints.c.position
 )

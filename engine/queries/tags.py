@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -10,7 +11,8 @@ from sqlalchemy.engine import Connection
 from engine.domain.errors import ManifestUnknown, NameUnknown, Unsupported
 from engine.domain.events import format_time
 from engine.queries.pages import Page, check_page_size, decode_cursor, encode_cursor
-from engine.tables import events, manifests, repositories, tag_history, tags
+from engine.tables import events, manifests, repositories, tags
+from engine.tables import tag_history as tag_history_table
 
 # Reference kinds whose bytes are blobs, as the manifest.pushed event lists them.
 BLOB_KINDS: Final = frozenset({"config", "layer"})
@@ -60,13 +62,13 @@ _ended = events.alias("ended")
 
 _HISTORY = (
     sa.select(
-        tag_history.c.tag,
-        tag_history.c.digest,
-        tag_history.c.from_position,
-        tag_history.c.from_time,
-        tag_history.c.to_position,
-        tag_history.c.to_time,
-        tag_history.c.actor_user,
+        tag_history_table.c.tag,
+        tag_history_table.c.digest,
+        tag_history_table.c.from_position,
+        tag_history_table.c.from_time,
+        tag_history_table.c.to_position,
+        tag_history_table.c.to_time,
+        tag_history_table.c.actor_user,
         _started.c.actor_address,
         _ended.c.type.label("ended_type"),
         _ended.c.actor_user.label("ended_user"),
@@ -74,45 +76,45 @@ _HISTORY = (
         manifests.c.media_type,
         manifests.c.size,
     )
-    .select_from(tag_history)
-    .outerjoin(_started, _started.c.position == tag_history.c.from_position)
-    .outerjoin(_ended, _ended.c.position == tag_history.c.to_position)
+    .select_from(tag_history_table)
+    .outerjoin(_started, _started.c.position == tag_history_table.c.from_position)
+    .outerjoin(_ended, _ended.c.position == tag_history_table.c.to_position)
     .outerjoin(
         manifests,
-        (manifests.c.repository == tag_history.c.repository)
-        & (manifests.c.digest == tag_history.c.digest),
+        (manifests.c.repository == tag_history_table.c.repository)
+        & (manifests.c.digest == tag_history_table.c.digest),
     )
-    .where(tag_history.c.repository == sa.bindparam("b_repository"))
+    .where(tag_history_table.c.repository == sa.bindparam("b_repository"))
 )
 _TAG_HISTORY = (
-    _HISTORY.where(tag_history.c.tag == sa.bindparam("b_tag"))
-    .order_by(tag_history.c.from_position.desc())
+    _HISTORY.where(tag_history_table.c.tag == sa.bindparam("b_tag"))
+    .order_by(tag_history_table.c.from_position.desc())
     .limit(sa.bindparam("b_limit"))
 )
 _TAG_HISTORY_BEFORE = _TAG_HISTORY.where(
-    tag_history.c.from_position < sa.bindparam("b_position")
+    tag_history_table.c.from_position < sa.bindparam("b_position")
 )
 _TAG_AT = (
     _HISTORY.where(
-        (tag_history.c.tag == sa.bindparam("b_tag"))
-        & (tag_history.c.from_position <= sa.bindparam("b_position"))
+        (tag_history_table.c.tag == sa.bindparam("b_tag"))
+        & (tag_history_table.c.from_position <= sa.bindparam("b_position"))
     )
-    .order_by(tag_history.c.from_position.desc())
+    .order_by(tag_history_table.c.from_position.desc())
     .limit(1)
 )
 # A range [from_position, to_position) contains the position.
 _TAGS_AT = (
     _HISTORY.where(
-        (tag_history.c.from_position <= sa.bindparam("b_position"))
+        (tag_history_table.c.from_position <= sa.bindparam("b_position"))
         & (
-            tag_history.c.to_position.is_(None)
-            | (tag_history.c.to_position > sa.bindparam("b_position"))
+            tag_history_table.c.to_position.is_(None)
+            | (tag_history_table.c.to_position > sa.bindparam("b_position"))
         )
     )
-    .order_by(tag_history.c.tag)
+    .order_by(tag_history_table.c.tag)
     .limit(sa.bindparam("b_limit"))
 )
-_TAGS_AT_AFTER = _TAGS_AT.where(tag_history.c.tag > sa.bindparam("b_tag"))
+_TAGS_AT_AFTER = _TAGS_AT.where(tag_history_table.c.tag > sa.bindparam("b_tag"))
 
 
 def _actor(user: str | None, address: str | None) -> dict[str, str | None]:
@@ -129,10 +131,13 @@ def platforms(references: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 
 def _own_content_size(size: int, references: list[dict[str, Any]]) -> int:
-    return size + sum(r["size"] for r in references if r.get("kind") in BLOB_KINDS)
+    blobs: int = sum(r["size"] for r in references if r.get("kind") in BLOB_KINDS)
+    return size + blobs
 
 
-def content_sizes(conn: Connection, repository: str, rows: list[Any]) -> dict[str, int]:
+def content_sizes(
+    conn: Connection, repository: str, rows: Sequence[Any]
+) -> dict[str, int]:
     """Return, per manifest digest, its bytes with its config and layers; an
     index adds those of the children the repository holds."""
     sizes: dict[str, int] = {}
