@@ -25,17 +25,21 @@ from sqlalchemy.engine import Connection
 
 from engine import log as event_log
 from engine.blobs import BlobStore, StagedBlob
+from engine.blobs.limits import check_declared_size, check_received_size
 from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
+    BlobTooLarge,
     BlobUnknown,
     BlobUploadUnknown,
     DigestMismatch,
+    InsufficientStorage,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestUnknown,
     NameUnknown,
     RangeInvalid,
+    RegistryError,
 )
 from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
 from engine.domain.manifests import Descriptor, Manifest, Reference, parse_manifest
@@ -166,11 +170,22 @@ class UploadStatus:
 
 
 class Registry:
-    """Entry point: hands out Repository objects and enumerates everything."""
+    """Entry point: hands out Repository objects and enumerates everything.
 
-    def __init__(self, database: Database, blob_store: BlobStore) -> None:
+    ``max_blob_size`` is the largest blob, in bytes, that an upload may
+    store; None allows any size.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        blob_store: BlobStore,
+        *,
+        max_blob_size: int | None = None,
+    ) -> None:
         self.database = database
         self.blob_store = blob_store
+        self.max_blob_size = max_blob_size
         self._upload_locks: dict[str, threading.Lock] = {}
         self._upload_locks_guard = threading.Lock()
         # Open staging files keyed by upload id, so consecutive chunks of an
@@ -258,10 +273,13 @@ class Registry:
         with self._upload_locks_guard:
             return self._upload_locks.setdefault(upload_id, threading.Lock())
 
-    def _forget_upload(self, upload_id: str) -> None:
+    def _close_staged(self, upload_id: str) -> None:
         staged = self._staged.pop(upload_id, None)
         if staged is not None:
             staged.close()
+
+    def _forget_upload(self, upload_id: str) -> None:
+        self._close_staged(upload_id)
         with self._upload_locks_guard:
             self._upload_locks.pop(upload_id, None)
 
@@ -770,14 +788,28 @@ class BlobService:
     def write_upload(
         self, upload_id: str, chunks: Iterable[bytes], start: int | None = None
     ) -> UploadStatus:
-        """Append ``chunks`` to an upload; ``start`` must equal its offset."""
+        """Append ``chunks`` to an upload; ``start`` must equal its offset.
+
+        A blob that grows past the maximum blob size (BlobTooLarge) or a full
+        disk (InsufficientStorage) discards the upload, because it can never
+        complete. After any other error the session keeps its offset.
+        """
         with self._repo.registry.upload_lock(upload_id):
             status = self.upload_status(upload_id)
             _check_start(status, start)
-            staged = self._staged(status)
-            for chunk in chunks:
-                staged.write(chunk)
-            staged.flush()
+            try:
+                staged = self._staged(status)
+                self._write_chunks(staged, chunks)
+                staged.flush()
+            except (BlobTooLarge, InsufficientStorage) as error:
+                self._discard_upload(upload_id, error)
+                raise
+            except BaseException:
+                # The open file may be past the session's offset, or its hash
+                # may include bytes that never reached the file. The next
+                # write opens it again at the recorded offset.
+                self._repo.registry._close_staged(upload_id)
+                raise
             # After a power cut the session may report an older offset, and
             # the client resends from there.
             with self._repo.database.transaction(durable=False) as conn:
@@ -803,37 +835,89 @@ class BlobService:
         """Append the final ``chunks``, verify ``digest`` and link the blob;
         ``start``, when given, must equal the upload's offset.
 
-        On a digest mismatch the upload is discarded and nothing is stored.
+        On a digest mismatch, a blob over the maximum blob size or a full
+        disk, the upload is discarded and nothing is stored.
         """
         with self._repo.registry.upload_lock(upload_id):
             status = self.upload_status(upload_id)
             _check_start(status, start)
-            staged = self._staged(status)
-            self._repo.registry._staged.pop(upload_id, None)
             try:
-                for chunk in chunks:
-                    staged.write(chunk)
+                staged = self._staged(status)
+                # The maximum may have been lowered since the upload began.
+                check_declared_size(
+                    staged.offset,
+                    self._repo.registry.max_blob_size,
+                    "the bytes already uploaded",
+                )
+                self._write_chunks(staged, chunks)
                 return self._commit_staged(staged, digest, upload_id)
             except DigestMismatch:
                 # The store removed the staging file; the session goes with it.
                 with self._repo.database.transaction(durable=False) as conn:
                     _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
                 raise
+            except (BlobTooLarge, InsufficientStorage) as error:
+                self._discard_upload(upload_id, error)
+                raise
             finally:
                 self._repo.registry._forget_upload(upload_id)
 
     def push(self, digest: Digest, chunks: Iterable[bytes]) -> BlobInfo:
-        """Store a whole blob in one call: the monolithic upload."""
+        """Store a whole blob in one call: the monolithic upload. A failed
+        push leaves no staging file."""
         upload_id = str(uuid.uuid4())
-        staged = self._store.stage(upload_id)
         try:
-            for chunk in chunks:
-                staged.write(chunk)
-        except BaseException:
-            staged.close()
-            self._store.discard(upload_id)
+            staged = self._store.stage(upload_id)
+            try:
+                self._write_chunks(staged, chunks)
+            except BaseException:
+                staged.close()
+                self._store.discard(upload_id)
+                raise
+            return self._commit_staged(staged, digest, None)
+        except InsufficientStorage as error:
+            self._log_storage_full(None, error)
             raise
-        return self._commit_staged(staged, digest, None)
+
+    def _write_chunks(self, staged: StagedBlob, chunks: Iterable[bytes]) -> None:
+        """Append ``chunks``, raising BlobTooLarge before the first chunk
+        that would take the blob past the maximum blob size."""
+        limit = self._repo.registry.max_blob_size
+        for chunk in chunks:
+            check_received_size(staged.offset + len(chunk), limit)
+            staged.write(chunk)
+
+    def _discard_upload(self, upload_id: str, error: RegistryError) -> None:
+        """Delete an upload that can never complete: its staging file first,
+        which frees its space, then its session. The caller holds the
+        upload's lock."""
+        if isinstance(error, InsufficientStorage):
+            self._log_storage_full(upload_id, error)
+        self._repo.registry._close_staged(upload_id)
+        self._store.discard(upload_id)
+        try:
+            with self._repo.database.transaction(durable=False) as conn:
+                _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
+        except sa.exc.SQLAlchemyError as db_error:
+            # Without its staging file the session reports its upload as
+            # unknown, and purge_uploads deletes it when it expires.
+            log.error(
+                "upload_discard_failed",
+                repository=self._repo.name,
+                upload=upload_id,
+                error=str(db_error),
+                request_id=self._repo.request_id,
+            )
+
+    def _log_storage_full(self, upload_id: str | None, error: RegistryError) -> None:
+        log.error(
+            "blob_storage_full",
+            repository=self._repo.name,
+            upload=upload_id,
+            error=str(error.__cause__ or error),
+            data_dir=str(self._store.paths.root),
+            request_id=self._repo.request_id,
+        )
 
     def _commit_staged(
         self, staged: StagedBlob, digest: Digest, upload_id: str | None

@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import queue
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import anyio.to_thread
 
 from engine.api.http import ClientDisconnected, Request
 from engine.api.memory import TRIMMER
+from engine.blobs.limits import check_received_size
 from engine.domain.errors import ManifestTooLarge, SizeInvalid
 
 T = TypeVar("T")
@@ -106,22 +108,40 @@ class _ChunkPipe:
         self._loop.call_soon_threadsafe(mark)
 
 
+@dataclass(frozen=True, slots=True)
+class BlobLimit:
+    """The maximum blob size, and the blob offset at which a body starts."""
+
+    max_blob_size: int | None
+    offset: int = 0
+
+    def check(self, received: int) -> None:
+        """Raise BlobTooLarge once ``received`` body bytes take the blob past
+        the maximum blob size."""
+        check_received_size(self.offset + received, self.max_blob_size)
+
+
+NO_LIMIT: Final = BlobLimit(None)
+
+
 async def stream_to_thread(
     request: Request,
     consume: Callable[[Iterator[bytes]], T],
     *,
     expected_size: int | None = None,
+    limit: BlobLimit = NO_LIMIT,
 ) -> T:
     """Run ``consume(chunks)`` in a worker thread, fed with the request body.
 
     ``expected_size`` is the body length a Content-Range header declared; a
     body of another length raises SizeInvalid inside ``consume``, before it
-    can commit anything. A client that disconnects makes ``consume`` raise
-    ClientDisconnected the same way.
+    can commit anything. A body that takes the blob past ``limit`` raises
+    BlobTooLarge there as soon as its bytes are received, and a client that
+    disconnects makes ``consume`` raise ClientDisconnected, in the same way.
     """
     declared = request.content_length()
     if declared is not None and declared <= BUFFER_SIZE:
-        return await _consume_whole(request, consume, expected_size)
+        return await _consume_whole(request, consume, expected_size, limit)
     pipe = _ChunkPipe()
 
     def run() -> T:
@@ -136,7 +156,7 @@ async def stream_to_thread(
         anyio.to_thread.run_sync(run, limiter=request.state.upload_limiter)
     )
     try:
-        await _pump(request, pipe, expected_size)
+        await _pump(request, pipe, expected_size, limit)
     except BaseException as error:
         if isinstance(error, Exception):
             pipe.abort(error)
@@ -151,6 +171,7 @@ async def _consume_whole(
     request: Request,
     consume: Callable[[Iterator[bytes]], T],
     expected_size: int | None,
+    limit: BlobLimit,
 ) -> T:
     """Read a body of at most BUFFER_SIZE bytes, then consume it in one
     worker-thread call.
@@ -159,7 +180,12 @@ async def _consume_whole(
     every chunk. The pipe path would also have joined such a body into a
     single buffer.
     """
-    parts = [chunk async for chunk in request.stream()]
+    parts: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        limit.check(received)
+        parts.append(chunk)
     body = b"".join(parts)
     if expected_size is not None and len(body) != expected_size:
         raise _size_mismatch(expected_size, len(body))
@@ -174,7 +200,9 @@ async def _consume_whole(
     return await anyio.to_thread.run_sync(run, limiter=request.state.upload_limiter)
 
 
-async def _pump(request: Request, pipe: _ChunkPipe, expected_size: int | None) -> None:
+async def _pump(
+    request: Request, pipe: _ChunkPipe, expected_size: int | None, limit: BlobLimit
+) -> None:
     parts: list[bytes] = []
     buffered = 0
     received = 0
@@ -182,6 +210,12 @@ async def _pump(request: Request, pipe: _ChunkPipe, expected_size: int | None) -
         received += len(chunk)
         if expected_size is not None and received > expected_size:
             raise _size_mismatch(expected_size, f"more than {expected_size}")
+        limit.check(received)
+        if pipe.consumer_done:
+            # The worker failed and reads no more, so the response can go.
+            # NOTE: a worker that fails while no byte arrives is noticed only
+            # when the client sends again or the read idle timeout ends.
+            return
         parts.append(chunk)
         buffered += len(chunk)
         if buffered >= BUFFER_SIZE:

@@ -12,11 +12,13 @@ from enum import StrEnum
 from typing import Any, Final
 
 from engine.domain.errors import (
+    BlobTooLarge,
     BlobUnknown,
     BlobUploadInvalid,
     BlobUploadUnknown,
     ConcurrencyConflict,
     DigestInvalid,
+    InsufficientStorage,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestTooLarge,
@@ -52,7 +54,8 @@ class ErrorCode(StrEnum):
     DENIED = "DENIED"
     UNSUPPORTED = "UNSUPPORTED"
     TOOMANYREQUESTS = "TOOMANYREQUESTS"
-    # Not an OCI code: the body of a 500, which never carries internals.
+    # Not an OCI code: the body of a 500 or 507, which never carries
+    # internals.
     UNKNOWN = "UNKNOWN"
 
 
@@ -73,6 +76,12 @@ ERROR_TABLE: Final[dict[type[RegistryError], tuple[ErrorCode, int]]] = {
     RangeNotSatisfiable: (ErrorCode.UNSUPPORTED, 416),
     SizeInvalid: (ErrorCode.SIZE_INVALID, 400),
     ManifestTooLarge: (ErrorCode.SIZE_INVALID, 413),
+    BlobTooLarge: (ErrorCode.SIZE_INVALID, 413),
+    # A full disk is no fault of the request, so it gets a 5xx. RFC 4918
+    # section 11.5 defines 507 Insufficient Storage for a server that cannot
+    # store what a request sends, a temporary condition that a client should
+    # not retry on its own. A 500 would suggest a bug in cairn instead.
+    InsufficientStorage: (ErrorCode.UNKNOWN, 507),
     ManifestInvalid: (ErrorCode.MANIFEST_INVALID, 400),
     ManifestUnknown: (ErrorCode.MANIFEST_UNKNOWN, 404),
     ManifestBlobUnknown: (ErrorCode.MANIFEST_BLOB_UNKNOWN, 400),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
+from typing import Final
 
 from engine.bus.options import add_bus_options
 from engine.config import DEFAULT_LISTEN, env_default, parse_listen
@@ -18,6 +20,23 @@ DEFAULT_UPLOAD_EXPIRY_HOURS = 24.0
 # and, for a download, an open file.
 DEFAULT_READ_IDLE_TIMEOUT = 60.0
 DEFAULT_WRITE_IDLE_TIMEOUT = 60.0
+# The largest blob an upload may store. Amazon ECR's service quotas page
+# gives 52,000 MiB as its maximum layer size, so 64 GiB admits the layers of
+# any image that ECR stores. The limit bounds what one upload can write to
+# the disk, but many uploads together can still fill it.
+DEFAULT_MAX_BLOB_SIZE = "64GiB"
+
+# Only binary multiples are accepted. Decimal units (GB) and bare letters (G)
+# are rejected, because they leave a factor of 1000 or 1024 to guess.
+_BYTE_UNITS: Final = {
+    "": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_BYTE_SIZE: Final = re.compile(r"([0-9]{1,19})\s*([A-Za-z]*)")
+MAX_INT64: Final = 2**63 - 1
 
 
 def parse_rate_limit(value: str) -> int:
@@ -46,6 +65,22 @@ def parse_idle_timeout(value: str) -> float | None:
             "or 0 to turn the timeout off"
         )
     return seconds or None
+
+
+def parse_byte_size(value: str) -> int | None:
+    """Parse a size in bytes, with an optional KiB, MiB, GiB or TiB suffix,
+    returning None for 0 (no limit)."""
+    match = _BYTE_SIZE.fullmatch(value.strip())
+    size = -1
+    if match is not None and match.group(2).lower() in _BYTE_UNITS:
+        size = int(match.group(1)) * _BYTE_UNITS[match.group(2).lower()]
+    if not 0 <= size <= MAX_INT64:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {value!r}: expected a number of bytes with an "
+            "optional KiB, MiB, GiB or TiB suffix, e.g. 64GiB, or 0 for no "
+            "limit"
+        )
+    return size or None
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +139,16 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "server is sending before the connection is closed; 0 turns it off "
         "(env CAIRN_WRITE_IDLE_TIMEOUT; "
         f"default {DEFAULT_WRITE_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-blob-size",
+        type=parse_byte_size,
+        default=env_default("MAX_BLOB_SIZE", DEFAULT_MAX_BLOB_SIZE),
+        metavar="SIZE",
+        help="largest blob an upload may store, in bytes or with a KiB, MiB, "
+        "GiB or TiB suffix. A larger one gets 413 SIZE_INVALID and its upload "
+        "is discarded, and 0 turns the limit off (env CAIRN_MAX_BLOB_SIZE; "
+        f"default {DEFAULT_MAX_BLOB_SIZE})",
     )
     parser.add_argument(
         "--auth-file",

@@ -81,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     except StorageUnavailable as error:
         return report_storage_error(error)
+    registry.max_blob_size = args.max_blob_size
     bus = Bus.from_args(args, registry.database, data_dir)
 
     host, port = args.listen
@@ -130,6 +131,7 @@ def serve(args: argparse.Namespace) -> int:
         url=_display_url(host, port),
         data_dir=str(data_dir),
         database=database,
+        max_blob_size=registry.max_blob_size,
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:

@@ -10,12 +10,14 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
-from engine.api.body import stream_to_thread
+from engine.api.body import BlobLimit, stream_to_thread
 from engine.api.errors import HTTPError
 from engine.api.http import Request, Response, empty_response, repository_path
 from engine.api.threads import run_sync
+from engine.blobs.limits import check_declared_size
 from engine.domain.digest import Digest
 from engine.domain.errors import (
+    BlobTooLarge,
     DigestInvalid,
     RangeInvalid,
     RegistryError,
@@ -96,6 +98,43 @@ async def _upload_range(
     return start, length
 
 
+async def _body_limit(
+    request: Request,
+    repository: Repository,
+    upload_id: str,
+    start: int | None,
+    length: int | None,
+) -> BlobLimit:
+    """Return the limit for the body of a PATCH or final PUT, after
+    rejecting one whose declared size already exceeds the maximum blob size.
+
+    Content-Range declares where the chunk starts and ends. Without it the
+    chunk starts at the upload's offset, and Content-Length, when present,
+    declares its end. An upload rejected here is discarded, because it can
+    never complete.
+    """
+    max_blob_size = request.state.registry.max_blob_size
+    if max_blob_size is None:
+        return BlobLimit(None)
+
+    if start is not None and length is not None:
+        offset, end, source = start, start + length, "Content-Range"
+    else:
+        status = await run_sync(repository.blobs.upload_status, upload_id)
+        offset, end, source = status.offset, status.offset, "the upload's offset"
+        declared = request.content_length()
+        if declared is not None:
+            end += declared
+            source = "the upload's offset plus Content-Length"
+
+    try:
+        check_declared_size(end, max_blob_size, source)
+    except BlobTooLarge:
+        await run_sync(repository.blobs.cancel_upload, upload_id)
+        raise
+    return BlobLimit(max_blob_size, offset)
+
+
 async def _range_error(
     request: Request, repository: Repository, upload_id: str, error: RangeInvalid
 ) -> HTTPError:
@@ -117,11 +156,15 @@ async def start_upload(request: Request) -> Response:
 
     elif request.param("digest") is not None:
         digest = Digest.parse(request.param("digest") or "")
+        limit = BlobLimit(request.state.registry.max_blob_size)
+        declared = request.content_length()
+        if declared is not None:
+            check_declared_size(declared, limit.max_blob_size, "Content-Length")
 
         def push(chunks: Iterator[bytes]) -> BlobInfo:
             return repository.blobs.push(digest, chunks)
 
-        info = await stream_to_thread(request, push)
+        info = await stream_to_thread(request, push, limit=limit)
         return _blob_created(request, repository.name, info)
 
     status = await run_sync(repository.blobs.create_upload)
@@ -156,12 +199,15 @@ async def patch_upload(request: Request) -> Response:
     repository = request.repository()
     upload_id = request.path_params["upload"]
     start, length = await _upload_range(request, repository, upload_id)
+    limit = await _body_limit(request, repository, upload_id, start, length)
 
     def write(chunks: Iterator[bytes]) -> UploadStatus:
         return repository.blobs.write_upload(upload_id, chunks, start)
 
     try:
-        status = await stream_to_thread(request, write, expected_size=length)
+        status = await stream_to_thread(
+            request, write, expected_size=length, limit=limit
+        )
     except RangeInvalid as error:
         raise await _range_error(request, repository, upload_id, error) from None
     return empty_response(202, _upload_headers(request, repository.name, status))
@@ -179,7 +225,10 @@ async def finish_upload(request: Request) -> Response:
 
     try:
         if request.has_body:
-            info = await stream_to_thread(request, finish, expected_size=length)
+            limit = await _body_limit(request, repository, upload_id, start, length)
+            info = await stream_to_thread(
+                request, finish, expected_size=length, limit=limit
+            )
         else:
             info = await run_sync(repository.blobs.commit_upload, upload_id, digest)
     except RangeInvalid as error:

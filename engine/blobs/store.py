@@ -8,22 +8,29 @@ Layout under the data directory, and nowhere else:
 A committed blob is written to its staging file, verified, fsynced, and
 renamed into place, then its directory is fsynced. A crash at any point
 therefore leaves either no blob at its path or the whole, correct one.
+
+A write or commit that fails because the disk or the quota is full (ENOSPC,
+EDQUOT) raises InsufficientStorage, and a commit that fails removes its
+staging file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import structlog
 
 from engine.domain.digest import Digest, DigestVerifier
-from engine.domain.errors import BlobUploadUnknown, DigestMismatch
+from engine.domain.errors import BlobUploadUnknown, DigestMismatch, InsufficientStorage
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +47,24 @@ _SYNCER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cairn-blob-sync"
 # uses two cores.
 PARALLEL_WRITE_BYTES = 256 * 1024
 _WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-blob-write")
+
+# A full file system and an exhausted disk quota.
+DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextmanager
+def disk_full_errors() -> Iterator[None]:
+    """Raise InsufficientStorage in place of an OSError for a full disk."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        raise InsufficientStorage(
+            "the registry's storage is full, so the blob was not stored. "
+            "Push it again after space is freed",
+            {"reason": os.strerror(error.errno)},
+        ) from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +107,8 @@ class StagedBlob:
             if offset:
                 raise
             # A new, empty file needs no truncating or rehashing.
-            self._file = open(path, "w+b")  # noqa: SIM115
+            with disk_full_errors():
+                self._file = open(path, "w+b")  # noqa: SIM115
             return
         if offset:
             self._rehash_prefix(offset)
@@ -103,6 +129,12 @@ class StagedBlob:
             remaining -= len(chunk)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``. After an error the file and hash are unusable,
+        and the caller must close the staged blob and discard the file."""
+        with disk_full_errors():
+            self._write(data)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         if len(data) >= PARALLEL_WRITE_BYTES:
             written = _WRITER.submit(self._file.write, data)
             try:
@@ -118,24 +150,36 @@ class StagedBlob:
         if self._unsynced >= BACKGROUND_SYNC_BYTES and (
             self._sync is None or self._sync.done()
         ):
+            sync_error = self._wait_for_sync()
+            if sync_error is not None:
+                raise sync_error
             self._file.flush()
             self._sync = _SYNCER.submit(os.fdatasync, self._file.fileno())
             self._unsynced = 0
 
-    def _wait_for_sync(self) -> None:
-        # The descriptor must outlive any fdatasync still running on it.
+    def _wait_for_sync(self) -> BaseException | None:
+        """Wait for the background fdatasync and return its error, if any.
+
+        The descriptor must outlive any fdatasync still running on it. On
+        Linux a later fsync of the same descriptor succeeds after a failed
+        writeback (PostgreSQL wiki, "Fsync Errors"), so an error here may be
+        the only report of lost bytes.
+        """
+        error = None
         if self._sync is not None:
-            self._sync.exception()
+            error = self._sync.exception()
             self._sync = None
+        return error
 
     def flush(self) -> None:
-        self._file.flush()
+        with disk_full_errors():
+            self._file.flush()
 
     def digest(self, algorithm: str = "sha256") -> Digest:
         """Return the digest of everything written, in ``algorithm``."""
         if algorithm == "sha256":
             return self._verifier.digest()
-        self._file.flush()
+        self.flush()
         hasher = hashlib.new(algorithm)
         with open(self.path, "rb") as stream:
             while chunk := stream.read(READ_CHUNK):
@@ -143,13 +187,34 @@ class StagedBlob:
         return Digest(algorithm, hasher.hexdigest())
 
     def close(self) -> None:
+        """Close the file, ignoring unsynced bytes that cannot be written.
+
+        Only a staging file that will be written again or discarded is
+        closed this way, and a commit uses sync_and_close.
+        """
         self._wait_for_sync()
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as error:
+            # The close still released the descriptor. The bytes that could
+            # not be flushed are past the offset that the session records.
+            log.warning(
+                "staging_file_close_failed", path=self.path.name, error=str(error)
+            )
 
     def sync_and_close(self) -> None:
-        self._file.flush()
-        self._wait_for_sync()
-        os.fsync(self._file.fileno())
+        """Flush and fsync the file, then close it. Raise if any byte may not
+        have reached the disk."""
+        try:
+            with disk_full_errors():
+                self._file.flush()
+                sync_error = self._wait_for_sync()
+                if sync_error is not None:
+                    raise sync_error
+                os.fsync(self._file.fileno())
+        except BaseException:
+            self.close()
+            raise
         self._file.close()
 
 
@@ -197,9 +262,16 @@ class BlobStore:
         """Verify ``staged`` against ``expected`` and move it into place.
 
         Returns the blob's size. On a digest mismatch the staging file is
-        removed and DigestMismatch is raised; nothing is stored.
+        removed and DigestMismatch is raised; nothing is stored. A failure
+        to write the file to disk also removes it, and raises
+        InsufficientStorage when the disk is full.
         """
-        actual = staged.digest(expected.algorithm)
+        try:
+            actual = staged.digest(expected.algorithm)
+        except BaseException:
+            staged.close()
+            staged.path.unlink(missing_ok=True)
+            raise
         size = staged.offset
         if actual != expected:
             staged.close()
@@ -217,10 +289,22 @@ class BlobStore:
             staged.path.unlink(missing_ok=True)
             _fsync_directory(target.parent)
             return size
-        staged.sync_and_close()
         new_prefix_dir = not target.parent.exists()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged.path, target)
+        try:
+            staged.sync_and_close()
+            if target.exists():
+                # Another upload of the same digest committed meanwhile.
+                staged.path.unlink(missing_ok=True)
+                return size
+            with disk_full_errors():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged.path, target)
+        except BaseException:
+            staged.path.unlink(missing_ok=True)
+            raise
+        # The blob is now in place, whole and correct, and another upload of
+        # the same digest may already rely on it, so an error from here on
+        # leaves it.
         _fsync_directory(target.parent)
         if new_prefix_dir:
             # The new directory's own entry must be durable too.

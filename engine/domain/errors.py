@@ -83,6 +83,17 @@ class ManifestTooLarge(SizeInvalid):
     pass
 
 
+class BlobTooLarge(SizeInvalid):
+    """A blob upload that declares or sends more bytes than the maximum blob
+    size allows."""
+
+
+class InsufficientStorage(RegistryError):
+    """A blob write that failed because the disk or the quota of the data
+    directory is full. The request itself was valid, and the same request can
+    succeed once space is freed."""
+
+
 class ManifestUnsupported(ManifestInvalid):
     """A manifest format cairn does not store, such as Docker schema 1."""
 

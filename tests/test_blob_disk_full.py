@@ -1,0 +1,317 @@
+"""Uploads onto a full disk, on SQLite and PostgreSQL.
+
+The first test gives `cairn serve` a data directory on a tmpfs of 256 KiB
+that it mounts itself, and skips when it cannot mount one. The others make
+fsync or fdatasync of staging files fail, because on tmpfs only write()
+runs out of space. In every case the client gets 507 with an OCI error
+body, and no event, blob link, blob file, upload session or staging file
+remains.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.api.app import create_app
+from engine.api.body import BUFFER_SIZE
+from engine.blobs import store
+from engine.domain.digest import Digest
+from engine.domain.errors import InsufficientStorage
+from engine.registry import Registry
+from tests.server import (
+    ServeProcess,
+    committed_blob_files,
+    log_records,
+    push_blob,
+    running,
+    start_serve,
+    stored_state,
+    upload_rows,
+)
+
+TMPFS_SIZE = 256 * 1024
+# Larger than the tmpfs, and at most 1 MiB, so the server reads the whole
+# body before it writes and can respond before it closes the connection.
+BODY_SIZE = 512 * 1024
+# Large enough for the body to go through the worker-thread pipe.
+LARGE_BODY_SIZE = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """Return a directory with a tmpfs of TMPFS_SIZE bytes mounted on it,
+    and unmount it after the test."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    options = f"size={TMPFS_SIZE},mode=0700"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def staging_files(registry: Registry) -> list[str]:
+    return sorted(path.name for path in registry.blob_store.paths.staging_dir.iterdir())
+
+
+def assert_nothing_stored(registry: Registry, before: dict[str, object]) -> None:
+    assert stored_state(registry) == before
+    assert committed_blob_files(registry) == []
+    assert upload_rows(registry) == 0
+    assert staging_files(registry) == []
+
+
+def assert_insufficient_storage(
+    status: int, error: dict[str, Any], reason: str
+) -> None:
+    assert status == 507
+    assert error["code"] == "UNKNOWN"
+    assert "storage is full" in error["message"]
+    assert error["detail"] == {"reason": reason}
+
+
+# ---- a real full disk ------------------------------------------------------------
+
+# Each case sends one upload that cannot fit on the tmpfs and returns the
+# response status and its error.
+DiskCase = Callable[[httpx.Client, ServeProcess], tuple[int, dict[str, Any]]]
+
+
+def _error(response: httpx.Response) -> tuple[int, dict[str, Any]]:
+    errors = response.json()["errors"]
+    assert len(errors) == 1
+    return response.status_code, errors[0]
+
+
+def _post(api: httpx.Client, serve: ServeProcess) -> tuple[int, dict[str, Any]]:
+    data = os.urandom(BODY_SIZE)
+    return _error(
+        api.post(
+            "/v2/demo/app/blobs/uploads/",
+            params={"digest": str(Digest.of(data))},
+            content=data,
+        )
+    )
+
+
+def _patch(api: httpx.Client, serve: ServeProcess) -> tuple[int, dict[str, Any]]:
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    return _error(
+        api.patch(
+            location,
+            content=os.urandom(BODY_SIZE),
+            headers={"Content-Range": f"0-{BODY_SIZE - 1}"},
+        )
+    )
+
+
+def _patch_after_chunk(
+    api: httpx.Client, serve: ServeProcess
+) -> tuple[int, dict[str, Any]]:
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    first = api.patch(location, content=b"a" * 65536)
+    assert first.status_code == 202, first.text
+    return _error(api.patch(first.headers["Location"], content=os.urandom(BODY_SIZE)))
+
+
+def _put(api: httpx.Client, serve: ServeProcess) -> tuple[int, dict[str, Any]]:
+    data = os.urandom(BODY_SIZE)
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    return _error(
+        api.put(
+            httpx.URL(location).copy_merge_params({"digest": str(Digest.of(data))}),
+            content=data,
+        )
+    )
+
+
+def _post_large(api: httpx.Client, serve: ServeProcess) -> tuple[int, dict[str, Any]]:
+    """POST a body that goes through the worker-thread pipe.
+
+    The client sends the first BUFFER_SIZE bytes of the declared body, which
+    the server reads and fails to write. The server notices the failure when
+    the next bytes arrive, so the client sends one more piece once the log
+    shows the failure, and then reads the response. Every byte sent has then
+    been read, so closing the connection sends no reset, which could discard
+    the response before the client reads it.
+    """
+    data = os.urandom(LARGE_BODY_SIZE)
+    port = httpx.URL(serve.url).port
+    assert port is not None
+    head = (
+        f"POST /v2/demo/app/blobs/uploads/?digest={Digest.of(data)} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    failures = len(log_records(serve.log_path, "blob_storage_full"))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + data[:BUFFER_SIZE])
+        deadline = time.monotonic() + 30
+        while len(log_records(serve.log_path, "blob_storage_full")) == failures:
+            assert time.monotonic() < deadline, "no blob_storage_full record"
+            time.sleep(0.05)
+        sock.sendall(data[BUFFER_SIZE : BUFFER_SIZE + 65536])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+
+    head_bytes, _, body = reply.partition(b"\r\n\r\n")
+    assert b"connection: close" in head_bytes.lower()
+    response = httpx.Response(int(head_bytes.split(b" ", 2)[1]), content=body)
+    return _error(response)
+
+
+DISK_CASES: list[tuple[str, DiskCase]] = [
+    ("post", _post),
+    ("patch", _patch),
+    ("patch-after-chunk", _patch_after_chunk),
+    ("put", _put),
+    ("post-large", _post_large),
+]
+
+
+def test_full_disk_stores_nothing(
+    small_disk: Path, database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    serve = start_serve(small_disk, database_url, log_path)
+    registry = Registry.open(small_disk, database_url)
+    try:
+        with httpx.Client(base_url=serve.url, timeout=60) as api:
+            for name, send in DISK_CASES:
+                before = stored_state(registry)
+
+                status, error = send(api, serve)
+
+                assert status == 507, name
+                assert_insufficient_storage(status, error, "No space left on device")
+                assert_nothing_stored(registry, before)
+
+            # The failed uploads freed their space, so a small blob fits.
+            small = os.urandom(4096)
+            push_blob(api, "demo/app", small)
+
+        assert committed_blob_files(registry) == [str(Digest.of(small))]
+        assert serve.stop() == 0
+    finally:
+        serve.kill()
+        registry.database.dispose()
+
+    records = log_records(log_path, "blob_storage_full")
+    assert len(records) == len(DISK_CASES)
+    assert all("No space left on device" in record["error"] for record in records)
+    assert all(record["level"] == "error" for record in records)
+    assert all(record["repository"] == "demo/app" for record in records)
+    assert all(record["data_dir"] == str(small_disk) for record in records)
+    assert [record["upload"] is None for record in records] == [
+        name.startswith("post") for name, _ in DISK_CASES
+    ]
+
+
+# ---- failures at fsync -----------------------------------------------------------
+
+
+def fail_for_staging_files(
+    monkeypatch: pytest.MonkeyPatch, registry: Registry, name: str, code: int
+) -> None:
+    """Make ``os.<name>`` raise OSError ``code`` for staging files only."""
+    staging_dir = registry.blob_store.paths.staging_dir.resolve()
+    real = getattr(os, name)
+
+    def failing(fd: int) -> None:
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).parent == staging_dir:
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, name, failing)
+
+
+@pytest.fixture
+def api(registry: Registry) -> Iterator[httpx.Client]:
+    with (
+        running(create_app(registry)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        yield client
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_fsync_disk_full_at_commit(
+    api: httpx.Client,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+) -> None:
+    fail_for_staging_files(monkeypatch, registry, "fsync", code)
+    data = os.urandom(4096)
+    digest = str(Digest.of(data))
+    before = stored_state(registry)
+
+    monolithic = api.post(
+        "/v2/demo/app/blobs/uploads/", params={"digest": digest}, content=data
+    )
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    chunk = api.patch(location, content=data)
+    finished = api.put(chunk.headers["Location"], params={"digest": digest})
+
+    assert chunk.status_code == 202
+    for response in (monolithic, finished):
+        status, error = _error(response)
+        assert_insufficient_storage(status, error, os.strerror(code))
+    assert_nothing_stored(registry, before)
+
+
+def test_other_fsync_error_is_500(
+    api: httpx.Client, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_for_staging_files(monkeypatch, registry, "fsync", errno.EIO)
+    data = os.urandom(4096)
+    before = stored_state(registry)
+
+    response = api.post(
+        "/v2/demo/app/blobs/uploads/",
+        params={"digest": str(Digest.of(data))},
+        content=data,
+    )
+
+    assert response.status_code == 500
+    assert response.json()["errors"][0]["code"] == "UNKNOWN"
+    assert_nothing_stored(registry, before)
+
+
+def test_background_sync_error_fails_commit(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed writeback is reported to one fsync of a descriptor only, so
+    # the commit must raise the error that the background fdatasync got.
+    monkeypatch.setattr(store, "BACKGROUND_SYNC_BYTES", 1024)
+    fail_for_staging_files(monkeypatch, registry, "fdatasync", errno.ENOSPC)
+    blobs = registry.repository("demo/app").blobs
+    data = os.urandom(4096)
+    before = stored_state(registry)
+
+    with pytest.raises(InsufficientStorage) as raised:
+        blobs.push(Digest.of(data), iter([data[:2048], data[2048:]]))
+
+    assert raised.value.detail == {"reason": os.strerror(errno.ENOSPC)}
+    assert_nothing_stored(registry, before)
