@@ -58,6 +58,14 @@ MAX_SIZE: Final = 2**63 - 1
 # Deeper JSON is rejected before parsing; real manifests nest about 4 levels.
 MAX_NESTING: Final = 64
 
+# Top-level fields that only an image manifest has, and those that only an
+# index has. A document with both could be read as either kind, so that one
+# digest has two meanings (CVE-2021-41190). Each kind therefore rejects the
+# other's fields. Distribution v2.8.0 does so for the two OCI types, and
+# cairn applies the same rule to the Docker manifest and manifest list.
+IMAGE_MANIFEST_FIELDS: Final = ("config", "layers")
+INDEX_FIELDS: Final = ("manifests",)
+
 # A PUT may also name no particular type, leaving it to the body's mediaType.
 _ACCEPTED_CONTENT_TYPES: Final = (
     MANIFEST_MEDIA_TYPES
@@ -122,8 +130,12 @@ class Manifest(ABC):
     """A parsed, validated manifest of one media type."""
 
     media_type: ClassVar[str]
+    # Top-level fields of the other kind, which this media type rejects.
+    foreign_fields: ClassVar[tuple[str, ...]]
+    foreign_kind: ClassVar[str]
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
+        self._reject_foreign_fields(body)
         self.raw = raw
         self.body = body
         self.digest = digest
@@ -158,12 +170,26 @@ class Manifest(ABC):
             return []
         return [Reference("subject", self.subject, required=False)]
 
+    @classmethod
+    def _reject_foreign_fields(cls, body: Mapping[str, Any]) -> None:
+        # The field is rejected whatever its value, because a reader that
+        # looks for the key sees an index even when the list is empty or null.
+        for name in cls.foreign_fields:
+            if name in body:
+                raise ManifestInvalid(
+                    f"{name} is a field of an {cls.foreign_kind} and is not "
+                    f"allowed in a manifest of type {cls.media_type}",
+                    {"field": name, "mediaType": cls.media_type},
+                )
+
 
 class ImageManifest(Manifest):
     """OCI image manifest; also artifacts, which set artifactType or use the
     empty config."""
 
     media_type = OCI_MANIFEST
+    foreign_fields = INDEX_FIELDS
+    foreign_kind = "index"
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
         super().__init__(raw, body, digest)
@@ -199,6 +225,8 @@ class ImageIndex(Manifest):
     """OCI image index: a list of manifests, possibly of other indexes."""
 
     media_type = OCI_INDEX
+    foreign_fields = IMAGE_MANIFEST_FIELDS
+    foreign_kind = "image manifest"
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
         super().__init__(raw, body, digest)
@@ -232,10 +260,13 @@ def parse_manifest(
 ) -> Manifest:
     """Parse and validate manifest bytes.
 
-    The media type comes from the body's ``mediaType`` and, when the body has
-    none, from ``content_type``. When both are given they must agree. Raises
-    ManifestInvalid (or ManifestUnsupported for Docker schema 1) naming the
-    offending field, and ManifestTooLarge above MAX_MANIFEST_SIZE.
+    The media type comes from the body's ``mediaType``, when the body has
+    none from ``content_type``, and without either from the body's fields.
+    A ``mediaType`` and a manifest ``content_type`` must agree. The media
+    type settles whether the document is an image manifest or an index. A
+    body that also carries a top-level field of the other kind is rejected.
+    Raises ManifestInvalid (or ManifestUnsupported for Docker schema 1)
+    naming the offending field, and ManifestTooLarge above MAX_MANIFEST_SIZE.
     """
     if len(raw) > MAX_MANIFEST_SIZE:
         raise ManifestTooLarge(
@@ -366,10 +397,12 @@ def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
     if content_type in MANIFEST_MEDIA_TYPES:
         return content_type
     # The OCI image spec lets mediaType be omitted; fall back to its shape.
-    if "manifests" in body and "layers" not in body:
-        return OCI_INDEX
-    if "config" in body or "layers" in body:
+    # A body with the fields of both kinds resolves to an image manifest,
+    # which then rejects the index's fields.
+    if any(name in body for name in IMAGE_MANIFEST_FIELDS):
         return OCI_MANIFEST
+    if any(name in body for name in INDEX_FIELDS):
+        return OCI_INDEX
     raise ManifestInvalid(
         "cannot tell the manifest type: set mediaType in the body or the "
         "Content-Type header",
