@@ -324,3 +324,46 @@ def test_index_sent_as_image_manifest() -> None:
     with pytest.raises(ManifestInvalid) as caught:
         parse_manifest(encode(body), OCI_MANIFEST)
     assert caught.value.detail == {"field": "manifests", "mediaType": OCI_MANIFEST}
+
+
+def _with_duplicate(raw: bytes, first: bytes, key: bytes) -> bytes:
+    """Insert ``"key": value`` before the first occurrence of ``first``."""
+    assert raw.count(first) >= 1
+    return raw.replace(first, key + b", " + first, 1)
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (
+            lambda raw: _with_duplicate(
+                raw,
+                b'"digest"',
+                b'"digest": "' + str(Digest.of(b"missing")).encode() + b'"',
+            ),
+            "digest",
+        ),
+        (
+            lambda raw: _with_duplicate(
+                raw, b'"schemaVersion"', b'"mediaType": "' + OCI_INDEX.encode() + b'"'
+            ),
+            "mediaType",
+        ),
+        (lambda raw: _with_duplicate(raw, b'"layers"', b'"layers": []'), "layers"),
+        (
+            lambda raw: raw.replace(
+                b'"schemaVersion"',
+                b'"annotations": {"k": "a", "k": "b"}, "schemaVersion"',
+                1,
+            ),
+            "k",
+        ),
+    ],
+    ids=["config-digest", "media-type", "layers", "annotation"],
+)
+def test_duplicate_keys_rejected(build: Any, key: str) -> None:
+    raw = build(make_image().manifest)
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(raw)
+    assert caught.value.detail == {"key": key}
+    assert repr(key) in caught.value.message

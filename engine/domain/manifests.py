@@ -264,9 +264,10 @@ def parse_manifest(
     none from ``content_type``, and without either from the body's fields.
     A ``mediaType`` and a manifest ``content_type`` must agree. The media
     type settles whether the document is an image manifest or an index. A
-    body that also carries a top-level field of the other kind is rejected.
-    Raises ManifestInvalid (or ManifestUnsupported for Docker schema 1)
-    naming the offending field, and ManifestTooLarge above MAX_MANIFEST_SIZE.
+    body that also carries a top-level field of the other kind, or any
+    object with a repeated key, is rejected. Raises ManifestInvalid
+    (or ManifestUnsupported for Docker schema 1) naming the offending field,
+    and ManifestTooLarge above MAX_MANIFEST_SIZE.
     """
     if len(raw) > MAX_MANIFEST_SIZE:
         raise ManifestTooLarge(
@@ -288,7 +289,12 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
             f"manifest nests deeper than {MAX_NESTING} levels", {"limit": MAX_NESTING}
         )
     try:
-        body = json.loads(text, parse_float=_bounded_float, parse_int=_bounded_int)
+        body = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_float=_bounded_float,
+            parse_int=_bounded_int,
+        )
     except json.JSONDecodeError as exc:
         raise ManifestInvalid(
             "manifest is not valid JSON",
@@ -296,6 +302,12 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise ManifestInvalid("manifest nests too deeply to parse", {}) from None
+    except _DuplicateKey as exc:
+        raise ManifestInvalid(
+            f"manifest repeats the key {exc.args[0]!r} in one object, which JSON "
+            "parsers read differently",
+            {"key": exc.args[0]},
+        ) from None
     except _NumberOutOfRange as exc:
         raise ManifestInvalid(
             "manifest contains a number outside the signed 64-bit range",
@@ -311,6 +323,23 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
 
 class _NumberOutOfRange(ValueError):
     pass
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicate keys, but RFC 8259 leaves the
+    # outcome to each parser, so a document with them can mean two things.
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key[:100])
+            seen.add(key)
+    return body
 
 
 def _bounded_int(literal: str) -> int:
