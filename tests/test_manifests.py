@@ -14,6 +14,7 @@ from engine.domain.manifests import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MAX_MANIFEST_SIZE,
+    MAX_NESTING,
     OCI_EMPTY,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -367,3 +368,36 @@ def test_duplicate_keys_rejected(build: Any, key: str) -> None:
         parse_manifest(raw)
     assert caught.value.detail == {"key": key}
     assert repr(key) in caught.value.message
+
+
+def _nested(kind: str, levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value} if kind == "object" else [value]
+    return value
+
+
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_nesting_limit_inside_a_field(kind: str) -> None:
+    # The body is level 1 and the field's value starts at level 2.
+    deepest_allowed = _image_body(extra=_nested(kind, MAX_NESTING - 1))
+    parse_manifest(encode(deepest_allowed))
+    too_deep = _image_body(extra=_nested(kind, MAX_NESTING))
+    with pytest.raises(ManifestInvalid, match="nests deeper") as caught:
+        parse_manifest(encode(too_deep))
+    assert caught.value.detail == {"limit": MAX_NESTING}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"a":[' * 50_000 + b"1" + b"]}" * 50_000,
+    ],
+    ids=["arrays", "objects", "mixed"],
+)
+def test_deep_nesting_reports_limit(raw: bytes) -> None:
+    with pytest.raises(ManifestInvalid, match="nests deeper") as caught:
+        parse_manifest(raw)
+    assert caught.value.detail == {"limit": MAX_NESTING}

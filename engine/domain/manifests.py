@@ -55,7 +55,8 @@ MANIFEST_MEDIA_TYPES: Final = frozenset(
 # Sizes must fit a signed 64-bit integer, the widest column SQL offers.
 MAX_SIZE: Final = 2**63 - 1
 
-# Deeper JSON is rejected before parsing; real manifests nest about 4 levels.
+# JSON nested deeper than this is rejected, counting the body as level 1.
+# Real manifests nest about 4 levels.
 MAX_NESTING: Final = 64
 
 # Top-level fields that only an image manifest has, and those that only an
@@ -284,10 +285,10 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestInvalid("manifest is not UTF-8", {"offset": exc.start}) from None
+    # Leading brackets are counted before parsing, so that a long run of
+    # them costs no parser work.
     if len(text) - len(text.lstrip("[{")) > MAX_NESTING:
-        raise ManifestInvalid(
-            f"manifest nests deeper than {MAX_NESTING} levels", {"limit": MAX_NESTING}
-        )
+        raise _too_deep()
     try:
         body = json.loads(
             text,
@@ -301,7 +302,9 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
             {"error": exc.msg, "line": exc.lineno, "column": exc.colno},
         ) from None
     except RecursionError:
-        raise ManifestInvalid("manifest nests too deeply to parse", {}) from None
+        # The parser raises this near Python's recursion limit, which is far
+        # deeper than MAX_NESTING.
+        raise _too_deep() from None
     except _DuplicateKey as exc:
         raise ManifestInvalid(
             f"manifest repeats the key {exc.args[0]!r} in one object, which JSON "
@@ -317,8 +320,14 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         raise ManifestInvalid(
             "manifest must be a JSON object", {"type": type(body).__name__}
         )
-    _check_strings(body)
+    _check_values(body)
     return body
+
+
+def _too_deep() -> ManifestInvalid:
+    return ManifestInvalid(
+        f"manifest nests deeper than {MAX_NESTING} levels", {"limit": MAX_NESTING}
+    )
 
 
 class _NumberOutOfRange(ValueError):
@@ -358,19 +367,29 @@ def _bounded_float(literal: str) -> float:
     return float(literal)
 
 
-def _check_strings(body: dict[str, Any]) -> None:
-    """Reject strings that cannot be stored: lone UTF-16 surrogates, which
-    have no UTF-8 encoding, and NUL, which PostgreSQL's JSON cannot hold."""
-    pending: list[Any] = [body]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
-        elif isinstance(value, str):
-            _check_string(value)
+def _check_values(body: dict[str, Any]) -> None:
+    """Reject nesting deeper than MAX_NESTING and strings that cannot be
+    stored: lone UTF-16 surrogates, which have no UTF-8 encoding, and NUL,
+    which PostgreSQL's JSON cannot hold."""
+    level: list[Any] = [body]
+    depth = 1
+    while level:
+        deeper: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                if depth > MAX_NESTING:
+                    raise _too_deep()
+                for key in value:
+                    _check_string(key)
+                deeper.extend(value.values())
+            elif isinstance(value, list):
+                if depth > MAX_NESTING:
+                    raise _too_deep()
+                deeper.extend(value)
+            elif isinstance(value, str):
+                _check_string(value)
+        level = deeper
+        depth += 1
 
 
 def _check_string(value: str) -> None:
