@@ -3,7 +3,8 @@
 The cases are an image manifest with an index's field, an index with an
 image manifest's fields, a repeated key, and nesting past the limit. Each
 is rejected with 400 MANIFEST_INVALID, pushed by tag and by digest, and
-leaves no event, tag or manifest behind.
+leaves no event, tag or manifest behind. A digest also keeps the media type
+it was first pushed as.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _index_with(api: httpx.Client, media_type: str, field: str) -> BadPush:
 
 def _duplicate_config_digest(api: httpx.Client) -> BadPush:
     # json.loads keeps the last value, the present blob, but a parser that
-    # keeps the first sees a config the repository lacks.
+    # keeps the first reads a config the repository lacks.
     body = _image_with_blobs(api)
     present = body["config"]["digest"]
     missing = str(Digest.of(b"a config blob that was never pushed"))
@@ -267,3 +268,46 @@ def test_untyped_manifest_keeps_its_kind(api: httpx.Client) -> None:
     assert _tags(api) == ["v1"]
     head = api.head(f"/v2/{REPOSITORY}/manifests/v1")
     assert head.headers["Content-Type"] == OCI_MANIFEST
+
+
+def test_digest_keeps_first_media_type(api: httpx.Client, registry: Registry) -> None:
+    # Without mediaType, the same bytes parse as an OCI or a Docker manifest.
+    body = _image_with_blobs(api)
+    del body["mediaType"]
+    raw = encode(body)
+    stored = api.put(
+        f"/v2/{REPOSITORY}/manifests/v1",
+        content=raw,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert stored.status_code == 201, stored.text
+    before = stored_state(registry)
+    events_before = _events(api)
+
+    response = api.put(
+        f"/v2/{REPOSITORY}/manifests/v2",
+        content=raw,
+        headers={"Content-Type": DOCKER_MANIFEST},
+    )
+
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"] == {
+        "digest": str(Digest.of(raw)),
+        "mediaType": DOCKER_MANIFEST,
+        "storedMediaType": OCI_MANIFEST,
+    }
+    assert stored_state(registry) == before
+    assert _events(api) == events_before
+    assert _tags(api) == ["v1"]
+    head = api.head(f"/v2/{REPOSITORY}/manifests/{Digest.of(raw)}")
+    assert head.headers["Content-Type"] == OCI_MANIFEST
+
+    again = api.put(
+        f"/v2/{REPOSITORY}/manifests/v2",
+        content=raw,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    assert again.status_code == 201, again.text
+    assert _tags(api) == ["v1", "v2"]
