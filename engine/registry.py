@@ -383,9 +383,25 @@ class ManifestService:
         with self._repo.database.write() as conn:
             self._check_references(conn, manifest)
             new_events: list[NewEvent] = []
-            if self._row(conn, manifest.digest) is None:
+            row = self._row(conn, manifest.digest)
+            if row is None:
                 self._store_content(conn, manifest)
                 new_events.append(self._pushed_event(manifest))
+            elif row.media_type != manifest.media_type:
+                # Bytes without a mediaType can parse as either the OCI or the
+                # Docker type of one kind. A digest keeps the type it was first
+                # pushed as in its repository, so every pull returns that type.
+                raise ManifestInvalid(
+                    f"manifest {manifest.digest} is already stored as "
+                    f"{row.media_type} and cannot be pushed as "
+                    f"{manifest.media_type}. Push it with Content-Type "
+                    f"{row.media_type}.",
+                    {
+                        "digest": str(manifest.digest),
+                        "mediaType": manifest.media_type,
+                        "storedMediaType": row.media_type,
+                    },
+                )
             if tag is not None:
                 current = _tag_digest(conn, self._repo.name, tag)
                 if current != str(manifest.digest):

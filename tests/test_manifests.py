@@ -14,6 +14,7 @@ from engine.domain.manifests import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MAX_MANIFEST_SIZE,
+    MAX_NESTING,
     OCI_EMPTY,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -232,3 +233,171 @@ def test_sha512_digest() -> None:
     image = make_image()
     manifest = parse_manifest(image.manifest, algorithm="sha512")
     assert manifest.digest == Digest.of(image.manifest, "sha512")
+
+
+def _index_body(media_type: str = OCI_INDEX, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(make_index([make_image()]))
+    body["mediaType"] = media_type
+    body.update(changes)
+    return body
+
+
+def _docker_body(**changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(make_image(docker=True).manifest)
+    body.update(changes)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "media_type"),
+    [
+        (lambda: _image_body(manifests=[]), "manifests", OCI_MANIFEST),
+        (lambda: _image_body(manifests=None), "manifests", OCI_MANIFEST),
+        (
+            lambda: _image_body(manifests=_index_body()["manifests"]),
+            "manifests",
+            OCI_MANIFEST,
+        ),
+        (lambda: _docker_body(manifests=[]), "manifests", DOCKER_MANIFEST),
+        (lambda: _index_body(config=_image_body()["config"]), "config", OCI_INDEX),
+        (lambda: _index_body(layers=[]), "layers", OCI_INDEX),
+        (lambda: _index_body(layers=None), "layers", OCI_INDEX),
+        (
+            lambda: _index_body(DOCKER_MANIFEST_LIST, layers=[]),
+            "layers",
+            DOCKER_MANIFEST_LIST,
+        ),
+        (
+            lambda: _index_body(DOCKER_MANIFEST_LIST, config={}),
+            "config",
+            DOCKER_MANIFEST_LIST,
+        ),
+    ],
+    ids=[
+        "oci-manifest-empty-manifests",
+        "oci-manifest-null-manifests",
+        "oci-manifest-full-manifests",
+        "docker-manifest-manifests",
+        "oci-index-config",
+        "oci-index-layers",
+        "oci-index-null-layers",
+        "docker-list-layers",
+        "docker-list-config",
+    ],
+)
+def test_other_kind_field_rejected(build: Any, field: str, media_type: str) -> None:
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(build()))
+    assert caught.value.detail == {"field": field, "mediaType": media_type}
+    assert field in caught.value.message
+    assert media_type in caught.value.message
+
+
+def _both_kinds_without_media_type() -> bytes:
+    body = _image_body(manifests=[])
+    del body["mediaType"]
+    return encode(body)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "field"),
+    [
+        (OCI_MANIFEST, "manifests"),
+        (DOCKER_MANIFEST, "manifests"),
+        (OCI_INDEX, "config"),
+        (DOCKER_MANIFEST_LIST, "config"),
+        ("application/json", "manifests"),
+        (None, "manifests"),
+    ],
+)
+def test_kind_from_content_type_checks_fields(
+    content_type: str | None, field: str
+) -> None:
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(_both_kinds_without_media_type(), content_type)
+    assert caught.value.detail["field"] == field
+
+
+def test_index_sent_as_image_manifest() -> None:
+    body = _index_body()
+    del body["mediaType"]
+    assert parse_manifest(encode(body), OCI_INDEX).media_type == OCI_INDEX
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body), OCI_MANIFEST)
+    assert caught.value.detail == {"field": "manifests", "mediaType": OCI_MANIFEST}
+
+
+def _with_duplicate(raw: bytes, first: bytes, key: bytes) -> bytes:
+    """Insert ``"key": value`` before the first occurrence of ``first``."""
+    assert raw.count(first) >= 1
+    return raw.replace(first, key + b", " + first, 1)
+
+
+@pytest.mark.parametrize(
+    ("build", "key"),
+    [
+        (
+            lambda raw: _with_duplicate(
+                raw,
+                b'"digest"',
+                b'"digest": "' + str(Digest.of(b"missing")).encode() + b'"',
+            ),
+            "digest",
+        ),
+        (
+            lambda raw: _with_duplicate(
+                raw, b'"schemaVersion"', b'"mediaType": "' + OCI_INDEX.encode() + b'"'
+            ),
+            "mediaType",
+        ),
+        (lambda raw: _with_duplicate(raw, b'"layers"', b'"layers": []'), "layers"),
+        (
+            lambda raw: raw.replace(
+                b'"schemaVersion"',
+                b'"annotations": {"k": "a", "k": "b"}, "schemaVersion"',
+                1,
+            ),
+            "k",
+        ),
+    ],
+    ids=["config-digest", "media-type", "layers", "annotation"],
+)
+def test_duplicate_keys_rejected(build: Any, key: str) -> None:
+    raw = build(make_image().manifest)
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(raw)
+    assert caught.value.detail == {"key": key}
+    assert repr(key) in caught.value.message
+
+
+def _nested(kind: str, levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value} if kind == "object" else [value]
+    return value
+
+
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_nesting_limit_inside_a_field(kind: str) -> None:
+    # The body is level 1 and the field's value starts at level 2.
+    deepest_allowed = _image_body(extra=_nested(kind, MAX_NESTING - 1))
+    parse_manifest(encode(deepest_allowed))
+    too_deep = _image_body(extra=_nested(kind, MAX_NESTING))
+    with pytest.raises(ManifestInvalid, match="nests deeper") as caught:
+        parse_manifest(encode(too_deep))
+    assert caught.value.detail == {"limit": MAX_NESTING}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"a":[' * 50_000 + b"1" + b"]}" * 50_000,
+    ],
+    ids=["arrays", "objects", "mixed"],
+)
+def test_deep_nesting_reports_limit(raw: bytes) -> None:
+    with pytest.raises(ManifestInvalid, match="nests deeper") as caught:
+        parse_manifest(raw)
+    assert caught.value.detail == {"limit": MAX_NESTING}

@@ -55,8 +55,17 @@ MANIFEST_MEDIA_TYPES: Final = frozenset(
 # Sizes must fit a signed 64-bit integer, the widest column SQL offers.
 MAX_SIZE: Final = 2**63 - 1
 
-# Deeper JSON is rejected before parsing; real manifests nest about 4 levels.
+# JSON nested deeper than this is rejected, counting the body as level 1.
+# Real manifests nest about 4 levels.
 MAX_NESTING: Final = 64
+
+# Top-level fields that only an image manifest has, and those that only an
+# index has. A document with both could be read as either kind, so that one
+# digest has two meanings (CVE-2021-41190). Each kind therefore rejects the
+# other's fields. Distribution v2.8.0 does so for the two OCI types, and
+# cairn applies the same rule to the Docker manifest and manifest list.
+IMAGE_MANIFEST_FIELDS: Final = ("config", "layers")
+INDEX_FIELDS: Final = ("manifests",)
 
 # A PUT may also name no particular type, leaving it to the body's mediaType.
 _ACCEPTED_CONTENT_TYPES: Final = (
@@ -122,8 +131,12 @@ class Manifest(ABC):
     """A parsed, validated manifest of one media type."""
 
     media_type: ClassVar[str]
+    # Top-level fields of the other kind, which this media type rejects.
+    foreign_fields: ClassVar[tuple[str, ...]]
+    foreign_kind: ClassVar[str]
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
+        self._reject_foreign_fields(body)
         self.raw = raw
         self.body = body
         self.digest = digest
@@ -158,12 +171,26 @@ class Manifest(ABC):
             return []
         return [Reference("subject", self.subject, required=False)]
 
+    @classmethod
+    def _reject_foreign_fields(cls, body: Mapping[str, Any]) -> None:
+        # The field is rejected whatever its value, because a reader that
+        # looks for the key sees an index even when the list is empty or null.
+        for name in cls.foreign_fields:
+            if name in body:
+                raise ManifestInvalid(
+                    f"{name} is a field of an {cls.foreign_kind} and is not "
+                    f"allowed in a manifest of type {cls.media_type}",
+                    {"field": name, "mediaType": cls.media_type},
+                )
+
 
 class ImageManifest(Manifest):
     """OCI image manifest; also artifacts, which set artifactType or use the
     empty config."""
 
     media_type = OCI_MANIFEST
+    foreign_fields = INDEX_FIELDS
+    foreign_kind = "index"
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
         super().__init__(raw, body, digest)
@@ -199,6 +226,8 @@ class ImageIndex(Manifest):
     """OCI image index: a list of manifests, possibly of other indexes."""
 
     media_type = OCI_INDEX
+    foreign_fields = IMAGE_MANIFEST_FIELDS
+    foreign_kind = "image manifest"
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
         super().__init__(raw, body, digest)
@@ -232,10 +261,14 @@ def parse_manifest(
 ) -> Manifest:
     """Parse and validate manifest bytes.
 
-    The media type comes from the body's ``mediaType`` and, when the body has
-    none, from ``content_type``. When both are given they must agree. Raises
-    ManifestInvalid (or ManifestUnsupported for Docker schema 1) naming the
-    offending field, and ManifestTooLarge above MAX_MANIFEST_SIZE.
+    The media type comes from the body's ``mediaType``, when the body has
+    none from ``content_type``, and without either from the body's fields.
+    A ``mediaType`` and a manifest ``content_type`` must agree. The media
+    type settles whether the document is an image manifest or an index. A
+    body that also carries a top-level field of the other kind, or any
+    object with a repeated key, is rejected. Raises ManifestInvalid
+    (or ManifestUnsupported for Docker schema 1) naming the offending field,
+    and ManifestTooLarge above MAX_MANIFEST_SIZE.
     """
     if len(raw) > MAX_MANIFEST_SIZE:
         raise ManifestTooLarge(
@@ -252,19 +285,32 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ManifestInvalid("manifest is not UTF-8", {"offset": exc.start}) from None
+    # Leading brackets are counted before parsing, so that a long run of
+    # them costs no parser work.
     if len(text) - len(text.lstrip("[{")) > MAX_NESTING:
-        raise ManifestInvalid(
-            f"manifest nests deeper than {MAX_NESTING} levels", {"limit": MAX_NESTING}
-        )
+        raise _too_deep()
     try:
-        body = json.loads(text, parse_float=_bounded_float, parse_int=_bounded_int)
+        body = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_float=_bounded_float,
+            parse_int=_bounded_int,
+        )
     except json.JSONDecodeError as exc:
         raise ManifestInvalid(
             "manifest is not valid JSON",
             {"error": exc.msg, "line": exc.lineno, "column": exc.colno},
         ) from None
     except RecursionError:
-        raise ManifestInvalid("manifest nests too deeply to parse", {}) from None
+        # The parser raises this near Python's recursion limit, which is far
+        # deeper than MAX_NESTING.
+        raise _too_deep() from None
+    except _DuplicateKey as exc:
+        raise ManifestInvalid(
+            f"manifest repeats the key {exc.args[0]!r} in one object, which JSON "
+            "parsers read differently",
+            {"key": exc.args[0]},
+        ) from None
     except _NumberOutOfRange as exc:
         raise ManifestInvalid(
             "manifest contains a number outside the signed 64-bit range",
@@ -274,12 +320,35 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         raise ManifestInvalid(
             "manifest must be a JSON object", {"type": type(body).__name__}
         )
-    _check_strings(body)
+    _check_values(body)
     return body
+
+
+def _too_deep() -> ManifestInvalid:
+    return ManifestInvalid(
+        f"manifest nests deeper than {MAX_NESTING} levels", {"limit": MAX_NESTING}
+    )
 
 
 class _NumberOutOfRange(ValueError):
     pass
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of duplicate keys, but RFC 8259 leaves the
+    # outcome to each parser, so a document with them can mean two things.
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key[:100])
+            seen.add(key)
+    return body
 
 
 def _bounded_int(literal: str) -> int:
@@ -298,19 +367,29 @@ def _bounded_float(literal: str) -> float:
     return float(literal)
 
 
-def _check_strings(body: dict[str, Any]) -> None:
-    """Reject strings that cannot be stored: lone UTF-16 surrogates, which
-    have no UTF-8 encoding, and NUL, which PostgreSQL's JSON cannot hold."""
-    pending: list[Any] = [body]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
-        elif isinstance(value, str):
-            _check_string(value)
+def _check_values(body: dict[str, Any]) -> None:
+    """Reject nesting deeper than MAX_NESTING and strings that cannot be
+    stored: lone UTF-16 surrogates, which have no UTF-8 encoding, and NUL,
+    which PostgreSQL's JSON cannot hold."""
+    level: list[Any] = [body]
+    depth = 1
+    while level:
+        deeper: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                if depth > MAX_NESTING:
+                    raise _too_deep()
+                for key in value:
+                    _check_string(key)
+                deeper.extend(value.values())
+            elif isinstance(value, list):
+                if depth > MAX_NESTING:
+                    raise _too_deep()
+                deeper.extend(value)
+            elif isinstance(value, str):
+                _check_string(value)
+        level = deeper
+        depth += 1
 
 
 def _check_string(value: str) -> None:
@@ -366,10 +445,12 @@ def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
     if content_type in MANIFEST_MEDIA_TYPES:
         return content_type
     # The OCI image spec lets mediaType be omitted; fall back to its shape.
-    if "manifests" in body and "layers" not in body:
-        return OCI_INDEX
-    if "config" in body or "layers" in body:
+    # A body with the fields of both kinds resolves to an image manifest,
+    # which then rejects the index's fields.
+    if any(name in body for name in IMAGE_MANIFEST_FIELDS):
         return OCI_MANIFEST
+    if any(name in body for name in INDEX_FIELDS):
+        return OCI_INDEX
     raise ManifestInvalid(
         "cannot tell the manifest type: set mediaType in the body or the "
         "Content-Type header",
