@@ -271,6 +271,7 @@ def _cmd_events_republish(args: argparse.Namespace) -> int:
         stream=stream,
         previous=reset.previous,
         checkpoint=reset.checkpoint,
+        generation=reset.generation,
         head=reset.head,
     )
     outcome = "the log has no event after it"

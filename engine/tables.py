@@ -255,13 +255,17 @@ projection_checkpoints = sa.Table(
     sa.Column("position", sa.BigInteger, nullable=False),
 )
 
-# The bus relay's progress: the last position JetStream acknowledged.
+# The bus relay's progress: the last position JetStream acknowledged. The
+# generation is the fencing token of the row's writes. Each election of a
+# leader and each reset increments it, and a relay writes the row only while
+# it still has the generation it claimed (see engine.bus.checkpoint).
 relay_checkpoints = sa.Table(
     "relay_checkpoints",
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Column("generation", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 PROJECTION_TABLES = (

@@ -258,12 +258,72 @@ def test_notify_pull_never_raises(registry: Registry, data_dir: Path) -> None:
 
 def test_checkpoint_only_moves_forward(registry: Registry) -> None:
     with registry.database.transaction() as conn:
-        store.advance_checkpoint(conn, "relay", 5)
-        store.advance_checkpoint(conn, "relay", 3)
+        generation = store.claim_checkpoint(conn, "relay").generation
+        store.advance_checkpoint(conn, "relay", 5, generation)
+        store.advance_checkpoint(conn, "relay", 3, generation)
         assert store.read_checkpoint(conn, "relay") == 5
-        store.set_checkpoint(conn, "relay", 2)
+        store.rewind_checkpoint(conn, "relay", 2, generation)
         assert store.read_checkpoint(conn, "relay") == 2
         assert store.read_checkpoint(conn, "other") == 0
+
+
+def test_checkpoint_claim_starts_generation(registry: Registry) -> None:
+    with registry.database.transaction() as conn:
+        first = store.claim_checkpoint(conn, "relay")
+        store.advance_checkpoint(conn, "relay", 4, first.generation)
+        second = store.claim_checkpoint(conn, "relay")
+    assert first == store.Claim(position=0, generation=1)
+    assert second == store.Claim(position=4, generation=2)
+
+
+def test_checkpoint_old_generation_rejected(registry: Registry) -> None:
+    with registry.database.transaction() as conn:
+        old = store.claim_checkpoint(conn, "relay").generation
+        store.advance_checkpoint(conn, "relay", 4, old)
+        new = store.claim_checkpoint(conn, "relay").generation
+
+    for write in (store.advance_checkpoint, store.rewind_checkpoint):
+        with (
+            pytest.raises(store.CheckpointFenced) as raised,
+            registry.database.transaction() as conn,
+        ):
+            write(conn, "relay", 9, old)
+        assert raised.value.generation == old
+        assert raised.value.current == new
+        assert "has generation 2, not the generation 1" in str(raised.value)
+
+    with registry.database.read() as conn:
+        assert store.read_checkpoint(conn, "relay") == 4
+        assert store.read_generation(conn, "relay") == new
+
+
+def test_checkpoint_reset_fences_leader(registry: Registry) -> None:
+    with registry.database.transaction() as conn:
+        leader = store.claim_checkpoint(conn, "relay").generation
+        store.advance_checkpoint(conn, "relay", 8, leader)
+        reset = store.set_checkpoint(conn, "relay", 0)
+
+    assert reset == leader + 1
+    with (
+        pytest.raises(store.CheckpointFenced),
+        registry.database.transaction() as conn,
+    ):
+        store.advance_checkpoint(conn, "relay", 9, leader)
+    with registry.database.transaction() as conn:
+        store.advance_checkpoint(conn, "relay", 3, reset)
+        assert store.read_checkpoint(conn, "relay") == 3
+
+
+def test_checkpoint_write_to_missing_row_rejected(registry: Registry) -> None:
+    with (
+        pytest.raises(store.CheckpointFenced) as raised,
+        registry.database.transaction() as conn,
+    ):
+        store.advance_checkpoint(conn, "relay", 4, 1)
+    assert raised.value.current is None
+    assert "is missing" in str(raised.value)
+    with registry.database.read() as conn:
+        assert store.read_generation(conn, "relay") is None
 
 
 @pytest.mark.parametrize("position", [1, 3])

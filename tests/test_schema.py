@@ -143,3 +143,32 @@ def test_cli_upgrade_rebuild_verify(tmp_path: Path, database_url: str) -> None:
     assert broken.returncode == 1
     assert "position 1" in broken.stdout
     registry.database.dispose()
+
+
+def test_generation_migration_keeps_checkpoints(tmp_path: Path) -> None:
+    database = Database(sqlite_url(tmp_path))
+    upgrade(database, "0003")
+    with database.transaction() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO relay_checkpoints (name, position, updated_at) "
+                "VALUES ('CAIRN', 12, '2026-12-01 00:00:00')"
+            )
+        )
+
+    upgrade(database, "0004")
+    with database.read() as conn:
+        upgraded = conn.execute(
+            sa.text("SELECT name, position, generation FROM relay_checkpoints")
+        ).all()
+    assert [tuple(row) for row in upgraded] == [("CAIRN", 12, 0)]
+
+    config = _config()
+    with database.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+    with database.read() as conn:
+        downgraded = conn.execute(sa.text("SELECT * FROM relay_checkpoints")).all()
+    assert [tuple(row)[:2] for row in downgraded] == [("CAIRN", 12)]
+    assert len(downgraded[0]) == 3
+    database.dispose()

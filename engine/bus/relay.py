@@ -10,6 +10,14 @@ The checkpoint row is written by a task of its own, at most once per
 never waits for that write: on SQLite it competes with pushes for the
 database's single write lock, and a write per batch made both slow.
 
+Each election claims a new generation of the checkpoint row, and every
+write of the relay is conditional on the row still having it (see
+``engine.bus.checkpoint``). A leader whose lock session died may not notice
+before its next check, and meanwhile `cairn events republish` or a new
+leader can take the lock. When such a relay's write finds a newer
+generation, the relay logs ``relay_checkpoint_fenced``, stops publishing,
+and stands for election again, which reads the checkpoint afresh.
+
 Every event reaches the stream once and in log order because of three rules:
 
 1. Reconcile before publishing. On each connection, and after any failure,
@@ -135,6 +143,12 @@ class Relay:
         # position written to the checkpoint row.
         self._acked_position: int | None = None
         self._saved: int | None = None
+        # The generation claimed at the last election, or None before the
+        # first one and after a write found a newer one. While ``_fenced``
+        # is set, the publishing loop steps down.
+        self._generation: int | None = None
+        self._fenced = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         # The largest message in bytes, headers included, that the connected
         # server and the stream accept. It is set on each connection.
         self._max_message_size = 0
@@ -172,6 +186,7 @@ class Relay:
     async def run(self) -> None:
         """Elect, publish, and on losing leadership start over, until cancelled."""
         log.info("relay_started", relay=self._name, stream=self._settings.stream)
+        self._loop = asyncio.get_running_loop()
         backoff = Backoff(self._settings.backoff_initial, self._settings.backoff_max)
         saver = asyncio.create_task(self._save_checkpoints(), name="cairn-checkpoint")
         try:
@@ -210,16 +225,14 @@ class Relay:
         while True:
             try:
                 if await asyncio.to_thread(self._leadership.try_acquire):
+                    await asyncio.to_thread(self._claim_checkpoint)
                     self.leader = True
-                    self.checkpoint = await self._read(
-                        store.read_checkpoint, self._name
-                    )
-                    self._acked_position = self._saved = self.checkpoint
                     log.info(
                         "relay_leader_elected",
                         relay=self._name,
                         pid=os.getpid(),
                         checkpoint=self.checkpoint,
+                        generation=self._generation,
                     )
                     return
             except DATABASE_ERRORS as error:
@@ -237,6 +250,9 @@ class Relay:
             await asyncio.sleep(self._settings.leader_retry)
 
     async def _still_leader(self) -> bool:
+        if self._fenced:
+            # _step_down has logged relay_checkpoint_fenced with the reason.
+            return False
         if await asyncio.to_thread(self._leadership.check):
             return True
         log.warning("relay_leadership_lost", relay=self._name)
@@ -289,7 +305,7 @@ class Relay:
         next_check = time.monotonic() + settings.poll_interval
 
         while not closed.done():
-            if time.monotonic() >= next_check:
+            if self._fenced or time.monotonic() >= next_check:
                 if not await self._still_leader():
                     return True
                 next_check = time.monotonic() + settings.poll_interval
@@ -574,24 +590,70 @@ class Relay:
             await asyncio.sleep(self._settings.checkpoint_interval)
 
     def save_checkpoint(self) -> None:
-        """Write the acknowledged position if the row is behind it; blocks."""
+        """Write the acknowledged position if the row is behind it; blocks.
+
+        Writes nothing once the row has a newer generation than the one this
+        relay claimed. The relay then logs ``relay_checkpoint_fenced`` and
+        steps down.
+        """
         with self._save_lock:
             position = self._acked_position
-            if position is None:
+            generation = self._generation
+            if position is None or generation is None:
                 return
             if self._saved is not None and position <= self._saved:
                 return
             # A checkpoint that a power cut takes back costs no duplicate:
             # on connect the relay resumes after the stream's last event.
-            with self._database.transaction(durable=False) as conn:
-                store.advance_checkpoint(conn, self._name, position)
+            try:
+                with self._database.transaction(durable=False) as conn:
+                    store.advance_checkpoint(conn, self._name, position, generation)
+            except store.CheckpointFenced as fenced:
+                self._step_down(fenced, position)
+                return
             self._saved = position
 
     def _rewind_checkpoint(self, position: int) -> None:
         with self._save_lock:
-            with self._database.transaction() as conn:
-                store.set_checkpoint(conn, self._name, position)
+            generation = self._generation
+            if generation is None:
+                return
+            try:
+                with self._database.transaction() as conn:
+                    store.rewind_checkpoint(conn, self._name, position, generation)
+            except store.CheckpointFenced as fenced:
+                self._step_down(fenced, position)
+                return
             self.checkpoint = self._acked_position = self._saved = position
+
+    def _claim_checkpoint(self) -> None:
+        """Start a new generation of the checkpoint row and take its position."""
+        with self._save_lock:
+            with self._database.transaction() as conn:
+                claim = store.claim_checkpoint(conn, self._name)
+            self._generation = claim.generation
+            self._fenced = False
+            self.checkpoint = self._acked_position = self._saved = claim.position
+
+    def _step_down(self, fenced: store.CheckpointFenced, position: int) -> None:
+        """Stop writing, and make the publishing loop give up leadership.
+
+        Runs in a worker thread, with ``_save_lock`` held.
+        """
+        log.warning(
+            "relay_checkpoint_fenced",
+            relay=self._name,
+            generation=fenced.generation,
+            row_generation=fenced.current,
+            position=position,
+            reason="another relay became the leader or the checkpoint was "
+            "reset; stepping down",
+        )
+        self._generation = None
+        self._fenced = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
 
     # ---- database access in worker threads -------------------------------
 

@@ -2,10 +2,13 @@
 
 The relay reads its checkpoint row when it becomes the leader and then
 keeps its position in memory, writing it back as JetStream acknowledges.
-A checkpoint changed under a running leader would be overwritten, so the
-change is made only while this process has the relay's leader lock (see
-``engine.bus.leader``). While a `cairn serve` has it, the reset is
-rejected.
+The reset is made only while this process has the relay's leader lock (see
+``engine.bus.leader``), and while a `cairn serve` has it, the reset is
+rejected: that relay would go on publishing from its own position until
+its next checkpoint write. The reset also starts a new generation of the
+checkpoint row, so a relay whose lock session died without it noticing has
+that next write rejected and reads the reset checkpoint when it is elected
+again.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ class RelayRunning(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CheckpointReset:
-    """The relay's checkpoint before and after a reset, and the log head."""
+    """The relay's checkpoint before and after a reset, the generation the
+    reset started, and the log head."""
 
     previous: int
     checkpoint: int
+    generation: int
     head: int
 
 
@@ -58,10 +63,10 @@ def reset_checkpoint(
                     f"only up to position {previous}, and a reset only moves "
                     "its checkpoint back"
                 )
-            store.set_checkpoint(conn, name, first_position - 1)
+            generation = store.set_checkpoint(conn, name, first_position - 1)
     finally:
         leadership.release()
-    return CheckpointReset(previous, first_position - 1, head)
+    return CheckpointReset(previous, first_position - 1, generation, head)
 
 
 def _running_message(leadership: Leadership, name: str) -> str:
