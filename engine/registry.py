@@ -29,6 +29,7 @@ from engine.blobs.limits import check_declared_size, check_received_size
 from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
+    BlobCollected,
     BlobTooLarge,
     BlobUnknown,
     BlobUploadUnknown,
@@ -732,6 +733,8 @@ class BlobService:
             origin = conn.execute(
                 query.order_by(blob_links.c.position).limit(1)
             ).first()
+            # The file check runs under the append lock, which garbage
+            # collection also holds while it removes a file.
             if origin is None or not self._store.exists(digest):
                 return None
             self._repo.commit(
@@ -867,8 +870,8 @@ class BlobService:
                 )
                 self._write_chunks(staged, chunks)
                 return self._commit_staged(staged, digest, upload_id)
-            except DigestMismatch:
-                # The store removed the staging file; the session goes with it.
+            except (DigestMismatch, BlobCollected):
+                # The staging file is gone; the session goes with it.
                 with self._repo.database.transaction(durable=False) as conn:
                     _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
                 raise
@@ -938,11 +941,33 @@ class BlobService:
     def _commit_staged(
         self, staged: StagedBlob, digest: Digest, upload_id: str | None
     ) -> BlobInfo:
+        """Move the staged blob into place and link it to this repository.
+
+        The file is written outside the append lock, so garbage collection may
+        remove it before the link commits. The check that it still exists runs
+        inside the transaction that links it, while that transaction holds the
+        append lock that garbage collection also takes to remove a file, so a
+        committed link always has its file. Raises BlobCollected, linking
+        nothing, when the file is gone.
+        """
         size = self._store.commit(staged, digest)
         with self._repo.database.write() as conn:
             if upload_id is not None:
                 _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
             if _blob_link(conn, self._repo.name, str(digest)) is None:
+                if not self._store.exists(digest):
+                    log.warning(
+                        "blob_collected_before_link",
+                        repository=self._repo.name,
+                        digest=str(digest),
+                        upload=upload_id,
+                        request_id=self._repo.request_id,
+                    )
+                    raise BlobCollected(
+                        "blob upload unknown: garbage collection removed the "
+                        "blob before it was linked; push the blob again",
+                        {"repository": self._repo.name, "digest": str(digest)},
+                    )
                 stored = self._repo.commit(
                     conn,
                     [
