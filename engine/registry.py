@@ -163,6 +163,14 @@ class PutManifestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StagingFile:
+    """An upload's staging file and its size in bytes."""
+
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class UploadStatus:
     id: str
     repository: str
@@ -243,31 +251,44 @@ class Registry:
                 return
             after = rows[-1].position
 
-    def purge_uploads(self, older_than: timedelta) -> int:
+    def purge_uploads(
+        self, older_than: timedelta, *, dry_run: bool = False
+    ) -> list[StagingFile]:
         """Delete upload sessions idle for longer than ``older_than``, and
-        staging files that belong to no session (left by a crash during a
-        monolithic push). Returns the number of staging files removed."""
+        staging files that belong to no session and were last written before
+        then (left by a crash during a monolithic push).
+
+        Returns the staging files removed. With ``dry_run`` nothing is
+        deleted, and the return value lists what would be removed.
+        """
         cutoff = datetime.now(UTC) - older_than
         with self.database.transaction() as conn:
-            stale = list(
+            stale = set(
                 conn.execute(
                     sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
                 ).scalars()
             )
-            if stale:
+            if stale and not dry_run:
                 conn.execute(sa.delete(uploads).where(uploads.c.id.in_(stale)))
-            live = set(conn.execute(sa.select(uploads.c.id)).scalars())
-        removed = 0
+            live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
+
+        removed: list[StagingFile] = []
         for path in self.blob_store.paths.staging_dir.iterdir():
             if path.name in live:
                 continue
-            modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                # Its upload committed or was cancelled meanwhile.
+                continue
+            modified = datetime.fromtimestamp(status.st_mtime, UTC)
             if path.name in stale or modified < cutoff:
-                self._forget_upload(path.name)
-                path.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.info("uploads_purged", removed=removed, older_than=str(older_than))
+                if not dry_run:
+                    self._forget_upload(path.name)
+                    path.unlink(missing_ok=True)
+                removed.append(StagingFile(path, status.st_size))
+        if removed and not dry_run:
+            log.info("uploads_purged", removed=len(removed), older_than=str(older_than))
         return removed
 
     def upload_lock(self, upload_id: str) -> threading.Lock:
