@@ -300,8 +300,8 @@ class BlobStore:
                 staged.path.unlink(missing_ok=True)
                 return size
             # A rename keeps the file's mtime, which is that of the last
-            # chunk and may be hours old, and garbage collection keeps a
-            # file only while its mtime is recent or a link names it.
+            # chunk and may be hours old, and garbage collection removes an
+            # unlinked file once its mtime is older than its grace period.
             os.utime(staged.path)
             with disk_full_errors():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -344,7 +344,7 @@ def _touch(path: Path) -> bool:
     """Set the mtime of ``path`` to now; return False when it does not exist.
 
     A blob file that a commit reuses is touched, so that garbage collection
-    sees a recent mtime and leaves it alone until the upload links it.
+    finds a recent mtime and leaves the file alone until the upload links it.
     """
     try:
         os.utime(path)
