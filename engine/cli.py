@@ -227,6 +227,63 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from engine.gc import collect_garbage
+
+    settings = StorageSettings.from_args(args)
+    registry = open_registry(settings, create=False, writable=not args.dry_run)
+    try:
+        with storage_errors(settings):
+            report = collect_garbage(
+                registry,
+                grace_period=timedelta(minutes=args.grace_period),
+                upload_expiry=timedelta(hours=args.upload_expiry),
+                dry_run=args.dry_run,
+            )
+    finally:
+        registry.database.dispose()
+
+    counts = (
+        f"{len(report.blobs)} blob file(s) and "
+        f"{len(report.staging_files)} staging file(s)"
+    )
+    if not report.dry_run:
+        print(f"removed {counts}, freed {report.bytes} bytes")
+        return 0
+    for blob in report.blobs:
+        print(f"would remove blob {blob.digest} ({blob.size} bytes)")
+    for staged in report.staging_files:
+        print(f"would remove staging file {staged.path} ({staged.size} bytes)")
+    print(f"dry run: would remove {counts}, freeing {report.bytes} bytes")
+    return 0
+
+
+def add_gc_options(parser: argparse.ArgumentParser) -> None:
+    from engine.api.options import add_upload_expiry_option, parse_duration
+    from engine.gc import DEFAULT_GRACE_PERIOD
+
+    add_storage_options(parser)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the files that would be removed and the bytes they take, "
+        "and remove nothing",
+    )
+    default_minutes = DEFAULT_GRACE_PERIOD.total_seconds() / 60
+    parser.add_argument(
+        "--grace-period",
+        type=parse_duration,
+        default=env_default("GC_GRACE_PERIOD", f"{default_minutes:g}"),
+        metavar="MINUTES",
+        help="minutes since its last write or reuse during which a blob file is "
+        "kept even when nothing links it, so that a push in progress can link "
+        f"it (env CAIRN_GC_GRACE_PERIOD; default {default_minutes:g})",
+    )
+    add_upload_expiry_option(parser)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from engine.api.server import serve
 
@@ -375,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_storage_options(verify)
     verify.set_defaults(handler=_cmd_verify)
+
+    gc = commands.add_parser(
+        "gc",
+        help="remove blob files that no repository links, and expired upload "
+        "staging files; safe while cairn serve runs",
+    )
+    add_gc_options(gc)
+    gc.set_defaults(handler=_cmd_gc)
 
     events = commands.add_parser("events", help="the event stream")
     event_commands = events.add_subparsers(

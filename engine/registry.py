@@ -29,6 +29,7 @@ from engine.blobs.limits import check_declared_size, check_received_size
 from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
+    BlobCollected,
     BlobTooLarge,
     BlobUnknown,
     BlobUploadUnknown,
@@ -162,6 +163,14 @@ class PutManifestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StagingFile:
+    """An upload's staging file and its size in bytes."""
+
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class UploadStatus:
     id: str
     repository: str
@@ -242,31 +251,44 @@ class Registry:
                 return
             after = rows[-1].position
 
-    def purge_uploads(self, older_than: timedelta) -> int:
+    def purge_uploads(
+        self, older_than: timedelta, *, dry_run: bool = False
+    ) -> list[StagingFile]:
         """Delete upload sessions idle for longer than ``older_than``, and
-        staging files that belong to no session (left by a crash during a
-        monolithic push). Returns the number of staging files removed."""
+        staging files that belong to no session and were last written before
+        then (left by a crash during a monolithic push).
+
+        Returns the staging files removed. With ``dry_run`` nothing is
+        deleted, and the return value lists what would be removed.
+        """
         cutoff = datetime.now(UTC) - older_than
         with self.database.transaction() as conn:
-            stale = list(
+            stale = set(
                 conn.execute(
                     sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
                 ).scalars()
             )
-            if stale:
+            if stale and not dry_run:
                 conn.execute(sa.delete(uploads).where(uploads.c.id.in_(stale)))
-            live = set(conn.execute(sa.select(uploads.c.id)).scalars())
-        removed = 0
+            live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
+
+        removed: list[StagingFile] = []
         for path in self.blob_store.paths.staging_dir.iterdir():
             if path.name in live:
                 continue
-            modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            try:
+                status = path.stat()
+            except FileNotFoundError:
+                # Its upload committed or was cancelled meanwhile.
+                continue
+            modified = datetime.fromtimestamp(status.st_mtime, UTC)
             if path.name in stale or modified < cutoff:
-                self._forget_upload(path.name)
-                path.unlink(missing_ok=True)
-                removed += 1
-        if removed:
-            log.info("uploads_purged", removed=removed, older_than=str(older_than))
+                if not dry_run:
+                    self._forget_upload(path.name)
+                    path.unlink(missing_ok=True)
+                removed.append(StagingFile(path, status.st_size))
+        if removed and not dry_run:
+            log.info("uploads_purged", removed=len(removed), older_than=str(older_than))
         return removed
 
     def upload_lock(self, upload_id: str) -> threading.Lock:
@@ -732,6 +754,8 @@ class BlobService:
             origin = conn.execute(
                 query.order_by(blob_links.c.position).limit(1)
             ).first()
+            # The file check runs under the append lock, which garbage
+            # collection also holds while it removes a file.
             if origin is None or not self._store.exists(digest):
                 return None
             self._repo.commit(
@@ -867,8 +891,8 @@ class BlobService:
                 )
                 self._write_chunks(staged, chunks)
                 return self._commit_staged(staged, digest, upload_id)
-            except DigestMismatch:
-                # The store removed the staging file; the session goes with it.
+            except (DigestMismatch, BlobCollected):
+                # The staging file is gone; the session goes with it.
                 with self._repo.database.transaction(durable=False) as conn:
                     _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
                 raise
@@ -938,11 +962,33 @@ class BlobService:
     def _commit_staged(
         self, staged: StagedBlob, digest: Digest, upload_id: str | None
     ) -> BlobInfo:
+        """Move the staged blob into place and link it to this repository.
+
+        The file is written outside the append lock, so garbage collection may
+        remove it before the link commits. The check that it still exists runs
+        inside the transaction that links it, while that transaction holds the
+        append lock that garbage collection also takes to remove a file, so a
+        committed link always has its file. Raises BlobCollected, linking
+        nothing, when the file is gone.
+        """
         size = self._store.commit(staged, digest)
         with self._repo.database.write() as conn:
             if upload_id is not None:
                 _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})
             if _blob_link(conn, self._repo.name, str(digest)) is None:
+                if not self._store.exists(digest):
+                    log.warning(
+                        "blob_collected_before_link",
+                        repository=self._repo.name,
+                        digest=str(digest),
+                        upload=upload_id,
+                        request_id=self._repo.request_id,
+                    )
+                    raise BlobCollected(
+                        "blob upload unknown: garbage collection removed the "
+                        "blob before it was linked; push the blob again",
+                        {"repository": self._repo.name, "digest": str(digest)},
+                    )
                 stored = self._repo.commit(
                     conn,
                     [

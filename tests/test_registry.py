@@ -510,7 +510,7 @@ def test_purge_stale_uploads(registry: Registry) -> None:
             .values(updated_at=datetime.now(UTC) - timedelta(days=3))
         )
 
-    assert registry.purge_uploads(timedelta(days=1)) == 2
+    assert len(registry.purge_uploads(timedelta(days=1))) == 2
 
     with pytest.raises(BlobUploadUnknown):
         repo.blobs.upload_status(stale.id)

@@ -83,6 +83,32 @@ def parse_byte_size(value: str) -> int | None:
     return size or None
 
 
+def parse_duration(value: str) -> float:
+    """Parse a non-negative, finite number of hours or minutes."""
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1.0
+    if not 0 <= amount < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {value!r}: expected a number, 0 or more"
+        )
+    return amount
+
+
+def add_upload_expiry_option(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """Add --upload-expiry, which `cairn serve` and `cairn gc` share."""
+    parser.add_argument(
+        "--upload-expiry",
+        type=parse_duration,
+        default=env_default("UPLOAD_EXPIRY", str(DEFAULT_UPLOAD_EXPIRY_HOURS)),
+        metavar="HOURS",
+        help="hours an upload may sit idle before its session and staging file "
+        f"are deleted{note} (env CAIRN_UPLOAD_EXPIRY; "
+        f"default {DEFAULT_UPLOAD_EXPIRY_HOURS:g})",
+    )
+
+
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
@@ -108,17 +134,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "before they are cancelled (env CAIRN_SHUTDOWN_TIMEOUT; "
         f"default {DEFAULT_SHUTDOWN_TIMEOUT:g})",
     )
-    parser.add_argument(
-        "--upload-expiry",
-        type=float,
-        default=float(
-            env_default("UPLOAD_EXPIRY", str(DEFAULT_UPLOAD_EXPIRY_HOURS))
-            or DEFAULT_UPLOAD_EXPIRY_HOURS
-        ),
-        help="hours an upload may sit idle before its session and staging file "
-        "are deleted; checked hourly (env CAIRN_UPLOAD_EXPIRY; "
-        f"default {DEFAULT_UPLOAD_EXPIRY_HOURS:g})",
-    )
+    add_upload_expiry_option(parser, "; checked hourly")
     parser.add_argument(
         "--read-idle-timeout",
         type=parse_idle_timeout,

@@ -261,8 +261,11 @@ class BlobStore:
     def commit(self, staged: StagedBlob, expected: Digest) -> int:
         """Verify ``staged`` against ``expected`` and move it into place.
 
-        Returns the blob's size. On a digest mismatch the staging file is
-        removed and DigestMismatch is raised; nothing is stored. A failure
+        Returns the blob's size. The blob file's mtime is set to now, whether
+        this commit wrote the file or found it stored, so that garbage
+        collection's grace period protects it until the caller links it. On a
+        digest mismatch the staging file is removed and DigestMismatch is
+        raised; nothing is stored. A failure
         to write the file to disk also removes it, and raises
         InsufficientStorage when the disk is full.
         """
@@ -281,7 +284,7 @@ class BlobStore:
                 {"expected": str(expected), "actual": str(actual), "size": size},
             )
         target = self.paths.blob(expected)
-        if target.exists():
+        if _touch(target):
             # The stored copy was fsynced before its rename, so this one needs
             # no flush. Its directory is synced in case the commit that
             # renamed it has not yet synced it.
@@ -292,10 +295,14 @@ class BlobStore:
         new_prefix_dir = not target.parent.exists()
         try:
             staged.sync_and_close()
-            if target.exists():
+            if _touch(target):
                 # Another upload of the same digest committed meanwhile.
                 staged.path.unlink(missing_ok=True)
                 return size
+            # A rename keeps the file's mtime, which is that of the last
+            # chunk and may be hours old, and garbage collection removes an
+            # unlinked file once its mtime is older than its grace period.
+            os.utime(staged.path)
             with disk_full_errors():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staged.path, target)
@@ -331,6 +338,19 @@ class BlobStore:
             for prefix_dir in sorted(algorithm_dir.iterdir()):
                 for path in sorted(prefix_dir.iterdir()):
                     yield Digest(algorithm_dir.name, path.name), path
+
+
+def _touch(path: Path) -> bool:
+    """Set the mtime of ``path`` to now; return False when it does not exist.
+
+    A blob file that a commit reuses is touched, so that garbage collection
+    finds a recent mtime and leaves the file alone until the upload links it.
+    """
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _fsync_directory(path: Path) -> None:

@@ -51,6 +51,12 @@ class BlobUploadUnknown(RegistryError):
     pass
 
 
+class BlobCollected(BlobUploadUnknown):
+    """An upload whose blob file garbage collection removed after the upload
+    stored it and before the repository linked it. Nothing was linked, and
+    the client must push the blob again."""
+
+
 class BlobUploadInvalid(RegistryError):
     pass
 

@@ -1,0 +1,275 @@
+"""`cairn gc`: remove blob files that no repository can read, and expired
+upload staging files.
+
+What is removed
+---------------
+
+A blob file under ``blobs/`` is garbage when no row of the blob_links
+projection names its digest, in any repository, and no stored manifest
+references it. The API serves a blob only through a link, so an unlinked
+blob cannot be pulled. Deleting a blob link does not look at the
+repository's manifests, though, so a manifest can still reference a blob
+whose link is gone. gc keeps such a file until the manifest is deleted,
+because the manifest still describes it. Manifest bytes live in the
+database, not under ``blobs/``. A client that also pushes a manifest's bytes
+as a blob gets a link like any other blob, and gc treats it as one.
+
+Staging files under ``uploads/`` go as ``Registry.purge_uploads`` decides:
+the sessions idle for longer than the upload expiry with their files, and
+files that no session refers to and that were last written before then.
+
+gc appends no event. The log records which repository links which blob, not
+which files exist, so removing a file that nothing links changes no state
+that the log describes, and `cairn verify`, which checks that every link has
+its file, still passes afterwards.
+
+Why it is safe while `cairn serve` runs
+---------------------------------------
+
+Only an append creates a link (``blob.pushed`` or ``blob.mounted``), and
+every append runs in ``Database.write()``, which holds the log's append
+lock: ``BEGIN IMMEDIATE`` on SQLite, a row lock on the log head on
+PostgreSQL, which every ``cairn serve`` process sharing the database takes.
+gc removes a file only inside ``Database.write()`` as well. Under the lock
+it checks again that no link names the digest, that no manifest pushed
+since its scan references it, and that the file's mtime is older than the
+grace period. Every append that creates a link checks, under the same lock,
+that the blob file exists, and links nothing when it does not. The two
+transactions cannot overlap. Either the link commits first, and gc's check
+sees it and keeps the file, or gc removes the file first, and the append's
+check fails. No committed link can name a missing file.
+
+That covers the three ways a link meets an existing file:
+
+- An upload renames its new file into place before the transaction that
+  appends ``blob.pushed``, so for a moment the file exists unlinked.
+- A push of a digest that is already stored writes nothing and then links
+  the existing file.
+- A mount links a file that another repository links.
+
+For the first two, ``BlobStore.commit`` sets the file's mtime to now, so the
+grace period keeps the file until the link commits and the push succeeds.
+With a grace period shorter than that gap, gc may remove the file, and the
+push then fails with BLOB_UPLOAD_UNKNOWN (``BlobCollected``), linking
+nothing, and the client pushes the blob again. A mount needs a link in its
+source repository, which gc's check sees, and it checks the file too:
+without one it falls back to an upload.
+
+The scan that picks the candidates holds no lock. It reads the links, the
+manifests' references and the log position in one snapshot. On PostgreSQL
+it first takes ACCESS SHARE locks on both tables, because `cairn
+projections rebuild` empties them with TRUNCATE, and a snapshot taken
+before a TRUNCATE commits sees the tables empty afterwards. A manifest
+pushed after the scan has a larger position, so the check under the lock
+reads only those. A manifest that references a blob needs its link when it
+is pushed, so the scan or the link check sees that blob.
+
+gc removes files in batches of ``BATCH_SIZE``, each in its own transaction,
+so a push waits for at most one batch. It leaves the two-hex-digit prefix
+directories, because ``BlobStore.commit`` creates one and renames a file
+into it without the lock. It does not fsync the directories after removing
+files, because a removal that a crash undoes leaves only an unlinked file,
+which the next run removes.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection
+
+from engine import log as event_log
+from engine.domain.digest import Digest
+from engine.domain.errors import DigestInvalid
+from engine.registry import Registry, StagingFile
+from engine.tables import blob_links, manifests
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_GRACE_PERIOD = timedelta(hours=1)
+BATCH_SIZE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFile:
+    """A committed blob's file and its size in bytes."""
+
+    digest: Digest
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class GarbageScan:
+    """The blob files that no link and no stored manifest named, and that
+    were older than the grace period, when the scan read the projections at
+    log position ``position``."""
+
+    position: int
+    blobs: list[BlobFile]
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    """The files a run removed, or with ``dry_run`` the files it would remove."""
+
+    blobs: list[BlobFile]
+    staging_files: list[StagingFile]
+    dry_run: bool
+
+    @property
+    def files(self) -> int:
+        return len(self.blobs) + len(self.staging_files)
+
+    @property
+    def bytes(self) -> int:
+        """The bytes that the removed files took, as their sizes count them."""
+        return sum(blob.size for blob in self.blobs) + sum(
+            staged.size for staged in self.staging_files
+        )
+
+
+def collect_garbage(
+    registry: Registry,
+    *,
+    grace_period: timedelta = DEFAULT_GRACE_PERIOD,
+    upload_expiry: timedelta,
+    dry_run: bool = False,
+) -> GcReport:
+    """Remove unused blob files and expired staging files; with ``dry_run``
+    only list them.
+
+    ``grace_period`` keeps every blob file whose mtime is more recent, and
+    ``upload_expiry`` is the idle time after which an upload is purged.
+    """
+    log.info(
+        "gc_started",
+        dry_run=dry_run,
+        grace_period=str(grace_period),
+        upload_expiry=str(upload_expiry),
+    )
+    scan = scan_blobs(registry, grace_period)
+    blobs = scan.blobs if dry_run else remove_blobs(registry, scan, grace_period)
+    staging_files = registry.purge_uploads(upload_expiry, dry_run=dry_run)
+    report = GcReport(blobs, staging_files, dry_run)
+    log.info(
+        "gc_dry_run_finished" if dry_run else "blobs_collected",
+        blobs=len(blobs),
+        staging_files=len(staging_files),
+        bytes=report.bytes,
+        position=scan.position,
+    )
+    return report
+
+
+def scan_blobs(registry: Registry, grace_period: timedelta) -> GarbageScan:
+    """Find the blob files that no link or stored manifest names and whose
+    mtime is older than ``grace_period``, without taking the append lock."""
+    database = registry.database
+    with database.read() as conn:
+        if not database.is_sqlite:
+            # Before the first query, which takes the snapshot.
+            conn.exec_driver_sql(
+                f"LOCK TABLE {blob_links.name}, {manifests.name} IN ACCESS SHARE MODE"
+            )
+        position = event_log.head(conn)[0]
+        used = set(conn.execute(sa.select(blob_links.c.digest).distinct()).scalars())
+        used.update(_referenced_digests(conn, after=0))
+
+    old_before = time.time() - grace_period.total_seconds()
+    candidates = [
+        blob
+        for blob, mtime in _blob_files(registry)
+        if str(blob.digest) not in used and mtime < old_before
+    ]
+    return GarbageScan(position, candidates)
+
+
+def remove_blobs(
+    registry: Registry, scan: GarbageScan, grace_period: timedelta
+) -> list[BlobFile]:
+    """Remove the files of ``scan`` that are still unused, each batch under
+    the append lock; return the files removed."""
+    removed: list[BlobFile] = []
+    for start in range(0, len(scan.blobs), BATCH_SIZE):
+        batch = scan.blobs[start : start + BATCH_SIZE]
+        with registry.database.write() as conn:
+            removed.extend(_remove_unused(conn, batch, scan.position, grace_period))
+    return removed
+
+
+def _remove_unused(
+    conn: Connection, batch: list[BlobFile], position: int, grace_period: timedelta
+) -> Iterator[BlobFile]:
+    digests = [str(blob.digest) for blob in batch]
+    linked = set(
+        conn.execute(
+            sa.select(blob_links.c.digest)
+            .where(blob_links.c.digest.in_(digests))
+            .distinct()
+        ).scalars()
+    )
+    referenced = _referenced_digests(conn, after=position)
+    old_before = time.time() - grace_period.total_seconds()
+    for blob in batch:
+        digest = str(blob.digest)
+        if digest in linked or digest in referenced:
+            continue
+        try:
+            status = blob.path.stat()
+        except FileNotFoundError:
+            # Another gc removed it.
+            continue
+        if status.st_mtime >= old_before:
+            # A push stored or reused it since the scan.
+            continue
+        blob.path.unlink(missing_ok=True)
+        log.debug("blob_file_removed", digest=digest, size=status.st_size)
+        yield BlobFile(blob.digest, blob.path, status.st_size)
+
+
+def _referenced_digests(conn: Connection, *, after: int) -> set[str]:
+    """Return every digest that a stored manifest pushed after log position
+    ``after`` references."""
+    rows = conn.execution_options(yield_per=1000).execute(
+        sa.select(manifests.c.references).where(manifests.c.position > after)
+    )
+    digests: set[str] = set()
+    for references in rows.scalars():
+        digests.update(reference["digest"] for reference in references)
+    return digests
+
+
+def _blob_files(registry: Registry) -> Iterator[tuple[BlobFile, float]]:
+    """Yield every committed blob file with its mtime, skipping any file
+    whose path is not the one BlobPaths gives its digest."""
+    paths = registry.blob_store.paths
+    for algorithm_dir in _subdirectories(paths.root / "blobs"):
+        for prefix_dir in _subdirectories(algorithm_dir):
+            for path in prefix_dir.iterdir():
+                try:
+                    digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
+                except DigestInvalid:
+                    digest = None
+                if digest is None or paths.blob(digest) != path:
+                    log.warning("gc_unknown_file_skipped", path=str(path))
+                    continue
+                try:
+                    status = path.stat()
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(status.st_mode):
+                    log.warning("gc_unknown_file_skipped", path=str(path))
+                    continue
+                yield BlobFile(digest, path, status.st_size), status.st_mtime
+
+
+def _subdirectories(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if path.is_dir())

@@ -1,0 +1,530 @@
+"""`cairn gc` on real SQLite and PostgreSQL databases and real blob files.
+
+The race tests run gc at the moment a push is most exposed to it: after the
+blob file is in place and before the transaction that links it. A wrapper
+around BlobStore.commit runs gc there, so each interleaving happens every
+time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from engine import log as event_log
+from engine.api.app import create_app
+from engine.blobs import BlobStore
+from engine.domain.digest import Digest
+from engine.domain.errors import BlobCollected
+from engine.gc import collect_garbage, remove_blobs, scan_blobs
+from engine.registry import Registry
+from engine.tables import blob_links, uploads
+from engine.verify import verify
+from tests.images import OCI_CONFIG, OCI_LAYER, Image, descriptor, encode
+from tests.server import ServerThread, push_blob, push_image, running
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+NO_GRACE = timedelta(0)
+EXPIRY = timedelta(days=1)
+
+
+def make_image_of(layers: list[bytes]) -> Image:
+    """Build an OCI image whose layers are exactly ``layers``."""
+    config = encode({"architecture": "amd64", "os": "linux", "n": os.urandom(8).hex()})
+    manifest = encode(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor(OCI_CONFIG, config),
+            "layers": [descriptor(OCI_LAYER, layer) for layer in layers],
+        }
+    )
+    return Image(config, layers, manifest)
+
+
+def age(path: Path, hours: float = 2) -> None:
+    """Set the mtime of ``path`` to ``hours`` ago."""
+    moment = time.time() - hours * 3600
+    os.utime(path, (moment, moment))
+
+
+def age_all_blobs(registry: Registry) -> None:
+    for _, path in registry.blob_store.iter_blobs():
+        age(path)
+
+
+def blob_file(registry: Registry, data: bytes) -> Path:
+    return registry.blob_store.path(Digest.of(data))
+
+
+def links(registry: Registry, digest: Digest) -> list[str]:
+    with registry.database.read() as conn:
+        return sorted(
+            conn.execute(
+                sa.select(blob_links.c.repository).where(
+                    blob_links.c.digest == str(digest)
+                )
+            ).scalars()
+        )
+
+
+def log_position(registry: Registry) -> int:
+    with registry.database.read() as conn:
+        return event_log.head(conn)[0]
+
+
+def push(registry: Registry, repository: str, data: bytes) -> Digest:
+    digest = Digest.of(data)
+    registry.repository(repository).blobs.push(digest, [data])
+    return digest
+
+
+def unlinked_blob(registry: Registry, data: bytes) -> Digest:
+    """Store ``data`` as a blob file that no repository links, two hours old."""
+    digest = push(registry, "scratch/unlinked", data)
+    registry.repository("scratch/unlinked").blobs.delete(digest)
+    age(registry.blob_store.path(digest))
+    return digest
+
+
+@pytest.fixture
+def server(registry: Registry) -> Iterator[ServerThread]:
+    with running(create_app(registry)) as server:
+        yield server
+
+
+@pytest.fixture
+def api(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+# ---- what gc removes -------------------------------------------------------------
+
+
+def test_gc_removes_only_unlinked_blobs(registry: Registry, api: httpx.Client) -> None:
+    shared = os.urandom(3000)
+    only_one = os.urandom(2000)
+    only_two = os.urandom(1000)
+    first = make_image_of([shared, only_one])
+    second = make_image_of([shared, only_two])
+    push_image(api, "team/one", first, tag="v1")
+    push_image(api, "team/two", second, tag="v1")
+    loose = push_blob(api, "team/one", os.urandom(500))
+
+    deleted = api.delete(f"/v2/team/one/manifests/{first.digest}")
+    assert deleted.status_code == 202
+    for blob in first.blobs:
+        response = api.delete(f"/v2/team/one/blobs/{Digest.of(blob)}")
+        assert response.status_code == 202
+    assert api.delete(f"/v2/team/one/blobs/{loose}").status_code == 202
+    age_all_blobs(registry)
+    position = log_position(registry)
+
+    report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    unlinked = {Digest.of(first.config), Digest.of(only_one), loose}
+    assert {blob.digest for blob in report.blobs} == unlinked
+    assert report.bytes == len(first.config) + len(only_one) + 500
+    for digest in unlinked:
+        assert not registry.blob_store.exists(digest)
+    for blob in second.blobs:
+        assert blob_file(registry, blob).read_bytes() == blob
+    assert log_position(registry) == position
+    assert verify(registry) == []
+
+    manifest = api.get(
+        "/v2/team/two/manifests/v1", headers={"Accept": second.media_type}
+    )
+    assert manifest.status_code == 200
+    assert manifest.content == second.manifest
+    for blob in second.blobs:
+        pulled = api.get(f"/v2/team/two/blobs/{Digest.of(blob)}")
+        assert pulled.status_code == 200
+        assert pulled.content == blob
+
+
+def test_gc_keeps_blob_a_manifest_references(
+    registry: Registry, api: httpx.Client
+) -> None:
+    layer = os.urandom(2000)
+    image = make_image_of([layer])
+    push_image(api, "team/app", image, tag="v1")
+    response = api.delete(f"/v2/team/app/blobs/{Digest.of(layer)}")
+    assert response.status_code == 202
+    age_all_blobs(registry)
+
+    report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    assert report.blobs == []
+    assert blob_file(registry, layer).read_bytes() == layer
+
+    deleted = api.delete(f"/v2/team/app/manifests/{image.digest}")
+    assert deleted.status_code == 202
+    again = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+    assert [blob.digest for blob in again.blobs] == [Digest.of(layer)]
+    assert verify(registry) == []
+
+
+def test_gc_dry_run_removes_nothing(registry: Registry) -> None:
+    digest = unlinked_blob(registry, b"unlinked bytes")
+    orphan = (
+        registry.blob_store.paths.staging_dir / "00000000-0000-4000-8000-00000000000a"
+    )
+    orphan.write_bytes(b"staged")
+    age(orphan, hours=48)
+    position = log_position(registry)
+
+    report = collect_garbage(
+        registry, grace_period=NO_GRACE, upload_expiry=EXPIRY, dry_run=True
+    )
+
+    assert [blob.digest for blob in report.blobs] == [digest]
+    assert [staged.path for staged in report.staging_files] == [orphan]
+    assert report.bytes == len(b"unlinked bytes") + len(b"staged")
+    assert registry.blob_store.exists(digest)
+    assert orphan.exists()
+    assert log_position(registry) == position
+
+
+def test_gc_grace_period_keeps_young_files(registry: Registry) -> None:
+    young = push(registry, "scratch/young", b"pushed a moment ago")
+    registry.repository("scratch/young").blobs.delete(young)
+    old = unlinked_blob(registry, b"pushed two hours ago")
+
+    report = collect_garbage(
+        registry, grace_period=timedelta(hours=1), upload_expiry=EXPIRY
+    )
+
+    assert [blob.digest for blob in report.blobs] == [old]
+    assert registry.blob_store.exists(young)
+    assert not registry.blob_store.exists(old)
+
+
+def test_gc_removes_expired_staging_files(registry: Registry) -> None:
+    staging = registry.blob_store.paths.staging_dir
+    old_orphan = staging / "00000000-0000-4000-8000-000000000001"
+    young_orphan = staging / "00000000-0000-4000-8000-000000000002"
+    for path in (old_orphan, young_orphan):
+        path.write_bytes(b"left by a crash")
+    age(old_orphan, hours=48)
+    repo = registry.repository("scratch/uploads")
+    session = repo.blobs.create_upload()
+    repo.blobs.write_upload(session.id, [b"first chunk"])
+    session_file = staging / session.id
+    # The session was active an hour ago, its file was last written earlier.
+    age(session_file, hours=48)
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(uploads)
+            .where(uploads.c.id == session.id)
+            .values(updated_at=datetime.now(UTC) - timedelta(hours=1))
+        )
+
+    report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    assert [staged.path for staged in report.staging_files] == [old_orphan]
+    assert not old_orphan.exists()
+    assert young_orphan.exists()
+    assert session_file.exists()
+    assert repo.blobs.upload_status(session.id).offset == len(b"first chunk")
+
+
+def test_gc_skips_files_that_are_not_blobs(registry: Registry) -> None:
+    stray = registry.blob_store.paths.root / "blobs" / "sha256" / "ab" / "notes.txt"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_text("not a blob")
+    age(stray)
+
+    report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    assert report.blobs == []
+    assert stray.exists()
+
+
+# ---- races with pushes and mounts ---------------------------------------------------
+
+
+def run_after_store_commit(
+    monkeypatch: pytest.MonkeyPatch, registry: Registry, action: Callable[[], Any]
+) -> None:
+    """Run ``action`` after every BlobStore.commit of ``registry``, before the
+    transaction that links the blob."""
+    store = registry.blob_store
+    commit = BlobStore.commit
+
+    def commit_then_act(staged: Any, expected: Digest) -> int:
+        size = commit(store, staged, expected)
+        action()
+        return size
+
+    monkeypatch.setattr(store, "commit", commit_then_act)
+
+
+def gc_now(registry: Registry, grace_period: timedelta) -> Callable[[], Any]:
+    return lambda: collect_garbage(
+        registry, grace_period=grace_period, upload_expiry=EXPIRY
+    )
+
+
+def test_new_blob_young_survives_gc_before_link(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_after_store_commit(monkeypatch, registry, gc_now(registry, timedelta(hours=1)))
+    data = os.urandom(1000)
+
+    digest = push(registry, "team/app", data)
+
+    assert links(registry, digest) == ["team/app"]
+    assert registry.blob_store.path(digest).read_bytes() == data
+    assert verify(registry) == []
+
+
+def test_new_blob_collected_before_link_fails(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_after_store_commit(monkeypatch, registry, gc_now(registry, NO_GRACE))
+    data = os.urandom(1000)
+    repo = registry.repository("team/app")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [data])
+    position = log_position(registry)
+
+    with pytest.raises(BlobCollected):
+        repo.blobs.commit_upload(upload.id, Digest.of(data))
+
+    assert links(registry, Digest.of(data)) == []
+    assert not registry.blob_store.exists(Digest.of(data))
+    assert log_position(registry) == position
+    with registry.database.read() as conn:
+        assert conn.execute(sa.select(uploads.c.id)).all() == []
+    assert verify(registry) == []
+
+    monkeypatch.undo()
+    assert push(registry, "team/app", data) == Digest.of(data)
+    assert links(registry, Digest.of(data)) == ["team/app"]
+    assert verify(registry) == []
+
+
+def test_stored_blob_reused_survives_gc_before_link(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(1000)
+    digest = unlinked_blob(registry, data)
+    run_after_store_commit(monkeypatch, registry, gc_now(registry, timedelta(hours=1)))
+
+    push(registry, "team/app", data)
+
+    assert links(registry, digest) == ["team/app"]
+    assert registry.blob_store.path(digest).read_bytes() == data
+    assert verify(registry) == []
+
+
+def test_stored_blob_collected_before_link_fails(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(1000)
+    digest = unlinked_blob(registry, data)
+    run_after_store_commit(monkeypatch, registry, gc_now(registry, NO_GRACE))
+    position = log_position(registry)
+
+    with pytest.raises(BlobCollected):
+        push(registry, "team/app", data)
+
+    assert links(registry, digest) == []
+    assert log_position(registry) == position
+    assert verify(registry) == []
+
+
+def test_http_push_collected_before_link(
+    registry: Registry, api: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_after_store_commit(monkeypatch, registry, gc_now(registry, NO_GRACE))
+    data = os.urandom(1000)
+    digest = Digest.of(data)
+
+    response = api.post(f"/v2/team/app/blobs/uploads/?digest={digest}", content=data)
+
+    assert response.status_code == 404
+    assert response.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert api.head(f"/v2/team/app/blobs/{digest}").status_code == 404
+    monkeypatch.undo()
+    assert push_blob(api, "team/app", data) == digest
+    assert api.get(f"/v2/team/app/blobs/{digest}").content == data
+
+
+def test_links_made_after_scan_keep_files(registry: Registry) -> None:
+    mounted = os.urandom(1000)
+    referenced = os.urandom(1000)
+    garbage = os.urandom(1000)
+    for data in (mounted, referenced, garbage):
+        unlinked_blob(registry, data)
+    scan = scan_blobs(registry, NO_GRACE)
+    assert len(scan.blobs) == 3
+
+    # Between the scan and the removal: one blob is pushed to a repository
+    # and mounted into another, then its first link is deleted.
+    push(registry, "team/one", mounted)
+    assert registry.repository("team/two").blobs.mount(Digest.of(mounted), "team/one")
+    registry.repository("team/one").blobs.delete(Digest.of(mounted))
+    # Another is pushed with a manifest that references it, then unlinked.
+    image = make_image_of([referenced])
+    repo = registry.repository("team/three")
+    for blob in image.blobs:
+        push(registry, "team/three", blob)
+    repo.manifests.put(image.manifest, image.media_type, tag="v1")
+    repo.blobs.delete(Digest.of(referenced))
+    # The pushes set the mtimes to now; only the links may keep the files.
+    age_all_blobs(registry)
+
+    removed = remove_blobs(registry, scan, NO_GRACE)
+
+    assert [blob.digest for blob in removed] == [Digest.of(garbage)]
+    assert blob_file(registry, mounted).read_bytes() == mounted
+    assert blob_file(registry, referenced).read_bytes() == referenced
+    assert verify(registry) == []
+
+
+def test_file_reused_after_scan_is_kept(registry: Registry) -> None:
+    data = os.urandom(1000)
+    digest = unlinked_blob(registry, data)
+    scan = scan_blobs(registry, timedelta(hours=1))
+    assert [blob.digest for blob in scan.blobs] == [digest]
+
+    # A push of the same bytes reuses the file, and its link is deleted
+    # again before gc removes anything.
+    push(registry, "team/app", data)
+    registry.repository("team/app").blobs.delete(digest)
+
+    assert remove_blobs(registry, scan, timedelta(hours=1)) == []
+    assert registry.blob_store.exists(digest)
+
+
+def test_gc_beside_another_process_pushing(
+    data_dir: Path, database_url: str, registry: Registry
+) -> None:
+    """A second Registry on the same data directory and database stands for a
+    second `cairn serve` process. It pushes and deletes one blob over and
+    over while gc runs without a grace period; every link must keep its file.
+    """
+    data = os.urandom(4000)
+    digest = Digest.of(data)
+    pusher = Registry.open(data_dir, database_url)
+    stop = threading.Event()
+    collected = 0
+    errors: list[BaseException] = []
+
+    def collect() -> None:
+        try:
+            while not stop.is_set():
+                collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+        except BaseException as error:
+            errors.append(error)
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    try:
+        repo = pusher.repository("team/app")
+        for _ in range(40):
+            try:
+                repo.blobs.push(digest, [data])
+            except BlobCollected:
+                collected += 1
+                continue
+            assert pusher.blob_store.path(digest).read_bytes() == data
+            repo.blobs.delete(digest)
+            with contextlib.suppress(FileNotFoundError):
+                age(pusher.blob_store.path(digest))
+    finally:
+        stop.set()
+        collector.join()
+        pusher.database.dispose()
+
+    assert errors == []
+    assert collected < 40
+    assert verify(registry) == []
+
+
+# ---- the command line -------------------------------------------------------------
+
+
+def cairn(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--log-format", "json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPOSITORY_ROOT,
+        timeout=120,
+    )
+
+
+def log_events(stderr: str, name: str) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [record for record in records if record.get("event") == name]
+
+
+def test_gc_command(
+    registry: Registry, data_dir: Path, database_url: str, api: httpx.Client
+) -> None:
+    linked = os.urandom(700)
+    push_blob(api, "team/app", linked)
+    digest = unlinked_blob(registry, b"an unlinked blob")
+    storage = ["--data-dir", str(data_dir), "--database", database_url]
+
+    dry_run = cairn("gc", *storage, "--dry-run", "--grace-period", "0")
+
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert dry_run.stdout.splitlines() == [
+        f"would remove blob {digest} (16 bytes)",
+        "dry run: would remove 1 blob file(s) and 0 staging file(s), freeing 16 bytes",
+    ]
+    assert registry.blob_store.exists(digest)
+
+    result = cairn("gc", *storage, "--grace-period", "0")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "removed 1 blob file(s) and 0 staging file(s), freed 16 bytes"
+    ]
+    [record] = log_events(result.stderr, "blobs_collected")
+    assert record["blobs"] == 1
+    assert record["bytes"] == 16
+    assert not registry.blob_store.exists(digest)
+    verified = cairn("verify", *storage)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert api.get(f"/v2/team/app/blobs/{Digest.of(linked)}").content == linked
+
+
+def test_gc_command_default_grace_keeps_new_blob(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    digest = push(registry, "team/app", b"just unlinked")
+    registry.repository("team/app").blobs.delete(digest)
+
+    result = cairn("gc", "--data-dir", str(data_dir), "--database", database_url)
+
+    assert result.returncode == 0, result.stderr
+    assert "removed 0 blob file(s)" in result.stdout
+    assert registry.blob_store.exists(digest)
+
+
+def test_gc_command_rejects_negative_grace_period(data_dir: Path) -> None:
+    result = cairn("gc", "--data-dir", str(data_dir), "--grace-period", "-5")
+
+    assert result.returncode == 2
+    assert "invalid duration '-5'" in result.stderr
