@@ -265,9 +265,8 @@ class BlobStore:
         this commit wrote the file or found it stored, so that garbage
         collection's grace period protects it until the caller links it. On a
         digest mismatch the staging file is removed and DigestMismatch is
-        raised; nothing is stored. A failure
-        to write the file to disk also removes it, and raises
-        InsufficientStorage when the disk is full.
+        raised; nothing is stored. A failure to write the file to disk also
+        removes it, and raises InsufficientStorage when the disk is full.
         """
         try:
             actual = staged.digest(expected.algorithm)
