@@ -826,9 +826,18 @@ class BlobService:
         return staged
 
     def write_upload(
-        self, upload_id: str, chunks: Iterable[bytes], start: int | None = None
+        self,
+        upload_id: str,
+        chunks: Iterable[bytes],
+        start: int | None = None,
+        *,
+        declared_size: int | None = None,
     ) -> UploadStatus:
         """Append ``chunks`` to an upload; ``start`` must equal its offset.
+
+        ``declared_size`` is the chunk's length as the request declared it.
+        A chunk that would take the blob past the maximum blob size is then
+        rejected before any of it is written.
 
         A blob that grows past the maximum blob size (BlobTooLarge) or a full
         disk (InsufficientStorage) discards the upload, because it can never
@@ -838,6 +847,9 @@ class BlobService:
             status = self.upload_status(upload_id)
             _check_start(status, start)
             try:
+                _check_declared_chunk(
+                    status.offset, declared_size, self._repo.registry.max_blob_size
+                )
                 staged = self._staged(status)
                 self._write_chunks(staged, chunks)
                 staged.flush()
@@ -871,9 +883,12 @@ class BlobService:
         digest: Digest,
         chunks: Iterable[bytes] = (),
         start: int | None = None,
+        *,
+        declared_size: int | None = None,
     ) -> BlobInfo:
         """Append the final ``chunks``, verify ``digest`` and link the blob;
-        ``start``, when given, must equal the upload's offset.
+        ``start``, when given, must equal the upload's offset, and
+        ``declared_size`` is checked as in write_upload.
 
         On a digest mismatch, a blob over the maximum blob size or a full
         disk, the upload is discarded and nothing is stored.
@@ -888,6 +903,9 @@ class BlobService:
                     staged.offset,
                     self._repo.registry.max_blob_size,
                     "the bytes already uploaded",
+                )
+                _check_declared_chunk(
+                    staged.offset, declared_size, self._repo.registry.max_blob_size
                 )
                 self._write_chunks(staged, chunks)
                 return self._commit_staged(staged, digest, upload_id)
@@ -1027,6 +1045,17 @@ def _sizes_query(table_name: str, count: int) -> Prepared:
             & in_list(table.c.digest, "b_digest", count)
         )
     )
+
+
+def _check_declared_chunk(
+    offset: int, declared_size: int | None, limit: int | None
+) -> None:
+    """Raise BlobTooLarge when a chunk of ``declared_size`` bytes, appended at
+    ``offset``, would take the blob past ``limit``."""
+    if declared_size is not None:
+        check_declared_size(
+            offset + declared_size, limit, "the upload's offset plus Content-Length"
+        )
 
 
 def _check_start(status: UploadStatus, start: int | None) -> None:

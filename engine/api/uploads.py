@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from typing import Final
 
-from engine.api.body import BlobLimit, stream_to_thread
+from engine.api.body import BUFFER_SIZE, BlobLimit, stream_to_thread
 from engine.api.errors import HTTPError
 from engine.api.http import Request, Response, empty_response, repository_path
 from engine.api.threads import run_sync
@@ -112,17 +112,23 @@ async def _body_limit(
     chunk starts at the upload's offset, and Content-Length, when present,
     declares its end. An upload rejected here is discarded, because it can
     never complete.
+
+    A body of at most BUFFER_SIZE bytes is checked without the upload's
+    offset, which would cost a database read on every such request: the
+    registry adds the offset under the upload's lock, once the body is read.
     """
     max_blob_size = request.state.registry.max_blob_size
     if max_blob_size is None:
         return BlobLimit(None)
 
+    declared = request.content_length()
     if start is not None and length is not None:
         offset, end, source = start, start + length, "Content-Range"
+    elif declared is not None and declared <= BUFFER_SIZE:
+        offset, end, source = 0, declared, "Content-Length"
     else:
         status = await run_sync(repository.blobs.upload_status, upload_id)
         offset, end, source = status.offset, status.offset, "the upload's offset"
-        declared = request.content_length()
         if declared is not None:
             end += declared
             source = "the upload's offset plus Content-Length"
@@ -202,7 +208,9 @@ async def patch_upload(request: Request) -> Response:
     limit = await _body_limit(request, repository, upload_id, start, length)
 
     def write(chunks: Iterator[bytes]) -> UploadStatus:
-        return repository.blobs.write_upload(upload_id, chunks, start)
+        return repository.blobs.write_upload(
+            upload_id, chunks, start, declared_size=request.content_length()
+        )
 
     try:
         status = await stream_to_thread(
@@ -221,7 +229,9 @@ async def finish_upload(request: Request) -> Response:
     start, length = await _upload_range(request, repository, upload_id)
 
     def finish(chunks: Iterator[bytes]) -> BlobInfo:
-        return repository.blobs.commit_upload(upload_id, digest, chunks, start)
+        return repository.blobs.commit_upload(
+            upload_id, digest, chunks, start, declared_size=request.content_length()
+        )
 
     try:
         if request.has_body:
