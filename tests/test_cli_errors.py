@@ -36,10 +36,11 @@ STORAGE_COMMANDS = {
     "serve": ["serve", "--no-nats", "--listen", "127.0.0.1:0"],
     "verify": ["verify"],
     "rebuild": ["projections", "rebuild"],
+    "gc": ["gc"],
     "db-upgrade": ["db", "upgrade"],
 }
 CREATING_COMMANDS = ["serve", "db-upgrade"]
-READING_COMMANDS = ["verify", "rebuild"]
+READING_COMMANDS = ["verify", "rebuild", "gc"]
 
 
 @dataclass
