@@ -281,7 +281,17 @@ def test_ui_without_slash_redirects(api: httpx.Client) -> None:
     response = api.get("/_cairn/ui?tab=tags")
 
     assert response.status_code == 308
-    assert response.headers["Location"].endswith("/_cairn/ui/?tab=tags")
+    assert response.headers["Location"] == "/_cairn/ui/?tab=tags"
+
+
+def test_ui_redirect_ignores_forwarded_host(api: httpx.Client) -> None:
+    response = api.get(
+        "/_cairn/ui",
+        headers={"X-Forwarded-Host": "elsewhere.test", "X-Forwarded-Proto": "https"},
+    )
+
+    assert response.status_code == 308
+    assert response.headers["Location"] == "/_cairn/ui/"
 
 
 def test_ui_assets_resolve_after_redirect(api: httpx.Client) -> None:

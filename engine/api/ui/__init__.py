@@ -46,10 +46,12 @@ async def redirect_to_index(request: Request) -> Response:
     """Redirect GET /_cairn/ui to /_cairn/ui/, keeping the query string.
 
     The pages link their scripts and styles by relative paths, which resolve
-    under /_cairn/ only without the trailing slash.
+    under /_cairn/ only without the trailing slash. The Location is a path,
+    never built from the Host or X-Forwarded-* headers, because a 308 may be
+    cached and shared with other clients.
     """
     query = request.scope.get("query_string", b"").decode("latin-1")
-    location = request.url_for("/_cairn/ui/") + (f"?{query}" if query else "")
+    location = "/_cairn/ui/" + (f"?{query}" if query else "")
     return Response(308, [("Location", location)])
 
 
