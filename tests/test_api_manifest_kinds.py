@@ -172,6 +172,34 @@ def _deep_field(api: httpx.Client) -> BadPush:
     return BadPush(encode(body), OCI_MANIFEST, {"limit": MAX_NESTING}, "nests")
 
 
+def _layers_in_other_case(api: httpx.Client) -> BadPush:
+    # Go clients read "Layers" as the layers field, with a blob the
+    # repository lacks, while json.loads keeps it as another key.
+    body = _image_with_blobs(api)
+    missing = str(Digest.of(b"a layer that was never pushed"))
+    body["Layers"] = [{**body["layers"][0], "digest": missing}]
+    return BadPush(
+        encode(body), OCI_MANIFEST, {"key": "Layers", "field": "layers"}, "Layers"
+    )
+
+
+def _infinity(api: httpx.Client) -> BadPush:
+    body = _image_with_blobs(api)
+    raw = encode(body)[:-1] + b', "x": Infinity}'
+    return BadPush(raw, OCI_MANIFEST, {"error": "Infinity is not a JSON value"}, "JSON")
+
+
+def _docker_without_media_type(api: httpx.Client) -> BadPush:
+    body = _image_with_blobs(api, docker=True)
+    del body["mediaType"]
+    return BadPush(
+        encode(body),
+        DOCKER_MANIFEST,
+        {"field": "mediaType", "contentType": DOCKER_MANIFEST},
+        "mediaType",
+    )
+
+
 CASES: dict[str, Callable[[httpx.Client], BadPush]] = {
     "oci-manifest-with-manifests": _manifest_with_manifests,
     "docker-manifest-with-manifests": _docker_manifest_with_manifests,
@@ -190,6 +218,9 @@ CASES: dict[str, Callable[[httpx.Client], BadPush]] = {
     "objects-100000-deep": _deep_objects,
     "arrays-100000-deep": _deep_arrays,
     "field-past-nesting-limit": _deep_field,
+    "layers-in-other-case": _layers_in_other_case,
+    "infinity": _infinity,
+    "docker-without-media-type": _docker_without_media_type,
 }
 
 
@@ -271,7 +302,7 @@ def test_untyped_manifest_keeps_its_kind(api: httpx.Client) -> None:
 
 
 def test_digest_keeps_first_media_type(api: httpx.Client, registry: Registry) -> None:
-    # Without mediaType, the same bytes parse as an OCI or a Docker manifest.
+    # Bytes without mediaType are an OCI manifest, and never a Docker one.
     body = _image_with_blobs(api)
     del body["mediaType"]
     raw = encode(body)
@@ -293,11 +324,7 @@ def test_digest_keeps_first_media_type(api: httpx.Client, registry: Registry) ->
     assert response.status_code == 400
     error = response.json()["errors"][0]
     assert error["code"] == "MANIFEST_INVALID"
-    assert error["detail"] == {
-        "digest": str(Digest.of(raw)),
-        "mediaType": DOCKER_MANIFEST,
-        "storedMediaType": OCI_MANIFEST,
-    }
+    assert error["detail"] == {"field": "mediaType", "contentType": DOCKER_MANIFEST}
     assert stored_state(registry) == before
     assert _events(api) == events_before
     assert _tags(api) == ["v1"]

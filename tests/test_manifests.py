@@ -303,9 +303,10 @@ def _both_kinds_without_media_type() -> bytes:
     ("content_type", "field"),
     [
         (OCI_MANIFEST, "manifests"),
-        (DOCKER_MANIFEST, "manifests"),
+        # A Docker body must name its mediaType before its fields count.
+        (DOCKER_MANIFEST, "mediaType"),
         (OCI_INDEX, "config"),
-        (DOCKER_MANIFEST_LIST, "config"),
+        (DOCKER_MANIFEST_LIST, "mediaType"),
         ("application/json", "manifests"),
         (None, "manifests"),
     ],
@@ -401,3 +402,60 @@ def test_deep_nesting_reports_limit(raw: bytes) -> None:
     with pytest.raises(ManifestInvalid, match="nests deeper") as caught:
         parse_manifest(raw)
     assert caught.value.detail == {"limit": MAX_NESTING}
+
+
+@pytest.mark.parametrize("content_type", [DOCKER_MANIFEST, DOCKER_MANIFEST_LIST])
+def test_docker_body_without_media_type(content_type: str) -> None:
+    body = _index_body() if content_type == DOCKER_MANIFEST_LIST else _image_body()
+    del body["mediaType"]
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body), content_type)
+
+    assert caught.value.detail == {"field": "mediaType", "contentType": content_type}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_number_rejected(literal: str) -> None:
+    raw = encode(_image_body())[:-1] + b', "x": ' + literal.encode() + b"}"
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(raw, OCI_MANIFEST)
+
+    assert caught.value.message == "manifest is not valid JSON"
+    assert caught.value.detail == {"error": f"{literal} is not a JSON value"}
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "field"),
+    [
+        ((), "Layers", "layers"),
+        ((), "Manifests", "manifests"),
+        ((), "MEDIATYPE", "mediaType"),
+        (("config",), "Digest", "digest"),
+        (("layers", 0), "SIZE", "size"),
+        # The long s folds to "s" in Go's matching and in str.casefold.
+        (("config",), "\u017fize", "size"),
+    ],
+)
+def test_key_spelled_in_other_case(
+    path: tuple[str | int, ...], key: str, field: str
+) -> None:
+    body = _image_body()
+    target: Any = body
+    for step in path:
+        target = target[step]
+    target[key] = target.get(field, [])
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body), OCI_MANIFEST)
+    assert caught.value.detail == {"key": key, "field": field}
+
+
+def test_annotation_keys_keep_their_case() -> None:
+    body = _image_body()
+    body["annotations"] = {"Size": "large", "Digest": "kept as written"}
+
+    manifest = parse_manifest(encode(body), OCI_MANIFEST)
+
+    assert manifest.media_type == OCI_MANIFEST

@@ -295,7 +295,13 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
             object_pairs_hook=_unique_keys,
             parse_float=_bounded_float,
             parse_int=_bounded_int,
+            parse_constant=_reject_constant,
         )
+    except _NotJson as exc:
+        raise ManifestInvalid(
+            "manifest is not valid JSON",
+            {"error": f"{exc.args[0]} is not a JSON value"},
+        ) from None
     except json.JSONDecodeError as exc:
         raise ManifestInvalid(
             "manifest is not valid JSON",
@@ -321,6 +327,7 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
             "manifest must be a JSON object", {"type": type(body).__name__}
         )
     _check_values(body)
+    _check_field_spelling(body)
     return body
 
 
@@ -332,6 +339,72 @@ def _too_deep() -> ManifestInvalid:
 
 class _NumberOutOfRange(ValueError):
     pass
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _reject_constant(literal: str) -> Any:
+    # Python's parser accepts NaN, Infinity and -Infinity, which RFC 8259
+    # JSON does not have, so Go's and most other clients fail on them.
+    raise _NotJson(literal)
+
+
+# Every field name of the OCI image manifest, image index and descriptor and
+# of their Docker schema 2 counterparts.
+_FIELD_NAMES: Final = frozenset(
+    {
+        "schemaVersion",
+        "mediaType",
+        "artifactType",
+        "config",
+        "layers",
+        "manifests",
+        "subject",
+        "annotations",
+        "digest",
+        "size",
+        "urls",
+        "data",
+        "platform",
+        "architecture",
+        "os",
+        "os.version",
+        "os.features",
+        "variant",
+        "features",
+    }
+)
+_FIELDS_BY_FOLDED_NAME: Final = {name.casefold(): name for name in _FIELD_NAMES}
+
+
+def _check_field_spelling(body: dict[str, Any]) -> None:
+    """Reject a key that differs from a field name only in letter case.
+
+    Go's encoding/json, which docker, containerd, podman and skopeo use,
+    matches keys to struct fields without regard to case, so such a key is
+    read as the field there while cairn's checks ignore it. Keys of
+    ``annotations`` are kept as written by every parser and are not checked.
+    """
+    pending: list[Any] = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, list):
+            pending.extend(value)
+            continue
+        if not isinstance(value, dict):
+            continue
+        for key, item in value.items():
+            field = _FIELDS_BY_FOLDED_NAME.get(key.casefold())
+            if field is not None and key != field:
+                raise ManifestInvalid(
+                    f"manifest key {key[:100]!r} differs from the field {field!r} "
+                    "only in letter case, which Go clients read as that field",
+                    {"key": key[:100], "field": field},
+                )
+            if key != "annotations":
+                pending.append(item)
 
 
 class _DuplicateKey(ValueError):
@@ -442,6 +515,14 @@ def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
                 {"mediaType": declared, "contentType": content_type},
             )
         return declared
+    if content_type in (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST):
+        # Docker's and Distribution's parsers reject a schema 2 manifest or
+        # list whose body does not name its mediaType; only OCI makes the
+        # field optional.
+        raise ManifestInvalid(
+            "a Docker manifest must name its mediaType in the body",
+            {"field": "mediaType", "contentType": content_type},
+        )
     if content_type in MANIFEST_MEDIA_TYPES:
         return content_type
     # The OCI image spec lets mediaType be omitted; fall back to its shape.
