@@ -845,7 +845,7 @@ class BlobService:
         """
         with self._repo.registry.upload_lock(upload_id):
             status = self.upload_status(upload_id)
-            _check_start(status, start)
+            check_upload_start(status, start)
             try:
                 _check_declared_chunk(
                     status.offset, declared_size, self._repo.registry.max_blob_size
@@ -895,7 +895,7 @@ class BlobService:
         """
         with self._repo.registry.upload_lock(upload_id):
             status = self.upload_status(upload_id)
-            _check_start(status, start)
+            check_upload_start(status, start)
             try:
                 staged = self._staged(status)
                 # The maximum may have been lowered since the upload began.
@@ -1058,7 +1058,8 @@ def _check_declared_chunk(
         )
 
 
-def _check_start(status: UploadStatus, start: int | None) -> None:
+def check_upload_start(status: UploadStatus, start: int | None) -> None:
+    """Raise RangeInvalid unless ``start``, when given, is the upload's offset."""
     if start is not None and start != status.offset:
         raise RangeInvalid(
             "chunk does not start at the upload's current offset",

@@ -243,6 +243,22 @@ def test_declared_size_unknown_upload_404(
     assert reply.error()["code"] == "BLOB_UPLOAD_UNKNOWN"
 
 
+def test_out_of_order_chunk_over_limit_416(
+    api: httpx.Client, server: ServerThread
+) -> None:
+    path = start_upload(api, 1000)
+    headers = (f"Content-Range: 5000-{LIMIT + 5000}", f"Content-Length: {LIMIT + 1}")
+
+    reply = exchange(server.port, request_head("PATCH", path, *headers))
+
+    assert reply.status == 416
+    assert reply.headers["range"] == "0-999"
+    assert reply.error()["code"] == "BLOB_UPLOAD_INVALID"
+    status = api.get(path)
+    assert status.status_code == 204
+    assert status.headers["Range"] == "0-999"
+
+
 # ---- bodies without a declared length -----------------------------------------
 
 # Each case returns the request head, with chunked transfer coding, and the

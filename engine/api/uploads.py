@@ -23,7 +23,7 @@ from engine.domain.errors import (
     RegistryError,
     SizeInvalid,
 )
-from engine.registry import BlobInfo, Repository, UploadStatus
+from engine.registry import BlobInfo, Repository, UploadStatus, check_upload_start
 
 # The OCI form is "<start>-<end>"; the "bytes " prefix and "/<total>" suffix
 # of RFC 9110's Content-Range are accepted as well.
@@ -136,6 +136,11 @@ async def _body_limit(
     try:
         check_declared_size(end, max_blob_size, source)
     except BlobTooLarge:
+        if start is not None:
+            # A chunk that does not start at the offset gets its 416 and
+            # leaves the upload as it was, whatever its size.
+            status = await run_sync(repository.blobs.upload_status, upload_id)
+            check_upload_start(status, start)
         await run_sync(repository.blobs.cancel_upload, upload_id)
         raise
     return BlobLimit(max_blob_size, offset)
@@ -205,7 +210,6 @@ async def patch_upload(request: Request) -> Response:
     repository = request.repository()
     upload_id = request.path_params["upload"]
     start, length = await _upload_range(request, repository, upload_id)
-    limit = await _body_limit(request, repository, upload_id, start, length)
 
     def write(chunks: Iterator[bytes]) -> UploadStatus:
         return repository.blobs.write_upload(
@@ -213,6 +217,7 @@ async def patch_upload(request: Request) -> Response:
         )
 
     try:
+        limit = await _body_limit(request, repository, upload_id, start, length)
         status = await stream_to_thread(
             request, write, expected_size=length, limit=limit
         )
