@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -257,6 +258,40 @@ def test_out_of_order_chunk_over_limit_416(
     status = api.get(path)
     assert status.status_code == 204
     assert status.headers["Range"] == "0-999"
+
+
+def test_early_413_lets_client_finish_sending(
+    server: ServerThread, registry: Registry
+) -> None:
+    # A client that reads the response only after it has sent its body: a
+    # server that closed at once, with body bytes unread, would reset the
+    # connection under the client's writes.
+    before = stored_state(registry)
+    target = f"/v2/demo/app/blobs/uploads/?digest={DIGEST}"
+    request = request_head("POST", target, _CHUNKED)
+    body = chunked(8 * LIMIT) + b"0\r\n\r\n"
+    send_errors: list[OSError] = []
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+
+        def send() -> None:
+            try:
+                sock.sendall(request + body)
+            except OSError as error:
+                send_errors.append(error)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        sender.join(30)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+
+    assert not sender.is_alive()
+    assert send_errors == []
+    assert data.startswith(b"HTTP/1.1 413 ")
+    assert b"SIZE_INVALID" in data
+    assert_nothing_stored(registry, before)
 
 
 # ---- bodies without a declared length -----------------------------------------

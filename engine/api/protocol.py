@@ -1,4 +1,4 @@
-"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with three additions.
+"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with four additions.
 
 Zero-copy send: every request's scope advertises the ASGI extension
 ``http.response.zerocopysend``. After ``http.response.start`` the app may send
@@ -30,6 +30,12 @@ store ``request_id`` for the server's log line, and in which the server sets
 ``timed_out`` to ``"read"`` or ``"write"`` when it closes the connection of
 that request. The app then receives ``http.disconnect``, and its sends fail
 or are dropped as after any disconnect.
+
+Lingering close: a response that ends the connection while its request's
+body is still arriving, such as an early 413, is followed by the server's
+FIN, and the rest of the body is read and discarded until the client closes,
+for at most LINGER_SECONDS and LINGER_MAX_BYTES. Each request cycle gets a
+transport whose close() does this.
 
 The class depends on internals of uvicorn 0.55's
 ``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``
@@ -112,6 +118,14 @@ MAX_HEADER_BYTES: Final = 64 * 1024
 # The first bytes of a TLS handshake record (content type 22, major version
 # 3): a client that speaks TLS to this plain-HTTP server.
 TLS_HANDSHAKE_RECORD: Final = b"\x16\x03"
+
+# After a response that ends a connection while its request's body is still
+# arriving (an early 413, say), the server stops sending but keeps reading
+# and discarding the body for at most this long and this many bytes, then
+# closes. Closing at once with unread bytes would make the kernel reset the
+# connection, and a client still sending could lose the response with it.
+LINGER_SECONDS: Final = 5.0
+LINGER_MAX_BYTES: Final = 64 * 1024 * 1024
 
 # The idle timeouts are checked this many times per timeout, so one fires
 # between 1 and about 1.5 timeouts after the last byte moved (a check that
@@ -210,6 +224,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._head_received: int | None = None
         self._rejected = False
         self._pending_rejection: bytes | None = None
+        self._lingering = False
+        self._lingered_bytes = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
         # Idle timeouts: while the server waits on the client, one timer per
         # connection runs _check_idle, which compares these counters with
         # their values at its previous run.
@@ -253,6 +270,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
         if self._idle_check is not None:
             self._idle_check.cancel()
             self._idle_check = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
         waiter = self._writable_waiter
         if waiter is not None and not waiter.done():
@@ -308,6 +328,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self, cycle: RequestResponseCycle, app: ASGI3Application
     ) -> None:
         self._running_cycle = cycle
+        # The cycle closes the connection after a response that ends it; this
+        # transport lets such a close linger while the request body arrives.
+        cycle.transport = _LingeringClose(self.transport, self._close_after_response)  # type: ignore[assignment]
         if self._zerocopy:
             app = self._with_zerocopy(cycle, app)
         super()._start_asgi_task(cycle, app)
@@ -645,6 +668,11 @@ class CairnHttpProtocol(HttpToolsProtocol):
     # ---- rejected requests --------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._lingered_bytes += len(data)
+            if self._lingered_bytes > LINGER_MAX_BYTES:
+                self.transport.close()
+            return
         if self._rejected:
             # The parser stopped at the error, so later bytes have no meaning.
             return
@@ -682,6 +710,27 @@ class CairnHttpProtocol(HttpToolsProtocol):
         if self._message_open and self._idle_check is None:
             # The rest of this request's head or body is awaited.
             self._arm_idle_check()
+
+    def _close_after_response(self) -> None:
+        """Close the connection, or linger if the request body still arrives.
+
+        The response is complete. While lingering, the server has sent its
+        FIN and discards what the client sends, until the client closes, or
+        for LINGER_SECONDS or LINGER_MAX_BYTES, whichever ends first.
+        """
+        body_arriving = self._message_open and not self._rejected
+        if (
+            not body_arriving
+            or self._lingering
+            or self.transport.is_closing()
+            or not self.transport.can_write_eof()
+        ):
+            self.transport.close()
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _reject(self, error: httptools.HttpParserError) -> None:
         """Send a 400 or 431 OCI error for a request that httptools rejected.
@@ -1035,3 +1084,18 @@ def _invalid_header(lines: list[bytes]) -> tuple[bytes, bytes | None] | None:
         if not _TOKEN.fullmatch(field) or not _FIELD_VALUE.fullmatch(value):
             return field, value.strip(b" \t")
     return None
+
+
+class _LingeringClose:
+    """The connection's transport as a request cycle sees it, whose close()
+    calls ``close`` instead. Every other attribute is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None]):
+        self._transport = transport
+        self._close = close
+
+    def close(self) -> None:
+        self._close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
