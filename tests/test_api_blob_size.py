@@ -1,11 +1,12 @@
 """The maximum blob size, over real HTTP on SQLite and PostgreSQL.
 
 Every way a blob's bytes arrive gets 413 SIZE_INVALID once the blob would
-exceed the maximum: from the declared Content-Length or Content-Range before
-any byte of the body is read, except that a Content-Length of at most 1 MiB
-that only the upload's offset takes past the maximum is rejected once that
-body is read, and otherwise as soon as the received bytes pass it. Each
-rejection discards the upload and stores nothing.
+exceed the maximum. A declared Content-Length or Content-Range is checked
+before any byte of the body is read. The exception is a Content-Length of at
+most 1 MiB that only the upload's offset takes past the maximum, which is
+rejected once that body is read. A body of undeclared length is rejected as
+soon as the received bytes pass the maximum. Each rejection discards the
+upload and stores nothing.
 """
 
 from __future__ import annotations

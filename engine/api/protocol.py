@@ -1087,8 +1087,9 @@ def _invalid_header(lines: list[bytes]) -> tuple[bytes, bytes | None] | None:
 
 
 class _LingeringClose:
-    """The connection's transport as a request cycle sees it, whose close()
-    calls ``close`` instead. Every other attribute is the transport's."""
+    """A proxy for the connection's transport, given to a request cycle,
+    whose close() calls ``close`` instead. Every other attribute is the
+    transport's."""
 
     def __init__(self, transport: asyncio.Transport, close: Callable[[], None]):
         self._transport = transport
