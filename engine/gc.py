@@ -27,7 +27,7 @@ Why it is safe while `cairn serve` runs
 ---------------------------------------
 
 Only an append creates a link (``blob.pushed`` or ``blob.mounted``), and
-every append runs in ``Database.write()``, which holds the log's append
+every append runs in ``Database.write()``, which takes the log's append
 lock: ``BEGIN IMMEDIATE`` on SQLite, a row lock on the log head on
 PostgreSQL, which every ``cairn serve`` process sharing the database takes.
 gc removes a file only inside ``Database.write()`` as well. Under the lock

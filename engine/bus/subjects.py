@@ -180,9 +180,11 @@ def filter_subject(
 
 
 def _valid_repository(name: str, argument: str | None = None) -> str:
-    """Return ``name``; raise ValueError, quoting ``argument`` (the filter as
-    the user typed it), if it is no valid repository name, because such a
-    filter would match no event."""
+    """Return ``name`` if it is a valid repository name.
+
+    Raise ValueError otherwise, quoting ``argument``, the filter as the user
+    typed it. Such a filter would match no event.
+    """
     try:
         return validate_repository_name(name)
     except NameInvalid as error:

@@ -174,7 +174,8 @@ class Manifest(ABC):
     @classmethod
     def _reject_foreign_fields(cls, body: Mapping[str, Any]) -> None:
         # The field is rejected whatever its value, because a reader that
-        # looks for the key sees an index even when the list is empty or null.
+        # checks for the key treats the document as an index even when the
+        # list is empty or null.
         for name in cls.foreign_fields:
             if name in body:
                 raise ManifestInvalid(
