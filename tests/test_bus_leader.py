@@ -103,6 +103,62 @@ def test_file_lock_is_exclusive(tmp_path: Path) -> None:
         second.release()
 
 
+def test_file_lock_lost_when_file_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "relay.lock"
+    first = FileLeadership(path)
+    second = FileLeadership(path)
+    try:
+        assert first.try_acquire()
+        assert first.check()
+        path.unlink()
+        assert not first.check()
+        # A new relay locks a new file at the same path.
+        assert second.try_acquire()
+        assert second.check()
+        first.release()
+        assert not first.try_acquire()
+    finally:
+        first.release()
+        second.release()
+
+
+def test_file_lock_lost_when_file_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "relay.lock"
+    leadership = FileLeadership(path)
+    try:
+        assert leadership.try_acquire()
+        replacement = tmp_path / "replacement"
+        replacement.write_text("")
+        replacement.replace(path)
+        assert not leadership.check()
+    finally:
+        leadership.release()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sqlite_lock_file_deleted(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    settings = fast_settings(nats_server.url)
+    first = BusThread(Bus(settings, registry.database, data_dir))
+    with first:
+        wait_until(lambda: first.health()["leader"])
+        push_image(registry, "library/alpine", "1")
+        wait_until(lambda: checkpoint_of(registry) == 4)
+
+        (lock_file,) = data_dir.parent.glob("*.relay-*.lock")
+        lock_file.unlink()
+        second = BusThread(Bus(settings, registry.database, data_dir))
+        with second:
+            wait_until(lambda: second.health()["leader"])
+            wait_until(lambda: not first.health()["leader"])
+            push_image(registry, "library/alpine", "2")
+            wait_until(lambda: checkpoint_of(registry) == 8)
+            assert second.health()["leader"]
+            assert not first.health()["leader"]
+    assert_stream_matches_log(nats_server.url, registry)
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_sqlite_one_relay_takes_over(
     registry: Registry, nats_server: NatsServer, data_dir: Path

@@ -138,7 +138,10 @@ class FileLeadership:
 
     The lock belongs to the open file description, so two relays in one
     process exclude each other too. The file contains the leader's PID for
-    operators, and its presence alone means nothing.
+    operators, and its presence alone means nothing. A lock counts only while
+    the path still names the locked file: once the file is deleted or
+    replaced, another relay can lock a new file at the same path, so
+    ``check`` then returns False and this relay steps down.
     """
 
     def __init__(self, path: Path) -> None:
@@ -157,6 +160,11 @@ class FileLeadership:
             except BlockingIOError:
                 handle.close()
                 return False
+            if not _names_open_file(self.path, handle):
+                # Another process deleted or replaced the file between the
+                # open and the flock; the next try opens the new one.
+                handle.close()
+                return False
             handle.seek(0)
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
@@ -166,7 +174,12 @@ class FileLeadership:
 
     def check(self) -> bool:
         with self._mutex:
-            return self._file is not None
+            if self._file is None:
+                return False
+            if _names_open_file(self.path, self._file):
+                return True
+            log.warning("relay_lock_file_replaced", path=str(self.path))
+            return False
 
     def release(self) -> None:
         with self._mutex:
@@ -174,6 +187,16 @@ class FileLeadership:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
                 self._file.close()
                 self._file = None
+
+
+def _names_open_file(path: Path, handle: IO[str]) -> bool:
+    """Return whether ``path`` still names the file that ``handle`` has open."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle.fileno())
+    return (at_path.st_dev, at_path.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def leadership_for(database: Database, data_dir: Path, name: str) -> Leadership:
