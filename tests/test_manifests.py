@@ -23,8 +23,15 @@ from engine.domain.manifests import (
     ImageIndex,
     ImageManifest,
     parse_manifest,
+    parse_stored_manifest,
 )
 from tests.images import descriptor, encode, make_artifact, make_image, make_index
+from tests.older_manifests import (
+    OlderManifest,
+    docker_without_media_type,
+    image_manifests,
+    index_manifests,
+)
 
 
 def _image_body(**changes: Any) -> dict[str, Any]:
@@ -459,3 +466,45 @@ def test_annotation_keys_keep_their_case() -> None:
     manifest = parse_manifest(encode(body), OCI_MANIFEST)
 
     assert manifest.media_type == OCI_MANIFEST
+
+
+def _older_manifests() -> list[OlderManifest]:
+    image = make_image(layer_count=2)
+    return [
+        *image_manifests(image).values(),
+        docker_without_media_type(make_image(docker=True)),
+        *index_manifests(image).values(),
+    ]
+
+
+@pytest.mark.parametrize("manifest", _older_manifests(), ids=lambda m: m.rule)
+def test_stored_manifest_parses_as_stored(manifest: OlderManifest) -> None:
+    with pytest.raises(ManifestInvalid):
+        parse_manifest(manifest.raw, manifest.media_type)
+
+    parsed = parse_stored_manifest(manifest.raw, manifest.media_type)
+
+    assert parsed.media_type == manifest.media_type
+    assert parsed.raw == manifest.raw
+    assert parsed.digest == manifest.digest
+    found = [
+        (r.kind, str(r.descriptor.digest), r.descriptor.size)
+        for r in parsed.references()
+    ]
+    expected = [(r["kind"], r["digest"], r["size"]) for r in manifest.references]
+    assert found == expected
+
+
+def test_stored_manifest_keeps_other_checks() -> None:
+    body = _image_body()
+    del body["config"]
+    with pytest.raises(ManifestInvalid, match="config is missing"):
+        parse_stored_manifest(encode(body), OCI_MANIFEST)
+
+    schema1 = encode({"schemaVersion": 1, "name": "app", "fsLayers": []})
+    with pytest.raises(ManifestUnsupported):
+        parse_stored_manifest(schema1, None)
+
+    index = encode(_index_body())
+    with pytest.raises(ManifestInvalid, match="does not match the Content-Type"):
+        parse_stored_manifest(index, OCI_MANIFEST)

@@ -136,7 +136,6 @@ class Manifest(ABC):
     foreign_kind: ClassVar[str]
 
     def __init__(self, raw: bytes, body: dict[str, Any], digest: Digest) -> None:
-        self._reject_foreign_fields(body)
         self.raw = raw
         self.body = body
         self.digest = digest
@@ -172,7 +171,9 @@ class Manifest(ABC):
         return [Reference("subject", self.subject, required=False)]
 
     @classmethod
-    def _reject_foreign_fields(cls, body: Mapping[str, Any]) -> None:
+    def reject_foreign_fields(cls, body: Mapping[str, Any]) -> None:
+        """Raise ManifestInvalid if ``body`` has a top-level field of the
+        other kind."""
         # The field is rejected whatever its value, because a reader that
         # checks for the key treats the document as an index even when the
         # list is empty or null.
@@ -271,17 +272,52 @@ def parse_manifest(
     (or ManifestUnsupported for Docker schema 1) naming the offending field,
     and ManifestTooLarge above MAX_MANIFEST_SIZE.
     """
+    return _parse(raw, content_type, algorithm, strict=True)
+
+
+def parse_stored_manifest(
+    raw: bytes, media_type: str | None, algorithm: str = "sha256"
+) -> Manifest:
+    """Parse manifest bytes that a registry already stored as ``media_type``,
+    to read the references they carry.
+
+    Earlier cairn versions stored manifests that parse_manifest now rejects
+    because clients could read them in two ways. This parse skips those
+    checks, so it reads such a manifest the way those versions did when
+    they stored it. A repeated key keeps its last value, as json.loads
+    keeps it. A key that differs from a field name only in letter case is
+    an unknown key. NaN and Infinity are floats. Top-level fields of the
+    other kind are ignored, so the media type alone decides the kind. A
+    Docker body without ``mediaType`` takes ``media_type``, and nesting is
+    limited only by the parser. Every other check of parse_manifest
+    applies and raises the same errors.
+
+    Use it only for bytes that are already stored, never for a push.
+    """
+    return _parse(raw, media_type, algorithm, strict=False)
+
+
+def _parse(
+    raw: bytes, content_type: str | None, algorithm: str, *, strict: bool
+) -> Manifest:
+    """Parse ``raw``. With ``strict`` false, skip the checks that
+    parse_stored_manifest lists."""
     if len(raw) > MAX_MANIFEST_SIZE:
         raise ManifestTooLarge(
             f"manifest is larger than {MAX_MANIFEST_SIZE} bytes",
             {"size": len(raw), "limit": MAX_MANIFEST_SIZE},
         )
-    body = _decode_json(raw)
-    media_type = _resolve_media_type(body, _bare_media_type(content_type))
-    return _CLASSES[media_type](raw, body, Digest.of(raw, algorithm))
+    body = _decode_json(raw, strict=strict)
+    media_type = _resolve_media_type(
+        body, _bare_media_type(content_type), strict=strict
+    )
+    cls = _CLASSES[media_type]
+    if strict:
+        cls.reject_foreign_fields(body)
+    return cls(raw, body, Digest.of(raw, algorithm))
 
 
-def _decode_json(raw: bytes) -> dict[str, Any]:
+def _decode_json(raw: bytes, *, strict: bool) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -293,10 +329,10 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(
             text,
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=_unique_keys if strict else None,
             parse_float=_bounded_float,
             parse_int=_bounded_int,
-            parse_constant=_reject_constant,
+            parse_constant=_reject_constant if strict else None,
         )
     except _NotJson as exc:
         raise ManifestInvalid(
@@ -327,8 +363,9 @@ def _decode_json(raw: bytes) -> dict[str, Any]:
         raise ManifestInvalid(
             "manifest must be a JSON object", {"type": type(body).__name__}
         )
-    _check_values(body)
-    _check_field_spelling(body)
+    _check_values(body, MAX_NESTING if strict else None)
+    if strict:
+        _check_field_spelling(body)
     return body
 
 
@@ -441,23 +478,24 @@ def _bounded_float(literal: str) -> float:
     return float(literal)
 
 
-def _check_values(body: dict[str, Any]) -> None:
-    """Reject nesting deeper than MAX_NESTING and strings that cannot be
-    stored: lone UTF-16 surrogates, which have no UTF-8 encoding, and NUL,
-    which PostgreSQL's JSON cannot hold."""
+def _check_values(body: dict[str, Any], max_nesting: int | None) -> None:
+    """Reject nesting deeper than ``max_nesting`` (None for no limit) and
+    strings that cannot be stored: lone UTF-16 surrogates, which have no
+    UTF-8 encoding, and NUL, which PostgreSQL's JSON cannot hold."""
     level: list[Any] = [body]
     depth = 1
     while level:
+        too_deep = max_nesting is not None and depth > max_nesting
         deeper: list[Any] = []
         for value in level:
             if isinstance(value, dict):
-                if depth > MAX_NESTING:
+                if too_deep:
                     raise _too_deep()
                 for key in value:
                     _check_string(key)
                 deeper.extend(value.values())
             elif isinstance(value, list):
-                if depth > MAX_NESTING:
+                if too_deep:
                     raise _too_deep()
                 deeper.extend(value)
             elif isinstance(value, str):
@@ -487,7 +525,9 @@ def _bare_media_type(content_type: str | None) -> str | None:
     return bare or None
 
 
-def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
+def _resolve_media_type(
+    body: dict[str, Any], content_type: str | None, *, strict: bool
+) -> str:
     declared = body.get("mediaType")
     if declared is not None and not isinstance(declared, str):
         raise ManifestInvalid("mediaType must be a string", {"mediaType": declared})
@@ -516,7 +556,7 @@ def _resolve_media_type(body: dict[str, Any], content_type: str | None) -> str:
                 {"mediaType": declared, "contentType": content_type},
             )
         return declared
-    if content_type in (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST):
+    if strict and content_type in (DOCKER_MANIFEST, DOCKER_MANIFEST_LIST):
         # Docker's and Distribution's parsers reject a schema 2 manifest or
         # list whose body does not name its mediaType; only OCI makes the
         # field optional.
