@@ -327,7 +327,13 @@ def _decode_page(rows: Sequence[Any], strings: dict[str, str]) -> list[FoldEvent
     page = []
     for position, repository, type_name, schema_version, moment, user, text in rows:
         event_type = _EVENT_TYPES[type_name]
-        payload = loads(text)
+        try:
+            payload = loads(text)
+        except orjson.JSONDecodeError:
+            # Earlier cairn versions accepted NaN in a child manifest's
+            # platform, which the payload copies. SQLite then stores the NaN
+            # literal, which orjson rejects and json.loads reads.
+            payload = json.loads(text)
         if schema_version != current[event_type]:
             payload = upcast(event_type, schema_version, payload)
         if repository != last_repository:
