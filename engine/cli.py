@@ -212,18 +212,22 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from engine.verify import verify
+    from engine.verify import check_stored_manifests, verify
 
     settings = StorageSettings.from_args(args)
     registry = open_registry(settings, create=False)
     with storage_errors(settings):
         problems = verify(registry)
+        warnings = check_stored_manifests(registry)
+    for warning in warnings:
+        print(f"warning: {warning}")
     for problem in problems:
         print(f"problem: {problem}")
+    counted = f", {len(warnings)} warning(s)" if warnings else ""
     if problems:
-        print(f"{len(problems)} problem(s) found")
+        print(f"{len(problems)} problem(s) found{counted}")
         return 1
-    print("log, blobs and projections verified: no problems found")
+    print(f"log, blobs and projections verified: no problems found{counted}")
     return 0
 
 

@@ -1,4 +1,11 @@
-"""`cairn verify`: check the hash chain, blob contents and projections."""
+"""`cairn verify`: check the hash chain, blob contents and projections.
+
+verify() returns problems, which are damage to the stored data and make
+`cairn verify` exit 1. check_stored_manifests() returns warnings about
+stored manifests that the checks on new pushes reject, because an earlier
+cairn stored them under looser checks. The registry still serves those
+manifests as stored, so warnings do not change the exit status.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,9 @@ import structlog
 from engine import log as event_log
 from engine.blobs.store import READ_CHUNK
 from engine.domain.digest import Digest
+from engine.domain.errors import RegistryError
 from engine.domain.events import GENESIS_HASH
+from engine.domain.manifests import parse_manifest
 from engine.projections import ALL_PROJECTIONS
 from engine.projections.rebuild import (
     ReplayError,
@@ -20,7 +29,7 @@ from engine.projections.rebuild import (
     snapshot_projections,
 )
 from engine.registry import Registry
-from engine.tables import blob_links, manifest_contents
+from engine.tables import blob_links, manifest_contents, manifests
 
 log = structlog.get_logger(__name__)
 
@@ -113,3 +122,32 @@ def verify_projections(registry: Registry) -> list[str]:
             return [f"projections: {exc}"]
         rebuilt = snapshot_projections(conn)
     return diff_projections(live, rebuilt)
+
+
+def check_stored_manifests(registry: Registry) -> list[str]:
+    """Describe each manifest in a repository that the checks on new pushes
+    reject, with the reason, in repository and digest order."""
+    warnings: list[str] = []
+    query = (
+        sa.select(
+            manifests.c.repository,
+            manifests.c.digest,
+            manifests.c.media_type,
+            manifest_contents.c.content,
+        )
+        .join(manifest_contents, manifest_contents.c.digest == manifests.c.digest)
+        .order_by(manifests.c.repository, manifests.c.digest)
+        # Streamed, so that the contents of all manifests are never in memory.
+        .execution_options(yield_per=500)
+    )
+    with registry.database.read() as conn:
+        for repository, digest, media_type, content in conn.execute(query):
+            algorithm = digest.split(":", 1)[0]
+            try:
+                parse_manifest(bytes(content), media_type, algorithm=algorithm)
+            except RegistryError as error:
+                warnings.append(
+                    f"manifest {repository}@{digest} ({media_type}) is rejected "
+                    f"by the checks on new pushes: {error}"
+                )
+    return warnings

@@ -1,13 +1,19 @@
 """Manifests that an earlier cairn stored and the current checks reject:
-a rebuild replays them."""
+`cairn verify` warns about each, and a rebuild replays them."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from engine.domain.digest import Digest
+from engine.migrate import upgrade
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
 from engine.registry import Registry
-from engine.verify import verify
+from engine.verify import check_stored_manifests, verify
 from tests.images import make_image
 from tests.older_manifests import (
     OlderManifest,
@@ -17,6 +23,20 @@ from tests.older_manifests import (
     store_as_earlier_cairn,
 )
 from tests.test_registry import push_image
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+# The part of each rule's rejection that names the reason.
+REASONS = {
+    "other-kind-field": "manifests is a field of an index",
+    "repeated-key": "repeats the key 'digest'",
+    "key-in-other-case": "'Layers' differs from the field 'layers' only in letter case",
+    "nan": "manifest is not valid JSON",
+    "deep-nesting": "nests deeper than 64 levels",
+    "docker-without-media-type": "must name its mediaType in the body",
+    "index-other-kind-field": "layers is a field of an image manifest",
+    "index-nan-platform": "manifest is not valid JSON",
+}
 
 
 def store_older_manifests(registry: Registry) -> list[OlderManifest]:
@@ -39,6 +59,22 @@ def store_older_manifests(registry: Registry) -> list[OlderManifest]:
     for manifest in older:
         store_as_earlier_cairn(registry, "team/app", manifest, tag=manifest.rule)
     return older
+
+
+def test_verify_warns_about_older_manifests(registry: Registry) -> None:
+    older = store_older_manifests(registry)
+
+    assert verify(registry) == []
+    warnings = check_stored_manifests(registry)
+
+    expected = sorted(older, key=lambda manifest: str(manifest.digest))
+    assert len(warnings) == len(expected)
+    for warning, manifest in zip(warnings, expected, strict=True):
+        assert warning.startswith(
+            f"manifest team/app@{manifest.digest} ({manifest.media_type}) is "
+            "rejected by the checks on new pushes: "
+        )
+        assert REASONS[manifest.rule] in warning
 
 
 def test_rebuild_replays_older_manifests(registry: Registry) -> None:
@@ -66,3 +102,60 @@ def test_rebuild_keeps_nan_in_sqlite_json(registry: Registry) -> None:
     with registry.database.read() as conn:
         assert conn.exec_driver_sql(query).all() == live
     assert any('"variant": NaN' in references for _, references in live)
+
+
+def run_verify(data_dir: Path, database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "--log-format",
+            "json",
+            "verify",
+            "--data-dir",
+            str(data_dir),
+            "--database",
+            database_url,
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=REPOSITORY_ROOT,
+        timeout=120,
+    )
+
+
+def test_verify_command_exit_status(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    database_url = f"sqlite:///{tmp_path / 'cairn.db'}"
+    registry = Registry.open(data_dir, database_url)
+    upgrade(registry.database)
+    older = store_older_manifests(registry)
+    registry.database.dispose()
+
+    clean = run_verify(data_dir, database_url)
+
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    lines = clean.stdout.splitlines()
+    warnings = [line for line in lines if line.startswith("warning: manifest ")]
+    assert len(warnings) == len(older)
+    assert not [line for line in lines if line.startswith("problem: ")]
+    assert lines[-1] == (
+        "log, blobs and projections verified: no problems found, "
+        f"{len(older)} warning(s)"
+    )
+
+    # A damaged blob is a problem beside the warnings, and sets status 1.
+    config = Digest.parse(older[0].references[0]["digest"])
+    registry.blob_store.path(config).write_bytes(b"damaged")
+
+    damaged = run_verify(data_dir, database_url)
+
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    lines = damaged.stdout.splitlines()
+    assert len([line for line in lines if line.startswith("warning: ")]) == len(older)
+    problems = [line for line in lines if line.startswith("problem: ")]
+    assert len(problems) == 1
+    assert f"blob {config}: content hashes to" in problems[0]
+    assert lines[-1] == f"1 problem(s) found, {len(older)} warning(s)"
