@@ -10,6 +10,12 @@ and a tag event copies its manifest first.
 When the source no longer has what an event is about (a later event
 deleted it), the event is skipped: replaying the rest of the log brings the
 target to the source's current state regardless.
+
+Manifests are copied as the source stored them, including those that an
+earlier cairn accepted and the source's current checks reject. Their
+references are read with parse_stored_manifest, and the target decides
+whether it accepts the bytes. A rejection stops the mirror, as any other
+rejection by the target does.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from consumers.mirror.target import Target
 from engine.domain.digest import Digest, DigestVerifier
 from engine.domain.errors import DigestMismatch, RegistryError
 from engine.domain.events import EventType, upcast
-from engine.domain.manifests import parse_manifest
+from engine.domain.manifests import Manifest, parse_manifest, parse_stored_manifest
 
 log = structlog.get_logger(__name__)
 
@@ -227,12 +233,9 @@ class Copier:
                 f"manifest {digest} in {repository}: the bytes read from the "
                 "source have another digest"
             )
-        try:
-            manifest = parse_manifest(raw, media_type, algorithm=expected.algorithm)
-        except RegistryError as error:
-            raise MirrorError(
-                f"manifest {digest} in {repository} does not parse: {error}"
-            ) from None
+        manifest, rejection = _parse_source_manifest(
+            repository, digest, media_type, raw, expected.algorithm
+        )
 
         for reference in manifest.references():
             if not reference.required:
@@ -251,7 +254,17 @@ class Copier:
                 )
                 return "gone"
 
-        await self.target.put_manifest(repository, digest, manifest.media_type, raw)
+        try:
+            await self.target.put_manifest(repository, digest, manifest.media_type, raw)
+        except MirrorError as error:
+            if rejection is None:
+                raise
+            raise MirrorError(
+                f"{error}. An earlier cairn stored this manifest, and the "
+                f"source's current checks reject it too: {rejection}. Delete it "
+                "on the source, or leave its repository out with --repositories, "
+                "to let the mirror continue"
+            ) from None
         self.stats.manifests_copied += 1
         log.debug("manifest_copied", repository=repository, digest=digest)
         return "copied"
@@ -271,3 +284,33 @@ class Copier:
         await self.target.set_tag(repository, tag, digest)
         log.debug("tag_set", repository=repository, tag=tag, digest=digest)
         return "tagged"
+
+
+def _parse_source_manifest(
+    repository: str, digest: str, media_type: str, raw: bytes, algorithm: str
+) -> tuple[Manifest, RegistryError | None]:
+    """Parse a manifest read from the source.
+
+    Returns the manifest and, when the checks on new pushes reject it, the
+    error they raise. Such a manifest is parsed again as stored content and
+    logged as a warning. Raises MirrorError when even that parse fails.
+    """
+    try:
+        return parse_manifest(raw, media_type, algorithm=algorithm), None
+    except RegistryError as error:
+        rejection = error
+    try:
+        manifest = parse_stored_manifest(raw, media_type, algorithm=algorithm)
+    except RegistryError as error:
+        raise MirrorError(
+            f"manifest {digest} in {repository} does not parse: {error}"
+        ) from None
+    log.warning(
+        "manifest_fails_current_checks",
+        repository=repository,
+        digest=digest,
+        reason=str(rejection),
+        note="the mirror copies it unchanged, and the target decides whether "
+        "to accept it",
+    )
+    return manifest, rejection

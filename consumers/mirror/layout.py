@@ -40,7 +40,7 @@ import structlog
 from consumers.mirror.target import BlobCopy, BlobOpener
 from engine.domain.digest import Digest
 from engine.domain.errors import RegistryError
-from engine.domain.manifests import parse_manifest
+from engine.domain.manifests import parse_stored_manifest
 from engine.domain.names import validate_repository_name
 
 log = structlog.get_logger(__name__)
@@ -141,8 +141,10 @@ class LayoutTarget:
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> None:
         raw = await asyncio.to_thread(self._blob_path(repository, digest).read_bytes)
-        media_type = parse_manifest(raw).media_type
         index = await self._index(repository)
+        media_type = _listed_media_type(index, digest)
+        if media_type is None:
+            media_type = parse_stored_manifest(raw, None).media_type
         moved = [entry for entry in index if _ref_name(entry) == tag]
         index[:] = [
             entry
@@ -256,7 +258,9 @@ class LayoutTarget:
                 continue
             referenced.add(digest)
             try:
-                manifest = parse_manifest(raw, media_type, algorithm=parsed.algorithm)
+                manifest = parse_stored_manifest(
+                    raw, media_type, algorithm=parsed.algorithm
+                )
             except RegistryError as error:
                 raise LayoutUnreadable(
                     f"manifest {digest} does not parse: {error}"
@@ -321,6 +325,18 @@ def _keep_untagged(index: list[dict[str, Any]], removed: dict[str, Any]) -> None
     if any(entry["digest"] == removed["digest"] for entry in index):
         return
     index.append(_entry(removed["mediaType"], removed["digest"], removed["size"], None))
+
+
+def _listed_media_type(index: list[dict[str, Any]], digest: str) -> str | None:
+    """Return the media type of the entry for ``digest`` in ``index``, or None.
+
+    put_manifest lists each manifest with the type the source served it as.
+    The bytes alone do not give it for a Docker body without mediaType.
+    """
+    for entry in index:
+        if entry["digest"] == digest and isinstance(entry.get("mediaType"), str):
+            return str(entry["mediaType"])
+    return None
 
 
 def _ref_name(entry: dict[str, Any]) -> str | None:
