@@ -103,7 +103,11 @@ def verify_blobs(registry: Registry) -> list[str]:
 def verify_manifest_contents(registry: Registry) -> list[str]:
     problems: list[str] = []
     with registry.database.read() as conn:
-        for digest, content in conn.execute(sa.select(manifest_contents)):
+        # yield_per streams the rows instead of loading every manifest.
+        rows = conn.execute(
+            sa.select(manifest_contents).execution_options(yield_per=500)
+        )
+        for digest, content in rows:
             algorithm, encoded = digest.split(":", 1)
             actual = hashlib.new(algorithm, bytes(content)).hexdigest()
             if actual != encoded:
