@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = commands.add_parser(
         "gc",
-        help="remove blob files that no repository links, and expired upload "
-        "staging files; safe while cairn serve runs",
+        help="remove blob files that no repository links, the blob directories "
+        "left empty, and expired upload staging files; safe while cairn serve runs",
     )
     add_gc_options(gc)
     gc.set_defaults(handler=_cmd_gc)

@@ -65,19 +65,31 @@ reads only those. A manifest that references a blob needs its link when it
 is pushed, so the scan or the link check sees that blob.
 
 gc removes files in batches of ``BATCH_SIZE``, each in its own transaction,
-so a push waits for at most one batch. It leaves the two-hex-digit prefix
-directories, because ``BlobStore.commit`` creates one and renames a file
-into it without the lock. It does not fsync the directories after removing
-files, because a removal that a crash undoes leaves only an unlinked file,
-which the next run removes.
+so a push waits for at most one batch. It does not fsync the directories
+after removing files, because a removal that a crash undoes leaves only an
+unlinked file, which the next run removes.
+
+Empty prefix directories
+------------------------
+
+After the last batch, gc removes each empty directory under
+``blobs/<algorithm>/``, where cairn keeps only the two-hex-digit prefix
+directories. It tries each directory once per run, without the lock.
+``BlobStore.commit`` creates the directory and renames its file into it
+without the lock too, so gc can remove the directory between the two
+steps. The rename then fails with ENOENT, and the commit creates the
+directory again and retries. The commit that creates a directory fsyncs
+its parent before the push links the blob. A removal that a crash undoes
+leaves only an empty directory.
 """
 
 from __future__ import annotations
 
+import errno
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -95,6 +107,13 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_GRACE_PERIOD = timedelta(hours=1)
 BATCH_SIZE = 500
+
+# rmdir errors that leave a prefix directory in place: files remain in it
+# (ENOTEMPTY, or EEXIST on some systems), another gc removed it (ENOENT), or
+# it is a symbolic link (ENOTDIR).
+_DIRECTORY_KEPT_ERRNOS = frozenset(
+    {errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +137,16 @@ class GarbageScan:
 
 @dataclass(frozen=True, slots=True)
 class GcReport:
-    """The files a run removed, or with ``dry_run`` the files it would remove."""
+    """The files a run removed, or with ``dry_run`` the files it would remove.
+
+    ``directories`` are the empty prefix directories that the run removed,
+    and are always empty with ``dry_run``.
+    """
 
     blobs: list[BlobFile]
     staging_files: list[StagingFile]
     dry_run: bool
+    directories: list[Path] = field(default_factory=list)
 
     @property
     def files(self) -> int:
@@ -156,13 +180,18 @@ def collect_garbage(
         upload_expiry=str(upload_expiry),
     )
     scan = scan_blobs(registry, grace_period)
-    blobs = scan.blobs if dry_run else remove_blobs(registry, scan, grace_period)
+    if dry_run:
+        blobs, directories = scan.blobs, []
+    else:
+        blobs = remove_blobs(registry, scan, grace_period)
+        directories = remove_empty_directories(registry)
     staging_files = registry.purge_uploads(upload_expiry, dry_run=dry_run)
-    report = GcReport(blobs, staging_files, dry_run)
+    report = GcReport(blobs, staging_files, dry_run, directories)
     log.info(
         "gc_dry_run_finished" if dry_run else "blobs_collected",
         blobs=len(blobs),
         staging_files=len(staging_files),
+        directories=len(directories),
         bytes=report.bytes,
         position=scan.position,
     )
@@ -202,6 +231,28 @@ def remove_blobs(
         batch = scan.blobs[start : start + BATCH_SIZE]
         with registry.database.write() as conn:
             removed.extend(_remove_unused(conn, batch, scan.position, grace_period))
+    return removed
+
+
+def remove_empty_directories(registry: Registry) -> list[Path]:
+    """Remove every empty directory under ``blobs/<algorithm>/``, trying
+    each once; return the directories removed.
+
+    A commit that renames its file into a directory removed here creates the
+    directory again, as ``BlobStore.commit`` describes.
+    """
+    removed: list[Path] = []
+    paths = registry.blob_store.paths
+    for algorithm_dir in _subdirectories(paths.root / "blobs"):
+        for prefix_dir in _subdirectories(algorithm_dir):
+            try:
+                prefix_dir.rmdir()
+            except OSError as error:
+                if error.errno not in _DIRECTORY_KEPT_ERRNOS:
+                    raise
+                continue
+            log.debug("blob_directory_removed", path=str(prefix_dir))
+            removed.append(prefix_dir)
     return removed
 
 
@@ -253,7 +304,12 @@ def _blob_files(registry: Registry) -> Iterator[tuple[BlobFile, float]]:
     paths = registry.blob_store.paths
     for algorithm_dir in _subdirectories(paths.root / "blobs"):
         for prefix_dir in _subdirectories(algorithm_dir):
-            for path in prefix_dir.iterdir():
+            try:
+                entries = list(prefix_dir.iterdir())
+            except FileNotFoundError:
+                # Another gc removed the empty directory.
+                continue
+            for path in entries:
                 try:
                     digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
                 except DigestInvalid:

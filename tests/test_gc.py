@@ -1,9 +1,11 @@
 """`cairn gc` on real SQLite and PostgreSQL databases and real blob files.
 
 The race tests run gc at the moment a push is most exposed to it: after the
-blob file is in place and before the transaction that links it. A wrapper
-around BlobStore.commit runs gc there, so each interleaving happens every
-time.
+blob file is in place and before the transaction that links it, or inside
+BlobStore.commit, between the steps that create the blob's prefix directory,
+rename the file into it and fsync it. A wrapper around BlobStore.commit or
+around one of those system calls runs gc there, so each interleaving
+happens every time.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from engine.api.app import create_app
 from engine.blobs import BlobStore
 from engine.domain.digest import Digest
 from engine.domain.errors import BlobCollected
-from engine.gc import collect_garbage, remove_blobs, scan_blobs
+from engine.gc import (
+    GcReport,
+    _blob_files,
+    collect_garbage,
+    remove_blobs,
+    remove_empty_directories,
+    scan_blobs,
+)
 from engine.registry import Registry
 from engine.tables import blob_links, uploads
 from engine.verify import verify
@@ -90,6 +99,19 @@ def push(registry: Registry, repository: str, data: bytes) -> Digest:
     digest = Digest.of(data)
     registry.repository(repository).blobs.push(digest, [data])
     return digest
+
+
+def data_with_prefix(prefix: str) -> bytes:
+    """Return random bytes whose sha256 starts with the hex digits ``prefix``,
+    so that their blob file goes into the prefix directory ``prefix``."""
+    while True:
+        data = os.urandom(64)
+        if Digest.of(data).encoded.startswith(prefix):
+            return data
+
+
+def prefix_directory(registry: Registry, prefix: str) -> Path:
+    return registry.blob_store.paths.root / "blobs" / "sha256" / prefix
 
 
 def unlinked_blob(registry: Registry, data: bytes) -> Digest:
@@ -186,6 +208,8 @@ def test_gc_dry_run_removes_nothing(registry: Registry) -> None:
     )
     orphan.write_bytes(b"staged")
     age(orphan, hours=48)
+    empty = prefix_directory(registry, "ff" if digest.encoded[:2] != "ff" else "fe")
+    empty.mkdir()
     position = log_position(registry)
 
     report = collect_garbage(
@@ -194,10 +218,37 @@ def test_gc_dry_run_removes_nothing(registry: Registry) -> None:
 
     assert [blob.digest for blob in report.blobs] == [digest]
     assert [staged.path for staged in report.staging_files] == [orphan]
+    assert report.directories == []
     assert report.bytes == len(b"unlinked bytes") + len(b"staged")
     assert registry.blob_store.exists(digest)
     assert orphan.exists()
+    assert empty.is_dir()
     assert log_position(registry) == position
+
+
+def test_gc_removes_emptied_prefix_directories(registry: Registry) -> None:
+    linked = push(registry, "team/app", data_with_prefix("a1"))
+    unlinked_beside_linked = unlinked_blob(registry, data_with_prefix("a1"))
+    alone = unlinked_blob(registry, data_with_prefix("b2"))
+    # An empty directory that an earlier gc or a crashed commit left behind.
+    leftover = prefix_directory(registry, "c3")
+    leftover.mkdir()
+
+    report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    assert {blob.digest for blob in report.blobs} == {unlinked_beside_linked, alone}
+    assert report.directories == [prefix_directory(registry, "b2"), leftover]
+    assert not prefix_directory(registry, "b2").exists()
+    assert not leftover.exists()
+    assert registry.blob_store.path(linked).is_file()
+    assert prefix_directory(registry, "a1").is_dir()
+    assert verify(registry) == []
+
+    # A push into a removed directory creates it again.
+    data = data_with_prefix("b2")
+    digest = push(registry, "team/app", data)
+    assert registry.blob_store.path(digest).read_bytes() == data
+    assert verify(registry) == []
 
 
 def test_gc_grace_period_keeps_young_files(registry: Registry) -> None:
@@ -364,6 +415,134 @@ def test_http_push_collected_before_link(
     monkeypatch.undo()
     assert push_blob(api, "team/app", data) == digest
     assert api.get(f"/v2/team/app/blobs/{digest}").content == data
+
+
+def run_at_os_call(
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    path: Path,
+    action: Callable[[], Any],
+    *,
+    after: bool,
+) -> None:
+    """Run ``action`` once, before or after the first call of ``os.<name>``
+    that takes ``path`` as an argument."""
+    real = getattr(os, name)
+    pending = [action]
+
+    def hooked(*args: Any, **kwargs: Any) -> Any:
+        paths = [Path(arg) for arg in args[:2] if isinstance(arg, str | Path)]
+        if not pending or path not in paths:
+            return real(*args, **kwargs)
+        run = pending.pop()
+        if not after:
+            run()
+        result = real(*args, **kwargs)
+        if after:
+            run()
+        return result
+
+    monkeypatch.setattr(os, name, hooked)
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every descriptor passed to os.fsync, then sync it."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_commit_recreates_directory_gc_removed(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc empties and removes the prefix directory after the commit found it
+    and before the rename into it."""
+    old = unlinked_blob(registry, data_with_prefix("d4"))
+    data = data_with_prefix("d4")
+    target = registry.blob_store.path(Digest.of(data))
+    reports: list[GcReport] = []
+
+    def collect() -> None:
+        reports.append(
+            collect_garbage(
+                registry, grace_period=timedelta(hours=1), upload_expiry=EXPIRY
+            )
+        )
+
+    run_at_os_call(monkeypatch, "replace", target, collect, after=False)
+    synced = record_fsyncs(monkeypatch)
+
+    digest = push(registry, "team/app", data)
+
+    [report] = reports
+    assert [blob.digest for blob in report.blobs] == [old]
+    assert report.directories == [target.parent]
+    assert links(registry, digest) == ["team/app"]
+    assert target.read_bytes() == data
+    # The commit created the directory again, so it synced the new entry.
+    assert str(target.parent) in synced
+    assert str(target.parent.parent) in synced
+    assert verify(registry) == []
+
+
+def test_new_blob_directory_collected_before_sync(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = data_with_prefix("e5")
+    target = registry.blob_store.path(Digest.of(data))
+    run_at_os_call(
+        monkeypatch, "replace", target, gc_now(registry, NO_GRACE), after=True
+    )
+    position = log_position(registry)
+
+    with pytest.raises(BlobCollected):
+        push(registry, "team/app", data)
+
+    assert not target.parent.exists()
+    assert links(registry, Digest.of(data)) == []
+    assert log_position(registry) == position
+    assert verify(registry) == []
+
+
+def test_stored_blob_directory_collected_before_sync(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = data_with_prefix("f6")
+    digest = unlinked_blob(registry, data)
+    target = registry.blob_store.path(digest)
+    run_at_os_call(monkeypatch, "utime", target, gc_now(registry, NO_GRACE), after=True)
+    position = log_position(registry)
+
+    with pytest.raises(BlobCollected):
+        push(registry, "team/app", data)
+
+    assert not target.parent.exists()
+    assert links(registry, digest) == []
+    assert log_position(registry) == position
+    assert verify(registry) == []
+
+
+def test_listings_skip_directory_removed_meanwhile(registry: Registry) -> None:
+    digest = unlinked_blob(registry, data_with_prefix("00"))
+    empty = prefix_directory(registry, "ff")
+    empty.mkdir()
+    scan = _blob_files(registry)
+    listing = registry.blob_store.iter_blobs()
+    # Both list the prefix directories before they yield the first blob.
+    assert next(scan)[0].digest == digest
+    assert next(listing)[0] == digest
+
+    # Another gc run removes the empty directory.
+    assert remove_empty_directories(registry) == [empty]
+
+    assert list(scan) == []
+    assert list(listing) == []
 
 
 def test_links_made_after_scan_keep_files(registry: Registry) -> None:

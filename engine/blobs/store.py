@@ -9,6 +9,11 @@ A committed blob is written to its staging file, verified, fsynced, and
 renamed into place, then its directory is fsynced. A crash at any point
 therefore leaves either no blob at its path or the whole, correct one.
 
+Garbage collection removes a two-hex-digit directory once it is empty,
+without any lock that a commit takes. A commit whose rename finds the
+directory gone creates it again and retries, and the commit that creates a
+directory fsyncs its parents too.
+
 A write or commit that fails because the disk or the quota is full (ENOSPC,
 EDQUOT) raises InsufficientStorage, and a commit that fails removes its
 staging file.
@@ -47,6 +52,10 @@ _SYNCER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cairn-blob-sync"
 # uses two cores.
 PARALLEL_WRITE_BYTES = 256 * 1024
 _WRITER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cairn-blob-write")
+
+# Maximum number of renames a commit tries when garbage collection keeps
+# removing its blob's directory between the mkdir and the rename.
+RENAME_ATTEMPTS: Final = 10
 
 # A full file system and an exhausted disk quota.
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -289,9 +298,8 @@ class BlobStore:
             # renamed it has not yet synced it.
             staged.close()
             staged.path.unlink(missing_ok=True)
-            _fsync_directory(target.parent)
+            _fsync_blob_directory(target.parent)
             return size
-        new_prefix_dir = not target.parent.exists()
         try:
             staged.sync_and_close()
             if _touch(target):
@@ -303,17 +311,19 @@ class BlobStore:
             # unlinked file once its mtime is older than its grace period.
             os.utime(staged.path)
             with disk_full_errors():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged.path, target)
+                created_directory = _rename_into_place(staged.path, target)
         except BaseException:
             staged.path.unlink(missing_ok=True)
             raise
         # The blob is now in place, whole and correct, and another upload of
         # the same digest may already rely on it, so an error from here on
         # leaves it.
-        _fsync_directory(target.parent)
-        if new_prefix_dir:
+        _fsync_blob_directory(target.parent)
+        if created_directory:
             # The new directory's own entry must be durable too.
+            # NOTE: a commit that finds the directory just created by another
+            # commit syncs only the directory, and may return before that
+            # other commit has synced the parents.
             _fsync_directory(target.parent.parent)
             _fsync_directory(target.parent.parent.parent)
         log.debug("blob_committed", digest=str(expected), size=size)
@@ -335,7 +345,12 @@ class BlobStore:
         """Yield every committed blob with its path, for verification."""
         for algorithm_dir in sorted((self.paths.root / "blobs").iterdir()):
             for prefix_dir in sorted(algorithm_dir.iterdir()):
-                for path in sorted(prefix_dir.iterdir()):
+                try:
+                    paths = sorted(prefix_dir.iterdir())
+                except FileNotFoundError:
+                    # Garbage collection removed the emptied directory.
+                    continue
+                for path in paths:
                     yield Digest(algorithm_dir.name, path.name), path
 
 
@@ -350,6 +365,49 @@ def _touch(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _rename_into_place(source: Path, target: Path) -> bool:
+    """Rename ``source`` to ``target``, creating the directory of ``target``
+    when it is missing; return True when this call created that directory.
+
+    Garbage collection may remove the directory between the mkdir and the
+    rename, because the directory is then empty. The rename then fails with
+    ENOENT while ``source`` still exists, and the directory is created again.
+    Each retry needs another removal by gc, which tries each directory once
+    per run, so RENAME_ATTEMPTS bounds the loop only against a fault.
+    """
+    created = False
+    attempt = 1
+    while True:
+        try:
+            target.parent.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        try:
+            os.replace(source, target)
+            return created
+        except FileNotFoundError:
+            if attempt == RENAME_ATTEMPTS or not source.exists():
+                raise
+        log.info(
+            "blob_directory_recreated", directory=str(target.parent), attempt=attempt
+        )
+        attempt += 1
+
+
+def _fsync_blob_directory(path: Path) -> None:
+    """Fsync the directory of a blob file, unless garbage collection has
+    removed the blob file and then the directory.
+
+    The caller then links nothing, because the check under the append lock
+    finds the file missing and raises BlobCollected.
+    """
+    try:
+        _fsync_directory(path)
+    except FileNotFoundError:
+        log.debug("blob_directory_removed_before_sync", directory=str(path))
 
 
 def _fsync_directory(path: Path) -> None:
