@@ -345,11 +345,7 @@ def test_streamed_body_over_limit_rejected(
     assert reply.headers["connection"] == "close"
     error = reply.error()
     assert error["code"] == "SIZE_INVALID"
-    assert error["detail"] == {
-        "size": f"more than {LIMIT}",
-        "limit": LIMIT,
-        "received": LIMIT + 1,
-    }
+    assert error["detail"] == {"received": LIMIT + 1, "limit": LIMIT}
     assert_nothing_stored(registry, before)
 
 
@@ -366,8 +362,7 @@ def test_streamed_body_over_large_limit_rejected(
     assert reply.status == 413
     error = reply.error()
     assert error["code"] == "SIZE_INVALID"
-    assert error["detail"]["limit"] == BIG_LIMIT
-    assert error["detail"]["received"] == BIG_LIMIT + 1
+    assert error["detail"] == {"received": BIG_LIMIT + 1, "limit": BIG_LIMIT}
     assert_nothing_stored(registry, before)
 
 
@@ -455,11 +450,7 @@ def test_registry_push_over_limit_stores_nothing(registry: Registry) -> None:
     with pytest.raises(BlobTooLarge) as raised:
         blobs.push(Digest.of(data), iter([data[:60], data[60:]]))
 
-    assert raised.value.detail == {
-        "size": "more than 100",
-        "limit": 100,
-        "received": 101,
-    }
+    assert raised.value.detail == {"received": 101, "limit": 100}
     assert_nothing_stored(registry, before)
 
 

@@ -31,6 +31,7 @@ from tests.server import (
     stored_state,
     upload_rows,
 )
+from tests.test_api_blob_size import chunked, exchange, request_head
 
 UNKNOWN_DIGEST = str(Digest.of(b"never pushed"))
 
@@ -276,6 +277,29 @@ def test_size_invalid_content_range_length(
     unchanged()
 
 
+def test_size_invalid_chunked_body_longer_than_range(
+    api: httpx.Client, server: ServerThread, unchanged: Callable[[], None]
+) -> None:
+    location = httpx.URL(api.post("/v2/library/app/blobs/uploads/").headers["Location"])
+    head = request_head(
+        "PATCH",
+        location.raw_path.decode(),
+        "Content-Range: 0-99",
+        "Transfer-Encoding: chunked",
+    )
+
+    # One byte more than the range, and no last chunk, so the server stops
+    # reading when that byte arrives.
+    reply = exchange(server.port, head + chunked(101))
+
+    assert reply.status == 400
+    error = reply.error()
+    assert error["code"] == "SIZE_INVALID"
+    assert error["detail"] == {"content_range_length": 100, "received": 101}
+    assert api.get(location).headers["Range"] == "0-0"
+    unchanged()
+
+
 def test_size_invalid_chunked_body_shorter_than_range(
     api: httpx.Client, unchanged: Callable[[], None]
 ) -> None:
@@ -455,6 +479,30 @@ def test_manifest_too_large_chunked(
         error = _error(response)
         assert error["code"] == "SIZE_INVALID"
         assert error["detail"]["limit"] == MAX_MANIFEST_SIZE
+    unchanged()
+
+
+def test_manifest_too_large_streamed_detail(
+    server: ServerThread, unchanged: Callable[[], None]
+) -> None:
+    # A chunked body one byte past the limit, without its last chunk, so the
+    # server stops reading when that byte arrives.
+    head = request_head(
+        "PUT",
+        "/v2/library/app/manifests/v1",
+        f"Content-Type: {OCI_MANIFEST}",
+        "Transfer-Encoding: chunked",
+    )
+
+    reply = exchange(server.port, head + chunked(MAX_MANIFEST_SIZE + 1))
+
+    assert reply.status == 413
+    error = reply.error()
+    assert error["code"] == "SIZE_INVALID"
+    assert error["detail"] == {
+        "received": MAX_MANIFEST_SIZE + 1,
+        "limit": MAX_MANIFEST_SIZE,
+    }
     unchanged()
 
 

@@ -49,8 +49,8 @@ async def read_limited(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise ManifestTooLarge(
-                f"manifest is larger than {limit} bytes",
-                {"size": f"more than {limit}", "limit": limit},
+                f"manifest is larger than {limit} bytes: {size} bytes received",
+                {"received": size, "limit": limit},
             )
         parts.append(chunk)
     return b"".join(parts)
@@ -209,7 +209,7 @@ async def _pump(
     async for chunk in request.stream():
         received += len(chunk)
         if expected_size is not None and received > expected_size:
-            raise _size_mismatch(expected_size, f"more than {expected_size}")
+            raise _size_mismatch(expected_size, received)
         limit.check(received)
         if pipe.consumer_done:
             # The worker failed and reads no more, so the response can go.
@@ -248,7 +248,7 @@ async def _wait_uncancellable(worker: asyncio.Future[Any]) -> None:
         raise asyncio.CancelledError
 
 
-def _size_mismatch(expected: int, received: int | str) -> SizeInvalid:
+def _size_mismatch(expected: int, received: int) -> SizeInvalid:
     return SizeInvalid(
         "request body length does not match the Content-Range header",
         {"content_range_length": expected, "received": received},
