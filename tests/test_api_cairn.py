@@ -10,6 +10,8 @@ import httpx
 import pytest
 
 from engine.api.app import create_app
+from engine.api.feed import MAX_LIMIT
+from engine.api.http import MAX_INT64
 from engine.bus import Bus
 from engine.cli import build_parser
 from engine.registry import Registry
@@ -170,13 +172,29 @@ def test_events_filters(api: httpx.Client) -> None:
     assert tags["next_after"] == tags["head"]
 
 
-def test_events_limit_capped(api: httpx.Client) -> None:
-    push_blob(api, "library/app", b"x")
+def test_events_limit_capped(api: httpx.Client, registry: Registry) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    tags = registry.repository("library/app").tags
+    for i in range(MAX_LIMIT):
+        tags.tag(f"t{i}", image.digest)
 
-    response = api.get("/_cairn/events", params={"limit": 100000})
+    capped = api.get("/_cairn/events", params={"limit": MAX_LIMIT + 1})
+    largest = api.get("/_cairn/events", params={"limit": MAX_INT64})
+    rest = api.get("/_cairn/events", params={"after": MAX_LIMIT, "limit": MAX_LIMIT})
 
-    assert response.status_code == 200
-    assert len(response.json()["events"]) == 1
+    assert capped.status_code == 200
+    page = capped.json()
+    positions = [event["position"] for event in page["events"]]
+    assert positions == list(range(1, MAX_LIMIT + 1))
+    assert page["next_after"] == MAX_LIMIT
+    assert page["head"] > MAX_LIMIT
+    assert largest.status_code == 200
+    assert largest.json() == page
+    assert rest.status_code == 200
+    remaining = rest.json()
+    assert remaining["events"][0]["position"] == MAX_LIMIT + 1
+    assert remaining["next_after"] == remaining["head"] == page["head"]
 
 
 def test_events_repository_invalid(api: httpx.Client) -> None:

@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from engine.api.app import create_app
+from engine.api.feed import MAX_LIMIT
+from engine.api.http import MAX_INT64
 from engine.domain.digest import Digest
 from engine.domain.manifests import MAX_MANIFEST_SIZE, OCI_MANIFEST
 from engine.registry import Registry
@@ -589,12 +591,18 @@ def test_invalid_query_parameter(
     unchanged()
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "x"])
+@pytest.mark.parametrize("value", ["0", "-1", "x", str(MAX_INT64 + 1)])
 def test_event_limit_range_message(api: httpx.Client, value: str) -> None:
     response = api.get("/_cairn/events", params={"limit": value})
 
     assert response.status_code == 400
-    assert _error(response)["message"].startswith("limit must be an integer from 1 ")
+    error = _error(response)
+    assert error["message"] == (
+        f"limit must be an integer from 1 to {MAX_INT64}. "
+        f"A page has at most {MAX_LIMIT} events, however large the limit"
+    )
+    assert error["detail"]["max_page_size"] == MAX_LIMIT
+    assert error["detail"]["value"] == value
 
 
 # ---- no request of any shape gets a 500 ----------------------------------------------

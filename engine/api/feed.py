@@ -6,6 +6,12 @@
 send next. After a short page it is the log head as read before the page,
 so a filtered consumer skips the events it does not want and misses none
 that it does.
+
+A ``limit`` above MAX_LIMIT gets a page of at most MAX_LIMIT events, as
+``n`` above its maximum does on the tag list and the catalog. A page can
+therefore be shorter than the ``limit`` sent while more events follow, and
+a consumer has read everything up to the head once ``next_after`` is at
+least ``head``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,24 @@ def _count(request: Request, name: str, default: int, minimum: int = 0) -> int:
             value=value,
         )
     return number
+
+
+def _limit(request: Request) -> int:
+    """Return the page size from ``limit``, capped at MAX_LIMIT, or
+    DEFAULT_LIMIT when the request has none."""
+    value = request.param("limit")
+    if value is None or value == "":
+        return DEFAULT_LIMIT
+    number = parse_decimal(value)
+    if number is None or number < 1:
+        raise unsupported(
+            f"limit must be an integer from 1 to {MAX_INT64}. A page has at "
+            f"most {MAX_LIMIT} events, however large the limit",
+            parameter="limit",
+            value=value,
+            max_page_size=MAX_LIMIT,
+        )
+    return min(number, MAX_LIMIT)
 
 
 def _types(request: Request) -> list[str]:
@@ -80,7 +104,7 @@ def _read(
 
 async def events(request: Request) -> Response:
     after = _count(request, "after", 0)
-    limit = min(_count(request, "limit", DEFAULT_LIMIT, minimum=1), MAX_LIMIT)
+    limit = _limit(request)
     repository = request.param("repository") or None
     if repository is not None:
         validate_repository_name(repository)
