@@ -5,7 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -480,6 +483,24 @@ def test_verify_finds_corrupt_and_missing_blobs(registry: Registry) -> None:
     problems = verify(registry)
     assert any(str(Digest.of(image.config)) in p and "hashes to" in p for p in problems)
     assert any("missing on disk" in p for p in problems)
+
+
+def test_verify_skips_blob_removed_meanwhile(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orphan = registry.blob_store.stage(str(uuid.uuid4()))
+    orphan.write(b"unlinked")
+    registry.blob_store.commit(orphan, Digest.of(b"unlinked"))
+    listed = registry.blob_store.iter_blobs
+
+    def listed_then_removed() -> Iterator[tuple[Digest, Path]]:
+        # gc removes the unlinked file after the listing found it.
+        for digest, path in listed():
+            path.unlink()
+            yield digest, path
+
+    monkeypatch.setattr(registry.blob_store, "iter_blobs", listed_then_removed)
+    assert verify(registry) == []
 
 
 def test_verify_finds_projection_drift(registry: Registry) -> None:
