@@ -35,14 +35,14 @@ MAX_LIMIT: Final = 1000
 _EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
 
 
-def _count(request: Request, name: str, default: int, minimum: int = 0) -> int:
+def _count(request: Request, name: str, default: int) -> int:
     value = request.param(name)
     if value is None or value == "":
         return default
     number = parse_decimal(value)
-    if number is None or number < minimum:
+    if number is None:
         raise unsupported(
-            f"{name} must be an integer from {minimum} to {MAX_POSITION}",
+            f"{name} must be an integer from 0 to {MAX_POSITION}",
             parameter=name,
             value=value,
         )
