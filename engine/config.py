@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ class StorageSettings:
         return cls(data_dir=args.data_dir, database_url=args.database_url)
 
 
+MAX_PORT = 65535
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 hosts in brackets) into host and port."""
     host, sep, port = value.rpartition(":")
@@ -51,4 +55,38 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(
             f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:5000"
         )
+    if int(port) > MAX_PORT:
+        raise argparse.ArgumentTypeError(
+            f"invalid listen address {value!r}: port {port} is not in 0-{MAX_PORT}"
+        )
     return host.strip("[]"), int(port)
+
+
+def parse_port(value: str) -> int:
+    """Parse a TCP port number, 0 to MAX_PORT; 0 lets the system pick one."""
+    if not value.isdigit() or int(value) > MAX_PORT:
+        raise argparse.ArgumentTypeError(
+            f"invalid port {value!r}: expected an integer from 0 to {MAX_PORT}"
+        )
+    return int(value)
+
+
+def parse_trusted_proxies(value: str) -> list[str]:
+    """Split a comma-separated list of proxy addresses, checking each one.
+
+    An entry is an IP address, a network such as 10.0.0.0/8, or ``*`` for
+    every address, which are the forms uvicorn's proxy header handling
+    matches against a TCP peer.
+    """
+    proxies = [entry.strip() for entry in value.split(",") if entry.strip()]
+    for proxy in proxies:
+        if proxy == "*":
+            continue
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid trusted proxy {proxy!r}: expected an IP address, a "
+                "network such as 10.0.0.0/8, or *"
+            ) from None
+    return proxies

@@ -296,6 +296,31 @@ def test_database_url_invalid(url: str, message: str, tmp_path: Path) -> None:
     assert "secret" not in result.messages[0]
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--listen", "127.0.0.1:70000", "port 70000 is not in 0-65535"),
+        ("--listen", "127.0.0.1:65536", "port 65536 is not in 0-65535"),
+        ("--nats-port", "99999", "invalid port '99999'"),
+        ("--nats-port", "-1", "invalid port '-1'"),
+        ("--trusted-proxies", "10.0.0.1,notanip", "invalid trusted proxy 'notanip'"),
+        ("--trusted-proxies", "10.0.0.0/33", "invalid trusted proxy '10.0.0.0/33'"),
+    ],
+)
+def test_serve_option_invalid(
+    option: str, value: str, message: str, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+
+    result = run_cairn("serve", "--data-dir", str(data_dir), f"{option}={value}")
+
+    assert result.status == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"argument {option}: " in result.stderr
+    assert message in result.stderr
+    assert not data_dir.exists()
+
+
 # ---- two `cairn serve` processes on one data directory ------------------------
 
 

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Final
 
 from engine.bus.options import add_bus_options
-from engine.config import DEFAULT_LISTEN, env_default, parse_listen
+from engine.config import (
+    DEFAULT_LISTEN,
+    env_default,
+    parse_listen,
+    parse_trusted_proxies,
+)
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_UPLOAD_EXPIRY_HOURS = 24.0
@@ -186,6 +191,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--trusted-proxies",
+        type=parse_trusted_proxies,
         default=env_default("TRUSTED_PROXIES", ""),
         metavar="ADDRESSES",
         help="comma-separated addresses of reverse proxies whose "

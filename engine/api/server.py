@@ -101,8 +101,7 @@ def serve(args: argparse.Namespace) -> int:
         authenticator=authenticator,
         rate_limiter=rate_limiter,
     )
-    addresses = args.trusted_proxies.split(",")
-    trusted_proxies = [address.strip() for address in addresses if address.strip()]
+    trusted_proxies: list[str] = args.trusted_proxies
     config = uvicorn.Config(
         app,
         loop="none",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import add_storage_options, env_default
+from engine.config import add_storage_options, env_default, parse_port
 
 DEFAULT_STREAM = "CAIRN"
 DEFAULT_SUBJECT_PREFIX = "cairn"
@@ -31,8 +31,8 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--nats-port",
-        type=int,
-        default=int(env_default("NATS_PORT", "0") or 0),
+        type=parse_port,
+        default=env_default("NATS_PORT", "0") or "0",
         help="port for the embedded nats-server on 127.0.0.1; 0 picks a free one "
         "(env CAIRN_NATS_PORT)",
     )
