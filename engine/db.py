@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from engine.domain.errors import InsufficientStorage
 from engine.log.store import APPENDED_KEY
 from engine.prepared import execute_driver_sql
 from engine.tables import log_head
@@ -30,6 +31,37 @@ from engine.tables import log_head
 log = structlog.get_logger(__name__)
 
 SQLITE_FILE = "cairn.db"
+
+
+# SQLite's result code for a write that found the disk full (SQLITE_FULL).
+SQLITE_FULL = 13
+# PostgreSQL's SQLSTATE disk_full, class 53 "insufficient resources".
+POSTGRES_DISK_FULL = "53100"
+
+
+def is_database_full(error: BaseException) -> bool:
+    """Return whether ``error``, or the driver error it wraps, reports that
+    the database could not write because its disk is full."""
+    driver_error = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+    if getattr(driver_error, "sqlite_errorcode", None) == SQLITE_FULL:
+        return True
+    return getattr(driver_error, "sqlstate", None) == POSTGRES_DISK_FULL
+
+
+@contextmanager
+def database_full_errors() -> Iterator[None]:
+    """Raise InsufficientStorage in place of a database error for a full disk."""
+    try:
+        yield
+    except Exception as error:
+        if not is_database_full(error):
+            raise
+        log.error("database_storage_full", error=str(error))
+        raise InsufficientStorage(
+            "the registry's database is full, so nothing was stored. "
+            "Send the request again after space is freed",
+            {"reason": str(error).splitlines()[0]},
+        ) from error
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -97,9 +129,10 @@ class Database:
         Returns only once the changes are durably committed. On SQLite the
         transaction may be shared with other writers of this process (see
         GroupCommit), and its changes commit or roll back as one unit of it.
+        Raises InsufficientStorage when the database's disk is full.
         """
         appended: list[Any] = []
-        with self._write_connection() as conn:
+        with database_full_errors(), self._write_connection() as conn:
             if not self.is_sqlite:
                 self._lock_head(conn)
             conn.info[APPENDED_KEY] = appended
@@ -133,16 +166,18 @@ class Database:
 
         With ``durable=False`` the commit survives a crash of the process
         but not of the machine: for bookkeeping that a client can redo, such
-        as an upload session that has received no blob yet.
+        as an upload session that has received no blob yet. Raises
+        InsufficientStorage when the database's disk is full.
         """
-        if not self.is_sqlite:
-            with self._writer.begin() as conn:
-                if not durable:
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+        with database_full_errors():
+            if not self.is_sqlite:
+                with self._writer.begin() as conn:
+                    if not durable:
+                        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    yield conn
+                return
+            with self._group.member(durable=durable) as conn:
                 yield conn
-            return
-        with self._group.member(durable=durable) as conn:
-            yield conn
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

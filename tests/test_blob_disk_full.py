@@ -1,31 +1,37 @@
-"""Uploads onto a full disk, on SQLite and PostgreSQL.
+"""Writes onto a full disk, on SQLite and PostgreSQL.
 
-The first test gives `cairn serve` a data directory on a tmpfs of 256 KiB
-that it mounts itself, and skips when it cannot mount one. The others make
-fsync or fdatasync of staging files fail, because on tmpfs only write()
-runs out of space. In every case the client gets 507 with an OCI error
-body, and no event, blob link, blob file, upload session or staging file
-remains.
+The first two tests give `cairn serve` a data directory on a small tmpfs
+that they mount themselves, and skip when they cannot mount one. The first
+fills it with blobs. The second keeps the SQLite database there too and
+sends a manifest that the database cannot store. The others make fsync or
+fdatasync of staging files fail, because on tmpfs only write() runs out
+of space. In every case the client gets 507 with an OCI error body, and no
+event, blob link, blob file, upload session or staging file remains.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+import sqlalchemy as sa
 
 from engine.api.app import create_app
 from engine.api.body import BUFFER_SIZE
 from engine.blobs import store
+from engine.db import is_database_full
 from engine.domain.digest import Digest
 from engine.domain.errors import InsufficientStorage
 from engine.registry import Registry
@@ -41,6 +47,9 @@ from tests.server import (
 )
 
 TMPFS_SIZE = 256 * 1024
+# Room for an empty SQLite database and its write-ahead log, but not for a
+# manifest of twice this size, which is still under the 4 MiB manifest limit.
+DATABASE_DISK_SIZE = 1536 * 1024
 # Larger than the tmpfs, and at most 1 MiB, so the server reads the whole
 # body before it writes and can respond before it closes the connection.
 BODY_SIZE = 512 * 1024
@@ -52,11 +61,16 @@ LARGE_BODY_SIZE = 4 * 1024 * 1024
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """Return a directory with a tmpfs of TMPFS_SIZE bytes mounted on it,
     and unmount it after the test."""
+    with mounted_tmpfs(tmp_path / "small-disk", TMPFS_SIZE) as path:
+        yield path
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, size: int) -> Iterator[Path]:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
-    path = tmp_path / "small-disk"
     path.mkdir()
-    options = f"size={TMPFS_SIZE},mode=0700"
+    options = f"size={size},mode=0700"
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
         capture_output=True,
@@ -226,6 +240,77 @@ def test_full_disk_stores_nothing(
     assert [record["upload"] is None for record in records] == [
         name.startswith("post") for name, _ in DISK_CASES
     ]
+
+
+def test_full_database_disk_stores_nothing(tmp_path: Path) -> None:
+    # The SQLite database lives on the tmpfs too. It fits in DATABASE_DISK_SIZE
+    # when empty, and a manifest larger than that cannot be written to it.
+    with mounted_tmpfs(tmp_path / "disk", DATABASE_DISK_SIZE) as disk:
+        _fill_database_disk(disk, tmp_path / "serve.log")
+
+    records = log_records(tmp_path / "serve.log", "database_storage_full")
+    assert len(records) == 1
+    assert records[0]["level"] == "error"
+
+
+def _fill_database_disk(disk: Path, log_path: Path) -> None:
+    database_url = f"sqlite:///{disk / 'cairn.db'}"
+    serve = start_serve(disk, database_url, log_path)
+    registry = Registry.open(disk, database_url)
+    try:
+        with httpx.Client(base_url=serve.url, timeout=60) as api:
+            config = b"{}"
+            push_blob(api, "demo/app", config)
+            before = stored_state(registry)
+
+            response = api.put(
+                "/v2/demo/app/manifests/big",
+                content=_manifest(config, padding=2 * DATABASE_DISK_SIZE),
+                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+            )
+
+            assert response.status_code == 507, response.text
+            _, error = _error(response)
+            assert error["code"] == "UNKNOWN"
+            assert "database is full" in error["message"]
+            assert "full" in error["detail"]["reason"]
+            assert stored_state(registry) == before
+
+            # The failed write freed its space, so a small manifest fits.
+            small = api.put(
+                "/v2/demo/app/manifests/small",
+                content=_manifest(config, padding=0),
+                headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+            )
+            assert small.status_code == 201, small.text
+        assert serve.stop() == 0
+    finally:
+        serve.kill()
+        registry.database.dispose()
+
+
+def test_postgres_disk_full_recognised() -> None:
+    error = psycopg.errors.DiskFull("could not extend file")
+    wrapped = sa.exc.OperationalError("INSERT", {}, error)
+
+    assert is_database_full(wrapped)
+    assert is_database_full(error)
+    assert not is_database_full(psycopg.errors.QueryCanceled("canceled"))
+
+
+def _manifest(config: bytes, padding: int) -> bytes:
+    document = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": str(Digest.of(config)),
+            "size": len(config),
+        },
+        "layers": [],
+        "annotations": {"padding": os.urandom(padding // 2).hex()},
+    }
+    return json.dumps(document).encode()
 
 
 # ---- failures at fsync -----------------------------------------------------------

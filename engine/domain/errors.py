@@ -95,9 +95,9 @@ class BlobTooLarge(SizeInvalid):
 
 
 class InsufficientStorage(RegistryError):
-    """A blob write that failed because the disk or the quota of the data
-    directory is full. The request itself was valid, and the same request can
-    succeed once space is freed."""
+    """A write that failed because the disk or the quota of the data
+    directory or of the database is full. The request itself was valid, and
+    the same request can succeed once space is freed."""
 
 
 class ManifestUnsupported(ManifestInvalid):
