@@ -136,6 +136,35 @@ def test_schema1_rejected(content_type: str) -> None:
         parse_manifest(encode(body))
 
 
+def test_schema1_detail_names_version() -> None:
+    body = {"schemaVersion": 1, "name": "a", "tag": "b", "fsLayers": []}
+    with pytest.raises(ManifestUnsupported) as caught:
+        parse_manifest(encode(body), OCI_MANIFEST)
+    assert caught.value.detail == {"schemaVersion": 1}
+
+
+def test_schema1_media_type_detail() -> None:
+    schema1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    body = {"schemaVersion": 2, "mediaType": schema1}
+    with pytest.raises(ManifestUnsupported) as caught:
+        parse_manifest(encode(body))
+    assert caught.value.detail == {"mediaType": schema1}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [OCI_MANIFEST.upper(), "Application/Vnd.Oci.Image.Manifest.v1+JSON; charset=x"],
+)
+def test_content_type_case_insensitive(content_type: str) -> None:
+    image = make_image()
+    body = json.loads(image.manifest)
+    del body["mediaType"]
+
+    manifest = parse_manifest(encode(body), content_type)
+
+    assert manifest.media_type == OCI_MANIFEST
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [

@@ -521,7 +521,9 @@ def _check_string(value: str) -> None:
 def _bare_media_type(content_type: str | None) -> str | None:
     if not content_type:
         return None
-    bare = content_type.split(";", 1)[0].strip()
+    # Media types are case-insensitive (RFC 6838 section 4.2), and Go's
+    # mime.ParseMediaType, which Distribution uses, lowercases them too.
+    bare = content_type.split(";", 1)[0].strip().lower()
     return bare or None
 
 
@@ -534,10 +536,15 @@ def _resolve_media_type(
     version = body.get("schemaVersion")
     schema1 = type(version) is int and version == 1
     if schema1 or (declared or content_type) in DOCKER_SCHEMA1:
+        detail = (
+            {"schemaVersion": version}
+            if schema1
+            else {"mediaType": declared or content_type}
+        )
         raise ManifestUnsupported(
             "Docker schema 1 manifests are not supported; push the image as "
             "Docker schema 2 or OCI",
-            {"mediaType": declared or content_type},
+            detail,
         )
     if content_type is not None and content_type not in _ACCEPTED_CONTENT_TYPES:
         raise ManifestInvalid(
