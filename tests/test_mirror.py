@@ -32,7 +32,7 @@ from tests.nats import (
     nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     wait_until,
 )
-from tests.server import ServeProcess, push_image, running, start_serve
+from tests.server import ServeProcess, push_blob, push_image, running, start_serve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
@@ -491,6 +491,43 @@ def test_mirror_to_oci_layout(tmp_path: Path, source: ServeProcess) -> None:
     result = skopeo("inspect", "--raw", f"oci:{team}:latest")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == pushed["first"].manifest
+
+
+@needs_skopeo
+def test_mirror_layout_of_blobs_only(tmp_path: Path, source: ServeProcess) -> None:
+    image = make_image()
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", image, "v1")
+        blob = push_blob(client, "library/blobs", b"a blob without a manifest")
+    layout = tmp_path / "layout"
+
+    run_mirror(source.url, f"oci:{layout}")
+
+    blobs_only = layout / "library" / "blobs"
+    assert (blobs_only / "blobs" / "sha256" / blob.encoded).is_file()
+    assert json.loads((blobs_only / "oci-layout").read_text()) == {
+        "imageLayoutVersion": "1.0.0"
+    }
+    assert json.loads((blobs_only / "index.json").read_text()) == {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [],
+    }
+    # skopeo reads index.json before it adds an image to an existing layout.
+    result = skopeo(
+        "copy",
+        f"oci:{layout / 'library' / 'app'}:v1",
+        f"oci:{blobs_only}:copied",
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    index = json.loads((blobs_only / "index.json").read_text())
+    names = [
+        entry["annotations"]["org.opencontainers.image.ref.name"]
+        for entry in index["manifests"]
+    ]
+    assert names == ["copied"]
+    result = skopeo("inspect", "--raw", f"oci:{blobs_only}:copied")
+    assert result.returncode == 0, result.stderr.decode()
 
 
 def test_mirror_follows_by_polling(

@@ -295,22 +295,32 @@ class LayoutTarget:
 
     async def _save_index(self, repository: str) -> None:
         self._referenced.pop(repository, None)
-        document = {
-            "schemaVersion": 2,
-            "mediaType": INDEX_MEDIA_TYPE,
-            "manifests": self._indexes[repository],
-        }
-        data = json.dumps(document, indent=2).encode() + b"\n"
+        data = _index_document(self._indexes[repository])
         directory = self.repository_dir(repository)
         await asyncio.to_thread(self._prepare, repository, directory)
         await asyncio.to_thread(_write_atomically, directory / "index.json", data)
 
     def _prepare(self, repository: str, directory: Path) -> None:
-        """Create the directories and the ``oci-layout`` file of a repository."""
+        """Create the directories of a repository and the files that make it
+        a valid layout: ``oci-layout``, and ``index.json`` with no manifests
+        until one is listed. A repository with only blobs needs both too."""
         directory.mkdir(parents=True, exist_ok=True)
-        marker = self.repository_dir(repository) / "oci-layout"
+        root = self.repository_dir(repository)
+        index = root / "index.json"
+        if not index.exists():
+            _write_atomically(index, _index_document([]))
+        marker = root / "oci-layout"
         if not marker.exists():
             _write_atomically(marker, json.dumps(LAYOUT_VERSION).encode())
+
+
+def _index_document(manifests: list[dict[str, Any]]) -> bytes:
+    document = {
+        "schemaVersion": 2,
+        "mediaType": INDEX_MEDIA_TYPE,
+        "manifests": manifests,
+    }
+    return json.dumps(document, indent=2).encode() + b"\n"
 
 
 def _entry(media_type: str, digest: str, size: int, tag: str | None) -> dict[str, Any]:
