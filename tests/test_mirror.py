@@ -615,6 +615,58 @@ def test_mirror_follows_nats(
         assert list_tags(target.url, "library/app") == ["signature", "v1", "v2"]
 
 
+def test_mirror_reports_index_missing_child(
+    source: ServeProcess, target: ServeProcess
+) -> None:
+    kept_child = make_image()
+    deleted_child = make_image()
+    index = make_index([kept_child, deleted_child])
+    index_digest = sha256(index)
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", kept_child)
+        push_image(client, "library/app", deleted_child)
+        put_manifest(client, "library/app", "multi", index)
+        response = client.delete(f"/v2/library/app/manifests/{deleted_child.digest}")
+        assert response.status_code == 202, response.text
+    assert manifest_status(source.url, "library/app", "multi") == 200
+
+    result = subprocess.run(
+        mirror_argv(source.url, target.url, "--once"),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        timeout=300,
+    )
+
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    lines = log_events(result.stderr)
+    incomplete = [line for line in lines if line["event"] == "manifest_not_copied"]
+    assert incomplete, result.stderr[-4000:]
+    for line in incomplete:
+        assert line["level"] == "warning"
+        assert line["repository"] == "library/app"
+        assert line["digest"] == index_digest
+        assert line["missing"] == str(deleted_child.digest)
+        assert "no longer on the source" in line["reason"]
+    tag_lines = [line for line in lines if line["event"] == "tag_not_copied"]
+    assert len(tag_lines) == 1
+    assert tag_lines[0]["level"] == "warning"
+    assert tag_lines[0]["tag"] == "multi"
+    assert tag_lines[0]["digest"] == index_digest
+    assert "is no longer on the source" not in tag_lines[0]["reason"]
+    assert not [line for line in lines if line["event"] == "tag_skipped"]
+    stopped = [line for line in lines if line["event"] == "mirror_stopped"]
+    assert len(stopped) == 1
+    # The index's manifest.pushed and its tag.set event.
+    assert stopped[0]["not_copied"] == 2
+    assert stopped[0]["skipped"] == 0
+    assert stopped[0]["status"] == 3
+    assert manifest_status(target.url, "library/app", "multi") == 404
+    assert manifest_status(target.url, "library/app", str(kept_child.digest)) == 200
+
+
 def test_mirror_rejects_foreign_checkpoint(
     tmp_path: Path, source: ServeProcess, target: ServeProcess
 ) -> None:

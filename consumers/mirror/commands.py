@@ -29,6 +29,9 @@ from engine.bus.connection import redact_url
 log = structlog.get_logger(__name__)
 
 USER_AGENT = "cairn-mirror"
+# The exit status of --once when it caught up but some events of this run
+# were incomplete, so the target lacks content that the source still lists.
+STATUS_INCOMPLETE = 3
 
 
 def main(args: argparse.Namespace) -> int:
@@ -132,6 +135,9 @@ async def _run(args: argparse.Namespace, source: str, checkpoint: Checkpoint) ->
     except MirrorError as error:
         log.error("mirror_failed", position=runner.position, error=str(error))
         status = 1
+    else:
+        if args.once and stats.not_copied:
+            status = STATUS_INCOMPLETE
     finally:
         ticker.cancel()
         progress.finish()
@@ -146,6 +152,7 @@ async def _run(args: argparse.Namespace, source: str, checkpoint: Checkpoint) ->
         position=runner.position,
         applied=stats.applied,
         skipped=stats.skipped,
+        not_copied=stats.not_copied,
         bytes_copied=stats.bytes_copied,
         nats_url=redact_url(args.nats_url) if args.nats_url else None,
     )

@@ -9,7 +9,11 @@ and a tag event copies its manifest first.
 
 When the source no longer has what an event is about (a later event
 deleted it), the event is skipped: replaying the rest of the log brings the
-target to the source's current state regardless.
+target to the source's current state regardless. When the source still
+serves a manifest but no longer has a blob or child manifest it requires,
+the target cannot store that manifest or a tag on it. Such an event is
+"incomplete": it is logged as a warning and counted in Stats.not_copied,
+because the rest of the log may never bring that content back.
 
 Manifests are copied as the source stored them, including those that an
 earlier cairn accepted and the source's current checks reject. Their
@@ -47,10 +51,16 @@ LOCATION_CACHE_SIZE: Final = 100_000
 
 @dataclass
 class Stats:
-    """Counters for progress reports."""
+    """Counters for progress reports.
+
+    ``skipped`` counts events left out on purpose: their repository is not
+    mirrored, or their type is unknown. ``not_copied`` counts incomplete
+    events, whose content the source serves only in part.
+    """
 
     applied: int = 0
     skipped: int = 0
+    not_copied: int = 0
     bytes_copied: int = 0
     blobs_copied: int = 0
     blobs_mounted: int = 0
@@ -207,8 +217,9 @@ class Copier:
     async def copy_manifest(self, repository: str, digest: str, depth: int = 0) -> str:
         """Copy a manifest and whatever it requires that the target lacks.
 
-        Returns "present", "copied" or "gone" (skipped: the source no longer
-        has the manifest or something it requires).
+        Returns "present", "copied", "gone" (the source no longer has the
+        manifest) or "incomplete" (the source has it, but not a blob or
+        child manifest that it requires, at any depth).
         """
         if await self.target.has_manifest(repository, digest):
             return "present"
@@ -245,14 +256,16 @@ class Copier:
                 outcome = await self.copy_manifest(repository, child, depth + 1)
             else:
                 outcome = await self.copy_blob(repository, child)
-            if outcome == "gone":
-                log.info(
-                    "manifest_skipped",
+            if outcome in ("gone", "incomplete"):
+                log.warning(
+                    "manifest_not_copied",
                     repository=repository,
                     digest=digest,
-                    reason=f"its {reference.kind} {child} is no longer on the source",
+                    missing=child,
+                    missing_kind=reference.kind,
+                    reason=_missing_reason(reference.kind, child, outcome),
                 )
-                return "gone"
+                return "incomplete"
 
         try:
             await self.target.put_manifest(repository, digest, manifest.media_type, raw)
@@ -272,7 +285,8 @@ class Copier:
     async def set_tag(self, repository: str, tag: str, digest: str) -> str:
         if await self.target.tagged_digest(repository, tag) == digest:
             return "present"
-        if await self.copy_manifest(repository, digest) == "gone":
+        outcome = await self.copy_manifest(repository, digest)
+        if outcome == "gone":
             log.info(
                 "tag_skipped",
                 repository=repository,
@@ -281,9 +295,30 @@ class Copier:
                 reason="its manifest is no longer on the source",
             )
             return "gone"
+        if outcome == "incomplete":
+            log.warning(
+                "tag_not_copied",
+                repository=repository,
+                tag=tag,
+                digest=digest,
+                reason="the source serves its manifest, but not all the "
+                "content that the manifest requires",
+            )
+            return "incomplete"
         await self.target.set_tag(repository, tag, digest)
         log.debug("tag_set", repository=repository, tag=tag, digest=digest)
         return "tagged"
+
+
+def _missing_reason(kind: str, child: str, outcome: str) -> str:
+    if outcome == "gone":
+        return (
+            f"the source serves it, but its {kind} {child} is no longer on the source"
+        )
+    return (
+        f"the source serves it, but not all the content that its {kind} "
+        f"{child} requires"
+    )
 
 
 def _parse_source_manifest(

@@ -108,7 +108,8 @@ class Progress:
         if self.mode == "line":
             line = (
                 f"position {self.position}/{self.head}  "
-                f"{self.stats.applied} applied, {self.stats.skipped} skipped  "
+                f"{self.stats.applied} applied, {self.stats.skipped} skipped, "
+                f"{self.stats.not_copied} not copied  "
                 f"{_size(self.stats.bytes_copied)} copied  "
                 f"{_size(bytes_rate)}/s  {event_rate:.1f} events/s  lag {self.lag}"
             )
@@ -123,6 +124,7 @@ class Progress:
                 lag=self.lag,
                 applied=self.stats.applied,
                 skipped=self.stats.skipped,
+                not_copied=self.stats.not_copied,
                 bytes_copied=self.stats.bytes_copied,
                 bytes_per_second=round(bytes_rate),
                 events_per_second=round(event_rate, 1),

@@ -1,7 +1,8 @@
 """The mirror's main loop: replay the feed, then follow NATS or poll.
 
 The position is the last source event the mirror has dealt with: applied,
-or skipped because its repository is not mirrored. It is checkpointed
+incomplete (see copier.py), or skipped because its repository is not
+mirrored. It is checkpointed
 after every applied event and at the end of every page, so a restart
 repeats at most the event that was in progress, which is idempotent.
 """
@@ -86,6 +87,7 @@ class MirrorRunner:
             position=self.position,
             applied=self.stats.applied,
             skipped=self.stats.skipped,
+            not_copied=self.stats.not_copied,
             bytes_copied=self.stats.bytes_copied,
         )
         if self.settings.once:
@@ -157,7 +159,10 @@ class MirrorRunner:
         outcome = await self._retrying(
             lambda: self.copier.apply(event), f"apply event {position}"
         )
-        self.stats.applied += 1
+        if outcome == "incomplete":
+            self.stats.not_copied += 1
+        else:
+            self.stats.applied += 1
         self.position = position
         await self.checkpoint.save(position)
         self.progress.update(position)
