@@ -45,6 +45,7 @@ from engine.domain.errors import (
 from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
 from engine.domain.manifests import Descriptor, Manifest, Reference, parse_manifest
 from engine.domain.names import validate_repository_name, validate_tag
+from engine.identity import load_registry_id
 from engine.prepared import Prepared, in_list
 from engine.projections import ALL_PROJECTIONS, apply_events
 from engine.tables import (
@@ -200,6 +201,7 @@ class Registry:
         # Open staging files keyed by upload id, so consecutive chunks of an
         # upload keep their running hash instead of rehashing the prefix.
         self._staged: dict[str, StagedBlob] = {}
+        self._registry_id: str | None = None
 
     @classmethod
     def open(cls, data_dir: Path, database_url: str | None = None) -> Registry:
@@ -208,6 +210,12 @@ class Registry:
         data_dir.mkdir(parents=True, exist_ok=True)
         database = Database(database_url or sqlite_url(data_dir))
         return cls(database, BlobStore(data_dir))
+
+    def registry_id(self) -> str:
+        """Return the random id of this registry (see engine.identity)."""
+        if self._registry_id is None:
+            self._registry_id = load_registry_id(self.database)
+        return self._registry_id
 
     def repository(
         self, name: str, *, actor: Actor | None = None, request_id: str | None = None

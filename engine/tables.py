@@ -268,6 +268,16 @@ relay_checkpoints = sa.Table(
     sa.Column("generation", sa.BigInteger, nullable=False, server_default="0"),
 )
 
+# One row (id 1): the random id of this registry, created with the schema.
+# Every server on the database reports it at /_cairn/registry, so a mirror
+# can tell that its source and target are one registry.
+registry_identity = sa.Table(
+    "registry_identity",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("registry_id", sa.String(36), nullable=False),
+)
+
 PROJECTION_TABLES = (
     repositories,
     tags,

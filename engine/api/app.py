@@ -119,6 +119,7 @@ def build_router() -> Router:
     router.add(rf"/v2/{_NAME}/referrers/(?P<digest>{_SEGMENT})", GET=listing.referrers)
     router.add(r"/_cairn/health", GET=health.health)
     router.add(r"/_cairn/events", GET=feed.events)
+    router.add(r"/_cairn/registry", GET=registry_identity)
     dashboard.add_routes(router)
     router.add(r"/_cairn/ui", GET=ui.redirect_to_index)
     router.add(r"/_cairn/ui/", GET=ui.page)
@@ -129,6 +130,11 @@ def build_router() -> Router:
 
 async def base(request: Request) -> Response:
     return json_response({})
+
+
+async def registry_identity(request: Request) -> Response:
+    registry_id = await run_sync(request.state.registry.registry_id)
+    return json_response({"registry_id": registry_id})
 
 
 async def metrics(request: Request) -> Response:
