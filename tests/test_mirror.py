@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from consumers.mirror.identity import normalise_url
 from engine.api.app import create_app
 from engine.bus import Bus
 from engine.domain.digest import Digest
@@ -665,6 +666,85 @@ def test_mirror_reports_index_missing_child(
     assert stopped[0]["status"] == 3
     assert manifest_status(target.url, "library/app", "multi") == 404
     assert manifest_status(target.url, "library/app", str(kept_child.digest)) == 200
+
+
+def run_mirror_status(
+    source: str, target: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        mirror_argv(source, target, "--once", *extra),
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000/", True),
+        ("http://127.0.0.1:5000", "HTTP://LocalHost:5000//", True),
+        ("http://127.0.0.1:5000", "http://[::1]:5000", True),
+        ("http://Registry.Example:80/", "http://registry.example", True),
+        ("https://registry.example", "https://registry.example:443/", True),
+        ("http://registry.example/a", "http://registry.example/a/", True),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5001", False),
+        ("http://127.0.0.1:5000", "http://127.0.0.2:5000", False),
+        ("http://registry.example", "https://registry.example", False),
+        ("http://registry.example/a", "http://registry.example/b", False),
+    ],
+)
+def test_mirror_normalise_url(first: str, second: str, same: bool) -> None:
+    assert (normalise_url(first) == normalise_url(second)) is same
+
+
+def test_mirror_rejects_own_source_url(source: ServeProcess) -> None:
+    populate(source.url)
+    head = head_position(source.url)
+    port = source.url.rsplit(":", 1)[1]
+    targets = [
+        source.url,
+        source.url + "/",
+        f"HTTP://LOCALHOST:{port}",
+        f"http://[::1]:{port}/",
+    ]
+
+    for target in targets:
+        result = run_mirror_status(source.url, target)
+
+        assert result.returncode == 2, (target, result.stderr[-2000:])
+        assert f"--target {target} is the source registry" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert head_position(source.url) == head
+
+
+def test_mirror_rejects_own_source_by_id(
+    source: ServeProcess, target: ServeProcess
+) -> None:
+    populate(source.url)
+    head = head_position(source.url)
+    # A second server on the source's database and blobs: one registry
+    # behind two URLs that the URL comparison cannot tell apart.
+    directory = source.log_path.parent
+    registry = Registry.open(directory / "data", f"sqlite:///{directory / 'cairn.db'}")
+    try:
+        with running(create_app(registry)) as second:
+            source_id = httpx.get(f"{source.url}/_cairn/registry").json()
+            second_id = httpx.get(f"{second.url}/_cairn/registry").json()
+            target_id = httpx.get(f"{target.url}/_cairn/registry").json()
+            assert source_id == second_id
+            assert source_id != target_id
+
+            result = run_mirror_status(source.url, second.url, "--propagate-deletes")
+    finally:
+        registry.database.dispose()
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "reach the same registry" in result.stderr
+    assert source_id["registry_id"] in result.stderr
+    assert head_position(source.url) == head
 
 
 def test_mirror_rejects_foreign_checkpoint(

@@ -18,11 +18,17 @@ from consumers.mirror.checkpoint import Checkpoint, CheckpointError
 from consumers.mirror.copier import Copier, Stats
 from consumers.mirror.errors import MirrorError
 from consumers.mirror.feed import FeedClient
+from consumers.mirror.identity import (
+    SameRegistry,
+    check_registry_ids,
+    check_urls,
+    normalise_url,
+)
 from consumers.mirror.layout import LayoutTarget
 from consumers.mirror.live import LiveEvents
 from consumers.mirror.progress import Progress
 from consumers.mirror.registry import RegistryClient
-from consumers.mirror.runner import MirrorRunner, MirrorSettings
+from consumers.mirror.runner import MirrorRunner, MirrorSettings, retry_transient
 from consumers.mirror.target import RegistryTarget, Target
 from engine.bus.connection import redact_url
 
@@ -48,7 +54,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
     try:
+        if not target.startswith("oci:"):
+            asyncio.run(_check_registry_ids(args, source, target))
         return asyncio.run(_run(args, source, checkpoint))
+    except SameRegistry as error:
+        print(f"cairn mirror: {error}", file=sys.stderr)
+        return 2
+    except MirrorError as error:
+        log.error("mirror_failed", position=checkpoint.position, error=str(error))
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -66,11 +80,36 @@ def _check_args(args: argparse.Namespace) -> str | None:
                 f"invalid --{name} {value!r}: expected an http:// or https:// URL"
                 + (" or oci:DIR" if name == "target" else "")
             )
+        try:
+            normalise_url(value)
+        except ValueError:
+            return f"invalid --{name} {value!r}: the port is not 0 to 65535"
+    if not args.target.startswith("oci:"):
+        try:
+            check_urls(args.source, args.target)
+        except SameRegistry as error:
+            return str(error)
     if args.poll_interval <= 0 or args.timeout <= 0:
         return "--poll-interval and --timeout must be positive"
     if args.retries < 1:
         return "--retries must be at least 1"
     return None
+
+
+async def _check_registry_ids(
+    args: argparse.Namespace, source: str, target: str
+) -> None:
+    """Raise SameRegistry when source and target are one cairn registry."""
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(args.timeout),
+        follow_redirects=True,
+        headers={"User-Agent": USER_AGENT},
+    ) as client:
+        await retry_transient(
+            lambda: check_registry_ids(client, source, target),
+            "read the registry ids of source and target",
+            args.retries,
+        )
 
 
 def _target_description(value: str) -> str:

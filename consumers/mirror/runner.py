@@ -175,22 +175,30 @@ class MirrorRunner:
         )
 
     async def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> T:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await step()
-            except TransientError as error:
-                if attempt >= self.settings.retries:
-                    raise MirrorError(
-                        f"gave up after {attempt} attempts to {what}: {error}"
-                    ) from error
-                delay = retry_delay(attempt, RETRY_INITIAL, RETRY_MAX)
-                log.warning(
-                    "mirror_retrying",
-                    step=what,
-                    attempt=attempt,
-                    error=str(error),
-                    retry_in=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
+        return await retry_transient(step, what, self.settings.retries)
+
+
+async def retry_transient(
+    step: Callable[[], Awaitable[T]], what: str, retries: int
+) -> T:
+    """Run ``step`` up to ``retries`` times while it raises TransientError,
+    with exponential backoff, then raise MirrorError."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await step()
+        except TransientError as error:
+            if attempt >= retries:
+                raise MirrorError(
+                    f"gave up after {attempt} attempts to {what}: {error}"
+                ) from error
+            delay = retry_delay(attempt, RETRY_INITIAL, RETRY_MAX)
+            log.warning(
+                "mirror_retrying",
+                step=what,
+                attempt=attempt,
+                error=str(error),
+                retry_in=round(delay, 2),
+            )
+            await asyncio.sleep(delay)

@@ -1,0 +1,117 @@
+"""Reject a mirror whose target is its own source.
+
+Mirroring a registry into itself appends events to the source: tag.set
+events move tags back through older digests, and deleted tags and blob
+links come back. Two checks run before anything is written:
+
+* The URLs are compared after normalisation: scheme and host in lower
+  case, the default port made explicit, trailing slashes removed, and
+  localhost, 127.0.0.1 and ::1 taken as one host.
+* When both sides are cairn, their registry ids from /_cairn/registry are
+  compared, which also catches two URLs or two servers of one registry.
+  A target that does not serve that endpoint (another registry, or an
+  older cairn) passes this check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from typing import Final
+from urllib.parse import urlsplit
+
+import httpx
+
+from consumers.mirror.errors import TransientError
+from consumers.mirror.registry import check
+
+IDENTITY_PATH: Final = "/_cairn/registry"
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+# localhost resolves to 127.0.0.1 or ::1, and servers often listen on both,
+# so the three are taken as one host. Other 127.0.0.0/8 addresses stay
+# distinct, because a server bound to 127.0.0.1 accepts no connection to them.
+LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class SameRegistry(Exception):
+    """The target is the source registry."""
+
+
+def normalise_url(url: str) -> tuple[str, str, int, str]:
+    """Return (scheme, host, port, path) of an http(s) URL, for comparison.
+
+    Raises ValueError for a URL with an invalid port.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").rstrip(".")
+    # An IP address is written in its shortest form, so "::0:1" is "::1".
+    with contextlib.suppress(ValueError):
+        host = ipaddress.ip_address(host).compressed
+    if host in LOOPBACK_HOSTS:
+        host = "localhost"
+    port = parts.port or DEFAULT_PORTS.get(scheme, 0)
+    return scheme, host, port, parts.path.rstrip("/")
+
+
+def check_urls(source: str, target: str) -> None:
+    """Raise SameRegistry when both URLs name the same server and path."""
+    if normalise_url(source) == normalise_url(target):
+        raise SameRegistry(
+            f"--target {target} is the source registry {source}. Mirroring "
+            "a registry into itself appends events that move its tags back "
+            "to older manifests and restore deleted tags and blobs. Pass "
+            "another registry as --target"
+        )
+
+
+async def check_registry_ids(
+    client: httpx.AsyncClient, source: str, target: str
+) -> None:
+    """Raise SameRegistry when source and target report one registry id.
+
+    Raises TransientError when either side fails in a way worth retrying,
+    and MirrorError (from registry.check) for a response that is neither
+    2xx nor 4xx.
+    """
+    target_id = await fetch_registry_id(client, target)
+    if target_id is None:
+        return
+    source_id = await fetch_registry_id(client, source)
+    if source_id == target_id:
+        raise SameRegistry(
+            f"--target {target} and --source {source} reach the same "
+            f"registry (registry id {target_id}). Mirroring a registry into "
+            "itself appends events that move its tags back to older manifests "
+            "and restore deleted tags and blobs. Pass another registry as "
+            "--target"
+        )
+
+
+async def fetch_registry_id(client: httpx.AsyncClient, base_url: str) -> str | None:
+    """Return the registry id that a cairn at ``base_url`` reports.
+
+    Returns None for a registry that does not report one: a 4xx response
+    (404 from another registry or an older cairn, 401 when it requires
+    credentials) or a body without a string ``registry_id``.
+    """
+    url = base_url.rstrip("/") + IDENTITY_PATH
+    description = f"GET {url}"
+    try:
+        response = await client.get(url)
+    except httpx.TransportError as error:
+        reason = str(error) or type(error).__name__
+        raise TransientError(f"{description}: {reason}") from error
+    if 400 <= response.status_code < 500 and response.status_code not in (
+        408,
+        425,
+        429,
+    ):
+        return None
+    check(response, description)
+    try:
+        document = response.json()
+    except ValueError:
+        return None
+    registry_id = document.get("registry_id") if isinstance(document, dict) else None
+    return registry_id if isinstance(registry_id, str) and registry_id else None
