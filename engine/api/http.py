@@ -7,17 +7,15 @@ bodies in both directions. This module is all of it, so the hot paths
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from urllib.parse import parse_qs, quote
 
-import orjson
-
 from engine.api.errors import unsupported
 from engine.domain.events import Actor
+from engine.encoding import encode_json
 
 if TYPE_CHECKING:
     from engine.api.app import AppState
@@ -204,19 +202,6 @@ class Response:
     def header(self, name: str, value: str) -> Response:
         self.headers.append((name, value))
         return self
-
-
-def encode_json(document: Any) -> bytes:
-    """Encode ``document`` as compact JSON in UTF-8.
-
-    orjson encoded a page of 1,000 tags in 3 µs, json.dumps in 56 µs. A
-    string that is not valid Unicode, such as a lone surrogate, falls back
-    to json.dumps, which escapes it where orjson raises.
-    """
-    try:
-        return orjson.dumps(document)
-    except orjson.JSONEncodeError:
-        return json.dumps(document, separators=(",", ":")).encode()
 
 
 def json_response(

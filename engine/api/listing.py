@@ -14,16 +14,11 @@ from typing import Final
 from urllib.parse import urlencode
 
 from engine.api.errors import unsupported
-from engine.api.http import (
-    Request,
-    Response,
-    encode_json,
-    json_response,
-    parse_decimal,
-)
+from engine.api.http import Request, Response, json_response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_INDEX
+from engine.encoding import encode_json
 
 MAX_PAGE_SIZE: Final = 1000
 
