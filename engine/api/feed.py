@@ -8,10 +8,12 @@ so a filtered consumer skips the events it does not want and misses none
 that it does.
 
 A ``limit`` above MAX_LIMIT gets a page of at most MAX_LIMIT events, as
-``n`` above its maximum does on the tag list and the catalog. A page can
-therefore be shorter than the ``limit`` sent while more events follow, and
-a consumer has read everything up to the head once ``next_after`` is at
-least ``head``.
+``n`` above its maximum does on the tag list and the catalog. A page also
+ends once its events reach engine.log.pages.MAX_PAGE_BYTES, and then
+``next_after`` is the position of its last event. A page can therefore be
+shorter than the ``limit`` sent while more events follow, and a consumer
+has read everything up to the head once ``next_after`` is at least
+``head``.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from engine import log as event_log
 from engine.api.errors import unsupported
 from engine.api.http import MAX_INT64, Request, Response, parse_decimal
 from engine.api.threads import run_sync
-from engine.domain.events import EventType, StoredEvent
+from engine.domain.events import EventType
 from engine.domain.names import validate_repository_name
+from engine.log.pages import EventPage, read_after
 from engine.registry import Registry
 
 # Positions are 64-bit integers in the log table.
@@ -85,19 +88,23 @@ def _types(request: Request) -> list[str]:
     return requested
 
 
+def _encode(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":"), default=str).encode()
+
+
 def _read(
     registry: Registry,
     after: int,
     limit: int,
     repository: str | None,
     types: list[str],
-) -> tuple[int, list[StoredEvent]]:
+) -> tuple[int, EventPage]:
     with registry.database.read() as conn:
         # The head is read first: every event at or below it is visible to
         # the query that follows, on SQLite and PostgreSQL alike.
         head, _ = event_log.head(conn)
-        page = event_log.read(
-            conn, after, limit, repository=repository, types=types or None
+        page = read_after(
+            conn, after, limit, _encode, repository=repository, types=types
         )
     return head, page
 
@@ -113,12 +120,16 @@ async def events(request: Request) -> Response:
     head, page = await run_sync(
         _read, request.state.registry, after, limit, repository, types
     )
-    last = page[-1].position if page else after
-    next_after = last if len(page) == limit else max(after, head, last)
-    document: dict[str, Any] = {
-        "events": [event.to_json() for event in page],
-        "next_after": next_after,
-        "head": head,
-    }
-    body = json.dumps(document, separators=(",", ":"), default=str).encode()
+    last = page.events[-1].position if page.events else after
+    full = page.more or len(page.events) == limit
+    next_after = last if full else max(after, head, last)
+    # The same bytes as json.dumps of the whole document, built from the
+    # events that read_after encoded while it measured the page.
+    body = b"".join(
+        [
+            b'{"events":[',
+            b",".join(page.encoded),
+            b'],"next_after":%d,"head":%d}' % (next_after, head),
+        ]
+    )
     return Response(200, [("Content-Type", "application/json")], body)

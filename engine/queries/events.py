@@ -1,4 +1,9 @@
-"""The event feed for drill-down: newest first, filtered, a page at a time."""
+"""The event feed for drill-down: newest first, filtered, a page at a time.
+
+A page has at most ``n`` events and ends early once its events reach
+engine.log.pages.MAX_PAGE_BYTES, so ``next_cursor`` can be set on a page of
+fewer than ``n`` events.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.errors import Unsupported
 from engine.domain.events import EventType
-from engine.log.store import row_to_event
+from engine.encoding import encode_json
+from engine.log.pages import read_page, select_sizes
 from engine.queries.pages import (
     MAX_INTEGER,
     Page,
@@ -30,7 +36,8 @@ EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
 def _statement(
     repository: bool, type_count: int, actor: bool, address: bool
 ) -> sa.Select[Any]:
-    """Build, once per set of filters, the statement for one feed page.
+    """Build, once per set of filters, the statement that chooses the events
+    of one feed page, as the ``sizes`` of ``read_page``.
 
     Each filter has an index on (column, position), so a page is one
     backwards range scan whatever the filter. Several types become one scan
@@ -60,7 +67,7 @@ def _filtered(
 ) -> sa.Select[Any]:
     position = events.c.position
     query = (
-        sa.select(events)
+        select_sizes()
         .where(position > sa.bindparam("b_low"))
         .where(position <= sa.bindparam("b_high"))
     )
@@ -130,9 +137,8 @@ def event_page(
         actor is not None,
         address is not None,
     )
-    rows = conn.execute(statement, params).all()
+    page = read_page(conn, statement, params, n, encode_json)
     next_cursor = None
-    if len(rows) > n:
-        rows = rows[:n]
-        next_cursor = encode_cursor(rows[-1].position)
-    return Page([row_to_event(row).to_json() for row in rows], next_cursor)
+    if page.more:
+        next_cursor = encode_cursor(page.events[-1].position)
+    return Page([event.to_json() for event in page.events], next_cursor)
