@@ -159,12 +159,17 @@ def check_writable(registry: Registry, settings: StorageSettings) -> None:
 
 
 def open_registry(
-    settings: StorageSettings, *, create: bool, writable: bool = False
+    settings: StorageSettings,
+    *,
+    create: bool,
+    writable: bool = False,
+    upgrade_schema: bool = True,
 ) -> Registry:
     """Open the registry and bring its schema up to date.
 
     ``create`` allows a missing data directory, which is then created, and
-    ``writable`` also checks that blobs and uploads can be written. Raises
+    ``writable`` also checks that blobs and uploads can be written. With
+    ``upgrade_schema`` false the caller runs the migrations. Raises
     StorageUnavailable with a one-line message when the data directory or
     the database cannot be used.
     """
@@ -187,7 +192,8 @@ def open_registry(
         with storage_errors(settings):
             if writable:
                 check_writable(registry, settings)
-            upgrade(registry.database)
+            if upgrade_schema:
+                upgrade(registry.database)
     except StorageUnavailable:
         registry.database.dispose()
         raise
@@ -195,8 +201,18 @@ def open_registry(
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    open_registry(StorageSettings.from_args(args), create=True)
-    print("schema is up to date")
+    from engine.migrate import upgrade
+
+    settings = StorageSettings.from_args(args)
+    registry = open_registry(settings, create=True, upgrade_schema=False)
+    with storage_errors(settings):
+        before, after = upgrade(registry.database)
+    if before == after:
+        print(f"schema is up to date at revision {after}")
+    elif before is None:
+        print(f"schema created at revision {after}")
+    else:
+        print(f"schema upgraded from revision {before} to {after}")
     return 0
 
 

@@ -35,8 +35,11 @@ def current_revision(database: Database) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def upgrade(database: Database, revision: str = "head") -> None:
-    """Bring the database schema up to ``revision``."""
+def upgrade(
+    database: Database, revision: str = "head"
+) -> tuple[str | None, str | None]:
+    """Bring the database schema up to ``revision``; return the revisions
+    before and after, None for a database without cairn's schema."""
     before = current_revision(database)
     config = _config()
     with database.engine.begin() as conn:
@@ -47,3 +50,4 @@ def upgrade(database: Database, revision: str = "head") -> None:
     after = current_revision(database)
     if before != after:
         log.info("schema_upgraded", from_revision=before, to_revision=after)
+    return before, after

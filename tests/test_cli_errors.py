@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.migrate import head_revision
 from tests.nats import wait_until
 from tests.server import START_TIMEOUT_S, push_blob
 
@@ -250,6 +251,13 @@ def test_db_upgrade_creates_data_dir(tmp_path: Path) -> None:
     assert result.status == 0, result.stderr
     assert (data_dir / "cairn.db").is_file()
     assert (data_dir / "blobs").is_dir()
+    head = head_revision()
+    assert result.stdout == f"schema created at revision {head}\n"
+
+    again = run_cairn("db", "upgrade", "--data-dir", str(data_dir))
+
+    assert again.status == 0, again.stderr
+    assert again.stdout == f"schema is up to date at revision {head}\n"
 
 
 @pytest.fixture
