@@ -121,6 +121,7 @@ def test_tags_now_and_then(api: httpx.Client, pushed: dict[str, Any]) -> None:
     moved_at = history[0]["from_position"]
     before = api.get(base, params={"position": moved_at - 1}).json()
     then = api.get(f"{base}/v1", params={"at": history[1]["from_time"]}).json()
+    lower = api.get(f"{base}/v1", params={"at": history[1]["from_time"].lower()})
 
     assert {t["tag"]: t["digest"] for t in now["tags"]}["v1"] == pushed["second"]
     multi = {t["tag"]: t for t in now["tags"]}["multi"]
@@ -130,6 +131,8 @@ def test_tags_now_and_then(api: httpx.Client, pushed: dict[str, Any]) -> None:
     assert {t["tag"]: t["digest"] for t in before["tags"]}["v1"] == pushed["first"]
     assert then["tag"]["digest"] == pushed["first"]
     assert then["point"]["position"] < moved_at
+    assert lower.status_code == 200, lower.text
+    assert lower.json() == then
 
 
 def test_position_past_head_means_head(

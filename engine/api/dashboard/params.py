@@ -78,7 +78,9 @@ def time(request: Request, name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(value)
+        # RFC 3339 section 5.6 allows a lower-case "t" and "z", which
+        # fromisoformat rejects, and the other characters are digits.
+        moment = datetime.fromisoformat(value.upper())
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
