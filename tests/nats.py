@@ -116,6 +116,13 @@ class NatsServer:
         self.port = int(urls[0].rpartition(":")[2])
         return True
 
+    def kill(self, signal_number: int = signal.SIGKILL) -> None:
+        """Send ``signal_number`` to the server by its PID and wait for it to exit."""
+        process, self._process = self._process, None
+        assert process is not None, "server not running"
+        process.send_signal(signal_number)
+        process.wait(10)
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,40 @@ def test_tail_reports_missing_stream(nats_server: NatsServer) -> None:
     result = cairn_tail(nats_server.url, "--stream", "NOPE")
     assert result.returncode == 1
     assert "stream NOPE not found" in result.stderr
+
+
+@sqlite_only
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_tail_reports_server_gone(
+    registry: Registry, nats_server: NatsServer, data_dir: Path, signal_number: int
+) -> None:
+    publish_log(registry, nats_server, data_dir)
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "events",
+            "tail",
+            "--nats",
+            nats_server.url,
+            "--from",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stdout is not None
+        printed = [tail.stdout.readline() for _ in range(8)]
+        assert json.loads(printed[-1])["position"] == 8
+        nats_server.kill(signal_number)
+        returncode = tail.wait(30)
+        stderr = tail.stderr.read() if tail.stderr is not None else ""
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait()
+    assert returncode == 1
+    assert stderr == f"cairn events tail: connection to {nats_server.url} closed\n"

@@ -93,12 +93,15 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
         readable = out.isatty()
         while args.count is None or printed < args.count:
             if closed.done():
-                print(f"cairn events tail: connection to {url} closed", file=sys.stderr)
-                return 1
+                return _report_closed(url)
             try:
                 message = await subscription.next_msg(timeout=1.0)
             except nats.errors.TimeoutError:
                 continue
+            except nats.errors.ConnectionClosedError:
+                # The server went away while next_msg waited, before the
+                # closed callback could resolve ``closed``.
+                return _report_closed(url)
             position = header_position(message.headers)
             if args.from_position is not None and (position or 0) < args.from_position:
                 continue
@@ -109,6 +112,11 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
     finally:
         if not client.is_closed:
             await client.close()
+
+
+def _report_closed(url: str) -> int:
+    print(f"cairn events tail: connection to {url} closed", file=sys.stderr)
+    return 1
 
 
 async def _consumer_config(
