@@ -65,8 +65,9 @@ class NatsServer:
     storage directory, so a restarted server keeps its streams.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, binary: Path | None = None) -> None:
         self.directory = directory
+        self.binary = binary
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -85,7 +86,7 @@ class NatsServer:
         output = (self.directory / "server.out").open("ab")
         self._process = subprocess.Popen(
             [
-                str(find_nats_server()),
+                str(self.binary or find_nats_server()),
                 "--addr",
                 "127.0.0.1",
                 "--port",
@@ -143,6 +144,27 @@ def nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
     for it by its name, ``nats_server``.
     """
     server = NatsServer(tmp_path / "nats-server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# Debian 12's nats-server package installs version 2.9.10 here, the oldest
+# version that cairn supports.
+DEBIAN_NATS_SERVER = Path("/usr/sbin/nats-server")
+
+
+@pytest.fixture(name="debian_nats_server")
+def debian_nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running nats-server from Debian's package, stopped at the test's end.
+
+    The test is skipped where that package is not installed.
+    """
+    if not DEBIAN_NATS_SERVER.is_file():
+        pytest.skip(f"{DEBIAN_NATS_SERVER} not found: apt-get install nats-server")
+    server = NatsServer(tmp_path / "debian-nats-server", DEBIAN_NATS_SERVER)
     server.start()
     try:
         yield server

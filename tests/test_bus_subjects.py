@@ -17,6 +17,7 @@ from engine.bus.subjects import (
     parse_event_subject,
     pull_subject,
     stream_subjects,
+    subject_within,
     validate_prefix,
 )
 from engine.domain.events import EventType
@@ -122,7 +123,7 @@ def test_pull_subject_outside_stream_subjects() -> None:
 @pytest.mark.parametrize(
     ("event_type", "repository", "expected"),
     [
-        (None, None, "cairn.*.*.>"),
+        (None, None, "cairn.>"),
         ("tag", None, "cairn.tag.*.>"),
         ("tag.set", None, "cairn.tag.set.>"),
         (None, "library/alpine", "cairn.*.*.library.alpine"),
@@ -134,6 +135,28 @@ def test_filter_subject(
     event_type: str | None, repository: str | None, expected: str
 ) -> None:
     assert filter_subject("cairn", event_type, repository) == expected
+
+
+@pytest.mark.parametrize(
+    ("subject", "pattern", "expected"),
+    [
+        ("cairn.tag.set.library.alpine", "cairn.tag.>", True),
+        ("cairn.tag.set.library.alpine", "cairn.*.*.library.>", True),
+        ("cairn.tag.set.team.web", "cairn.*.*.library.>", False),
+        ("cairn.tag.set.library", "cairn.*.*.library.>", False),
+        ("cairn.tag.set", "cairn.tag.*", True),
+        ("cairn.tag.set.x", "cairn.tag.*", False),
+        ("cairn.tag", "cairn.tag.>", False),
+        ("cairn.tag.*.>", "cairn.tag.>", True),
+        ("cairn.*.*.>", "cairn.tag.>", False),
+        ("cairn.tag.>", "cairn.*.*.>", False),
+        ("cairn.tag.>", "cairn.>", True),
+        ("cairn.tag.*", "cairn.tag.set", False),
+        ("cairn.tag.set", "cairn.tag.set", True),
+    ],
+)
+def test_subject_within(subject: str, pattern: str, expected: bool) -> None:
+    assert subject_within(subject, pattern) is expected
 
 
 def test_filter_subject_unknown_type() -> None:

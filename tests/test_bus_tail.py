@@ -17,6 +17,7 @@ from tests.nats import (
     BusThread,
     NatsServer,
     checkpoint_of,
+    debian_nats_server_fixture,  # noqa: F401  (the debian_nats_server fixture)
     fast_settings,
     log_events,
     nats_server_fixture,  # noqa: F401  (the nats_server fixture)
@@ -94,6 +95,44 @@ def test_tail_filters_type_and_repository(
     assert manifests.returncode == 0, manifests.stderr
     [line] = manifests.stdout.splitlines()
     assert json.loads(line)["type"] == "manifest.pushed"
+    assert json.loads(line)["repository"] == "library/alpine"
+
+
+@sqlite_only
+def test_tail_on_debian_nats_server(
+    registry: Registry, debian_nats_server: NatsServer, data_dir: Path
+) -> None:
+    """Every filter works on the oldest supported server, 2.9, which rejects
+    consumer filters that span several of the stream's subjects."""
+    publish_log(registry, debian_nats_server, data_dir)
+    events = log_events(registry)
+    url = debian_nats_server.url
+
+    everything = cairn_tail(url, "--from", "1", "--count", "8")
+    assert everything.returncode == 0, everything.stderr
+    printed = [json.loads(line) for line in everything.stdout.splitlines()]
+    assert printed == [event.to_json() for event in events]
+
+    library = cairn_tail(url, "--from", "1", "--repository", "library/", "--count", "4")
+    assert library.returncode == 0, library.stderr
+    assert [json.loads(line)["position"] for line in library.stdout.splitlines()] == [
+        e.position for e in events if e.repository == "library/alpine"
+    ]
+
+    web = cairn_tail(url, "--from", "6", "--repository", "team/web.app", "--count", "3")
+    assert web.returncode == 0, web.stderr
+    assert [json.loads(line)["position"] for line in web.stdout.splitlines()] == [
+        6,
+        7,
+        8,
+    ]
+
+    tags = cairn_tail(
+        url, "--from", "1", "--type", "tag", "--repository", "library/", "--count", "1"
+    )
+    assert tags.returncode == 0, tags.stderr
+    [line] = tags.stdout.splitlines()
+    assert json.loads(line)["type"] == "tag.set"
     assert json.loads(line)["repository"] == "library/alpine"
 
 

@@ -29,6 +29,7 @@ from tests.images import Image, make_artifact, make_image, make_index
 from tests.nats import (
     BusThread,
     NatsServer,
+    debian_nats_server_fixture,  # noqa: F401  (the debian_nats_server fixture)
     fast_settings,
     nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     wait_until,
@@ -567,9 +568,15 @@ def test_mirror_follows_by_polling(
 
 
 @needs_skopeo
+@pytest.mark.parametrize("server_fixture", ["nats_server", "debian_nats_server"])
 def test_mirror_follows_nats(
-    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    server_fixture: str,
+    target: ServeProcess,
 ) -> None:
+    """The mirror follows the newest server and the oldest supported, 2.9."""
+    nats_server: NatsServer = request.getfixturevalue(server_fixture)
     with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
         with httpx.Client(base_url=source_url) as client:
             push_image(client, "library/app", make_image(), "v1")

@@ -148,6 +148,28 @@ def stream_subjects(prefix: str) -> list[str]:
     return [f"{prefix}.{family}.>" for family in EVENT_FAMILIES]
 
 
+def subject_within(subject: str, pattern: str) -> bool:
+    """Tell whether every subject that ``subject`` matches also matches ``pattern``.
+
+    Both may contain the wildcards ``*`` (one token) and ``>`` (one or more
+    trailing tokens). A subject without wildcards is within ``pattern``
+    exactly when ``pattern`` matches it.
+    """
+    tokens = subject.split(".")
+    pattern_tokens = pattern.split(".")
+    for index, pattern_token in enumerate(pattern_tokens):
+        if pattern_token == ">":
+            return len(tokens) > index
+        if index >= len(tokens):
+            return False
+        token = tokens[index]
+        if token == ">":
+            return False
+        if pattern_token != "*" and token != pattern_token:
+            return False
+    return len(tokens) == len(pattern_tokens)
+
+
 def filter_subject(
     prefix: str, event_type: str | None = None, repository: str | None = None
 ) -> str:
@@ -156,7 +178,15 @@ def filter_subject(
     ``event_type`` is a full type (``tag.set``) or a family (``tag``).
     ``repository`` is a name (``library/alpine``), or a namespace ending in
     ``/`` (``library/``) that matches every repository below it.
+
+    With neither, the filter is ``<prefix>.>``, which also matches the pull
+    subjects that the stream does not store. NATS 2.9 accepts it as a
+    consumer filter because it contains the stream's subjects, and rejects
+    ``<prefix>.*.*.>`` (error 10093), which neither contains one of them nor
+    lies within one.
     """
+    if event_type is None and repository is None:
+        return f"{prefix}.>"
     if event_type is None:
         type_tokens = "*.*"
     elif event_type in EVENT_FAMILIES:

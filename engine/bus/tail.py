@@ -8,6 +8,12 @@ rise with its sequence numbers, and a binary search over the
 That works even when the two numbers differ, as in a stream created after
 the log began or a purged one. Messages before the position are skipped as a
 second check.
+
+NATS servers before 2.10 accept a consumer filter only when it lies within
+one of the stream's subjects or contains one. A repository filter without
+an event type, such as ``cairn.*.*.library.>``, does neither, so on those
+servers the consumer reads the whole stream and the tail drops the messages
+whose subject the filter does not match.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ from typing import Any, TextIO
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import ServerVersion
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, StreamInfo
 
 from engine.bus.connection import CONNECTION_ERRORS, redact_url
 from engine.bus.messages import header_position, is_stand_in
-from engine.bus.subjects import filter_subject
+from engine.bus.subjects import filter_subject, subject_within
+
+# The first NATS server version that accepts any consumer filter that
+# overlaps the stream's subjects.
+SPANNING_FILTERS_SINCE = (2, 10)
 
 
 def tail(args: argparse.Namespace) -> int:
@@ -76,8 +87,9 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
     try:
         js = client.jetstream()
         try:
+            info = await js.stream_info(args.stream)
             config = await _consumer_config(
-                js, args.stream, args.from_position, subject
+                js, args.stream, info, args.from_position, subject
             )
         except nats.js.errors.NotFoundError:
             print(
@@ -86,8 +98,11 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
                 file=sys.stderr,
             )
             return 1
+        server_filter = _server_filter(
+            subject, info.config.subjects or [], client.connected_server_version
+        )
         subscription = await js.subscribe(
-            subject, stream=args.stream, ordered_consumer=True, config=config
+            server_filter, stream=args.stream, ordered_consumer=True, config=config
         )
         printed = 0
         readable = out.isatty()
@@ -102,6 +117,10 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
                 # The server went away while next_msg waited, before the
                 # closed callback could resolve ``closed``.
                 return _report_closed(url)
+            if server_filter != subject and not subject_within(
+                message.subject, subject
+            ):
+                continue
             position = header_position(message.headers)
             if args.from_position is not None and (position or 0) < args.from_position:
                 continue
@@ -119,10 +138,33 @@ def _report_closed(url: str) -> int:
     return 1
 
 
+def _server_filter(
+    subject: str, stream_subjects: list[str], version: ServerVersion
+) -> str:
+    """Return the consumer's filter subject: ``subject``, or "" for none.
+
+    "" makes the consumer read the whole stream, for a server that would
+    reject ``subject``.
+    """
+    if any(subject_within(subject, pattern) for pattern in stream_subjects):
+        return subject
+    if any(subject_within(pattern, subject) for pattern in stream_subjects):
+        return subject
+    try:
+        if (version.major, version.minor) >= SPANNING_FILTERS_SINCE:
+            return subject
+    except ValueError:
+        pass  # an unparsable version counts as older than 2.10
+    return ""
+
+
 async def _consumer_config(
-    js: JetStreamContext, stream: str, from_position: int | None, subject: str
+    js: JetStreamContext,
+    stream: str,
+    info: StreamInfo,
+    from_position: int | None,
+    subject: str,
 ) -> ConsumerConfig:
-    info = await js.stream_info(stream)
     if from_position is None:
         return ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
     start = await _first_sequence_at(
