@@ -205,7 +205,9 @@ referrers = sa.Table(
 
 # Tag history: one row per digest a tag pointed to, over the half-open range
 # of positions [from_position, to_position). to_position is NULL while the
-# tag still points there.
+# tag still points there. media_type and size are the manifest's when the
+# tag was set, so they outlive its deletion. They are NULL when the
+# repository held no manifest with that digest then.
 tag_history = sa.Table(
     "tag_history",
     metadata,
@@ -217,6 +219,8 @@ tag_history = sa.Table(
     sa.Column("to_position", sa.BigInteger),
     sa.Column("to_time", UTCDateTime),
     sa.Column("actor_user", sa.String(255)),
+    sa.Column("media_type", sa.String(255)),
+    sa.Column("size", sa.BigInteger),
     sqlite_with_rowid=False,
 )
 

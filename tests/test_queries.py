@@ -387,6 +387,76 @@ def test_tags_at_position(registry: Registry, moving_tag: dict[str, Any]) -> Non
     }
 
 
+@pytest.fixture
+def deleted_manifests(registry: Registry) -> dict[str, Any]:
+    """Tag a -> an OCI image, then a Docker one, then delete both manifests."""
+    oci = make_image()
+    docker = make_image(docker=True)
+    positions = {"oci_at": push(registry, "app", oci, "a")}
+    positions["docker_at"] = push(registry, "app", docker, "a")
+    repository = registry.repository("app")
+    repository.manifests.delete(docker.digest)
+    repository.manifests.delete(oci.digest)
+    return {"oci": oci, "docker": docker, **positions}
+
+
+def manifest_facts(entry: dict[str, Any]) -> tuple[str, str | None, int | None]:
+    return entry["digest"], entry["media_type"], entry["size"]
+
+
+def image_facts(image: Image) -> tuple[str, str, int]:
+    return str(image.digest), image.media_type, len(image.manifest)
+
+
+def test_past_tags_keep_deleted_manifests(
+    registry: Registry, deleted_manifests: dict[str, Any]
+) -> None:
+    oci = image_facts(deleted_manifests["oci"])
+    docker = image_facts(deleted_manifests["docker"])
+    oci_at = deleted_manifests["oci_at"]
+    docker_at = deleted_manifests["docker_at"]
+
+    history = read(registry, queries.tag_history, "app", "a").items
+    assert [manifest_facts(entry) for entry in history] == [docker, oci]
+
+    [entry] = read(registry, queries.tags_at, "app", oci_at).items
+    assert manifest_facts(entry) == oci
+    [entry] = read(registry, queries.tags_at, "app", docker_at).items
+    assert manifest_facts(entry) == docker
+    assert manifest_facts(read(registry, queries.tag_at, "app", "a", oci_at)) == oci
+
+
+def test_past_tag_facts_survive_rebuild(
+    registry: Registry, deleted_manifests: dict[str, Any]
+) -> None:
+    before = read(registry, queries.tag_history, "app", "a").items
+    assert before[0]["media_type"] is not None
+
+    rebuild_projections(registry.database)
+
+    assert read(registry, queries.tag_history, "app", "a").items == before
+
+
+def test_migration_fills_past_tag_facts(
+    registry: Registry, deleted_manifests: dict[str, Any]
+) -> None:
+    with registry.database.read() as conn:
+        live = snapshot_projections(conn)
+    assert [row[-2:] for row in live["tag_history"]] == [
+        image_facts(deleted_manifests["oci"])[1:],
+        image_facts(deleted_manifests["docker"])[1:],
+    ]
+
+    config = _config()
+    with registry.database.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    upgrade(registry.database)
+
+    with registry.database.read() as conn:
+        assert snapshot_projections(conn) == live
+
+
 def test_catalog_at_position(registry: Registry) -> None:
     first = push(registry, "b/first", make_image(), "v1")
     push(registry, "a/second", make_image(), "v1")

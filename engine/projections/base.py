@@ -107,8 +107,10 @@ def apply_events(
 ) -> int:
     """Apply ``events`` to each projection that handles them and move the
     projections' checkpoints to the last position. Return that position."""
-    # Each projection reads and writes only its own tables, so applying
-    # them one after another gives the same rows as interleaving them.
+    # Each projection writes only its own tables and reads only them, so
+    # applying them one after another gives the same rows as interleaving
+    # them. TagHistoryProjection also reads the manifests table, and its
+    # apply_all says why the order does not change its rows.
     batch = list(events)
     for projection in projections:
         handled = [event for event in batch if event.type in projection.handles]

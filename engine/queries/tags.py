@@ -73,17 +73,13 @@ _HISTORY = (
         _ended.c.type.label("ended_type"),
         _ended.c.actor_user.label("ended_user"),
         _ended.c.actor_address.label("ended_address"),
-        manifests.c.media_type,
-        manifests.c.size,
+        # The manifest's as the tag was set, also after it was deleted.
+        tag_history_table.c.media_type,
+        tag_history_table.c.size,
     )
     .select_from(tag_history_table)
     .outerjoin(_started, _started.c.position == tag_history_table.c.from_position)
     .outerjoin(_ended, _ended.c.position == tag_history_table.c.to_position)
-    .outerjoin(
-        manifests,
-        (manifests.c.repository == tag_history_table.c.repository)
-        & (manifests.c.digest == tag_history_table.c.digest),
-    )
     .where(tag_history_table.c.repository == sa.bindparam("b_repository"))
 )
 _TAG_HISTORY = (

@@ -144,8 +144,17 @@ _SCHEMAS: Final[dict[str, Any]] = {
             {
                 "tag": {"type": "string"},
                 "digest": {"type": "string"},
-                "media_type": _NULLABLE_STRING,
-                "size": _NULLABLE_INTEGER,
+                "media_type": {
+                    **_NULLABLE_STRING,
+                    "description": "The manifest's media type when the tag was "
+                    "set, kept after the manifest is deleted; null if the "
+                    "repository did not hold the manifest then.",
+                },
+                "size": {
+                    **_NULLABLE_INTEGER,
+                    "description": "The manifest's size in bytes when the tag "
+                    "was set; null as media_type is.",
+                },
                 "from_position": _INTEGER,
                 "from_time": _TIME,
                 "to_position": _NULLABLE_INTEGER,
