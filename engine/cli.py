@@ -266,8 +266,9 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         registry.database.dispose()
 
     counts = (
-        f"{len(report.blobs)} blob file(s) and "
-        f"{len(report.staging_files)} staging file(s)"
+        f"{len(report.blobs)} blob file(s), "
+        f"{len(report.staging_files)} staging file(s) and "
+        f"{len(report.upload_sessions)} expired upload session(s)"
     )
     if not report.dry_run:
         print(f"removed {counts}, freed {report.bytes} bytes")
@@ -276,6 +277,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         print(f"would remove blob {blob.digest} ({blob.size} bytes)")
     for staged in report.staging_files:
         print(f"would remove staging file {staged.path} ({staged.size} bytes)")
+    for session in report.upload_sessions:
+        print(f"would remove upload session {session}")
     print(f"dry run: would remove {counts}, freeing {report.bytes} bytes")
     return 0
 

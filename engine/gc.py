@@ -139,14 +139,17 @@ class GarbageScan:
 class GcReport:
     """The files a run removed, or with ``dry_run`` the files it would remove.
 
-    ``directories`` are the empty prefix directories that the run removed,
-    and are always empty with ``dry_run``.
+    ``upload_sessions`` are the ids of the expired upload sessions, whose
+    staging files, if any, are among ``staging_files``. ``directories`` are
+    the empty prefix directories that the run removed, and are always empty
+    with ``dry_run``.
     """
 
     blobs: list[BlobFile]
     staging_files: list[StagingFile]
     dry_run: bool
     directories: list[Path] = field(default_factory=list)
+    upload_sessions: list[str] = field(default_factory=list)
 
     @property
     def files(self) -> int:
@@ -185,12 +188,13 @@ def collect_garbage(
     else:
         blobs = remove_blobs(registry, scan, grace_period)
         directories = remove_empty_directories(registry)
-    staging_files = registry.purge_uploads(upload_expiry, dry_run=dry_run)
-    report = GcReport(blobs, staging_files, dry_run, directories)
+    purge = registry.purge_uploads(upload_expiry, dry_run=dry_run)
+    report = GcReport(blobs, purge.staging_files, dry_run, directories, purge.sessions)
     log.info(
         "gc_dry_run_finished" if dry_run else "blobs_collected",
         blobs=len(blobs),
-        staging_files=len(staging_files),
+        staging_files=len(purge.staging_files),
+        upload_sessions=len(purge.sessions),
         directories=len(directories),
         bytes=report.bytes,
         position=scan.position,

@@ -172,6 +172,19 @@ class StagingFile:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadPurge:
+    """What a purge of expired uploads removed, or would remove.
+
+    ``sessions`` are the ids of the expired upload sessions, with or without
+    a staging file. ``staging_files`` are those sessions' files and the
+    expired files that belong to no session.
+    """
+
+    sessions: list[str]
+    staging_files: list[StagingFile]
+
+
+@dataclass(frozen=True, slots=True)
 class UploadStatus:
     id: str
     repository: str
@@ -261,13 +274,13 @@ class Registry:
 
     def purge_uploads(
         self, older_than: timedelta, *, dry_run: bool = False
-    ) -> list[StagingFile]:
+    ) -> UploadPurge:
         """Delete upload sessions idle for longer than ``older_than``, and
         staging files that belong to no session and were last written before
         then (left by a crash during a monolithic push).
 
-        Returns the staging files removed. With ``dry_run`` nothing is
-        deleted, and the return value lists what would be removed.
+        Returns the sessions and staging files removed. With ``dry_run``
+        nothing is deleted, and the return value lists what would be removed.
         """
         cutoff = datetime.now(UTC) - older_than
         with self.database.transaction() as conn:
@@ -295,9 +308,14 @@ class Registry:
                     self._forget_upload(path.name)
                     path.unlink(missing_ok=True)
                 removed.append(StagingFile(path, status.st_size))
-        if removed and not dry_run:
-            log.info("uploads_purged", removed=len(removed), older_than=str(older_than))
-        return removed
+        if (stale or removed) and not dry_run:
+            log.info(
+                "uploads_purged",
+                sessions=len(stale),
+                staging_files=len(removed),
+                older_than=str(older_than),
+            )
+        return UploadPurge(sorted(stale), removed)
 
     def upload_lock(self, upload_id: str) -> threading.Lock:
         with self._upload_locks_guard:

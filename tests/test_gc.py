@@ -30,7 +30,7 @@ from engine import log as event_log
 from engine.api.app import create_app
 from engine.blobs import BlobStore
 from engine.domain.digest import Digest
-from engine.domain.errors import BlobCollected
+from engine.domain.errors import BlobCollected, BlobUploadUnknown
 from engine.gc import (
     GcReport,
     _blob_files,
@@ -663,6 +663,15 @@ def test_gc_command(
     linked = os.urandom(700)
     push_blob(api, "team/app", linked)
     digest = unlinked_blob(registry, b"an unlinked blob")
+    # An expired upload session that never received a byte has no file.
+    repo = registry.repository("team/app")
+    session = repo.blobs.create_upload()
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(uploads)
+            .where(uploads.c.id == session.id)
+            .values(updated_at=datetime.now(UTC) - timedelta(hours=48))
+        )
     storage = ["--data-dir", str(data_dir), "--database", database_url]
 
     dry_run = cairn("gc", *storage, "--dry-run", "--grace-period", "0")
@@ -670,20 +679,27 @@ def test_gc_command(
     assert dry_run.returncode == 0, dry_run.stderr
     assert dry_run.stdout.splitlines() == [
         f"would remove blob {digest} (16 bytes)",
-        "dry run: would remove 1 blob file(s) and 0 staging file(s), freeing 16 bytes",
+        f"would remove upload session {session.id}",
+        "dry run: would remove 1 blob file(s), 0 staging file(s) and "
+        "1 expired upload session(s), freeing 16 bytes",
     ]
     assert registry.blob_store.exists(digest)
+    assert repo.blobs.upload_status(session.id).offset == 0
 
     result = cairn("gc", *storage, "--grace-period", "0")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "removed 1 blob file(s) and 0 staging file(s), freed 16 bytes"
+        "removed 1 blob file(s), 0 staging file(s) and 1 expired upload "
+        "session(s), freed 16 bytes"
     ]
     [record] = log_events(result.stderr, "blobs_collected")
     assert record["blobs"] == 1
+    assert record["upload_sessions"] == 1
     assert record["bytes"] == 16
     assert not registry.blob_store.exists(digest)
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.upload_status(session.id)
     verified = cairn("verify", *storage)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert api.get(f"/v2/team/app/blobs/{Digest.of(linked)}").content == linked

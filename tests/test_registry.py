@@ -531,7 +531,9 @@ def test_purge_stale_uploads(registry: Registry) -> None:
             .values(updated_at=datetime.now(UTC) - timedelta(days=3))
         )
 
-    assert len(registry.purge_uploads(timedelta(days=1))) == 2
+    purge = registry.purge_uploads(timedelta(days=1))
+    assert purge.sessions == [stale.id]
+    assert len(purge.staging_files) == 2
 
     with pytest.raises(BlobUploadUnknown):
         repo.blobs.upload_status(stale.id)
