@@ -228,13 +228,18 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from engine.verify import check_stored_manifests, verify
+    from engine.verify import (
+        check_manifest_contents_present,
+        check_stored_manifests,
+        verify,
+    )
 
     settings = StorageSettings.from_args(args)
     registry = open_registry(settings, create=False)
     with storage_errors(settings):
         problems = verify(registry)
         warnings = check_stored_manifests(registry)
+        warnings += check_manifest_contents_present(registry)
     for warning in warnings:
         print(f"warning: {warning}")
     for problem in problems:

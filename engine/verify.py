@@ -1,10 +1,14 @@
 """`cairn verify`: check the hash chain, blob contents and projections.
 
 verify() returns problems, which are damage to the stored data and make
-`cairn verify` exit 1. check_stored_manifests() returns warnings about
-stored manifests that the checks on new pushes reject, because an earlier
-cairn stored them under looser checks. The registry still serves those
-manifests as stored, so warnings do not change the exit status.
+`cairn verify` exit 1. The other checks return warnings, which do not
+change the exit status. check_stored_manifests() warns about stored
+manifests that the checks on new pushes reject, because an earlier cairn
+stored them under looser checks; the registry still serves them as stored.
+check_manifest_contents_present() warns about manifests whose config,
+layers or child manifests their repository no longer contains, after a
+client deleted a blob or a child manifest that they use; pulls of such a
+manifest fail.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.engine import Connection
 
 from engine import log as event_log
 from engine.blobs.store import READ_CHUNK
@@ -160,3 +165,49 @@ def check_stored_manifests(registry: Registry) -> list[str]:
                     f"by the checks on new pushes: {error}"
                 )
     return warnings
+
+
+def check_manifest_contents_present(registry: Registry) -> list[str]:
+    """Describe each reference of a stored manifest to a blob or child
+    manifest that its repository does not contain, in repository and
+    digest order."""
+    warnings: list[str] = []
+    query = (
+        sa.select(manifests.c.repository, manifests.c.digest, manifests.c.references)
+        .order_by(manifests.c.repository, manifests.c.digest)
+        .execution_options(yield_per=500)
+    )
+    with registry.database.read() as conn:
+        current: str | None = None
+        contained: dict[str, set[str]] = {}
+        for repository, digest, references in conn.execute(query):
+            if repository != current:
+                # One repository's links and manifests at a time.
+                current = repository
+                contained = _repository_contents(conn, repository)
+            for reference in references:
+                kind = reference["kind"]
+                if kind not in _CONTENT_TABLE:
+                    continue
+                if reference["digest"] not in contained[_CONTENT_TABLE[kind]]:
+                    warnings.append(
+                        f"manifest {repository}@{digest} references {kind} "
+                        f"{reference['digest']}, which the repository no longer "
+                        "contains, so pulls of it fail"
+                    )
+    return warnings
+
+
+# Where a repository keeps each kind of reference that it must contain. A
+# subject need not be in the repository.
+_CONTENT_TABLE = {"config": "blobs", "layer": "blobs", "manifest": "manifests"}
+
+
+def _repository_contents(conn: Connection, repository: str) -> dict[str, set[str]]:
+    linked = conn.execute(
+        sa.select(blob_links.c.digest).where(blob_links.c.repository == repository)
+    ).scalars()
+    stored = conn.execute(
+        sa.select(manifests.c.digest).where(manifests.c.repository == repository)
+    ).scalars()
+    return {"blobs": set(linked), "manifests": set(stored)}

@@ -31,7 +31,7 @@ from engine.domain.events import EventType
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
 from engine.registry import Registry, Repository
 from engine.tables import blob_links, repositories, tags, uploads
-from engine.verify import verify
+from engine.verify import check_manifest_contents_present, verify
 from tests.images import Image, make_artifact, make_image, make_index
 
 
@@ -501,6 +501,34 @@ def test_verify_skips_blob_removed_meanwhile(
 
     monkeypatch.setattr(registry.blob_store, "iter_blobs", listed_then_removed)
     assert verify(registry) == []
+
+
+def test_verify_warns_about_missing_contents(registry: Registry) -> None:
+    repo = registry.repository("gone")
+    image = make_image()
+    child = make_image()
+    push_image(repo, image)
+    push_image(repo, child, tag=None)
+    index = make_index([child])
+    repo.manifests.put(index, tag="multi")
+    assert check_manifest_contents_present(registry) == []
+
+    layer = Digest.of(image.layers[0])
+    repo.blobs.delete(layer)
+    repo.manifests.delete(child.digest)
+
+    warnings = check_manifest_contents_present(registry)
+
+    assert verify(registry) == []
+    assert sorted(warnings) == sorted(
+        [
+            f"manifest gone@{image.digest} references layer {layer}, which the "
+            "repository no longer contains, so pulls of it fail",
+            f"manifest gone@{Digest.of(index)} references manifest "
+            f"{child.digest}, which the repository no longer contains, so pulls "
+            "of it fail",
+        ]
+    )
 
 
 def test_verify_finds_projection_drift(registry: Registry) -> None:
