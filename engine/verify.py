@@ -3,8 +3,8 @@
 verify() returns problems, which are damage to the stored data and make
 `cairn verify` exit 1. The other checks return warnings, which do not
 change the exit status. check_stored_manifests() warns about stored
-manifests that the checks on new pushes reject, because an earlier cairn
-stored them under looser checks; the registry still serves them as stored.
+manifests that the checks on new pushes reject. An earlier cairn stored
+them under looser checks, and the registry still serves them as stored.
 check_manifest_contents_present() warns about manifests whose config,
 layers or child manifests their repository no longer contains, after a
 client deleted a blob or a child manifest that they use; pulls of such a
@@ -198,8 +198,8 @@ def check_manifest_contents_present(registry: Registry) -> list[str]:
     return warnings
 
 
-# Where a repository keeps each kind of reference that it must contain. A
-# subject need not be in the repository.
+# The table of repository contents that holds each kind of reference a
+# manifest requires. A subject need not be in the repository.
 _CONTENT_TABLE = {"config": "blobs", "layer": "blobs", "manifest": "manifests"}
 
 
