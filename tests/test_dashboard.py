@@ -258,6 +258,8 @@ def test_unknown_and_invalid_names(api: httpx.Client) -> None:
     no_tag = api.get(f"{API}/repositories/library/app/-/tags/v9")
     bad_tag = api.get(f"{API}/repositories/library/app/-/tags/-v1/history")
     early = api.get(f"{API}/repositories/library/app/-/tags/v1", params={"position": 1})
+    no_route = api.get(f"{API}/repositories/library/app/-/nope")
+    dash_only = api.get(f"{API}/repositories/library/app/-")
 
     assert unknown.status_code == 404
     assert unknown.json()["errors"][0]["code"] == "NAME_UNKNOWN"
@@ -268,6 +270,9 @@ def test_unknown_and_invalid_names(api: httpx.Client) -> None:
     assert bad_tag.status_code == 400
     assert early.status_code == 404
     assert early.json()["errors"][0]["detail"]["position"] == 1
+    assert no_route.status_code == 404
+    assert no_route.json()["errors"][0]["code"] != "NAME_INVALID"
+    assert dash_only.status_code == 404
 
 
 def test_openapi_document_served(api: httpx.Client) -> None:

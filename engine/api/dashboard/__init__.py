@@ -14,7 +14,9 @@ from engine.api.routing import Router
 
 PREFIX: Final = "/_cairn/api/v1"
 
-_NAME: Final = r"(?P<name>[^/].*?)"
+# A name never contains a "-" path segment, so an unknown sub-resource such
+# as ``library/app/-/nope`` matches no route and gets a 404.
+_NAME: Final = r"(?P<name>[^/](?:(?!/-(?:/|$)).)*?)"
 _TAG: Final = r"(?P<tag>[^/]+)"
 
 
