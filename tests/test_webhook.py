@@ -3,6 +3,7 @@ webhook as a subprocess, and HTTP receivers in this process on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
+import structlog
 
+from consumers.webhook import dead_letters
 from engine.api.app import create_app
 from engine.bus import Bus
 from engine.migrate import upgrade
@@ -678,3 +682,33 @@ def test_webhook_rejects_invalid_config(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "invalid name 'bad name'" in result.stderr
+
+
+def test_dead_letter_stream_created_once(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured = structlog.testing.CapturingLogger()
+    monkeypatch.setattr(
+        dead_letters,
+        "log",
+        structlog.wrap_logger(
+            captured, processors=[], wrapper_class=structlog.BoundLogger
+        ),
+    )
+
+    async def ensure_from_three_workers() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            store = dead_letters.DeadLetterStore(
+                client.jetstream(), "DEADLETTERS", "dead"
+            )
+            await asyncio.gather(*(store.ensure() for _ in range(3)))
+            info = await client.jetstream().stream_info("DEADLETTERS")
+            assert info.config.subjects == ["dead.>"]
+        finally:
+            await client.close()
+
+    asyncio.run(ensure_from_three_workers())
+
+    events = [call.kwargs.get("event") for call in captured.calls]
+    assert events.count("dead_letter_stream_created") == 1

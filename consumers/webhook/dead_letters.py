@@ -21,6 +21,7 @@ event from the registry's event feed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -84,12 +85,19 @@ class DeadLetterStore:
         # Returns the connected server's max_payload in bytes, read at each
         # add. None for a store that only lists and removes.
         self.max_payload = max_payload
+        # Workers of several endpoints share one store and call ensure() at
+        # once; the lock lets one create the stream and the others find it.
+        self._ensuring = asyncio.Lock()
 
     def subject(self, endpoint: str | None = None) -> str:
         return f"{self.prefix}.{endpoint}" if endpoint else f"{self.prefix}.>"
 
     async def ensure(self) -> None:
         """Create the stream unless it exists; an existing one is left as it is."""
+        async with self._ensuring:
+            await self._ensure()
+
+    async def _ensure(self) -> None:
         try:
             await self.js.stream_info(self.stream)
             return
