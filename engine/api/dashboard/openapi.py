@@ -7,6 +7,7 @@ import functools
 from typing import Any, Final
 
 from engine.domain.events import EventType
+from engine.log.pages import MAX_PAGE_BYTES
 from engine.queries.activity import BUCKETS, MAX_TOP, TOP_ORDERS
 from engine.queries.pages import DEFAULT_PAGE_SIZE, MAX_INTEGER, MAX_PAGE_SIZE
 from engine.queries.repositories import SORTS
@@ -515,7 +516,9 @@ _PATHS: Final[dict[str, Any]] = {
         ],
     ),
     "/events": _operation(
-        "The event log, newest first, filtered",
+        "The event log, newest first, filtered. A page ends after at most n "
+        f"events or once its events reach about {MAX_PAGE_BYTES // 2**20} MiB "
+        "of JSON, so it can have fewer than n while next_cursor is set",
         "EventPage",
         [
             _param("repository"),
