@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js.api import ConsumerConfig, RetentionPolicy
 
 from engine.bus import Bus
 from engine.registry import Registry
@@ -216,3 +218,30 @@ def test_tail_reports_server_gone(
             tail.wait()
     assert returncode == 1
     assert stderr == f"cairn events tail: connection to {nats_server.url} closed\n"
+
+
+def test_tail_reports_rejected_subscription(nats_server: NatsServer) -> None:
+    # A work-queue stream allows one unfiltered consumer, so the server
+    # rejects the tail's consumer once another one exists.
+    async def create_work_queue() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            await js.add_stream(
+                name="QUEUE", subjects=["cairn.>"], retention=RetentionPolicy.WORK_QUEUE
+            )
+            await js.add_consumer("QUEUE", ConsumerConfig(durable_name="worker"))
+        finally:
+            await client.close()
+
+    asyncio.run(create_work_queue())
+
+    result = cairn_tail(nats_server.url, "--stream", "QUEUE")
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        f"cairn events tail: NATS at {nats_server.url} rejected the subscription "
+        "to stream QUEUE: "
+    )
+    assert len(result.stderr.splitlines()) == 1

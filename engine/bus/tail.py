@@ -91,6 +91,12 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
             config = await _consumer_config(
                 js, args.stream, info, args.from_position, subject
             )
+            server_filter = _server_filter(
+                subject, info.config.subjects or [], client.connected_server_version
+            )
+            subscription = await js.subscribe(
+                server_filter, stream=args.stream, ordered_consumer=True, config=config
+            )
         except nats.js.errors.NotFoundError:
             print(
                 f"cairn events tail: stream {args.stream} not found at {url}; "
@@ -98,12 +104,21 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
                 file=sys.stderr,
             )
             return 1
-        server_filter = _server_filter(
-            subject, info.config.subjects or [], client.connected_server_version
-        )
-        subscription = await js.subscribe(
-            server_filter, stream=args.stream, ordered_consumer=True, config=config
-        )
+        except nats.js.errors.APIError as error:
+            print(
+                f"cairn events tail: NATS at {url} rejected the subscription "
+                f"to stream {args.stream}: {error.description or error}",
+                file=sys.stderr,
+            )
+            return 1
+        except nats.errors.TimeoutError:
+            print(
+                f"cairn events tail: NATS at {url} did not answer in time",
+                file=sys.stderr,
+            )
+            return 1
+        except nats.errors.ConnectionClosedError:
+            return _report_closed(url)
         printed = 0
         readable = out.isatty()
         while args.count is None or printed < args.count:
