@@ -11,8 +11,9 @@ therefore leaves either no blob at its path or the whole, correct one.
 
 Garbage collection removes a two-hex-digit directory once it is empty,
 without any lock that a commit takes. A commit whose rename finds the
-directory gone creates it again and retries, and the commit that creates a
-directory fsyncs its parents too.
+directory gone creates it again and retries. A commit also fsyncs the
+directory's parents when it cannot tell that the directory's own entry is
+durable (see DurableDirectories).
 
 A write or commit that fails because the disk or the quota is full (ENOSPC,
 EDQUOT) raises InsufficientStorage, and a commit that fails removes its
@@ -34,6 +35,7 @@ from typing import Final
 
 import structlog
 
+from engine.blobs.directories import DurableDirectories
 from engine.domain.digest import Digest, DigestVerifier
 from engine.domain.errors import BlobUploadUnknown, DigestMismatch, InsufficientStorage
 
@@ -232,6 +234,7 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.paths = BlobPaths(root)
+        self._directories = DurableDirectories()
         self.paths.staging_dir.mkdir(parents=True, exist_ok=True)
         (root / "blobs").mkdir(parents=True, exist_ok=True)
 
@@ -298,7 +301,7 @@ class BlobStore:
             # renamed it has not yet synced it.
             staged.close()
             staged.path.unlink(missing_ok=True)
-            _fsync_blob_directory(target.parent)
+            self._sync_blob_directory(target.parent, created=False)
             return size
         try:
             staged.sync_and_close()
@@ -318,16 +321,21 @@ class BlobStore:
         # The blob is now in place, whole and correct, and another upload of
         # the same digest may already rely on it, so an error from here on
         # leaves it.
-        _fsync_blob_directory(target.parent)
-        if created_directory:
-            # The new directory's own entry must be durable too.
-            # NOTE: a commit that finds the directory just created by another
-            # commit syncs only the directory, and may return before that
-            # other commit has synced the parents.
-            _fsync_directory(target.parent.parent)
-            _fsync_directory(target.parent.parent.parent)
+        self._sync_blob_directory(target.parent, created=created_directory)
         log.debug("blob_committed", digest=str(expected), size=size)
         return size
+
+    def _sync_blob_directory(self, path: Path, *, created: bool) -> None:
+        """Make the directory of a blob file durable, unless garbage
+        collection has removed the blob file and then the directory.
+
+        The caller then links nothing, because the check under the append
+        lock finds the file missing and raises BlobCollected.
+        """
+        try:
+            self._directories.sync(path, created=created)
+        except FileNotFoundError:
+            log.debug("blob_directory_removed_before_sync", directory=str(path))
 
     def iter_range(self, digest: Digest, start: int, end: int) -> Iterator[bytes]:
         """Yield the bytes of ``digest`` from ``start`` up to ``end`` exclusive."""
@@ -395,24 +403,3 @@ def _rename_into_place(source: Path, target: Path) -> bool:
             "blob_directory_recreated", directory=str(target.parent), attempt=attempt
         )
         attempt += 1
-
-
-def _fsync_blob_directory(path: Path) -> None:
-    """Fsync the directory of a blob file, unless garbage collection has
-    removed the blob file and then the directory.
-
-    The caller then links nothing, because the check under the append lock
-    finds the file missing and raises BlobCollected.
-    """
-    try:
-        _fsync_directory(path)
-    except FileNotFoundError:
-        log.debug("blob_directory_removed_before_sync", directory=str(path))
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
