@@ -727,6 +727,28 @@ def test_mirror_rejects_own_source_url(source: ServeProcess) -> None:
     assert head_position(source.url) == head
 
 
+def test_mirror_rejects_target_not_base_url(source: ServeProcess) -> None:
+    populate(source.url)
+    head = head_position(source.url)
+    port = source.url.rsplit(":", 1)[1]
+    targets = [
+        f"{source.url}/v2/",
+        f"{source.url}/mirror",
+        f"{source.url}/?tenant=a",
+        f"http://127.000.000.001:{port}",
+        "http://[::1",
+        "http://127.0.0.1:99999",
+    ]
+
+    for target in targets:
+        result = run_mirror_status(source.url, target)
+
+        assert result.returncode == 2, (target, result.stderr[-2000:])
+        assert f"invalid --target {target!r}: " in result.stderr
+        assert "Traceback" not in result.stderr
+    assert head_position(source.url) == head
+
+
 def test_mirror_rejects_own_source_by_id(
     source: ServeProcess, target: ServeProcess
 ) -> None:

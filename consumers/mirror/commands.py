@@ -74,16 +74,11 @@ def _check_args(args: argparse.Namespace) -> str | None:
             if not value.removeprefix("oci:"):
                 return "invalid --target oci:DIR: DIR is empty"
             continue
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return (
-                f"invalid --{name} {value!r}: expected an http:// or https:// URL"
-                + (" or oci:DIR" if name == "target" else "")
+        problem = _check_registry_url(value)
+        if problem is not None:
+            return f"invalid --{name} {value!r}: {problem}" + (
+                " (or oci:DIR)" if name == "target" else ""
             )
-        try:
-            normalise_url(value)
-        except ValueError:
-            return f"invalid --{name} {value!r}: the port is not 0 to 65535"
     if not args.target.startswith("oci:"):
         try:
             check_urls(args.source, args.target)
@@ -93,6 +88,27 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--poll-interval and --timeout must be positive"
     if args.retries < 1:
         return "--retries must be at least 1"
+    return None
+
+
+def _check_registry_url(value: str) -> str | None:
+    """Describe what makes ``value`` unusable as a registry's base URL."""
+    expected = "expected a registry's base URL such as http://127.0.0.1:5000"
+    try:
+        parts = urlsplit(value)
+        httpx.URL(value)
+        normalise_url(value)
+    except httpx.InvalidURL as error:
+        return f"{error}; {expected}"
+    except ValueError as error:
+        return f"{error}; {expected}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return expected
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        # The OCI API is always at /v2/ under the host, so a path here would
+        # make the mirror push to /v2/<path>/v2/..., into the source itself
+        # when the host is the source's.
+        return f"{expected}, without a path, query or fragment"
     return None
 
 
