@@ -272,8 +272,9 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
     counts = (
         f"{len(report.blobs)} blob file(s), "
-        f"{len(report.staging_files)} staging file(s) and "
-        f"{len(report.upload_sessions)} expired upload session(s)"
+        f"{len(report.staging_files)} staging file(s), "
+        f"{len(report.upload_sessions)} expired upload session(s) and "
+        f"{len(report.directories)} empty blob directory(ies)"
     )
     if not report.dry_run:
         print(f"removed {counts}, freed {report.bytes} bytes")
@@ -284,6 +285,8 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         print(f"would remove staging file {staged.path} ({staged.size} bytes)")
     for session in report.upload_sessions:
         print(f"would remove upload session {session}")
+    for directory in report.directories:
+        print(f"would remove empty directory {directory}")
     print(f"dry run: would remove {counts}, freeing {report.bytes} bytes")
     return 0
 
@@ -464,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc = commands.add_parser(
         "gc",
         help="remove blob files that no repository links, the blob directories "
-        "left empty, and expired upload staging files; safe while cairn serve runs",
+        "left empty, and expired upload sessions and staging files; safe while "
+        "cairn serve runs",
     )
     add_gc_options(gc)
     gc.set_defaults(handler=_cmd_gc)

@@ -86,6 +86,7 @@ leaves only an empty directory.
 from __future__ import annotations
 
 import errno
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -114,6 +115,8 @@ BATCH_SIZE = 500
 _DIRECTORY_KEPT_ERRNOS = frozenset(
     {errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR}
 )
+# The name of a blob directory: the first two hex digits of the digest.
+_PREFIX = re.compile(r"[0-9a-f]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +144,8 @@ class GcReport:
 
     ``upload_sessions`` are the ids of the expired upload sessions, whose
     staging files, if any, are among ``staging_files``. ``directories`` are
-    the empty prefix directories that the run removed, and are always empty
-    with ``dry_run``.
+    the empty prefix directories that the run removed or, with ``dry_run``,
+    would remove.
     """
 
     blobs: list[BlobFile]
@@ -184,7 +187,8 @@ def collect_garbage(
     )
     scan = scan_blobs(registry, grace_period)
     if dry_run:
-        blobs, directories = scan.blobs, []
+        blobs = scan.blobs
+        directories = emptied_directories(registry, blobs)
     else:
         blobs = remove_blobs(registry, scan, grace_period)
         directories = remove_empty_directories(registry)
@@ -239,25 +243,50 @@ def remove_blobs(
 
 
 def remove_empty_directories(registry: Registry) -> list[Path]:
-    """Remove every empty directory under ``blobs/<algorithm>/``, trying
-    each once; return the directories removed.
+    """Remove every empty two-hex-digit directory under ``blobs/<algorithm>/``,
+    trying each once; return the directories removed.
 
     A commit that renames its file into a directory removed here creates the
     directory again, as ``BlobStore.commit`` describes.
     """
     removed: list[Path] = []
-    paths = registry.blob_store.paths
-    for algorithm_dir in _subdirectories(paths.root / "blobs"):
-        for prefix_dir in _subdirectories(algorithm_dir):
-            try:
-                prefix_dir.rmdir()
-            except OSError as error:
-                if error.errno not in _DIRECTORY_KEPT_ERRNOS:
-                    raise
-                continue
-            log.debug("blob_directory_removed", path=str(prefix_dir))
-            removed.append(prefix_dir)
+    for prefix_dir in _prefix_directories(registry):
+        try:
+            prefix_dir.rmdir()
+        except OSError as error:
+            if error.errno not in _DIRECTORY_KEPT_ERRNOS:
+                raise
+            continue
+        log.debug("blob_directory_removed", path=str(prefix_dir))
+        removed.append(prefix_dir)
     return removed
+
+
+def emptied_directories(registry: Registry, files: list[BlobFile]) -> list[Path]:
+    """List the two-hex-digit directories that are empty, or would be once
+    ``files`` are removed, for a dry run."""
+    removing = {blob.path for blob in files}
+    emptied: list[Path] = []
+    for prefix_dir in _prefix_directories(registry):
+        try:
+            entries = set(prefix_dir.iterdir())
+        except FileNotFoundError:
+            continue
+        if entries <= removing:
+            emptied.append(prefix_dir)
+    return emptied
+
+
+def _prefix_directories(registry: Registry) -> list[Path]:
+    """List the directories ``blobs/<algorithm>/<two hex digits>``; any other
+    directory there is not cairn's and is left alone."""
+    root = registry.blob_store.paths.root / "blobs"
+    return [
+        prefix_dir
+        for algorithm_dir in _subdirectories(root)
+        for prefix_dir in _subdirectories(algorithm_dir)
+        if _PREFIX.fullmatch(prefix_dir.name)
+    ]
 
 
 def _remove_unused(

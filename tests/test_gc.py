@@ -218,7 +218,10 @@ def test_gc_dry_run_removes_nothing(registry: Registry) -> None:
 
     assert [blob.digest for blob in report.blobs] == [digest]
     assert [staged.path for staged in report.staging_files] == [orphan]
-    assert report.directories == []
+    # The blob's directory would be left empty, and the other one is.
+    assert sorted(report.directories) == sorted(
+        [registry.blob_store.path(digest).parent, empty]
+    )
     assert report.bytes == len(b"unlinked bytes") + len(b"staged")
     assert registry.blob_store.exists(digest)
     assert orphan.exists()
@@ -660,9 +663,15 @@ def log_events(stderr: str, name: str) -> list[dict[str, Any]]:
 def test_gc_command(
     registry: Registry, data_dir: Path, database_url: str, api: httpx.Client
 ) -> None:
-    linked = os.urandom(700)
-    push_blob(api, "team/app", linked)
     digest = unlinked_blob(registry, b"an unlinked blob")
+    # The linked blob goes to another directory, which gc keeps.
+    linked = os.urandom(700)
+    while Digest.of(linked).encoded[:2] == digest.encoded[:2]:
+        linked = os.urandom(700)
+    push_blob(api, "team/app", linked)
+    emptied = registry.blob_store.path(digest).parent
+    stray = data_dir / "blobs" / "sha256" / "not-a-prefix"
+    stray.mkdir()
     # An expired upload session that never received a byte has no file.
     repo = registry.repository("team/app")
     session = repo.blobs.create_upload()
@@ -680,9 +689,11 @@ def test_gc_command(
     assert dry_run.stdout.splitlines() == [
         f"would remove blob {digest} (16 bytes)",
         f"would remove upload session {session.id}",
-        "dry run: would remove 1 blob file(s), 0 staging file(s) and "
-        "1 expired upload session(s), freeing 16 bytes",
+        f"would remove empty directory {emptied}",
+        "dry run: would remove 1 blob file(s), 0 staging file(s), 1 expired "
+        "upload session(s) and 1 empty blob directory(ies), freeing 16 bytes",
     ]
+    assert emptied.is_dir()
     assert registry.blob_store.exists(digest)
     assert repo.blobs.upload_status(session.id).offset == 0
 
@@ -690,9 +701,11 @@ def test_gc_command(
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "removed 1 blob file(s), 0 staging file(s) and 1 expired upload "
-        "session(s), freed 16 bytes"
+        "removed 1 blob file(s), 0 staging file(s), 1 expired upload "
+        "session(s) and 1 empty blob directory(ies), freed 16 bytes"
     ]
+    assert not emptied.exists()
+    assert stray.is_dir()
     [record] = log_events(result.stderr, "blobs_collected")
     assert record["blobs"] == 1
     assert record["upload_sessions"] == 1
