@@ -72,15 +72,16 @@ unlinked file, which the next run removes.
 Empty prefix directories
 ------------------------
 
-After the last batch, gc removes each empty directory under
-``blobs/<algorithm>/``, where cairn keeps only the two-hex-digit prefix
-directories. It tries each directory once per run, without the lock.
+After the last batch, gc removes each empty two-hex-digit prefix directory
+under ``blobs/<algorithm>/`` and leaves any other directory there alone.
+It tries each directory once per run, without the lock.
 ``BlobStore.commit`` creates the directory and renames its file into it
 without the lock too, so gc can remove the directory between the two
 steps. The rename then fails with ENOENT, and the commit creates the
-directory again and retries. The commit that creates a directory fsyncs
-its parent before the push links the blob. A removal that a crash undoes
-leaves only an empty directory.
+directory again and retries. A commit fsyncs the parents of a directory it
+has not seen synced before the push links the blob (see
+``engine.blobs.directories``). A removal that a crash undoes leaves only
+an empty directory.
 """
 
 from __future__ import annotations
