@@ -240,6 +240,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         problems = verify(registry)
         warnings = check_stored_manifests(registry)
         warnings += check_manifest_contents_present(registry)
+    log.info("verify_finished", problems=len(problems), warnings=len(warnings))
     for warning in warnings:
         print(f"warning: {warning}")
     for problem in problems:

@@ -30,8 +30,18 @@ from engine.domain.errors import (
 from engine.domain.events import EventType
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
 from engine.registry import Registry, Repository
-from engine.tables import blob_links, repositories, tags, uploads
-from engine.verify import check_manifest_contents_present, verify
+from engine.tables import (
+    blob_links,
+    manifest_contents,
+    repositories,
+    tags,
+    uploads,
+)
+from engine.verify import (
+    check_manifest_contents_present,
+    check_stored_manifests,
+    verify,
+)
 from tests.images import Image, make_artifact, make_image, make_index
 
 
@@ -529,6 +539,22 @@ def test_verify_warns_about_missing_contents(registry: Registry) -> None:
             "of it fail",
         ]
     )
+
+
+def test_verify_damaged_manifest_not_warned(registry: Registry) -> None:
+    image = make_image()
+    push_image(registry.repository("damaged"), image)
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(manifest_contents)
+            .where(manifest_contents.c.digest == str(image.digest))
+            .values(content=b"{}")
+        )
+
+    problems = verify(registry)
+
+    assert any(f"manifest {image.digest}: stored bytes" in p for p in problems)
+    assert check_stored_manifests(registry) == []
 
 
 def test_verify_finds_projection_drift(registry: Registry) -> None:
