@@ -4,12 +4,14 @@ nats-py's own reconnection is turned off: it retries at a fixed interval and
 buffers publishes while disconnected, which hides the outage from the relay.
 Here a lost connection is closed at once, so the relay's publishes fail at
 once too. This loop then opens a new connection with growing delays and logs
-its attempts at most once per ``log_interval``.
+its attempts at most once per ``log_interval``. ``retry_now()`` cuts a delay
+short, for a caller that has just restarted the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
@@ -54,7 +56,10 @@ class NatsLink:
         self.client: Client | None = None
         # Resolved when the current connection closes; a new one per connection.
         self.closed: asyncio.Future[None] | None = None
+        # The error of the last failed connection attempt, until one succeeds.
+        self.last_error: str | None = None
         self._connected = asyncio.Event()
+        self._retry = asyncio.Event()
         self._backoff = Backoff(backoff_initial, backoff_max)
         self._throttle = Throttle(log_interval)
         self._connect_timeout = connect_timeout
@@ -70,6 +75,11 @@ class NatsLink:
         except TimeoutError:
             return None
         return self.client
+
+    def retry_now(self) -> None:
+        """Make the next connection attempt now, with the backoff started over."""
+        self._backoff.reset()
+        self._retry.set()
 
     async def run(self) -> None:
         safe_url = redact_url(self.url)
@@ -107,6 +117,8 @@ class NatsLink:
             async def on_error(error: Exception) -> None:
                 log.debug("nats_error", url=safe_url, error=str(error))
 
+            # A retry_now() from before this attempt is used up by it.
+            self._retry.clear()
             try:
                 # One quick retry inside nats-py (reconnect_time_wait=0), then
                 # control comes back here for the backoff.
@@ -124,6 +136,7 @@ class NatsLink:
                     closed_cb=on_closed,
                 )
             except CONNECTION_ERRORS as error:
+                self.last_error = str(error) or type(error).__name__
                 delay = self._backoff.next_delay()
                 suppressed = self._throttle.ready()
                 if suppressed is not None:
@@ -132,11 +145,11 @@ class NatsLink:
                         url=safe_url,
                         connection=self.name,
                         attempt=self._backoff.attempt,
-                        error=str(error) or type(error).__name__,
+                        error=self.last_error,
                         retry_in=round(delay, 2),
                         suppressed=suppressed,
                     )
-                await asyncio.sleep(delay)
+                await self._wait_retry(delay)
                 continue
             log.info(
                 "nats_connected",
@@ -146,7 +159,13 @@ class NatsLink:
             )
             self._backoff.reset()
             self._throttle.reset()
+            self.last_error = None
             return client, closed
+
+    async def _wait_retry(self, delay: float) -> None:
+        # Sleep for ``delay`` seconds, or until retry_now() is called.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._retry.wait(), delay)
 
     async def close(self) -> None:
         """Close the current connection, flushing what it has buffered."""
