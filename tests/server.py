@@ -97,7 +97,7 @@ def running(
 
 @dataclass
 class ServeProcess:
-    """A `cairn serve --no-nats` subprocess and where it listens."""
+    """A `cairn serve` subprocess and where it listens."""
 
     process: subprocess.Popen[bytes]
     url: str
@@ -116,9 +116,16 @@ class ServeProcess:
 
 
 def start_serve(
-    data_dir: Path, database_url: str, log_path: Path, *extra: str
+    data_dir: Path,
+    database_url: str,
+    log_path: Path,
+    *extra: str,
+    embedded_nats: bool = False,
 ) -> ServeProcess:
-    """Start `cairn serve` on a kernel-chosen 127.0.0.1 port and wait for it."""
+    """Start `cairn serve` on a kernel-chosen 127.0.0.1 port and wait for it.
+
+    The server runs with --no-nats unless ``embedded_nats`` is set.
+    """
     argv = [
         sys.executable,
         "-m",
@@ -132,7 +139,7 @@ def start_serve(
         database_url,
         "--listen",
         "127.0.0.1:0",
-        "--no-nats",
+        *(() if embedded_nats else ("--no-nats",)),
         *extra,
     ]
 

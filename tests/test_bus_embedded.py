@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import nats
 import pytest
 
@@ -18,15 +22,25 @@ from engine.bus.embedded import (
     StoreLock,
     find_nats_server,
 )
+from engine.bus.subjects import event_subject
 from engine.registry import Registry
+from tests.images import make_image
 from tests.nats import (
     BusThread,
     assert_stream_matches_log,
     checkpoint_of,
     push_image,
     run,
+    stream_messages,
     wait_until,
 )
+from tests.server import (
+    ServeProcess,
+    log_records,
+    start_serve,
+    wait_for_log_record,
+)
+from tests.server import push_image as push_image_over_http
 
 sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -222,3 +236,89 @@ def test_store_lock_outlives_cairn(registry: Registry, data_dir: Path) -> None:
             program.wait(10)
         if pid_alive(server_pid):
             os.kill(server_pid, signal.SIGCONT)
+
+
+def bus_health(served: ServeProcess) -> dict[str, Any]:
+    response = httpx.get(f"{served.url}/_cairn/health", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "ok"
+    bus: dict[str, Any] = response.json()["bus"]
+    return bus
+
+
+def kill_and_hold_port(log_path: Path, port: int) -> tuple[int, socket.socket]:
+    """Kill the embedded nats-server and listen on its port in its place.
+
+    Returns the killed PID and the listening socket. cairn restarts the
+    server within a fraction of a second, so when the restart takes the port
+    first, the restarted server is killed in turn.
+    """
+    for _ in range(5):
+        pid = log_records(log_path, "nats_server_started")[-1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The killed server's connections leave the port in TIME_WAIT.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                holder.bind(("127.0.0.1", port))
+            except OSError:
+                if log_records(log_path, "nats_server_started")[-1]["pid"] != pid:
+                    break  # the restarted server has the port
+                time.sleep(0.005)
+                continue
+            holder.listen()
+            return pid, holder
+        holder.close()
+        wait_until(lambda killed=pid: not pid_alive(killed))
+    raise AssertionError(f"could not listen on port {port} in nats-server's place")
+
+
+@sqlite_only
+def test_embedded_server_restarted_after_kill(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    served = start_serve(data_dir, database_url, log_path, embedded_nats=True)
+    try:
+        first = wait_for_log_record(log_path, "nats_server_started")
+        url = first["url"]
+        port = int(url.rpartition(":")[2])
+        wait_until(lambda: bus_health(served)["state"] == "caught_up")
+
+        # While the test listens on the port, every restart fails.
+        killed, holder = kill_and_hold_port(log_path, port)
+        try:
+            exited = wait_for_log_record(log_path, "nats_server_exited", pid=killed)
+            assert exited["level"] == "error"
+            assert exited["signal"] == "SIGKILL"
+            assert exited["log_path"] == str(data_dir / "nats" / "nats-server.log")
+            wait_for_log_record(log_path, "nats_server_restart_failed")
+
+            down = bus_health(served)
+            assert down["state"] == "connecting"
+            assert down["last_error"] is not None
+            assert "nats-server" in down["last_error"]
+
+            with httpx.Client(base_url=served.url, timeout=30) as client:
+                push_image_over_http(client, "library/app", make_image(), "v1")
+        finally:
+            holder.close()
+
+        def restarted() -> dict[str, Any] | None:
+            records = log_records(log_path, "nats_server_started")
+            return records[-1] if records[-1]["pid"] != killed else None
+
+        restart = wait_until(restarted)
+        assert restart["url"] == url
+        assert pid_alive(restart["pid"])
+        wait_until(lambda: bus_health(served)["state"] == "caught_up")
+        assert bus_health(served)["last_error"] is None
+
+        subjects = [message.subject for message in stream_messages(url)]
+        pushed = event_subject("cairn", "manifest.pushed", "library/app")
+        assert pushed in subjects
+        assert served.stop() == 0
+    finally:
+        served.kill()

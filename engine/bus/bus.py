@@ -1,8 +1,8 @@
 """The Bus: what `cairn serve` starts beside its HTTP server.
 
-It owns the embedded nats-server (when no URL is given), one NATS
-connection, the relay task, and the publisher of pull notifications. Every
-public method is called from the event loop.
+It owns the embedded nats-server (when no URL is given) and the task that
+restarts it, one NATS connection, the relay task, and the publisher of pull
+notifications. Every public method is called from the event loop.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from engine.bus.embedded import EmbeddedNatsServer
 from engine.bus.leader import leadership_for
 from engine.bus.messages import pull_message
 from engine.bus.relay import BatchHook, Relay
-from engine.bus.retry import Throttle
+from engine.bus.retry import Backoff, Throttle
 from engine.bus.settings import BusSettings
 from engine.db import Database
 from engine.domain.events import Actor, StoredEvent
@@ -116,6 +116,14 @@ class Bus:
             asyncio.create_task(self._link.run(), name="cairn-nats-link"),
             asyncio.create_task(self._relay.run(), name="cairn-relay"),
         ]
+        if self._server is not None:
+            restarts = Backoff(settings.backoff_initial, settings.backoff_max)
+            self._tasks.append(
+                asyncio.create_task(
+                    self._server.supervise(restarts, self._link.retry_now),
+                    name="cairn-nats-server",
+                )
+            )
         if settings.publish_pulls:
             self._pulls = asyncio.Queue(PULL_QUEUE_SIZE)
             self._tasks.append(
@@ -167,7 +175,9 @@ class Bus:
         ``state`` is ``disabled`` (--no-nats), ``connecting`` (no NATS
         connection), ``connected``, or ``caught_up`` (connected, and every
         committed event is in the stream). Lag fields are None until the
-        relay has read the log once.
+        relay has read the log once. ``last_error`` is why the embedded
+        server is down, else the relay's last failure, else the error of the
+        last failed connection attempt.
         """
         url = self.nats_url
         document: dict[str, Any] = {
@@ -205,9 +215,16 @@ class Bus:
             log_head=relay.head,
             lag_events=lag,
             lag_seconds=lag_seconds,
-            last_error=relay.last_error,
+            last_error=self._last_error(relay, link),
         )
         return document
+
+    def _last_error(self, relay: Relay, link: NatsLink) -> str | None:
+        if self._server is not None and self._server.last_error is not None:
+            return self._server.last_error
+        if relay.last_error is not None:
+            return relay.last_error
+        return link.last_error
 
     def notify_pull(
         self,

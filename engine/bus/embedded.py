@@ -10,6 +10,10 @@ holds an exclusive ``flock`` on ``<data dir>/nats/cairn.lock`` for as long as
 it runs. The cairn process takes the lock before it writes the configuration,
 and the nats-server child inherits the locked file, so the lock outlives a
 cairn process that dies while its nats-server is still shutting down.
+
+No other process can restart an embedded server, so ``supervise()`` watches
+the child and starts it again when it exits, on the same port and store.
+cairn keeps the lock meanwhile, because its own descriptor stays open.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
+
+from engine.bus.retry import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +45,12 @@ _PR_SET_PDEATHSIG: Final = 1
 
 # Largest message the embedded server accepts, in bytes.
 MAX_PAYLOAD: Final = 8 * 1024 * 1024
+
+# How often supervise() checks whether the child has exited, in seconds.
+EXIT_CHECK_INTERVAL: Final = 0.25
+# A server that ran this many seconds before it exited is restarted without
+# the delay that its earlier exits built up.
+STABLE_RUN: Final = 60.0
 
 
 class NatsServerNotFound(RuntimeError):
@@ -204,8 +217,14 @@ class EmbeddedNatsServer:
         self.port = port
         self.binary = binary
         self.url: str | None = None
+        # Why the server is not running, while supervise() restarts it.
+        self.last_error: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = StoreLock(directory)
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "nats-server.log"
 
     @property
     def pid(self) -> int | None:
@@ -221,7 +240,7 @@ class EmbeddedNatsServer:
             # NATS's default is 1 MiB. The payload of a manifest.pushed event
             # lists the manifest's references, and a manifest may have 4 MiB.
             "max_payload": MAX_PAYLOAD,
-            "logfile": str(self.directory / "nats-server.log"),
+            "logfile": str(self.log_path),
             "logfile_size_limit": 10 * 1024 * 1024,
             "logfile_max_num": 3,
             "ports_file_dir": str(self.directory),
@@ -238,16 +257,29 @@ class EmbeddedNatsServer:
         process that has exited, its nats-server is still shutting down, and
         this waits up to ``timeout`` seconds for the lock.
         """
-        binary = self.binary or find_nats_server()
-        if not binary.is_file():
-            raise NatsServerNotFound(f"nats-server binary not found at {binary}")
+        binary = self._find_binary()
         await self._lock_store(timeout)
         try:
-            output_path = self._spawn(binary)
-            self.url = await self._wait_ready(timeout, output_path)
+            url = await self._launch(binary, timeout)
         except BaseException:
             await self.stop()
             raise
+        # A restart must listen where the relay connects, not on a new free
+        # port.
+        self.port = int(url.rpartition(":")[2])
+        return url
+
+    def _find_binary(self) -> Path:
+        binary = self.binary or find_nats_server()
+        if not binary.is_file():
+            raise NatsServerNotFound(f"nats-server binary not found at {binary}")
+        return binary
+
+    async def _launch(self, binary: Path, timeout: float) -> str:
+        # Start the child on the locked store and wait until it accepts
+        # connections. The caller ends a child that fails to get there.
+        output_path = self._spawn(binary)
+        self.url = await self._wait_ready(timeout, output_path)
         self._lock.record(url=self.url)
         log.info(
             "nats_server_started",
@@ -257,6 +289,88 @@ class EmbeddedNatsServer:
             binary=str(binary),
         )
         return self.url
+
+    async def supervise(
+        self,
+        backoff: Backoff,
+        on_restarted: Callable[[], None],
+        timeout: float = 15.0,
+    ) -> None:
+        """Restart the server whenever it exits, until cancelled.
+
+        Call it after ``start()``, on the event loop's thread, because the
+        parent-death signal of a restarted child belongs to the thread that
+        forks it. Each exit is logged as ``nats_server_exited`` and stays in
+        ``last_error`` until a restart accepts connections, after which
+        ``on_restarted`` runs. Failed restarts are retried after the delays
+        of ``backoff``, which also delays the restart of a server that exits
+        within ``STABLE_RUN`` seconds of its start.
+        """
+        started = time.monotonic()
+        while True:
+            process = self._process
+            if process is None:
+                return
+            while process.poll() is None:
+                await asyncio.sleep(EXIT_CHECK_INTERVAL)
+            self._note_exit(process)
+            if time.monotonic() - started >= STABLE_RUN:
+                backoff.reset()
+            while True:
+                delay = backoff.next_delay()
+                log.info(
+                    "nats_server_restarting",
+                    attempt=backoff.attempt,
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+                try:
+                    await self._launch(self._find_binary(), timeout)
+                except (EmbeddedNatsError, NatsServerNotFound) as error:
+                    self.last_error = f"nats-server restart failed: {error}"
+                    log.error(
+                        "nats_server_restart_failed",
+                        attempt=backoff.attempt,
+                        error=str(error),
+                    )
+                    await self._end_child()
+                    continue
+                break
+            started = time.monotonic()
+            self.last_error = None
+            on_restarted()
+
+    def _note_exit(self, process: subprocess.Popen[bytes]) -> None:
+        code = process.returncode
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            fields: dict[str, Any] = {"signal": name}
+            cause = f"was killed by {name}"
+        else:
+            fields = {"code": code}
+            cause = f"exited with code {code}"
+        self.last_error = (
+            f"embedded nats-server (PID {process.pid}) {cause}; restarting it "
+            f"(log: {self.log_path})"
+        )
+        log.error(
+            "nats_server_exited",
+            pid=process.pid,
+            **fields,
+            log_path=str(self.log_path),
+            url=self.url,
+        )
+        # A killed server leaves its ports file behind.
+        for path in self.directory.glob(f"*_{process.pid}.ports"):
+            path.unlink(missing_ok=True)
+
+    async def _end_child(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            await _end_process(process, 10.0)
 
     async def _lock_store(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -318,7 +432,7 @@ class EmbeddedNatsServer:
             if code is not None:
                 raise EmbeddedNatsError(
                     f"nats-server exited with code {code} while starting: "
-                    f"{_tail(output_path)} (log: {self.directory / 'nats-server.log'})"
+                    f"{_tail(output_path)} (log: {self.log_path})"
                 )
             found = list(self.directory.glob(f"*_{self._process.pid}.ports"))
             if found:
@@ -332,7 +446,7 @@ class EmbeddedNatsServer:
             await asyncio.sleep(0.02)
         raise EmbeddedNatsError(
             f"nats-server did not accept connections within {timeout} s "
-            f"(log: {self.directory / 'nats-server.log'})"
+            f"(log: {self.log_path})"
         )
 
     async def stop(self, timeout: float = 10.0) -> None:
