@@ -9,6 +9,7 @@ accepts the connection. Connection errors are logged at most once per
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import nats
@@ -27,8 +28,18 @@ RECONNECT_WAIT: Final = 2.0
 NATS_ERRORS: Final = (OSError, TimeoutError, nats.errors.Error)
 
 
-async def connect(url: str, name: str) -> Client:
-    """Connect to ``url``, retrying until a server accepts the connection."""
+async def connect(
+    url: str,
+    name: str,
+    *,
+    on_disconnected: Callable[[], Awaitable[None]] | None = None,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
+) -> Client:
+    """Connect to ``url``, retrying until a server accepts the connection.
+
+    ``on_disconnected`` and ``on_reconnected`` run after the log line of
+    each disconnect and reconnect.
+    """
     safe_url = redact_url(url)
     last_logged = [float("-inf")]
 
@@ -43,11 +54,15 @@ async def connect(url: str, name: str) -> Client:
                 error=str(error) or type(error).__name__,
             )
 
-    async def on_disconnected() -> None:
+    async def log_disconnected() -> None:
         log.warning("nats_disconnected", url=safe_url, connection=name)
+        if on_disconnected is not None:
+            await on_disconnected()
 
-    async def on_reconnected() -> None:
+    async def log_reconnected() -> None:
         log.info("nats_reconnected", url=safe_url, connection=name)
+        if on_reconnected is not None:
+            await on_reconnected()
 
     client = await nats.connect(
         url,
@@ -57,8 +72,8 @@ async def connect(url: str, name: str) -> Client:
         reconnect_time_wait=RECONNECT_WAIT,
         connect_timeout=2,
         error_cb=on_error,
-        disconnected_cb=on_disconnected,
-        reconnected_cb=on_reconnected,
+        disconnected_cb=log_disconnected,
+        reconnected_cb=log_reconnected,
     )
     log.info("nats_connected", url=safe_url, connection=name)
     return client
