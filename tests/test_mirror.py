@@ -623,6 +623,65 @@ def test_mirror_follows_nats(
         assert list_tags(target.url, "library/app") == ["signature", "v1", "v2"]
 
 
+def logged_events(log_path: Path) -> list[str]:
+    return [line["event"] for line in log_events(log_path.read_text())]
+
+
+@pytest.mark.parametrize("server_fixture", ["nats_server", "debian_nats_server"])
+def test_mirror_polls_while_nats_down(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    server_fixture: str,
+    target: ServeProcess,
+) -> None:
+    nats_server: NatsServer = request.getfixturevalue(server_fixture)
+    with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
+        with httpx.Client(base_url=source_url) as client:
+            push_image(client, "library/app", make_image(), "v1")
+        log_path = tmp_path / "mirror.log"
+        mirror = start_mirror(
+            source_url,
+            target.url,
+            log_path,
+            "--nats",
+            nats_server.url,
+            "--poll-interval",
+            "0.2",
+        )
+        try:
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
+            )
+            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+
+            nats_server.kill()
+            wait_until(lambda: "mirror_polling" in logged_events(log_path), WAIT)
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v2")
+            # Shorter than the mirror's 30 s resync of the feed while it
+            # follows NATS, so only polling can copy v2 in time.
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v2") == 200, 20
+            )
+
+            nats_server.start()
+            wait_until(lambda: "mirror_following_nats" in logged_events(log_path), WAIT)
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v3")
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v3") == 200, WAIT
+            )
+        finally:
+            mirror.terminate()
+            status = mirror.wait(30)
+        assert status == 0
+        events = logged_events(log_path)
+        assert events.count("mirror_polling") == 1
+        assert events.count("mirror_following_nats") == 1
+        assert events.index("mirror_polling") < events.index("mirror_following_nats")
+        assert list_tags(target.url, "library/app") == ["v1", "v2", "v3"]
+
+
 def test_mirror_reports_index_missing_child(
     source: ServeProcess, target: ServeProcess
 ) -> None:

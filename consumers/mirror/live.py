@@ -6,7 +6,12 @@ at new messages. Messages go into a bounded queue, and a message that
 arrives while the queue is full is dropped. The mirror then finds a gap in
 positions and reads the missing events from the HTTP feed. The feed is the
 source of truth, so nothing here has to be reliable: NATS only makes the
-mirror prompt.
+mirror prompt. While the connection is down, ``following`` is false and the
+mirror polls the feed instead. After a reconnection the consumer is created
+again, because a restarted server has lost it.
+
+NOTE: a server that stops responding but keeps the TCP connection open is
+noticed only by nats-py's pings, every 120 s by default in nats-py 2.16.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from asyncio import FIRST_COMPLETED
 from typing import Any, Final
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from consumers.backoff import retry_delay
 from consumers.natsclient import NATS_ERRORS, connect
@@ -37,10 +44,57 @@ class LiveEvents:
         self.stream = stream
         self.subject = filter_subject(subject_prefix)
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+        # Set while the consumer of the current connection delivers.
         self.subscribed = asyncio.Event()
         self.dropped = 0
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
+        # Set when ``following`` may have changed.
+        self._changed = asyncio.Event()
+        self._reconnected = asyncio.Event()
+
+    @property
+    def following(self) -> bool:
+        """Whether messages can arrive: subscribed, and connected now."""
+        client = self._client
+        return self.subscribed.is_set() and client is not None and client.is_connected
+
+    async def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """Return the next queued event.
+
+        Returns None after ``timeout`` seconds without one, and at once when
+        the connection is down or is lost while this waits.
+        """
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        self._changed.clear()
+        if not self.following:
+            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait(
+                {getter, changed}, timeout=timeout, return_when=FIRST_COMPLETED
+            )
+        finally:
+            getter.cancel()
+            changed.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for ``following`` to change."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        self._changed.clear()
+
+    async def _on_disconnected(self) -> None:
+        self.subscribed.clear()
+        self._changed.set()
+
+    async def _on_reconnected(self) -> None:
+        self._reconnected.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cairn-mirror-nats")
@@ -51,12 +105,40 @@ class LiveEvents:
             url=redact_url(self.url),
             note="the mirror polls the HTTP feed until NATS is reachable",
         )
-        self._client = await connect(self.url, "cairn mirror")
+        self._client = await connect(
+            self.url,
+            "cairn mirror",
+            on_disconnected=self._on_disconnected,
+            on_reconnected=self._on_reconnected,
+        )
         js = self._client.jetstream()
+        subscriptions = 0
+        while True:
+            subscription = await self._subscribe(js)
+            subscriptions += 1
+            self.subscribed.set()
+            self._changed.set()
+            if subscriptions == 1:
+                log.info("nats_following", url=redact_url(self.url), stream=self.stream)
+            else:
+                log.debug(
+                    "nats_resubscribed", url=redact_url(self.url), stream=self.stream
+                )
+            await self._reconnected.wait()
+            self._reconnected.clear()
+            self.subscribed.clear()
+            with contextlib.suppress(*NATS_ERRORS):
+                await subscription.unsubscribe()
+
+    async def _subscribe(
+        self, js: JetStreamContext
+    ) -> JetStreamContext.PushSubscription:
+        # Create an ordered consumer of new messages, retrying until it exists.
         failures = 0
-        while not self.subscribed.is_set():
+        while True:
+            self._reconnected.clear()
             try:
-                await js.subscribe(
+                return await js.subscribe(
                     self.subject,
                     stream=self.stream,
                     ordered_consumer=True,
@@ -73,10 +155,9 @@ class LiveEvents:
                     error=str(error) or type(error).__name__,
                     retry_in=round(delay, 2),
                 )
-                await asyncio.sleep(delay)
-                continue
-            self.subscribed.set()
-            log.info("nats_following", url=redact_url(self.url), stream=self.stream)
+                # A reconnection cuts the delay short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reconnected.wait(), delay)
 
     async def _on_message(self, message: Msg) -> None:
         try:

@@ -74,7 +74,8 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
         "--poll-interval",
         type=float,
         default=2.0,
-        help="seconds between reads of the HTTP feed when NATS is not used (default 2)",
+        help="seconds between reads of the HTTP feed while NATS is not used or "
+        "not connected (default 2)",
     )
     parser.add_argument(
         "--timeout",

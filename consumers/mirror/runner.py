@@ -66,6 +66,10 @@ class MirrorRunner:
         self.live = live
         self.stats: Stats = copier.stats
         self.position = checkpoint.position
+        # Whether the last wait was for NATS. It stays None until the mirror
+        # first follows NATS, which LiveEvents logs as nats_following, so
+        # only later switches to polling and back are logged here.
+        self._following: bool | None = None
 
     def mirrored(self, repository: str) -> bool:
         return matches_any(repository, self.settings.repositories)
@@ -109,14 +113,29 @@ class MirrorRunner:
             self.progress.update(self.position, position)
 
     async def _next_live_event(self) -> dict[str, Any] | None:
+        """Return the next event from NATS, or None when the feed is due.
+
+        Without a NATS connection the feed is due every poll interval, and
+        a lost or restored connection makes it due at once.
+        """
         live = self.live
-        if live is None or not live.subscribed.is_set():
+        if live is None:
             await asyncio.sleep(self.settings.poll_interval)
             return None
-        try:
-            return await asyncio.wait_for(live.queue.get(), RESYNC_INTERVAL)
-        except TimeoutError:
+        if not live.following:
+            if self._following:
+                log.warning(
+                    "mirror_polling",
+                    reason="the NATS connection was lost",
+                    poll_interval=self.settings.poll_interval,
+                )
+                self._following = False
+            await live.wait_changed(self.settings.poll_interval)
             return None
+        if self._following is False:
+            log.info("mirror_following_nats", reason="the NATS connection is back")
+        self._following = True
+        return await live.next_event(RESYNC_INTERVAL)
 
     async def catch_up(self) -> None:
         """Apply feed pages until a page reaches the head it reports."""
