@@ -115,6 +115,22 @@ def test_missing_binary_is_a_clear_error(registry: Registry, data_dir: Path) -> 
         run(bus.start())
 
 
+def test_port_in_use_is_a_clear_error(registry: Registry, data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bus = Bus(BusSettings(embedded_port=port), registry.database, data_dir)
+
+        with pytest.raises(EmbeddedNatsError) as caught:
+            run(bus.start())
+
+    message = str(caught.value)
+    assert "nats-server exited with code" in message
+    assert "address already in use" in message
+    assert "(no output)" not in message
+
+
 # Starts a Bus with an embedded server, prints the server's PID, then waits
 # to be killed.
 EMBEDDED_PROGRAM = """

@@ -432,7 +432,8 @@ class EmbeddedNatsServer:
             if code is not None:
                 raise EmbeddedNatsError(
                     f"nats-server exited with code {code} while starting: "
-                    f"{_tail(output_path)} (log: {self.log_path})"
+                    f"{_startup_failure(output_path, self.log_path)} "
+                    f"(log: {self.log_path})"
                 )
             found = list(self.directory.glob(f"*_{self._process.pid}.ports"))
             if found:
@@ -483,6 +484,23 @@ async def _accepts(url: str) -> bool:
         return False
     writer.close()
     return True
+
+
+def _startup_failure(output_path: Path, log_path: Path) -> str:
+    """Return what the server printed before it exited, or else the last
+    error line of its log file, where it writes errors such as a port in
+    use once the configuration names a log file."""
+    output = _tail(output_path)
+    if output != "(no output)":
+        return output
+    try:
+        with log_path.open("rb") as log_file:
+            log_file.seek(max(0, log_path.stat().st_size - 8192))
+            lines = log_file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return output
+    errors = [line for line in lines if "[FTL]" in line or "[ERR]" in line]
+    return errors[-1].strip() if errors else output
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
