@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 import uvicorn
 import uvloop
@@ -280,3 +281,16 @@ def upload_rows(registry: Registry) -> int:
 
 def committed_blob_files(registry: Registry) -> list[str]:
     return sorted(str(digest) for digest, _ in registry.blob_store.iter_blobs())
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every descriptor passed to os.fsync, then sync it."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced

@@ -12,6 +12,7 @@ import pytest
 from engine.blobs import directories
 from engine.blobs.store import BlobStore, StagedBlob
 from engine.domain.digest import Digest
+from tests.server import record_fsyncs
 
 
 def _stage(store: BlobStore, data: bytes) -> tuple[str, StagedBlob, Digest]:
@@ -21,26 +22,13 @@ def _stage(store: BlobStore, data: bytes) -> tuple[str, StagedBlob, Digest]:
     return upload_id, staged, Digest("sha256", hashlib.sha256(data).hexdigest())
 
 
-def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the path of every descriptor passed to os.fsync, then sync it."""
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
-
-
 def test_new_blob_syncs_file_then_dirs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = BlobStore(tmp_path)
     data = b"a new blob"
     upload_id, staged, digest = _stage(store, data)
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
 
     assert store.commit(staged, digest) == len(data)
 
@@ -59,7 +47,7 @@ def test_stored_blob_skips_data_sync(
     _, first, digest = _stage(store, data)
     store.commit(first, digest)
     second_id, staged, _ = _stage(store, data)
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
 
     assert store.commit(staged, digest) == len(data)
 
@@ -99,7 +87,7 @@ def test_known_directory_skips_parent_sync(
         if Digest.of(second).encoded[:2] == Digest.of(first).encoded[:2]:
             break
     staged = _stage(store, second)[1]
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
 
     store.commit(staged, Digest.of(second))
 
@@ -122,7 +110,7 @@ def test_directory_made_elsewhere_syncs_parents(
     directory = store.path(Digest.of(data)).parent
     directory.mkdir()
     staged = _stage(store, data)[1]
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
 
     store.commit(staged, Digest.of(data))
 
@@ -145,7 +133,7 @@ def test_recreated_directory_syncs_parents(
     target.parent.rmdir()
     target.parent.mkdir()
     staged = _stage(store, data)[1]
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
 
     store.commit(staged, Digest.of(data))
 

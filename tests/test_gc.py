@@ -43,7 +43,13 @@ from engine.registry import Registry
 from engine.tables import blob_links, uploads
 from engine.verify import verify
 from tests.images import OCI_CONFIG, OCI_LAYER, Image, descriptor, encode
-from tests.server import ServerThread, push_blob, push_image, running
+from tests.server import (
+    ServerThread,
+    push_blob,
+    push_image,
+    record_fsyncs,
+    running,
+)
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 NO_GRACE = timedelta(0)
@@ -446,19 +452,6 @@ def run_at_os_call(
         return result
 
     monkeypatch.setattr(os, name, hooked)
-
-
-def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record the path of every descriptor passed to os.fsync, then sync it."""
-    synced: list[str] = []
-    real = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
 
 
 def test_commit_recreates_directory_gc_removed(
