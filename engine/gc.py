@@ -279,7 +279,7 @@ def emptied_directories(registry: Registry, files: list[BlobFile]) -> list[Path]
 
 
 def _prefix_directories(registry: Registry) -> list[Path]:
-    """List the directories ``blobs/<algorithm>/<two hex digits>``; any other
+    """List the directories ``blobs/<algorithm>/<two hex digits>``. Any other
     directory there is not cairn's and is left alone."""
     root = registry.blob_store.paths.root / "blobs"
     return [

@@ -173,7 +173,8 @@ class StagingFile:
 
 @dataclass(frozen=True, slots=True)
 class UploadPurge:
-    """What a purge of expired uploads removed, or would remove.
+    """The result of a purge of expired uploads: what it removed, or would
+    remove.
 
     ``sessions`` are the ids of the expired upload sessions, with or without
     a staging file. ``staging_files`` are those sessions' files and the

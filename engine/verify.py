@@ -6,8 +6,8 @@ change the exit status. check_stored_manifests() warns about stored
 manifests that the checks on new pushes reject. An earlier cairn stored
 them under looser checks, and the registry still serves them as stored.
 check_manifest_contents_present() warns about manifests whose config,
-layers or child manifests their repository no longer contains, after a
-client deleted a blob or a child manifest that they use; pulls of such a
+layers or child manifests their repository no longer contains, because a
+client deleted a blob or a child manifest that they use. Pulls of such a
 manifest fail.
 """
 

@@ -11,10 +11,10 @@ process does not know to be durable.
 
 A directory is known by its device, inode number and inode generation,
 which the FS_IOC_GETVERSION ioctl reads. ext4 reuses a freed inode number
-at once but gives the new inode another generation (seen on ext4: a
-directory removed and made again had the same number and a new
-generation), so a directory that gc removed and a commit created again is
-not mistaken for the old one. The directories that exist at a store's
+at once but gives the new inode another generation: a directory removed
+and made again had the same number and a new generation (seen on ext4).
+So a directory that gc removed and a commit created again is not mistaken
+for the old one. The directories that exist at a store's
 first commit into an algorithm's tree are known after one fsync of that
 tree.
 

@@ -110,7 +110,7 @@ def apply_events(
     # Each projection writes only its own tables and reads only them, so
     # applying them one after another gives the same rows as interleaving
     # them. TagHistoryProjection also reads the manifests table, and its
-    # apply_all says why the order does not change its rows.
+    # apply_all explains why the order does not change its rows.
     batch = list(events)
     for projection in projections:
         handled = [event for event in batch if event.type in projection.handles]
