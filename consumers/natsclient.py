@@ -23,6 +23,12 @@ log = structlog.get_logger(__name__)
 
 LOG_INTERVAL: Final = 30.0
 RECONNECT_WAIT: Final = 2.0
+# A server that keeps the TCP connection open but stops responding counts as
+# disconnected after MAX_OUTSTANDING_PINGS unanswered pings, one every
+# PING_INTERVAL seconds. That takes about 40 s. With nats-py 2.16's defaults
+# (a ping every 120 s, two outstanding) it took about 6 minutes.
+PING_INTERVAL: Final = 10
+MAX_OUTSTANDING_PINGS: Final = 3
 
 # Errors nats-py raises when the server cannot be reached or drops the link.
 NATS_ERRORS: Final = (OSError, TimeoutError, nats.errors.Error)
@@ -34,11 +40,15 @@ async def connect(
     *,
     on_disconnected: Callable[[], Awaitable[None]] | None = None,
     on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    ping_interval: int = PING_INTERVAL,
+    max_outstanding_pings: int = MAX_OUTSTANDING_PINGS,
 ) -> Client:
     """Connect to ``url``, retrying until a server accepts the connection.
 
     ``on_disconnected`` and ``on_reconnected`` run after the log line of
-    each disconnect and reconnect.
+    each disconnect and reconnect. The client sends a ping every
+    ``ping_interval`` seconds and reconnects once ``max_outstanding_pings``
+    of them are unanswered.
     """
     safe_url = redact_url(url)
     last_logged = [float("-inf")]
@@ -71,6 +81,8 @@ async def connect(
         max_reconnect_attempts=-1,
         reconnect_time_wait=RECONNECT_WAIT,
         connect_timeout=2,
+        ping_interval=ping_interval,
+        max_outstanding_pings=max_outstanding_pings,
         error_cb=on_error,
         disconnected_cb=log_disconnected,
         reconnected_cb=log_reconnected,

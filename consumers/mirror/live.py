@@ -8,10 +8,10 @@ positions and reads the missing events from the HTTP feed. The feed is the
 source of truth, so nothing here has to be reliable: NATS only makes the
 mirror prompt. While the connection is down, ``following`` is false and the
 mirror polls the feed instead. After a reconnection the consumer is created
-again, because a restarted server has lost it.
-
-NOTE: a server that stops responding but keeps the TCP connection open is
-noticed only by nats-py's pings, every 120 s by default in nats-py 2.16.
+again, because a restarted server has lost it. A server that stops
+responding but keeps the TCP connection open counts as disconnected once
+its pings go unanswered (consumers.natsclient), and the mirror polls until
+it reconnects.
 """
 
 from __future__ import annotations
