@@ -17,18 +17,12 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
-from engine.bus.connection import redact_url
+from engine.bus.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL, redact_url
 
 log = structlog.get_logger(__name__)
 
 LOG_INTERVAL: Final = 30.0
 RECONNECT_WAIT: Final = 2.0
-# A server that keeps the TCP connection open but stops responding counts as
-# disconnected after MAX_OUTSTANDING_PINGS unanswered pings, one every
-# PING_INTERVAL seconds. That takes about 40 s. With nats-py 2.16's defaults
-# (a ping every 120 s, two outstanding) it took about 6 minutes.
-PING_INTERVAL: Final = 10
-MAX_OUTSTANDING_PINGS: Final = 3
 
 # Errors nats-py raises when the server cannot be reached or drops the link.
 NATS_ERRORS: Final = (OSError, TimeoutError, nats.errors.Error)
@@ -108,6 +102,8 @@ async def connect_once(url: str, name: str, timeout: float = 5.0) -> Client:
             max_reconnect_attempts=1,
             reconnect_time_wait=0,
             connect_timeout=timeout,
+            ping_interval=PING_INTERVAL,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=on_error,
         )
     except NATS_ERRORS as error:

@@ -26,6 +26,13 @@ log = structlog.get_logger(__name__)
 # Errors nats-py raises when a server cannot be reached or drops the link.
 CONNECTION_ERRORS = (OSError, TimeoutError, nats.errors.Error)
 
+# A server that keeps the TCP connection open but stops responding counts as
+# disconnected after MAX_OUTSTANDING_PINGS unanswered pings, one every
+# PING_INTERVAL seconds: within about 40 s. With nats-py 2.16's defaults (a
+# ping every 120 s, two outstanding) it took about 6 minutes.
+PING_INTERVAL = 10
+MAX_OUTSTANDING_PINGS = 3
+
 
 def redact_url(url: str) -> str:
     """Remove a user name, password or token from a URL before logging it."""
@@ -129,8 +136,8 @@ class NatsLink:
                     max_reconnect_attempts=1,
                     reconnect_time_wait=0,
                     connect_timeout=self._connect_timeout,
-                    ping_interval=10,
-                    max_outstanding_pings=3,
+                    ping_interval=PING_INTERVAL,
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     error_cb=on_error,
                     disconnected_cb=on_closed,
                     closed_cb=on_closed,

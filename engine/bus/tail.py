@@ -32,7 +32,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamInfo
 
-from engine.bus.connection import CONNECTION_ERRORS, redact_url
+from engine.bus.connection import (
+    CONNECTION_ERRORS,
+    MAX_OUTSTANDING_PINGS,
+    PING_INTERVAL,
+    redact_url,
+)
 from engine.bus.messages import header_position, is_stand_in
 from engine.bus.subjects import filter_subject, subject_within
 
@@ -72,6 +77,8 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
             allow_reconnect=False,
             max_reconnect_attempts=1,
             reconnect_time_wait=0,
+            ping_interval=PING_INTERVAL,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=on_error,
             disconnected_cb=on_closed,
             closed_cb=on_closed,
