@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,58 +43,6 @@ def server(registry: Registry) -> Iterator[ServerThread]:
 @pytest.fixture
 def host(server: ServerThread) -> str:
     return f"127.0.0.1:{server.port}"
-
-
-@pytest.fixture
-def runroot() -> Iterator[Path]:
-    # podman rejects a runroot path longer than 50 characters, longer than
-    # pytest's tmp_path, so this one sits directly in /tmp.
-    path = Path(tempfile.mkdtemp(prefix="cairn-run-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def client_env(tmp_path: Path, runroot: Path) -> dict[str, str]:
-    """An environment that points containers/image at files of this test only."""
-    config = tmp_path / "containers"
-    config.mkdir()
-    policy = config / "policy.json"
-    policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-
-    registries = config / "registries.conf"
-    registries.write_text(
-        'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
-    )
-    storage = config / "storage.conf"
-    storage.write_text(
-        "[storage]\n"
-        'driver = "vfs"\n'
-        f'graphroot = "{tmp_path / "storage-root"}"\n'
-        f'runroot = "{runroot}"\n'
-    )
-    containers_conf = config / "containers.conf"
-    containers_conf.write_text(
-        '[engine]\nevents_logger = "none"\ncgroup_manager = "cgroupfs"\n'
-    )
-
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "auth.json").write_text('{"auths": {}}')
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "CONTAINERS_REGISTRIES_CONF": str(registries),
-        "CONTAINERS_STORAGE_CONF": str(storage),
-        "CONTAINERS_CONF": str(containers_conf),
-        "REGISTRY_AUTH_FILE": str(home / "auth.json"),
-        "TMPDIR": str(tmp_path),
-        "POLICY": str(policy),
-    }
 
 
 def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
