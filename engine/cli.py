@@ -421,6 +421,53 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_days(value: str) -> int:
+    try:
+        days = int(value)
+    except ValueError:
+        days = 0
+    if days < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of days {value!r}: expected a whole number, 1 or more"
+        )
+    return days
+
+
+def _cmd_certificate(args: argparse.Namespace) -> int:
+    from engine.api.tls import parse_host, self_signed_certificate, write_new_file
+
+    try:
+        hosts = [parse_host(host) for host in args.host]
+    except ValueError as error:
+        print(f"cairn certificate: {error}", file=sys.stderr)
+        return 2
+    cert_pem, key_pem = self_signed_certificate(hosts, args.days)
+    cert_path: Path = args.cert
+    key_path: Path = args.key
+    written: list[Path] = []
+    try:
+        # The key first, so that a certificate never lies beside a missing key.
+        write_new_file(key_path, key_pem, 0o600)
+        written.append(key_path)
+        write_new_file(cert_path, cert_pem, 0o644)
+    except OSError as error:
+        for path in written:
+            path.unlink(missing_ok=True)
+        name = error.filename or cert_path
+        print(
+            f"cairn certificate: cannot write {name}: {error.strerror or error}. "
+            "An existing file is never replaced: remove it or choose another path",
+            file=sys.stderr,
+        )
+        return 1
+    names = ", ".join(str(host.value) for host in hosts)
+    print(
+        f"wrote a certificate for {names}, valid for {args.days} days, to {cert_path}"
+    )
+    print(f"wrote its private key to {key_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cairn", description="A container registry whose storage is an event log."
@@ -509,6 +556,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mirror_options(mirror)
     mirror.set_defaults(handler=_cmd_mirror)
+
+    certificate = commands.add_parser(
+        "certificate",
+        help="write a self-signed TLS certificate and key for "
+        "`cairn serve --tls-cert --tls-key`",
+        description="Write a self-signed TLS certificate and its private key. "
+        "Clients trust the certificate as a CA: copy it to "
+        "/etc/containers/certs.d/HOST:PORT/ca.crt for podman and skopeo, or "
+        "/etc/docker/certs.d/HOST:PORT/ca.crt for Docker.",
+    )
+    certificate.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="DNS name or IP address that clients use to reach the registry; "
+        "repeat it for more names",
+    )
+    certificate.add_argument(
+        "--cert",
+        type=Path,
+        default=Path("cairn-cert.pem"),
+        metavar="FILE",
+        help="where to write the certificate; it must not exist "
+        "(default cairn-cert.pem)",
+    )
+    certificate.add_argument(
+        "--key",
+        type=Path,
+        default=Path("cairn-key.pem"),
+        metavar="FILE",
+        help="where to write the private key, with mode 0600; it must not exist "
+        "(default cairn-key.pem)",
+    )
+    certificate.add_argument(
+        "--days",
+        type=_positive_days,
+        default=365,
+        help="days the certificate is valid for (default 365)",
+    )
+    certificate.set_defaults(handler=_cmd_certificate)
 
     users = commands.add_parser("users", help="users of HTTP Basic authentication")
     user_commands = users.add_subparsers(

@@ -200,4 +200,20 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         "(env CAIRN_TRUSTED_PROXIES; default: none, every client is its "
         "connection's address)",
     )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=env_default("TLS_CERT") or None,
+        metavar="FILE",
+        help="PEM certificate, followed by any intermediate certificates, to "
+        "serve HTTPS with; needs --tls-key (env CAIRN_TLS_CERT; default: "
+        "plain HTTP). `cairn certificate` writes a self-signed one",
+    )
+    parser.add_argument(
+        "--tls-key",
+        type=Path,
+        default=env_default("TLS_KEY") or None,
+        metavar="FILE",
+        help="PEM private key of --tls-cert, unencrypted (env CAIRN_TLS_KEY)",
+    )
     add_bus_options(parser)

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import signal
 import socket
+import ssl
 import sys
 from dataclasses import replace
 from datetime import timedelta
@@ -30,6 +31,7 @@ from engine.api.app import create_app
 from engine.api.auth import Authenticator, AuthFileError
 from engine.api.protocol import configured_protocol
 from engine.api.ratelimit import RateLimiter
+from engine.api.tls import TLSConfigError, server_context
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.cli import StorageUnavailable, open_registry, report_storage_error
 from engine.config import StorageSettings
@@ -55,19 +57,41 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _display_url(host: str, port: int) -> str:
+def _display_url(host: str, port: int, scheme: str = "http") -> str:
     bracketed = f"[{host}]" if ":" in host else host
-    return f"http://{bracketed}:{port}"
+    return f"{scheme}://{bracketed}:{port}"
+
+
+def _unpaired_tls_option(args: argparse.Namespace) -> str | None:
+    """Return a usage error when only one of --tls-cert and --tls-key is set."""
+    if args.tls_cert is not None and args.tls_key is None:
+        return "--tls-cert needs --tls-key (env CAIRN_TLS_KEY) as well"
+    if args.tls_key is not None and args.tls_cert is None:
+        return "--tls-key needs --tls-cert (env CAIRN_TLS_CERT) as well"
+    return None
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run the registry until SIGTERM or SIGINT; return the exit status."""
+    usage_error = _unpaired_tls_option(args)
+    if usage_error is not None:
+        print(f"cairn serve: {usage_error}", file=sys.stderr)
+        return 2
     try:
         authenticator = _load_authenticator(args.auth_file)
     except AuthFileError as error:
         log.error("server_start_failed", error=str(error))
         print(f"cairn: {error}", file=sys.stderr)
         return 1
+    tls_context: ssl.SSLContext | None = None
+    if args.tls_cert is not None:
+        try:
+            tls_context = server_context(args.tls_cert, args.tls_key)
+        except TLSConfigError as error:
+            log.error("server_start_failed", error=str(error))
+            print(f"cairn: {error}", file=sys.stderr)
+            return 1
+    scheme = "http" if tls_context is None else "https"
     rate_limiter = None
     if args.rate_limit is not None:
         rate_limiter = RateLimiter(args.rate_limit)
@@ -119,15 +143,20 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=bool(trusted_proxies),
         forwarded_allow_ips=trusted_proxies or None,
         timeout_graceful_shutdown=args.shutdown_timeout,
+        # uvicorn would build its own context from file names, with its own
+        # cipher list; this serves the one checked above.
+        ssl_context_factory=(
+            None if tls_context is None else lambda _config, _default: tls_context
+        ),
     )
     server = uvicorn.Server(config)
 
     database = sa.make_url(registry.database.url).render_as_string(hide_password=True)
-    print(f"cairn listening on {_display_url(host, port)}", flush=True)
+    print(f"cairn listening on {_display_url(host, port, scheme)}", flush=True)
     print(f"data directory {data_dir}, database {database}", flush=True)
     log.info(
         "server_started",
-        url=_display_url(host, port),
+        url=_display_url(host, port, scheme),
         data_dir=str(data_dir),
         database=database,
         max_blob_size=registry.max_blob_size,
@@ -156,7 +185,7 @@ def serve(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
         sock.close()
         registry.database.dispose()
-    log.info("server_stopped", url=_display_url(host, port), status=exit_status)
+    log.info("server_stopped", url=_display_url(host, port, scheme), status=exit_status)
     return exit_status
 
 
