@@ -267,6 +267,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
                 grace_period=timedelta(minutes=args.grace_period),
                 upload_expiry=timedelta(hours=args.upload_expiry),
                 dry_run=args.dry_run,
+                unlink_unreferenced=args.unlink_unreferenced,
             )
     finally:
         registry.database.dispose()
@@ -277,9 +278,20 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         f"{len(report.upload_sessions)} expired upload session(s) and "
         f"{len(report.directories)} empty blob directory(ies)"
     )
+    unlinked_repositories = len({link.repository for link in report.unlinked})
+    unlinked = (
+        f"{len(report.unlinked)} unreferenced blob link(s) in "
+        f"{unlinked_repositories} repository(ies)"
+    )
     if not report.dry_run:
+        if args.unlink_unreferenced:
+            print(f"deleted {unlinked}")
         print(f"removed {counts}, freed {report.bytes} bytes")
         return 0
+    for link in report.unlinked:
+        print(f"would delete the link of {link.digest} in {link.repository}")
+    if args.unlink_unreferenced:
+        print(f"dry run: would delete {unlinked}")
     for blob in report.blobs:
         print(f"would remove blob {blob.digest} ({blob.size} bytes)")
     for staged in report.staging_files:
@@ -312,6 +324,14 @@ def add_gc_options(parser: argparse.ArgumentParser) -> None:
         help="minutes since its last write or reuse during which a blob file is "
         "kept even when nothing links it, so that a push in progress can link "
         f"it (env CAIRN_GC_GRACE_PERIOD; default {default_minutes:g})",
+    )
+    parser.add_argument(
+        "--unlink-unreferenced",
+        action="store_true",
+        help="first delete each blob link that no manifest of its repository "
+        "references and that is older than the grace period, appending a "
+        "blob.deleted event for each, so that the layers of deleted images "
+        "are removed too",
     )
     add_upload_expiry_option(parser)
 

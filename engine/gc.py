@@ -18,10 +18,29 @@ Staging files under ``uploads/`` go as ``Registry.purge_uploads`` decides:
 the sessions idle for longer than the upload expiry with their files, and
 files that no session refers to and that were last written before then.
 
-gc appends no event. The log records which repository links which blob, not
-which files exist, so removing a file that nothing links changes no state
-that the log describes, and `cairn verify`, which checks that every link has
-its file, still passes afterwards.
+gc appends no event for the files it removes. The log records which
+repository links which blob, not which files exist, so removing a file that
+nothing links changes no state that the log describes, and `cairn verify`,
+which checks that every link has its file, still passes afterwards.
+
+Unreferenced links
+------------------
+
+Deleting a manifest leaves the links of its config and layers, as in
+Distribution, so their files stay. With ``unlink_unreferenced`` gc first
+deletes each link that no stored manifest of its repository references and
+that was created longer ago than the grace period, by appending one
+``blob.deleted`` event per link. The events carry the run's request id
+(``gc-`` and a random hex string) and no user. Each batch of unlinks runs
+under the append lock and checks again that the link still exists and that
+no manifest pushed since the scan references it. A manifest push checks its
+links under the same lock, so either the push commits first and gc keeps
+the link, or gc unlinks first and the push fails with MANIFEST_BLOB_UNKNOWN.
+The push can fail that way only if its client skipped the upload because
+the blob was already there (a HEAD request) less than a grace period
+before, since an upload of a linked blob touches its file. Pushing the
+image again uploads the blob and succeeds. The file sweep below then
+removes the files that no link names any more.
 
 Why it is safe while `cairn serve` runs
 ---------------------------------------
@@ -90,9 +109,10 @@ import errno
 import re
 import stat
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -102,6 +122,8 @@ from sqlalchemy.engine import Connection
 from engine import log as event_log
 from engine.domain.digest import Digest
 from engine.domain.errors import DigestInvalid
+from engine.domain.events import Actor, EventType, NewEvent
+from engine.projections import ALL_PROJECTIONS, apply_events
 from engine.registry import Registry, StagingFile
 from engine.tables import blob_links, manifests
 
@@ -130,6 +152,25 @@ class BlobFile:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobLink:
+    """A repository's link to a blob, with the blob's size in bytes."""
+
+    repository: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkScan:
+    """The links that no stored manifest of their repository referenced and
+    that were older than the grace period, when the scan read the
+    projections at log position ``position``."""
+
+    position: int
+    links: list[BlobLink]
+
+
+@dataclass(frozen=True, slots=True)
 class GarbageScan:
     """The blob files that no link and no stored manifest named, and that
     were older than the grace period, when the scan read the projections at
@@ -146,7 +187,8 @@ class GcReport:
     ``upload_sessions`` are the ids of the expired upload sessions, whose
     staging files, if any, are among ``staging_files``. ``directories`` are
     the empty prefix directories that the run removed or, with ``dry_run``,
-    would remove.
+    would remove. ``unlinked`` are the unreferenced links that the run
+    deleted or would delete.
     """
 
     blobs: list[BlobFile]
@@ -154,6 +196,7 @@ class GcReport:
     dry_run: bool
     directories: list[Path] = field(default_factory=list)
     upload_sessions: list[str] = field(default_factory=list)
+    unlinked: list[BlobLink] = field(default_factory=list)
 
     @property
     def files(self) -> int:
@@ -173,20 +216,35 @@ def collect_garbage(
     grace_period: timedelta = DEFAULT_GRACE_PERIOD,
     upload_expiry: timedelta,
     dry_run: bool = False,
+    unlink_unreferenced: bool = False,
 ) -> GcReport:
     """Remove unused blob files and expired staging files; with ``dry_run``
     only list them.
 
     ``grace_period`` keeps every blob file whose mtime is more recent, and
-    ``upload_expiry`` is the idle time after which an upload is purged.
+    ``upload_expiry`` is the idle time after which an upload is purged. With
+    ``unlink_unreferenced``, the links that no manifest of their repository
+    references and that are older than ``grace_period`` are deleted first.
     """
+    run_id = f"gc-{uuid.uuid4().hex}"
     log.info(
         "gc_started",
         dry_run=dry_run,
         grace_period=str(grace_period),
         upload_expiry=str(upload_expiry),
+        unlink_unreferenced=unlink_unreferenced,
+        request_id=run_id,
     )
-    scan = scan_blobs(registry, grace_period)
+    unlinked: list[BlobLink] = []
+    if unlink_unreferenced:
+        link_scan = scan_unreferenced_links(registry, grace_period)
+        if dry_run:
+            unlinked = link_scan.links
+        else:
+            unlinked = delete_links(registry, link_scan, run_id)
+    # A dry run deletes no link, so its file scan treats the links it would
+    # delete as gone.
+    scan = scan_blobs(registry, grace_period, ignored_links=unlinked if dry_run else ())
     if dry_run:
         blobs = scan.blobs
         directories = emptied_directories(registry, blobs)
@@ -194,31 +252,118 @@ def collect_garbage(
         blobs = remove_blobs(registry, scan, grace_period)
         directories = remove_empty_directories(registry)
     purge = registry.purge_uploads(upload_expiry, dry_run=dry_run)
-    report = GcReport(blobs, purge.staging_files, dry_run, directories, purge.sessions)
+    report = GcReport(
+        blobs,
+        purge.staging_files,
+        dry_run,
+        directories,
+        purge.sessions,
+        unlinked,
+    )
     log.info(
         "gc_dry_run_finished" if dry_run else "blobs_collected",
+        unlinked=len(unlinked),
         blobs=len(blobs),
         staging_files=len(purge.staging_files),
         upload_sessions=len(purge.sessions),
         directories=len(directories),
         bytes=report.bytes,
         position=scan.position,
+        request_id=run_id,
     )
     return report
 
 
-def scan_blobs(registry: Registry, grace_period: timedelta) -> GarbageScan:
+def scan_unreferenced_links(registry: Registry, grace_period: timedelta) -> LinkScan:
+    """Find the links that no stored manifest of their repository references
+    and that were created before the grace period, without taking the append
+    lock."""
+    database = registry.database
+    linked_before = datetime.now(UTC) - grace_period
+    with database.read() as conn:
+        _lock_for_snapshot(conn, database.is_sqlite)
+        position = event_log.head(conn)[0]
+        referenced = _repository_references(conn, after=0)
+        rows = conn.execute(
+            sa.select(blob_links.c.repository, blob_links.c.digest, blob_links.c.size)
+            .where(blob_links.c.linked_at < linked_before)
+            .order_by(blob_links.c.repository, blob_links.c.digest)
+        )
+        links = [
+            BlobLink(row.repository, row.digest, row.size)
+            for row in rows
+            if (row.repository, row.digest) not in referenced
+        ]
+    return LinkScan(position, links)
+
+
+def delete_links(registry: Registry, scan: LinkScan, run_id: str) -> list[BlobLink]:
+    """Delete the links of ``scan`` that are still unreferenced, each batch
+    under the append lock with one ``blob.deleted`` event per link; return
+    the links deleted."""
+    deleted: list[BlobLink] = []
+    for start in range(0, len(scan.links), BATCH_SIZE):
+        batch = scan.links[start : start + BATCH_SIZE]
+        with registry.database.write() as conn:
+            still_linked = _existing_links(conn, batch)
+            referenced = _repository_references(conn, after=scan.position)
+            unlinking = [
+                link
+                for link in batch
+                if (link.repository, link.digest) in still_linked
+                and (link.repository, link.digest) not in referenced
+            ]
+            if not unlinking:
+                continue
+            events = [
+                NewEvent(
+                    type=EventType.BLOB_DELETED,
+                    repository=link.repository,
+                    payload={"digest": link.digest, "size": link.size},
+                )
+                for link in unlinking
+            ]
+            stored = event_log.append(conn, events, actor=Actor(), request_id=run_id)
+            apply_events(conn, ALL_PROJECTIONS, stored)
+        for link in unlinking:
+            log.debug(
+                "blob_unlinked",
+                repository=link.repository,
+                digest=link.digest,
+                request_id=run_id,
+            )
+        deleted.extend(unlinking)
+    return deleted
+
+
+def scan_blobs(
+    registry: Registry,
+    grace_period: timedelta,
+    ignored_links: Iterable[BlobLink] = (),
+) -> GarbageScan:
     """Find the blob files that no link or stored manifest names and whose
-    mtime is older than ``grace_period``, without taking the append lock."""
+    mtime is older than ``grace_period``, without taking the append lock.
+
+    ``ignored_links`` are counted as absent.
+    """
+    ignored = {(link.repository, link.digest) for link in ignored_links}
     database = registry.database
     with database.read() as conn:
-        if not database.is_sqlite:
-            # Before the first query, which takes the snapshot.
-            conn.exec_driver_sql(
-                f"LOCK TABLE {blob_links.name}, {manifests.name} IN ACCESS SHARE MODE"
-            )
+        _lock_for_snapshot(conn, database.is_sqlite)
         position = event_log.head(conn)[0]
-        used = set(conn.execute(sa.select(blob_links.c.digest).distinct()).scalars())
+        if ignored:
+            pairs = conn.execute(
+                sa.select(blob_links.c.repository, blob_links.c.digest)
+            )
+            used = {
+                digest
+                for repository, digest in pairs
+                if (repository, digest) not in ignored
+            }
+        else:
+            used = set(
+                conn.execute(sa.select(blob_links.c.digest).distinct()).scalars()
+            )
         used.update(_referenced_digests(conn, after=0))
 
     old_before = time.time() - grace_period.total_seconds()
@@ -318,6 +463,45 @@ def _remove_unused(
         blob.path.unlink(missing_ok=True)
         log.debug("blob_file_removed", digest=digest, size=status.st_size)
         yield BlobFile(blob.digest, blob.path, status.st_size)
+
+
+def _lock_for_snapshot(conn: Connection, is_sqlite: bool) -> None:
+    """Keep `cairn projections rebuild` from emptying the tables that a scan
+    reads while its snapshot is open.
+
+    On PostgreSQL a snapshot taken before a TRUNCATE commits sees the tables
+    empty afterwards, so the scan first takes ACCESS SHARE locks, before the
+    first query, which takes the snapshot.
+    """
+    if not is_sqlite:
+        conn.exec_driver_sql(
+            f"LOCK TABLE {blob_links.name}, {manifests.name} IN ACCESS SHARE MODE"
+        )
+
+
+def _existing_links(conn: Connection, links: list[BlobLink]) -> set[tuple[str, str]]:
+    """Return which of ``links`` still exist, as (repository, digest) pairs."""
+    digests = sorted({link.digest for link in links})
+    rows = conn.execute(
+        sa.select(blob_links.c.repository, blob_links.c.digest).where(
+            blob_links.c.digest.in_(digests)
+        )
+    )
+    return {(row.repository, row.digest) for row in rows}
+
+
+def _repository_references(conn: Connection, *, after: int) -> set[tuple[str, str]]:
+    """Return the (repository, digest) pairs that the stored manifests pushed
+    after log position ``after`` reference."""
+    rows = conn.execution_options(yield_per=1000).execute(
+        sa.select(manifests.c.repository, manifests.c.references).where(
+            manifests.c.position > after
+        )
+    )
+    pairs: set[tuple[str, str]] = set()
+    for repository, references in rows:
+        pairs.update((repository, reference["digest"]) for reference in references)
+    return pairs
 
 
 def _referenced_digests(conn: Connection, *, after: int) -> set[str]:

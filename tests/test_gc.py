@@ -32,12 +32,15 @@ from engine.blobs import BlobStore
 from engine.domain.digest import Digest
 from engine.domain.errors import BlobCollected, BlobUploadUnknown
 from engine.gc import (
+    BlobLink,
     GcReport,
     _blob_files,
     collect_garbage,
+    delete_links,
     remove_blobs,
     remove_empty_directories,
     scan_blobs,
+    scan_unreferenced_links,
 )
 from engine.registry import Registry
 from engine.tables import blob_links, uploads
@@ -204,6 +207,151 @@ def test_gc_keeps_blob_a_manifest_references(
     assert deleted.status_code == 202
     again = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
     assert [blob.digest for blob in again.blobs] == [Digest.of(layer)]
+    assert verify(registry) == []
+
+
+# ---- unreferenced links ------------------------------------------------------
+
+
+def unreferenced_setup(registry: Registry, api: httpx.Client) -> dict[str, bytes]:
+    """Push two images sharing a layer to team/app and delete one of them.
+
+    team/app also links a blob that no manifest uses, and team/other
+    references the deleted image's second layer from its own image.
+    """
+    shared, dropped, standalone = os.urandom(900), os.urandom(901), os.urandom(902)
+    deleted_image = make_image_of([shared, dropped])
+    kept_image = make_image_of([shared])
+    push_image(api, "team/app", deleted_image, tag="old")
+    push_image(api, "team/app", kept_image, tag="new")
+    push_image(api, "team/other", make_image_of([dropped]), tag="v1")
+    push_blob(api, "team/app", standalone)
+    response = api.delete(f"/v2/team/app/manifests/{deleted_image.digest}")
+    assert response.status_code == 202, response.text
+    age_all_blobs(registry)
+    return {
+        "shared": shared,
+        "dropped": dropped,
+        "standalone": standalone,
+        "deleted_config": deleted_image.config,
+        "kept_config": kept_image.config,
+    }
+
+
+def test_gc_unlinks_unreferenced_links(registry: Registry, api: httpx.Client) -> None:
+    blobs = unreferenced_setup(registry, api)
+    position = log_position(registry)
+
+    report = collect_garbage(
+        registry,
+        grace_period=NO_GRACE,
+        upload_expiry=EXPIRY,
+        unlink_unreferenced=True,
+    )
+
+    unlinked = {(link.repository, link.digest) for link in report.unlinked}
+    assert unlinked == {
+        ("team/app", str(Digest.of(blobs["dropped"]))),
+        ("team/app", str(Digest.of(blobs["standalone"]))),
+        ("team/app", str(Digest.of(blobs["deleted_config"]))),
+    }
+    # Files that another link or manifest still needs stay.
+    removed = {blob.digest for blob in report.blobs}
+    assert removed == {
+        Digest.of(blobs["standalone"]),
+        Digest.of(blobs["deleted_config"]),
+    }
+    for name in ("shared", "dropped", "kept_config"):
+        assert blob_file(registry, blobs[name]).read_bytes() == blobs[name]
+    assert links(registry, Digest.of(blobs["dropped"])) == ["team/other"]
+    assert links(registry, Digest.of(blobs["shared"])) == ["team/app"]
+
+    with registry.database.read() as conn:
+        appended = event_log.read(conn, after=position)
+    assert [event.type for event in appended] == ["blob.deleted"] * 3
+    [request_id] = {event.request_id for event in appended}
+    assert request_id is not None
+    assert request_id.startswith("gc-")
+    assert all(event.actor.user is None for event in appended)
+    # The log still rebuilds to the projections, and every link has its file.
+    assert verify(registry) == []
+    manifest = api.get(
+        "/v2/team/app/manifests/new",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    assert manifest.status_code == 200
+
+
+def test_gc_without_unlink_keeps_links(registry: Registry, api: httpx.Client) -> None:
+    blobs = unreferenced_setup(registry, api)
+
+    report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    assert report.unlinked == []
+    assert report.blobs == []
+    assert links(registry, Digest.of(blobs["standalone"])) == ["team/app"]
+
+
+def test_gc_unlink_keeps_young_links(registry: Registry, api: httpx.Client) -> None:
+    blobs = unreferenced_setup(registry, api)
+
+    report = collect_garbage(
+        registry,
+        grace_period=timedelta(hours=1),
+        upload_expiry=EXPIRY,
+        unlink_unreferenced=True,
+    )
+
+    assert report.unlinked == []
+    assert links(registry, Digest.of(blobs["standalone"])) == ["team/app"]
+
+
+def test_gc_unlink_dry_run_changes_nothing(
+    registry: Registry, api: httpx.Client
+) -> None:
+    blobs = unreferenced_setup(registry, api)
+    position = log_position(registry)
+
+    report = collect_garbage(
+        registry,
+        grace_period=NO_GRACE,
+        upload_expiry=EXPIRY,
+        dry_run=True,
+        unlink_unreferenced=True,
+    )
+
+    assert len(report.unlinked) == 3
+    # The files the unlinks would free are listed too.
+    assert {blob.digest for blob in report.blobs} == {
+        Digest.of(blobs["standalone"]),
+        Digest.of(blobs["deleted_config"]),
+    }
+    assert log_position(registry) == position
+    assert links(registry, Digest.of(blobs["standalone"])) == ["team/app"]
+    assert blob_file(registry, blobs["standalone"]).exists()
+
+
+def test_unlink_skips_links_used_after_scan(registry: Registry) -> None:
+    referenced, unlinked_meanwhile, garbage = (os.urandom(800) for _ in range(3))
+    for data in (referenced, unlinked_meanwhile, garbage):
+        push(registry, "team/app", data)
+    scan = scan_unreferenced_links(registry, NO_GRACE)
+    assert len(scan.links) == 3
+
+    # Between the scan and the unlinks: a manifest that references one blob
+    # is pushed, and another link is deleted through the API.
+    image = make_image_of([referenced])
+    repo = registry.repository("team/app")
+    push(registry, "team/app", image.config)
+    repo.manifests.put(image.manifest, image.media_type, tag="v1")
+    repo.blobs.delete(Digest.of(unlinked_meanwhile))
+
+    deleted = delete_links(registry, scan, "gc-test")
+
+    assert deleted == [
+        BlobLink("team/app", str(Digest.of(garbage)), len(garbage)),
+    ]
+    assert links(registry, Digest.of(referenced)) == ["team/app"]
     assert verify(registry) == []
 
 
@@ -709,6 +857,40 @@ def test_gc_command(
     verified = cairn("verify", *storage)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert api.get(f"/v2/team/app/blobs/{Digest.of(linked)}").content == linked
+
+
+def test_gc_command_unlink_unreferenced(
+    registry: Registry, data_dir: Path, database_url: str, api: httpx.Client
+) -> None:
+    blobs = unreferenced_setup(registry, api)
+    storage = ["--data-dir", str(data_dir), "--database", database_url]
+    standalone = Digest.of(blobs["standalone"])
+
+    dry_run = cairn(
+        "gc", *storage, "--unlink-unreferenced", "--grace-period", "0", "--dry-run"
+    )
+
+    assert dry_run.returncode == 0, dry_run.stderr
+    lines = dry_run.stdout.splitlines()
+    assert f"would delete the link of {standalone} in team/app" in lines
+    assert (
+        "dry run: would delete 3 unreferenced blob link(s) in 1 repository(ies)"
+        in lines
+    )
+    assert links(registry, standalone) == ["team/app"]
+
+    result = cairn("gc", *storage, "--unlink-unreferenced", "--grace-period", "0")
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "deleted 3 unreferenced blob link(s) in 1 repository(ies)"
+    assert lines[1].startswith("removed 2 blob file(s)")
+    [record] = log_events(result.stderr, "blobs_collected")
+    assert record["unlinked"] == 3
+    assert record["request_id"].startswith("gc-")
+    assert not registry.blob_store.exists(standalone)
+    verified = cairn("verify", *storage)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_gc_command_default_grace_keeps_new_blob(
