@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +143,13 @@ def test_overview_shows_activity(server: ServerThread, browser_page: Page) -> No
         "nodes => nodes.map(n => Number(n.dataset.pushes)).reduce((a, b) => a + b, 0)",
     )
     assert bars == totals["pushes"]
+    byte_ticks = page.eval_on_selector_all(
+        "#activity-chart text.byte-tick", "nodes => nodes.map(n => n.textContent)"
+    )
+    assert len(byte_ticks) == 5
+    # Each step of the byte axis is a whole number of one binary unit.
+    for tick in byte_ticks[1:]:
+        assert re.fullmatch(r"[0-9]+(\.0)? (B|KiB|MiB|GiB|TiB)", tick), byte_ticks
     names = page.eval_on_selector_all(
         "#repositories a.repository", "nodes => nodes.map(n => n.textContent)"
     )

@@ -36,6 +36,15 @@ function niceMaximum(value) {
   return 10 * magnitude;
 }
 
+// The top of a byte axis with four grid steps: a nice number of the binary
+// unit (B, KiB, MiB, ...) that the value has, so that formatBytes shows every
+// step as a whole number of that unit.
+function niceByteMaximum(value) {
+  let unit = 1;
+  while (value >= 1024 * unit && unit < 1024 ** 4) unit *= 1024;
+  return Math.max(4, Math.ceil(niceMaximum(value / unit) / 4) * 4) * unit;
+}
+
 // Bars for the pushes and deletes of each bucket, a line for bytes pushed.
 function activityChart(container, series, formatBytes, formatLabel) {
   container.replaceChildren();
@@ -53,7 +62,7 @@ function activityChart(container, series, formatBytes, formatLabel) {
   // A multiple of the four grid steps, so every count label is a whole number.
   const countMax = Math.max(4, Math.ceil(
     niceMaximum(Math.max(0, ...buckets.map((b) => b.pushes + b.deletes))) / 4) * 4);
-  const byteMax = niceMaximum(Math.max(0, ...buckets.map((b) => b.bytes_pushed)));
+  const byteMax = niceByteMaximum(Math.max(0, ...buckets.map((b) => b.bytes_pushed)));
   const slot = plotWidth / Math.max(1, buckets.length);
 
   for (let i = 0; i <= 4; i += 1) {
@@ -65,7 +74,7 @@ function activityChart(container, series, formatBytes, formatLabel) {
     svg.appendChild(svgText(margin.left - 6, y + 4, String((countMax * i) / 4),
       { "text-anchor": "end", class: "legend" }));
     svg.appendChild(svgText(margin.left + plotWidth + 6, y + 4,
-      formatBytes((byteMax * i) / 4), { class: "legend" }));
+      formatBytes((byteMax * i) / 4), { class: "legend byte-tick" }));
   }
 
   const points = [];
