@@ -76,10 +76,19 @@ def parse_trusted_proxies(value: str) -> list[str]:
 
     An entry is an IP address, a network such as 10.0.0.0/8, or ``*`` for
     every address, which are the forms uvicorn's proxy header handling
-    matches against a TCP peer.
+    matches against a TCP peer. A blank value means no proxies. A blank
+    entry in a list, as in ``a,,b`` or ``a,``, is rejected, because an
+    address is usually missing there.
     """
-    proxies = [entry.strip() for entry in value.split(",") if entry.strip()]
-    for proxy in proxies:
+    if not value.strip():
+        return []
+    proxies = [entry.strip() for entry in value.split(",")]
+    for number, proxy in enumerate(proxies, start=1):
+        if not proxy:
+            raise argparse.ArgumentTypeError(
+                f"invalid trusted proxy '' at entry {number} of {value!r}: "
+                "expected an IP address, a network such as 10.0.0.0/8, or *"
+            )
         if proxy == "*":
             continue
         try:

@@ -148,24 +148,94 @@ def test_blob_unknown(api: httpx.Client, unchanged: Callable[[], None]) -> None:
     unchanged()
 
 
-@pytest.mark.parametrize(
-    "digest",
-    ["sha256:short", "md5:d41d8cd98f00b204e9800998ecf8427e", "sha256:" + "A" * 64],
-)
-def test_digest_invalid_in_path(
+INVALID_DIGESTS = [
+    "sha256:short",
+    "sha256:zz",
+    "md5:d41d8cd98f00b204e9800998ecf8427e",
+    "sha256:" + "A" * 64,
+]
+
+
+@pytest.mark.parametrize("digest", INVALID_DIGESTS)
+def test_referrers_digest_invalid(
     api: httpx.Client, unchanged: Callable[[], None], digest: str
 ) -> None:
-    for path in (
-        f"/v2/library/app/blobs/{digest}",
-        f"/v2/library/app/manifests/{digest}",
-        f"/v2/library/app/referrers/{digest}",
-    ):
-        response = api.get(path)
+    response = api.get(f"/v2/library/app/referrers/{digest}")
 
-        assert response.status_code == 400, path
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "DIGEST_INVALID"
+    assert _mentions(error["detail"], digest)
+    unchanged()
+
+
+@pytest.mark.parametrize("digest", INVALID_DIGESTS)
+def test_blob_digest_invalid_unknown(
+    api: httpx.Client, unchanged: Callable[[], None], digest: str
+) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+    _resnapshot(unchanged)
+
+    for method in ("GET", "HEAD", "DELETE"):
+        response = api.request(method, f"/v2/library/app/blobs/{digest}")
+
+        assert response.status_code == 404, method
+        if method == "HEAD":
+            assert response.content == b""
+            continue
         error = _error(response)
-        assert error["code"] == "DIGEST_INVALID"
-        assert _mentions(error["detail"], digest)
+        assert error["code"] == "BLOB_UNKNOWN"
+        assert repr(digest) in error["message"]
+        assert error["detail"]["digest"] == digest
+        assert error["detail"]["repository"] == "library/app"
+        assert "digest" in error["detail"]["reason"]
+    unchanged()
+
+
+@pytest.mark.parametrize(
+    "reference",
+    ["-bad", ".bad", "a" * 129, "bad!tag", *INVALID_DIGESTS],
+)
+def test_manifest_reference_invalid_unknown(
+    api: httpx.Client, unchanged: Callable[[], None], reference: str
+) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+    _resnapshot(unchanged)
+
+    for method in ("GET", "HEAD", "DELETE"):
+        response = api.request(method, f"/v2/library/app/manifests/{reference}")
+
+        assert response.status_code == 404, method
+        if method == "HEAD":
+            assert response.content == b""
+            continue
+        error = _error(response)
+        assert error["code"] == "MANIFEST_UNKNOWN"
+        assert repr(reference) in error["message"]
+        assert error["detail"]["reference"] == reference
+        assert error["detail"]["repository"] == "library/app"
+        assert error["detail"]["reason"]
+    unchanged()
+
+
+def test_manifest_put_digest_invalid(
+    api: httpx.Client, unchanged: Callable[[], None]
+) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "library/app", blob)
+    _resnapshot(unchanged)
+
+    response = api.put(
+        "/v2/library/app/manifests/sha256:zz",
+        content=image.manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["code"] == "DIGEST_INVALID"
+    assert error["detail"]["digest"] == "sha256:zz"
     unchanged()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.config import parse_trusted_proxies
 from engine.migrate import head_revision
 from tests.nats import wait_until
 from tests.server import START_TIMEOUT_S, push_blob
@@ -91,8 +92,11 @@ def _unprivileged_prefix() -> list[str]:
     ]
 
 
-def run_cairn(*args: str, unprivileged: bool = False) -> Result:
-    """Run `cairn --log-format json ARGS` to completion."""
+def run_cairn(
+    *args: str, unprivileged: bool = False, env: dict[str, str] | None = None
+) -> Result:
+    """Run `cairn --log-format json ARGS` to completion, with the variables in
+    ``env`` added to an environment without CAIRN_* variables."""
     prefix = _unprivileged_prefix() if unprivileged else []
     command = [*prefix, sys.executable, "-m", "engine.cli", "--log-format", "json"]
     completed = subprocess.run(
@@ -101,7 +105,7 @@ def run_cairn(*args: str, unprivileged: bool = False) -> Result:
         text=True,
         stdin=subprocess.DEVNULL,
         cwd=REPOSITORY_ROOT,
-        env=_environment(),
+        env={**_environment(), **(env or {})},
         timeout=START_TIMEOUT_S,
     )
     return Result(completed.returncode, completed.stdout, completed.stderr)
@@ -313,6 +317,21 @@ def test_database_url_invalid(url: str, message: str, tmp_path: Path) -> None:
         ("--nats-port", "-1", "invalid port '-1'"),
         ("--trusted-proxies", "10.0.0.1,notanip", "invalid trusted proxy 'notanip'"),
         ("--trusted-proxies", "10.0.0.0/33", "invalid trusted proxy '10.0.0.0/33'"),
+        (
+            "--trusted-proxies",
+            "10.0.0.1,,10.0.0.2",
+            "invalid trusted proxy '' at entry 2 of '10.0.0.1,,10.0.0.2'",
+        ),
+        (
+            "--trusted-proxies",
+            "10.0.0.1,",
+            "invalid trusted proxy '' at entry 2 of '10.0.0.1,'",
+        ),
+        (
+            "--trusted-proxies",
+            ",10.0.0.1",
+            "invalid trusted proxy '' at entry 1 of ',10.0.0.1'",
+        ),
     ],
 )
 def test_serve_option_invalid(
@@ -327,6 +346,38 @@ def test_serve_option_invalid(
     assert f"argument {option}: " in result.stderr
     assert message in result.stderr
     assert not data_dir.exists()
+
+
+def test_trusted_proxies_variable_invalid(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+
+    result = run_cairn(
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        env={"CAIRN_TRUSTED_PROXIES": "10.0.0.1, ,10.0.0.2"},
+    )
+
+    assert result.status == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "argument --trusted-proxies: " in result.stderr
+    assert "invalid trusted proxy '' at entry 2 of '10.0.0.1, ,10.0.0.2'" in (
+        result.stderr
+    )
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", []),
+        (" ", []),
+        ("10.0.0.1", ["10.0.0.1"]),
+        (" 10.0.0.0/8 , * ", ["10.0.0.0/8", "*"]),
+    ],
+)
+def test_trusted_proxies_valid(value: str, expected: list[str]) -> None:
+    assert parse_trusted_proxies(value) == expected
 
 
 # ---- two `cairn serve` processes on one data directory ------------------------

@@ -250,6 +250,94 @@ def test_bad_parameters_get_400(
         assert error["detail"]["value"] == value
 
 
+# Every route without a past view, with the path that reaches it.
+WITHOUT_PAST_VIEW = {
+    "/position": "/position",
+    "/repositories": "/repositories",
+    "/repositories/{name}": "/repositories/library/app",
+    "/repositories/{name}/-/tags/{tag}/history": (
+        "/repositories/library/app/-/tags/v1/history"
+    ),
+    "/repositories/{name}/-/manifests": "/repositories/library/app/-/manifests",
+    "/repositories/{name}/-/referrers": "/repositories/library/app/-/referrers",
+    "/activity": "/activity",
+    "/top": "/top",
+    "/events": "/events",
+}
+
+
+@pytest.mark.parametrize("parameter", ["position", "at"])
+@pytest.mark.parametrize("template", list(WITHOUT_PAST_VIEW))
+def test_point_without_past_view_rejected(
+    api: httpx.Client, template: str, parameter: str
+) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+    value = "1" if parameter == "position" else "2026-01-01T00:00:00Z"
+
+    response = api.get(API + WITHOUT_PAST_VIEW[template], params={parameter: value})
+
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["message"].startswith(f"{parameter} is not supported here")
+    assert error["detail"]["parameter"] == parameter
+    assert error["detail"]["value"] == value
+    assert parameter not in error["detail"]["supported"]
+
+
+def test_past_views_take_point(api: httpx.Client) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+    paths = [
+        "/catalog",
+        "/repositories/library/app/-/tags",
+        "/repositories/library/app/-/tags/v1",
+    ]
+
+    for path in paths:
+        for parameter, value in (("position", "5"), ("at", "2100-01-01T00:00:00Z")):
+            response = api.get(API + path, params={parameter: value})
+
+            assert response.status_code == 200, (path, response.text)
+            assert response.json()["point"] is not None, path
+
+
+@pytest.mark.parametrize(
+    ("path", "parameter", "supported"),
+    [
+        ("/repositories?sotr=size", "sotr", "sort"),
+        ("/catalog?sort=name", "sort", "position"),
+        ("/top?cursor=abc", "cursor", "by"),
+        ("/activity?n=5", "n", "bucket"),
+        ("/repositories/library/app/-/tags?order=desc", "order", "sort"),
+        ("/repositories/library/app?prefix=lib", "prefix", "min_position"),
+    ],
+)
+def test_unknown_parameter_rejected(
+    api: httpx.Client, path: str, parameter: str, supported: str
+) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+
+    response = api.get(API + path)
+
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["message"].startswith(f"unknown query parameter {parameter}.")
+    assert error["detail"]["parameter"] == parameter
+    assert supported in error["detail"]["supported"]
+    assert supported in error["message"]
+
+
+def test_openapi_document_takes_no_parameters(api: httpx.Client) -> None:
+    response = api.get(f"{API}/openapi.json", params={"format": "yaml"})
+
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["detail"]["parameter"] == "format"
+    assert error["detail"]["supported"] == []
+    assert "takes no query parameters" in error["message"]
+
+
 def test_unknown_and_invalid_names(api: httpx.Client) -> None:
     push_image(api, "library/app", make_image(), "v1")
 

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from consumers.mirror.checkpoint import Checkpoint, CheckpointError
 from consumers.mirror.identity import normalise_url
 from engine.api.app import create_app
 from engine.bus import Bus
@@ -732,6 +733,176 @@ def test_mirror_reports_index_missing_child(
     assert stopped[0]["status"] == 3
     assert manifest_status(target.url, "library/app", "multi") == 404
     assert manifest_status(target.url, "library/app", str(kept_child.digest)) == 200
+
+
+def push_index_missing_child(url: str) -> dict[str, Any]:
+    """Push an index tagged multi whose second child is then deleted, so the
+    source serves the index but not all of its content."""
+    kept_child = make_image()
+    deleted_child = make_image()
+    index = make_index([kept_child, deleted_child])
+    with httpx.Client(base_url=url) as client:
+        push_image(client, "library/app", kept_child)
+        push_image(client, "library/app", deleted_child)
+        put_manifest(client, "library/app", "multi", index)
+        response = client.delete(f"/v2/library/app/manifests/{deleted_child.digest}")
+        assert response.status_code == 202, response.text
+    return {"kept": kept_child, "deleted": deleted_child, "index": sha256(index)}
+
+
+def mirror_once_with_checkpoint(
+    source: str, target: str, checkpoint: Path
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run the mirror with --once and ``checkpoint``; return its exit status
+    and log lines."""
+    result = run_mirror_status(source, target, "--checkpoint", str(checkpoint))
+    assert "Traceback" not in result.stderr
+    return result.returncode, log_events(result.stderr)
+
+
+def only_line(lines: list[dict[str, Any]], event: str) -> dict[str, Any]:
+    found = [line for line in lines if line["event"] == event]
+    assert len(found) == 1, (event, found)
+    return found[0]
+
+
+def saved_not_copied(checkpoint: Path) -> list[tuple[str, str | None]]:
+    """Return the checkpoint's not-copied events as (type, tag) pairs."""
+    document = json.loads(checkpoint.read_text())
+    return [(entry["type"], entry["tag"]) for entry in document["not_copied"]]
+
+
+def test_mirror_rerun_copies_restored_content(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    pushed = push_index_missing_child(source.url)
+    checkpoint = tmp_path / "checkpoint.json"
+
+    status, _ = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 3
+    assert manifest_status(target.url, "library/app", "multi") == 404
+    assert saved_not_copied(checkpoint) == [
+        ("manifest.pushed", None),
+        ("tag.set", "multi"),
+    ]
+    head = head_position(source.url)
+    assert json.loads(checkpoint.read_text())["position"] == head
+
+    # The child comes back, by digest and untagged: no event names the index.
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", pushed["deleted"])
+
+    status, lines = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 0
+    assert only_line(lines, "not_copied_retrying")["count"] == 2
+    resolved = [line for line in lines if line["event"] == "not_copied_resolved"]
+    assert [line["type"] for line in resolved] == ["manifest.pushed", "tag.set"]
+    assert [line["outcome"] for line in resolved] == ["copied", "tagged"]
+    stopped = only_line(lines, "mirror_stopped")
+    assert stopped["not_copied"] == 0
+    assert stopped["status"] == 0
+    assert manifest_status(target.url, "library/app", "multi") == 200
+    assert raw_manifest(target.url, "library/app", "multi") == raw_manifest(
+        source.url, "library/app", "multi"
+    )
+    assert saved_not_copied(checkpoint) == []
+
+    status, lines = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 0
+    assert not [line for line in lines if line["event"] == "not_copied_retrying"]
+
+
+def test_mirror_rerun_retries_until_settled(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    pushed = push_index_missing_child(source.url)
+    checkpoint = tmp_path / "checkpoint.json"
+    first_status, _ = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+    assert first_status == 3
+
+    # Nothing changed on the source: the rerun tries again and fails again.
+    status, lines = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 3
+    assert only_line(lines, "not_copied_retrying")["count"] == 2
+    assert only_line(lines, "mirror_stopped")["not_copied"] == 2
+    assert only_line(lines, "tag_not_copied")["tag"] == "multi"
+    assert manifest_status(target.url, "library/app", "multi") == 404
+    assert len(saved_not_copied(checkpoint)) == 2
+
+    # The tag moves to a complete image. Its old entry is dropped without
+    # setting the tag back, and the index itself is still incomplete.
+    with httpx.Client(base_url=source.url) as client:
+        put_manifest(client, "library/app", "multi", pushed["kept"])
+
+    status, lines = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 3
+    resolved = only_line(lines, "not_copied_resolved")
+    assert resolved["tag"] == "multi"
+    assert resolved["outcome"] == "gone"
+    assert only_line(lines, "mirror_stopped")["not_copied"] == 1
+    assert saved_not_copied(checkpoint) == [("manifest.pushed", None)]
+    kept_digest = str(pushed["kept"].digest)
+    assert sha256(raw_manifest(target.url, "library/app", "multi")) == kept_digest
+
+    # The source deletes the index, so nothing is left to copy.
+    with httpx.Client(base_url=source.url) as client:
+        response = client.delete(f"/v2/library/app/manifests/{pushed['index']}")
+        assert response.status_code == 202, response.text
+
+    status, lines = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 0
+    resolved = only_line(lines, "not_copied_resolved")
+    assert resolved["digest"] == pushed["index"]
+    assert resolved["outcome"] == "gone"
+    assert saved_not_copied(checkpoint) == []
+    assert sha256(raw_manifest(target.url, "library/app", "multi")) == kept_digest
+
+
+def test_mirror_reads_older_checkpoint(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", make_image(), "v1")
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(
+        json.dumps({"source": source.url, "target": target.url, "position": 0})
+    )
+
+    status, _ = mirror_once_with_checkpoint(source.url, target.url, checkpoint)
+
+    assert status == 0
+    assert saved_not_copied(checkpoint) == []
+    assert list_tags(target.url, "library/app") == ["v1"]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"position": 1, "type": "blob.pushed", "repository": "a", "digest": "d"},
+        {"position": 1, "type": "tag.set", "repository": "a", "digest": "d"},
+        {"position": "x", "type": "manifest.pushed", "repository": "a", "digest": "d"},
+        "not an object",
+    ],
+    ids=["blob-event", "tag-without-tag", "bad-position", "not-an-object"],
+)
+def test_mirror_rejects_bad_not_copied(tmp_path: Path, entry: object) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    document = {
+        "source": "http://127.0.0.1:1",
+        "target": "http://127.0.0.1:2",
+        "position": 3,
+        "not_copied": [entry],
+    }
+    checkpoint.write_text(json.dumps(document))
+
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
 
 
 def run_mirror_status(

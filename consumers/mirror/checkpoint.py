@@ -1,10 +1,12 @@
-"""The mirror's checkpoint: the last source position it has fully applied.
+"""The mirror's checkpoint: the last source position it has dealt with, and
+the events before it that it could not copy whole.
 
 The file is JSON, ``{"source": URL, "target": URL, "position": N,
-"updated_at": TIME}``, replaced atomically (write a temporary file, fsync,
-rename, fsync the directory), so a crash leaves the old checkpoint or the
-new one and never a torn file. It names its source and target so that a
-checkpoint is never applied to another pair by mistake.
+"not_copied": [...], "updated_at": TIME}``, replaced atomically (write a
+temporary file, fsync, rename, fsync the directory), so a crash leaves the
+old checkpoint or the new one and never a torn file. It names its source
+and target so that a checkpoint is never applied to another pair by
+mistake. A file without ``not_copied``, as older mirrors wrote it, has none.
 """
 
 from __future__ import annotations
@@ -12,15 +14,96 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from engine.domain.events import format_time
+from engine.domain.events import EventType, format_time, upcast
+
+# The content of a NotCopied entry: ("manifest", repository, digest) or
+# ("tag", repository, tag).
+ContentKey = tuple[str, str, str]
 
 
 class CheckpointError(ValueError):
     """The checkpoint file is unreadable or belongs to another mirror."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotCopied:
+    """A manifest.pushed or tag.set event that the mirror could not copy
+    whole, because the source lacked content that the manifest requires. The
+    next run retries it."""
+
+    position: int
+    type: str
+    repository: str
+    digest: str
+    tag: str | None = None
+
+    @property
+    def key(self) -> ContentKey:
+        if self.tag is not None:
+            return ("tag", self.repository, self.tag)
+        return ("manifest", self.repository, self.digest)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "type": self.type,
+            "repository": self.repository,
+            "digest": self.digest,
+            "tag": self.tag,
+        }
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> NotCopied:
+        event_type = str(document["type"])
+        if event_type not in (EventType.MANIFEST_PUSHED, EventType.TAG_SET):
+            raise ValueError(
+                f"not_copied has an event of type {event_type!r}, expected "
+                f"{EventType.MANIFEST_PUSHED} or {EventType.TAG_SET}"
+            )
+        tag = None
+        if event_type == EventType.TAG_SET:
+            tag = document["tag"]
+            if not isinstance(tag, str):
+                raise ValueError(f"a {event_type} entry of not_copied has no tag")
+        return cls(
+            position=int(document["position"]),
+            type=event_type,
+            repository=str(document["repository"]),
+            digest=str(document["digest"]),
+            tag=tag,
+        )
+
+
+def content_key(event: dict[str, Any]) -> ContentKey | None:
+    """Return the manifest or tag that ``event`` is about, or None for a blob
+    event."""
+    event_type = EventType(event["type"])
+    payload = upcast(event_type, int(event["schema_version"]), event["payload"])
+    repository = str(event["repository"])
+    match event_type:
+        case EventType.MANIFEST_PUSHED | EventType.MANIFEST_DELETED:
+            return ("manifest", repository, str(payload["digest"]))
+        case EventType.TAG_SET | EventType.TAG_DELETED:
+            return ("tag", repository, str(payload["tag"]))
+    return None
+
+
+def not_copied_entry(event: dict[str, Any]) -> NotCopied:
+    """Return the NotCopied entry of a manifest.pushed or tag.set event."""
+    event_type = EventType(event["type"])
+    payload = upcast(event_type, int(event["schema_version"]), event["payload"])
+    return NotCopied(
+        position=int(event["position"]),
+        type=str(event_type),
+        repository=str(event["repository"]),
+        digest=str(payload["digest"]),
+        tag=str(payload["tag"]) if event_type == EventType.TAG_SET else None,
+    )
 
 
 @dataclass
@@ -29,6 +112,9 @@ class Checkpoint:
     source: str
     target: str
     position: int = 0
+    # At most one entry per manifest and per tag, because a later event about
+    # the same content replaces or removes the earlier one.
+    not_copied: dict[ContentKey, NotCopied] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path | None, source: str, target: str) -> Checkpoint:
@@ -41,7 +127,10 @@ class Checkpoint:
             position = int(document["position"])
             saved_source = str(document["source"])
             saved_target = str(document["target"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            entries = [
+                NotCopied.from_json(entry) for entry in document.get("not_copied", [])
+            ]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(
                 f"cannot read checkpoint {path}: {error}; fix or remove the file "
                 "(the mirror then replays from position 0, which is safe)"
@@ -53,20 +142,27 @@ class Checkpoint:
                 "--checkpoint file"
             )
         checkpoint.position = position
+        checkpoint.not_copied = {entry.key: entry for entry in entries}
         return checkpoint
 
+    def pending(self) -> list[NotCopied]:
+        """Return the events not copied whole, oldest first."""
+        return sorted(self.not_copied.values(), key=lambda entry: entry.position)
+
     async def save(self, position: int) -> None:
-        """Record ``position`` as applied; a no-op without a checkpoint file."""
+        """Record ``position`` as dealt with, and the events not copied whole;
+        a no-op without a checkpoint file."""
         self.position = position
         if self.path is not None:
-            await asyncio.to_thread(self._write, position)
+            await asyncio.to_thread(self._write, position, self.pending())
 
-    def _write(self, position: int) -> None:
+    def _write(self, position: int, pending: list[NotCopied]) -> None:
         assert self.path is not None
         document = {
             "source": self.source,
             "target": self.target,
             "position": position,
+            "not_copied": [entry.to_json() for entry in pending],
             "updated_at": format_time(datetime.now(UTC)),
         }
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

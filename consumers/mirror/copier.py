@@ -13,7 +13,8 @@ target to the source's current state regardless. When the source still
 serves a manifest but no longer has a blob or child manifest it requires,
 the target cannot store that manifest or a tag on it. Such an event is
 "incomplete": it is logged as a warning and counted in Stats.not_copied,
-because the rest of the log may never bring that content back.
+because the rest of the log may never bring that content back. The
+checkpoint records it, and the next run retries it with ``retry``.
 
 Manifests are copied as the source stored them, including those that an
 earlier cairn accepted and the source's current checks reject. Their
@@ -33,6 +34,7 @@ from typing import Any, Final
 
 import structlog
 
+from consumers.mirror.checkpoint import NotCopied
 from consumers.mirror.errors import MirrorError, SourceGone, TransientError
 from consumers.mirror.registry import BlobStream, RegistryClient
 from consumers.mirror.target import Target
@@ -117,6 +119,29 @@ class Copier:
             case EventType.BLOB_DELETED:
                 await self.target.delete_blob(repository, payload["digest"])
         return "deleted"
+
+    async def retry(self, entry: NotCopied) -> str:
+        """Copy a manifest or tag that an earlier run could not copy whole,
+        as the source serves it now.
+
+        Returns what ``apply`` would, and "gone" for a tag that the source
+        has deleted or moved to another manifest since. Such a tag is left
+        alone, because the later event that moved it is applied in order.
+        """
+        if entry.tag is None:
+            return await self.copy_manifest(entry.repository, entry.digest)
+        current = await self.source.manifest_digest(entry.repository, entry.tag)
+        if current != entry.digest:
+            log.info(
+                "tag_skipped",
+                repository=entry.repository,
+                tag=entry.tag,
+                digest=entry.digest,
+                reason="the source's tag no longer points at this manifest",
+                source_digest=current,
+            )
+            return "gone"
+        return await self.set_tag(entry.repository, entry.tag, entry.digest)
 
     # ---- blobs -----------------------------------------------------------
 

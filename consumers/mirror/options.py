@@ -38,7 +38,8 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="file that records the last applied position, to resume from; "
+        help="file that records the last applied position, to resume from, "
+        "and the events not copied whole, to retry at the next start; "
         "default: none, so every run replays from position 0",
     )
 

@@ -5,11 +5,18 @@ incomplete (see copier.py), or skipped because its repository is not
 mirrored. It is checkpointed
 after every applied event and at the end of every page, so a restart
 repeats at most the event that was in progress, which is idempotent.
+
+The checkpoint also records each incomplete event until a later event
+about the same manifest or tag replaces or removes it. Every run retries
+those first, so content that the source serves whole again reaches the
+target without a replay of the log. A mirror that follows the source
+retries them only when it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -18,7 +25,7 @@ import structlog
 
 from consumers.backoff import retry_delay
 from consumers.globs import matches_any
-from consumers.mirror.checkpoint import Checkpoint
+from consumers.mirror.checkpoint import Checkpoint, content_key, not_copied_entry
 from consumers.mirror.copier import Copier, Stats
 from consumers.mirror.errors import MirrorError, TransientError
 from consumers.mirror.feed import FeedClient, FeedPage
@@ -85,6 +92,7 @@ class MirrorRunner:
         )
         if self.live is not None and not self.settings.once:
             self.live.start()
+        await self.retry_not_copied()
         await self.catch_up()
         log.info(
             "mirror_caught_up",
@@ -137,6 +145,38 @@ class MirrorRunner:
         self._following = True
         return await live.next_event(RESYNC_INTERVAL)
 
+    async def retry_not_copied(self) -> None:
+        """Retry the incomplete events that the checkpoint records, oldest
+        first, and drop each one that is copied or gone from the source."""
+        entries = [
+            entry
+            for entry in self.checkpoint.pending()
+            if self.mirrored(entry.repository)
+        ]
+        if not entries:
+            return
+        log.info("not_copied_retrying", count=len(entries))
+        for entry in entries:
+            outcome = await self._retrying(
+                functools.partial(self.copier.retry, entry),
+                f"retry event {entry.position}",
+            )
+            if outcome == "incomplete":
+                self.stats.not_copied += 1
+                continue
+            self.stats.applied += 1
+            del self.checkpoint.not_copied[entry.key]
+            await self.checkpoint.save(self.position)
+            log.info(
+                "not_copied_resolved",
+                position=entry.position,
+                type=entry.type,
+                repository=entry.repository,
+                digest=entry.digest,
+                tag=entry.tag,
+                outcome=outcome,
+            )
+
     async def catch_up(self) -> None:
         """Apply feed pages until a page reaches the head it reports."""
         while True:
@@ -180,8 +220,15 @@ class MirrorRunner:
         )
         if outcome == "incomplete":
             self.stats.not_copied += 1
+            entry = not_copied_entry(event)
+            self.checkpoint.not_copied[entry.key] = entry
         else:
             self.stats.applied += 1
+            # A later event about the same manifest or tag settles an
+            # earlier incomplete one, so its record is removed.
+            key = content_key(event)
+            if key is not None:
+                self.checkpoint.not_copied.pop(key, None)
         self.position = position
         await self.checkpoint.save(position)
         self.progress.update(position)

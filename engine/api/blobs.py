@@ -11,7 +11,7 @@ from engine.api.errors import HTTPError
 from engine.api.http import Request, Response, empty_response
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
-from engine.domain.errors import BlobUnknown, RangeNotSatisfiable
+from engine.domain.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable
 from engine.registry import BlobInfo, Repository
 
 log = structlog.get_logger(__name__)
@@ -80,6 +80,23 @@ def blob_headers(digest: Digest) -> list[tuple[str, str]]:
     ]
 
 
+def lookup_digest(repository: Repository, value: str) -> Digest:
+    """Parse the digest of a GET, HEAD or DELETE, raising BlobUnknown when it
+    is invalid.
+
+    No blob can be stored under an invalid digest, and the OCI distribution
+    specification lists only 200 and 404 for GET and HEAD. For DELETE it
+    reserves 400 for a registry that does not allow deletes.
+    """
+    try:
+        return Digest.parse(value)
+    except DigestInvalid as error:
+        raise BlobUnknown(
+            f"blob unknown: {value!r} is not a valid digest",
+            {"repository": repository.name, "digest": value, "reason": error.message},
+        ) from None
+
+
 def _stat(repository: Repository, digest: Digest) -> BlobInfo:
     info = repository.blobs.stat(digest)
     path = repository.registry.blob_store.path(digest)
@@ -116,7 +133,7 @@ def _open(repository: Repository, digest: Digest) -> BinaryIO:
 async def get_blob(request: Request) -> Response:
     """Serve GET and HEAD of /v2/<name>/blobs/<digest>."""
     repository = request.repository()
-    digest = Digest.parse(request.path_params["digest"])
+    digest = lookup_digest(repository, request.path_params["digest"])
     info = await run_sync(_stat, repository, digest)
     headers = blob_headers(digest)
 
@@ -155,6 +172,6 @@ async def get_blob(request: Request) -> Response:
 
 async def delete_blob(request: Request) -> Response:
     repository = request.repository()
-    digest = Digest.parse(request.path_params["digest"])
+    digest = lookup_digest(repository, request.path_params["digest"])
     await run_sync(repository.blobs.delete, digest)
     return empty_response(202, [("Docker-Content-Digest", str(digest))])

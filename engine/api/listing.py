@@ -101,7 +101,8 @@ async def referrers(request: Request) -> Response:
     """Serve GET /v2/<name>/referrers/<digest> as an OCI image index.
 
     An unknown repository or subject gives an empty index, never a 404, as
-    the specification requires.
+    the specification requires. It also requires a 400 for a subject that
+    is not a valid digest, where GET of a manifest or blob gets a 404.
     """
     repository = request.repository()
     subject = Digest.parse(request.path_params["digest"])

@@ -22,7 +22,12 @@ from engine.api.body import read_limited
 from engine.api.http import Request, Response, empty_response, repository_path
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
-from engine.domain.errors import DigestMismatch
+from engine.domain.errors import (
+    DigestInvalid,
+    DigestMismatch,
+    ManifestUnknown,
+    TagInvalid,
+)
 from engine.domain.manifests import (
     DOCKER_MANIFEST_LIST,
     MAX_MANIFEST_SIZE,
@@ -40,6 +45,31 @@ def parse_reference(reference: str) -> tuple[str | None, Digest | None]:
     if ":" in reference:
         return None, Digest.parse(reference)
     return validate_tag(reference), None
+
+
+def lookup_reference(
+    repository: Repository, reference: str
+) -> tuple[str | None, Digest | None]:
+    """Parse the reference of a GET, HEAD or DELETE, raising ManifestUnknown
+    when it is neither a valid tag nor a valid digest.
+
+    The OCI distribution specification lists only 200 and 404 for GET and
+    HEAD. For DELETE it reserves 400 for a registry that does not allow
+    deletes, and `cairn mirror` reads a 400 that way. No manifest can be
+    stored under an invalid reference, so these requests get the 404 of any
+    other unknown manifest.
+    """
+    try:
+        return parse_reference(reference)
+    except (TagInvalid, DigestInvalid) as error:
+        raise ManifestUnknown(
+            f"manifest unknown: {reference!r} is not a valid tag or digest",
+            {
+                "repository": repository.name,
+                "reference": reference,
+                "reason": error.message,
+            },
+        ) from None
 
 
 def accepted_types(request: Request) -> set[str] | None:
@@ -111,7 +141,7 @@ async def get_manifest(request: Request) -> Response:
     """Serve GET and HEAD of /v2/<name>/manifests/<reference>."""
     repository = request.repository()
     reference = request.path_params["reference"]
-    tag, digest = parse_reference(reference)
+    tag, digest = lookup_reference(repository, reference)
     is_get = request.method == "GET"
 
     info, content = await run_sync(
@@ -178,7 +208,7 @@ async def put_manifest(request: Request) -> Response:
 async def delete_manifest(request: Request) -> Response:
     """Delete a manifest by digest, or only the tag when given a tag."""
     repository = request.repository()
-    tag, digest = parse_reference(request.path_params["reference"])
+    tag, digest = lookup_reference(repository, request.path_params["reference"])
     if tag is not None:
         await run_sync(repository.tags.untag, tag)
     else:

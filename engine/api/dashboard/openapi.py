@@ -401,7 +401,8 @@ def _operation(
             "content": {"application/json": {"schema": _ref(schema)}},
         },
         "400": {
-            "description": "A parameter is invalid; the error names it.",
+            "description": "A parameter is invalid, or the endpoint does not "
+            "take it. The error names the parameter.",
             "content": {"application/json": {"schema": _ref("Error")}},
         },
     }
@@ -572,6 +573,20 @@ def _openapi_path() -> dict[str, Any]:
             },
         }
     }
+
+
+def query_parameters(path: str) -> frozenset[str]:
+    """Return the names of the query parameters of GET ``path``, a key of the
+    document's ``paths`` such as ``/repositories/{name}``."""
+    described = _document()
+    names: set[str] = set()
+    for parameter in described["paths"][path]["get"].get("parameters", []):
+        if "$ref" in parameter:
+            component = parameter["$ref"].rsplit("/", 1)[-1]
+            parameter = described["components"]["parameters"][component]
+        if parameter["in"] == "query":
+            names.add(parameter["name"])
+    return frozenset(names)
 
 
 def document() -> dict[str, Any]:

@@ -23,6 +23,38 @@ MAX_TEXT: Final = 255
 _MAX_DIGITS: Final = len(str(MAX_INTEGER))
 
 
+# The parameters that read the log as of a past point. Only a tag list, a tag
+# and the catalog take them, because only the tag history and the catalog
+# keep past states.
+POINT_PARAMETERS: Final = ("at", "position")
+
+
+def reject_unknown(request: Request, accepted: frozenset[str]) -> None:
+    """Raise the 400 error for the first query parameter not in ``accepted``,
+    so that a misspelled or misplaced parameter is never ignored."""
+    for name, values in request.query.items():
+        if name in accepted:
+            continue
+        if name in POINT_PARAMETERS:
+            message = (
+                f"{name} is not supported here, because only a tag list, a tag "
+                "and the catalog can be read as of a past point"
+            )
+        elif accepted:
+            message = (
+                f"unknown query parameter {name}. This endpoint takes "
+                f"{', '.join(sorted(accepted))}"
+            )
+        else:
+            message = (
+                f"unknown query parameter {name}. This endpoint takes no "
+                "query parameters"
+            )
+        raise unsupported(
+            message, parameter=name, value=values[0], supported=sorted(accepted)
+        )
+
+
 def _value(request: Request, name: str) -> str | None:
     """Return the parameter's value, None when absent; 400 when empty."""
     value = request.param(name)
