@@ -338,8 +338,12 @@ def test_serve_option_invalid(
     option: str, value: str, message: str, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "data"
+    # Should the value be accepted, the server starts on a free port without
+    # NATS instead of on the default 127.0.0.1:5000. The option under test
+    # comes last, so it overrides --listen.
+    safe = ["--listen=127.0.0.1:0", "--no-nats"]
 
-    result = run_cairn("serve", "--data-dir", str(data_dir), f"{option}={value}")
+    result = run_cairn("serve", "--data-dir", str(data_dir), *safe, f"{option}={value}")
 
     assert result.status == 2, result.stderr
     assert "Traceback" not in result.stderr
