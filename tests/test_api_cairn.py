@@ -197,6 +197,17 @@ def test_events_limit_capped(api: httpx.Client, registry: Registry) -> None:
     assert remaining["next_after"] == remaining["head"] == page["head"]
 
 
+@pytest.mark.parametrize("name", ["afer", "position", "n"])
+def test_events_unknown_parameter(api: httpx.Client, name: str) -> None:
+    response = api.get("/_cairn/events", params={name: "3"})
+
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["parameter"] == name
+    assert error["detail"]["supported"] == ["after", "limit", "repository", "type"]
+
+
 def test_events_repository_invalid(api: httpx.Client) -> None:
     response = api.get("/_cairn/events", params={"repository": "Not/Valid"})
 

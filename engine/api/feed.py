@@ -22,6 +22,7 @@ import json
 from typing import Any, Final
 
 from engine import log as event_log
+from engine.api.dashboard.params import reject_unknown
 from engine.api.errors import unsupported
 from engine.api.http import MAX_INT64, Request, Response, parse_decimal
 from engine.api.threads import run_sync
@@ -36,6 +37,7 @@ DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 
 _EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
+_PARAMETERS: Final = frozenset({"after", "limit", "repository", "type"})
 
 
 def _count(request: Request, name: str, default: int) -> int:
@@ -110,6 +112,9 @@ def _read(
 
 
 async def events(request: Request) -> Response:
+    # A misspelled parameter, such as ``afer``, would otherwise replay the
+    # whole log from position 1.
+    reject_unknown(request, _PARAMETERS)
     after = _count(request, "after", 0)
     limit = _limit(request)
     repository = request.param("repository") or None
