@@ -6,10 +6,12 @@ import datetime
 import json
 import os
 import shutil
+import socket
 import ssl
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from cryptography import x509
 
 from engine.domain.digest import Digest
 from tests.images import make_image
+from tests.nats import wait_until
 from tests.server import ServeProcess, push_blob, push_image, start_serve
 from tests.test_clients import build_oci_layout
 from tests.test_mirror import REPO_ROOT, mirror_argv
@@ -200,6 +203,64 @@ def test_serve_https_plain_http_request(
     # The server still serves TLS clients afterwards.
     response = httpx.get(f"{https_serve.url}/v2/", verify=certificate.trusted())
     assert response.status_code == 200
+
+
+def test_serve_https_read_idle_timeout(
+    data_dir: Path, database_url: str, tmp_path: Path, certificate: Certificate
+) -> None:
+    served = start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        "--tls-cert",
+        str(certificate.cert),
+        "--tls-key",
+        str(certificate.key),
+        "--read-idle-timeout",
+        "1",
+    )
+    try:
+        host, port = served.url.removeprefix("https://").split(":")
+        raw = socket.create_connection((host, int(port)), timeout=30)
+        with certificate.trusted().wrap_socket(raw, server_hostname=host) as tls:
+            # Half a request head, then nothing.
+            tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n")
+            started = time.monotonic()
+            assert tls.recv(1024) == b""
+            waited = time.monotonic() - started
+        assert waited < 20
+        assert served.stop() == 0
+    finally:
+        served.kill()
+    log = served.log_path.read_text()
+    assert "Traceback" not in log
+
+
+def test_serve_https_publishes_to_embedded_nats(
+    data_dir: Path, database_url: str, tmp_path: Path, certificate: Certificate
+) -> None:
+    served = start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        "--tls-cert",
+        str(certificate.cert),
+        "--tls-key",
+        str(certificate.key),
+        embedded_nats=True,
+    )
+    try:
+        with httpx.Client(base_url=served.url, verify=certificate.trusted()) as client:
+            push_image(client, "library/app", make_image(), "v1")
+
+            def caught_up() -> bool:
+                health = client.get("/_cairn/health").json()
+                return bool(health["bus"]["state"] == "caught_up")
+
+            wait_until(caught_up)
+        assert served.stop() == 0
+    finally:
+        served.kill()
 
 
 def serve_until_exit(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
