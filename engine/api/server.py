@@ -70,9 +70,9 @@ def _event_loop_factory(
     """Return the event loop to serve on: uvloop, unless the server serves TLS.
 
     uvloop 0.23 encrypts in its own TLS layer, which sent a 256 MiB blob to
-    curl at 320 to 470 MiB/s here, against 590 to 740 MiB/s on asyncio's
-    loop, which uses the ssl module's SSLObject (two cores, one client,
-    alternating runs). Plain HTTP is faster on uvloop.
+    curl at 308 to 364 MiB/s, against 560 to 709 MiB/s on asyncio's loop,
+    which uses the ssl module's SSLObject (BENCHMARKS.md, "HTTPS, measured
+    by hand"). Plain HTTP is faster on uvloop.
     """
     if tls_context is None:
         return uvloop.new_event_loop
