@@ -3,17 +3,70 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 DEFAULT_DATA_DIR = "./cairn-data"
 DEFAULT_LISTEN = "127.0.0.1:5000"
 
+T = TypeVar("T")
+
+
+class EnvironmentValue(str):
+    """The text of a CAIRN_* environment variable, given to argparse as a default.
+
+    argparse converts a string default with the option's type only when it
+    parses the command that has the option, so an invalid value stops that
+    command and no other. ``variable`` lets the error name the variable.
+    """
+
+    variable: str
+
+    # ``variable`` has a default because copy and pickle call __new__ with
+    # the text alone and then restore the attribute.
+    def __new__(cls, value: str, variable: str = "") -> EnvironmentValue:
+        text = super().__new__(cls, value)
+        text.variable = variable
+        return text
+
 
 def env_default(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"CAIRN_{name}", default)
+    """Return CAIRN_<name> as an EnvironmentValue, or ``default`` when unset.
+
+    An option whose ``type`` checks the result needs the names_env_variable
+    decorator on that type, so that its error names the variable.
+    """
+    variable = f"CAIRN_{name}"
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    return EnvironmentValue(value, variable)
+
+
+def names_env_variable(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """Make the argparse type ``parse`` name the variable of an invalid default.
+
+    Its error on a value from env_default ends with the variable's name, so
+    that a user who did not type the value learns where it comes from.
+    """
+
+    @functools.wraps(parse)
+    def parse_naming_variable(value: str) -> T:
+        try:
+            return parse(value)
+        except argparse.ArgumentTypeError as error:
+            if not isinstance(value, EnvironmentValue):
+                raise
+            raise argparse.ArgumentTypeError(
+                f"{error} (from environment variable {value.variable})"
+            ) from None
+
+    return parse_naming_variable
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +101,7 @@ class StorageSettings:
 MAX_PORT = 65535
 
 
+@names_env_variable
 def parse_listen(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 hosts in brackets) into host and port."""
     host, sep, port = value.rpartition(":")
@@ -62,6 +116,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@names_env_variable
 def parse_port(value: str) -> int:
     """Parse a TCP port number, 0 to MAX_PORT; 0 lets the system pick one."""
     if not value.isdigit() or int(value) > MAX_PORT:
@@ -71,6 +126,7 @@ def parse_port(value: str) -> int:
     return int(value)
 
 
+@names_env_variable
 def parse_trusted_proxies(value: str) -> list[str]:
     """Split a comma-separated list of proxy addresses, checking each one.
 

@@ -11,6 +11,7 @@ from engine.bus.options import add_bus_options
 from engine.config import (
     DEFAULT_LISTEN,
     env_default,
+    names_env_variable,
     parse_listen,
     parse_trusted_proxies,
 )
@@ -44,6 +45,7 @@ _BYTE_SIZE: Final = re.compile(r"([0-9]{1,19})\s*([A-Za-z]*)")
 MAX_INT64: Final = 2**63 - 1
 
 
+@names_env_variable
 def parse_rate_limit(value: str) -> int:
     """Parse --rate-limit: a whole number of requests per second, at least 1."""
     try:
@@ -58,6 +60,7 @@ def parse_rate_limit(value: str) -> int:
     return rate
 
 
+@names_env_variable
 def parse_idle_timeout(value: str) -> float | None:
     """Parse an idle timeout in seconds, returning None for 0 (no timeout)."""
     try:
@@ -72,6 +75,7 @@ def parse_idle_timeout(value: str) -> float | None:
     return seconds or None
 
 
+@names_env_variable
 def parse_byte_size(value: str) -> int | None:
     """Parse a size in bytes, with an optional KiB, MiB, GiB or TiB suffix,
     returning None for 0 (no limit)."""
@@ -88,8 +92,9 @@ def parse_byte_size(value: str) -> int | None:
     return size or None
 
 
+@names_env_variable
 def parse_duration(value: str) -> float:
-    """Parse a non-negative, finite number of hours or minutes."""
+    """Parse a non-negative, finite number of hours, minutes or seconds."""
     try:
         amount = float(value)
     except ValueError:
@@ -118,7 +123,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         type=parse_listen,
-        default=parse_listen(env_default("LISTEN", DEFAULT_LISTEN) or DEFAULT_LISTEN),
+        default=env_default("LISTEN", DEFAULT_LISTEN) or DEFAULT_LISTEN,
         help=f"HOST:PORT to listen on (env CAIRN_LISTEN; default {DEFAULT_LISTEN})",
     )
     parser.add_argument(
@@ -130,13 +135,12 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--shutdown-timeout",
-        type=float,
-        default=float(
-            env_default("SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT))
-            or DEFAULT_SHUTDOWN_TIMEOUT
-        ),
+        type=parse_duration,
+        default=env_default("SHUTDOWN_TIMEOUT") or str(DEFAULT_SHUTDOWN_TIMEOUT),
+        metavar="SECONDS",
         help="seconds to let in-flight requests finish after SIGTERM or SIGINT "
-        "before they are cancelled (env CAIRN_SHUTDOWN_TIMEOUT; "
+        "before they are cancelled; 0 does not wait "
+        "(env CAIRN_SHUTDOWN_TIMEOUT; "
         f"default {DEFAULT_SHUTDOWN_TIMEOUT:g})",
     )
     add_upload_expiry_option(parser, "; checked hourly")

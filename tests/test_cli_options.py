@@ -1,0 +1,186 @@
+"""Options and CAIRN_* variables of the `cairn` commands, parsed in-process.
+
+An invalid value must stop the command that uses it with a usage error
+(exit status 2) that names the option, the value and, for a variable, the
+variable, while every other command still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.cli import build_parser
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+# Arguments that each command needs besides the option under test.
+COMMANDS = {
+    "serve": ["serve"],
+    "gc": ["gc"],
+    "events-tail": ["events", "tail"],
+    "events-republish": ["events", "republish", "--from", "1"],
+    "mirror": [
+        "mirror",
+        "--source",
+        "http://127.0.0.1:5000",
+        "--target",
+        "http://127.0.0.1:5001",
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Remove the CAIRN_* variables of the shell that runs the tests."""
+    for name in list(os.environ):
+        if name.startswith("CAIRN_") and not name.startswith("CAIRN_TEST_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Parse ``argv``, expect exit status 2 and return standard error."""
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- CAIRN_* variables --------------------------------------------------------
+
+# (variable, invalid value, command that uses it, its option)
+INVALID_VARIABLES = [
+    ("CAIRN_LISTEN", ":5000", "serve", "--listen"),
+    ("CAIRN_LISTEN", "garbage", "serve", "--listen"),
+    ("CAIRN_SHUTDOWN_TIMEOUT", "x", "serve", "--shutdown-timeout"),
+    ("CAIRN_SHUTDOWN_TIMEOUT", "nan", "serve", "--shutdown-timeout"),
+    ("CAIRN_UPLOAD_EXPIRY", "soon", "serve", "--upload-expiry"),
+    ("CAIRN_UPLOAD_EXPIRY", "soon", "gc", "--upload-expiry"),
+    ("CAIRN_GC_GRACE_PERIOD", "-1", "gc", "--grace-period"),
+    ("CAIRN_READ_IDLE_TIMEOUT", "soon", "serve", "--read-idle-timeout"),
+    ("CAIRN_WRITE_IDLE_TIMEOUT", "inf", "serve", "--write-idle-timeout"),
+    ("CAIRN_MAX_BLOB_SIZE", "foo", "serve", "--max-blob-size"),
+    ("CAIRN_RATE_LIMIT", "0", "serve", "--rate-limit"),
+    ("CAIRN_TRUSTED_PROXIES", "notanip", "serve", "--trusted-proxies"),
+    ("CAIRN_NATS_PORT", "99999", "serve", "--nats-port"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "command", "option"), INVALID_VARIABLES)
+def test_invalid_variable_spares_other_commands(
+    variable: str,
+    value: str,
+    command: str,
+    option: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    args = parse("verify")
+
+    assert args.command == "verify"
+
+
+@pytest.mark.parametrize(("variable", "value", "command", "option"), INVALID_VARIABLES)
+def test_invalid_variable_is_usage_error(
+    variable: str,
+    value: str,
+    command: str,
+    option: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    error = usage_error(capsys, *COMMANDS[command])
+
+    assert f"argument {option}: " in error
+    assert repr(value) in error
+    assert f"(from environment variable {variable})" in error
+    assert "Traceback" not in error
+
+
+def test_option_error_names_no_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CAIRN_LISTEN", "127.0.0.1:5000")
+
+    error = usage_error(capsys, "serve", "--listen", "garbage")
+
+    assert "invalid listen address 'garbage'" in error
+    assert "environment variable" not in error
+
+
+def test_valid_variables_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAIRN_LISTEN", "[::1]:5050")
+    monkeypatch.setenv("CAIRN_SHUTDOWN_TIMEOUT", "2.5")
+
+    args = parse("serve")
+
+    assert args.listen == ("::1", 5050)
+    assert args.shutdown_timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["verify", "--data-dir", "missing"]],
+    ids=["help", "verify"],
+)
+def test_invalid_listen_variable_spares_cli(argv: list[str], tmp_path: Path) -> None:
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("CAIRN_") or name.startswith("CAIRN_TEST_")
+    }
+    environment["CAIRN_LISTEN"] = ":5000"
+    environment["CAIRN_SHUTDOWN_TIMEOUT"] = "x"
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "engine.cli", *argv],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**environment, "PYTHONPATH": str(REPOSITORY_ROOT)},
+        timeout=60,
+    )
+
+    assert "Traceback" not in completed.stderr
+    if argv == ["--help"]:
+        assert completed.returncode == 0, completed.stderr
+        assert "usage: cairn" in completed.stdout
+    else:
+        assert completed.returncode == 1, completed.stderr
+        assert f"data directory {tmp_path / 'missing'} not found" in completed.stderr
+
+
+# ---- serve --------------------------------------------------------------------
+
+
+def test_shutdown_timeout_default() -> None:
+    assert parse("serve").shutdown_timeout == 30.0
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("0", 0.0), ("2.5", 2.5)])
+def test_shutdown_timeout_accepted(value: str, seconds: float) -> None:
+    assert parse("serve", "--shutdown-timeout", value).shutdown_timeout == seconds
+
+
+@pytest.mark.parametrize("value", ["nan", "-3", "inf", "soon"])
+def test_shutdown_timeout_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, "serve", "--shutdown-timeout", value)
+
+    assert f"argument --shutdown-timeout: invalid duration {value!r}" in error
