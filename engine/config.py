@@ -6,15 +6,18 @@ import argparse
 import functools
 import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
 DEFAULT_DATA_DIR = "./cairn-data"
 DEFAULT_LISTEN = "127.0.0.1:5000"
 
 T = TypeVar("T")
+
+_TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
 
 
 class EnvironmentValue(str):
@@ -67,6 +70,55 @@ def names_env_variable(parse: Callable[[str], T]) -> Callable[[str], T]:
             ) from None
 
     return parse_naming_variable
+
+
+@names_env_variable
+def parse_boolean(value: str) -> bool:
+    """Parse 1, true, yes or on, and 0, false, no or off, in any letter case."""
+    word = value.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"invalid boolean {value!r}: expected 1, true, yes or on, "
+        "or 0, false, no or off"
+    )
+
+
+class EnvironmentFlag(argparse.Action):
+    """An option like ``store_true`` whose default is a CAIRN_* variable.
+
+    ``add_argument("--no-nats", action=EnvironmentFlag, env="NO_NATS")``
+    reads CAIRN_NO_NATS with parse_boolean, and an unset or empty variable
+    means false. The flag on the command line sets true whatever the
+    variable contains.
+    """
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        env: str,
+        help: str | None = None,
+    ) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=env_default(env) or False,
+            type=parse_boolean,
+            help=help,
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:

@@ -74,6 +74,9 @@ INVALID_VARIABLES = [
     ("CAIRN_RATE_LIMIT", "0", "serve", "--rate-limit"),
     ("CAIRN_TRUSTED_PROXIES", "notanip", "serve", "--trusted-proxies"),
     ("CAIRN_NATS_PORT", "99999", "serve", "--nats-port"),
+    ("CAIRN_NO_NATS", "enabled", "serve", "--no-nats"),
+    ("CAIRN_PUBLISH_PULLS", "2", "serve", "--publish-pulls"),
+    ("CAIRN_RELATIVE_URLS", "y", "serve", "--relative-urls"),
 ]
 
 
@@ -163,6 +166,62 @@ def test_invalid_listen_variable_spares_cli(argv: list[str], tmp_path: Path) -> 
     else:
         assert completed.returncode == 1, completed.stderr
         assert f"data directory {tmp_path / 'missing'} not found" in completed.stderr
+
+
+# ---- yes-or-no variables ------------------------------------------------------
+
+FLAG_VARIABLES = {
+    "CAIRN_NO_NATS": "no_nats",
+    "CAIRN_PUBLISH_PULLS": "publish_pulls",
+    "CAIRN_RELATIVE_URLS": "relative_urls",
+}
+TRUE_SPELLINGS = ["1", "true", "TRUE", "Yes", "on", "ON", " on "]
+FALSE_SPELLINGS = ["0", "false", "False", "NO", "off", ""]
+
+
+@pytest.mark.parametrize("variable", list(FLAG_VARIABLES))
+@pytest.mark.parametrize("value", TRUE_SPELLINGS)
+def test_flag_variable_true(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    args = parse("serve")
+
+    assert getattr(args, FLAG_VARIABLES[variable]) is True
+
+
+@pytest.mark.parametrize("variable", list(FLAG_VARIABLES))
+@pytest.mark.parametrize("value", FALSE_SPELLINGS)
+def test_flag_variable_false(
+    variable: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    args = parse("serve")
+
+    assert getattr(args, FLAG_VARIABLES[variable]) is False
+
+
+@pytest.mark.parametrize("variable", list(FLAG_VARIABLES))
+def test_flag_unset_is_false(variable: str) -> None:
+    assert getattr(parse("serve"), FLAG_VARIABLES[variable]) is False
+
+
+def test_flag_option_overrides_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAIRN_NO_NATS", "off")
+    monkeypatch.setenv("CAIRN_RELATIVE_URLS", "invalid but overridden")
+
+    args = parse("serve", "--no-nats", "--relative-urls")
+
+    assert args.no_nats is True
+    assert args.relative_urls is True
+
+
+def test_nats_and_no_nats_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    error = usage_error(capsys, "serve", "--nats", "nats://127.0.0.1:4222", "--no-nats")
+
+    assert "not allowed with argument" in error
 
 
 # ---- serve --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Final
 from engine.bus.options import add_bus_options
 from engine.config import (
     DEFAULT_LISTEN,
+    EnvironmentFlag,
     env_default,
     names_env_variable,
     parse_listen,
@@ -128,8 +129,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--relative-urls",
-        action="store_true",
-        default=env_default("RELATIVE_URLS", "") in ("1", "true", "yes"),
+        action=EnvironmentFlag,
+        env="RELATIVE_URLS",
         help="send Location headers as paths instead of absolute URLs built "
         "from the Host and X-Forwarded-* headers (env CAIRN_RELATIVE_URLS=1)",
     )

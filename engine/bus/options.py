@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import add_storage_options, env_default, parse_port
+from engine.config import (
+    EnvironmentFlag,
+    add_storage_options,
+    env_default,
+    parse_port,
+)
 
 DEFAULT_STREAM = "CAIRN"
 DEFAULT_SUBJECT_PREFIX = "cairn"
@@ -24,8 +29,8 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
     )
     choice.add_argument(
         "--no-nats",
-        action="store_true",
-        default=env_default("NO_NATS", "") in ("1", "true", "yes"),
+        action=EnvironmentFlag,
+        env="NO_NATS",
         help="do not publish events to NATS; they stay in the log "
         "(env CAIRN_NO_NATS=1)",
     )
@@ -39,8 +44,8 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
     _add_stream_options(group)
     group.add_argument(
         "--publish-pulls",
-        action="store_true",
-        default=env_default("PUBLISH_PULLS", "") in ("1", "true", "yes"),
+        action=EnvironmentFlag,
+        env="PUBLISH_PULLS",
         help="also publish manifest pulls as core NATS messages on "
         "<prefix>.pull.<repository> (env CAIRN_PUBLISH_PULLS=1)",
     )
