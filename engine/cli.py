@@ -350,17 +350,14 @@ def _cmd_events_tail(args: argparse.Namespace) -> int:
 
 def _cmd_events_republish(args: argparse.Namespace) -> int:
     from engine.bus.reset import RelayRunning, reset_checkpoint
-    from engine.bus.settings import validate_stream_name
 
     stream: str = args.stream
-    try:
-        validate_stream_name(stream)
-        if args.from_position < 1:
-            raise ValueError(
-                f"invalid position {args.from_position}: expected 1 or more"
-            )
-    except ValueError as error:
-        print(f"cairn events republish: {error}", file=sys.stderr)
+    if args.from_position < 1:
+        print(
+            f"cairn events republish: invalid position {args.from_position}: "
+            "expected 1 or more",
+            file=sys.stderr,
+        )
         return 2
     settings = StorageSettings.from_args(args)
     registry = open_registry(settings, create=False)

@@ -332,6 +332,9 @@ def test_database_url_invalid(url: str, message: str, tmp_path: Path) -> None:
             ",10.0.0.1",
             "invalid trusted proxy '' at entry 1 of ',10.0.0.1'",
         ),
+        ("--stream", "bad.name", "invalid stream name 'bad.name'"),
+        ("--subject-prefix", "a.>", "invalid subject prefix 'a.>'"),
+        ("--shutdown-timeout", "nan", "invalid duration 'nan'"),
     ],
 )
 def test_serve_option_invalid(

@@ -77,6 +77,12 @@ INVALID_VARIABLES = [
     ("CAIRN_NO_NATS", "enabled", "serve", "--no-nats"),
     ("CAIRN_PUBLISH_PULLS", "2", "serve", "--publish-pulls"),
     ("CAIRN_RELATIVE_URLS", "y", "serve", "--relative-urls"),
+    ("CAIRN_NATS_STREAM", "bad.name", "serve", "--stream"),
+    ("CAIRN_NATS_STREAM", "bad.name", "events-tail", "--stream"),
+    ("CAIRN_NATS_STREAM", "bad.name", "events-republish", "--stream"),
+    ("CAIRN_NATS_STREAM", "bad.name", "mirror", "--stream"),
+    ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "serve", "--subject-prefix"),
+    ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "events-tail", "--subject-prefix"),
 ]
 
 
@@ -222,6 +228,49 @@ def test_nats_and_no_nats_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
     error = usage_error(capsys, "serve", "--nats", "nats://127.0.0.1:4222", "--no-nats")
 
     assert "not allowed with argument" in error
+
+
+# ---- stream and subject prefix ------------------------------------------------
+
+STREAM_MESSAGE = "invalid stream name 'bad.name': use 1 to 32 letters, digits"
+PREFIX_MESSAGE = "invalid subject prefix 'a.>': expected one or more tokens"
+
+
+@pytest.mark.parametrize(
+    "command", ["serve", "events-tail", "events-republish", "mirror"]
+)
+def test_invalid_stream_rejected(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS[command], "--stream", "bad.name")
+
+    assert f"argument --stream: {STREAM_MESSAGE}" in error
+
+
+@pytest.mark.parametrize("command", ["serve", "events-tail"])
+@pytest.mark.parametrize("prefix", ["a.>", "a..b", "", "with space"])
+def test_invalid_subject_prefix_rejected(
+    command: str, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS[command], "--subject-prefix", prefix)
+
+    assert f"argument --subject-prefix: invalid subject prefix {prefix!r}" in error
+
+
+@pytest.mark.parametrize(
+    "command", ["serve", "events-tail", "events-republish", "mirror"]
+)
+def test_stream_from_variable(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAIRN_NATS_STREAM", "EVENTS_2")
+
+    assert parse(*COMMANDS[command]).stream == "EVENTS_2"
+
+
+@pytest.mark.parametrize("command", ["serve", "events-tail"])
+def test_subject_prefix_accepted(command: str) -> None:
+    args = parse(*COMMANDS[command], "--subject-prefix", "acme.registry")
+
+    assert args.subject_prefix == "acme.registry"
 
 
 # ---- serve --------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine.bus.options import parse_stream_name
 from engine.config import env_default
 
 
@@ -53,6 +54,7 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stream",
+        type=parse_stream_name,
         default=env_default("NATS_STREAM", "CAIRN"),
         help="JetStream stream of the source's events (env CAIRN_NATS_STREAM; "
         "default CAIRN)",

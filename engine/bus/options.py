@@ -5,15 +5,36 @@ from __future__ import annotations
 
 import argparse
 
+from engine.bus.subjects import validate_prefix, validate_stream_name
 from engine.config import (
     EnvironmentFlag,
     add_storage_options,
     env_default,
+    names_env_variable,
     parse_port,
 )
 
 DEFAULT_STREAM = "CAIRN"
 DEFAULT_SUBJECT_PREFIX = "cairn"
+
+
+@names_env_variable
+def parse_stream_name(value: str) -> str:
+    """Parse --stream: a JetStream stream name that cairn can use."""
+    try:
+        validate_stream_name(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+@names_env_variable
+def parse_subject_prefix(value: str) -> str:
+    """Parse --subject-prefix: one or more subject tokens without wildcards."""
+    try:
+        return validate_prefix(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_bus_options(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +148,7 @@ def add_republish_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stream",
+        type=parse_stream_name,
         default=env_default("NATS_STREAM", DEFAULT_STREAM),
         help="JetStream stream whose relay to reset (env CAIRN_NATS_STREAM; "
         f"default {DEFAULT_STREAM})",
@@ -136,11 +158,13 @@ def add_republish_options(parser: argparse.ArgumentParser) -> None:
 def _add_stream_options(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--stream",
+        type=parse_stream_name,
         default=env_default("NATS_STREAM", DEFAULT_STREAM),
         help=f"JetStream stream name (env CAIRN_NATS_STREAM; default {DEFAULT_STREAM})",
     )
     parser.add_argument(
         "--subject-prefix",
+        type=parse_subject_prefix,
         default=env_default("NATS_SUBJECT_PREFIX", DEFAULT_SUBJECT_PREFIX),
         help="first subject token of every event (env CAIRN_NATS_SUBJECT_PREFIX; "
         f"default {DEFAULT_SUBJECT_PREFIX})",

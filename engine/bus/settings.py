@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from engine.bus.options import DEFAULT_STREAM, DEFAULT_SUBJECT_PREFIX
-from engine.bus.subjects import validate_prefix
+from engine.bus.subjects import validate_prefix, validate_stream_name
 
 # JetStream's own default duplicate window is also two minutes.
 DEFAULT_DUPLICATE_WINDOW: Final = 120.0
-
-# NATS naming conventions for streams: no whitespace, '.', '*', '>', or path
-# separators, and short enough to be a directory name on any file system.
-_STREAM_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-
-
-def validate_stream_name(name: str) -> None:
-    """Raise ValueError unless ``name`` can name cairn's JetStream stream."""
-    if not _STREAM_NAME.match(name):
-        raise ValueError(
-            f"invalid stream name {name!r}: use 1 to 32 letters, digits, '-' or '_'"
-        )
 
 
 @dataclass(frozen=True, slots=True)

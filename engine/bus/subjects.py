@@ -27,6 +27,9 @@ NATS reserves for system subjects. Decoding reverses the mapping exactly and
 accepts only the canonical form. A name with an empty path component cannot
 be encoded, because NATS tokens are never empty; valid repository names have
 none.
+
+The module also checks the subject prefix and the stream name that an
+operator chooses.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ _ESCAPE: Final = ord("_")
 _HEX: Final = "0123456789ABCDEF"
 _TOKEN: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 _PREFIX_TOKEN: Final = re.compile(r"^[^\s.*>]+$")
+
+# NATS naming conventions for streams: no whitespace, '.', '*', '>', or path
+# separators, and short enough to be a directory name on any file system.
+_STREAM_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 def encode_component(component: str) -> str:
@@ -121,6 +128,14 @@ def validate_prefix(prefix: str) -> str:
             "separated by '.', without whitespace, '*' or '>', e.g. cairn"
         )
     return prefix
+
+
+def validate_stream_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can name cairn's JetStream stream."""
+    if not _STREAM_NAME.match(name):
+        raise ValueError(
+            f"invalid stream name {name!r}: use 1 to 32 letters, digits, '-' or '_'"
+        )
 
 
 def event_subject(prefix: str, event_type: str, repository: str) -> str:
