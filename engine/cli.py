@@ -490,7 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cairn", description="A container registry whose storage is an event log."
     )
     parser.add_argument(
-        "--log-level", default="info", help="debug, info, warning or error"
+        "--log-level",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="lowest level of the log lines written to standard error, in any "
+        "letter case (default info)",
     )
     parser.add_argument(
         "--log-format",

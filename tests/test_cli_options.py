@@ -57,6 +57,23 @@ def usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return capsys.readouterr().err
 
 
+# ---- logging ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "level"), [("debug", "debug"), ("INFO", "info"), ("Warning", "warning")]
+)
+def test_log_level_accepted(value: str, level: str) -> None:
+    assert parse("--log-level", value, "verify").log_level == level
+
+
+@pytest.mark.parametrize("value", ["verbose", "critical", ""])
+def test_log_level_rejected(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    error = usage_error(capsys, "--log-level", value, "verify")
+
+    assert f"argument --log-level: invalid choice: {value!r}" in error
+
+
 # ---- CAIRN_* variables --------------------------------------------------------
 
 # (variable, invalid value, command that uses it, its option)
