@@ -352,13 +352,6 @@ def _cmd_events_republish(args: argparse.Namespace) -> int:
     from engine.bus.reset import RelayRunning, reset_checkpoint
 
     stream: str = args.stream
-    if args.from_position < 1:
-        print(
-            f"cairn events republish: invalid position {args.from_position}: "
-            "expected 1 or more",
-            file=sys.stderr,
-        )
-        return 2
     settings = StorageSettings.from_args(args)
     registry = open_registry(settings, create=False)
     try:

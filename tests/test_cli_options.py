@@ -290,6 +290,44 @@ def test_subject_prefix_accepted(command: str) -> None:
     assert args.subject_prefix == "acme.registry"
 
 
+# ---- event positions and counts -----------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["events-tail", "events-republish"])
+@pytest.mark.parametrize("value", ["0", "-3", "first", "1.5"])
+def test_invalid_from_position_rejected(
+    command: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS[command], "--from", value)
+
+    assert f"argument --from: invalid position {value!r}" in error
+    assert "expected a whole number, 1 or more" in error
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "all"])
+def test_invalid_tail_count_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, "events", "tail", "--count", value)
+
+    assert f"argument --count: invalid count {value!r}" in error
+    assert "expected a whole number, 1 or more" in error
+
+
+def test_tail_from_and_count_accepted() -> None:
+    args = parse("events", "tail", "--from", "1", "--count", "5")
+
+    assert args.from_position == 1
+    assert args.count == 5
+
+
+def test_tail_from_and_count_default() -> None:
+    args = parse("events", "tail")
+
+    assert args.from_position is None
+    assert args.count is None
+
+
 # ---- serve --------------------------------------------------------------------
 
 

@@ -242,7 +242,7 @@ def test_republish_after_purge_and_window(
 @pytest.mark.parametrize(
     ("argv", "status", "message"),
     [
-        (["--from", "0"], 2, "invalid position 0: expected 1 or more"),
+        (["--from", "0"], 2, "invalid position '0': expected a whole number"),
         (["--from", "6"], 1, "position 6 is after the relay's next position 5"),
         (["--from", "1", "--stream", "bad.name"], 2, "invalid stream name"),
     ],

@@ -37,6 +37,28 @@ def parse_subject_prefix(value: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def parse_position(value: str) -> int:
+    """Parse a log position, 1 or more."""
+    return _parse_from_one(value, "position")
+
+
+def parse_count(value: str) -> int:
+    """Parse a number of events, 1 or more."""
+    return _parse_from_one(value, "count")
+
+
+def _parse_from_one(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid {name} {value!r}: expected a whole number, 1 or more"
+        )
+    return number
+
+
 def add_bus_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that set where `cairn serve` publishes events."""
     group = parser.add_argument_group("event bus")
@@ -83,9 +105,10 @@ def add_tail_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from",
         dest="from_position",
-        type=int,
+        type=parse_position,
         default=None,
-        help="start at this log position; default: only events from now on",
+        metavar="POSITION",
+        help="start at this log position, 1 or more; default: only events from now on",
     )
     parser.add_argument(
         "--type",
@@ -99,9 +122,11 @@ def add_tail_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--count",
-        type=int,
+        type=parse_count,
         default=None,
-        help="exit after printing this many events; default: run until interrupted",
+        metavar="N",
+        help="exit after printing this many events, 1 or more; default: run "
+        "until interrupted",
     )
     _add_stream_options(parser)
 
@@ -141,7 +166,7 @@ def add_republish_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--from",
         dest="from_position",
-        type=int,
+        type=parse_position,
         required=True,
         metavar="POSITION",
         help="first log position to publish again; 1 republishes the whole log",
