@@ -9,6 +9,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -682,6 +683,33 @@ def test_webhook_rejects_invalid_config(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert "invalid name 'bad name'" in result.stderr
+
+
+def test_redeliver_rejects_unknown_endpoint(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {"name": "down", "url": "http://127.0.0.1:1/down"},
+            {"name": "up", "url": "http://127.0.0.1:1/up"},
+        ],
+    )
+    with socket.socket() as unused:
+        # Bound but not listening, so a connection to NATS would fail.
+        unused.bind(("127.0.0.1", 0))
+        nats_url = f"nats://127.0.0.1:{unused.getsockname()[1]}"
+        common = ["--config", str(config), "--nats", nats_url, "--endpoint", "nope"]
+
+        redelivered = cairn_cli("webhook", "dead-letters", "redeliver", *common)
+        listed = cairn_cli("webhook", "dead-letters", "list", *common)
+
+    assert redelivered.returncode == 2, redelivered.stderr
+    assert f"endpoint 'nope' not found in {config}" in redelivered.stderr
+    assert "it defines down, up" in redelivered.stderr
+    assert "Traceback" not in redelivered.stderr
+    # list accepts the name, since the dead letters of an endpoint removed
+    # from the configuration stay listed, and fails only on NATS.
+    assert listed.returncode == 1, listed.stderr
+    assert "not found in" not in listed.stderr
 
 
 def test_dead_letter_stream_created_once(

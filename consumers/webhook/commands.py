@@ -32,6 +32,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     nats_url = nats_url_from(args, config.nats_url)
 
+    problem = _check_redeliver_endpoint(config, args)
+    if problem is not None:
+        print(f"cairn webhook dead-letters redeliver: {problem}", file=sys.stderr)
+        return 2
+
     if args.webhook_command is None:
         from consumers.webhook.service import run_webhook
 
@@ -43,6 +48,23 @@ def main(args: argparse.Namespace) -> int:
     except ConnectionError as error:
         print(f"cairn webhook: {error}", file=sys.stderr)
         return 1
+
+
+def _check_redeliver_endpoint(
+    config: WebhookConfig, args: argparse.Namespace
+) -> str | None:
+    """Return a usage error when redeliver's --endpoint is not configured.
+
+    redeliver can send only to a configured endpoint, so an unknown name is
+    a mistake. `dead-letters list` accepts any name, because the dead
+    letters of an endpoint removed from the configuration stay listed.
+    """
+    if getattr(args, "dead_letters_command", None) != "redeliver":
+        return None
+    if args.endpoint is None or config.endpoint(args.endpoint) is not None:
+        return None
+    names = ", ".join(endpoint.name for endpoint in config.endpoints)
+    return f"endpoint {args.endpoint!r} not found in {args.config}: it defines {names}"
 
 
 def _selected(letter: DeadLetter, args: argparse.Namespace) -> bool:

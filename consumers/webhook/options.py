@@ -8,6 +8,15 @@ from pathlib import Path
 from consumers import DEFAULT_NATS_URL
 from engine.config import env_default
 
+REDELIVER_DESCRIPTION = """\
+Send each selected dead letter to its endpoint again, once, and remove the
+ones delivered. The exit status is 0 when no selected dead letter is kept,
+1 when any is kept (because its delivery failed again, its endpoint is no
+longer in the configuration, or removing it failed) or NATS is
+unreachable, and 2 for invalid options, such as an --endpoint that the
+configuration does not define.
+"""
+
 
 def add_webhook_options(parser: argparse.ArgumentParser) -> None:
     _add_common(parser, argparse.SUPPRESS)
@@ -32,6 +41,7 @@ def add_webhook_options(parser: argparse.ArgumentParser) -> None:
         "redeliver",
         help="send dead letters to their endpoints again, once each; each one "
         "delivered is removed",
+        description=REDELIVER_DESCRIPTION,
     )
     _add_common(redeliver, argparse.SUPPRESS)
     _add_selection(redeliver)
