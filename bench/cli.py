@@ -88,8 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tmp-dir",
         type=Path,
-        help="parent of the run directory that contains both servers' data and the "
-        "payloads (default: the system temp dir); the fsync limit is measured there",
+        help="existing directory in which to create the run directory that "
+        "contains both servers' data and the payloads (default: the system temp "
+        "dir); the fsync limit is measured there",
     )
     parser.add_argument(
         "--results-dir",
@@ -118,6 +119,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = 0 if args.quick else 1
     if args.rounds < 1 or args.warmup < 0:
         parser.error("--rounds must be at least 1 and --warmup at least 0")
+    # A typo in --tmp-dir fails here instead of creating a directory that
+    # may lie on another file system than the one meant to be measured.
+    if args.tmp_dir is not None and not args.tmp_dir.is_dir():
+        parser.error(
+            f"--tmp-dir {args.tmp_dir} is not an existing directory; create it "
+            "or choose another"
+        )
+    # Create the results directory before the run, so that an unusable path
+    # fails at once instead of after the whole run.
+    try:
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(
+            f"cannot create --results-dir {args.results_dir}: {error.strerror or error}"
+        )
     return args
 
 
@@ -264,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("load average at start: %.2f %.2f %.2f", *load_at_start)
     cpu_meter = CpuMeter()
     wall_start = time.perf_counter()
-    run_dir = Path(tempfile.mkdtemp(prefix="cairn-bench-", dir=args.tmp_dir))
+    try:
+        run_dir = Path(tempfile.mkdtemp(prefix="cairn-bench-", dir=args.tmp_dir))
+    except OSError as error:
+        parent = args.tmp_dir or tempfile.gettempdir()
+        log.error("cannot create the run directory in %s: %s", parent, error)
+        return 1
     log.info("run directory %s", run_dir)
     targets: list[Target] = []
     try:
@@ -306,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     record = build_record(args, sizes, started_at, machine, limits, target_info, runs)
     record["command"] = ["bench/run", *(sys.argv[1:] if argv is None else argv)]
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(markdown_tables(record))
