@@ -411,12 +411,25 @@ def _read_password(name: str) -> str:
 
 
 def _cmd_users_add(args: argparse.Namespace) -> int:
-    from engine.api.auth import Role, add_user
+    from engine.api.auth import AuthFileError, Role, add_user, parse_users
 
     path: Path = args.auth_file
     try:
+        # add_user checks the file again under its lock. This check only
+        # saves typing a password for a file that would be rejected.
+        if path.is_file():
+            parse_users(path.read_text(encoding="utf-8"), path)
         password = _read_password(args.name)
         replaced = add_user(path, args.name, Role(args.role), password)
+    except AuthFileError as error:
+        log.error(
+            "user_add_failed", user=args.name, auth_file=str(path), error=str(error)
+        )
+        print(
+            f"cairn: cannot add user {args.name}: {error}; the file is unchanged",
+            file=sys.stderr,
+        )
+        return 1
     except (ValueError, OSError) as error:
         # An OSError raised on an open descriptor names the descriptor, not
         # the file, so only its description is shown beside the path.

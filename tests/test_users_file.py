@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from engine.api.auth import PasswordHash, Role, add_user, load_users
+import pytest
+
+from engine.api.auth import AuthFileError, PasswordHash, Role, add_user, load_users
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT = 120.0
@@ -120,3 +122,79 @@ def test_add_to_missing_file_creates_it(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert sorted(load_users(path)) == ["alice"]
     assert [entry.name for entry in tmp_path.iterdir()] == ["users"]
+
+
+def valid_line(name: str) -> str:
+    return f"{name}:pull:" + PasswordHash.create(f"password of {name}").format()
+
+
+INVALID_FILES = {
+    "no-role": (["alice:scrypt$1$2$3"], 1, "expected name:role:scrypt$..."),
+    "bad-role": (["{alice}", "bob:admin:{hash}"], 2, "unknown role 'admin'"),
+    "listed-twice": (["{alice}", "# a comment", "{alice}"], 3, "listed twice"),
+}
+
+
+def write_invalid_file(path: Path, case: str) -> bytes:
+    lines, _, _ = INVALID_FILES[case]
+    alice = valid_line("alice")
+    text = "\n".join(
+        line.format(alice=alice, hash=alice.split(":", 2)[2]) for line in lines
+    )
+    path.write_text(text + "\n")
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", list(INVALID_FILES))
+def test_cli_add_rejects_invalid_file(case: str, tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    before = write_invalid_file(path, case)
+    _, line, reason = INVALID_FILES[case]
+
+    process = start_users_add(path, "carol")
+    _, stderr = process.communicate("carol's password\n", timeout=WAIT)
+
+    assert process.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert f"users file {path} line {line}: " in stderr
+    assert reason in stderr
+    assert "the file is unchanged" in stderr
+    assert path.read_bytes() == before
+    assert [entry.name for entry in tmp_path.iterdir()] == ["users"]
+
+
+@pytest.mark.parametrize("case", list(INVALID_FILES))
+def test_add_rejects_invalid_file(case: str, tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    before = write_invalid_file(path, case)
+    _, line, reason = INVALID_FILES[case]
+
+    with pytest.raises(AuthFileError) as raised:
+        add_user(path, "carol", Role.PUSH, "carol's password")
+
+    assert str(raised.value).startswith(f"users file {path} line {line}: ")
+    assert reason in str(raised.value)
+    assert path.read_bytes() == before
+    assert [entry.name for entry in tmp_path.iterdir()] == ["users"]
+
+
+def test_add_rejects_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_bytes(b"\xff\xfe not text\n")
+
+    with pytest.raises(AuthFileError) as raised:
+        add_user(path, "carol", Role.PUSH, "carol's password")
+
+    assert str(raised.value).startswith(f"cannot read users file {path}: ")
+    assert path.read_bytes() == b"\xff\xfe not text\n"
+
+
+def test_add_keeps_comments_and_users(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    alice = valid_line("alice")
+    path.write_text(f"# team\n{alice}\n\n")
+
+    add_user(path, "bob", Role.PUSH, "bob's password")
+
+    assert path.read_text().startswith(f"# team\n{alice}\n\n")
+    assert sorted(load_users(path)) == ["alice", "bob"]

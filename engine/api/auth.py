@@ -204,6 +204,14 @@ def load_users(path: Path) -> dict[str, User]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise AuthFileError(f"cannot read users file {path}: {error}") from error
+    return parse_users(text, path)
+
+
+def parse_users(text: str, path: Path) -> dict[str, User]:
+    """Parse ``text``, the contents of the users file at ``path``.
+
+    Raises AuthFileError naming the file and the line of the first bad entry.
+    """
     users: dict[str, User] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
@@ -230,6 +238,9 @@ def add_user(path: Path, name: str, role: Role, password: str) -> bool:
     directory, fsynced, renamed over the old one, and the directory is
     fsynced, so a reader sees the old or the new file and never half of one.
     Both have mode 0600. Other lines are kept as they are.
+
+    Raises AuthFileError, and leaves the file unchanged, when the existing
+    file is not one that load_users, and so `cairn serve`, accepts.
     """
     validate_user_name(name)
     if not password:
@@ -250,7 +261,14 @@ def add_user(path: Path, name: str, role: Role, password: str) -> bool:
             # one, these contents are out of date: lock the new file.
             if not _is_same_file(locked.fileno(), path):
                 continue
-            lines, replaced = _replace_line(locked.read().splitlines(), name, new_line)
+            try:
+                text = locked.read()
+            except UnicodeDecodeError as error:
+                raise AuthFileError(
+                    f"cannot read users file {path}: {error}"
+                ) from error
+            parse_users(text, path)
+            lines, replaced = _replace_line(text.splitlines(), name, new_line)
             _replace_file(path, "".join(f"{line}\n" for line in lines))
             # Closing ``locked`` releases the lock, after the rename.
             return replaced
