@@ -477,9 +477,13 @@ def _cmd_certificate(args: argparse.Namespace) -> int:
         for path in written:
             path.unlink(missing_ok=True)
         name = error.filename or cert_path
+        hint = ""
+        if isinstance(error, FileExistsError):
+            hint = (
+                ". An existing file is never replaced: remove it or choose another path"
+            )
         print(
-            f"cairn certificate: cannot write {name}: {error.strerror or error}. "
-            "An existing file is never replaced: remove it or choose another path",
+            f"cairn certificate: cannot write {name}: {error.strerror or error}{hint}",
             file=sys.stderr,
         )
         return 1

@@ -133,6 +133,25 @@ def test_certificate_keeps_existing_files(
     assert not other_key.exists()
 
 
+def test_certificate_missing_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+
+    result = cairn(
+        "certificate",
+        "--host",
+        "localhost",
+        "--cert",
+        str(missing / "cert.pem"),
+        "--key",
+        str(missing / "key.pem"),
+    )
+
+    assert result.returncode == 1
+    message = f"cannot write {missing / 'key.pem'}: No such file or directory\n"
+    assert result.stderr.endswith(message)
+    assert not missing.exists()
+
+
 @pytest.mark.parametrize(
     "host", ["bad_host", "-registry.example", "a..b", "", "x" * 64 + ".example"]
 )
