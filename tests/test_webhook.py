@@ -640,6 +640,21 @@ def test_webhook_dead_letters_and_redelivery(
     )
     assert only_first.returncode == 0, only_first.stdout + only_first.stderr
     assert "1 redelivered, 0 kept" in only_first.stdout
+    # That dead letter is gone, so asking for it again is an error.
+    again = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "redeliver",
+        "--config",
+        str(config),
+        "--nats",
+        nats_server.url,
+        "--event-id",
+        tag_events[0]["id"],
+    )
+    assert again.returncode == 1
+    assert f"not found {tag_events[0]['id']}: no dead letter" in again.stdout
+    assert "0 redelivered, 0 kept, 1 not found" in again.stdout
     rest = cairn_cli(
         "webhook",
         "dead-letters",

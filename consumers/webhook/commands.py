@@ -125,7 +125,7 @@ async def _redeliver(
     client = await connect_once(nats_url, "cairn webhook dead-letters")
     lookup = ManifestLookup(config.registry_url) if config.registry_url else None
     events = EventLookup(config.registry_url) if config.registry_url else None
-    delivered = failed = 0
+    delivered = failed = missing = 0
     try:
         store = DeadLetterStore(
             client.jetstream(), config.dead_letter_stream, config.dead_letter_prefix
@@ -135,6 +135,15 @@ async def _redeliver(
             async for letter in store.list(args.endpoint)
             if _selected(letter, args)
         ]
+        found = {letter.event_id for letter in letters}
+        for event_id in args.event_id or []:
+            if event_id not in found:
+                owner = f"endpoint {args.endpoint}" if args.endpoint else "any endpoint"
+                out.write(
+                    f"not found {event_id}: no dead letter of {owner} has this "
+                    "event id\n"
+                )
+                missing += 1
         for letter in letters:
             endpoint = config.endpoint(letter.endpoint)
             if endpoint is None:
@@ -189,5 +198,8 @@ async def _redeliver(
         if events is not None:
             await events.aclose()
         await client.close()
-    out.write(f"{delivered} redelivered, {failed} kept\n")
-    return 0 if failed == 0 else 1
+    summary = f"{delivered} redelivered, {failed} kept"
+    if missing:
+        summary += f", {missing} not found"
+    out.write(summary + "\n")
+    return 0 if failed == 0 and missing == 0 else 1
