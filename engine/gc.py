@@ -30,15 +30,18 @@ Deleting a manifest leaves the links of its config and layers, as in
 Distribution, so their files stay. With ``unlink_unreferenced`` gc first
 deletes each link that no stored manifest of its repository references and
 that was created longer ago than the grace period, by appending one
-``blob.deleted`` event per link. The events carry the run's request id
-(``gc-`` and a random hex string) and no user. Each batch of unlinks runs
-under the append lock and checks again that the link still exists and that
-no manifest pushed since the scan references it. A manifest push checks its
-links under the same lock, so either the push commits first and gc keeps
-the link, or gc unlinks first and the push fails with MANIFEST_BLOB_UNKNOWN.
-The push can fail that way only if its client skipped the upload because
-the blob was already there (a HEAD request) less than a grace period
-before, since an upload of a linked blob touches its file. Pushing the
+``blob.deleted`` event per link. The blob's file must be older than the
+grace period as well: an upload of a blob that the repository already links
+appends no event, so the link keeps its old time, but the upload touches
+the file. The events carry the run's request id (``gc-`` and a random hex
+string) and no user. Each batch of unlinks runs under the append lock and
+checks again that the link still exists, that its file is still old and
+that no manifest pushed since the scan references it. A manifest push
+checks its links under the same lock, so either the push commits first and
+gc keeps the link, or gc unlinks first and the push fails with
+MANIFEST_BLOB_UNKNOWN. The push can fail that way only if its client
+skipped the upload because the blob was already there (a HEAD request) and
+no upload touched the file within the grace period. Pushing the
 image again uploads the blob and succeeds. The file sweep below then
 removes the files that no link names any more.
 
@@ -241,7 +244,7 @@ def collect_garbage(
         if dry_run:
             unlinked = link_scan.links
         else:
-            unlinked = delete_links(registry, link_scan, run_id)
+            unlinked = delete_links(registry, link_scan, run_id, grace_period)
     # A dry run deletes no link, so its file scan treats the links it would
     # delete as gone.
     scan = scan_blobs(registry, grace_period, ignored_links=unlinked if dry_run else ())
@@ -294,10 +297,27 @@ def scan_unreferenced_links(registry: Registry, grace_period: timedelta) -> Link
             for row in rows
             if (row.repository, row.digest) not in referenced
         ]
+    old_before = time.time() - grace_period.total_seconds()
+    links = [link for link in links if _file_older(registry, link, old_before)]
     return LinkScan(position, links)
 
 
-def delete_links(registry: Registry, scan: LinkScan, run_id: str) -> list[BlobLink]:
+def _file_older(registry: Registry, link: BlobLink, old_before: float) -> bool:
+    """Return whether the blob file of ``link`` was last written or reused
+    before ``old_before`` (a Unix time). An upload of a blob that its
+    repository already links appends no event but touches the file, so this
+    keeps the link of a blob pushed again within the grace period. A missing
+    file counts as old: its link is broken anyway."""
+    try:
+        path = registry.blob_store.path(Digest.parse(link.digest))
+        return path.stat().st_mtime < old_before
+    except FileNotFoundError:
+        return True
+
+
+def delete_links(
+    registry: Registry, scan: LinkScan, run_id: str, grace_period: timedelta
+) -> list[BlobLink]:
     """Delete the links of ``scan`` that are still unreferenced, each batch
     under the append lock with one ``blob.deleted`` event per link; return
     the links deleted."""
@@ -307,11 +327,13 @@ def delete_links(registry: Registry, scan: LinkScan, run_id: str) -> list[BlobLi
         with registry.database.write() as conn:
             still_linked = _existing_links(conn, batch)
             referenced = _repository_references(conn, after=scan.position)
+            old_before = time.time() - grace_period.total_seconds()
             unlinking = [
                 link
                 for link in batch
                 if (link.repository, link.digest) in still_linked
                 and (link.repository, link.digest) not in referenced
+                and _file_older(registry, link, old_before)
             ]
             if not unlinking:
                 continue

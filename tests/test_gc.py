@@ -331,6 +331,38 @@ def test_gc_unlink_dry_run_changes_nothing(
     assert blob_file(registry, blobs["standalone"]).exists()
 
 
+def age_links(registry: Registry, hours: float = 2) -> None:
+    """Set every link's creation time to ``hours`` ago."""
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(blob_links).values(
+                linked_at=datetime.now(UTC) - timedelta(hours=hours)
+            )
+        )
+
+
+def test_unlink_keeps_blob_pushed_again(registry: Registry) -> None:
+    grace = timedelta(hours=1)
+    pushed_again, idle = os.urandom(700), os.urandom(701)
+    for data in (pushed_again, idle):
+        push(registry, "team/app", data)
+    age_links(registry)
+    age_all_blobs(registry)
+
+    # A client uploads one blob again, which its repository already links:
+    # no event, but the upload touches the file.
+    push(registry, "team/app", pushed_again)
+    scan = scan_unreferenced_links(registry, grace)
+
+    assert [link.digest for link in scan.links] == [str(Digest.of(idle))]
+
+    # Between the scan and the unlinks the idle blob is pushed again too.
+    push(registry, "team/app", idle)
+    assert delete_links(registry, scan, "gc-test", grace) == []
+    assert links(registry, Digest.of(idle)) == ["team/app"]
+    assert links(registry, Digest.of(pushed_again)) == ["team/app"]
+
+
 def test_unlink_skips_links_used_after_scan(registry: Registry) -> None:
     referenced, unlinked_meanwhile, garbage = (os.urandom(800) for _ in range(3))
     for data in (referenced, unlinked_meanwhile, garbage):
@@ -346,7 +378,7 @@ def test_unlink_skips_links_used_after_scan(registry: Registry) -> None:
     repo.manifests.put(image.manifest, image.media_type, tag="v1")
     repo.blobs.delete(Digest.of(unlinked_meanwhile))
 
-    deleted = delete_links(registry, scan, "gc-test")
+    deleted = delete_links(registry, scan, "gc-test", NO_GRACE)
 
     assert deleted == [
         BlobLink("team/app", str(Digest.of(garbage)), len(garbage)),
