@@ -164,15 +164,23 @@ def open_registry(
     create: bool,
     writable: bool = False,
     upgrade_schema: bool = True,
+    adopt_data_dir: bool = False,
+    require_data_dir: bool = False,
 ) -> Registry:
     """Open the registry and bring its schema up to date.
 
     ``create`` allows a missing data directory, which is then created, and
     ``writable`` also checks that blobs and uploads can be written. With
-    ``upgrade_schema`` false the caller runs the migrations. Raises
-    StorageUnavailable with a one-line message when the data directory or
-    the database cannot be used.
+    ``upgrade_schema`` false the caller runs the migrations. The data
+    directory's registry-id file is checked against the database (see
+    engine.identity.bind_data_dir): ``adopt_data_dir`` writes a missing
+    one, and ``require_data_dir`` rejects a directory with blobs but no
+    file. A writable open of the default SQLite database, which lives in
+    the data directory, adopts it too. Raises StorageUnavailable with a
+    one-line message when the data directory or the database cannot be
+    used.
     """
+    from engine.identity import DataDirMismatch, bind_data_dir
     from engine.migrate import upgrade
     from engine.registry import Registry
 
@@ -194,6 +202,16 @@ def open_registry(
                 check_writable(registry, settings)
             if upgrade_schema:
                 upgrade(registry.database)
+                bind_data_dir(
+                    settings.data_dir,
+                    registry.registry_id(),
+                    adopt=adopt_data_dir
+                    or (writable and settings.database_url is None),
+                    require=require_data_dir,
+                )
+    except DataDirMismatch as error:
+        registry.database.dispose()
+        raise StorageUnavailable(str(error), data_dir=str(settings.data_dir)) from error
     except StorageUnavailable:
         registry.database.dispose()
         raise
@@ -259,7 +277,9 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     from engine.gc import collect_garbage
 
     settings = StorageSettings.from_args(args)
-    registry = open_registry(settings, create=False, writable=not args.dry_run)
+    registry = open_registry(
+        settings, create=False, writable=not args.dry_run, require_data_dir=True
+    )
     try:
         with storage_errors(settings):
             report = collect_garbage(

@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.db import Database
+from engine.identity import bind_data_dir
 from engine.logs import configure_logging
 from engine.migrate import upgrade
 from engine.registry import Registry
@@ -98,6 +99,9 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
     registry = Registry.open(data_dir, database_url)
+    # As cairn serve does, so that commands on this data directory and
+    # database find them bound to each other.
+    bind_data_dir(data_dir, registry.registry_id(), adopt=True, require=False)
     yield registry
     registry.database.dispose()
 

@@ -118,7 +118,10 @@ def serve(args: argparse.Namespace) -> int:
     data_dir = Path(settings.data_dir).resolve()
     try:
         registry = open_registry(
-            replace(settings, data_dir=data_dir), create=True, writable=True
+            replace(settings, data_dir=data_dir),
+            create=True,
+            writable=True,
+            adopt_data_dir=True,
         )
     except StorageUnavailable as error:
         return report_storage_error(error)
