@@ -464,14 +464,19 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
     return 0
 
 
+# A hundred years; certificate times end at the year 9999.
+MAX_CERTIFICATE_DAYS = 36500
+
+
 def _positive_days(value: str) -> int:
     try:
         days = int(value)
     except ValueError:
         days = 0
-    if days < 1:
+    if not 1 <= days <= MAX_CERTIFICATE_DAYS:
         raise argparse.ArgumentTypeError(
-            f"invalid number of days {value!r}: expected a whole number, 1 or more"
+            f"invalid number of days {value!r}: expected a whole number from 1 "
+            f"to {MAX_CERTIFICATE_DAYS}"
         )
     return days
 
@@ -480,13 +485,21 @@ def _cmd_certificate(args: argparse.Namespace) -> int:
     from engine.api.tls import parse_host, self_signed_certificate, write_new_file
 
     try:
-        hosts = [parse_host(host) for host in args.host]
+        # dict.fromkeys drops a host given twice and keeps the order.
+        hosts = list(dict.fromkeys(parse_host(host) for host in args.host))
     except ValueError as error:
         print(f"cairn certificate: {error}", file=sys.stderr)
         return 2
-    cert_pem, key_pem = self_signed_certificate(hosts, args.days)
     cert_path: Path = args.cert
     key_path: Path = args.key
+    if cert_path.absolute() == key_path.absolute():
+        print(
+            f"cairn certificate: --cert and --key are both {cert_path}: "
+            "give two different files",
+            file=sys.stderr,
+        )
+        return 2
+    cert_pem, key_pem = self_signed_certificate(hosts, args.days)
     written: list[Path] = []
     try:
         # The key first, so that a certificate never lies beside a missing key.

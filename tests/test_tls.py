@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from engine.domain.digest import Digest
 from tests.images import make_image
@@ -153,7 +154,8 @@ def test_certificate_missing_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["bad_host", "-registry.example", "a..b", "", "x" * 64 + ".example"]
+    "host",
+    ["bad_host", "-registry.example", "a..b", "", "x" * 64 + ".example", "300.1.1.1"],
 )
 def test_certificate_rejects_invalid_host(tmp_path: Path, host: str) -> None:
     result = cairn("certificate", f"--host={host}", cwd=tmp_path)
@@ -163,12 +165,36 @@ def test_certificate_rejects_invalid_host(tmp_path: Path, host: str) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_certificate_rejects_zero_days(tmp_path: Path) -> None:
-    result = cairn("certificate", "--host", "localhost", "--days", "0", cwd=tmp_path)
+@pytest.mark.parametrize("days", ["0", "36501", "100000000"])
+def test_certificate_rejects_days(tmp_path: Path, days: str) -> None:
+    result = cairn("certificate", "--host", "localhost", "--days", days, cwd=tmp_path)
 
     assert result.returncode == 2
-    assert "invalid number of days '0'" in result.stderr
+    assert f"invalid number of days '{days}'" in result.stderr
+    assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_certificate_rejects_one_file_for_both(tmp_path: Path) -> None:
+    same = tmp_path / "same.pem"
+
+    result = cairn(
+        "certificate", "--host", "localhost", "--cert", str(same), "--key", str(same)
+    )
+
+    assert result.returncode == 2
+    assert f"--cert and --key are both {same}" in result.stderr
+    assert not same.exists()
+
+
+def test_certificate_drops_repeated_host(tmp_path: Path) -> None:
+    pair = make_certificate(tmp_path, "127.0.0.1", "localhost", "127.0.0.1")
+
+    parsed = x509.load_pem_x509_certificate(pair.cert.read_bytes())
+    names = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    addresses = [str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)]
+    assert addresses == ["127.0.0.1"]
+    assert names.value.get_values_for_type(x509.DNSName) == ["localhost"]
 
 
 def test_certificate_accepts_wildcard(tmp_path: Path) -> None:
@@ -331,6 +357,37 @@ def test_serve_tls_key_of_other_certificate(
     assert f"cannot use certificate {certificate.cert} with key {other.key}" in (
         result.stderr
     )
+
+
+def test_serve_tls_key_encrypted(tmp_path: Path, certificate: Certificate) -> None:
+    private_key = serialization.load_pem_private_key(
+        certificate.key.read_bytes(), password=None
+    )
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+
+    result = serve_until_exit(
+        tmp_path, "--tls-cert", str(certificate.cert), "--tls-key", str(encrypted)
+    )
+
+    assert result.returncode == 1
+    assert f"key {encrypted} is encrypted" in result.stderr
+    assert "pass phrase" not in result.stderr + result.stdout
+
+
+def test_serve_tls_file_is_directory(tmp_path: Path, certificate: Certificate) -> None:
+    result = serve_until_exit(
+        tmp_path, "--tls-cert", str(tmp_path), "--tls-key", str(certificate.key)
+    )
+
+    assert result.returncode == 1
+    assert f"TLS file {tmp_path} is a directory" in result.stderr
 
 
 def test_serve_tls_key_not_pem(tmp_path: Path, certificate: Certificate) -> None:

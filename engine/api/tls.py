@@ -39,18 +39,37 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     or when the key does not match the certificate.
     """
     for path in (cert, key):
+        if path.is_dir():
+            raise TLSConfigError(f"TLS file {path} is a directory, not a PEM file")
         if not path.is_file():
             raise TLSConfigError(f"TLS file {path} not found")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    asked_for_password = False
+
+    def no_password() -> bytes:
+        # Without this callback OpenSSL prompts on the terminal for the pass
+        # phrase of an encrypted key.
+        nonlocal asked_for_password
+        asked_for_password = True
+        return b""
+
     try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as error:
-        raise TLSConfigError(
-            f"cannot use certificate {cert} with key {key}: {error.reason or error}. "
-            "Both must be PEM files, and the key must belong to the certificate"
-        ) from None
+        context.load_cert_chain(cert, key, password=no_password)
     except OSError as error:
+        # ssl.SSLError is an OSError too.
+        if asked_for_password:
+            raise TLSConfigError(
+                f"key {key} is encrypted, and cairn serve needs an unencrypted "
+                f"key: decrypt it, e.g. with `openssl pkey -in {key} -out "
+                "PLAIN.pem`"
+            ) from None
+        if isinstance(error, ssl.SSLError):
+            raise TLSConfigError(
+                f"cannot use certificate {cert} with key {key}: "
+                f"{error.reason or error}. Both must be PEM files, and the key "
+                "must belong to the certificate"
+            ) from None
         raise TLSConfigError(
             f"cannot read certificate {cert} or key {key}: {error.strerror or error}"
         ) from None
@@ -71,7 +90,13 @@ def parse_host(value: str) -> x509.GeneralName:
     labels = name.split(".")
     if labels[0] == "*" and len(labels) > 2:
         labels = labels[1:]
-    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+    # A name whose last label is all digits, such as 300.1.1.1, is a
+    # mistyped IP address: no top-level domain is numeric (RFC 3696).
+    if (
+        len(name) > 253
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
         raise ValueError(
             f"invalid host {value!r}: expected a DNS name such as "
             "registry.example.com, or an IP address"
