@@ -208,6 +208,26 @@ def test_events_unknown_parameter(api: httpx.Client, name: str) -> None:
     assert error["detail"]["supported"] == ["after", "limit", "repository", "type"]
 
 
+def test_events_repeated_repository(api: httpx.Client) -> None:
+    response = api.get(
+        "/_cairn/events", params=[("repository", "gc/a"), ("repository", "gc/b")]
+    )
+
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["parameter"] == "repository"
+    assert error["detail"]["value"] == "gc/b"
+
+
+def test_events_repeated_type(api: httpx.Client) -> None:
+    response = api.get(
+        "/_cairn/events", params=[("type", "tag.set"), ("type", "blob.pushed")]
+    )
+
+    assert response.status_code == 200
+
+
 def test_events_repository_invalid(api: httpx.Client) -> None:
     response = api.get("/_cairn/events", params={"repository": "Not/Valid"})
 

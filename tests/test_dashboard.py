@@ -328,6 +328,19 @@ def test_unknown_parameter_rejected(
     assert supported in error["message"]
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/events?repository=a/b&repository=c/d", "/repositories?sort=size&sort=name"],
+)
+def test_repeated_parameter_rejected(api: httpx.Client, path: str) -> None:
+    response = api.get(API + path)
+
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert "may be given once" in error["message"]
+
+
 def test_openapi_document_takes_no_parameters(api: httpx.Client) -> None:
     response = api.get(f"{API}/openapi.json", params={"format": "yaml"})
 

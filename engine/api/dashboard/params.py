@@ -29,11 +29,24 @@ _MAX_DIGITS: Final = len(str(MAX_INTEGER))
 POINT_PARAMETERS: Final = ("at", "position")
 
 
+# The only parameter that may be given more than once: each value adds
+# event types to the filter.
+REPEATABLE: Final = frozenset({"type"})
+
+
 def reject_unknown(request: Request, accepted: frozenset[str]) -> None:
     """Raise the 400 error for the first query parameter not in ``accepted``,
-    so that a misspelled or misplaced parameter is never ignored."""
+    or given twice when it takes one value, so that a misspelled, misplaced
+    or repeated parameter is never ignored."""
     for name, values in request.query.items():
         if name in accepted:
+            if len(values) > 1 and name not in REPEATABLE:
+                raise unsupported(
+                    f"{name} may be given once, but the request gives it "
+                    f"{len(values)} times",
+                    parameter=name,
+                    value=values[1],
+                )
             continue
         if name in POINT_PARAMETERS:
             message = (
