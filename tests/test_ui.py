@@ -189,6 +189,32 @@ def test_repository_page_escapes_annotations(
     assert _screenshot(page, "dashboard-repository.png").stat().st_size > 0
 
 
+def test_repository_page_notes_first_page(
+    server: ServerThread, browser_page: Page
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        image = make_image()
+        push_image(client, "many/tags", image, "t000")
+        for number in range(1, 205):
+            response = client.put(
+                f"/v2/many/tags/manifests/t{number:03d}",
+                content=image.manifest,
+                headers={"Content-Type": image.media_type},
+            )
+            assert response.status_code == 201, response.text
+    page = browser_page
+
+    page.goto(f"{server.url}/_cairn/ui/repository.html?name=many/tags")
+    _wait_loaded(page)
+
+    assert page.text_content("#tag-count .value") == "205"
+    assert page.locator("#tags tbody tr").count() == 200
+    caption = page.text_content("#tags caption")
+    assert caption is not None
+    assert caption.startswith("Showing the first 200 tags;")
+    assert page.locator("#manifests caption").count() == 0
+
+
 def test_tag_page_shows_history(server: ServerThread, browser_page: Page) -> None:
     _push_content(server.url)
     history = httpx.get(

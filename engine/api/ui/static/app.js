@@ -112,6 +112,17 @@ function fillTable(table, columns, rows, append) {
   }
 }
 
+// Says above a table that it shows only the first page of a longer list,
+// and where the query API serves the rest.
+function noteFirstPage(table, page, rows, noun, apiPath) {
+  if (!page.next_cursor) return;
+  const link = el("a", { href: `/_cairn/api/v1${apiPath}` }, "the query API");
+  table.insertBefore(
+    el("caption", { className: "more" },
+      `Showing the first ${rows.length} ${noun}; `, link, " pages through the rest."),
+    table.firstChild);
+}
+
 function mono(text) {
   return { mono: true, text };
 }
@@ -262,24 +273,33 @@ async function repositoryPage() {
     ["Pushed", (t) => formatTime(t.pushed_at)],
     ["By", (t) => actorText(t.pushed_by)],
   ], tags.tags);
+  noteFirstPage(document.getElementById("tags"), tags, tags.tags, "tags", `${base}/-/tags`);
 
   const tasks = [
     historyRows(name, tags.tags.slice(0, 20).map((t) => t.tag)).then(drawTimeline),
     loadActivity("day", name),
-    api(`${base}/-/manifests`, { n: 100 }).then((page) => fillTable(document.getElementById("manifests"), [
-      ["Digest", (m) => mono(shortDigest(m.digest))],
-      ["Media type", (m) => m.media_type],
-      ["Artifact type", (m) => m.artifact_type || ""],
-      ["Size", (m) => formatBytes(m.content_size), true],
-      ["Tags", (m) => m.tags.join(", ")],
-      ["Pushed", (m) => formatTime(m.pushed_at)],
-    ], page.manifests)),
-    api(`${base}/-/referrers`, { n: 100 }).then((page) => fillTable(document.getElementById("referrers"), [
-      ["Subject", (r) => mono(shortDigest(r.subject))],
-      ["Referrer", (r) => mono(shortDigest(r.digest))],
-      ["Artifact type", (r) => r.artifact_type || ""],
-      ["Annotations", (r) => Object.entries(r.annotations || {}).map(([k, v]) => `${k}=${v}`).join("; ")],
-    ], page.referrers)),
+    api(`${base}/-/manifests`, { n: 100 }).then((page) => {
+      const table = document.getElementById("manifests");
+      fillTable(table, [
+        ["Digest", (m) => mono(shortDigest(m.digest))],
+        ["Media type", (m) => m.media_type],
+        ["Artifact type", (m) => m.artifact_type || ""],
+        ["Size", (m) => formatBytes(m.content_size), true],
+        ["Tags", (m) => m.tags.join(", ")],
+        ["Pushed", (m) => formatTime(m.pushed_at)],
+      ], page.manifests);
+      noteFirstPage(table, page, page.manifests, "manifests", `${base}/-/manifests`);
+    }),
+    api(`${base}/-/referrers`, { n: 100 }).then((page) => {
+      const table = document.getElementById("referrers");
+      fillTable(table, [
+        ["Subject", (r) => mono(shortDigest(r.subject))],
+        ["Referrer", (r) => mono(shortDigest(r.digest))],
+        ["Artifact type", (r) => r.artifact_type || ""],
+        ["Annotations", (r) => Object.entries(r.annotations || {}).map(([k, v]) => `${k}=${v}`).join("; ")],
+      ], page.referrers);
+      noteFirstPage(table, page, page.referrers, "referrers", `${base}/-/referrers`);
+    }),
     api("/events", { repository: name, n: 25 }).then((page) => fillTable(document.getElementById("events"), EVENT_COLUMNS, page.events)),
   ];
   await Promise.all(tasks);
