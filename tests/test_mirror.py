@@ -52,12 +52,16 @@ needs_docker_registry = pytest.mark.skipif(
 # ---- servers --------------------------------------------------------------------
 
 
-def serve_cairn(directory: Path) -> ServeProcess:
+def serve_cairn(directory: Path, *extra: str) -> ServeProcess:
+    """Start `cairn serve` on SQLite in ``directory``, with ``extra`` options."""
     directory.mkdir(parents=True)
     data_dir = directory / "data"
     data_dir.mkdir()
     return start_serve(
-        data_dir, f"sqlite:///{directory / 'cairn.db'}", directory / "serve.log"
+        data_dir,
+        f"sqlite:///{directory / 'cairn.db'}",
+        directory / "serve.log",
+        *extra,
     )
 
 

@@ -5,8 +5,9 @@ The file is JSON, ``{"source": URL, "target": URL, "position": N,
 "not_copied": [...], "updated_at": TIME}``, replaced atomically (write a
 temporary file, fsync, rename, fsync the directory), so a crash leaves the
 old checkpoint or the new one and never a torn file. It names its source
-and target so that a checkpoint is never applied to another pair by
-mistake. A file without ``not_copied``, as older mirrors wrote it, has none.
+and target, without user name or password, so that a checkpoint is never
+applied to another pair by mistake. A file without ``not_copied``, as older
+mirrors wrote it, has none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from consumers.mirror.credentials import split_userinfo
 from engine.domain.events import EventType, format_time, upcast
 
 # The content of a NotCopied entry: ("manifest", repository, digest) or
@@ -125,8 +127,11 @@ class Checkpoint:
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
             position = int(document["position"])
-            saved_source = str(document["source"])
-            saved_target = str(document["target"])
+            # A mirror before --source-creds stored the URLs with any user
+            # name and password in them. They are compared, shown and
+            # written again without.
+            saved_source = split_userinfo(str(document["source"]))[0]
+            saved_target = split_userinfo(str(document["target"]))[0]
             entries = [
                 NotCopied.from_json(entry) for entry in document.get("not_copied", [])
             ]
@@ -149,6 +154,13 @@ class Checkpoint:
         """Return the events not copied whole, oldest first."""
         return sorted(self.not_copied.values(), key=lambda entry: entry.position)
 
+    def write(self) -> None:
+        """Write the checkpoint as it is, replacing URLs with a user name and
+        password that an older mirror stored; a no-op without a checkpoint
+        file. Raises OSError."""
+        if self.path is not None:
+            self._write(self.position, self.pending())
+
     async def save(self, position: int) -> None:
         """Record ``position`` as dealt with, and the events not copied whole;
         a no-op without a checkpoint file."""
@@ -166,7 +178,11 @@ class Checkpoint:
             "updated_at": format_time(datetime.now(UTC)),
         }
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with temp.open("w", encoding="utf-8") as handle:
+        temp.unlink(missing_ok=True)
+        # Mode 0600, because the file names the registries and repositories
+        # that the mirror copies, which other users of the host need not read.
+        descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(descriptor, "w", encoding="utf-8") as handle:
             json.dump(document, handle)
             handle.write("\n")
             handle.flush()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,6 +17,12 @@ import structlog
 from consumers.globs import matches_any
 from consumers.mirror.checkpoint import Checkpoint, CheckpointError
 from consumers.mirror.copier import Copier, Stats
+from consumers.mirror.credentials import (
+    Credentials,
+    CredentialsError,
+    resolve_credentials,
+    split_userinfo,
+)
 from consumers.mirror.errors import MirrorError
 from consumers.mirror.feed import FeedClient
 from consumers.mirror.identity import (
@@ -40,23 +47,40 @@ USER_AGENT = "cairn-mirror"
 STATUS_INCOMPLETE = 3
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Source and target without user information in their URLs, and the
+    credentials for each. ``target`` is a URL or oci:DIR, DIR absolute."""
+
+    source: str
+    target: str
+    source_credentials: Credentials | None = None
+    target_credentials: Credentials | None = None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `cairn mirror`; return the exit status."""
-    problem = _check_args(args)
+    try:
+        endpoints = _endpoints(args)
+    except CredentialsError as error:
+        print(f"cairn mirror: {error}", file=sys.stderr)
+        return 2
+    problem = _check_args(args, endpoints)
     if problem is not None:
         print(f"cairn mirror: {problem}", file=sys.stderr)
         return 2
-    source = args.source.rstrip("/")
-    target = _target_description(args.target)
     try:
-        checkpoint = Checkpoint.load(args.checkpoint, source, target)
+        checkpoint = Checkpoint.load(
+            args.checkpoint, endpoints.source, endpoints.target
+        )
+        checkpoint.write()
     except CheckpointError as error:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
     try:
-        if not target.startswith("oci:"):
-            asyncio.run(_check_registry_ids(args, source, target))
-        return asyncio.run(_run(args, source, checkpoint))
+        if not endpoints.target.startswith("oci:"):
+            asyncio.run(_check_registry_ids(args, endpoints))
+        return asyncio.run(_run(args, endpoints, checkpoint))
     except SameRegistry as error:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
@@ -67,21 +91,45 @@ def main(args: argparse.Namespace) -> int:
         return 130
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
+def _endpoints(args: argparse.Namespace) -> Endpoints:
+    """Separate the credentials from the URLs; raise CredentialsError."""
+    source, source_credentials = resolve_credentials(
+        "source", args.source, args.source_creds, args.source_creds_file
+    )
+    if args.target.startswith("oci:"):
+        if args.target_creds is not None or args.target_creds_file is not None:
+            raise CredentialsError(
+                "--target-creds and --target-creds-file (or their CAIRN_MIRROR_* "
+                "variables) apply to a registry target, not to oci:DIR"
+            )
+        return Endpoints(
+            source.rstrip("/"), _layout_description(args.target), source_credentials
+        )
+    target, target_credentials = resolve_credentials(
+        "target", args.target, args.target_creds, args.target_creds_file
+    )
+    return Endpoints(
+        source.rstrip("/"), target.rstrip("/"), source_credentials, target_credentials
+    )
+
+
+def _check_args(args: argparse.Namespace, endpoints: Endpoints) -> str | None:
     for name in ("source", "target"):
         value: str = getattr(args, name)
         if name == "target" and value.startswith("oci:"):
             if not value.removeprefix("oci:"):
                 return "invalid --target oci:DIR: DIR is empty"
             continue
+        # Messages show the URL without its user name and password.
+        value = split_userinfo(value)[0]
         problem = _check_registry_url(value)
         if problem is not None:
             return f"invalid --{name} {value!r}: {problem}" + (
                 " (or oci:DIR)" if name == "target" else ""
             )
-    if not args.target.startswith("oci:"):
+    if not endpoints.target.startswith("oci:"):
         try:
-            check_urls(args.source, args.target)
+            check_urls(split_userinfo(args.source)[0], split_userinfo(args.target)[0])
         except SameRegistry as error:
             return str(error)
     if args.poll_interval <= 0 or args.timeout <= 0:
@@ -112,46 +160,50 @@ def _check_registry_url(value: str) -> str | None:
     return None
 
 
-async def _check_registry_ids(
-    args: argparse.Namespace, source: str, target: str
-) -> None:
-    """Raise SameRegistry when source and target are one cairn registry."""
-    async with httpx.AsyncClient(
+def _client(
+    args: argparse.Namespace, credentials: Credentials | None, follow_redirects: bool
+) -> httpx.AsyncClient:
+    # httpx sends the credentials to the URL's own host and drops them when
+    # a redirect leads to another one.
+    return httpx.AsyncClient(
         timeout=httpx.Timeout(args.timeout),
-        follow_redirects=True,
+        follow_redirects=follow_redirects,
         headers={"User-Agent": USER_AGENT},
-    ) as client:
+        auth=credentials.auth() if credentials else None,
+    )
+
+
+async def _check_registry_ids(args: argparse.Namespace, endpoints: Endpoints) -> None:
+    """Raise SameRegistry when source and target are one cairn registry."""
+    async with (
+        _client(args, endpoints.source_credentials, True) as source_client,
+        _client(args, endpoints.target_credentials, True) as target_client,
+    ):
         await retry_transient(
-            lambda: check_registry_ids(client, source, target),
+            lambda: check_registry_ids(
+                source_client, endpoints.source, target_client, endpoints.target
+            ),
             "read the registry ids of source and target",
             args.retries,
         )
 
 
-def _target_description(value: str) -> str:
-    if value.startswith("oci:"):
-        return "oci:" + str(Path(value.removeprefix("oci:")).resolve())
-    return value.rstrip("/")
+def _layout_description(value: str) -> str:
+    return "oci:" + str(Path(value.removeprefix("oci:")).resolve())
 
 
-def _build_target(description: str, timeout: float) -> Target:
-    if description.startswith("oci:"):
-        return LayoutTarget(Path(description.removeprefix("oci:")))
-    client = httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout),
-        follow_redirects=False,
-        headers={"User-Agent": USER_AGENT},
-    )
-    return RegistryTarget(RegistryClient(description, client))
+def _build_target(args: argparse.Namespace, endpoints: Endpoints) -> Target:
+    if endpoints.target.startswith("oci:"):
+        return LayoutTarget(Path(endpoints.target.removeprefix("oci:")))
+    client = _client(args, endpoints.target_credentials, False)
+    return RegistryTarget(RegistryClient(endpoints.target, client))
 
 
-async def _run(args: argparse.Namespace, source: str, checkpoint: Checkpoint) -> int:
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(args.timeout),
-        follow_redirects=True,
-        headers={"User-Agent": USER_AGENT},
-    )
-    target = _build_target(checkpoint.target, args.timeout)
+async def _run(
+    args: argparse.Namespace, endpoints: Endpoints, checkpoint: Checkpoint
+) -> int:
+    http = _client(args, endpoints.source_credentials, True)
+    target = _build_target(args, endpoints)
     settings = MirrorSettings(
         repositories=tuple(args.repositories),
         once=args.once,
@@ -160,7 +212,7 @@ async def _run(args: argparse.Namespace, source: str, checkpoint: Checkpoint) ->
     )
     stats = Stats()
     copier = Copier(
-        RegistryClient(source, http),
+        RegistryClient(endpoints.source, http),
         target,
         mirrored=lambda repository: matches_any(repository, settings.repositories),
         propagate_deletes=args.propagate_deletes,
@@ -173,7 +225,7 @@ async def _run(args: argparse.Namespace, source: str, checkpoint: Checkpoint) ->
     )
     progress = Progress(stats, args.progress)
     runner = MirrorRunner(
-        settings, FeedClient(source, http), copier, checkpoint, progress, live
+        settings, FeedClient(endpoints.source, http), copier, checkpoint, progress, live
     )
 
     task = asyncio.current_task()

@@ -66,18 +66,21 @@ def check_urls(source: str, target: str) -> None:
 
 
 async def check_registry_ids(
-    client: httpx.AsyncClient, source: str, target: str
+    source_client: httpx.AsyncClient,
+    source: str,
+    target_client: httpx.AsyncClient,
+    target: str,
 ) -> None:
     """Raise SameRegistry when source and target report one registry id.
 
-    Raises TransientError when either side fails in a way worth retrying,
-    and MirrorError (from registry.check) for a response that is neither
-    2xx nor 4xx.
+    Each client carries the credentials of its side. Raises TransientError
+    when either side fails in a way worth retrying, and MirrorError (from
+    registry.check) for a response that is neither 2xx nor 4xx.
     """
-    target_id = await fetch_registry_id(client, target)
+    target_id = await fetch_registry_id(target_client, target)
     if target_id is None:
         return
-    source_id = await fetch_registry_id(client, source)
+    source_id = await fetch_registry_id(source_client, source)
     if source_id == target_id:
         raise SameRegistry(
             f"--target {target} and --source {source} reach the same "

@@ -21,6 +21,8 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
         help="base URL of the registry to copy to (cairn or any OCI registry), "
         "or oci:DIR for an OCI image layout per repository under DIR",
     )
+    _add_credentials_options(parser, "source")
+    _add_credentials_options(parser, "target")
     parser.add_argument(
         "--repositories",
         nargs="+",
@@ -100,4 +102,27 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="progress reports: a rewritten line on standard error, log lines, "
         "or none; auto picks the line on a terminal (default auto)",
+    )
+
+
+def _add_credentials_options(parser: argparse.ArgumentParser, side: str) -> None:
+    variable = f"MIRROR_{side.upper()}_CREDS"
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        f"--{side}-creds",
+        default=env_default(variable) or None,
+        metavar="USER:PASSWORD",
+        help=f"HTTP Basic credentials for the {side} (env CAIRN_{variable}). "
+        "Other users of the host can read a value on the command line in the "
+        "process list, so prefer the variable or a credentials file; default: "
+        f"the user and password in the --{side} URL, if any",
+    )
+    file_default = env_default(f"{variable}_FILE") or None
+    group.add_argument(
+        f"--{side}-creds-file",
+        type=Path,
+        default=Path(file_default) if file_default else None,
+        metavar="FILE",
+        help=f"file whose first line is USER:PASSWORD for the {side} "
+        f"(env CAIRN_{variable}_FILE)",
     )

@@ -217,6 +217,11 @@ def check(response: httpx.Response, what: str) -> None:
         return
     detail = _error_text(response)
     message = f"{what}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status == 401:
+        message += (
+            "; the registry requires credentials, or rejects the ones given "
+            "(see --source-creds and --target-creds)"
+        )
     if status in _RETRYABLE or status >= 500:
         raise TransientError(message)
     raise MirrorError(message)
