@@ -1,13 +1,19 @@
 """The mirror's checkpoint: the last source position it has dealt with, and
 the events before it that it could not copy whole.
 
-The file is JSON, ``{"source": URL, "target": URL, "position": N,
-"not_copied": [...], "updated_at": TIME}``, replaced atomically (write a
-temporary file, fsync, rename, fsync the directory), so a crash leaves the
-old checkpoint or the new one and never a torn file. It names its source
-and target, without user name or password, so that a checkpoint is never
-applied to another pair by mistake. A file without ``not_copied``, as older
-mirrors wrote it, has none.
+The file is JSON, ``{"source": URL, "target": URL, "source_registry_id":
+ID, "position": N, "not_copied": [...], "updated_at": TIME}``, replaced
+atomically (write a temporary file, fsync, rename, fsync the directory),
+so a crash leaves the old checkpoint or the new one and never a torn file.
+It names its source and target, without user name or password, so that a
+checkpoint is never applied to another pair by mistake.
+
+Positions count in the event log of one registry, which GET
+/_cairn/registry identifies. The checkpoint records that registry id, so a
+source that was reset or replaced behind the same URL is detected instead
+of having its first events skipped. A file without ``not_copied`` or
+``source_registry_id``, as older mirrors wrote it, has no entries and
+records the id at its next save.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.mirror.credentials import split_userinfo
+from consumers.mirror.errors import SourceReplaced
 from engine.domain.events import EventType, format_time, upcast
 
 # The content of a NotCopied entry: ("manifest", repository, digest) or
@@ -117,6 +124,9 @@ class Checkpoint:
     # At most one entry per manifest and per tag, because a later event about
     # the same content replaces or removes the earlier one.
     not_copied: dict[ContentKey, NotCopied] = field(default_factory=dict)
+    # The registry id of the source whose log ``position`` counts in; None
+    # until a source that reports one is checked.
+    source_registry_id: str | None = None
 
     @classmethod
     def load(cls, path: Path | None, source: str, target: str) -> Checkpoint:
@@ -135,6 +145,11 @@ class Checkpoint:
             entries = [
                 NotCopied.from_json(entry) for entry in document.get("not_copied", [])
             ]
+            registry_id = document.get("source_registry_id")
+            if registry_id is not None and not isinstance(registry_id, str):
+                raise ValueError(
+                    f"invalid source_registry_id {registry_id!r}: expected a string"
+                )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(
                 f"cannot read checkpoint {path}: {error}; fix or remove the file "
@@ -148,7 +163,36 @@ class Checkpoint:
             )
         checkpoint.position = position
         checkpoint.not_copied = {entry.key: entry for entry in entries}
+        checkpoint.source_registry_id = registry_id
         return checkpoint
+
+    def check_source(self, registry_id: str | None) -> None:
+        """Take ``registry_id`` as the source's id, to record at the next save.
+
+        Raises SourceReplaced when the checkpoint was written for a source
+        with another id, or with an id while the source now reports none.
+        """
+        saved = self.source_registry_id
+        if saved is not None and registry_id != saved:
+            reported = f"registry id {registry_id}" if registry_id else "no registry id"
+            raise SourceReplaced(
+                f"the source {self.source} reports {reported}, but checkpoint "
+                f"{self.path} was written for registry id {saved}. The source "
+                "was reset or replaced, so the checkpoint's position "
+                f"{self.position} does not count in its event log. "
+                f"{self.restart_hint()}"
+            )
+        self.source_registry_id = registry_id
+
+    def restart_hint(self) -> str:
+        """Tell the user how to mirror a reset source from its beginning."""
+        if self.path is None:
+            return "Start the mirror again to replay the source from position 0."
+        return (
+            f"To copy the new source, start from a new checkpoint: remove "
+            f"{self.path} or pass another --checkpoint file, and the mirror "
+            "replays the source from position 0."
+        )
 
     def pending(self) -> list[NotCopied]:
         """Return the events not copied whole, oldest first."""
@@ -173,6 +217,7 @@ class Checkpoint:
         document = {
             "source": self.source,
             "target": self.target,
+            "source_registry_id": self.source_registry_id,
             "position": position,
             "not_copied": [entry.to_json() for entry in pending],
             "updated_at": format_time(datetime.now(UTC)),

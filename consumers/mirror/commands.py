@@ -23,12 +23,13 @@ from consumers.mirror.credentials import (
     resolve_credentials,
     split_userinfo,
 )
-from consumers.mirror.errors import MirrorError
+from consumers.mirror.errors import MirrorError, SourceReplaced
 from consumers.mirror.feed import FeedClient
 from consumers.mirror.identity import (
     SameRegistry,
     check_registry_ids,
     check_urls,
+    fetch_registry_id,
     normalise_url,
 )
 from consumers.mirror.layout import LayoutTarget
@@ -78,10 +79,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
     try:
-        if not endpoints.target.startswith("oci:"):
-            asyncio.run(_check_registry_ids(args, endpoints))
+        asyncio.run(_check_registries(args, endpoints, checkpoint))
         return asyncio.run(_run(args, endpoints, checkpoint))
-    except SameRegistry as error:
+    except (SameRegistry, SourceReplaced) as error:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
     except MirrorError as error:
@@ -173,19 +173,37 @@ def _client(
     )
 
 
-async def _check_registry_ids(args: argparse.Namespace, endpoints: Endpoints) -> None:
-    """Raise SameRegistry when source and target are one cairn registry."""
+async def _check_registries(
+    args: argparse.Namespace, endpoints: Endpoints, checkpoint: Checkpoint
+) -> None:
+    """Read the registry ids of source and target, and compare them with each
+    other and with the one that the checkpoint recorded.
+
+    Raises SameRegistry when source and target are one cairn registry, and
+    SourceReplaced when the source is not the one the checkpoint was
+    written for.
+    """
     async with (
         _client(args, endpoints.source_credentials, True) as source_client,
         _client(args, endpoints.target_credentials, True) as target_client,
     ):
-        await retry_transient(
-            lambda: check_registry_ids(
-                source_client, endpoints.source, target_client, endpoints.target
+        # The source must let the mirror read its id, because the feed
+        # needs the same credentials.
+        source_id = await retry_transient(
+            lambda: fetch_registry_id(
+                source_client, endpoints.source, denied_is_unknown=False
             ),
-            "read the registry ids of source and target",
+            "read the registry id of the source",
             args.retries,
         )
+        if not endpoints.target.startswith("oci:"):
+            target_id = await retry_transient(
+                lambda: fetch_registry_id(target_client, endpoints.target),
+                "read the registry id of the target",
+                args.retries,
+            )
+            check_registry_ids(endpoints.source, source_id, endpoints.target, target_id)
+    checkpoint.check_source(source_id)
 
 
 def _layout_description(value: str) -> str:
@@ -242,6 +260,9 @@ async def _run(
     except MirrorError as error:
         log.error("mirror_failed", position=runner.position, error=str(error))
         status = 1
+    except SourceReplaced as error:
+        log.error("mirror_source_replaced", position=runner.position, error=str(error))
+        status = 2
     else:
         if args.once and stats.not_copied:
             status = STATUS_INCOMPLETE

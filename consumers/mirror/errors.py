@@ -14,3 +14,9 @@ class TransientError(Exception):
 class SourceGone(Exception):
     """The source no longer has the content an event is about, so the event
     is skipped: a later event deleted it."""
+
+
+class SourceReplaced(Exception):
+    """The source's event log is not the one that the checkpoint's position
+    counts in. The source was reset or replaced, and the mirror stops with
+    status 2."""

@@ -11,6 +11,10 @@ links come back. Two checks run before anything is written:
   compared, which also catches two URLs or two servers of one registry.
   A target that does not serve that endpoint (another registry, or an
   older cairn) passes this check.
+
+The source's registry id also goes into the checkpoint, which thereby
+distinguishes a source that was reset or replaced from the one it was
+written for.
 """
 
 from __future__ import annotations
@@ -65,23 +69,11 @@ def check_urls(source: str, target: str) -> None:
         )
 
 
-async def check_registry_ids(
-    source_client: httpx.AsyncClient,
-    source: str,
-    target_client: httpx.AsyncClient,
-    target: str,
+def check_registry_ids(
+    source: str, source_id: str | None, target: str, target_id: str | None
 ) -> None:
-    """Raise SameRegistry when source and target report one registry id.
-
-    Each client carries the credentials of its side. Raises TransientError
-    when either side fails in a way worth retrying, and MirrorError (from
-    registry.check) for a response that is neither 2xx nor 4xx.
-    """
-    target_id = await fetch_registry_id(target_client, target)
-    if target_id is None:
-        return
-    source_id = await fetch_registry_id(source_client, source)
-    if source_id == target_id:
+    """Raise SameRegistry when source and target report one registry id."""
+    if target_id is not None and source_id == target_id:
         raise SameRegistry(
             f"--target {target} and --source {source} reach the same "
             f"registry (registry id {target_id}). Mirroring a registry into "
@@ -91,12 +83,19 @@ async def check_registry_ids(
         )
 
 
-async def fetch_registry_id(client: httpx.AsyncClient, base_url: str) -> str | None:
+async def fetch_registry_id(
+    client: httpx.AsyncClient, base_url: str, *, denied_is_unknown: bool = True
+) -> str | None:
     """Return the registry id that a cairn at ``base_url`` reports.
 
     Returns None for a registry that does not report one: a 4xx response
-    (404 from another registry or an older cairn, 401 when it requires
-    credentials) or a body without a string ``registry_id``.
+    (404 from another registry or an older cairn, 401 or 403 when it
+    requires other credentials, unless ``denied_is_unknown`` is false) or
+    a body without a string ``registry_id``.
+
+    Raises TransientError when the request fails in a way worth retrying,
+    and MirrorError (from registry.check) for any other response that is
+    neither 2xx nor a 4xx taken as unknown.
     """
     url = base_url.rstrip("/") + IDENTITY_PATH
     description = f"GET {url}"
@@ -105,11 +104,9 @@ async def fetch_registry_id(client: httpx.AsyncClient, base_url: str) -> str | N
     except httpx.TransportError as error:
         reason = str(error) or type(error).__name__
         raise TransientError(f"{description}: {reason}") from error
-    if 400 <= response.status_code < 500 and response.status_code not in (
-        408,
-        425,
-        429,
-    ):
+    status = response.status_code
+    unknown = 400 <= status < 500 and status not in (408, 425, 429)
+    if unknown and (denied_is_unknown or status not in (401, 403)):
         return None
     check(response, description)
     try:

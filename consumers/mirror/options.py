@@ -42,8 +42,10 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         type=Path,
         help="file that records the last applied position, to resume from, "
-        "and the events not copied whole, to retry at the next start; "
-        "default: none, so every run replays from position 0",
+        "the events not copied whole, to retry at the next start, and the "
+        "source's registry id: a source reset or replaced since then stops "
+        "the mirror with status 2; default: none, so every run replays from "
+        "position 0",
     )
 
     parser.add_argument(

@@ -11,6 +11,10 @@ about the same manifest or tag replaces or removes it. Every run retries
 those first, so content that the source serves whole again reaches the
 target without a replay of the log. A mirror that follows the source
 retries them only when it starts.
+
+A feed whose head is below the position belongs to a source that was reset
+or replaced. The mirror then stops with SourceReplaced, because going on
+would skip that source's events up to the position.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from consumers.backoff import retry_delay
 from consumers.globs import matches_any
 from consumers.mirror.checkpoint import Checkpoint, content_key, not_copied_entry
 from consumers.mirror.copier import Copier, Stats
-from consumers.mirror.errors import MirrorError, TransientError
+from consumers.mirror.errors import MirrorError, SourceReplaced, TransientError
 from consumers.mirror.feed import FeedClient, FeedPage
 from consumers.mirror.live import LiveEvents
 from consumers.mirror.progress import Progress
@@ -87,9 +91,16 @@ class MirrorRunner:
             "mirror_started",
             source=self.checkpoint.source,
             target=self.checkpoint.target,
+            source_registry_id=self.checkpoint.source_registry_id,
             position=self.position,
             repositories=list(self.settings.repositories) or None,
         )
+        first = await self._retrying(
+            lambda: self.feed.page(self.position, limit=1), "read the event feed"
+        )
+        self._check_head(first)
+        # Also records the source's registry id in a checkpoint without one.
+        await self.checkpoint.save(self.position)
         if self.live is not None and not self.settings.once:
             self.live.start()
         await self.retry_not_copied()
@@ -183,12 +194,25 @@ class MirrorRunner:
             page = await self._retrying(
                 lambda: self.feed.page(self.position), "read the event feed"
             )
+            self._check_head(page)
             for event in page.events:
                 await self.process(event)
             await self._advance(page)
             self.progress.update(self.position, page.head)
             if not page.events or self.position >= page.head:
                 return
+
+    def _check_head(self, page: FeedPage) -> None:
+        """Raise SourceReplaced when the feed ends before the position."""
+        if page.head >= self.position:
+            return
+        raise SourceReplaced(
+            f"the event feed of the source {self.checkpoint.source} ends at "
+            f"position {page.head}, before the mirror's position "
+            f"{self.position}. The source was reset, replaced or restored from "
+            "an older backup, so the mirror would skip its events up to that "
+            f"position. {self.checkpoint.restart_hint()}"
+        )
 
     async def _advance(self, page: FeedPage) -> None:
         if page.next_after > self.position:

@@ -1,0 +1,215 @@
+"""The mirror's checkpoint against a source that was reset or replaced
+behind the same URL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import make_image
+from tests.nats import wait_until
+from tests.server import ServeProcess, push_image
+from tests.test_mirror import (  # noqa: F401  (the source and target fixtures)
+    WAIT,
+    head_position,
+    list_tags,
+    log_events,
+    manifest_status,
+    needs_skopeo,
+    run_mirror_status,
+    serve_cairn,
+    source,
+    start_mirror,
+    target,
+)
+
+
+def push_images(url: str, repository: str, count: int) -> None:
+    with httpx.Client(base_url=url) as client:
+        for number in range(count):
+            push_image(client, repository, make_image(), f"v{number}")
+
+
+def saved_checkpoint(path: Path) -> dict[str, object]:
+    """Return the checkpoint without its updated_at time, which every start
+    of the mirror rewrites."""
+    document = json.loads(path.read_text())
+    del document["updated_at"]
+    return dict(document)
+
+
+def registry_id(url: str) -> str:
+    return str(httpx.get(f"{url}/_cairn/registry").json()["registry_id"])
+
+
+@pytest.fixture
+def replaceable(tmp_path: Path) -> Iterator[list[ServeProcess]]:
+    """A list with one source, to which a test appends the servers that
+    replace it behind the same URL. Every one is stopped at the end."""
+    servers = [serve_cairn(tmp_path / "source-0")]
+    try:
+        yield servers
+    finally:
+        for served in servers:
+            served.kill()
+
+
+def replace_source(tmp_path: Path, servers: list[ServeProcess]) -> ServeProcess:
+    """Stop the newest source and serve a new, empty one on its port."""
+    old = servers[-1]
+    old.kill()
+    port = old.url.rsplit(":", 1)[1]
+    directory = tmp_path / f"source-{len(servers)}"
+    new = serve_cairn(directory, "--listen", f"127.0.0.1:{port}")
+    servers.append(new)
+    assert new.url == old.url
+    return new
+
+
+def mirror_once(
+    source_url: str, target_url: str, checkpoint: Path
+) -> subprocess.CompletedProcess[str]:
+    result = run_mirror_status(source_url, target_url, "--checkpoint", str(checkpoint))
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@needs_skopeo
+def test_mirror_rejects_replaced_source(
+    tmp_path: Path,
+    replaceable: list[ServeProcess],
+    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    old = replaceable[0]
+    push_images(old.url, "library/old", 3)
+    checkpoint = tmp_path / "checkpoint.json"
+    result = mirror_once(old.url, target.url, checkpoint)
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = saved_checkpoint(checkpoint)
+    old_id = registry_id(old.url)
+    assert saved["source_registry_id"] == old_id
+
+    # A new source behind the same URL, first with fewer events than the
+    # checkpoint's position, then with more.
+    new = replace_source(tmp_path, replaceable)
+    new_id = registry_id(new.url)
+    push_images(new.url, "library/new", 1)
+    assert head_position(new.url) < saved["position"]
+
+    result = mirror_once(new.url, target.url, checkpoint)
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert f"reports registry id {new_id}" in result.stderr
+    assert f"was written for registry id {old_id}" in result.stderr
+    assert f"remove {checkpoint}" in result.stderr
+    assert saved_checkpoint(checkpoint) == saved
+    assert manifest_status(target.url, "library/new", "v0") == 404
+
+    push_images(new.url, "library/new", 5)
+    assert head_position(new.url) > saved["position"]
+
+    result = mirror_once(new.url, target.url, checkpoint)
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert f"reports registry id {new_id}" in result.stderr
+    assert saved_checkpoint(checkpoint) == saved
+    assert manifest_status(target.url, "library/new", "v0") == 404
+
+    # A new checkpoint replays the new source from its first event.
+    fresh = tmp_path / "fresh.json"
+    result = mirror_once(new.url, target.url, fresh)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert list_tags(target.url, "library/new") == [f"v{n}" for n in range(5)]
+    assert json.loads(fresh.read_text())["source_registry_id"] == new_id
+
+
+def test_mirror_rejects_position_beyond_head(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    push_images(source.url, "library/app", 1)
+    head = head_position(source.url)
+    # An older mirror's checkpoint, without a registry id, further along
+    # than the source's log: a source restored from an older backup.
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(
+        json.dumps({"source": source.url, "target": target.url, "position": 1000})
+    )
+
+    result = mirror_once(source.url, target.url, checkpoint)
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    failed = [
+        line
+        for line in log_events(result.stderr)
+        if line["event"] == "mirror_source_replaced"
+    ]
+    assert len(failed) == 1
+    assert (
+        f"ends at position {head}, before the mirror's position 1000"
+        in (failed[0]["error"])
+    )
+    assert f"remove {checkpoint}" in failed[0]["error"]
+    saved = json.loads(checkpoint.read_text())
+    assert saved["position"] == 1000
+    # The id is recorded only once the head matched, or a rerun would take
+    # the replaced source as the checkpoint's own.
+    assert saved["source_registry_id"] is None
+    assert manifest_status(target.url, "library/app", "v0") == 404
+
+
+def test_mirror_records_id_in_older_checkpoint(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    push_images(source.url, "library/app", 2)
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(
+        json.dumps({"source": source.url, "target": target.url, "position": 0})
+    )
+
+    result = mirror_once(source.url, target.url, checkpoint)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = json.loads(checkpoint.read_text())
+    assert saved["source_registry_id"] == registry_id(source.url)
+    assert saved["position"] == head_position(source.url)
+    assert manifest_status(target.url, "library/app", "v1") == 200
+
+
+def test_mirror_following_stops_on_reset(
+    tmp_path: Path,
+    replaceable: list[ServeProcess],
+    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    old = replaceable[0]
+    push_images(old.url, "library/app", 3)
+    log_path = tmp_path / "mirror.log"
+    mirror = start_mirror(old.url, target.url, log_path, "--poll-interval", "0.1")
+    try:
+        wait_until(
+            lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
+        )
+        new = replace_source(tmp_path, replaceable)
+        push_images(new.url, "library/other", 1)
+
+        status = mirror.wait(WAIT)
+    finally:
+        if mirror.poll() is None:
+            mirror.kill()
+            mirror.wait(10)
+
+    assert status == 2
+    lines = log_events(log_path.read_text())
+    failed = [line for line in lines if line["event"] == "mirror_source_replaced"]
+    assert len(failed) == 1
+    assert "Start the mirror again" in failed[0]["error"]
+    assert manifest_status(target.url, "library/other", "v0") == 404
