@@ -39,11 +39,20 @@ class CheckpointError(ValueError):
     """The checkpoint file is unreadable or belongs to another mirror."""
 
 
+_NOT_COPIED_TYPES = frozenset(
+    {EventType.MANIFEST_PUSHED, EventType.TAG_SET, EventType.TAG_DELETED}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NotCopied:
-    """A manifest.pushed or tag.set event that the mirror could not copy
-    whole, because the source lacked content that the manifest requires. The
-    next run retries it."""
+    """An event that the mirror could not apply whole: a manifest.pushed or
+    tag.set event whose manifest lacks content on the source, or a
+    tag.deleted event that the target cannot apply. The next run retries it.
+
+    ``digest`` is the manifest of the event, for tag.deleted the one that
+    the tag pointed at.
+    """
 
     position: int
     type: str
@@ -69,13 +78,14 @@ class NotCopied:
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> NotCopied:
         event_type = str(document["type"])
-        if event_type not in (EventType.MANIFEST_PUSHED, EventType.TAG_SET):
+        if event_type not in _NOT_COPIED_TYPES:
             raise ValueError(
                 f"not_copied has an event of type {event_type!r}, expected "
-                f"{EventType.MANIFEST_PUSHED} or {EventType.TAG_SET}"
+                f"{EventType.MANIFEST_PUSHED}, {EventType.TAG_SET} or "
+                f"{EventType.TAG_DELETED}"
             )
         tag = None
-        if event_type == EventType.TAG_SET:
+        if event_type in (EventType.TAG_SET, EventType.TAG_DELETED):
             tag = document["tag"]
             if not isinstance(tag, str):
                 raise ValueError(f"a {event_type} entry of not_copied has no tag")
@@ -103,15 +113,22 @@ def content_key(event: dict[str, Any]) -> ContentKey | None:
 
 
 def not_copied_entry(event: dict[str, Any]) -> NotCopied:
-    """Return the NotCopied entry of a manifest.pushed or tag.set event."""
+    """Return the NotCopied entry of a manifest.pushed, tag.set or
+    tag.deleted event."""
     event_type = EventType(event["type"])
     payload = upcast(event_type, int(event["schema_version"]), event["payload"])
+    if event_type == EventType.TAG_DELETED:
+        digest, tag = str(payload["previous"]), str(payload["tag"])
+    elif event_type == EventType.TAG_SET:
+        digest, tag = str(payload["digest"]), str(payload["tag"])
+    else:
+        digest, tag = str(payload["digest"]), None
     return NotCopied(
         position=int(event["position"]),
         type=str(event_type),
         repository=str(event["repository"]),
-        digest=str(payload["digest"]),
-        tag=str(payload["tag"]) if event_type == EventType.TAG_SET else None,
+        digest=digest,
+        tag=tag,
     )
 
 

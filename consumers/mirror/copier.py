@@ -16,6 +16,10 @@ the target cannot store that manifest or a tag on it. Such an event is
 because the rest of the log may never bring that content back. The
 checkpoint records it, and the next run retries it with ``retry``.
 
+A target that cannot delete a tag alone, such as Distribution 2.8, keeps a
+tag that the source deleted. Unless a later event removes or moves that
+tag on the target, its tag.deleted event is incomplete as well.
+
 Manifests are copied as the source stored them, including those that an
 earlier cairn accepted and the source's current checks reject. Their
 references are read with parse_stored_manifest, and the target decides
@@ -105,15 +109,9 @@ class Copier:
             return "deletes_not_propagated"
         match event_type:
             case EventType.TAG_DELETED:
-                if not await self.target.delete_tag(repository, payload["tag"]):
-                    log.warning(
-                        "tag_delete_unsupported",
-                        repository=repository,
-                        tag=payload["tag"],
-                        target=self.target.description,
-                        note="the tag goes when its manifest is deleted",
-                    )
-                    return "unsupported"
+                return await self.delete_tag(
+                    repository, payload["tag"], payload["previous"]
+                )
             case EventType.MANIFEST_DELETED:
                 await self.target.delete_manifest(repository, payload["digest"])
             case EventType.BLOB_DELETED:
@@ -127,7 +125,14 @@ class Copier:
         Returns what ``apply`` would, and "gone" for a tag that the source
         has deleted or moved to another manifest since. Such a tag is left
         alone, because the later event that moved it is applied in order.
+        A tag.deleted entry is dropped as "deletes_not_propagated" when
+        this run does not propagate deletes.
         """
+        if entry.type == EventType.TAG_DELETED:
+            assert entry.tag is not None
+            if not self.propagate_deletes:
+                return "deletes_not_propagated"
+            return await self.delete_tag(entry.repository, entry.tag, entry.digest)
         if entry.tag is None:
             return await self.copy_manifest(entry.repository, entry.digest)
         current = await self.source.manifest_digest(entry.repository, entry.tag)
@@ -142,6 +147,51 @@ class Copier:
             )
             return "gone"
         return await self.set_tag(entry.repository, entry.tag, entry.digest)
+
+    async def delete_tag(self, repository: str, tag: str, digest: str) -> str:
+        """Delete a tag that pointed at manifest ``digest`` on the source.
+
+        Returns "deleted" when the target deleted it. A target that cannot
+        delete a tag alone, such as Distribution 2.8, keeps it. Then this
+        returns "absent" when the target has no such tag. It returns
+        "superseded" when a later source event settles the tag on the
+        target: a tag.set that sets it again, or the manifest.deleted of
+        the manifest that it points at, which removes the tag too.
+        Otherwise it returns "incomplete".
+        """
+        if await self.target.delete_tag(repository, tag):
+            return "deleted"
+        kept = await self.target.tagged_digest(repository, tag)
+        if kept is None:
+            return "absent"
+        if await self.source.manifest_digest(repository, tag) is not None:
+            reason = "the source sets the tag again in a later event"
+        elif await self.source.manifest_digest(repository, kept) is None:
+            reason = (
+                "the source deletes its manifest in a later event, which "
+                "removes the tag from the target"
+            )
+        else:
+            log.warning(
+                "tag_delete_unsupported",
+                repository=repository,
+                tag=tag,
+                digest=kept,
+                target=self.target.description,
+                reason="the target cannot delete a tag alone, and the source "
+                "keeps the manifest that the target's tag points at",
+                note="the tag stays on the target until its manifest is deleted",
+            )
+            return "incomplete"
+        log.info(
+            "tag_delete_superseded",
+            repository=repository,
+            tag=tag,
+            digest=kept,
+            target=self.target.description,
+            reason=reason,
+        )
+        return "superseded"
 
     # ---- blobs -----------------------------------------------------------
 

@@ -1,0 +1,122 @@
+"""`cairn mirror` into Distribution (Debian's docker-registry 2.8.2), where
+the target differs from cairn: it cannot delete a tag alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.images import make_image
+from tests.server import ServeProcess, push_image
+from tests.test_mirror import (  # noqa: F401  (the source fixture)
+    docker_registry,
+    log_events,
+    manifest_status,
+    needs_docker_registry,
+    put_manifest,
+    run_mirror_status,
+    source,
+)
+
+
+def registry_tags(url: str, repository: str) -> list[str]:
+    response = httpx.get(f"{url}/v2/{repository}/tags/list")
+    if response.status_code == 404:
+        return []
+    assert response.status_code == 200, response.text
+    return sorted(response.json().get("tags") or [])
+
+
+def mirror_once(
+    source_url: str, registry_url: str, checkpoint: Path
+) -> tuple[int, list[dict[str, Any]]]:
+    result = run_mirror_status(
+        source_url,
+        registry_url,
+        "--propagate-deletes",
+        "--checkpoint",
+        str(checkpoint),
+    )
+    assert "Traceback" not in result.stderr
+    return result.returncode, log_events(result.stderr)
+
+
+def lines_of(lines: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [line for line in lines if line["event"] == event]
+
+
+def saved_not_copied(checkpoint: Path) -> list[tuple[str, str | None]]:
+    document = json.loads(checkpoint.read_text())
+    return [(entry["type"], entry["tag"]) for entry in document["not_copied"]]
+
+
+def delete(url: str, repository: str, reference: str) -> None:
+    response = httpx.delete(f"{url}/v2/{repository}/manifests/{reference}")
+    assert response.status_code == 202, response.text
+
+
+@needs_docker_registry
+def test_mirror_tag_delete_not_copied(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    image = make_image()
+    doomed = make_image()
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", image, "keep")
+        put_manifest(client, "library/app", "drop", image)
+        push_image(client, "library/app", doomed, "doomed")
+    checkpoint = tmp_path / "checkpoint.json"
+
+    with docker_registry(tmp_path / "registry") as registry_url:
+        status, _ = mirror_once(source.url, registry_url, checkpoint)
+        assert status == 0
+        assert registry_tags(registry_url, "library/app") == ["doomed", "drop", "keep"]
+
+        # A tag deleted alone, and a tag deleted with its manifest, which
+        # Distribution removes together with the manifest.
+        delete(source.url, "library/app", "drop")
+        delete(source.url, "library/app", str(doomed.digest))
+
+        status, lines = mirror_once(source.url, registry_url, checkpoint)
+
+        assert status == 3
+        unsupported = lines_of(lines, "tag_delete_unsupported")
+        assert len(unsupported) == 1
+        assert unsupported[0]["level"] == "warning"
+        assert unsupported[0]["tag"] == "drop"
+        assert unsupported[0]["digest"] == str(image.digest)
+        superseded = lines_of(lines, "tag_delete_superseded")
+        assert [line["tag"] for line in superseded] == ["doomed"]
+        stopped = lines_of(lines, "mirror_stopped")
+        assert stopped[0]["not_copied"] == 1
+        assert stopped[0]["status"] == 3
+        assert registry_tags(registry_url, "library/app") == ["drop", "keep"]
+        assert manifest_status(registry_url, "library/app", str(doomed.digest)) == 404
+        assert saved_not_copied(checkpoint) == [("tag.deleted", "drop")]
+
+        # Nothing changed: every run retries the event and reports it again.
+        status, lines = mirror_once(source.url, registry_url, checkpoint)
+
+        assert status == 3
+        assert lines_of(lines, "not_copied_retrying")[0]["count"] == 1
+        assert len(lines_of(lines, "tag_delete_unsupported")) == 1
+        assert saved_not_copied(checkpoint) == [("tag.deleted", "drop")]
+
+        # The source deletes the manifest, and the target drops both tags.
+        delete(source.url, "library/app", str(image.digest))
+
+        status, lines = mirror_once(source.url, registry_url, checkpoint)
+
+        assert status == 0
+        resolved = lines_of(lines, "not_copied_resolved")
+        assert len(resolved) == 1
+        assert resolved[0]["tag"] == "drop"
+        assert resolved[0]["outcome"] == "superseded"
+        assert not lines_of(lines, "tag_delete_unsupported")
+        assert registry_tags(registry_url, "library/app") == []
+        assert manifest_status(registry_url, "library/app", str(image.digest)) == 404
+        assert saved_not_copied(checkpoint) == []
