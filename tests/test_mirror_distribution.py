@@ -1,20 +1,25 @@
 """`cairn mirror` into Distribution (Debian's docker-registry 2.8.2), where
-the target differs from cairn: it cannot delete a tag alone."""
+the target differs from cairn: it cannot delete a tag alone, and it stores
+sha512 blobs under their sha256 digest."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.images import make_image
+from engine.domain.digest import Digest
+from engine.domain.manifests import OCI_MANIFEST
+from tests.images import OCI_CONFIG, OCI_LAYER, make_image
 from tests.server import ServeProcess, push_image
 from tests.test_mirror import (  # noqa: F401  (the source fixture)
     docker_registry,
     log_events,
     manifest_status,
+    mount_blob,
     needs_docker_registry,
     put_manifest,
     run_mirror_status,
@@ -120,3 +125,77 @@ def test_mirror_tag_delete_not_copied(
         assert registry_tags(registry_url, "library/app") == []
         assert manifest_status(registry_url, "library/app", str(image.digest)) == 404
         assert saved_not_copied(checkpoint) == []
+
+
+def push_sha512_blob(client: httpx.Client, repository: str, data: bytes) -> str:
+    digest = str(Digest.of(data, "sha512"))
+    started = client.post(f"/v2/{repository}/blobs/uploads/")
+    assert started.status_code == 202, started.text
+    location = httpx.URL(started.headers["Location"])
+    finished = client.put(location.copy_merge_params({"digest": digest}), content=data)
+    assert finished.status_code == 201, finished.text
+    return digest
+
+
+def sha512_image(client: httpx.Client, repository: str) -> tuple[bytes, list[bytes]]:
+    """Push a config and a layer under sha512 digests, and a manifest that
+    references them; return the manifest and the blobs."""
+    layer = os.urandom(4096)
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": push_sha512_blob(client, repository, config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": OCI_LAYER,
+                    "digest": push_sha512_blob(client, repository, layer),
+                    "size": len(layer),
+                }
+            ],
+        }
+    ).encode()
+    return manifest, [config, layer]
+
+
+@needs_docker_registry
+def test_mirror_sha512_blobs_first_run(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    with httpx.Client(base_url=source.url) as client:
+        manifest, blobs = sha512_image(client, "library/app")
+        put_manifest(client, "library/app", "v1", manifest)
+        # Mounted blobs: Distribution answers 201 to a mount of a sha512
+        # blob but does not link it into the repository.
+        for blob in blobs:
+            mount_blob(client, "team/app", Digest.of(blob, "sha512"), "library/app")
+        put_manifest(client, "team/app", "v1", manifest)
+
+    with docker_registry(tmp_path / "registry") as registry_url:
+        result = run_mirror_status(source.url, registry_url)
+
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "Traceback" not in result.stderr
+        ineffective = lines_of(log_events(result.stderr), "blob_mount_without_effect")
+        assert len(ineffective) == len(blobs)
+        for repository in ("library/app", "team/app"):
+            for blob in blobs:
+                digest = Digest.of(blob, "sha512")
+                response = httpx.get(f"{registry_url}/v2/{repository}/blobs/{digest}")
+                assert response.status_code == 200, (repository, digest)
+                assert response.content == blob
+            assert manifest_status(registry_url, repository, "v1") == 200
+
+        result = run_mirror_status(source.url, registry_url)
+
+        assert result.returncode == 0, result.stderr[-4000:]
+        stopped = lines_of(log_events(result.stderr), "mirror_stopped")
+        assert stopped[0]["bytes_copied"] == 0

@@ -8,6 +8,7 @@ other unexpected responses, with the registry's error body in the message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,8 @@ from urllib.parse import quote
 import httpx
 
 from consumers.mirror.errors import MirrorError, SourceGone, TransientError
+from engine.domain.digest import Digest, DigestVerifier
+from engine.domain.errors import DigestMismatch
 from engine.domain.manifests import MANIFEST_MEDIA_TYPES
 
 CHUNK_SIZE: Final = 1024 * 1024
@@ -74,7 +77,12 @@ class RegistryClient:
             "GET", self.url(repository, "blobs", digest)
         )
         try:
-            response = await self.client.send(request, stream=True)
+            # A registry may redirect a blob download to its storage. The
+            # target's client follows no other redirects, so this request
+            # enables them.
+            response = await self.client.send(
+                request, stream=True, follow_redirects=True
+            )
         except httpx.TransportError as error:
             raise TransientError(f"{what}: {error or type(error).__name__}") from error
         try:
@@ -115,8 +123,9 @@ class RegistryClient:
 
     async def finish_upload(
         self, location: str, digest: str, size: int | None, chunks: AsyncIterator[bytes]
-    ) -> None:
-        """Send the whole blob in one PUT and check the digest the registry stored."""
+    ) -> str | None:
+        """Send the whole blob in one PUT; return the Docker-Content-Digest
+        of the response, the digest the registry reports it stored."""
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
             headers["Content-Length"] = str(size)
@@ -128,9 +137,28 @@ class RegistryClient:
             "PUT", str(url), what, content=chunks, headers=headers
         )
         check(response, what)
-        stored = response.headers.get("Docker-Content-Digest")
-        if stored and stored != digest:
-            raise MirrorError(f"{what}: the registry stored it as {stored}")
+        stored: str | None = response.headers.get("Docker-Content-Digest")
+        return stored
+
+    async def verify_blob(self, repository: str, digest: str) -> str | None:
+        """Read a blob back by ``digest`` and hash its bytes.
+
+        Returns None when they match the digest, or else what is wrong.
+        """
+        expected = Digest.parse(digest)
+        verifier = DigestVerifier(expected.algorithm)
+        try:
+            async with self.open_blob(repository, digest) as blob:
+                async for chunk in blob.chunks:
+                    await asyncio.to_thread(verifier.update, chunk)
+        except SourceGone:
+            return "it serves no blob under that digest"
+        try:
+            verifier.verify(expected)
+        except DigestMismatch as error:
+            actual = error.detail.get("actual")
+            return f"the bytes that it serves under that digest hash to {actual}"
+        return None
 
     async def cancel_upload(self, location: str) -> None:
         # A registry expires abandoned uploads itself, so a failure is harmless.

@@ -12,8 +12,12 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
+
 from consumers.mirror.errors import MirrorError
 from consumers.mirror.registry import BlobStream, RegistryClient
+
+log = structlog.get_logger(__name__)
 
 # Opens the source's verified stream of one blob, only when it is needed.
 BlobOpener = Callable[[], AbstractAsyncContextManager[BlobStream]]
@@ -86,16 +90,54 @@ class RegistryTarget:
             repository, digest if mount_from else None, mount_from
         )
         if mounted:
-            return BlobCopy(mounted=True, size=0)
+            # Distribution 2.8 responds 201 to the mount of a sha512 blob
+            # without linking it into the repository, so the blob is uploaded
+            # when the target does not serve it after all.
+            if await self.client.blob_exists(repository, digest):
+                return BlobCopy(mounted=True, size=0)
+            log.info(
+                "blob_mount_without_effect",
+                repository=repository,
+                digest=digest,
+                source=mount_from,
+                target=self.description,
+                note="the blob is uploaded instead",
+            )
+            _, location = await self.client.start_upload(repository)
         try:
             async with open_blob() as blob:
-                await self.client.finish_upload(
+                stored = await self.client.finish_upload(
                     location, digest, blob.size, blob.chunks
                 )
         except BaseException:
             await self.client.cancel_upload(location)
             raise
+        if stored is not None and stored != digest:
+            await self._check_stored_as(repository, digest, stored)
         return BlobCopy(mounted=False, size=blob.size or 0)
+
+    async def _check_stored_as(self, repository: str, digest: str, stored: str) -> None:
+        """Accept a blob that the target reports under another digest when
+        it serves the same bytes under ``digest``; raise MirrorError if not.
+
+        Distribution 2.8 stores every blob under its sha256 digest and reports
+        that one, also for a blob uploaded as sha512. It serves the blob
+        under both digests, which is what a later copy's HEAD finds.
+        """
+        problem = await self.client.verify_blob(repository, digest)
+        if problem is not None:
+            raise MirrorError(
+                f"PUT upload of {digest} in {repository}: the target "
+                f"{self.description} reports that it stored the blob as "
+                f"{stored}, and {problem}"
+            )
+        log.debug(
+            "blob_stored_as",
+            repository=repository,
+            digest=digest,
+            stored=stored,
+            note="the target serves the same bytes under the digest",
+        )
 
     async def has_manifest(self, repository: str, digest: str) -> bool:
         return await self.client.manifest_digest(repository, digest) is not None
