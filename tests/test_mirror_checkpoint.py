@@ -1,5 +1,5 @@
 """The mirror's checkpoint against a source that was reset or replaced
-behind the same URL."""
+behind the same URL, and at a path that cannot be written."""
 
 from __future__ import annotations
 
@@ -213,3 +213,68 @@ def test_mirror_following_stops_on_reset(
     assert len(failed) == 1
     assert "Start the mirror again" in failed[0]["error"]
     assert manifest_status(target.url, "library/other", "v0") == 404
+
+
+def test_mirror_rejects_unwritable_checkpoint(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    push_images(source.url, "library/app", 1)
+    checkpoint = tmp_path / "missing" / "checkpoint.json"
+
+    result = mirror_once(source.url, target.url, checkpoint)
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert f"cannot write checkpoint {checkpoint}: " in result.stderr
+    assert not [line for line in log_events(result.stderr) if "event" in line]
+    assert manifest_status(target.url, "library/app", "v0") == 404
+    assert not checkpoint.parent.exists()
+
+
+def test_mirror_stops_when_checkpoint_unwritable(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    push_images(source.url, "library/app", 1)
+    directory = tmp_path / "state"
+    directory.mkdir()
+    checkpoint = directory / "checkpoint.json"
+    log_path = tmp_path / "mirror.log"
+    mirror = start_mirror(
+        source.url,
+        target.url,
+        log_path,
+        "--poll-interval",
+        "0.1",
+        "--checkpoint",
+        str(checkpoint),
+    )
+    try:
+        head = head_position(source.url)
+        # Once the checkpoint reaches the head, the mirror polls without
+        # writing, so the directory can go without a race.
+        wait_until(
+            lambda: (
+                checkpoint.exists() and saved_checkpoint(checkpoint)["position"] == head
+            ),
+            WAIT,
+        )
+        checkpoint.unlink()
+        directory.rmdir()
+        with httpx.Client(base_url=source.url) as client:
+            push_image(client, "library/app", make_image(), "later")
+
+        status = mirror.wait(WAIT)
+    finally:
+        if mirror.poll() is None:
+            mirror.kill()
+            mirror.wait(10)
+
+    assert status == 1
+    text = log_path.read_text()
+    assert "Traceback" not in text
+    failed = [line for line in log_events(text) if line["event"] == "mirror_failed"]
+    assert len(failed) == 1
+    assert f"cannot write checkpoint {checkpoint}: " in failed[0]["error"]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from consumers.mirror.credentials import split_userinfo
-from consumers.mirror.errors import SourceReplaced
+from consumers.mirror.errors import MirrorError, SourceReplaced
 from engine.domain.events import EventType, format_time, upcast
 
 # The content of a NotCopied entry: ("manifest", repository, digest) or
@@ -216,18 +216,37 @@ class Checkpoint:
         return sorted(self.not_copied.values(), key=lambda entry: entry.position)
 
     def write(self) -> None:
-        """Write the checkpoint as it is, replacing URLs with a user name and
-        password that an older mirror stored; a no-op without a checkpoint
-        file. Raises OSError."""
-        if self.path is not None:
+        """Write the checkpoint as it is; a no-op without a checkpoint file.
+
+        The mirror calls this before it copies anything, to find an
+        unwritable path early and to replace URLs with a user name and
+        password that an older mirror stored. Raises CheckpointError.
+        """
+        if self.path is None:
+            return
+        try:
             self._write(self.position, self.pending())
+        except OSError as error:
+            raise CheckpointError(self._write_failure(error)) from None
 
     async def save(self, position: int) -> None:
         """Record ``position`` as dealt with, and the events not copied whole;
-        a no-op without a checkpoint file."""
+        a no-op without a checkpoint file. Raises MirrorError when the file
+        cannot be written."""
         self.position = position
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             await asyncio.to_thread(self._write, position, self.pending())
+        except OSError as error:
+            raise MirrorError(self._write_failure(error)) from None
+
+    def _write_failure(self, error: OSError) -> str:
+        return (
+            f"cannot write checkpoint {self.path}: {error.strerror or error}. "
+            "Pass a --checkpoint file in a directory that exists and that the "
+            "mirror may write to"
+        )
 
     def _write(self, position: int, pending: list[NotCopied]) -> None:
         assert self.path is not None
@@ -244,12 +263,16 @@ class Checkpoint:
         # Mode 0600, because the file names the registries and repositories
         # that the mirror copies, which other users of the host need not read.
         descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with open(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(document, handle)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self.path)
+        try:
+            with open(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(document, handle)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
         directory = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
