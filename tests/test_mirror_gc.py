@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -175,10 +176,14 @@ def test_collects_leftovers_of_earlier_runs(tmp_path: Path) -> None:
         await put_blob(target, stray)
 
     run(first_run())
-    partial = blob_file(tmp_path, stray).with_name(".partial-abc-123")
+    stray_file = blob_file(tmp_path, stray)
+    partial = stray_file.with_name(f".partial-{stray_file.name}-{uuid.uuid4().hex}")
     partial.write_bytes(b"half a blob")
-    foreign = blob_file(tmp_path, stray).with_name("README")
+    foreign = stray_file.with_name("README")
     foreign.write_text("not a blob")
+    # Named like a partial file, but not as the mirror names them.
+    foreign_partial = stray_file.with_name(".partial-abc-123")
+    foreign_partial.write_text("not the mirror's")
 
     async def second_run() -> None:
         await delete_image(LayoutTarget(tmp_path), doomed, "old")
@@ -189,6 +194,7 @@ def test_collects_leftovers_of_earlier_runs(tmp_path: Path) -> None:
     assert not blob_file(tmp_path, stray).exists()
     assert not partial.exists()
     assert foreign.read_text() == "not a blob"
+    assert foreign_partial.read_text() == "not the mirror's"
     for data in (surviving.manifest, *surviving.blobs):
         assert blob_file(tmp_path, data).read_bytes() == data
 

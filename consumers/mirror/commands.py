@@ -254,6 +254,7 @@ async def _run(
     ticker = asyncio.create_task(progress.tick(), name="cairn-mirror-progress")
     status = 0
     try:
+        await target.start()
         await runner.run()
     except asyncio.CancelledError:
         log.info("mirror_interrupted", position=runner.position)

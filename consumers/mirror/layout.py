@@ -9,16 +9,24 @@ then read a tag as ``oci:DIR/<repository>:<tag>``.
 annotated with ``org.opencontainers.image.ref.name``, and one entry without
 the annotation for each manifest that no tag points at.
 
-Blobs are written to a temporary file, fsynced and renamed into place, so a
+Blobs are written to a partial file, fsynced and renamed into place, so a
 file named by a digest is always whole. ``index.json`` is rewritten the same
-way. The mirror must be the only writer of DIR.
+way. Each repository under DIR must have one writer, so two mirrors may
+share DIR only when their ``--repositories`` do not overlap.
+
+A partial file is named ``.partial-<name>-<32 hex digits>``, where name is
+the file it becomes. Its writer holds an exclusive flock(2) on it until the
+file is renamed into place or removed. A mirror that starts removes every
+partial file under DIR that no process holds locked, which only a writer
+killed mid-copy leaves behind, and keeps the ones that another running
+mirror writes.
 
 Each propagated delete is followed by a garbage collection of the
 repository's ``blobs/``. A blob file stays while a manifest that
 ``index.json`` lists reaches it: that manifest's own file, its config and
 layers, and the same for its child manifests and its subject, recursively.
-Every other file named by a digest is removed, and so are temporary files
-that a crash left behind. That includes blobs copied for a manifest whose
+Every other file named by a digest is removed, and so are partial files
+that no process holds locked. That includes blobs copied for a manifest whose
 own event comes later; the copy of that manifest fetches them again. When
 a manifest in that closure is missing or does not parse, nothing is
 removed. A blob.deleted event removes only that blob, and only when no
@@ -30,13 +38,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
 
+from consumers.mirror.partial import (
+    PartialFile,
+    copy_atomically,
+    find_partial_files,
+    remove_abandoned,
+    sync_dir,
+    write_atomically,
+)
 from consumers.mirror.target import BlobCopy, BlobOpener
 from engine.domain.digest import Digest
 from engine.domain.errors import RegistryError
@@ -48,7 +62,6 @@ log = structlog.get_logger(__name__)
 REF_NAME: Final = "org.opencontainers.image.ref.name"
 INDEX_MEDIA_TYPE: Final = "application/vnd.oci.image.index.v1+json"
 LAYOUT_VERSION: Final = {"imageLayoutVersion": "1.0.0"}
-TEMP_PREFIX: Final = ".partial-"
 
 
 class LayoutUnreadable(Exception):
@@ -59,11 +72,30 @@ class LayoutTarget:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"oci:{root}"
-        # The mirror is the only writer, so each index is read once and kept.
+        # Each repository has one writer, so its index is read once and kept.
         self._indexes: dict[str, list[dict[str, Any]]] = {}
         # The digests that each repository's index.json reaches, computed on
         # a delete and forgotten whenever that index.json changes.
         self._referenced: dict[str, frozenset[str]] = {}
+
+    async def start(self) -> None:
+        """Remove the partial files that a mirror killed mid-copy left."""
+        partial_files = await asyncio.to_thread(find_partial_files, self.root)
+        removal = await asyncio.to_thread(remove_abandoned, partial_files)
+        if removal.files:
+            log.info(
+                "layout_partial_files_removed",
+                layout=str(self.root),
+                files=removal.files,
+                size=removal.size,
+            )
+        if removal.locked:
+            log.info(
+                "layout_partial_files_kept",
+                layout=str(self.root),
+                files=removal.locked,
+                reason="another process writes them",
+            )
 
     def repository_dir(self, repository: str) -> Path:
         # The repository grammar allows no "." or ".." component, so the
@@ -97,20 +129,16 @@ class LayoutTarget:
             if await asyncio.to_thread(_link_or_copy, origin, path):
                 return BlobCopy(mounted=True, size=0)
 
-        temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
-        handle = await asyncio.to_thread(temp.open, "wb")
+        partial = await asyncio.to_thread(PartialFile, path)
         size = 0
         try:
             async with open_blob() as blob:
                 async for chunk in blob.chunks:
-                    await asyncio.to_thread(handle.write, chunk)
+                    await asyncio.to_thread(partial.write, chunk)
                     size += len(chunk)
-            await asyncio.to_thread(_sync_and_close, handle)
-            await asyncio.to_thread(os.replace, temp, path)
-            await asyncio.to_thread(_sync_dir, path.parent)
+            await asyncio.to_thread(partial.commit)
         except BaseException:
-            handle.close()
-            temp.unlink(missing_ok=True)
+            partial.discard()
             raise
         return BlobCopy(mounted=False, size=size)
 
@@ -126,7 +154,7 @@ class LayoutTarget:
         path = self._blob_path(repository, digest)
         if not await asyncio.to_thread(path.is_file):
             await asyncio.to_thread(self._prepare, repository, path.parent)
-            await asyncio.to_thread(_write_atomically, path, raw)
+            await asyncio.to_thread(write_atomically, path, raw)
         index = await self._index(repository)
         if any(entry["digest"] == digest for entry in index):
             return
@@ -201,6 +229,10 @@ class LayoutTarget:
         blobs = self.repository_dir(repository) / "blobs"
         garbage = await asyncio.to_thread(_unreferenced_files, blobs, referenced)
         removed, size = await asyncio.to_thread(_remove_files, garbage)
+        partial_files = await asyncio.to_thread(find_partial_files, blobs)
+        removal = await asyncio.to_thread(remove_abandoned, partial_files)
+        removed += removal.files
+        size += removal.size
         if removed:
             log.info(
                 "layout_blobs_removed", repository=repository, files=removed, size=size
@@ -298,7 +330,7 @@ class LayoutTarget:
         data = _index_document(self._indexes[repository])
         directory = self.repository_dir(repository)
         await asyncio.to_thread(self._prepare, repository, directory)
-        await asyncio.to_thread(_write_atomically, directory / "index.json", data)
+        await asyncio.to_thread(write_atomically, directory / "index.json", data)
 
     def _prepare(self, repository: str, directory: Path) -> None:
         """Create the directories of a repository and the files that make it
@@ -308,10 +340,10 @@ class LayoutTarget:
         root = self.repository_dir(repository)
         index = root / "index.json"
         if not index.exists():
-            _write_atomically(index, _index_document([]))
+            write_atomically(index, _index_document([]))
         marker = root / "oci-layout"
         if not marker.exists():
-            _write_atomically(marker, json.dumps(LAYOUT_VERSION).encode())
+            write_atomically(marker, json.dumps(LAYOUT_VERSION).encode())
 
 
 def _index_document(manifests: list[dict[str, Any]]) -> bytes:
@@ -354,36 +386,30 @@ def _ref_name(entry: dict[str, Any]) -> str | None:
 
 
 def _link_or_copy(origin: Path, path: Path) -> bool:
-    """Hard-link (or copy, across file systems) a blob from another repository."""
+    """Hard-link (or copy, across file systems) a blob from another repository.
+
+    Returns False when ``origin`` does not exist.
+    """
     if not origin.is_file():
         return False
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
     try:
-        os.link(origin, temp)
+        os.link(origin, path)
+    except FileExistsError:
+        # Files named by a digest are whole, so the one in place is the blob.
+        return True
+    except FileNotFoundError:
+        return False
     except OSError:
-        shutil.copyfile(origin, temp)
-        with temp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-    os.replace(temp, path)
+        copy_atomically(origin, path)
+        return True
+    sync_dir(path.parent)
     return True
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    temp = path.with_name(f"{TEMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
-    with temp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    _sync_dir(path.parent)
-
-
 def _unreferenced_files(blobs: Path, referenced: frozenset[str]) -> list[Path]:
-    """List the files under ``blobs/<algorithm>/`` that no manifest reaches.
-
-    These are files named by a digest outside ``referenced``, and temporary
-    files, which only a crashed write leaves, because the mirror writes one
-    file at a time. Other names are not the mirror's and stay.
+    """List the files under ``blobs/<algorithm>/`` named by a digest outside
+    ``referenced``. Partial files are left to remove_abandoned, and other
+    names are not the mirror's and stay.
     """
     garbage: list[Path] = []
     try:
@@ -392,9 +418,6 @@ def _unreferenced_files(blobs: Path, referenced: frozenset[str]) -> list[Path]:
         return garbage
     for directory in algorithms:
         for path in directory.iterdir():
-            if path.name.startswith(TEMP_PREFIX):
-                garbage.append(path)
-                continue
             digest = f"{directory.name}:{path.name}"
             try:
                 Digest.parse(digest)
@@ -419,19 +442,5 @@ def _remove_files(paths: list[Path]) -> tuple[int, int]:
         size += length
         directories.add(path.parent)
     for directory in directories:
-        _sync_dir(directory)
+        sync_dir(directory)
     return removed, size
-
-
-def _sync_and_close(handle: Any) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-    handle.close()
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

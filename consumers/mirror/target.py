@@ -34,6 +34,9 @@ class BlobCopy:
 class Target(Protocol):
     description: str
 
+    async def start(self) -> None:
+        """Prepare the target before the mirror applies its first event."""
+
     async def has_blob(self, repository: str, digest: str) -> bool: ...
 
     async def put_blob(
@@ -73,6 +76,9 @@ class RegistryTarget:
     def __init__(self, client: RegistryClient) -> None:
         self.client = client
         self.description = client.base_url
+
+    async def start(self) -> None:
+        return None
 
     async def has_blob(self, repository: str, digest: str) -> bool:
         return await self.client.blob_exists(repository, digest)

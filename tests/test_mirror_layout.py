@@ -1,0 +1,143 @@
+"""Partial files of `cairn mirror --target oci:DIR`: a mirror killed in the
+middle of a blob leaves one, and the next mirror that starts removes it,
+but not while another running mirror still writes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engine.domain.digest import Digest
+from tests.images import make_image
+from tests.nats import wait_until
+from tests.server import ServeProcess, push_image, running
+from tests.test_mirror import (  # noqa: F401  (the source fixture)
+    WAIT,
+    log_events,
+    run_mirror_status,
+    source,
+    start_mirror,
+)
+
+# Headers that describe one hop of a connection, which a proxy does not pass on.
+HOP_HEADERS = frozenset({b"connection", b"host", b"keep-alive", b"transfer-encoding"})
+
+
+class StallingProxy:
+    """An ASGI app that forwards every request to ``upstream``, except that
+    it sends only the first chunk of the response to ``stalled_path`` and
+    then waits until the client disconnects."""
+
+    def __init__(self, upstream: str, stalled_path: str) -> None:
+        self.upstream = upstream
+        self.stalled_path = stalled_path
+        self.stalled = threading.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        more_body = True
+        while more_body:
+            message = await receive()
+            body += message.get("body", b"")
+            more_body = message.get("more_body", False)
+        query = scope["query_string"].decode()
+        url = self.upstream + scope["path"] + (f"?{query}" if query else "")
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_HEADERS]
+
+        async with (
+            httpx.AsyncClient(timeout=WAIT) as client,
+            client.stream(
+                scope["method"], url, headers=headers, content=body
+            ) as response,
+        ):
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [
+                        (k, v)
+                        for k, v in response.headers.raw
+                        if k.lower() not in HOP_HEADERS
+                    ],
+                }
+            )
+            async for chunk in response.aiter_raw():
+                await send(
+                    {"type": "http.response.body", "body": chunk, "more_body": True}
+                )
+                if scope["path"] == self.stalled_path:
+                    self.stalled.set()
+                    # http.disconnect arrives when the client goes away.
+                    await receive()
+                    return
+            await send({"type": "http.response.body", "body": b""})
+
+
+def lines_of(text: str, event: str) -> list[dict[str, Any]]:
+    return [line for line in log_events(text) if line["event"] == event]
+
+
+def test_mirror_layout_removes_abandoned_partial(
+    tmp_path: Path,
+    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+) -> None:
+    image = make_image(layer_count=1, layer_size=4 * 1024 * 1024)
+    with httpx.Client(base_url=source.url, timeout=WAIT) as client:
+        push_image(client, "stalled/app", image, "v1")
+        push_image(client, "other/app", make_image(), "v1")
+    layer = image.layers[0]
+    layer_digest = Digest.of(layer)
+    blobs = tmp_path / "layout" / "stalled" / "app" / "blobs" / "sha256"
+    target = f"oci:{tmp_path / 'layout'}"
+    proxy = StallingProxy(source.url, f"/v2/stalled/app/blobs/{layer_digest}")
+
+    with running(proxy) as proxied:
+        killed = start_mirror(
+            proxied.url,
+            target,
+            tmp_path / "killed.log",
+            "--repositories",
+            "stalled/*",
+        )
+        try:
+            wait_until(proxy.stalled.is_set, WAIT)
+            partials = sorted(blobs.glob(".partial-*"))
+            assert [path.name[:73] for path in partials] == [
+                f".partial-{layer_digest.encoded}"
+            ]
+
+            # A second mirror on the same layout, for other repositories,
+            # leaves the partial file that the first one is writing.
+            result = run_mirror_status(source.url, target, "--repositories", "other/*")
+
+            assert result.returncode == 0, result.stderr[-4000:]
+            kept = lines_of(result.stderr, "layout_partial_files_kept")
+            assert len(kept) == 1
+            assert kept[0]["files"] == 1
+            assert not lines_of(result.stderr, "layout_partial_files_removed")
+            assert partials[0].exists()
+        finally:
+            os.kill(killed.pid, signal.SIGKILL)
+            killed.wait(10)
+
+    assert partials[0].exists()
+    # Named like a partial file, but not as the mirror names them.
+    foreign = blobs / ".partial-notes"
+    foreign.write_text("not the mirror's")
+
+    result = run_mirror_status(source.url, target)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    removed = lines_of(result.stderr, "layout_partial_files_removed")
+    assert len(removed) == 1
+    assert removed[0]["files"] == 1
+    assert not partials[0].exists()
+    assert sorted((tmp_path / "layout").rglob(".partial-*")) == [foreign]
+    assert (blobs / layer_digest.encoded).read_bytes() == layer
