@@ -74,7 +74,9 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
         "--propagate-deletes",
         action="store_true",
         help="also delete tags, manifests and blobs on the target when the "
-        "source deletes them; default: deletes are not copied",
+        "source deletes them; a tag that the target cannot delete alone "
+        "(Distribution 2.8) counts as not copied; default: deletes are not "
+        "copied",
     )
 
     parser.add_argument(
