@@ -198,8 +198,12 @@ def test_mirror_following_stops_on_reset(
         wait_until(
             lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
         )
+        # More events than the mirror's position, so that only the registry
+        # id tells the new source from the old one.
+        old_head = head_position(old.url)
         new = replace_source(tmp_path, replaceable)
-        push_images(new.url, "library/other", 1)
+        push_images(new.url, "library/other", 5)
+        assert head_position(new.url) > old_head
 
         status = mirror.wait(WAIT)
     finally:
@@ -211,6 +215,8 @@ def test_mirror_following_stops_on_reset(
     lines = log_events(log_path.read_text())
     failed = [line for line in lines if line["event"] == "mirror_source_replaced"]
     assert len(failed) == 1
+    assert f"reports registry id {registry_id(new.url)}" in failed[0]["error"]
+    assert "the mirror started on registry id" in failed[0]["error"]
     assert "Start the mirror again" in failed[0]["error"]
     assert manifest_status(target.url, "library/other", "v0") == 404
 

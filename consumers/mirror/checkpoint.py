@@ -192,10 +192,14 @@ class Checkpoint:
         saved = self.source_registry_id
         if saved is not None and registry_id != saved:
             reported = f"registry id {registry_id}" if registry_id else "no registry id"
+            origin = (
+                f"the mirror started on registry id {saved}"
+                if self.path is None
+                else f"checkpoint {self.path} was written for registry id {saved}"
+            )
             raise SourceReplaced(
-                f"the source {self.source} reports {reported}, but checkpoint "
-                f"{self.path} was written for registry id {saved}. The source "
-                "was reset or replaced, so the checkpoint's position "
+                f"the source {self.source} reports {reported}, but {origin}. The "
+                "source was reset or replaced, so the mirror's position "
                 f"{self.position} does not count in its event log. "
                 f"{self.restart_hint()}"
             )

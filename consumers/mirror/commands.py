@@ -183,26 +183,20 @@ async def _check_registries(
     SourceReplaced when the source is not the one the checkpoint was
     written for.
     """
-    async with (
-        _client(args, endpoints.source_credentials, True) as source_client,
-        _client(args, endpoints.target_credentials, True) as target_client,
-    ):
-        # The source must let the mirror read its id, because the feed
-        # needs the same credentials.
+    async with _client(args, endpoints.source_credentials, True) as client:
         source_id = await retry_transient(
-            lambda: fetch_registry_id(
-                source_client, endpoints.source, denied_is_unknown=False
-            ),
+            FeedClient(endpoints.source, client).registry_id,
             "read the registry id of the source",
             args.retries,
         )
-        if not endpoints.target.startswith("oci:"):
+    if not endpoints.target.startswith("oci:"):
+        async with _client(args, endpoints.target_credentials, True) as client:
             target_id = await retry_transient(
-                lambda: fetch_registry_id(target_client, endpoints.target),
+                lambda: fetch_registry_id(client, endpoints.target),
                 "read the registry id of the target",
                 args.retries,
             )
-            check_registry_ids(endpoints.source, source_id, endpoints.target, target_id)
+        check_registry_ids(endpoints.source, source_id, endpoints.target, target_id)
     checkpoint.check_source(source_id)
 
 

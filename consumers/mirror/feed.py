@@ -8,6 +8,7 @@ from typing import Any, Final
 import httpx
 
 from consumers.mirror.errors import MirrorError, TransientError
+from consumers.mirror.identity import fetch_registry_id
 from consumers.mirror.registry import check
 
 PAGE_SIZE: Final = 500
@@ -24,8 +25,16 @@ class FeedPage:
 
 class FeedClient:
     def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
-        self.url = base_url.rstrip("/") + "/_cairn/events"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/_cairn/events"
         self.client = client
+
+    async def registry_id(self) -> str | None:
+        """Return the registry id of the source, or None for a cairn older
+        than the id. Raises MirrorError for a 401 or 403."""
+        return await fetch_registry_id(
+            self.client, self.base_url, denied_is_unknown=False
+        )
 
     async def page(self, after: int, limit: int = PAGE_SIZE) -> FeedPage:
         what = f"GET {self.url}?after={after}"

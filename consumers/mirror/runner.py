@@ -12,9 +12,13 @@ those first, so content that the source serves whole again reaches the
 target without a replay of the log. A mirror that follows the source
 retries them only when it starts.
 
-A feed whose head is below the position belongs to a source that was reset
-or replaced. The mirror then stops with SourceReplaced, because going on
-would skip that source's events up to the position.
+A source that was reset or replaced reports another registry id, or a feed
+whose head is below the position. The mirror then stops with
+SourceReplaced, because going on would skip that source's events up to the
+position. It reads the id again at every catch-up, so it notices a source
+replaced while it follows within a poll interval, or within
+RESYNC_INTERVAL while NATS delivers the events. One event that NATS
+delivers in that time may be applied first.
 """
 
 from __future__ import annotations
@@ -190,6 +194,10 @@ class MirrorRunner:
 
     async def catch_up(self) -> None:
         """Apply feed pages until a page reaches the head it reports."""
+        registry_id = await self._retrying(
+            self.feed.registry_id, "read the registry id of the source"
+        )
+        self.checkpoint.check_source(registry_id)
         while True:
             page = await self._retrying(
                 lambda: self.feed.page(self.position), "read the event feed"
