@@ -604,32 +604,6 @@ def test_users_file_errors_name_the_line(tmp_path: Path) -> None:
 # ---- `cairn serve --auth-file` with skopeo -------------------------------------------
 
 
-@pytest.fixture
-def skopeo_env(tmp_path: Path) -> dict[str, str]:
-    """An environment that points skopeo at files of this test only."""
-    config = tmp_path / "containers"
-    config.mkdir()
-    policy = config / "policy.json"
-    policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-    registries = config / "registries.conf"
-    registries.write_text(
-        'unqualified-search-registries = []\nshort-name-mode = "disabled"\n'
-    )
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "auth.json").write_text('{"auths": {}}')
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "CONTAINERS_REGISTRIES_CONF": str(registries),
-        "REGISTRY_AUTH_FILE": str(home / "auth.json"),
-        "TMPDIR": str(tmp_path),
-        "POLICY": str(policy),
-    }
-
-
 def _skopeo(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
     assert SKOPEO is not None
     Path(env["XDG_RUNTIME_DIR"]).mkdir(exist_ok=True)
@@ -650,7 +624,7 @@ def test_serve_auth_file_with_skopeo(
     database_url: str,
     tmp_path: Path,
     auth_file: Path,
-    skopeo_env: dict[str, str],
+    client_env: dict[str, str],
 ) -> None:
     source = tmp_path / "source"
     digest = build_oci_layout(source, "v1")
@@ -669,10 +643,10 @@ def test_serve_auth_file_with_skopeo(
         target = f"docker://{host}/library/skopeo-auth:v1"
 
         anonymous = _skopeo(
-            skopeo_env, "copy", "--dest-tls-verify=false", f"oci:{source}:v1", target
+            client_env, "copy", "--dest-tls-verify=false", f"oci:{source}:v1", target
         )
         denied = _skopeo(
-            skopeo_env,
+            client_env,
             "copy",
             "--dest-tls-verify=false",
             f"--dest-creds={READER[0]}:{READER[1]}",
@@ -680,14 +654,14 @@ def test_serve_auth_file_with_skopeo(
             target,
         )
         wrong = _skopeo(
-            skopeo_env,
+            client_env,
             "inspect",
             "--tls-verify=false",
             "--creds=writer:not-the-password",
             target,
         )
         pushed = _skopeo(
-            skopeo_env,
+            client_env,
             "copy",
             "--preserve-digests",
             "--dest-tls-verify=false",
@@ -696,7 +670,7 @@ def test_serve_auth_file_with_skopeo(
             target,
         )
         inspected = _skopeo(
-            skopeo_env,
+            client_env,
             "inspect",
             "--tls-verify=false",
             f"--creds={READER[0]}:{READER[1]}",

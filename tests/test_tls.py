@@ -65,6 +65,28 @@ def make_certificate(directory: Path, *hosts: str) -> Certificate:
     return pair
 
 
+def start_https(
+    data_dir: Path,
+    database_url: str,
+    tmp_path: Path,
+    certificate: Certificate,
+    *extra: str,
+    embedded_nats: bool = False,
+) -> ServeProcess:
+    """Start `cairn serve` with ``certificate``, logging to tmp_path/serve.log."""
+    return start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        "--tls-cert",
+        str(certificate.cert),
+        "--tls-key",
+        str(certificate.key),
+        *extra,
+        embedded_nats=embedded_nats,
+    )
+
+
 @pytest.fixture
 def certificate(tmp_path: Path) -> Certificate:
     return make_certificate(tmp_path / "tls", "localhost", "127.0.0.1")
@@ -74,15 +96,7 @@ def certificate(tmp_path: Path) -> Certificate:
 def https_serve(
     data_dir: Path, database_url: str, tmp_path: Path, certificate: Certificate
 ) -> Iterator[ServeProcess]:
-    process = start_serve(
-        data_dir,
-        database_url,
-        tmp_path / "serve.log",
-        "--tls-cert",
-        str(certificate.cert),
-        "--tls-key",
-        str(certificate.key),
-    )
+    process = start_https(data_dir, database_url, tmp_path, certificate)
     try:
         yield process
     finally:
@@ -253,16 +267,8 @@ def test_serve_https_plain_http_request(
 def test_serve_https_read_idle_timeout(
     data_dir: Path, database_url: str, tmp_path: Path, certificate: Certificate
 ) -> None:
-    served = start_serve(
-        data_dir,
-        database_url,
-        tmp_path / "serve.log",
-        "--tls-cert",
-        str(certificate.cert),
-        "--tls-key",
-        str(certificate.key),
-        "--read-idle-timeout",
-        "1",
+    served = start_https(
+        data_dir, database_url, tmp_path, certificate, "--read-idle-timeout", "1"
     )
     try:
         host, port = served.url.removeprefix("https://").split(":")
@@ -284,15 +290,8 @@ def test_serve_https_read_idle_timeout(
 def test_serve_https_publishes_to_embedded_nats(
     data_dir: Path, database_url: str, tmp_path: Path, certificate: Certificate
 ) -> None:
-    served = start_serve(
-        data_dir,
-        database_url,
-        tmp_path / "serve.log",
-        "--tls-cert",
-        str(certificate.cert),
-        "--tls-key",
-        str(certificate.key),
-        embedded_nats=True,
+    served = start_https(
+        data_dir, database_url, tmp_path, certificate, embedded_nats=True
     )
     try:
         with httpx.Client(base_url=served.url, verify=certificate.trusted()) as client:
