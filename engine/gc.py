@@ -491,7 +491,7 @@ def _lock_for_snapshot(conn: Connection, is_sqlite: bool) -> None:
     """Keep `cairn projections rebuild` from emptying the tables that a scan
     reads while its snapshot is open.
 
-    On PostgreSQL a snapshot taken before a TRUNCATE commits sees the tables
+    On PostgreSQL a snapshot taken before a TRUNCATE commits finds the tables
     empty afterwards, so the scan first takes ACCESS SHARE locks, before the
     first query, which takes the snapshot.
     """

@@ -53,7 +53,7 @@ class DataDirMismatch(Exception):
 def bind_data_dir(
     data_dir: Path, registry_id: str, *, adopt: bool, require: bool
 ) -> None:
-    """Check that ``data_dir`` holds the blobs of the registry ``registry_id``.
+    """Check that ``data_dir`` contains the blobs of the registry ``registry_id``.
 
     The directory's ``registry-id`` file names its registry. A file that
     names another registry raises DataDirMismatch, because blob files are
@@ -69,7 +69,7 @@ def bind_data_dir(
     if recorded is not None:
         if recorded != registry_id:
             raise DataDirMismatch(
-                f"data directory {data_dir} holds the blobs of registry "
+                f"data directory {data_dir} contains the blobs of registry "
                 f"{recorded}, but the database is registry {registry_id}: "
                 "point --data-dir and --database at the same registry"
             )

@@ -75,7 +75,7 @@ def test_gc_rejects_other_registry_data_dir(
     )
 
     assert result.returncode == 1
-    assert f"data directory {other_dir} holds the blobs of registry" in result.stderr
+    assert f"data directory {other_dir} contains the blobs of registry" in result.stderr
     assert f"but the database is registry {registry.registry_id()}" in result.stderr
     assert blob_path.exists()
 

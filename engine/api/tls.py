@@ -45,20 +45,20 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
             raise TLSConfigError(f"TLS file {path} not found")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    asked_for_password = False
+    password_requested = False
 
     def no_password() -> bytes:
         # Without this callback OpenSSL prompts on the terminal for the pass
         # phrase of an encrypted key.
-        nonlocal asked_for_password
-        asked_for_password = True
+        nonlocal password_requested
+        password_requested = True
         return b""
 
     try:
         context.load_cert_chain(cert, key, password=no_password)
     except OSError as error:
         # ssl.SSLError is an OSError too.
-        if asked_for_password:
+        if password_requested:
             raise TLSConfigError(
                 f"key {key} is encrypted, and cairn serve needs an unencrypted "
                 f"key: decrypt it, e.g. with `openssl pkey -in {key} -out "
