@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from engine.api.tls import parse_host, self_signed_certificate
 from engine.domain.digest import Digest
 from tests.images import make_image
 from tests.nats import wait_until
@@ -262,6 +263,55 @@ def test_serve_https_plain_http_request(
     # The server still serves TLS clients afterwards.
     response = httpx.get(f"{https_serve.url}/v2/", verify=certificate.trusted())
     assert response.status_code == 200
+
+
+def write_certificate(
+    directory: Path, now: datetime.datetime, days: int
+) -> Certificate:
+    """Write a certificate for localhost issued at ``now``, valid ``days``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_pem, key_pem = self_signed_certificate([parse_host("localhost")], days, now)
+    pair = Certificate(directory / "cert.pem", directory / "key.pem")
+    pair.cert.write_bytes(cert_pem)
+    pair.key.write_bytes(key_pem)
+    return pair
+
+
+@pytest.mark.parametrize(
+    ("issued_days_ago", "days", "event"),
+    [
+        (400, 365, "tls_certificate_expired"),
+        (-2, 365, "tls_certificate_not_yet_valid"),
+        (350, 365, "tls_certificate_expires_soon"),
+        (0, 365, None),
+    ],
+)
+def test_serve_https_warns_about_validity(
+    data_dir: Path,
+    database_url: str,
+    tmp_path: Path,
+    issued_days_ago: int,
+    days: int,
+    event: str | None,
+) -> None:
+    issued = datetime.datetime.now(datetime.UTC) - datetime.timedelta(
+        days=issued_days_ago
+    )
+    pair = write_certificate(tmp_path / "tls", issued, days)
+
+    served = start_https(data_dir, database_url, tmp_path, pair)
+    try:
+        assert served.stop() == 0
+    finally:
+        served.kill()
+
+    events = [
+        json.loads(line)["event"]
+        for line in served.log_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    warnings = [name for name in events if name.startswith("tls_certificate_")]
+    assert warnings == ([event] if event else [])
 
 
 def test_serve_https_read_idle_timeout(

@@ -33,7 +33,7 @@ from engine.api.app import create_app
 from engine.api.auth import Authenticator, AuthFileError
 from engine.api.protocol import configured_protocol
 from engine.api.ratelimit import RateLimiter
-from engine.api.tls import TLSConfigError, server_context
+from engine.api.tls import TLSConfigError, server_context, validity_problem
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.cli import StorageUnavailable, open_registry, report_storage_error
 from engine.config import StorageSettings
@@ -88,6 +88,26 @@ def _unpaired_tls_option(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _warn_about_validity(cert: Path) -> None:
+    """Log a warning when clients will reject the certificate now or soon."""
+    problem = validity_problem(cert)
+    if problem is None:
+        return
+    kind, moment = problem
+    if kind == "not_yet_valid":
+        log.warning(
+            "tls_certificate_not_yet_valid",
+            certificate=str(cert),
+            not_valid_before=moment.isoformat(),
+        )
+    else:
+        log.warning(
+            f"tls_certificate_{kind}",
+            certificate=str(cert),
+            not_valid_after=moment.isoformat(),
+        )
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the registry until SIGTERM or SIGINT; return the exit status."""
     usage_error = _unpaired_tls_option(args)
@@ -108,6 +128,7 @@ def serve(args: argparse.Namespace) -> int:
             log.error("server_start_failed", error=str(error))
             print(f"cairn: {error}", file=sys.stderr)
             return 1
+        _warn_about_validity(args.tls_cert)
     scheme = "http" if tls_context is None else "https"
     rate_limiter = None
     if args.rate_limit is not None:

@@ -23,6 +23,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_VALIDITY_DAYS = 365
 
+# `cairn serve` warns at start-up when its certificate expires within this
+# many days.
+EXPIRY_WARNING_DAYS = 30
+
 # One label of a DNS name (RFC 1123): letters, digits and inner hyphens.
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -74,6 +78,28 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
             f"cannot read certificate {cert} or key {key}: {error.strerror or error}"
         ) from None
     return context
+
+
+def validity_problem(
+    cert: Path, now: datetime.datetime | None = None
+) -> tuple[str, datetime.datetime] | None:
+    """Check the validity period of the first certificate in ``cert``.
+
+    Returns ``("expired", not_valid_after)``, ``("not_yet_valid",
+    not_valid_before)`` or ``("expires_soon", not_valid_after)`` when the
+    certificate expires within EXPIRY_WARNING_DAYS, and None when it is
+    valid for longer. Clients reject a certificate outside its period, so
+    the caller warns instead of waiting for their handshakes to fail.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    if leaf.not_valid_after_utc <= now:
+        return "expired", leaf.not_valid_after_utc
+    if leaf.not_valid_before_utc > now:
+        return "not_yet_valid", leaf.not_valid_before_utc
+    if leaf.not_valid_after_utc - now < datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+        return "expires_soon", leaf.not_valid_after_utc
+    return None
 
 
 def parse_host(value: str) -> x509.GeneralName:
