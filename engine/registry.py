@@ -603,21 +603,46 @@ class ManifestService:
         self, subject: Digest, artifact_type: str | None = None
     ) -> list[Descriptor]:
         """List the manifests whose subject is ``subject``, oldest first."""
+        found = self.referrers_after(subject, artifact_type)
+        return [descriptor for _position, descriptor in found]
+
+    def referrers_after(
+        self,
+        subject: Digest,
+        artifact_type: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[tuple[int, Descriptor]]:
+        """List up to ``limit`` referrers of ``subject`` pushed after log
+        position ``after``, oldest first, each with its position.
+
+        A referrer's position is that of its manifest.pushed event, unique
+        in the log, so a walk that passes the last position of each page on
+        to the next lists every referrer once. A referrer pushed during the
+        walk has a higher position and comes on a later page.
+        """
         query = sa.select(referrers).where(
             (referrers.c.repository == self._repo.name)
             & (referrers.c.subject == str(subject))
+            & (referrers.c.position > after)
         )
         if artifact_type is not None:
             query = query.where(referrers.c.artifact_type == artifact_type)
+        query = query.order_by(referrers.c.position)
+        if limit is not None:
+            query = query.limit(limit)
         with self._repo.database.read() as conn:
-            rows = conn.execute(query.order_by(referrers.c.position)).all()
+            rows = conn.execute(query).all()
         return [
-            Descriptor(
-                media_type=row.media_type,
-                digest=Digest.parse(row.digest),
-                size=row.size,
-                annotations=row.annotations,
-                artifact_type=row.artifact_type,
+            (
+                row.position,
+                Descriptor(
+                    media_type=row.media_type,
+                    digest=Digest.parse(row.digest),
+                    size=row.size,
+                    annotations=row.annotations,
+                    artifact_type=row.artifact_type,
+                ),
             )
             for row in rows
         ]

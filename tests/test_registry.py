@@ -401,6 +401,31 @@ def test_referrers(registry: Registry) -> None:
     ]
 
 
+def test_referrers_after_pages(registry: Registry) -> None:
+    repo = registry.repository("signed")
+    image = make_image()
+    push_image(repo, image)
+    kinds = ["sbom", "sig", "sbom", "sig", "sbom"]
+    artifacts = [
+        make_artifact(image, f"application/vnd.example.{kind}", str(i).encode())
+        for i, kind in enumerate(kinds)
+    ]
+    for artifact in artifacts:
+        push_image(repo, artifact, tag=None)
+
+    first = repo.manifests.referrers_after(image.digest, limit=2)
+    rest = repo.manifests.referrers_after(image.digest, after=first[-1][0])
+    sboms = repo.manifests.referrers_after(
+        image.digest, "application/vnd.example.sbom", after=first[0][0], limit=1
+    )
+
+    assert [d.digest for _, d in first] == [a.digest for a in artifacts[:2]]
+    assert [d.digest for _, d in rest] == [a.digest for a in artifacts[2:]]
+    positions = [position for position, _ in first + rest]
+    assert positions == sorted(set(positions))
+    assert [d.digest for _, d in sboms] == [artifacts[2].digest]
+
+
 def test_referrer_before_subject(registry: Registry) -> None:
     repo = registry.repository("early")
     subject = make_image()
