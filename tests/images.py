@@ -108,8 +108,16 @@ def make_index(
 EMPTY_CONFIG = b"{}"
 
 
-def make_artifact(subject: Image | bytes, artifact_type: str, payload: bytes) -> Image:
-    """Build an artifact manifest with the empty config that refers to ``subject``."""
+def make_artifact(
+    subject: Image | bytes,
+    artifact_type: str,
+    payload: bytes,
+    annotations: dict[str, str] | None = None,
+) -> Image:
+    """Build an artifact manifest with the empty config that refers to ``subject``.
+
+    ``annotations`` replaces the default creation-time annotation.
+    """
     subject_bytes = subject.manifest if isinstance(subject, Image) else subject
     subject_type = subject.media_type if isinstance(subject, Image) else OCI_MANIFEST
     document = {
@@ -119,6 +127,7 @@ def make_artifact(subject: Image | bytes, artifact_type: str, payload: bytes) ->
         "config": descriptor(OCI_EMPTY, EMPTY_CONFIG),
         "layers": [descriptor("application/octet-stream", payload)],
         "subject": descriptor(subject_type, subject_bytes),
-        "annotations": {"org.opencontainers.image.created": "2026-01-01T00:00:00Z"},
+        "annotations": annotations
+        or {"org.opencontainers.image.created": "2026-01-01T00:00:00Z"},
     }
     return Image(EMPTY_CONFIG, [payload], encode(document))

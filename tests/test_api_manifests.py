@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from engine.api.app import create_app
+from engine.api.listing import MAX_REFERRERS_PAGE_BYTES
 from engine.domain.digest import Digest
 from engine.domain.manifests import (
     DOCKER_MANIFEST,
@@ -16,6 +17,7 @@ from engine.domain.manifests import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
+from engine.queries.pages import encode_cursor
 from engine.registry import Registry
 from tests.images import encode, make_artifact, make_image, make_index
 from tests.server import ServerThread, push_blob, push_image, running
@@ -289,8 +291,16 @@ def test_delete_manifest_by_digest(api: httpx.Client) -> None:
 # ---- referrers ---------------------------------------------------------------------
 
 
-def _push_artifact(api: httpx.Client, subject_manifest: bytes, kind: str) -> bytes:
-    artifact = make_artifact(subject_manifest, kind, kind.encode())
+def _push_artifact(
+    api: httpx.Client,
+    subject_manifest: bytes,
+    kind: str,
+    payload: bytes | None = None,
+    annotations: dict[str, str] | None = None,
+) -> bytes:
+    artifact = make_artifact(
+        subject_manifest, kind, payload or kind.encode(), annotations
+    )
     for blob in artifact.blobs:
         push_blob(api, "library/app", blob)
     response = api.put(
@@ -366,6 +376,215 @@ def test_referrers_empty(api: httpx.Client, repository: str) -> None:
         "mediaType": OCI_INDEX,
         "manifests": [],
     }
+
+
+SBOM = "application/vnd.example.sbom.v1"
+SIGNATURE = "application/vnd.example.sig.v1"
+
+
+def _push_referrers(
+    api: httpx.Client, subject_manifest: bytes, kinds: list[str]
+) -> list[str]:
+    """Push one artifact per entry of ``kinds`` and return their digests."""
+    digests = []
+    for number, kind in enumerate(kinds):
+        manifest = _push_artifact(
+            api, subject_manifest, kind, f"{kind} {number}".encode()
+        )
+        digests.append(str(Digest.of(manifest)))
+    return digests
+
+
+def _next_url(response: httpx.Response) -> str | None:
+    link = response.headers.get("Link")
+    if link is None:
+        return None
+    assert link.startswith("<")
+    assert link.endswith('>; rel="next"')
+    return link[1 : link.index(">")]
+
+
+def _walk(api: httpx.Client, url: str) -> list[httpx.Response]:
+    """GET ``url`` and every page its Link headers lead to."""
+    pages = []
+    next_url: str | None = url
+    while next_url is not None:
+        response = api.get(next_url)
+        assert response.status_code == 200, response.text
+        pages.append(response)
+        next_url = _next_url(response)
+        assert len(pages) <= 100, "the Link headers do not end"
+    return pages
+
+
+def _digests(page: httpx.Response) -> list[str]:
+    return [m["digest"] for m in page.json()["manifests"]]
+
+
+def test_referrers_pagination_walk(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    pushed = _push_referrers(api, image.manifest, [SBOM] * 5)
+
+    pages = _walk(api, f"/v2/library/app/referrers/{image.digest}?n=2")
+
+    assert [_digests(page) for page in pages] == [pushed[:2], pushed[2:4], pushed[4:]]
+    for page in pages:
+        assert page.headers["Content-Type"] == OCI_INDEX
+        assert page.json()["schemaVersion"] == 2
+        assert page.json()["mediaType"] == OCI_INDEX
+        assert "OCI-Filters-Applied" not in page.headers
+
+
+def test_referrers_link_format(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    _push_referrers(api, image.manifest, [SBOM] * 3)
+
+    response = api.get(f"/v2/library/app/referrers/{image.digest}", params={"n": 2})
+
+    prefix = f"</v2/library/app/referrers/{image.digest}?n=2&cursor="
+    assert response.headers["Link"].startswith(prefix)
+    assert response.headers["Link"].endswith('>; rel="next"')
+
+
+def test_referrers_one_page_has_no_link(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    pushed = _push_referrers(api, image.manifest, [SBOM] * 2)
+
+    exact = api.get(f"/v2/library/app/referrers/{image.digest}", params={"n": 2})
+    default = api.get(f"/v2/library/app/referrers/{image.digest}")
+
+    assert _digests(exact) == pushed
+    assert "Link" not in exact.headers
+    assert _digests(default) == pushed
+    assert "Link" not in default.headers
+
+
+def test_referrers_filter_with_pagination(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    pushed = _push_referrers(
+        api, image.manifest, [SBOM, SIGNATURE, SBOM, SIGNATURE, SIGNATURE, SBOM]
+    )
+    signatures = [pushed[1], pushed[3], pushed[4]]
+
+    pages = _walk(
+        api,
+        f"/v2/library/app/referrers/{image.digest}"
+        "?artifactType=application/vnd.example.sig.v1&n=2",
+    )
+
+    assert [_digests(page) for page in pages] == [signatures[:2], signatures[2:]]
+    assert "artifactType=application%2Fvnd.example.sig.v1" in pages[0].headers["Link"]
+    for page in pages:
+        assert page.headers["Content-Type"] == OCI_INDEX
+        assert page.headers["OCI-Filters-Applied"] == "artifactType"
+        assert {m["artifactType"] for m in page.json()["manifests"]} == {SIGNATURE}
+
+
+def test_referrers_walk_while_pushing_and_deleting(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    pushed = _push_referrers(api, image.manifest, [SBOM] * 4)
+
+    first = api.get(f"/v2/library/app/referrers/{image.digest}", params={"n": 2})
+    # Between two pages: a referrer on the first page is deleted, and a new
+    # one is pushed. Neither may make the walk skip or repeat a referrer.
+    deleted = api.delete(f"/v2/library/app/manifests/{pushed[0]}")
+    assert deleted.status_code == 202
+    (late,) = _push_referrers(api, image.manifest, [SIGNATURE])
+    next_url = _next_url(first)
+    assert next_url is not None
+    rest = _walk(api, next_url)
+
+    assert _digests(first) == pushed[:2]
+    assert [digest for page in rest for digest in _digests(page)] == [
+        *pushed[2:],
+        late,
+    ]
+
+
+def test_referrers_page_ends_at_byte_limit(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    kilobyte = 1024
+    sizes = [600 * kilobyte, 600 * kilobyte, 1100 * kilobyte, 10]
+    pushed = []
+    for number, size in enumerate(sizes):
+        manifest = _push_artifact(
+            api,
+            image.manifest,
+            SBOM,
+            payload=f"sbom {number}".encode(),
+            annotations={"org.example.padding": "x" * size},
+        )
+        pushed.append(str(Digest.of(manifest)))
+
+    pages = _walk(api, f"/v2/library/app/referrers/{image.digest}")
+
+    # The third referrer is larger than MAX_REFERRERS_PAGE_BYTES alone, so
+    # it gets a page of its own rather than none.
+    assert [_digests(page) for page in pages] == [[digest] for digest in pushed]
+    assert len(pages[0].content) <= MAX_REFERRERS_PAGE_BYTES
+    assert len(pages[1].content) <= MAX_REFERRERS_PAGE_BYTES
+    assert len(pages[2].content) > MAX_REFERRERS_PAGE_BYTES
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "not a cursor",
+        "!!!!",
+        encode_cursor("7"),
+        encode_cursor(-1),
+        encode_cursor(1, 2),
+        encode_cursor(True),
+        encode_cursor(2**63),
+    ],
+)
+def test_referrers_invalid_cursor(api: httpx.Client, cursor: str) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+
+    response = api.get(
+        f"/v2/library/app/referrers/{image.digest}", params={"cursor": cursor}
+    )
+
+    assert response.status_code == 400
+    (error,) = response.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    assert "cursor" in error["message"]
+    assert error["detail"] == {"parameter": "cursor", "value": cursor}
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "two", "1.5", "9223372036854775808"])
+def test_referrers_invalid_n(api: httpx.Client, n: str) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+
+    response = api.get(f"/v2/library/app/referrers/{image.digest}", params={"n": n})
+
+    assert response.status_code == 400
+    (error,) = response.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["message"] == "n must be an integer from 1 to 2^63-1"
+    assert error["detail"] == {"parameter": "n", "value": n}
+
+
+def test_referrers_n_above_page_limit(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "library/app", image, "v1")
+    pushed = _push_referrers(api, image.manifest, [SBOM] * 3)
+
+    response = api.get(
+        f"/v2/library/app/referrers/{image.digest}", params={"n": 2**63 - 1}
+    )
+
+    assert response.status_code == 200
+    assert _digests(response) == pushed
+    assert "Link" not in response.headers
 
 
 # ---- tags and catalog ----------------------------------------------------------------

@@ -5,6 +5,10 @@ in a ``Link`` header. A page has at most MAX_PAGE_SIZE entries, because the OCI
 specification lets a registry return fewer than ``n`` when it sends a Link.
 A request without ``n`` gets every entry: past one page the body is
 streamed one page at a time, so no listing is ever held in memory whole.
+
+Referrers always come one page at a time, because the OCI specification
+makes each page of them an image index of its own. The next page is
+announced the same way, with an opaque ``cursor`` in place of ``last``.
 """
 
 from __future__ import annotations
@@ -17,29 +21,42 @@ from engine.api.errors import unsupported
 from engine.api.http import Request, Response, json_response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
-from engine.domain.manifests import OCI_INDEX
+from engine.domain.errors import Unsupported
+from engine.domain.manifests import OCI_INDEX, Descriptor
 from engine.encoding import encode_json
+from engine.queries.pages import decode_cursor, encode_cursor
 
 MAX_PAGE_SIZE: Final = 1000
+# oras-go v2 reads at most MaxMetadataBytes, 4 MiB by default, of one
+# referrers response and fails to decode a longer one. A page of referrers
+# ends before its JSON passes a quarter of that, unless its first
+# descriptor alone is larger.
+MAX_REFERRERS_PAGE_BYTES: Final = 1024 * 1024
 
 Page = Callable[[int, str | None], list[str]]
 
 
-def page_size(request: Request) -> int | None:
-    """Return ``n`` from the query, None when absent; 400 when not a count."""
+def page_size(request: Request, minimum: int = 0) -> int | None:
+    """Return ``n`` from the query, None when absent.
+
+    Raises HTTPError 400 UNSUPPORTED when ``n`` is not an integer from
+    ``minimum`` to 2^63-1.
+    """
     value = request.param("n")
     if value is None or value == "":
         return None
     number = parse_decimal(value)
-    if number is None:
+    if number is None or number < minimum:
         raise unsupported(
-            "n must be an integer from 0 to 2^63-1", parameter="n", value=value
+            f"n must be an integer from {minimum} to 2^63-1",
+            parameter="n",
+            value=value,
         )
     return number
 
 
-def _link(path: str, n: int, last: str) -> tuple[str, str]:
-    return ("Link", f'<{path}?{urlencode({"n": n, "last": last})}>; rel="next"')
+def _link(path: str, query: dict[str, str | int]) -> tuple[str, str]:
+    return ("Link", f'<{path}?{urlencode(query)}>; rel="next"')
 
 
 async def _paged(
@@ -63,7 +80,9 @@ async def _paged(
         stream = _stream_all(prefix, key, entries, fetch)
         return Response(200, [("Content-Type", "application/json")], stream=stream)
 
-    headers = [_link(request.path, n or limit, entries[-1])] if more else []
+    headers = []
+    if more:
+        headers.append(_link(request.path, {"n": n or limit, "last": entries[-1]}))
     return json_response({**prefix, key: entries}, headers=headers)
 
 
@@ -103,17 +122,69 @@ async def referrers(request: Request) -> Response:
     An unknown repository or subject gives an empty index, never a 404, as
     the specification requires. It also requires a 400 for a subject that
     is not a valid digest, where GET of a manifest or blob gets a 404.
+
+    Referrers come oldest first, at most MAX_PAGE_SIZE or ``n`` of them a
+    page, and a page ends early at MAX_REFERRERS_PAGE_BYTES. The
+    specification defines no ``n`` for referrers, but oras-go v2 sends one
+    when its ReferrerListPageSize is set, so cairn reads it as tags/list
+    does. The Link to the next page repeats ``artifactType`` and ``n``.
     """
     repository = request.repository()
     subject = Digest.parse(request.path_params["digest"])
     artifact_type = request.param("artifactType") or None
-    descriptors = await run_sync(repository.manifests.referrers, subject, artifact_type)
+    n = page_size(request, minimum=1)
+    cursor = request.param("cursor") or None
+    after = 0 if cursor is None else _referrers_cursor_position(cursor)
+    limit = MAX_PAGE_SIZE if n is None else min(n, MAX_PAGE_SIZE)
+
+    # One extra referrer shows whether another page follows.
+    found = await run_sync(
+        repository.manifests.referrers_after, subject, artifact_type, after, limit + 1
+    )
+    body, listed = _referrers_index(found[:limit])
+
     headers = [("Content-Type", OCI_INDEX)]
     if artifact_type is not None:
         headers.append(("OCI-Filters-Applied", "artifactType"))
-    document = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [descriptor.to_json() for descriptor in descriptors],
-    }
-    return Response(200, headers, encode_json(document))
+    if listed < len(found):
+        query: dict[str, str | int] = {}
+        if artifact_type is not None:
+            query["artifactType"] = artifact_type
+        if n is not None:
+            query["n"] = n
+        query["cursor"] = encode_cursor(found[listed - 1][0])
+        headers.append(_link(request.path, query))
+    return Response(200, headers, body)
+
+
+def _referrers_cursor_position(cursor: str) -> int:
+    """Return the log position that a referrers ``cursor`` continues after."""
+    try:
+        (position,) = decode_cursor(cursor, (int,))
+    except Unsupported:
+        raise unsupported(
+            "invalid cursor: follow the Link header of the previous page unchanged",
+            parameter="cursor",
+            value=cursor,
+        ) from None
+    return int(position)
+
+
+def _referrers_index(found: list[tuple[int, Descriptor]]) -> tuple[bytes, int]:
+    """Encode an image index of the first referrers in ``found`` that fit in
+    MAX_REFERRERS_PAGE_BYTES, but at least one. Return it and their count."""
+    envelope = encode_json(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    )
+    # Everything but the closing "]}" of the empty list.
+    head = envelope[:-2]
+    size = len(envelope)
+    parts: list[bytes] = []
+    for _position, descriptor in found:
+        part = encode_json(descriptor.to_json())
+        separator = 1 if parts else 0
+        if parts and size + separator + len(part) > MAX_REFERRERS_PAGE_BYTES:
+            break
+        parts.append(part)
+        size += separator + len(part)
+    return head + b",".join(parts) + b"]}", len(parts)
