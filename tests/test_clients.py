@@ -25,7 +25,8 @@ import pytest
 from engine.api.app import create_app
 from engine.domain.manifests import OCI_INDEX, OCI_MANIFEST
 from engine.registry import Registry
-from tests.server import ServerThread, running
+from tests.images import make_artifact, make_image
+from tests.server import ServerThread, push_image, running
 
 pytestmark = pytest.mark.clients
 
@@ -337,6 +338,48 @@ def test_oras_push_with_subject_and_referrers(
     pulled = tmp_path / "pulled"
     files = client.pull(target=f"{host}/library/app:sbom", outdir=str(pulled))
     assert [Path(f).read_text() for f in files] == ['{"packages": []}']
+
+
+def test_oras_follows_referrers_pages(host: str, server: ServerThread) -> None:
+    """oras-py has no discover command, so this walks the referrers API with
+    the Link-following loop that its get_tags uses, as discover would."""
+    import oras.client
+
+    image = make_image()
+    artifacts = [
+        make_artifact(
+            image,
+            "application/vnd.example.sbom.v1",
+            f"sbom {number}".encode(),
+            # Two of these fill most of a 1 MiB page, so the third starts
+            # the second page.
+            annotations={"org.example.padding": "x" * 400_000},
+        )
+        for number in range(4)
+    ] + [
+        make_artifact(image, "application/vnd.example.sig.v1", f"sig {n}".encode())
+        for n in range(3)
+    ]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        push_image(http, "library/app", image, "v1")
+        for artifact in artifacts:
+            push_image(http, "library/app", artifact)
+    expected = [str(artifact.digest) for artifact in artifacts]
+
+    client = oras.client.OrasClient(hostname=host, insecure=True)
+    referrers_url = f"http://{host}/v2/library/app/referrers/{image.digest}"
+    for url, page_count in [(referrers_url, 2), (f"{referrers_url}?n=2", 4)]:
+        pages: list[list[str]] = []
+
+        def collect(response: Any, pages: list[list[str]] = pages) -> bool:
+            assert response.headers["Content-Type"] == OCI_INDEX
+            pages.append([m["digest"] for m in response.json()["manifests"]])
+            return True
+
+        client._do_paginated_request(url, callable=collect)
+
+        assert len(pages) == page_count, url
+        assert [digest for page in pages for digest in page] == expected, url
 
 
 # ---- podman --------------------------------------------------------------------
