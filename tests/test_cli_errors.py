@@ -387,6 +387,38 @@ def test_trusted_proxies_valid(value: str, expected: list[str]) -> None:
     assert parse_trusted_proxies(value) == expected
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--timeout", "nan", "invalid duration 'nan'"),
+        ("--poll-interval", "inf", "invalid duration 'inf'"),
+        ("--retries", "-1", "invalid count '-1'"),
+        ("--subject-prefix", "a.>", "invalid subject prefix 'a.>'"),
+    ],
+)
+def test_mirror_option_invalid(
+    option: str, value: str, message: str, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    # Port 1 on loopback refuses connections, so an accepted value would
+    # make the mirror retry there instead of reaching another host.
+    result = run_cairn(
+        "mirror",
+        "--source=http://127.0.0.1:1",
+        f"--target=oci:{tmp_path / 'layout'}",
+        f"--checkpoint={checkpoint}",
+        "--retries=1",
+        "--once",
+        f"{option}={value}",
+    )
+
+    assert result.status == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"argument {option}: " in result.stderr
+    assert message in result.stderr
+    assert not checkpoint.exists()
+
+
 # ---- two `cairn serve` processes on one data directory ------------------------
 
 

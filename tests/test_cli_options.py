@@ -100,6 +100,7 @@ INVALID_VARIABLES = [
     ("CAIRN_NATS_STREAM", "bad.name", "mirror", "--stream"),
     ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "serve", "--subject-prefix"),
     ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "events-tail", "--subject-prefix"),
+    ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "mirror", "--subject-prefix"),
 ]
 
 
@@ -264,7 +265,7 @@ def test_invalid_stream_rejected(
     assert f"argument --stream: {STREAM_MESSAGE}" in error
 
 
-@pytest.mark.parametrize("command", ["serve", "events-tail"])
+@pytest.mark.parametrize("command", ["serve", "events-tail", "mirror"])
 @pytest.mark.parametrize("prefix", ["a.>", "a..b", "", "with space"])
 def test_invalid_subject_prefix_rejected(
     command: str, prefix: str, capsys: pytest.CaptureFixture[str]
@@ -283,7 +284,7 @@ def test_stream_from_variable(command: str, monkeypatch: pytest.MonkeyPatch) -> 
     assert parse(*COMMANDS[command]).stream == "EVENTS_2"
 
 
-@pytest.mark.parametrize("command", ["serve", "events-tail"])
+@pytest.mark.parametrize("command", ["serve", "events-tail", "mirror"])
 def test_subject_prefix_accepted(command: str) -> None:
     args = parse(*COMMANDS[command], "--subject-prefix", "acme.registry")
 
@@ -347,3 +348,47 @@ def test_shutdown_timeout_rejected(
     error = usage_error(capsys, "serve", "--shutdown-timeout", value)
 
     assert f"argument --shutdown-timeout: invalid duration {value!r}" in error
+
+
+# ---- mirror -------------------------------------------------------------------
+
+
+def test_mirror_number_defaults() -> None:
+    args = parse(*COMMANDS["mirror"])
+
+    assert args.poll_interval == 2.0
+    assert args.timeout == 60.0
+    assert args.retries == 8
+
+
+@pytest.mark.parametrize("option", ["--poll-interval", "--timeout"])
+@pytest.mark.parametrize(("value", "seconds"), [("0.5", 0.5), ("30", 30.0)])
+def test_mirror_seconds_accepted(option: str, value: str, seconds: float) -> None:
+    args = parse(*COMMANDS["mirror"], option, value)
+
+    assert getattr(args, option.removeprefix("--").replace("-", "_")) == seconds
+
+
+@pytest.mark.parametrize("option", ["--poll-interval", "--timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "soon"])
+def test_mirror_seconds_rejected(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS["mirror"], f"{option}={value}")
+
+    assert f"argument {option}: invalid duration {value!r}" in error
+    assert "expected a number greater than 0" in error
+
+
+def test_mirror_retries_accepted() -> None:
+    assert parse(*COMMANDS["mirror"], "--retries", "1").retries == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "nan", "many"])
+def test_mirror_retries_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS["mirror"], f"--retries={value}")
+
+    assert f"argument --retries: invalid count {value!r}" in error
+    assert "expected a whole number, 1 or more" in error

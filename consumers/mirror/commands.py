@@ -132,10 +132,6 @@ def _check_args(args: argparse.Namespace, endpoints: Endpoints) -> str | None:
             check_urls(split_userinfo(args.source)[0], split_userinfo(args.target)[0])
         except SameRegistry as error:
             return str(error)
-    if args.poll_interval <= 0 or args.timeout <= 0:
-        return "--poll-interval and --timeout must be positive"
-    if args.retries < 1:
-        return "--retries must be at least 1"
     return None
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.bus.options import parse_stream_name
+from engine.api.options import parse_positive_duration
+from engine.bus.options import parse_count, parse_stream_name, parse_subject_prefix
 from engine.config import env_default
 
 
@@ -65,6 +66,7 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--subject-prefix",
+        type=parse_subject_prefix,
         default=env_default("NATS_SUBJECT_PREFIX", "cairn"),
         help="first subject token of the source's events "
         "(env CAIRN_NATS_SUBJECT_PREFIX; default cairn)",
@@ -81,22 +83,25 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--poll-interval",
-        type=float,
+        type=parse_positive_duration,
         default=2.0,
+        metavar="SECONDS",
         help="seconds between reads of the HTTP feed while NATS is not used or "
         "not connected (default 2)",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=parse_positive_duration,
         default=60.0,
+        metavar="SECONDS",
         help="seconds to wait for a connection or for the next bytes of an "
         "answer, on source and target (default 60)",
     )
     parser.add_argument(
         "--retries",
-        type=int,
+        type=parse_count,
         default=8,
+        metavar="N",
         help="attempts per event after timeouts and 5xx or 429 responses, with "
         "exponential backoff, before the mirror stops with status 1 (default 8)",
     )

@@ -107,6 +107,20 @@ def parse_duration(value: str) -> float:
     return amount
 
 
+@names_env_variable
+def parse_positive_duration(value: str) -> float:
+    """Parse a finite number of hours, minutes or seconds, greater than 0."""
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = 0.0
+    if not 0 < amount < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {value!r}: expected a number greater than 0"
+        )
+    return amount
+
+
 def add_upload_expiry_option(parser: argparse.ArgumentParser, note: str = "") -> None:
     """Add --upload-expiry, which `cairn serve` and `cairn gc` share."""
     parser.add_argument(
