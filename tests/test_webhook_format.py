@@ -81,6 +81,13 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"format": "xml"}, "invalid format 'xml'"),
         ({"timeout": "5 parsecs"}, "invalid duration"),
         ({"timeout": 0}, "must be positive"),
+        ({"timeout": float("nan")}, "timeout: invalid duration nan"),
+        ({"timeout": float("inf")}, "timeout: invalid duration inf"),
+        ({"ack_wait": float("nan")}, "ack_wait: invalid duration nan"),
+        ({"ack_wait": float("inf")}, "ack_wait: invalid duration inf"),
+        ({"backoff_initial": float("nan")}, "backoff_initial: invalid duration nan"),
+        ({"backoff_max": float("nan")}, "backoff_max: invalid duration nan"),
+        ({"backoff_max": float("inf")}, "backoff_max: invalid duration inf"),
         ({"timeout": 10, "ack_wait": 10}, "ack_wait (10 s) must be longer"),
         ({"event_types": ["manifest.pushd"]}, "matches no event type"),
         ({"max_attempts": 0}, "max_attempts must be at least 1"),
@@ -93,6 +100,29 @@ def test_config_durations(value: Any, seconds: float) -> None:
 def test_config_rejects(endpoint: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as error:
         parse_config(endpoint_config(**endpoint))
+
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"nats": {"stream": "bad.name"}}, "[nats] stream: invalid stream name"),
+        ({"nats": {"stream": 5}}, "[nats] stream: invalid stream name 5"),
+        ({"nats": {"subject_prefix": "a.>"}}, "[nats] subject_prefix: invalid"),
+        (
+            {"dead_letters": {"stream": "x" * 33}},
+            "[dead_letters] stream: invalid stream name",
+        ),
+        (
+            {"dead_letters": {"subject_prefix": ""}},
+            "[dead_letters] subject_prefix: invalid subject prefix ''",
+        ),
+    ],
+)
+def test_config_rejects_bus_names(document: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config({**endpoint_config(), **document})
 
     assert message in str(error.value)
 

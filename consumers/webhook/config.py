@@ -36,6 +36,7 @@ instead of being ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -45,7 +46,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from consumers.globs import matches_any
-from engine.bus.subjects import validate_prefix
+from engine.bus.subjects import validate_prefix, validate_stream_name
 from engine.domain.events import EventType
 
 PayloadFormat = Literal["distribution", "cloudevents"]
@@ -60,7 +61,6 @@ CONSUMER_PREFIX: Final = "cairn-webhook-"
 
 # Endpoint names become JetStream consumer names and subject tokens.
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_STREAM: Final = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _EVENT_TYPES: Final = tuple(str(event_type) for event_type in EventType)
@@ -138,6 +138,10 @@ def parse_duration(value: Any, where: str) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
+        seconds = math.nan
+    # TOML floats include nan and inf, and a long string of digits parses
+    # to inf, so the value must also be finite.
+    if not math.isfinite(seconds):
         raise ConfigError(
             f"{where}: invalid duration {value!r}; use seconds (5, 0.5) or text "
             "with a unit (500ms, 5s, 2m, 1h)"
@@ -386,11 +390,12 @@ def _http_url(value: str, where: str) -> str:
 
 
 def _stream_name(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _STREAM.match(value):
-        raise ConfigError(
-            f"{where}: invalid stream name {value!r}; use 1 to 32 letters, digits, "
-            "'-' or '_'"
-        )
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: invalid stream name {value!r}: expected a string")
+    try:
+        validate_stream_name(value)
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
     return value
 
 
