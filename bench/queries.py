@@ -24,7 +24,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from engine import log as event_log
 from engine import queries
+from engine.bus.options import parse_count
 from engine.db import Database, sqlite_url
 from engine.domain.events import Actor, EventType, NewEvent
 from engine.logs import configure_logging
@@ -311,8 +312,10 @@ def workloads(
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.queries", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--database",
         help="an empty database URL (default: SQLite in a temporary directory)",
@@ -322,10 +325,26 @@ def main() -> int:
         type=Path,
         help="keep the SQLite database here; a dataset already there is reused",
     )
-    parser.add_argument("--repositories", type=int, default=10_000)
-    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument(
+        "--repositories",
+        type=parse_count,
+        default=10_000,
+        metavar="N",
+        help="repositories in a new dataset, 1 or more (default 10000)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=parse_count,
+        default=50,
+        metavar="N",
+        help="timed runs of each query, 1 or more (default 50)",
+    )
     parser.add_argument("--only", help="comma-separated query names to time")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     configure_logging("warning", json=False)
 
     with tempfile.TemporaryDirectory(prefix="cairn-bench-queries-") as scratch:

@@ -20,11 +20,13 @@ import resource
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from engine import log as event_log
+from engine.bus.options import parse_count
 from engine.db import Database, sqlite_url
 from engine.domain.events import Actor, EventType, NewEvent
 from engine.logs import configure_logging
@@ -116,13 +118,27 @@ def _empty_log(database: Database) -> None:
         conn.execute(sa.text("DELETE FROM streams"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.rebuild", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--events",
+        type=parse_count,
+        default=100_000,
+        metavar="N",
+        help="events in the log, 1 or more (default 100000)",
+    )
     parser.add_argument(
         "--database", help="PostgreSQL URL; default SQLite in a temp dir"
     )
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=parse_count,
+        default=3,
+        metavar="N",
+        help="timed rebuilds, 1 or more, whose median is reported (default 3)",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -134,7 +150,11 @@ def main() -> None:
         action="store_true",
         help="skip the fill when the log already contains exactly --events events",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     configure_logging("warning")
 
     with tempfile.TemporaryDirectory(prefix="cairn-rebuild-") as tmp:

@@ -37,14 +37,19 @@ from typing import Any
 
 from bench.machine import machine_info
 from engine import log as event_log
+from engine.api.options import parse_positive_duration
 from engine.bus import Bus, BusSettings
 from engine.bus.embedded import find_nats_server
+from engine.bus.options import parse_count
 from engine.db import Database, sqlite_url
 from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
 from engine.logs import configure_logging
 from engine.migrate import upgrade
 
+# Events per second of the latency runs, slowest first.
 RATES = (100, 1000)
+# The shortest --seconds in which the slowest rate appends one event.
+MIN_SECONDS = 1 / RATES[0]
 BACKLOG_TRANSACTION = 1000
 ACTOR = Actor(user="bench", address="127.0.0.1")
 
@@ -221,7 +226,7 @@ async def run_benchmark(args: argparse.Namespace, data_dir: Path) -> dict[str, A
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.relay", description=__doc__.split("\n\n")[0]
     )
@@ -231,17 +236,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--seconds",
-        type=float,
+        type=parse_positive_duration,
         default=5.0,
-        help="how long to append at each rate, in seconds (default 5)",
+        help="how long to append at each rate, in seconds, at least "
+        f"{MIN_SECONDS:g} (default 5)",
     )
     parser.add_argument(
         "--backlog",
-        type=int,
+        type=parse_count,
         default=100_000,
-        help="events in the catch-up backlog (default 100000)",
+        metavar="N",
+        help="events in the catch-up backlog, 1 or more (default 100000)",
     )
     args = parser.parse_args(argv)
+    if args.seconds < MIN_SECONDS:
+        parser.error(
+            f"--seconds {args.seconds:g} is too short: the slowest rate, "
+            f"{RATES[0]} events per second, appends no event in it; use "
+            f"{MIN_SECONDS:g} or more"
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     configure_logging("warning", json=True)
     with tempfile.TemporaryDirectory(prefix="cairn-bench-relay-") as directory:
         result = asyncio.run(run_benchmark(args, Path(directory)))

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import bench.queries
+import bench.rebuild
+import bench.relay
 from bench.cli import parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +106,70 @@ def test_bench_accepts_existing_dirs(tmp_path: Path) -> None:
 
     assert args.tmp_dir == tmp_path
     assert results.is_dir()
+
+
+# ---- number options of bench.rebuild, bench.queries and bench.relay -----------
+
+BENCH_PARSERS = {
+    "rebuild": bench.rebuild.parse_args,
+    "queries": bench.queries.parse_args,
+    "relay": bench.relay.parse_args,
+}
+
+
+@pytest.mark.parametrize(
+    ("module", "option", "value", "message"),
+    [
+        ("rebuild", "--events", "0", "invalid count '0'"),
+        ("rebuild", "--events", "-5", "invalid count '-5'"),
+        ("rebuild", "--rounds", "0", "invalid count '0'"),
+        ("rebuild", "--rounds", "nan", "invalid count 'nan'"),
+        ("queries", "--repositories", "0", "invalid count '0'"),
+        ("queries", "--repositories", "-1", "invalid count '-1'"),
+        ("queries", "--iterations", "0", "invalid count '0'"),
+        ("relay", "--backlog", "0", "invalid count '0'"),
+        ("relay", "--backlog", "-1", "invalid count '-1'"),
+        ("relay", "--seconds", "0", "invalid duration '0'"),
+        ("relay", "--seconds", "-1", "invalid duration '-1'"),
+        ("relay", "--seconds", "nan", "invalid duration 'nan'"),
+        ("relay", "--seconds", "inf", "invalid duration 'inf'"),
+        ("relay", "--seconds", "0.001", "--seconds 0.001 is too short"),
+    ],
+)
+def test_bench_number_option_rejected(
+    module: str,
+    option: str,
+    value: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        BENCH_PARSERS[module]([f"{option}={value}"])
+
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error
+
+
+def test_bench_number_options_accepted() -> None:
+    rebuild = bench.rebuild.parse_args(["--events", "10", "--rounds", "1"])
+    queries = bench.queries.parse_args(["--repositories", "1", "--iterations", "1"])
+    relay = bench.relay.parse_args(["--seconds", "0.01", "--backlog", "1"])
+
+    assert (rebuild.events, rebuild.rounds) == (10, 1)
+    assert (queries.repositories, queries.iterations) == (1, 1)
+    assert (relay.seconds, relay.backlog) == (0.01, 1)
+
+
+def test_bench_rebuild_rejects_zero_rounds() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.rebuild", "--rounds", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert completed.returncode == 2, completed.stderr
+    assert "argument --rounds: invalid count '0'" in completed.stderr
+    assert "Traceback" not in completed.stderr
