@@ -688,6 +688,149 @@ def test_webhook_dead_letters_and_redelivery(
     assert SECRET not in webhook.log_path.read_text()
 
 
+# Marks a field that dead_letter_event leaves out.
+MISSING = object()
+
+
+def dead_letter_event(event_id: str, **changes: Any) -> dict[str, Any]:
+    """Return a tag.set event as a dead letter records it, with ``changes``."""
+    event = {
+        "id": event_id,
+        "position": 1,
+        "type": "tag.set",
+        "repository": "library/app",
+        "time": "2024-05-01T12:00:00.000000Z",
+        "schema_version": 1,
+        "actor": {"user": None, "address": "127.0.0.1"},
+        "payload": {"tag": "v1", "digest": "sha256:" + "a" * 64, "previous": None},
+    }
+    event.update(changes)
+    return {key: value for key, value in event.items() if value is not MISSING}
+
+
+# (stored record, expected problem), published on the subject of endpoint "up".
+INVALID_DEAD_LETTERS = [
+    (
+        {
+            "endpoint": "up",
+            "attempts": 3,
+            "status": 500,
+            "error": "HTTP 500",
+            "failed_at": "2024-05-01T12:00:01.000000Z",
+            "event": dead_letter_event("no-time", time=MISSING),
+        },
+        "event field 'time' is missing",
+    ),
+    (
+        {
+            "endpoint": "up",
+            "attempts": "many",
+            "status": 500,
+            "error": "HTTP 500",
+            "failed_at": "2024-05-01T12:00:01.000000Z",
+            "event": dead_letter_event("text-attempts"),
+        },
+        "field 'attempts' is 'many', expected a whole number, 0 or more",
+    ),
+    (
+        {
+            "endpoint": "up",
+            "attempts": 3,
+            "status": None,
+            "error": None,
+            "failed_at": "2024-05-01T12:00:01.000000Z",
+            "event": "not an event",
+        },
+        "the event is a JSON string, expected a JSON object",
+    ),
+    ([1, 2], "the record is [1, 2], expected a JSON object"),
+    ("{not json", "the record is not JSON"),
+]
+
+
+def test_invalid_dead_letters_reported(
+    tmp_path: Path, receiver: Receiver, nats_server: NatsServer
+) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [{"name": "up", "url": receiver.url("/up")}],
+        extra=f'[nats]\nurl = "{nats_server.url}"\n',
+    )
+    valid = {
+        "endpoint": "up",
+        "attempts": 3,
+        "status": 500,
+        "error": "HTTP 500",
+        "failed_at": "2024-05-01T12:00:01.000000Z",
+        "event": dead_letter_event("valid"),
+    }
+    # Valid, but of a type that a newer cairn might publish.
+    unknown_type = {**valid, "event": dead_letter_event("new-type", type="repo.moved")}
+
+    async def record() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            js = client.jetstream()
+            store = dead_letters.DeadLetterStore(
+                js, "CAIRN_WEBHOOK_DEAD_LETTERS", "cairn-webhook-dead-letters"
+            )
+            await store.ensure()
+            stored = [record for record, _problem in INVALID_DEAD_LETTERS]
+            for document in [*stored, unknown_type, valid]:
+                data = document if isinstance(document, str) else json.dumps(document)
+                await js.publish("cairn-webhook-dead-letters.up", data.encode())
+        finally:
+            await client.close()
+
+    asyncio.run(record())
+
+    listed = cairn_cli("webhook", "dead-letters", "list", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert "Traceback" not in listed.stderr
+    lines = listed.stdout.splitlines()
+    for sequence, (_record, problem) in enumerate(INVALID_DEAD_LETTERS, start=1):
+        line = lines[sequence - 1]
+        assert line.split()[0] == str(sequence)
+        assert f"invalid: {problem}" in line
+    assert "new-type" in lines[len(INVALID_DEAD_LETTERS)]
+    assert "valid" in lines[len(INVALID_DEAD_LETTERS) + 1]
+    assert lines[-1] == "7 dead letter(s), 5 invalid, which redeliver keeps"
+    warnings = [
+        json.loads(line)
+        for line in listed.stderr.splitlines()
+        if '"dead_letter_invalid"' in line
+    ]
+    assert [warning["sequence"] for warning in warnings] == [1, 2, 3, 4, 5]
+
+    as_json = cairn_cli(
+        "webhook", "dead-letters", "list", "--json", "--config", str(config)
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    documents = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert documents[0]["problem"] == "event field 'time' is missing"
+    assert documents[0]["event"]["id"] == "no-time"
+    assert "problem" not in documents[-1]
+
+    redelivered = cairn_cli(
+        "webhook", "dead-letters", "redeliver", "--config", str(config)
+    )
+    assert redelivered.returncode == 1, redelivered.stderr
+    assert "Traceback" not in redelivered.stderr
+    output = redelivered.stdout
+    for sequence, (_record, problem) in enumerate(INVALID_DEAD_LETTERS, start=1):
+        assert f"kept dead letter {sequence}: invalid: {problem}" in output
+    assert "nats stream rmm CAIRN_WEBHOOK_DEAD_LETTERS 1`" in output
+    assert "kept new-type: event type 'repo.moved' is unknown" in output
+    assert "delivered valid to up" in output
+    assert output.splitlines()[-1] == "1 redelivered, 6 kept"
+    assert [request.event_id for request in receiver.of("/up")] == ["valid"]
+
+    again = cairn_cli("webhook", "dead-letters", "list", "--config", str(config))
+    assert again.stdout.splitlines()[-1] == (
+        "6 dead letter(s), 5 invalid, which redeliver keeps"
+    )
+
+
 def test_webhook_rejects_invalid_config(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "webhook.toml",

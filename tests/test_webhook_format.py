@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
+from consumers.webhook import worker
 from consumers.webhook.config import ConfigError, parse_config, parse_duration
 from consumers.webhook.delivery import build_request, sign
+from consumers.webhook.lookup import EventLookup, EventLookupFailed
 from consumers.webhook.payloads import (
     ManifestFacts,
     cloudevent,
     distribution_event,
+    event_problem,
     media_type_of,
 )
 from engine.domain.events import Actor, EventType, StoredEvent
@@ -329,3 +335,96 @@ def test_request_signature_and_content_type() -> None:
     assert json.loads(request.body)["id"] == pushed["id"]
     expected = hmac.new(b"k", request.body, hashlib.sha256).hexdigest()
     assert sign("k", request.body) == f"sha256={expected}"
+
+
+# ---- event checks ----------------------------------------------------------------
+
+
+def test_event_problem_accepts_events() -> None:
+    pushed = event(EventType.MANIFEST_PUSHED, digest=DIGEST)
+    stand_in = {**pushed, "payload": None, "payload_omitted": True}
+
+    assert event_problem(pushed) is None
+    assert event_problem(stand_in) is None
+    assert event_problem({**pushed, "type": "repository.renamed"}) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"time": None}, "event field 'time' is None, expected a string"),
+        ({"id": 7}, "event field 'id' is 7, expected a string"),
+        ({"payload": [1]}, "event field 'payload' is [1], expected an object"),
+        ({"actor": "alice"}, "event field 'actor' is 'alice', expected an object"),
+        ({"schema_version": "1"}, "event field 'schema_version' is '1'"),
+        ({"schema_version": True}, "event field 'schema_version' is True"),
+    ],
+)
+def test_event_problem_wrong_types(change: dict[str, Any], problem: str) -> None:
+    pushed = event(EventType.MANIFEST_PUSHED, digest=DIGEST)
+
+    found = event_problem({**pushed, **change})
+
+    assert found is not None
+    assert problem in found
+
+
+@pytest.mark.parametrize("key", ["id", "type", "repository", "time"])
+def test_event_problem_missing_field(key: str) -> None:
+    pushed = event(EventType.MANIFEST_PUSHED, digest=DIGEST)
+    del pushed[key]
+
+    assert event_problem(pushed) == f"event field {key!r} is missing"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ([], "the event is a JSON array, expected a JSON object"),
+        (None, "the event is null, expected a JSON object"),
+        (3, "the event is the JSON value 3, expected a JSON object"),
+    ],
+)
+def test_event_problem_not_object(value: Any, problem: str) -> None:
+    assert event_problem(value) == problem
+
+
+def test_event_lookup_rejects_invalid_event() -> None:
+    pushed = event(EventType.MANIFEST_PUSHED, digest=DIGEST)
+    del pushed["time"]
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"events": [pushed]})
+
+    async def look_up() -> None:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(respond))
+        lookup = EventLookup(REGISTRY, client)
+        try:
+            await lookup.event(pushed["position"], pushed["id"])
+        finally:
+            await lookup.aclose()
+
+    with pytest.raises(EventLookupFailed) as failed:
+        asyncio.run(look_up())
+
+    assert f"returned an invalid event {pushed['id']}" in str(failed.value)
+    assert "event field 'time' is missing" in str(failed.value)
+
+
+def test_worker_rejects_event_without_time() -> None:
+    pushed = event(EventType.MANIFEST_PUSHED, digest=DIGEST)
+    del pushed["time"]
+    message = SimpleNamespace(data=json.dumps(pushed).encode())
+
+    decoded, problem = worker._decode(message)
+
+    assert decoded is None
+    assert problem == "event field 'time' is missing"
+
+
+def test_worker_rejects_message_not_json() -> None:
+    decoded, problem = worker._decode(SimpleNamespace(data=b"{not json"))
+
+    assert decoded is None
+    assert problem is not None
+    assert problem.startswith("the message is not JSON: ")

@@ -15,7 +15,7 @@ from consumers.webhook.dead_letters import DeadLetter, DeadLetterStore
 from consumers.webhook.delivery import build_request, http_client, send
 from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
 from consumers.webhook.options import nats_url_from
-from consumers.webhook.payloads import ManifestFacts
+from consumers.webhook.payloads import EVENT_TYPES, ManifestFacts
 from engine.bus.messages import is_stand_in
 
 
@@ -79,17 +79,22 @@ async def _list(
         store = DeadLetterStore(
             client.jetstream(), config.dead_letter_stream, config.dead_letter_prefix
         )
-        count = 0
+        count = invalid = 0
         async for letter in store.list(args.endpoint):
             if not _selected(letter, args):
                 continue
             count += 1
+            if letter.problem is not None:
+                invalid += 1
             if args.json:
                 out.write(json.dumps(letter.to_json(), separators=(",", ":")) + "\n")
             else:
                 out.write(_format(letter) + "\n")
         if not args.json:
-            out.write(f"{count} dead letter(s)\n")
+            summary = f"{count} dead letter(s)"
+            if invalid:
+                summary += f", {invalid} invalid, which redeliver keeps"
+            out.write(summary + "\n")
         return 0
     finally:
         await client.close()
@@ -97,6 +102,16 @@ async def _list(
 
 def _format(letter: DeadLetter) -> str:
     event = letter.event
+    if letter.problem is not None:
+        return "  ".join(
+            [
+                f"{letter.sequence:>6}",
+                letter.failed_at or "?",
+                letter.endpoint,
+                letter.event_id or "?",
+                f"invalid: {letter.problem}",
+            ]
+        )
     return "  ".join(
         [
             f"{letter.sequence:>6}",
@@ -145,6 +160,15 @@ async def _redeliver(
                 )
                 missing += 1
         for letter in letters:
+            if letter.problem is not None:
+                out.write(
+                    f"kept dead letter {letter.sequence}: invalid: {letter.problem}. "
+                    "Read it with `cairn webhook dead-letters list --json`, and "
+                    f"delete it with `nats stream rmm {store.stream} "
+                    f"{letter.sequence}`\n"
+                )
+                failed += 1
+                continue
             endpoint = config.endpoint(letter.endpoint)
             if endpoint is None:
                 out.write(
@@ -164,6 +188,14 @@ async def _redeliver(
                     )
                     failed += 1
                     continue
+            if event["type"] not in EVENT_TYPES:
+                out.write(
+                    f"kept {letter.event_id}: event type {event['type']!r} is "
+                    "unknown to this cairn; redeliver it with a cairn version "
+                    "that knows this type\n"
+                )
+                failed += 1
+                continue
             facts: ManifestFacts | None = None
             digest = (event.get("payload") or {}).get("digest")
             if (

@@ -33,6 +33,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
+from consumers.webhook.payloads import event_problem
 from engine.bus.messages import message_size
 from engine.domain.events import format_time
 
@@ -45,7 +46,13 @@ DUPLICATE_WINDOW: Final = 120.0
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One recorded failure; ``sequence`` is its place in the stream."""
+    """One recorded failure; ``sequence`` is its place in the stream.
+
+    ``problem`` describes a stored record that is not a valid dead letter,
+    such as one whose event lacks its time. Such a record is listed with
+    its problem and never redelivered, and its other fields are whatever
+    could be read from it.
+    """
 
     sequence: int
     endpoint: str
@@ -54,13 +61,14 @@ class DeadLetter:
     status: int | None
     error: str | None
     failed_at: str
+    problem: str | None = None
 
     @property
     def event_id(self) -> str:
         return str(self.event.get("id", ""))
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        document = {
             "sequence": self.sequence,
             "endpoint": self.endpoint,
             "attempts": self.attempts,
@@ -69,6 +77,9 @@ class DeadLetter:
             "failed_at": self.failed_at,
             "event": self.event,
         }
+        if self.problem is not None:
+            document["problem"] = self.problem
+        return document
 
 
 class DeadLetterStore:
@@ -168,7 +179,18 @@ class DeadLetterStore:
             except nats.js.errors.NotFoundError:
                 return
             found = message.seq or sequence
-            yield _decode(found, message.data or b"")
+            endpoint = (message.subject or "").removeprefix(self.prefix + ".")
+            letter = _decode(found, endpoint, message.data or b"")
+            if letter.problem is not None:
+                log.warning(
+                    "dead_letter_invalid",
+                    stream=self.stream,
+                    sequence=found,
+                    endpoint=endpoint,
+                    problem=letter.problem,
+                    note="listed with its problem and never redelivered",
+                )
+            yield letter
             sequence = found + 1
 
     async def remove(self, sequence: int) -> None:
@@ -179,17 +201,73 @@ def _encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def _decode(sequence: int, data: bytes) -> DeadLetter:
+def _decode(sequence: int, endpoint: str, data: bytes) -> DeadLetter:
+    """Decode a stored record, setting ``problem`` when it is not valid.
+
+    ``endpoint`` is the one that the record's subject names. An invalid
+    record is given that endpoint, because listing by endpoint filters
+    on the subject.
+    """
     try:
         body = json.loads(data)
-    except ValueError:
-        body = {}
+    except ValueError as error:
+        return _invalid(sequence, endpoint, {}, f"the record is not JSON: {error}")
+    if not isinstance(body, dict):
+        return _invalid(
+            sequence, endpoint, {}, f"the record is {body!r}, expected a JSON object"
+        )
+    problem = _record_problem(body)
+    if problem is not None:
+        return _invalid(sequence, endpoint, body, problem)
     return DeadLetter(
         sequence=sequence,
-        endpoint=str(body.get("endpoint", "")),
-        event=body.get("event") or {},
-        attempts=int(body.get("attempts") or 0),
+        endpoint=body["endpoint"],
+        event=body["event"],
+        attempts=body["attempts"],
         status=body.get("status"),
         error=body.get("error"),
-        failed_at=str(body.get("failed_at", "")),
+        failed_at=body["failed_at"],
+    )
+
+
+def _record_problem(body: dict[str, Any]) -> str | None:
+    """Describe the first field of ``body`` that add() never writes, or return None."""
+    for key in ("endpoint", "failed_at", "attempts", "event"):
+        if key not in body:
+            return f"field {key!r} is missing"
+    checks = [
+        ("endpoint", isinstance(body["endpoint"], str), "a string"),
+        ("failed_at", isinstance(body["failed_at"], str), "a string"),
+        ("attempts", _is_count(body["attempts"]), "a whole number, 0 or more"),
+        ("status", _is_int_or_none(body.get("status")), "an HTTP status or null"),
+        ("error", isinstance(body.get("error"), str | None), "a string or null"),
+    ]
+    for key, valid, expected in checks:
+        if not valid:
+            return f"field {key!r} is {body[key]!r}, expected {expected}"
+    return event_problem(body["event"])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _invalid(
+    sequence: int, endpoint: str, body: dict[str, Any], problem: str
+) -> DeadLetter:
+    event = body.get("event")
+    failed_at = body.get("failed_at")
+    return DeadLetter(
+        sequence=sequence,
+        endpoint=endpoint,
+        event=event if isinstance(event, dict) else {},
+        attempts=0,
+        status=None,
+        error=None,
+        failed_at=failed_at if isinstance(failed_at, str) else "",
+        problem=problem,
     )

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 import structlog
 
-from consumers.webhook.payloads import ManifestFacts
+from consumers.webhook.payloads import ManifestFacts, event_problem
 from engine.domain.manifests import MANIFEST_MEDIA_TYPES
 
 log = structlog.get_logger(__name__)
@@ -116,6 +116,11 @@ class EventLookup:
             raise EventLookupFailed(
                 f"{request} returned event {event.get('id')} at position "
                 f"{event.get('position')}, not event {event_id} at {position}"
+            )
+        problem = event_problem(event)
+        if problem is not None:
+            raise EventLookupFailed(
+                f"{request} returned an invalid event {event_id}: {problem}"
             )
         return event
 

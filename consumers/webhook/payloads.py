@@ -48,6 +48,46 @@ class ManifestFacts:
     size: int
 
 
+# The event types that this cairn can encode.
+EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
+# Fields that every request body reads, and that must be strings.
+_REQUIRED_TEXT: Final = ("id", "type", "repository", "time")
+
+
+def event_problem(event: Any) -> str | None:
+    """Describe what makes ``event`` unusable for a request body, or return None.
+
+    The body builders read these fields without further checks, so an
+    event from NATS, a dead letter or the event feed is checked first.
+    The event type may still be one that this cairn does not know.
+    """
+    if not isinstance(event, dict):
+        return f"the event is {_json_kind(event)}, expected a JSON object"
+    for key in _REQUIRED_TEXT:
+        if key not in event:
+            return f"event field {key!r} is missing"
+        if not isinstance(event[key], str):
+            return f"event field {key!r} is {event[key]!r}, expected a string"
+    for key in ("payload", "actor"):
+        value = event.get(key)
+        if value is not None and not isinstance(value, dict):
+            return f"event field {key!r} is {value!r}, expected an object or null"
+    version = event.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int | None):
+        return f"event field 'schema_version' is {version!r}, expected an integer"
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a JSON array"
+    if isinstance(value, str):
+        return "a JSON string"
+    if value is None:
+        return "null"
+    return f"the JSON value {value!r}"
+
+
 def current_payload(event: dict[str, Any]) -> dict[str, Any]:
     """Return the event's payload upcast to the current schema version.
 

@@ -43,7 +43,12 @@ from consumers.webhook.config import Endpoint, WebhookConfig
 from consumers.webhook.dead_letters import DeadLetterStore
 from consumers.webhook.delivery import Outcome, build_request, http_client, send
 from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
-from consumers.webhook.payloads import ManifestFacts, media_type_of
+from consumers.webhook.payloads import (
+    EVENT_TYPES,
+    ManifestFacts,
+    event_problem,
+    media_type_of,
+)
 from engine.bus.messages import is_stand_in
 from engine.domain.events import EventType
 
@@ -54,8 +59,6 @@ FETCH_WAIT: Final = 5.0
 # Delays between attempts to (re)create the consumer after a NATS error.
 RESUBSCRIBE_INITIAL: Final = 0.5
 RESUBSCRIBE_MAX: Final = 30.0
-
-_EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
 
 
 class EndpointWorker:
@@ -139,11 +142,12 @@ class EndpointWorker:
 
     async def _handle(self, message: Msg, client: httpx.AsyncClient) -> None:
         attempt = message.metadata.num_delivered or 1
-        event = _decode(message)
+        event, problem = _decode(message)
         if event is None:
             self.log.error(
                 "event_invalid",
                 sequence=message.metadata.sequence.stream,
+                problem=problem,
                 note="not a cairn event; terminated without delivery",
             )
             await message.term()
@@ -154,7 +158,7 @@ class EndpointWorker:
             "type": event["type"],
             "repository": event["repository"],
         }
-        if event["type"] not in _EVENT_TYPES:
+        if event["type"] not in EVENT_TYPES:
             self.log.warning(
                 "event_type_unknown",
                 **ids,
@@ -326,13 +330,13 @@ async def ensure_consumer(
         )
 
 
-def _decode(message: Msg) -> dict[str, Any] | None:
+def _decode(message: Msg) -> tuple[dict[str, Any] | None, str | None]:
+    """Return the event in ``message``, or None and what makes it invalid."""
     try:
         event = json.loads(message.data)
-    except ValueError:
-        return None
-    if not isinstance(event, dict):
-        return None
-    if not all(isinstance(event.get(key), str) for key in ("id", "type", "repository")):
-        return None
-    return event
+    except ValueError as error:
+        return None, f"the message is not JSON: {error}"
+    problem = event_problem(event)
+    if problem is not None:
+        return None, problem
+    return event, None
