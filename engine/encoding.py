@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -13,9 +14,31 @@ def encode_json(document: Any) -> bytes:
 
     orjson encoded a page of 1,000 tags in 3 µs, json.dumps in 56 µs. A
     string that is not valid Unicode, such as a lone surrogate, falls back
-    to json.dumps, which escapes it where orjson raises.
+    to json.dumps, which escapes it where orjson raises. Both paths encode
+    NaN, Infinity and -Infinity as null, because RFC 8259 JSON has no
+    literal for them.
     """
     try:
         return orjson.dumps(document)
     except orjson.JSONEncodeError:
-        return json.dumps(document, separators=(",", ":")).encode()
+        pass
+    try:
+        return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        finite = replace_non_finite(document)
+        return json.dumps(finite, separators=(",", ":"), allow_nan=False).encode()
+
+
+def replace_non_finite(value: Any) -> Any:
+    """Return a copy of ``value`` with each NaN or infinite float replaced by None.
+
+    Dicts, lists and tuples are copied, and every other value is returned
+    as it is.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: replace_non_finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [replace_non_finite(item) for item in value]
+    return value

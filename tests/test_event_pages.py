@@ -6,15 +6,21 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
+import structlog
 
 from engine import log as event_log
+from engine.api import feed
 from engine.api.app import create_app
+from engine.domain.events import Actor, EventType, NewEvent
 from engine.encoding import encode_json
 from engine.log import pages
+from engine.migrate import upgrade
 from engine.registry import Registry
 from tests.images import make_image
 from tests.server import push_blob, push_image, running
@@ -243,3 +249,88 @@ def test_non_ascii_pages_every_event_once(
         assert sum(sizes[:-1]) < BUDGET
     assert len(feed) > 2
     assert len(query_api) > 2
+
+
+# ---- payloads with NaN and Infinity --------------------------------------------
+
+
+def _strict_json(text: str) -> Any:
+    """Parse ``text`` as RFC 8259 JSON, which has no NaN or Infinity."""
+
+    def reject(literal: str) -> Any:
+        raise ValueError(f"{literal} is not JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+@pytest.fixture
+def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A registry on SQLite, which stores a NaN literal in a payload as it is.
+
+    PostgreSQL's jsonb rejects such text, so the case exists only on SQLite.
+    """
+    data_dir = tmp_path / "sqlite-data"
+    data_dir.mkdir()
+    registry = Registry.open(data_dir, f"sqlite:///{tmp_path / 'nan.db'}")
+    upgrade(registry.database)
+    yield registry
+    registry.database.dispose()
+
+
+NON_FINITE_PAYLOAD = (
+    '{"digest": "sha256:' + "a" * 64 + '", "size": NaN, '
+    '"platforms": [{"os.version": Infinity, "variant": -Infinity}]}'
+)
+
+
+@pytest.mark.parametrize("path", ["/_cairn/events", "/_cairn/api/v1/events"])
+def test_non_finite_payload_sent_as_null(
+    path: str, sqlite_registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The feed logs each position once per process, so earlier tests must
+    # not have used up the warning for position 1.
+    monkeypatch.setattr(feed, "_WARNED_POSITIONS", set())
+    with sqlite_registry.database.write() as conn:
+        event_log.append(
+            conn,
+            [
+                NewEvent(
+                    type=EventType.BLOB_PUSHED,
+                    repository="library/legacy",
+                    payload={"digest": "sha256:" + "a" * 64, "size": 3},
+                )
+            ],
+            actor=Actor("alice", "127.0.0.1"),
+        )
+        # Written as earlier cairn versions could store it, which json.loads
+        # reads but RFC 8259 JSON cannot represent.
+        conn.execute(
+            sa.text("UPDATE events SET payload = :payload WHERE position = 1"),
+            {"payload": NON_FINITE_PAYLOAD},
+        )
+
+    with (
+        running(create_app(sqlite_registry)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+        structlog.testing.capture_logs() as logged,
+    ):
+        response = client.get(path)
+
+    assert response.status_code == 200, response.text
+    (event,) = _strict_json(response.text)["events"]
+    assert event["position"] == 1
+    assert event["payload"]["size"] is None
+    assert event["payload"]["platforms"] == [{"os.version": None, "variant": None}]
+    assert event["payload"]["digest"] == "sha256:" + "a" * 64
+    if path == "/_cairn/events":
+        warnings = [e for e in logged if e["event"] == "event_payload_not_finite"]
+        assert [warning["position"] for warning in warnings] == [1]
+
+
+def test_encode_json_fallback_non_finite() -> None:
+    # A lone surrogate makes orjson fail, so json.dumps encodes the document.
+    document = {"text": "\ud800", "size": float("nan"), "list": [float("inf")]}
+
+    decoded = _strict_json(encode_json(document).decode())
+
+    assert decoded == {"text": "\ud800", "size": None, "list": [None]}

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+import structlog
+
 from engine import log as event_log
 from engine.api.dashboard.params import reject_unknown
 from engine.api.errors import unsupported
@@ -28,8 +30,11 @@ from engine.api.http import MAX_INT64, Request, Response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.events import EventType
 from engine.domain.names import validate_repository_name
+from engine.encoding import replace_non_finite
 from engine.log.pages import EventPage, read_after
 from engine.registry import Registry
+
+log = structlog.get_logger(__name__)
 
 # Positions are 64-bit integers in the log table.
 MAX_POSITION: Final = MAX_INT64
@@ -38,6 +43,13 @@ MAX_LIMIT: Final = 1000
 
 _EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
 _PARAMETERS: Final = frozenset({"after", "limit", "repository", "type"})
+
+# Positions of events already logged as sent with nulls in place of NaN or
+# Infinity. A consumer that replays the log reads them again, and a second
+# warning would add nothing. After MAX_WARNED positions, new ones are no
+# longer logged.
+MAX_WARNED: Final = 1000
+_WARNED_POSITIONS: set[Any] = set()
 
 
 def _count(request: Request, name: str, default: int) -> int:
@@ -91,7 +103,32 @@ def _types(request: Request) -> list[str]:
 
 
 def _encode(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, separators=(",", ":"), default=str).encode()
+    try:
+        text = json.dumps(event, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        # Earlier cairn versions stored NaN and Infinity in payloads on
+        # SQLite (see engine.projections.rebuild). RFC 8259 JSON has no
+        # literal for them, so they are sent as null, as the query API's
+        # orjson encoding sends them.
+        _warn_non_finite(event)
+        finite = replace_non_finite(event)
+        text = json.dumps(finite, separators=(",", ":"), default=str, allow_nan=False)
+    return text.encode()
+
+
+def _warn_non_finite(event: dict[str, Any]) -> None:
+    """Log, once per position and process, an event sent with nulls."""
+    position = event.get("position")
+    if position in _WARNED_POSITIONS or len(_WARNED_POSITIONS) >= MAX_WARNED:
+        return
+    _WARNED_POSITIONS.add(position)
+    log.warning(
+        "event_payload_not_finite",
+        position=position,
+        event_id=event.get("id"),
+        note="the stored event contains NaN or Infinity, which the feed sends "
+        "as null; the event is unchanged in the log",
+    )
 
 
 def _read(
