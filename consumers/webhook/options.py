@@ -12,7 +12,8 @@ REDELIVER_DESCRIPTION = """\
 Send each selected dead letter to its endpoint again, once, and remove the
 ones delivered. The exit status is 0 when no selected dead letter is kept,
 1 when any is kept (because its delivery failed again, its endpoint is no
-longer in the configuration, or removing it failed), when an --event-id
+longer in the configuration, the stored record is invalid, or removing it
+failed), when an --event-id
 matches no dead letter, or when NATS is unreachable, and 2 for invalid
 options, such as an --endpoint that the configuration does not define.
 """
