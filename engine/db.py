@@ -1,7 +1,7 @@
 """Database connections and the two kinds of transaction cairn uses.
 
 cairn uses SQLAlchemy's synchronous Core API. Commands run in a worker thread
-(the ASGI layer calls them through ``anyio.to_thread``), so the event loop
+(the ASGI layer calls them through engine.api.threads), so the event loop
 never waits on the database. The synchronous style was chosen deliberately:
 the same code serves the HTTP API, the command-line tools (rebuild, verify)
 and the tests, the mature drivers (sqlite3 and psycopg) are used directly,

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final, Protocol
 
-import anyio
 import structlog
 
 from engine.api import blobs, dashboard, feed, health, listing, manifests, ui, uploads
@@ -29,7 +28,7 @@ from engine.api.http import (
 from engine.api.metrics import Metrics
 from engine.api.ratelimit import RateLimiter, too_many_requests
 from engine.api.routing import Handler, Router
-from engine.api.threads import run_sync, upload_limiter
+from engine.api.threads import ThreadPool, run_sync, upload_pool
 from engine.domain.errors import RegistryError
 from engine.domain.events import Actor
 from engine.registry import Registry
@@ -82,7 +81,7 @@ class AppState:
     registry: Registry
     bus: PullListener | None = None
     relative_urls: bool = False
-    upload_limiter: anyio.CapacityLimiter = field(default_factory=upload_limiter)
+    upload_pool: ThreadPool = field(default_factory=upload_pool)
     metrics: Metrics | None = None
     position_waiter: PositionWaiter | None = None
     # None leaves the registry open to everyone, without a rate limit.

@@ -37,11 +37,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import anyio
-import anyio.to_thread
 import structlog
 
 from engine.api.errors import ErrorCode, HTTPError
+from engine.api.threads import ThreadPool
 
 if TYPE_CHECKING:
     from engine.api.http import Request
@@ -410,7 +409,7 @@ class Authenticator:
     ) -> None:
         self.users = users
         self._clock = clock
-        self._limiter = anyio.CapacityLimiter(MAX_HASH_THREADS)
+        self._hash_pool = ThreadPool(MAX_HASH_THREADS, "cairn-password")
         # Keyed by an HMAC of name and password under a key that lives only
         # in this process, so the passwords themselves are never stored.
         self._key = secrets.token_bytes(32)
@@ -451,9 +450,7 @@ class Authenticator:
             return user
 
         stored = user.password if user is not None else self._decoy
-        matches = await anyio.to_thread.run_sync(
-            stored.verify, password, limiter=self._limiter
-        )
+        matches = await self._hash_pool.run(stored.verify, password)
         if user is None or not matches:
             self._failures.record(name, request.actor.address, "invalid credentials")
             raise _unauthorized("invalid user name or password", name)

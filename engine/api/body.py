@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-import anyio.to_thread
-
 from engine.api.http import ClientDisconnected, Request
 from engine.api.memory import TRIMMER
 from engine.blobs.limits import check_received_size
@@ -152,9 +150,7 @@ async def stream_to_thread(
             pipe.consumer_finished()
             TRIMMER.upload_finished(request.bytes_in)
 
-    worker = asyncio.ensure_future(
-        anyio.to_thread.run_sync(run, limiter=request.state.upload_limiter)
-    )
+    worker = asyncio.ensure_future(request.state.upload_pool.run(run))
     try:
         await _pump(request, pipe, expected_size, limit)
     except BaseException as error:
@@ -197,7 +193,7 @@ async def _consume_whole(
         finally:
             TRIMMER.upload_finished(request.bytes_in)
 
-    return await anyio.to_thread.run_sync(run, limiter=request.state.upload_limiter)
+    return await request.state.upload_pool.run(run)
 
 
 async def _pump(

@@ -60,9 +60,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
-import anyio
-import anyio.lowlevel
-import anyio.to_thread
 import httptools
 import structlog
 from uvicorn._types import (
@@ -82,13 +79,15 @@ from uvicorn.protocols.utils import is_ssl
 from engine.api.app import API_VERSION_HEADER, IDLE_TIMEOUT, ZEROCOPY_SEND
 from engine.api.errors import ErrorCode, error_body
 from engine.api.options import DEFAULT_READ_IDLE_TIMEOUT, DEFAULT_WRITE_IDLE_TIMEOUT
+from engine.api.threads import ThreadPool
 
 log = structlog.get_logger(__name__)
 
-# Worker threads that run sendfile at once, for all connections of one event
-# loop; more responses wait for a free thread. Separate from anyio's default
-# limiter, so blob downloads never delay the handlers' database calls.
+# Worker threads that run sendfile at once, for all connections of the
+# process; more responses wait for a free thread. A pool of their own keeps
+# blob downloads from delaying the handlers' database calls.
 MAX_SENDFILE_THREADS: Final = 16
+_sendfile_pool: Final = ThreadPool(MAX_SENDFILE_THREADS, "cairn-sendfile")
 
 # How long a worker thread waits for the socket to become writable before it
 # returns and the event loop waits instead, in milliseconds. A client that
@@ -146,10 +145,6 @@ MAX_QUOTED_CHARS: Final = 200
 _TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RFC 9110 field-value characters: HTAB, SP, VCHAR and obs-text.
 _FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-
-_sendfile_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
-    "cairn_sendfile_limiter"
-)
 
 
 class HeadersTooLarge(httptools.HttpParserCallbackError):
@@ -445,9 +440,9 @@ class CairnHttpProtocol(HttpToolsProtocol):
                     raise ConnectionClosed(
                         "client disconnected during the response", transfer.sent
                     )
-                # abandon_on_cancel=False: a cancelled task still waits for the
-                # thread, so sock_fd is never closed while the thread uses it.
-                await anyio.to_thread.run_sync(
+                # A cancelled task still waits for the thread, so sock_fd is
+                # never closed while the thread uses it.
+                await _sendfile_pool.run(
                     _send_until_blocked,
                     sock_fd,
                     file_fd,
@@ -456,8 +451,6 @@ class CairnHttpProtocol(HttpToolsProtocol):
                     transfer,
                     self._is_connection_lost,
                     self._peer_is_loopback,
-                    abandon_on_cancel=False,
-                    limiter=_limiter(),
                 )
                 if transfer.sent < count:
                     await self._wait_writable(sock_fd)
@@ -818,15 +811,6 @@ def _idle_timeout_details(cycle: RequestResponseCycle) -> dict[object, object]:
     """Return the request's ``cairn.idle_timeout`` extension dict."""
     extensions = cycle.scope.get("extensions") or {}
     return extensions.setdefault(IDLE_TIMEOUT, {})
-
-
-def _limiter() -> anyio.CapacityLimiter:
-    try:
-        return _sendfile_limiter.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(MAX_SENDFILE_THREADS)
-        _sendfile_limiter.set(limiter)
-        return limiter
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
