@@ -19,6 +19,12 @@ from engine.queries.pages import MAX_INTEGER
 
 # Characters a repository name may contain; a prefix is a name cut anywhere.
 _PREFIX: Final = re.compile(r"[a-z0-9._/-]{1,255}")
+# RFC 3339 section 5.6 date-time: the "T" and "Z" in either case, seconds
+# required, and an offset of "Z" or +hh:mm / -hh:mm.
+_RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 MAX_TEXT: Final = 255
 _MAX_DIGITS: Final = len(str(MAX_INTEGER))
 
@@ -122,12 +128,16 @@ def time(request: Request, name: str) -> datetime | None:
     value = _value(request, name)
     if value is None:
         return None
-    try:
-        # RFC 3339 section 5.6 allows a lower-case "t" and "z", which
-        # fromisoformat rejects, and the other characters are digits.
-        moment = datetime.fromisoformat(value.upper())
-    except ValueError:
-        moment = None
+    moment = None
+    # fromisoformat also takes ISO 8601 forms that RFC 3339 excludes, such
+    # as week dates, basic format and times without seconds.
+    if _RFC3339.fullmatch(value):
+        try:
+            # RFC 3339 section 5.6 allows a lower-case "t" and "z", which
+            # fromisoformat rejects, and the other characters are digits.
+            moment = datetime.fromisoformat(value.upper())
+        except ValueError:
+            moment = None
     if moment is None or moment.tzinfo is None:
         raise unsupported(
             f"{name} must be an RFC 3339 time with a UTC offset, such as "
