@@ -435,7 +435,7 @@ class ManifestService:
             row = self._row(conn, manifest.digest)
             if row is None:
                 self._store_content(conn, manifest)
-                new_events.append(self._pushed_event(manifest))
+                new_events.append(self._pushed_event(manifest, tag))
             elif row.media_type != manifest.media_type:
                 # Bytes without a mediaType can parse as either the OCI or the
                 # Docker type of one kind. A digest keeps the type it was first
@@ -541,7 +541,14 @@ class ManifestService:
                 conn, {"digest": digest, "content": manifest.raw}
             )
 
-    def _pushed_event(self, manifest: Manifest) -> NewEvent:
+    def _pushed_event(self, manifest: Manifest, tag: str | None) -> NewEvent:
+        """Build the manifest.pushed event of a new manifest.
+
+        A push by tag records the tag too, so that a consumer can tell that
+        a tag.set for it follows in the same commit: a new manifest has no
+        tag pointing to it yet.
+        """
+        by_tag = {"tag": tag} if tag is not None else {}
         return self._repo.event(
             EventType.MANIFEST_PUSHED,
             digest=str(manifest.digest),
@@ -554,6 +561,7 @@ class ManifestService:
                 _reference_json(r.kind, r.descriptor) for r in manifest.references()
             ],
             content_size=_content_size(manifest.size, manifest.references()),
+            **by_tag,
         )
 
     def delete(self, digest: Digest) -> list[StoredEvent]:

@@ -76,6 +76,17 @@ def feed_events(cairn_url: str) -> list[dict[str, Any]]:
     return response.json()["events"]
 
 
+def distribution_notified(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return the events that an endpoint in Distribution format, receiving
+    every type, sends: all but manifest.pushed by tag, whose tag.set
+    follows."""
+    return [
+        e
+        for e in events
+        if not (e["type"] == "manifest.pushed" and e["payload"].get("tag"))
+    ]
+
+
 # ---- an HTTP receiver ----------------------------------------------------------
 
 
@@ -300,6 +311,14 @@ def test_webhook_delivers_both_formats(
                 "start": "all",
             },
             {
+                "name": "manifests",
+                "url": receiver.url("/manifests"),
+                "format": "distribution",
+                "event_types": ["manifest.pushed"],
+                "repositories": ["library/*"],
+                "start": "all",
+            },
+            {
                 "name": "cloudevents",
                 "url": receiver.url("/cloudevents"),
                 "format": "cloudevents",
@@ -311,16 +330,26 @@ def test_webhook_delivers_both_formats(
         extra=f'[registry]\nurl = "{cairn}"\n',
     )
     webhook = start_webhook(config)
-    webhook.wait_subscribed(2)
+    webhook.wait_subscribed(3)
 
     image = make_image(layer_count=2)
     docker_image = make_image(docker=True)
+    untagged = make_image()
     with httpx.Client(base_url=cairn) as client:
         push_image(client, "library/app", image, "v1")
         push_image(client, "library/app", docker_image, "docker")
+        push_image(client, "library/app", untagged)
         push_image(client, "other/app", make_image(), "v1")
     events = feed_events(cairn)
-    library = [e for e in events if e["repository"] == "library/app"]
+    # A manifest pushed by tag gets one push notification, the tag.set's, as
+    # in Distribution.
+    library = [
+        e for e in distribution_notified(events) if e["repository"] == "library/app"
+    ]
+    pushed_by_tag = [
+        e for e in events if e["type"] == "manifest.pushed" and e["payload"].get("tag")
+    ]
+    assert len(pushed_by_tag) == 3
     wanted_cloud = [
         e
         for e in events
@@ -334,6 +363,7 @@ def test_webhook_delivers_both_formats(
 
     wait_until(lambda: len(receiver.of("/distribution")) >= len(library), WAIT)
     wait_until(lambda: len(receiver.of("/cloudevents")) >= len(wanted_cloud), WAIT)
+    wait_until(lambda: len(receiver.of("/manifests")) >= 3, WAIT)
 
     distribution = receiver.of("/distribution")
     assert [r.event_id for r in distribution] == [e["id"] for e in library]
@@ -364,18 +394,20 @@ def test_webhook_delivers_both_formats(
     assert ("push", "manifest.pushed") in by_type
     assert ("push", "tag.set") in by_type
 
-    manifest_push = next(
+    manifest_pushes = [
         r.json()["events"][0]
         for r, e in zip(distribution, library, strict=True)
         if e["type"] == "manifest.pushed"
-        and e["payload"]["digest"] == str(image.digest)
-    )
-    assert manifest_push["target"]["mediaType"] == image.media_type
-    assert manifest_push["target"]["digest"] == str(image.digest)
-    assert manifest_push["target"]["size"] == len(image.manifest)
-    assert manifest_push["target"]["length"] == len(image.manifest)
+    ]
+    assert len(manifest_pushes) == 1
+    manifest_push = manifest_pushes[0]
+    assert "tag" not in manifest_push["target"]
+    assert manifest_push["target"]["mediaType"] == untagged.media_type
+    assert manifest_push["target"]["digest"] == str(untagged.digest)
+    assert manifest_push["target"]["size"] == len(untagged.manifest)
+    assert manifest_push["target"]["length"] == len(untagged.manifest)
     assert manifest_push["target"]["url"] == (
-        f"{cairn}/v2/library/app/manifests/{image.digest}"
+        f"{cairn}/v2/library/app/manifests/{untagged.digest}"
     )
     tag_push = next(
         r.json()["events"][0]
@@ -387,6 +419,10 @@ def test_webhook_delivers_both_formats(
     # The webhook looked up what a tag event does not carry.
     assert tag_push["target"]["mediaType"] == image.media_type
     assert tag_push["target"]["size"] == len(image.manifest)
+    assert tag_push["target"]["length"] == len(image.manifest)
+    assert tag_push["target"]["url"] == (
+        f"{cairn}/v2/library/app/manifests/{image.digest}"
+    )
 
     cloud = receiver.of("/cloudevents")
     assert [r.event_id for r in cloud] == [e["id"] for e in wanted_cloud]
@@ -403,7 +439,18 @@ def test_webhook_delivers_both_formats(
         assert document["data"] == event
     subjects = [r.json()["subject"] for r in cloud]
     assert subjects[:2] == [str(image.digest), "v1"]
-    assert len(subjects) == 4
+    assert len(subjects) == 5
+
+    # Without tag.set, a Distribution-format endpoint gets the push by tag
+    # from manifest.pushed, with the tag.
+    manifests_only = receiver.of("/manifests")
+    targets = [r.json()["events"][0]["target"] for r in manifests_only]
+    assert [t["digest"] for t in targets] == [
+        str(image.digest),
+        str(docker_image.digest),
+        str(untagged.digest),
+    ]
+    assert [t.get("tag") for t in targets] == ["v1", "docker", None]
 
     assert SECRET not in webhook.log_path.read_text()
     assert webhook.stop() == 0
@@ -484,7 +531,7 @@ def test_webhook_restart_loses_nothing(
     # The restart also changes the ack wait, which updates the consumer.
     config.write_text(config.read_text().replace('ack_wait = "2s"', 'ack_wait = "3s"'))
     restarted = start_webhook(config)
-    expected = [e["id"] for e in feed_events(cairn)]
+    expected = [e["id"] for e in distribution_notified(feed_events(cairn))]
     wait_until(
         lambda: {r.event_id for r in receiver.of("/steady")} >= set(expected), WAIT
     )
@@ -549,7 +596,7 @@ def test_webhook_slow_endpoint_delays_no_other(
     with httpx.Client(base_url=cairn) as client:
         push_image(client, "library/app", make_image(), "v1")
         push_image(client, "library/app", make_image(), "v2")
-    expected = [e["id"] for e in feed_events(cairn)]
+    expected = [e["id"] for e in distribution_notified(feed_events(cairn))]
 
     wait_until(lambda: len(receiver.of("/fast")) >= len(expected), WAIT)
 

@@ -113,6 +113,18 @@ def media_type_of(event: dict[str, Any], facts: ManifestFacts | None) -> str | N
     return None
 
 
+def announced_by_tag_event(event: dict[str, Any]) -> bool:
+    """Tell whether ``event`` is a manifest.pushed by tag.
+
+    The tag.set event of the same commit follows it. Distribution sends one
+    push notification for a push by tag, with the tag, so an endpoint in
+    that format that also receives tag.set skips this event.
+    """
+    return event.get("type") == EventType.MANIFEST_PUSHED and bool(
+        current_payload(event).get("tag")
+    )
+
+
 def encode(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -207,7 +219,10 @@ def cloudevent(event: dict[str, Any], registry_url: str | None) -> dict[str, Any
         "datacontenttype": "application/json",
         "data": event,
     }
-    subject = payload.get("tag") or payload.get("digest")
+    # A manifest.pushed by tag names the tag too, but its subject is the
+    # manifest.
+    key = "tag" if str(event["type"]).startswith("tag.") else "digest"
+    subject = payload.get(key)
     if subject:
         document["subject"] = subject
     return document

@@ -46,6 +46,7 @@ from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLoo
 from consumers.webhook.payloads import (
     EVENT_TYPES,
     ManifestFacts,
+    announced_by_tag_event,
     event_problem,
     media_type_of,
 )
@@ -175,6 +176,13 @@ class EndpointWorker:
         fetch_error: str | None = None
         if is_stand_in(event):
             event, fetch_error = await self._full_event(event, ids)
+        if (
+            self.endpoint.format == "distribution"
+            and announced_by_tag_event(event)
+            and self.endpoint.accepts(EventType.TAG_SET, event["repository"])
+        ):
+            await message.ack_sync()
+            return
         facts = await self._facts(event)
         if self.endpoint.ignores_media_type(media_type_of(event, facts)):
             await message.ack_sync()
