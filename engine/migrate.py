@@ -40,11 +40,13 @@ def upgrade(
 ) -> tuple[str | None, str | None]:
     """Bring the database schema up to ``revision``; return the revisions
     before and after, None for a database without cairn's schema."""
-    before = current_revision(database)
     config = _config()
     with database.engine.begin() as conn:
         if not database.is_sqlite:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+        # Read under the lock: a process that waited for another's upgrade
+        # finds the new revision and logs nothing.
+        before = MigrationContext.configure(conn).get_current_revision()
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
     after = current_revision(database)

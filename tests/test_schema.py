@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -17,6 +20,7 @@ from engine.domain.digest import Digest
 from engine.migrate import _config, current_revision, head_revision, upgrade
 from engine.registry import Registry
 from engine.tables import metadata
+from tests.conftest import ADMIN_URL
 from tests.images import make_image
 
 
@@ -186,3 +190,29 @@ def test_generation_migration_keeps_checkpoints(tmp_path: Path) -> None:
     assert [tuple(row)[:2] for row in downgraded] == [("CAIRN", 12)]
     assert len(downgraded[0]) == 3
     database.dispose()
+
+
+def test_concurrent_upgrades_report_once() -> None:
+    """Two start-ups on one new PostgreSQL database: one migrates, and the
+    other, which waited for its lock, finds the schema current."""
+    if ADMIN_URL == "skip":
+        pytest.skip("CAIRN_TEST_POSTGRES_URL=skip")
+    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(ADMIN_URL).set(database=name)
+    databases = [Database(url.render_as_string(hide_password=False)) for _ in "ab"]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(upgrade, databases))
+    finally:
+        for database in databases:
+            database.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+    head = head_revision()
+    assert results.count((None, head)) == 1
+    assert results.count((head, head)) == 1
