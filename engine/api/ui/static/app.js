@@ -349,9 +349,12 @@ async function tagPage() {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const result = document.getElementById("at-result");
+    // A datetime-local value leaves out the seconds when they are zero,
+    // and RFC 3339, which the API takes, requires them.
+    const local = input.value.length === 16 ? `${input.value}:00` : input.value;
     try {
-      const found = await api(base, { at: `${input.value}Z` });
-      result.textContent = `At ${formatTime(input.value + "Z")} (position ${found.point.position}) ` +
+      const found = await api(base, { at: `${local}Z` });
+      result.textContent = `At ${formatTime(local + "Z")} (position ${found.point.position}) ` +
         `${tag} pointed to ${found.tag.digest}`;
     } catch (error) {
       result.textContent = `Not set then: ${error.message}`;
