@@ -213,6 +213,16 @@ def test_repository_page_notes_first_page(
     assert caption is not None
     assert caption.startswith("Showing the first 200 tags;")
     assert page.locator("#manifests caption").count() == 0
+    # The timeline draws the 20 most recently set tags, t185 to t204.
+    assert page.text_content("#timeline p.more") == (
+        "Showing the 20 most recently set of 205 tags."
+    )
+    legends = page.eval_on_selector_all(
+        "#timeline text.legend", "nodes => nodes.map(n => n.textContent)"
+    )
+    labels = sorted(text for text in legends if re.fullmatch(r"t[0-9]{3}", text))
+    assert labels == [f"t{number:03d}" for number in range(185, 205)]
+    assert page.locator("#timeline rect.segment").count() == 20
 
 
 def test_tag_page_shows_history(server: ServerThread, browser_page: Page) -> None:

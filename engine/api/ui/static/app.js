@@ -217,22 +217,32 @@ function platformsText(platforms) {
   return platforms.map((p) => [p.os, p.architecture, p.variant].filter(Boolean).join("/")).join(", ");
 }
 
+// Tags drawn on a repository's timeline: the most recently set ones.
+const TIMELINE_TAGS = 20;
+
 async function historyRows(repository, tags) {
-  const rows = [];
-  for (const tag of tags) {
-    const history = await api(`/repositories/${repositoryPath(repository)}/-/tags/${encodeURIComponent(tag)}/history`, { n: 200 });
-    rows.push({
-      label: tag,
-      segments: history.history.map((entry) => ({
-        start: Date.parse(entry.from_time),
-        end: entry.to_time ? Date.parse(entry.to_time) : Date.now(),
-        digest: entry.digest,
-        text: `${tag} → ${shortDigest(entry.digest)} from ${formatTime(entry.from_time)}` +
-          (entry.to_time ? ` to ${formatTime(entry.to_time)}` : " until now"),
-      })),
-    });
+  const histories = await Promise.all(tags.map((tag) =>
+    api(`/repositories/${repositoryPath(repository)}/-/tags/${encodeURIComponent(tag)}/history`, { n: 200 })));
+  return tags.map((tag, index) => ({
+    label: tag,
+    segments: histories[index].history.map((entry) => ({
+      start: Date.parse(entry.from_time),
+      end: entry.to_time ? Date.parse(entry.to_time) : Date.now(),
+      digest: entry.digest,
+      text: `${tag} → ${shortDigest(entry.digest)} from ${formatTime(entry.from_time)}` +
+        (entry.to_time ? ` to ${formatTime(entry.to_time)}` : " until now"),
+    })),
+  }));
+}
+
+async function repositoryTimeline(repository, base, tagCount) {
+  const recent = await api(`${base}/-/tags`, { n: TIMELINE_TAGS, sort: "recent" });
+  const tags = recent.tags.map((t) => t.tag);
+  drawTimeline(await historyRows(repository, tags));
+  if (tagCount > tags.length) {
+    document.getElementById("timeline").prepend(el("p", { className: "more" },
+      `Showing the ${tags.length} most recently set of ${tagCount} tags.`));
   }
-  return rows;
 }
 
 function drawTimeline(rows) {
@@ -276,7 +286,7 @@ async function repositoryPage() {
   noteFirstPage(document.getElementById("tags"), tags, tags.tags, "tags", `${base}/-/tags`);
 
   const tasks = [
-    historyRows(name, tags.tags.slice(0, 20).map((t) => t.tag)).then(drawTimeline),
+    repositoryTimeline(name, base, summary.tag_count),
     loadActivity("day", name),
     api(`${base}/-/manifests`, { n: 100 }).then((page) => {
       const table = document.getElementById("manifests");
