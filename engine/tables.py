@@ -201,6 +201,8 @@ referrers = sa.Table(
     sa.Column("annotations", JSONDocument),
     sa.Column("position", sa.BigInteger, nullable=False),
     sa.Index(None, "repository", "position"),
+    # The referrers API pages through a subject's referrers in log order.
+    sa.Index(None, "repository", "subject", "position"),
 )
 
 # Tag history: one row per digest a tag pointed to, over the half-open range
