@@ -104,6 +104,8 @@ _BLOB_LINK = Prepared(
     )
 )
 _SIZE_BATCH = 500
+# Reference kinds whose content is a manifest of the repository.
+_MANIFEST_KINDS = frozenset({"manifest", "subject"})
 # Listing pages. A LIMIT as large as a signed 64-bit integer allows stands
 # for no limit at all.
 _NO_LIMIT = 2**63 - 1
@@ -483,35 +485,59 @@ class ManifestService:
 
     def _check_references(self, conn: Connection, manifest: Manifest) -> None:
         """Check that every required reference is in the repository with the
-        size its descriptor declares; clients verify sizes when they pull."""
-        required = [r for r in manifest.references() if r.required]
+        size its descriptor declares; clients verify sizes when they pull.
+
+        The descriptor of a child manifest, or of a subject that the
+        repository stores, must also give the stored media type, because
+        clients fetch and parse a manifest by that type. A subject need not
+        be stored, because clients may push it after its referrers.
+        """
+        references = manifest.references()
+        required = [r for r in references if r.required]
         # One query per kind of content, however many layers the image has.
-        child_sizes = self._stored_sizes(
+        stored_manifests = self._stored(
             conn,
             manifests,
-            [str(r.descriptor.digest) for r in required if r.kind == "manifest"],
+            [str(r.descriptor.digest) for r in references if r.kind in _MANIFEST_KINDS],
         )
-        blob_sizes = self._stored_sizes(
+        stored_blobs = self._stored(
             conn,
             blob_links,
-            [str(r.descriptor.digest) for r in required if r.kind != "manifest"],
+            [
+                str(r.descriptor.digest)
+                for r in required
+                if r.kind not in _MANIFEST_KINDS
+            ],
         )
         missing: list[dict[str, str]] = []
-        for reference in required:
+        for reference in references:
             descriptor = reference.descriptor
-            sizes = child_sizes if reference.kind == "manifest" else blob_sizes
-            stored_size = sizes.get(str(descriptor.digest))
-            if stored_size is None:
-                missing.append(
-                    {"kind": reference.kind, "digest": str(descriptor.digest)}
-                )
-            elif stored_size != descriptor.size:
+            kind = reference.kind
+            found = stored_manifests if kind in _MANIFEST_KINDS else stored_blobs
+            stored = found.get(str(descriptor.digest))
+            if stored is None:
+                if reference.required:
+                    missing.append({"kind": kind, "digest": str(descriptor.digest)})
+                continue
+            stored_size, stored_media_type = stored
+            if stored_size != descriptor.size:
                 raise ManifestInvalid(
-                    f"{reference.kind} size does not match the stored content",
+                    f"{kind} size does not match the stored content",
                     {
                         "digest": str(descriptor.digest),
                         "size": descriptor.size,
                         "stored_size": stored_size,
+                    },
+                )
+            if stored_media_type is not None and (
+                stored_media_type != descriptor.media_type
+            ):
+                raise ManifestInvalid(
+                    f"{kind} mediaType does not match the stored manifest",
+                    {
+                        "digest": str(descriptor.digest),
+                        "mediaType": descriptor.media_type,
+                        "storedMediaType": stored_media_type,
                     },
                 )
         if missing:
@@ -520,18 +546,21 @@ class ManifestService:
                 {"repository": self._repo.name, "missing": missing},
             )
 
-    def _stored_sizes(
+    def _stored(
         self, conn: Connection, table: sa.Table, digests: list[str]
-    ) -> dict[str, int]:
-        sizes: dict[str, int] = {}
+    ) -> dict[str, tuple[int, str | None]]:
+        """Return the size and, for manifests, the media type of each digest
+        in ``digests`` that this repository's ``table`` contains."""
+        stored: dict[str, tuple[int, str | None]] = {}
         # Batches stay well under the bound parameters SQLite allows.
         for start in range(0, len(digests), _SIZE_BATCH):
             batch = digests[start : start + _SIZE_BATCH]
             params = {"b_repository": self._repo.name}
             params.update((f"b_digest_{i}", digest) for i, digest in enumerate(batch))
-            rows = _sizes_query(table.name, len(batch)).execute(conn, params)
-            sizes.update(rows.tuples)
-        return sizes
+            rows = _stored_query(table.name, len(batch)).execute(conn, params)
+            for digest, size, media_type in rows.tuples:
+                stored[digest] = (size, media_type)
+        return stored
 
     def _store_content(self, conn: Connection, manifest: Manifest) -> None:
         digest = str(manifest.digest)
@@ -1095,12 +1124,14 @@ class BlobService:
 
 
 @functools.lru_cache(maxsize=64)
-def _sizes_query(table_name: str, count: int) -> Prepared:
-    """Return the query for the stored sizes of ``count`` digests in one
-    repository's manifests or blob links."""
+def _stored_query(table_name: str, count: int) -> Prepared:
+    """Return the query for the stored size and media type of ``count``
+    digests in one repository's manifests, or for the size of ``count``
+    digests in its blob links, whose media type is always null."""
     table = manifests if table_name == manifests.name else blob_links
+    media_type = manifests.c.media_type if table is manifests else sa.null()
     return Prepared(
-        sa.select(table.c.digest, table.c.size).where(
+        sa.select(table.c.digest, table.c.size, media_type).where(
             (table.c.repository == sa.bindparam("b_repository"))
             & in_list(table.c.digest, "b_digest", count)
         )

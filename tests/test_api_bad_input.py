@@ -12,9 +12,14 @@ import pytest
 
 from engine.api.app import create_app
 from engine.domain.digest import Digest
-from engine.domain.manifests import OCI_MANIFEST
+from engine.domain.manifests import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from engine.registry import Registry
-from tests.images import encode, make_image
+from tests.images import descriptor, encode, make_artifact, make_image, make_index
 from tests.server import ServerThread, push_blob, push_image, running, stored_state
 
 NINES = "9" * 5000
@@ -197,3 +202,81 @@ def test_encoded_slash_in_name_rejected(api: httpx.Client) -> None:
     error = error_of(response)
     assert error["code"] == "NAME_INVALID"
     assert "%2F" in error["detail"]["path"]
+
+
+def _put_manifest(api: httpx.Client, body: bytes, media_type: str) -> httpx.Response:
+    return api.put(
+        f"/v2/demo/app/manifests/{Digest.of(body)}",
+        content=body,
+        headers={"Content-Type": media_type},
+    )
+
+
+@pytest.mark.parametrize(
+    "child_type",
+    [OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, "application/octet-stream"],
+)
+def test_index_child_media_type_mismatch(
+    api: httpx.Client, registry: Registry, child_type: str
+) -> None:
+    image = make_image()
+    push_image(api, "demo/app", image, "v1")
+    body = json.loads(make_index([image]))
+    body["manifests"][0]["mediaType"] = child_type
+    index = encode(body)
+    before = stored_state(registry)
+
+    response = _put_manifest(api, index, OCI_INDEX)
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"]["digest"] == str(image.digest)
+    assert error["detail"]["mediaType"] == child_type
+    assert error["detail"]["storedMediaType"] == OCI_MANIFEST
+    assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("size", 3), ("mediaType", OCI_INDEX), ("mediaType", DOCKER_MANIFEST)],
+)
+def test_subject_descriptor_mismatch(
+    api: httpx.Client, registry: Registry, field: str, value: Any
+) -> None:
+    image = make_image()
+    push_image(api, "demo/app", image, "v1")
+    artifact = make_artifact(image, "application/vnd.example.sbom", b"sbom")
+    for blob in artifact.blobs:
+        push_blob(api, "demo/app", blob)
+    body = json.loads(artifact.manifest)
+    body["subject"][field] = value
+    manifest = encode(body)
+    before = stored_state(registry)
+
+    response = _put_manifest(api, manifest, OCI_MANIFEST)
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"]["digest"] == str(image.digest)
+    assert value in error["detail"].values()
+    assert stored_state(registry) == before
+    referrers = api.get(f"/v2/demo/app/referrers/{image.digest}").json()
+    assert referrers["manifests"] == []
+
+
+def test_subject_not_stored_is_accepted(api: httpx.Client) -> None:
+    # The subject may be pushed after its referrer, so only a stored subject
+    # can be compared with its descriptor.
+    subject = descriptor(OCI_MANIFEST, b"a manifest pushed later")
+    artifact = make_artifact(b"a manifest pushed later", "application/x.sig", b"s")
+    for blob in artifact.blobs:
+        push_blob(api, "demo/app", blob)
+    body = json.loads(artifact.manifest)
+    assert body["subject"] == subject
+
+    response = _put_manifest(api, artifact.manifest, OCI_MANIFEST)
+
+    assert response.status_code == 201, response.text
+    assert response.headers["OCI-Subject"] == subject["digest"]
