@@ -280,3 +280,78 @@ def test_subject_not_stored_is_accepted(api: httpx.Client) -> None:
 
     assert response.status_code == 201, response.text
     assert response.headers["OCI-Subject"] == subject["digest"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/v2/demo/app/tags/list?n=1&n=2", "n"),
+        ("/v2/demo/app/tags/list?last=a&last=b", "last"),
+        ("/v2/_catalog?n=1&n=1", "n"),
+        ("/v2/_catalog?last=a&last=b", "last"),
+        (
+            f"/v2/demo/app/referrers/{Digest.of(b'x')}?artifactType=a&artifactType=b",
+            "artifactType",
+        ),
+    ],
+)
+def test_repeated_listing_parameter_rejected(
+    api: httpx.Client, path: str, name: str
+) -> None:
+    push_image(api, "demo/app", make_image(), "v1")
+
+    response = api.get(path)
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["parameter"] == name
+    assert "given once" in error["message"]
+
+
+def test_repeated_digest_on_upload_rejected(
+    api: httpx.Client, registry: Registry
+) -> None:
+    data = b"blob sent with two digests"
+    digest = str(Digest.of(data))
+    other = str(Digest.of(b"another blob"))
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    before = stored_state(registry)
+
+    for query in (f"digest={digest}&digest={other}", f"digest={other}&digest={digest}"):
+        finished = api.put(f"{location}?{query}", content=data)
+        assert finished.status_code == 400, finished.text
+        error = error_of(finished)
+        assert error["code"] == "UNSUPPORTED"
+        assert error["detail"]["parameter"] == "digest"
+
+        monolithic = api.post(f"/v2/demo/app/blobs/uploads/?{query}", content=data)
+        assert monolithic.status_code == 400, monolithic.text
+        assert error_of(monolithic)["detail"]["parameter"] == "digest"
+
+    assert stored_state(registry) == before
+    # The session is still open, so the client can finish it with one digest.
+    assert api.get(location).status_code == 204
+    finished = api.put(location, params={"digest": digest}, content=data)
+    assert finished.status_code == 201, finished.text
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "mount={digest}&mount={digest}&from=demo/app",
+        "mount={digest}&from=demo/app&from=demo/other",
+    ],
+)
+def test_repeated_mount_parameter_rejected(
+    api: httpx.Client, registry: Registry, query: str
+) -> None:
+    digest = push_blob(api, "demo/app", b"mounted blob")
+    push_blob(api, "demo/other", b"mounted blob")
+    before = stored_state(registry)
+
+    response = api.post(f"/v2/demo/copy/blobs/uploads/?{query.format(digest=digest)}")
+
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "UNSUPPORTED"
+    assert stored_state(registry) == before

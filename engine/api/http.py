@@ -101,14 +101,23 @@ class Request:
         return parse_decimal(value.strip())
 
     def param(self, name: str) -> str | None:
-        """Return the first value of query parameter ``name``.
+        """Return the value of query parameter ``name``.
 
-        Raises HTTPError 400 for a value with control characters, which no
+        Raises HTTPError 400 for a parameter given more than once, because
+        picking one of its values would act on a request the client did not
+        make. Also raises it for a value with control characters, which no
         name, tag or media type contains and PostgreSQL cannot store.
         """
         values: list[str] | None = self.query.get(name)
         if not values:
             return None
+        if len(values) > 1:
+            raise unsupported(
+                f"{name} may be given once, but the request gives it "
+                f"{len(values)} times",
+                parameter=name,
+                value=values[1],
+            )
         if _CONTROL.search(values[0]):
             raise unsupported(
                 f"query parameter {name} contains control characters",
