@@ -355,3 +355,29 @@ def test_repeated_mount_parameter_rejected(
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "UNSUPPORTED"
     assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    ],
+)
+@pytest.mark.parametrize("docker", [False, True])
+def test_schema1_content_type_with_schema2_body(
+    api: httpx.Client, registry: Registry, content_type: str, docker: bool
+) -> None:
+    image = make_image(docker=docker)
+    for blob in image.blobs:
+        push_blob(api, "demo/app", blob)
+    before = stored_state(registry)
+
+    response = _put_manifest(api, image.manifest, content_type)
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"]["contentType"] == content_type
+    assert error["detail"]["mediaType"] == image.media_type
+    assert stored_state(registry) == before

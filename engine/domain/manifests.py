@@ -557,7 +557,10 @@ def _resolve_media_type(
                 "unsupported manifest media type",
                 {"mediaType": declared, "supported": sorted(MANIFEST_MEDIA_TYPES)},
             )
-        if content_type in MANIFEST_MEDIA_TYPES and content_type != declared:
+        # A generic JSON Content-Type leaves the type to the body, but one
+        # that names a manifest type, Docker schema 1 included, must agree.
+        named_type = content_type in MANIFEST_MEDIA_TYPES | DOCKER_SCHEMA1
+        if named_type and content_type != declared:
             raise ManifestInvalid(
                 "manifest mediaType does not match the Content-Type header",
                 {"mediaType": declared, "contentType": content_type},
