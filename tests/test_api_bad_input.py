@@ -381,3 +381,41 @@ def test_schema1_content_type_with_schema2_body(
     assert error["detail"]["contentType"] == content_type
     assert error["detail"]["mediaType"] == image.media_type
     assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "after=",
+        "after=0&limit=",
+        "after=0&repository=",
+        "after=0&type=",
+        "after=0&type=tag.set&type=",
+        "after=0&type=,",
+    ],
+)
+def test_feed_empty_parameter_rejected(api: httpx.Client, query: str) -> None:
+    # An empty value often comes from an unset shell variable, and read as
+    # absent it would replay the whole log or widen the filter to every event.
+    push_image(api, "demo/app", make_image(), "v1")
+
+    response = api.get(f"/_cairn/events?{query}")
+
+    name, value = query.rsplit("&", 1)[-1].split("=")
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["parameter"] == name
+    assert error["detail"]["value"] == value
+
+
+@pytest.mark.parametrize("query", ["type=", "type=,", "type=tag.set&type="])
+def test_query_api_empty_type_rejected(api: httpx.Client, query: str) -> None:
+    push_image(api, "demo/app", make_image(), "v1")
+
+    response = api.get(f"/_cairn/api/v1/events?{query}")
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["parameter"] == "type"

@@ -24,12 +24,11 @@ from typing import Any, Final
 import structlog
 
 from engine import log as event_log
-from engine.api.dashboard.params import reject_unknown
+from engine.api.dashboard import params
 from engine.api.errors import unsupported
 from engine.api.http import MAX_INT64, Request, Response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.events import EventType
-from engine.domain.names import validate_repository_name
 from engine.encoding import replace_non_finite
 from engine.log.pages import EventPage, read_after
 from engine.registry import Registry
@@ -53,8 +52,8 @@ _WARNED_POSITIONS: set[Any] = set()
 
 
 def _count(request: Request, name: str, default: int) -> int:
-    value = request.param(name)
-    if value is None or value == "":
+    value = params.param(request, name)
+    if value is None:
         return default
     number = parse_decimal(value)
     if number is None:
@@ -69,8 +68,8 @@ def _count(request: Request, name: str, default: int) -> int:
 def _limit(request: Request) -> int:
     """Return the page size from ``limit``, capped at MAX_LIMIT, or
     DEFAULT_LIMIT when the request has none."""
-    value = request.param("limit")
-    if value is None or value == "":
+    value = params.param(request, "limit")
+    if value is None:
         return DEFAULT_LIMIT
     number = parse_decimal(value)
     if number is None or number < 1:
@@ -85,12 +84,7 @@ def _limit(request: Request) -> int:
 
 
 def _types(request: Request) -> list[str]:
-    requested = [
-        part.strip()
-        for value in request.query.get("type", [])
-        for part in value.split(",")
-        if part.strip()
-    ]
+    requested = params.types(request)
     for event_type in requested:
         if event_type not in _EVENT_TYPES:
             raise unsupported(
@@ -151,12 +145,10 @@ def _read(
 async def events(request: Request) -> Response:
     # A misspelled parameter, such as ``afer``, would otherwise replay the
     # whole log from position 1.
-    reject_unknown(request, _PARAMETERS)
+    params.reject_unknown(request, _PARAMETERS)
     after = _count(request, "after", 0)
     limit = _limit(request)
-    repository = request.param("repository") or None
-    if repository is not None:
-        validate_repository_name(repository)
+    repository = params.optional_repository(request)
     types = _types(request)
 
     head, page = await run_sync(

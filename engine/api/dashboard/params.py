@@ -74,7 +74,7 @@ def reject_unknown(request: Request, accepted: frozenset[str]) -> None:
         )
 
 
-def _value(request: Request, name: str) -> str | None:
+def param(request: Request, name: str) -> str | None:
     """Return the parameter's value, None when absent; 400 when empty."""
     value = request.param(name)
     if value == "":
@@ -95,7 +95,7 @@ def integer(
     maximum: int = MAX_INTEGER,
 ) -> int | None:
     """Return parameter ``name`` as an integer from ``minimum`` to ``maximum``."""
-    value = _value(request, name)
+    value = param(request, name)
     if value is None:
         return default
     # The length check keeps int() away from strings of thousands of digits.
@@ -110,7 +110,7 @@ def integer(
 
 
 def choice(request: Request, name: str, choices: tuple[str, ...], default: str) -> str:
-    value = _value(request, name)
+    value = param(request, name)
     if value is None:
         return default
     if value not in choices:
@@ -125,7 +125,7 @@ def choice(request: Request, name: str, choices: tuple[str, ...], default: str) 
 
 def time(request: Request, name: str) -> datetime | None:
     """Return parameter ``name`` as an aware datetime, RFC 3339 with an offset."""
-    value = _value(request, name)
+    value = param(request, name)
     if value is None:
         return None
     moment = None
@@ -157,7 +157,7 @@ def time(request: Request, name: str) -> datetime | None:
 def text(request: Request, name: str) -> str | None:
     """Return a free-text parameter such as an actor, at most 255 printable
     characters."""
-    value = _value(request, name)
+    value = param(request, name)
     if value is None:
         return None
     if len(value) > MAX_TEXT or not value.isprintable():
@@ -170,7 +170,7 @@ def text(request: Request, name: str) -> str | None:
 
 
 def prefix(request: Request) -> str | None:
-    value = _value(request, "prefix")
+    value = param(request, "prefix")
     if value is None:
         return None
     if not _PREFIX.fullmatch(value):
@@ -184,7 +184,7 @@ def prefix(request: Request) -> str | None:
 
 
 def cursor(request: Request) -> str | None:
-    return _value(request, "cursor")
+    return param(request, "cursor")
 
 
 def repository(request: Request) -> str:
@@ -193,7 +193,7 @@ def repository(request: Request) -> str:
 
 
 def optional_repository(request: Request) -> str | None:
-    value = _value(request, "repository")
+    value = param(request, "repository")
     return validate_repository_name(value) if value is not None else None
 
 
@@ -202,10 +202,21 @@ def tag(request: Request) -> str:
 
 
 def types(request: Request) -> list[str]:
-    """Return the event types in ``type``, repeatable or comma-separated."""
-    return [
-        part.strip()
-        for value in request.query.get("type", [])
-        for part in value.split(",")
-        if part.strip()
-    ]
+    """Return the event types in ``type``, repeatable or comma-separated.
+
+    Raises the 400 error for a ``type`` that names no type, such as
+    ``type=`` from an unset variable, which would otherwise select every
+    event.
+    """
+    requested: list[str] = []
+    for value in request.query.get("type", []):
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        if not parts:
+            raise unsupported(
+                "type names no event type: give one or more types, or leave "
+                "the parameter out",
+                parameter="type",
+                value=value,
+            )
+        requested.extend(parts)
+    return requested
