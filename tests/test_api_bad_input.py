@@ -419,3 +419,42 @@ def test_query_api_empty_type_rejected(api: httpx.Client, query: str) -> None:
     error = error_of(response)
     assert error["code"] == "UNSUPPORTED"
     assert error["detail"]["parameter"] == "type"
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::1",
+        "[::1]]",
+        "[::1]:5000]",
+        "a]b",
+        "[zz]",
+        "x:abc",
+        "x:1:2",
+        "x:99999",
+        "x:+5",
+    ],
+)
+@pytest.mark.parametrize("header", ["Host", "X-Forwarded-Host"])
+def test_location_relative_for_invalid_host(
+    api: httpx.Client, header: str, host: str
+) -> None:
+    # An absolute URL with this authority does not parse, so clients could
+    # not follow it. A path works with every client.
+    response = api.post("/v2/demo/app/blobs/uploads/", headers={header: host})
+
+    assert response.status_code == 202, response.text
+    assert response.headers["Location"].startswith("/v2/demo/app/blobs/uploads/")
+
+
+@pytest.mark.parametrize(
+    "host", ["registry.example:5000", "[::1]:5000", "[::1]", "127.0.0.1", "x:"]
+)
+def test_location_absolute_for_valid_host(api: httpx.Client, host: str) -> None:
+    response = api.post(
+        "/v2/demo/app/blobs/uploads/", headers={"X-Forwarded-Host": host}
+    )
+
+    assert response.status_code == 202, response.text
+    location = response.headers["Location"]
+    assert location.startswith(f"http://{host}/v2/demo/app/blobs/uploads/")

@@ -7,6 +7,7 @@ bodies in both directions. This module is all of it, so the hot paths
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -47,6 +48,36 @@ def parse_decimal(value: str) -> int | None:
 _HOST: Final = re.compile(r"^[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]{1,255}$")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _FORWARDED_PAIR: Final = re.compile(r'\s*([A-Za-z]+)\s*=\s*("[^"]*"|[^;,]*)')
+
+
+def _valid_authority(host: str) -> bool:
+    """Return whether an absolute URL can carry ``host`` as its authority.
+
+    That is a name or IPv4 address, or an IPv6 address in brackets. At most
+    one ':' and a port from 0 to 65535 may follow.
+    """
+    if not _HOST.match(host):
+        return False
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:end])
+        except ValueError:
+            return False
+        rest = host[end + 1 :]
+    else:
+        name = host.split(":", 1)[0]
+        if not name or "[" in name or "]" in name:
+            return False
+        rest = host[len(name) :]
+    if not rest:
+        return True
+    port = rest.removeprefix(":")
+    if port == rest:
+        return False
+    return port == "" or (port.isdigit() and int(port) <= 65535)
 
 
 class ClientDisconnected(Exception):
@@ -174,7 +205,7 @@ class Request:
             if server and server[1] is not None:
                 host = f"{server[0]}:{server[1]}"
         scheme = (scheme or self.scope.get("scheme") or "http").lower()
-        if scheme not in ("http", "https") or not host or not _HOST.match(host):
+        if scheme not in ("http", "https") or not host or not _valid_authority(host):
             return None
         return f"{scheme}://{host}"
 
