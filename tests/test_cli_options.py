@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.bus.settings import BusSettings
 from engine.cli import build_parser
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -240,6 +241,28 @@ def test_flag_option_overrides_variable(monkeypatch: pytest.MonkeyPatch) -> None
 
     assert args.no_nats is True
     assert args.relative_urls is True
+
+
+@pytest.mark.parametrize("value", ["1", "invalid but overridden"])
+def test_nats_option_overrides_no_nats_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("CAIRN_NO_NATS", value)
+
+    args = parse("serve", "--nats", "nats://127.0.0.1:4223")
+
+    assert args.no_nats is False
+    assert args.nats_url == "nats://127.0.0.1:4223"
+    assert BusSettings.from_args(args).enabled is True
+
+
+def test_no_nats_variable_without_nats_option(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAIRN_NO_NATS", "1")
+    monkeypatch.setenv("CAIRN_NATS_URL", "nats://127.0.0.1:4223")
+
+    assert BusSettings.from_args(parse("serve")).enabled is False
 
 
 def test_nats_and_no_nats_exclusive(capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from engine.bus.subjects import validate_prefix, validate_stream_name
 from engine.config import (
@@ -59,6 +60,25 @@ def _parse_from_one(value: str, name: str) -> int:
     return number
 
 
+class _NatsUrl(argparse.Action):
+    """Store --nats and turn the bus on, whatever CAIRN_NO_NATS contains.
+
+    --nats and --no-nats exclude each other on the command line, and an
+    option on the command line overrides a CAIRN_* variable, so --nats
+    overrides CAIRN_NO_NATS as --no-nats overrides CAIRN_NATS_URL.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.no_nats = False
+
+
 def add_bus_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that set where `cairn serve` publishes events."""
     group = parser.add_argument_group("event bus")
@@ -66,6 +86,7 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
     choice.add_argument(
         "--nats",
         dest="nats_url",
+        action=_NatsUrl,
         default=env_default("NATS_URL"),
         help="NATS server URL, e.g. nats://127.0.0.1:4222 (env CAIRN_NATS_URL); "
         "default: start an embedded nats-server on loopback",
