@@ -15,8 +15,13 @@ from typing import Any
 import httpx
 import pytest
 
-from consumers.webhook import worker
-from consumers.webhook.config import ConfigError, parse_config, parse_duration
+from consumers.webhook import delivery, worker
+from consumers.webhook.config import (
+    RESERVED_HEADERS,
+    ConfigError,
+    parse_config,
+    parse_duration,
+)
 from consumers.webhook.delivery import build_request, sign
 from consumers.webhook.lookup import EventLookup, EventLookupFailed
 from consumers.webhook.payloads import (
@@ -100,6 +105,16 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"secret": "x", "secret_env": "Y"}, "set only one of secret, secret_env"),
         ({"secret_env": "CAIRN_TEST_UNSET_SECRET"}, "is not set"),
         ({"headers": {"X-Many": [1]}}, "header X-Many must be a string"),
+        ({"headers": {"Bad Header": "x"}}, "invalid header name 'Bad Header'"),
+        ({"headers": {"": "x"}}, "invalid header name ''"),
+        ({"headers": {"X:Y": "x"}}, "invalid header name 'X:Y'"),
+        ({"headers": {"X-Team": "\u00e9quipe"}}, "invalid value of header X-Team"),
+        ({"headers": {"X-Team": "a\nb"}}, "invalid value of header X-Team"),
+        ({"headers": {"X-Team": ["ok", " lead"]}}, "invalid value of header X-Team"),
+        ({"headers": {"content-type": "text/plain"}}, "header content-type is set"),
+        ({"headers": {"Cairn-Signature": "sha256=0"}}, "header Cairn-Signature is set"),
+        ({"headers": {"Idempotency-Key": "k"}}, "header Idempotency-Key is set"),
+        ({"headers": {"Content-Length": "1"}}, "header Content-Length is set"),
         ({"start": "middle"}, "invalid start 'middle'"),
     ],
 )
@@ -131,6 +146,28 @@ def test_config_rejects_bus_names(document: dict[str, Any], message: str) -> Non
         parse_config({**endpoint_config(), **document})
 
     assert message in str(error.value)
+
+
+def test_config_error_hides_header_value() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(endpoint_config(headers={"Authorization": "Bearer s3cret\n"}))
+
+    assert "Authorization" in str(error.value)
+    assert "s3cret" not in str(error.value)
+
+
+def test_reserved_headers_cover_delivery_headers() -> None:
+    sent = [
+        delivery.SIGNATURE_HEADER,
+        delivery.IDEMPOTENCY_HEADER,
+        delivery.EVENT_ID_HEADER,
+        delivery.EVENT_TYPE_HEADER,
+        delivery.REPOSITORY_HEADER,
+        delivery.ATTEMPT_HEADER,
+        "Content-Type",
+    ]
+    for name in sent:
+        assert name.lower() in RESERVED_HEADERS
 
 
 def test_config_rejects_duplicate_names() -> None:
@@ -170,13 +207,22 @@ def test_endpoint_safe_url_hides_credentials() -> None:
 
 def test_config_headers_accept_lists() -> None:
     config = parse_config(
-        endpoint_config(headers={"Authorization": "Bearer x", "X-Tag": ["a", "b"]})
+        endpoint_config(
+            headers={
+                "Authorization": "Bearer x",
+                "X-Tag": ["a", "b"],
+                "X-Empty": "",
+                "User-Agent": "ci/1.0 (cairn)",
+            }
+        )
     )
 
     assert config.endpoints[0].headers == (
         ("Authorization", "Bearer x"),
         ("X-Tag", "a"),
         ("X-Tag", "b"),
+        ("X-Empty", ""),
+        ("User-Agent", "ci/1.0 (cairn)"),
     )
 
 

@@ -31,7 +31,9 @@ start = "new"                        # where a new consumer starts: "new" or "al
 ```
 
 Unknown keys are rejected, so that a misspelt option fails at start-up
-instead of being ignored.
+instead of being ignored. So are a header name or value that HTTP does not
+allow, such as a value with a newline or a non-ASCII character, and a header
+that every delivery sets itself, such as Content-Type or Cairn-Signature.
 """
 
 from __future__ import annotations
@@ -58,6 +60,30 @@ DEFAULT_SUBJECT_PREFIX: Final = "cairn"
 DEFAULT_DEAD_LETTER_STREAM: Final = "CAIRN_WEBHOOK_DEAD_LETTERS"
 DEFAULT_DEAD_LETTER_PREFIX: Final = "cairn-webhook-dead-letters"
 CONSUMER_PREFIX: Final = "cairn-webhook-"
+
+# Headers that each delivery sets itself, and those that frame the HTTP
+# message. A configured header of one of these names would go out twice or
+# break the request, so the configuration rejects it. Lower case.
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "cairn-delivery-attempt",
+        "cairn-event-id",
+        "cairn-event-type",
+        "cairn-repository",
+        "cairn-signature",
+        "connection",
+        "content-length",
+        "content-type",
+        "host",
+        "idempotency-key",
+        "transfer-encoding",
+    }
+)
+# HTTP field names are tokens. Values are visible ASCII with inner
+# spaces or tabs, because httpx encodes header strings as ASCII and h11
+# rejects control characters and leading or trailing whitespace.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE: Final = re.compile(r"([\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?)?")
 
 # Endpoint names become JetStream consumer names and subject tokens.
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -345,6 +371,24 @@ def _headers(value: Any, where: str) -> tuple[tuple[str, str], ...]:
             raise ConfigError(
                 f"{where}: header {name} must be a string or a list of strings"
             )
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: invalid header name {name!r}; use letters, digits and "
+                "!#$%&'*+.^_`|~- without spaces or colons"
+            )
+        if name.lower() in RESERVED_HEADERS:
+            raise ConfigError(
+                f"{where}: header {name} is set by cairn webhook on every request; "
+                "remove it from headers"
+            )
+        for item in values:
+            if not _HEADER_VALUE.fullmatch(item):
+                # The value is left out, because headers may carry credentials.
+                raise ConfigError(
+                    f"{where}: invalid value of header {name}; use printable "
+                    "ASCII without control characters or leading or trailing "
+                    "whitespace"
+                )
         headers.extend((name, item) for item in values)
     return tuple(headers)
 
