@@ -85,6 +85,8 @@ INVALID_VARIABLES = [
     ("CAIRN_SHUTDOWN_TIMEOUT", "nan", "serve", "--shutdown-timeout"),
     ("CAIRN_UPLOAD_EXPIRY", "soon", "serve", "--upload-expiry"),
     ("CAIRN_UPLOAD_EXPIRY", "soon", "gc", "--upload-expiry"),
+    ("CAIRN_UPLOAD_EXPIRY", "0", "serve", "--upload-expiry"),
+    ("CAIRN_UPLOAD_EXPIRY", "0", "gc", "--upload-expiry"),
     ("CAIRN_GC_GRACE_PERIOD", "-1", "gc", "--grace-period"),
     ("CAIRN_READ_IDLE_TIMEOUT", "soon", "serve", "--read-idle-timeout"),
     ("CAIRN_WRITE_IDLE_TIMEOUT", "inf", "serve", "--write-idle-timeout"),

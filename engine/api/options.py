@@ -125,11 +125,12 @@ def add_upload_expiry_option(parser: argparse.ArgumentParser, note: str = "") ->
     """Add --upload-expiry, which `cairn serve` and `cairn gc` share."""
     parser.add_argument(
         "--upload-expiry",
-        type=parse_duration,
+        # 0 would expire an upload between two of its requests.
+        type=parse_positive_duration,
         default=env_default("UPLOAD_EXPIRY", str(DEFAULT_UPLOAD_EXPIRY_HOURS)),
         metavar="HOURS",
-        help="hours an upload may sit idle before its session and staging file "
-        f"are deleted{note} (env CAIRN_UPLOAD_EXPIRY; "
+        help="hours, more than 0, that an upload may sit idle before its "
+        f"session and staging file are deleted{note} (env CAIRN_UPLOAD_EXPIRY; "
         f"default {DEFAULT_UPLOAD_EXPIRY_HOURS:g})",
     )
 
