@@ -8,8 +8,27 @@ everything.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
+from typing import Final
+
+# Repository names contain lower-case letters, digits, ".", "_", "-" and
+# "/"; the rest is fnmatch syntax.
+_REPOSITORY_PATTERN: Final = re.compile(r"[a-z0-9._/*?\[\]!-]+")
+
+
+def check_repository_pattern(pattern: str) -> str:
+    """Return ``pattern``, or raise ValueError when it contains a character
+    that no repository name contains, such as an upper-case letter, and so
+    could never match."""
+    if not _REPOSITORY_PATTERN.fullmatch(pattern):
+        raise ValueError(
+            f"invalid repository pattern {pattern!r}: repository names contain "
+            "only lower-case letters, digits, '.', '_', '-' and '/', so it "
+            "would match none"
+        )
+    return pattern
 
 
 def matches_any(value: str, patterns: Iterable[str]) -> bool:

@@ -417,3 +417,19 @@ def test_mirror_retries_rejected(
 
     assert f"argument --retries: invalid count {value!r}" in error
     assert "expected a whole number, 1 or more" in error
+
+
+def test_mirror_repositories_accepted() -> None:
+    args = parse(*COMMANDS["mirror"], "--repositories", "library/*", "team-[ab]/?")
+
+    assert args.repositories == ["library/*", "team-[ab]/?"]
+
+
+@pytest.mark.parametrize("value", ["Library/*", "library/app:v1", "", "a b"])
+def test_mirror_repositories_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS["mirror"], f"--repositories={value}")
+
+    assert f"argument --repositories: invalid repository pattern {value!r}" in error
+    assert "would match none" in error

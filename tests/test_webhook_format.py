@@ -116,6 +116,8 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"headers": {"Idempotency-Key": "k"}}, "header Idempotency-Key is set"),
         ({"headers": {"Content-Length": "1"}}, "header Content-Length is set"),
         ({"start": "middle"}, "invalid start 'middle'"),
+        ({"repositories": ["Library/*"]}, "invalid repository pattern 'Library/*'"),
+        ({"repositories": ["library/app:v1"]}, "would match none"),
     ],
 )
 def test_config_rejects(endpoint: dict[str, Any], message: str) -> None:

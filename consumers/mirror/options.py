@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from consumers.globs import check_repository_pattern
 from engine.api.options import parse_positive_duration
 from engine.bus.options import parse_count, parse_stream_name, parse_subject_prefix
 from engine.config import env_default
+
+
+def _repository_pattern(value: str) -> str:
+    try:
+        return check_repository_pattern(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_mirror_options(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +37,7 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",
         default=[],
+        type=_repository_pattern,
         metavar="GLOB",
         help="mirror only repositories matching one of these shell patterns, "
         "e.g. 'library/*'; default: every repository",

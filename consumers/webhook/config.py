@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from consumers.globs import matches_any
+from consumers.globs import check_repository_pattern, matches_any
 from engine.bus.subjects import validate_prefix, validate_stream_name
 from engine.domain.events import EventType
 
@@ -318,7 +318,7 @@ def _endpoint(item: Any, index: int, base_dir: Path) -> Endpoint:
         timeout=timeout,
         secret=_secret(item, where, base_dir),
         event_types=event_types,
-        repositories=_string_list(item, "repositories", where),
+        repositories=_repository_patterns(item, where),
         ignore_media_types=_string_list(item, "ignore_media_types", where),
         max_attempts=max_attempts,
         backoff_initial=backoff_initial,
@@ -422,6 +422,16 @@ def _string_list(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: {key} must be a list of strings")
     return tuple(value)
+
+
+def _repository_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
+    patterns = _string_list(item, "repositories", where)
+    for pattern in patterns:
+        try:
+            check_repository_pattern(pattern)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return patterns
 
 
 def _http_url(value: str, where: str) -> str:
