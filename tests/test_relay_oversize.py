@@ -402,6 +402,7 @@ def test_dead_letter_near_limit_omits_payload(nats_server: NatsServer) -> None:
         "position": 7,
         "type": "manifest.pushed",
         "repository": "library/app",
+        "time": "2026-12-05T00:00:00.000000Z",
         "schema_version": 1,
         "payload": {"notes": "x" * (MAX_PAYLOAD - 400)},
     }
