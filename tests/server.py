@@ -170,6 +170,19 @@ def start_serve(
     return served
 
 
+def serve_cairn(directory: Path, *extra: str) -> ServeProcess:
+    """Start `cairn serve` on SQLite in ``directory``, with ``extra`` options."""
+    directory.mkdir(parents=True)
+    data_dir = directory / "data"
+    data_dir.mkdir()
+    return start_serve(
+        data_dir,
+        f"sqlite:///{directory / 'cairn.db'}",
+        directory / "serve.log",
+        *extra,
+    )
+
+
 def log_records(log_path: Path, event: str, **fields: object) -> list[dict[str, Any]]:
     """Return the JSON log records of ``event`` with ``fields``, in order."""
     records = []

@@ -21,7 +21,6 @@ from tests.nats import (
     RelayProcess,
     checkpoint_of,
     log_events,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     push_image,
     run,
     stream_messages,

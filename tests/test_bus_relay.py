@@ -23,7 +23,6 @@ from tests.nats import (
     assert_stream_matches_log,
     checkpoint_of,
     fast_settings,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     push_image,
     run,
     stream_size,

@@ -19,10 +19,8 @@ from tests.nats import (
     BusThread,
     NatsServer,
     checkpoint_of,
-    debian_nats_server_fixture,  # noqa: F401  (the debian_nats_server fixture)
     fast_settings,
     log_events,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     push_image,
     run,
     wait_until,

@@ -27,15 +27,8 @@ from engine.domain.digest import Digest
 from engine.migrate import upgrade
 from engine.registry import Registry
 from tests.images import Image, make_artifact, make_image, make_index
-from tests.nats import (
-    BusThread,
-    NatsServer,
-    debian_nats_server_fixture,  # noqa: F401  (the debian_nats_server fixture)
-    fast_settings,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
-    wait_until,
-)
-from tests.server import ServeProcess, push_blob, push_image, running, start_serve
+from tests.nats import BusThread, NatsServer, fast_settings, wait_until
+from tests.server import ServeProcess, push_blob, push_image, running
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
@@ -50,37 +43,6 @@ needs_docker_registry = pytest.mark.skipif(
 
 
 # ---- servers --------------------------------------------------------------------
-
-
-def serve_cairn(directory: Path, *extra: str) -> ServeProcess:
-    """Start `cairn serve` on SQLite in ``directory``, with ``extra`` options."""
-    directory.mkdir(parents=True)
-    data_dir = directory / "data"
-    data_dir.mkdir()
-    return start_serve(
-        data_dir,
-        f"sqlite:///{directory / 'cairn.db'}",
-        directory / "serve.log",
-        *extra,
-    )
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Iterator[ServeProcess]:
-    served = serve_cairn(tmp_path / "source")
-    try:
-        yield served
-    finally:
-        served.kill()
-
-
-@pytest.fixture
-def target(tmp_path: Path) -> Iterator[ServeProcess]:
-    served = serve_cairn(tmp_path / "target")
-    try:
-        yield served
-    finally:
-        served.kill()
 
 
 def free_port() -> int:

@@ -13,8 +13,8 @@ import pytest
 
 from tests.images import make_image
 from tests.nats import wait_until
-from tests.server import ServeProcess, push_image
-from tests.test_mirror import (  # noqa: F401  (the source and target fixtures)
+from tests.server import ServeProcess, push_image, serve_cairn
+from tests.test_mirror import (
     WAIT,
     head_position,
     list_tags,
@@ -22,10 +22,7 @@ from tests.test_mirror import (  # noqa: F401  (the source and target fixtures)
     manifest_status,
     needs_skopeo,
     run_mirror_status,
-    serve_cairn,
-    source,
     start_mirror,
-    target,
 )
 
 
@@ -83,7 +80,7 @@ def mirror_once(
 def test_mirror_rejects_replaced_source(
     tmp_path: Path,
     replaceable: list[ServeProcess],
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    target: ServeProcess,
 ) -> None:
     old = replaceable[0]
     push_images(old.url, "library/old", 3)
@@ -131,8 +128,8 @@ def test_mirror_rejects_replaced_source(
 
 def test_mirror_rejects_position_beyond_head(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
+    target: ServeProcess,
 ) -> None:
     push_images(source.url, "library/app", 1)
     head = head_position(source.url)
@@ -167,8 +164,8 @@ def test_mirror_rejects_position_beyond_head(
 
 def test_mirror_records_id_in_older_checkpoint(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
+    target: ServeProcess,
 ) -> None:
     push_images(source.url, "library/app", 2)
     checkpoint = tmp_path / "checkpoint.json"
@@ -188,7 +185,7 @@ def test_mirror_records_id_in_older_checkpoint(
 def test_mirror_following_stops_on_reset(
     tmp_path: Path,
     replaceable: list[ServeProcess],
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    target: ServeProcess,
 ) -> None:
     old = replaceable[0]
     push_images(old.url, "library/app", 3)
@@ -223,8 +220,8 @@ def test_mirror_following_stops_on_reset(
 
 def test_mirror_rejects_unwritable_checkpoint(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
+    target: ServeProcess,
 ) -> None:
     push_images(source.url, "library/app", 1)
     checkpoint = tmp_path / "missing" / "checkpoint.json"
@@ -240,8 +237,8 @@ def test_mirror_rejects_unwritable_checkpoint(
 
 def test_mirror_stops_when_checkpoint_unwritable(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
+    target: ServeProcess,
 ) -> None:
     push_images(source.url, "library/app", 1)
     directory = tmp_path / "state"

@@ -16,13 +16,12 @@ import httpx
 import pytest
 
 from tests.images import make_image
-from tests.server import ServeProcess, push_image
+from tests.server import ServeProcess, push_image, serve_cairn
 from tests.test_mirror import (
     REPO_ROOT,
     clean_env,
     log_events,
     mirror_argv,
-    serve_cairn,
 )
 
 # Each password has a colon and an at sign, which a URL must percent-encode,

@@ -15,7 +15,7 @@ from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_MANIFEST
 from tests.images import OCI_CONFIG, OCI_LAYER, make_image
 from tests.server import ServeProcess, push_image
-from tests.test_mirror import (  # noqa: F401  (the source fixture)
+from tests.test_mirror import (
     docker_registry,
     log_events,
     manifest_status,
@@ -23,7 +23,6 @@ from tests.test_mirror import (  # noqa: F401  (the source fixture)
     needs_docker_registry,
     put_manifest,
     run_mirror_status,
-    source,
 )
 
 
@@ -66,7 +65,7 @@ def delete(url: str, repository: str, reference: str) -> None:
 @needs_docker_registry
 def test_mirror_tag_delete_not_copied(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
 ) -> None:
     image = make_image()
     doomed = make_image()
@@ -168,7 +167,7 @@ def sha512_image(client: httpx.Client, repository: str) -> tuple[bytes, list[byt
 @needs_docker_registry
 def test_mirror_sha512_blobs_first_run(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
 ) -> None:
     with httpx.Client(base_url=source.url) as client:
         manifest, blobs = sha512_image(client, "library/app")

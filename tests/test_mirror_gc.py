@@ -27,7 +27,7 @@ from tests.images import (
     make_index,
 )
 from tests.server import ServeProcess, push_image
-from tests.test_mirror import run_mirror, source  # noqa: F401  (the source fixture)
+from tests.test_mirror import run_mirror
 
 T = TypeVar("T")
 
@@ -284,7 +284,7 @@ def test_blob_delete_sees_new_manifests(tmp_path: Path) -> None:
 
 def test_mirror_collects_layout_after_delete(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
 ) -> None:
     shared = os.urandom(2048)
     doomed = image_with_layers([shared, os.urandom(2048)])

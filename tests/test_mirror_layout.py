@@ -16,11 +16,10 @@ from engine.domain.digest import Digest
 from tests.images import make_image
 from tests.nats import wait_until
 from tests.server import ServeProcess, push_image, running
-from tests.test_mirror import (  # noqa: F401  (the source fixture)
+from tests.test_mirror import (
     WAIT,
     log_events,
     run_mirror_status,
-    source,
     start_mirror,
 )
 
@@ -86,7 +85,7 @@ def lines_of(text: str, event: str) -> list[dict[str, Any]]:
 
 def test_mirror_layout_removes_abandoned_partial(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
 ) -> None:
     image = make_image(layer_count=1, layer_size=4 * 1024 * 1024)
     with httpx.Client(base_url=source.url, timeout=WAIT) as client:

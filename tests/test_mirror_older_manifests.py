@@ -21,7 +21,7 @@ from tests.older_manifests import (
     store_as_earlier_cairn,
 )
 from tests.server import ServeProcess, push_image
-from tests.test_mirror import (  # noqa: F401  (the source and target fixtures)
+from tests.test_mirror import (
     REPO_ROOT,
     clean_env,
     docker_registry,
@@ -30,8 +30,6 @@ from tests.test_mirror import (  # noqa: F401  (the source and target fixtures)
     mirror_argv,
     needs_docker_registry,
     run_mirror,
-    source,
-    target,
 )
 
 ACCEPT = ", ".join(
@@ -92,7 +90,7 @@ def fetch_manifest(url: str, repository: str, reference: str) -> httpx.Response:
 
 def test_mirror_copies_older_manifests_to_layout(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
 ) -> None:
     image = make_image(layer_count=2)
     docker = make_image(docker=True)
@@ -141,7 +139,7 @@ def test_mirror_copies_older_manifests_to_layout(
 @needs_docker_registry
 def test_mirror_older_manifests_to_docker_registry(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
 ) -> None:
     image = make_image(layer_count=2)
     push_images(source.url, "accepted/app", image)
@@ -179,8 +177,8 @@ def test_mirror_older_manifests_to_docker_registry(
 
 def test_mirror_stops_where_cairn_rejects(
     tmp_path: Path,
-    source: ServeProcess,  # noqa: F811  (the fixture imported above)
-    target: ServeProcess,  # noqa: F811  (the fixture imported above)
+    source: ServeProcess,
+    target: ServeProcess,
 ) -> None:
     image = make_image()
     push_images(source.url, "library/app", image)

@@ -9,7 +9,6 @@ import signal
 from consumers.natsclient import connect
 from tests.nats import (
     NatsServer,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     run,
 )
 

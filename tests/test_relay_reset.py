@@ -22,7 +22,6 @@ from tests.nats import (
     checkpoint_of,
     fast_settings,
     log_events,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     push_image,
     run,
     stream_messages,

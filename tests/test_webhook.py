@@ -36,7 +36,6 @@ from tests.nats import (
     BusThread,
     NatsServer,
     fast_settings,
-    nats_server_fixture,  # noqa: F401  (the nats_server fixture)
     wait_until,
 )
 from tests.server import push_image, running
