@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +42,16 @@ class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 from a background thread.
 
     ``app`` is usually a RegistryApp, but any ASGI app works, and
-    ``protocol`` may be CairnHttpProtocol configured with other timeouts.
+    ``protocol`` may be CairnHttpProtocol configured with other timeouts, or
+    another protocol that uvicorn can create, such as HttpsPortProtocol.
+    The server runs on uvloop unless ``loop_factory`` creates another loop.
     """
 
     def __init__(
         self,
         app: Any,
-        protocol: type[CairnHttpProtocol] = CairnHttpProtocol,
+        protocol: type[asyncio.Protocol] = CairnHttpProtocol,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
     ) -> None:
         self._sock = bind_socket("127.0.0.1", 0)
         self.port: int = self._sock.getsockname()[1]
@@ -64,10 +67,11 @@ class ServerThread:
             server_header=False,
         )
         self._server = uvicorn.Server(config)
+        self._loop_factory = loop_factory
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
             runner.run(self._server.serve(sockets=[self._sock]))
 
     def start(self) -> None:
@@ -86,9 +90,11 @@ class ServerThread:
 
 @contextmanager
 def running(
-    app: Any, protocol: type[CairnHttpProtocol] = CairnHttpProtocol
+    app: Any,
+    protocol: type[asyncio.Protocol] = CairnHttpProtocol,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop,
 ) -> Iterator[ServerThread]:
-    server = ServerThread(app, protocol)
+    server = ServerThread(app, protocol, loop_factory)
     server.start()
     try:
         yield server
