@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
@@ -15,17 +16,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from engine.api.tls import parse_host, self_signed_certificate
+from engine.api.https_port import configured_https_protocol, https_url
+from engine.api.protocol import configured_protocol
+from engine.api.tls import parse_host, self_signed_certificate, server_context
 from engine.domain.digest import Digest
 from tests.images import make_image
 from tests.nats import wait_until
-from tests.server import ServeProcess, push_blob, push_image, start_serve
+from tests.server import (
+    ServeProcess,
+    ServerThread,
+    log_records,
+    push_blob,
+    push_image,
+    running,
+    start_serve,
+)
 from tests.test_clients import build_oci_layout
 from tests.test_mirror import REPO_ROOT, mirror_argv
 
@@ -253,16 +265,256 @@ def test_serve_https_rejects_untrusted_client(https_serve: ServeProcess) -> None
         httpx.get(f"{https_serve.url}/v2/")
 
 
+def read_until_closed(sock: socket.socket, timeout: float = 30) -> bytes:
+    """Read from ``sock`` until the server closes the connection."""
+    sock.settimeout(timeout)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def test_serve_https_plain_http_request(
     https_serve: ServeProcess, certificate: Certificate
 ) -> None:
-    plain_url = https_serve.url.replace("https://", "http://")
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{plain_url}/v2/", timeout=10)
+    host, port = https_serve.url.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(
+            b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:" + port.encode() + b"\r\n\r\n"
+        )
+        response = read_until_closed(raw)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"\r\nconnection: close" in head
+    assert b"\r\ncontent-type: application/json" in head
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert f"use {https_serve.url}" in error["message"]
+    assert error["detail"] == {"url": https_serve.url}
+
+    # httpx sends Host: localhost:PORT, which the URL keeps.
+    plain = httpx.get(f"http://localhost:{port}/v2/", timeout=10)
+    assert plain.status_code == 400
+    assert plain.json()["errors"][0]["detail"] == {"url": f"https://localhost:{port}"}
 
     # The server still serves TLS clients afterwards.
     response = httpx.get(f"{https_serve.url}/v2/", verify=certificate.trusted())
     assert response.status_code == 200
+
+    assert https_serve.stop() == 0
+    records = log_records(https_serve.log_path, "plain_http_request_rejected")
+    assert [record["remote"] for record in records] == ["127.0.0.1", "127.0.0.1"]
+    assert [record["url"] for record in records] == [
+        https_serve.url,
+        f"https://localhost:{port}",
+    ]
+
+
+def test_serve_https_stops_with_open_connections(
+    https_serve: ServeProcess, certificate: Certificate
+) -> None:
+    host, port = https_serve.url.removeprefix("https://").split(":")
+    address = (host, int(port))
+    with (
+        socket.create_connection(address, timeout=30) as silent,
+        socket.create_connection(address, timeout=30) as partial_tls,
+        socket.create_connection(address, timeout=30) as partial_plain,
+    ):
+        partial_tls.sendall(b"\x16\x03\x01\x00")
+        partial_plain.sendall(b"GET /v2/ HTTP/1.1\r\nHost: loc")
+        # The connections wait at the server before it stops.
+        response = httpx.get(f"{https_serve.url}/v2/", verify=certificate.trusted())
+        assert response.status_code == 200
+
+        started = time.monotonic()
+        assert https_serve.stop() == 0
+        assert time.monotonic() - started < 10
+        for sock in (silent, partial_tls, partial_plain):
+            assert read_until_closed(sock, timeout=5) == b""
+    log = https_serve.log_path.read_text()
+    assert "Traceback" not in log
+    assert "plain_http_request_rejected" not in log
+
+
+# ---- the HTTPS port in-process, with a short handshake timeout ---------------
+
+HANDSHAKE_TIMEOUT_S = 1.0
+
+
+async def scheme_app(scope: Any, receive: Any, send: Any) -> None:
+    """Return the request's scheme and path, such as "https /v2/"."""
+    body = f"{scope['scheme']} {scope['path']}".encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def https_port(certificate: Certificate) -> Iterator[ServerThread]:
+    """An HTTPS port served in-process on asyncio's loop, as `cairn serve` does."""
+    context = server_context(certificate.cert, certificate.key)
+    protocol = configured_https_protocol(
+        configured_protocol(read_idle_timeout=1, write_idle_timeout=1),
+        context,
+        handshake_timeout=HANDSHAKE_TIMEOUT_S,
+    )
+    with running(scheme_app, protocol, asyncio.new_event_loop) as server:
+        yield server
+
+
+def test_https_port_closes_silent_client(https_port: ServerThread) -> None:
+    with socket.create_connection(("127.0.0.1", https_port.port)) as silent:
+        started = time.monotonic()
+        assert read_until_closed(silent) == b""
+        waited = time.monotonic() - started
+    assert HANDSHAKE_TIMEOUT_S * 0.9 < waited < HANDSHAKE_TIMEOUT_S + 5
+
+
+def test_https_port_closes_partial_tls_record(
+    https_port: ServerThread, certificate: Certificate
+) -> None:
+    url = f"https://127.0.0.1:{https_port.port}"
+    with socket.create_connection(("127.0.0.1", https_port.port)) as partial:
+        # The first bytes of a TLS record header, then nothing.
+        partial.sendall(b"\x16\x03\x01")
+        started = time.monotonic()
+        assert read_until_closed(partial) == b""
+        waited = time.monotonic() - started
+    assert waited < HANDSHAKE_TIMEOUT_S + 5
+
+    response = httpx.get(f"{url}/v2/", verify=certificate.trusted())
+    assert response.text == "https /v2/"
+
+
+def test_https_port_closes_non_tls_bytes(https_port: ServerThread) -> None:
+    with socket.create_connection(("127.0.0.1", https_port.port)) as garbage:
+        # Neither a TLS record nor an HTTP method: the handshake fails.
+        garbage.sendall(b"\x00\x01\x02\x03" * 64)
+        assert read_until_closed(garbage) == b""
+
+
+def test_https_port_slow_plain_head(https_port: ServerThread) -> None:
+    with socket.create_connection(("127.0.0.1", https_port.port)) as slow:
+        slow.sendall(b"GET /v2/ HTTP/1.1\r\nHost: registry.example:5443\r\n")
+        response = read_until_closed(slow)
+    assert response.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    body = json.loads(response.partition(b"\r\n\r\n")[2])
+    assert body["errors"][0]["detail"] == {"url": "https://registry.example:5443"}
+
+
+def test_https_port_plain_request_with_body(https_port: ServerThread) -> None:
+    # The 400 reaches a client that is still sending a request body.
+    url = f"http://127.0.0.1:{https_port.port}"
+    response = httpx.put(
+        f"{url}/v2/library/app/blobs/uploads/x", content=os.urandom(1 << 20)
+    )
+    assert response.status_code == 400
+    assert response.headers["connection"] == "close"
+
+
+def request_with_client_finished(
+    port: int, context: ssl.SSLContext, request: bytes
+) -> bytes:
+    """Send ``request`` in the same write as the client's last handshake
+    message, and return the response bytes up to the server's close."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                incoming.write(raw.recv(65536))
+        tls.write(request)
+        raw.sendall(outgoing.read())
+        response = b""
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                received = raw.recv(65536)
+                if not received:
+                    return response
+                incoming.write(received)
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return response
+            if not chunk:
+                return response
+            response += chunk
+
+
+def test_https_port_requests_with_handshake(
+    https_port: ServerThread, certificate: Certificate
+) -> None:
+    # The requests arrive in one read with the handshake's end, so the TLS
+    # layer decrypts them before the HTTP protocol has the connection.
+    response = request_with_client_finished(
+        https_port.port,
+        certificate.trusted(),
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert response.count(b"HTTP/1.1 200 OK") == 2
+    assert response.index(b"https /first") < response.index(b"https /second")
+
+
+def test_https_port_keeps_idle_timeout(
+    https_port: ServerThread, certificate: Certificate
+) -> None:
+    context = certificate.trusted()
+    raw = socket.create_connection(("127.0.0.1", https_port.port), timeout=30)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        assert read_until_closed(tls) == b""
+        waited = time.monotonic() - started
+    # The read idle timeout of 1 s, not the handshake timeout.
+    assert waited < 10
+
+
+@pytest.mark.parametrize(
+    ("head", "sockname", "url"),
+    [
+        (
+            b"GET / HTTP/1.1\r\nHost: registry.example:5443\r\n\r\n",
+            ("10.0.0.1", 5000),
+            "https://registry.example:5443",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nhost:  registry.example \r\n\r\n",
+            ("10.0.0.1", 5000),
+            "https://registry.example:5000",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: [::1]:5443\r\n\r\n",
+            ("::1", 5000, 0, 0),
+            "https://[::1]:5443",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+            ("::1", 5000, 0, 0),
+            "https://[::1]:5000",
+        ),
+        (b"GET / HTTP/1.0\r\n\r\n", ("10.0.0.1", 5000), "https://10.0.0.1:5000"),
+        (b"GET / HTTP/1.0\r\n\r\n", ("::1", 5000, 0, 0), "https://[::1]:5000"),
+        (
+            b'GET / HTTP/1.1\r\nHost: a"<b>\r\n\r\n',
+            ("10.0.0.1", 5000),
+            "https://10.0.0.1:5000",
+        ),
+        (b"GET /host:x HTTP/1.1\r\n\r\n", ("10.0.0.1", 5000), "https://10.0.0.1:5000"),
+    ],
+)
+def test_https_url(head: bytes, sockname: tuple[object, ...], url: str) -> None:
+    assert https_url(head, sockname) == url
 
 
 def write_certificate(

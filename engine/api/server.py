@@ -31,6 +31,7 @@ import uvloop
 
 from engine.api.app import create_app
 from engine.api.auth import Authenticator, AuthFileError
+from engine.api.https_port import configured_https_protocol
 from engine.api.protocol import configured_protocol
 from engine.api.ratelimit import RateLimiter
 from engine.api.tls import TLSConfigError, server_context, validity_problem
@@ -167,13 +168,19 @@ def serve(args: argparse.Namespace) -> int:
         rate_limiter=rate_limiter,
     )
     trusted_proxies: list[str] = args.trusted_proxies
+    cairn_protocol = configured_protocol(
+        read_idle_timeout=args.read_idle_timeout,
+        write_idle_timeout=args.write_idle_timeout,
+    )
+    http_protocol: type[asyncio.Protocol] = cairn_protocol
+    if tls_context is not None:
+        # uvicorn would start TLS on every connection itself. This protocol
+        # sends a 400 for a plain HTTP request instead (see https_port).
+        http_protocol = configured_https_protocol(cairn_protocol, tls_context)
     config = uvicorn.Config(
         app,
         loop="none",
-        http=configured_protocol(
-            read_idle_timeout=args.read_idle_timeout,
-            write_idle_timeout=args.write_idle_timeout,
-        ),
+        http=http_protocol,
         ws="none",
         lifespan="off",
         access_log=False,
@@ -184,11 +191,6 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=bool(trusted_proxies),
         forwarded_allow_ips=trusted_proxies or None,
         timeout_graceful_shutdown=args.shutdown_timeout,
-        # uvicorn would build its own context from file names, with its own
-        # cipher list; this serves the one checked above.
-        ssl_context_factory=(
-            None if tls_context is None else lambda _config, _default: tls_context
-        ),
     )
     server = uvicorn.Server(config)
 
