@@ -128,10 +128,12 @@ def start_serve(
     log_path: Path,
     *extra: str,
     embedded_nats: bool = False,
+    wait_until_up: bool = True,
 ) -> ServeProcess:
     """Start `cairn serve` on a kernel-chosen 127.0.0.1 port and wait for it.
 
-    The server runs with --no-nats unless ``embedded_nats`` is set.
+    The server runs with --no-nats unless ``embedded_nats`` is set. Without
+    ``wait_until_up``, this returns once the server has printed its address.
     """
     argv = [
         sys.executable,
@@ -172,7 +174,8 @@ def start_serve(
             raise RuntimeError("cairn serve did not report its address")
 
     served = ServeProcess(process, url, log_path)
-    _wait_until_up(served)
+    if wait_until_up:
+        _wait_until_up(served)
     return served
 
 

@@ -204,3 +204,26 @@ def test_idle_upload_expires_on_restart(
         assert list((data_dir / "uploads").iterdir()) == []
     finally:
         assert restarted.stop() == 0
+
+
+def test_serve_accepts_once_address_printed(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    # The embedded NATS server starts after the address is printed, so a
+    # client that connects at once must wait in the backlog, not be refused.
+    served = start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        embedded_nats=True,
+        wait_until_up=False,
+    )
+    try:
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            status_line = sock.makefile("rb").readline()
+        assert status_line.startswith(b"HTTP/1.1 200 ")
+        assert served.stop() == 0
+    finally:
+        served.kill()

@@ -54,6 +54,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        # Listening before the address is printed queues the connections
+        # that arrive while the embedded NATS server starts, instead of
+        # refusing them. The backlog is uvicorn's default.
+        sock.listen(2048)
     except OSError:
         sock.close()
         raise
