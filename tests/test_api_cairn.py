@@ -168,6 +168,12 @@ def test_events_filters(api: httpx.Client) -> None:
     assert [e["type"] for e in both["events"]] == ["manifest.pushed", "tag.set"]
     assert comma["events"] == both["events"]
     assert [e["repository"] for e in other["events"]] == ["library/other"]
+    # A family stands for all of its types.
+    assert api.delete("/v2/library/app/manifests/v1").status_code == 202
+    family = api.get("/_cairn/events", params={"type": "tag"}).json()
+    assert [e["type"] for e in family["events"]] == ["tag.set", "tag.deleted"]
+    dashboard = api.get("/_cairn/api/v1/events", params={"type": "tag"}).json()
+    assert sorted(e["type"] for e in dashboard["events"]) == ["tag.deleted", "tag.set"]
     # A short filtered page lets the consumer skip to the head.
     assert tags["next_after"] == tags["head"]
 

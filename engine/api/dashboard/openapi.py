@@ -526,10 +526,14 @@ _PATHS: Final[dict[str, Any]] = {
             {
                 "name": "type",
                 "in": "query",
-                "description": "Event types, repeated or comma-separated.",
+                "description": "Event types or families (blob, manifest, tag), "
+                "repeated or comma-separated.",
                 "schema": {
                     "type": "array",
-                    "items": {"enum": [str(event_type) for event_type in EventType]},
+                    "items": {
+                        "enum": [str(event_type) for event_type in EventType]
+                        + sorted({str(t).split(".")[0] for t in EventType})
+                    },
                 },
                 "style": "form",
                 "explode": True,

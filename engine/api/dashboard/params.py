@@ -14,6 +14,7 @@ from typing import Final
 
 from engine.api.errors import unsupported
 from engine.api.http import Request
+from engine.domain.events import EventType
 from engine.domain.names import validate_repository_name, validate_tag
 from engine.queries.pages import MAX_INTEGER
 
@@ -33,6 +34,11 @@ _MAX_DIGITS: Final = len(str(MAX_INTEGER))
 # and the catalog take them, because only the tag history and the catalog
 # keep past states.
 POINT_PARAMETERS: Final = ("at", "position")
+# Event families, such as "tag", and the types of each.
+_FAMILIES: Final = {
+    family: tuple(str(t) for t in EventType if str(t).startswith(family + "."))
+    for family in {str(t).split(".")[0] for t in EventType}
+}
 
 
 # The only parameter that may be given more than once: each value adds
@@ -204,6 +210,9 @@ def tag(request: Request) -> str:
 def types(request: Request) -> list[str]:
     """Return the event types in ``type``, repeatable or comma-separated.
 
+    A family, such as ``tag``, stands for each of its types, as it does for
+    `cairn events tail --type`.
+
     Raises the 400 error for a ``type`` that names no type, such as
     ``type=`` from an unset variable, which would otherwise select every
     event.
@@ -218,5 +227,6 @@ def types(request: Request) -> list[str]:
                 parameter="type",
                 value=value,
             )
-        requested.extend(parts)
+        for part in parts:
+            requested.extend(_FAMILIES.get(part, (part,)))
     return requested
