@@ -339,8 +339,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="timed runs of each query, 1 or more (default 50)",
     )
-    parser.add_argument("--only", help="comma-separated query names to time")
+    parser.add_argument(
+        "--only",
+        type=_query_names,
+        help="comma-separated query names to time (default: all)",
+    )
     return parser.parse_args(argv)
+
+
+def _query_names(value: str) -> set[str]:
+    """Parse --only, rejecting a name that no query has, which would
+    otherwise time nothing after building the whole dataset."""
+    known = workloads(1, datetime.now(UTC), random.Random(0)).keys()
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(names - known)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown query names {', '.join(unknown) or repr(value)}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -368,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ).scalar_one()
 
         rng = random.Random(11)
-        selected = set(args.only.split(",")) if args.only else None
+        selected = args.only
         results = {}
         for name, query in workloads(args.repositories, now, rng).items():
             if selected is None or name in selected:

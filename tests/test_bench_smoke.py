@@ -151,6 +151,17 @@ def test_bench_number_option_rejected(
     assert message in error
 
 
+@pytest.mark.parametrize("value", ["no-such-query", ","])
+def test_bench_queries_only_rejects_unknown(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench.queries.parse_args([f"--only={value}"])
+
+    assert exited.value.code == 2
+    assert "unknown query names" in capsys.readouterr().err
+
+
 def test_bench_number_options_accepted() -> None:
     rebuild = bench.rebuild.parse_args(["--events", "10", "--rounds", "1"])
     queries = bench.queries.parse_args(["--repositories", "1", "--iterations", "1"])
