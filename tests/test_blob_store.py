@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.blobs import directories
+from engine.blobs import store as store_module
 from engine.blobs.store import BlobStore, StagedBlob
 from engine.domain.digest import Digest
 from tests.server import record_fsyncs
@@ -140,3 +148,111 @@ def test_recreated_directory_syncs_parents(
     assert str(target.parent.parent) in synced
     assert str(target.parent.parent.parent) in synced
     assert target.read_bytes() == data
+
+
+def _needs_direct_io(path: Path) -> None:
+    if not store_module.accepts_direct_io(path):
+        pytest.skip("the file system does not take O_DIRECT")
+
+
+_LARGE = store_module.PARALLEL_WRITE_BYTES
+_WRITE_SIZES = [
+    1,
+    4095,
+    4096,
+    4097,
+    _LARGE - 1,
+    _LARGE,
+    _LARGE + 4097,
+    store_module.DIRECT_BUFFER_BYTES + 12_345,
+    2 * store_module.DIRECT_BUFFER_BYTES,
+]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from(_WRITE_SIZES), min_size=1, max_size=5),
+    reopen=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_direct_writes_keep_every_byte(sizes: list[int], reopen: list[bool]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        store = BlobStore(Path(directory))
+        _needs_direct_io(store.paths.staging_dir)
+        assert store.direct_io
+        upload_id = str(uuid.uuid4())
+        staged = store.stage(upload_id)
+        expected = bytearray()
+        wrote_direct = False
+        for size, close_after in zip(sizes, reopen, strict=False):
+            data = os.urandom(size)
+            staged.write(data)
+            expected += data
+            wrote_direct = wrote_direct or staged.wrote_direct
+            if close_after:
+                # A later chunk of the upload opens the file again at its
+                # offset, which need not be block-aligned.
+                staged.close()
+                staged = store.stage(upload_id, len(expected))
+
+        staged.flush()
+        assert store.paths.staging(upload_id).read_bytes() == expected
+        wrote_direct = wrote_direct or staged.wrote_direct
+        assert wrote_direct == any(size >= _LARGE for size in sizes)
+        digest = Digest.of(bytes(expected))
+        assert store.commit(staged, digest) == len(expected)
+        assert store.path(digest).read_bytes() == expected
+
+
+def test_rejected_direct_write_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BlobStore(tmp_path)
+    _needs_direct_io(store.paths.staging_dir)
+    # Two-byte alignment makes the kernel reject the O_DIRECT write with
+    # EINVAL, as a device with larger blocks than DIRECT_ALIGNMENT would.
+    monkeypatch.setattr(store_module, "DIRECT_ALIGNMENT", 2)
+    data = os.urandom(_LARGE + 2)
+    upload_id = str(uuid.uuid4())
+    staged = store.stage(upload_id)
+
+    with structlog.testing.capture_logs() as logs:
+        staged.write(data)
+        staged.write(data)
+
+    if staged.wrote_direct:
+        pytest.skip("the file system took an O_DIRECT write of 2-byte alignment")
+    assert [entry["event"] for entry in logs] == ["direct_io_rejected"]
+    assert store.paths.staging(upload_id).read_bytes() == data + data
+    digest = Digest.of(data + data)
+    assert store.commit(staged, digest) == 2 * len(data)
+    assert store.path(digest).read_bytes() == data + data
+
+
+def _cached_bytes(path: Path) -> int:
+    fincore = shutil.which("fincore")
+    if fincore is None:
+        pytest.skip("fincore (util-linux) is not installed")
+    output = subprocess.run(
+        [fincore, "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(output.strip())
+
+
+def test_direct_blob_read_into_cache(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    _needs_direct_io(store.paths.staging_dir)
+    data = os.urandom(4 * store_module.DIRECT_BUFFER_BYTES)
+    upload_id, staged, digest = _stage(store, data)
+    assert staged.wrote_direct
+    # O_DIRECT writes leave the blocks they wrote out of the page cache.
+    assert _cached_bytes(store.paths.staging(upload_id)) < len(data)
+
+    store.commit(staged, digest)
+
+    deadline = time.monotonic() + 30
+    while _cached_bytes(store.path(digest)) < len(data):
+        assert time.monotonic() < deadline, "the blob never reached the page cache"
+        time.sleep(0.05)

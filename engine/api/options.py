@@ -192,6 +192,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         f"default {DEFAULT_MAX_BLOB_SIZE})",
     )
     parser.add_argument(
+        "--no-direct-io",
+        action=EnvironmentFlag,
+        env="NO_DIRECT_IO",
+        help="write uploads through the page cache, not with O_DIRECT, even "
+        "where the data directory's file system takes O_DIRECT "
+        "(env CAIRN_NO_DIRECT_IO=1)",
+    )
+    parser.add_argument(
         "--auth-file",
         type=Path,
         default=env_default("AUTH_FILE"),

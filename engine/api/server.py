@@ -152,6 +152,9 @@ def serve(args: argparse.Namespace) -> int:
     except StorageUnavailable as error:
         return report_storage_error(error)
     registry.max_blob_size = args.max_blob_size
+    if args.no_direct_io:
+        registry.blob_store.direct_io = False
+    log.info("blob_writes_configured", direct_io=registry.blob_store.direct_io)
     bus = Bus.from_args(args, registry.database, data_dir)
 
     host, port = args.listen
