@@ -6,7 +6,9 @@ import asyncio
 import datetime
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -334,6 +336,147 @@ def test_serve_https_stops_with_open_connections(
     log = https_serve.log_path.read_text()
     assert "Traceback" not in log
     assert "plain_http_request_rejected" not in log
+
+
+# Seconds that `cairn serve` may take to exit after SIGTERM in the tests
+# below. asyncio waits up to 30 s for a TLS client's close_notify, so a
+# server that waits for an idle client exceeds it.
+STOP_BOUND_S = 10
+
+
+@pytest.fixture
+def https_sqlite_serve(
+    data_dir: Path, tmp_path: Path, certificate: Certificate
+) -> Iterator[ServeProcess]:
+    """`cairn serve` with TLS on SQLite, for tests that do not need PostgreSQL."""
+    database_url = f"sqlite:///{tmp_path / 'cairn.db'}"
+    process = start_https(data_dir, database_url, tmp_path, certificate)
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+def open_tls(served: ServeProcess, certificate: Certificate) -> ssl.SSLSocket:
+    """Connect to ``served`` over TLS.
+
+    recv raises SSLEOFError when the server closes the connection without
+    sending close_notify, instead of returning b"".
+    """
+    host, port = served.url.removeprefix("https://").split(":")
+    raw = socket.create_connection((host, int(port)), timeout=30)
+    return certificate.trusted().wrap_socket(
+        raw, server_hostname=host, suppress_ragged_eofs=False
+    )
+
+
+def exchange(sock: ssl.SSLSocket, request: bytes) -> bytes:
+    """Send ``request`` and return the response head and body."""
+    sock.sendall(request)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed inside the response head: {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    match = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+    assert match is not None, head
+    while len(body) < int(match.group(1)):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def wait_until_refused(served: ServeProcess) -> None:
+    """Wait until ``served`` refuses connections.
+
+    uvicorn closes the listening socket and calls shutdown() on every
+    connection in one step, so each connection's shutdown() has run by then.
+    """
+    host, port = served.url.removeprefix("https://").split(":")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{served.url} still accepts connections after SIGTERM")
+
+
+def stop_within_bound(served: ServeProcess) -> None:
+    """Send SIGTERM and check that the server exits with 0 within STOP_BOUND_S."""
+    started = time.monotonic()
+    try:
+        status = served.stop(timeout=STOP_BOUND_S)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"cairn serve took more than {STOP_BOUND_S} s to exit after SIGTERM"
+        ) from None
+    assert status == 0
+    assert time.monotonic() - started < STOP_BOUND_S
+
+
+def test_serve_https_stops_with_idle_keep_alive(
+    https_sqlite_serve: ServeProcess, certificate: Certificate
+) -> None:
+    with open_tls(https_sqlite_serve, certificate) as idle:
+        response = exchange(idle, b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+
+        stop_within_bound(https_sqlite_serve)
+        # b"" rather than SSLEOFError: the server sent close_notify.
+        assert read_until_closed(idle, timeout=5) == b""
+    assert "Traceback" not in https_sqlite_serve.log_path.read_text()
+
+
+def test_serve_https_stops_after_keep_alive_timeout(
+    https_sqlite_serve: ServeProcess, certificate: Certificate
+) -> None:
+    with open_tls(https_sqlite_serve, certificate) as idle:
+        response = exchange(idle, b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        # uvicorn's keep-alive timeout (5 s by default in 0.55) closes the
+        # idle connection, and the server then waits for the client's
+        # close_notify, which this client never sends.
+        assert read_until_closed(idle, timeout=30) == b""
+
+        stop_within_bound(https_sqlite_serve)
+    assert "Traceback" not in https_sqlite_serve.log_path.read_text()
+
+
+def test_serve_https_stops_after_last_response(
+    https_sqlite_serve: ServeProcess, certificate: Certificate
+) -> None:
+    with open_tls(https_sqlite_serve, certificate) as client:
+        started = exchange(
+            client,
+            b"POST /v2/library/app/blobs/uploads/ HTTP/1.1\r\n"
+            b"Host: localhost\r\nContent-Length: 0\r\n\r\n",
+        )
+        assert started.startswith(b"HTTP/1.1 202 Accepted\r\n"), started
+        match = re.search(rb"location: https://[^/]+(/\S+)", started, re.IGNORECASE)
+        assert match is not None, started
+        location = match.group(1)
+
+        # SIGTERM arrives while the server waits for the rest of the body.
+        client.sendall(
+            b"PATCH " + location + b" HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            b"Content-Length: 8\r\n\r\nfirst"
+        )
+        https_sqlite_serve.process.send_signal(signal.SIGTERM)
+        wait_until_refused(https_sqlite_serve)
+        client.sendall(b"end")
+        response = exchange(client, b"")
+        assert response.startswith(b"HTTP/1.1 202 Accepted\r\n"), response
+        assert b"connection: close\r\n" in response.lower()
+
+        # The client keeps the connection open after the last response.
+        stop_within_bound(https_sqlite_serve)
+        assert read_until_closed(client, timeout=5) == b""
+    assert "Traceback" not in https_sqlite_serve.log_path.read_text()
 
 
 # ---- the HTTPS port in-process, with a short handshake timeout ---------------

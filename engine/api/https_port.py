@@ -239,6 +239,7 @@ class HttpsPortProtocol(asyncio.Protocol):
             server_state=self._server_state,
             app_state=self._app_state,
             _loop=loop,
+            tcp_transport=transport,
         )
         tls_transport.set_protocol(protocol)
         protocol.connection_made(tls_transport)

@@ -1,4 +1,4 @@
-"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with four additions.
+"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with five additions.
 
 Zero-copy send: every request's scope advertises the ASGI extension
 ``http.response.zerocopysend``. After ``http.response.start`` the app may send
@@ -37,9 +37,15 @@ FIN, and the rest of the body is read and discarded until the client closes,
 for at most LINGER_SECONDS and LINGER_MAX_BYTES. Each request cycle gets a
 transport whose close() does this.
 
+Shutdown over TLS: on a graceful shutdown, a TLS connection with no request
+in progress, or whose last response has been written, sends close_notify and
+closes its TCP connection without waiting for the client's close_notify (see
+_close_without_close_notify_wait).
+
 The class depends on internals of uvicorn 0.55's
-``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``
-and ``data_received`` (replacing the latter's error handling), calls private
+``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``,
+``data_received`` (replacing the latter's error handling) and ``shutdown``
+(repeating its check of the cycle), calls private
 helpers of the base class, and reads and sets the state of
 ``RequestResponseCycle``, of the pipeline queue and of ``FlowControl``.
 pyproject.toml pins uvicorn to the minor version it was checked against.
@@ -194,8 +200,17 @@ class CairnHttpProtocol(HttpToolsProtocol):
     # (see LOOPBACK_COPY_BYTES) instead of sent with sendfile.
     copy_on_loopback: ClassVar[bool] = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        tcp_transport: asyncio.Transport | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        # The TCP transport under the TLS transport, on a connection that
+        # HttpsPortProtocol handed over; None on a plain HTTP connection.
+        self._tcp_transport = tcp_transport
+        self._shutting_down = False
         self._zerocopy = False
         self._peer_is_loopback = False
         self._socket_fd: int | None = None
@@ -272,6 +287,36 @@ class CairnHttpProtocol(HttpToolsProtocol):
         waiter = self._writable_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def shutdown(self) -> None:
+        """Close the connection now if it is idle, or after its response.
+
+        uvicorn calls this on a graceful shutdown, and waits until every
+        connection is lost.
+        """
+        self._shutting_down = True
+        if self.cycle is None or self.cycle.response_complete:
+            self._close_without_close_notify_wait()
+        else:
+            self.cycle.keep_alive = False
+
+    def _close_without_close_notify_wait(self) -> None:
+        """Close the connection; over TLS, without waiting for the client.
+
+        Closing a TLS transport sends close_notify, then waits for the
+        client's close_notify for asyncio's ssl_shutdown_timeout (30 s in
+        Python 3.11) before the connection is lost, and an idle keep-alive
+        client never sends one. RFC 8446 (section 6.1) lets the closing side
+        close its read side without waiting. Python 3.11's TLS transport has
+        written its close_notify to the TCP transport when close() returns,
+        so closing the TCP transport then sends the buffered response bytes,
+        the close_notify and a FIN, in that order.
+        """
+        if not self.transport.is_closing():
+            self.transport.close()
+        tcp_transport = self._tcp_transport
+        if tcp_transport is not None and not tcp_transport.is_closing():
+            tcp_transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -718,7 +763,10 @@ class CairnHttpProtocol(HttpToolsProtocol):
             or self.transport.is_closing()
             or not self.transport.can_write_eof()
         ):
-            self.transport.close()
+            if self._shutting_down and not body_arriving:
+                self._close_without_close_notify_wait()
+            else:
+                self.transport.close()
             return
         self._lingering = True
         self.transport.write_eof()

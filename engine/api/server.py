@@ -6,7 +6,7 @@ each request itself) and its logging left to cairn's structlog set-up.
 Connections close after --read-idle-timeout seconds without a byte from a
 client that the server waits on, and after --write-idle-timeout seconds in
 which a client takes no byte of a response. SIGTERM and SIGINT stop
-accepting connections, let in-flight requests finish
+accepting connections, close idle ones, let in-flight requests finish
 (up to --shutdown-timeout), stop the bus and exit with status 0.
 """
 
