@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -542,6 +543,9 @@ def test_referrers_page_ends_at_byte_limit(api: httpx.Client) -> None:
         encode_cursor(1, 2),
         encode_cursor(True),
         encode_cursor(2**63),
+        # A log position alone, without the hash of its listing.
+        encode_cursor(7),
+        encode_cursor(7, "a" * 32, "extra"),
     ],
 )
 def test_referrers_invalid_cursor(api: httpx.Client, cursor: str) -> None:
@@ -550,6 +554,60 @@ def test_referrers_invalid_cursor(api: httpx.Client, cursor: str) -> None:
 
     response = api.get(
         f"/v2/library/app/referrers/{image.digest}", params={"cursor": cursor}
+    )
+
+    assert response.status_code == 400
+    (error,) = response.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    assert "cursor" in error["message"]
+    assert error["detail"] == {"parameter": "cursor", "value": cursor}
+
+
+@pytest.mark.parametrize(
+    ("target_repository", "target_subject", "source_type", "target_type"),
+    [
+        pytest.param("library/app", "other", None, None, id="other-subject"),
+        pytest.param("library/other", "same", None, None, id="other-repository"),
+        pytest.param("library/app", "same", None, SBOM, id="artifactType-added"),
+        pytest.param("library/app", "same", SBOM, None, id="artifactType-removed"),
+        pytest.param("library/app", "same", SBOM, SIGNATURE, id="other-artifactType"),
+    ],
+)
+def test_referrers_cursor_of_other_listing(
+    api: httpx.Client,
+    target_repository: str,
+    target_subject: str,
+    source_type: str | None,
+    target_type: str | None,
+) -> None:
+    image = make_image()
+    other_image = make_image()
+    push_image(api, "library/app", image, "v1")
+    push_image(api, "library/app", other_image, "v2")
+    push_image(api, "library/other", image, "v1")
+    _push_referrers(api, image.manifest, [SBOM, SIGNATURE, SBOM, SIGNATURE])
+    _push_referrers(api, other_image.manifest, [SBOM, SIGNATURE, SBOM, SIGNATURE])
+
+    source_path = f"/v2/library/app/referrers/{image.digest}"
+    source_params: dict[str, str | int] = {"n": 1}
+    if source_type is not None:
+        source_params["artifactType"] = source_type
+    first = api.get(source_path, params=source_params)
+    assert first.status_code == 200
+    next_url = _next_url(first)
+    assert next_url is not None
+    cursor = parse_qs(urlsplit(next_url).query)["cursor"][0]
+
+    # The cursor continues the listing it came from.
+    own = api.get(source_path, params={**source_params, "cursor": cursor})
+    assert own.status_code == 200, own.text
+
+    subject = image.digest if target_subject == "same" else other_image.digest
+    target_params: dict[str, str | int] = {"n": 1, "cursor": cursor}
+    if target_type is not None:
+        target_params["artifactType"] = target_type
+    response = api.get(
+        f"/v2/{target_repository}/referrers/{subject}", params=target_params
     )
 
     assert response.status_code == 400

@@ -8,11 +8,15 @@ streamed one page at a time, so no listing is ever held in memory whole.
 
 Referrers always come one page at a time, because the OCI specification
 makes each page of them an image index of its own. The next page is
-announced the same way, with an opaque ``cursor`` in place of ``last``.
+announced the same way, with an opaque ``cursor`` in place of ``last``. The
+cursor carries the log position of the last referrer shown and a hash of the
+repository, subject and ``artifactType`` of its listing, so a cursor passed to
+another listing gets a 400 instead of a page of that listing.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 from urllib.parse import urlencode
@@ -133,8 +137,9 @@ async def referrers(request: Request) -> Response:
     subject = Digest.parse(request.path_params["digest"])
     artifact_type = request.param("artifactType") or None
     n = page_size(request, minimum=1)
+    listing = _referrers_listing(repository.name, subject, artifact_type)
     cursor = request.param("cursor") or None
-    after = 0 if cursor is None else _referrers_cursor_position(cursor)
+    after = 0 if cursor is None else _referrers_cursor_position(cursor, listing)
     limit = MAX_PAGE_SIZE if n is None else min(n, MAX_PAGE_SIZE)
 
     # One extra referrer shows whether another page follows.
@@ -152,21 +157,42 @@ async def referrers(request: Request) -> Response:
             query["artifactType"] = artifact_type
         if n is not None:
             query["n"] = n
-        query["cursor"] = encode_cursor(found[listed - 1][0])
+        query["cursor"] = encode_cursor(found[listed - 1][0], listing)
         headers.append(_link(request.path, query))
     return Response(200, headers, body)
 
 
-def _referrers_cursor_position(cursor: str) -> int:
-    """Return the log position that a referrers ``cursor`` continues after."""
+def _referrers_listing(
+    repository: str, subject: Digest, artifact_type: str | None
+) -> str:
+    """Return the hash that ties a referrers cursor to its listing."""
+    key = encode_json([repository, str(subject), artifact_type])
+    # The first 128 bits of SHA-256 distinguish listings. The cursor is no
+    # secret, so the hash needs no key.
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
+def _referrers_cursor_position(cursor: str, listing: str) -> int:
+    """Return the log position that a referrers ``cursor`` continues after.
+
+    Raises HTTPError 400 UNSUPPORTED for a cursor that is invalid or that
+    belongs to a listing other than ``listing``.
+    """
     try:
-        (position,) = decode_cursor(cursor, (int,))
+        position, cursor_listing = decode_cursor(cursor, (int, str))
     except Unsupported:
         raise unsupported(
             "invalid cursor: follow the Link header of the previous page unchanged",
             parameter="cursor",
             value=cursor,
         ) from None
+    if cursor_listing != listing:
+        raise unsupported(
+            "the cursor belongs to another repository, subject or artifactType:"
+            " follow the Link header of this listing's previous page",
+            parameter="cursor",
+            value=cursor,
+        )
     return int(position)
 
 
