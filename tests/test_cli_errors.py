@@ -390,7 +390,7 @@ def test_trusted_proxies_valid(value: str, expected: list[str]) -> None:
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--timeout", "nan", "invalid duration 'nan'"),
+        ("--timeout", "nan", "invalid timeout 'nan'"),
         ("--poll-interval", "inf", "invalid duration 'inf'"),
         ("--retries", "-1", "invalid count '-1'"),
         ("--subject-prefix", "a.>", "invalid subject prefix 'a.>'"),

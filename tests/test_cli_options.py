@@ -394,15 +394,29 @@ def test_mirror_seconds_accepted(option: str, value: str, seconds: float) -> Non
     assert getattr(args, option.removeprefix("--").replace("-", "_")) == seconds
 
 
-@pytest.mark.parametrize("option", ["--poll-interval", "--timeout"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "soon"])
-def test_mirror_seconds_rejected(
-    option: str, value: str, capsys: pytest.CaptureFixture[str]
+def test_mirror_poll_interval_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    error = usage_error(capsys, *COMMANDS["mirror"], f"{option}={value}")
+    error = usage_error(capsys, *COMMANDS["mirror"], f"--poll-interval={value}")
 
-    assert f"argument {option}: invalid duration {value!r}" in error
+    assert f"argument --poll-interval: invalid duration {value!r}" in error
     assert "expected a number greater than 0" in error
+
+
+@pytest.mark.parametrize("value", ["0", "0.0"])
+def test_mirror_timeout_zero_turns_off(value: str) -> None:
+    assert parse(*COMMANDS["mirror"], "--timeout", value).timeout is None
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "soon"])
+def test_mirror_timeout_rejected(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *COMMANDS["mirror"], f"--timeout={value}")
+
+    assert f"argument --timeout: invalid timeout {value!r}" in error
+    assert "or 0 to turn the timeout off" in error
 
 
 def test_mirror_retries_accepted() -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from consumers.globs import check_repository_pattern
-from engine.api.options import parse_positive_duration
+from engine.api.options import parse_positive_duration, parse_timeout
 from engine.bus.options import parse_count, parse_stream_name, parse_subject_prefix
 from engine.config import env_default
 
@@ -100,11 +100,11 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=parse_positive_duration,
+        type=parse_timeout,
         default=60.0,
         metavar="SECONDS",
-        help="seconds to wait for a connection or for the next bytes of an "
-        "answer, on source and target (default 60)",
+        help="seconds to wait for a connection or for the next bytes of a "
+        "response, on source and target; 0 turns it off (default 60)",
     )
     parser.add_argument(
         "--retries",

@@ -62,8 +62,8 @@ def parse_rate_limit(value: str) -> int:
 
 
 @names_env_variable
-def parse_idle_timeout(value: str) -> float | None:
-    """Parse an idle timeout in seconds, returning None for 0 (no timeout)."""
+def parse_timeout(value: str) -> float | None:
+    """Parse a timeout in seconds, returning None for 0 (no timeout)."""
     try:
         seconds = float(value)
     except ValueError:
@@ -162,7 +162,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     add_upload_expiry_option(parser, "; checked hourly")
     parser.add_argument(
         "--read-idle-timeout",
-        type=parse_idle_timeout,
+        type=parse_timeout,
         default=env_default("READ_IDLE_TIMEOUT", str(DEFAULT_READ_IDLE_TIMEOUT)),
         metavar="SECONDS",
         help="seconds a client may send nothing while the server waits for "
@@ -173,7 +173,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--write-idle-timeout",
-        type=parse_idle_timeout,
+        type=parse_timeout,
         default=env_default("WRITE_IDLE_TIMEOUT", str(DEFAULT_WRITE_IDLE_TIMEOUT)),
         metavar="SECONDS",
         help="seconds a client may take no byte of a response that the "
