@@ -3,8 +3,10 @@
 verify() returns problems, which are damage to the stored data and make
 `cairn verify` exit 1. The other checks return warnings, which do not
 change the exit status. check_stored_manifests() warns about stored
-manifests that the checks on new pushes reject. An earlier cairn stored
-them under looser checks, and the registry still serves them as stored.
+manifests that the checks on new pushes reject, either when they parse or
+when their descriptors are compared with the repository's contents. An
+earlier cairn stored them under looser checks, and the registry still
+serves them as stored.
 check_manifest_contents_present() warns about manifests whose config,
 layers or child manifests their repository no longer contains, because a
 client deleted a blob or a child manifest that they use. Pulls of such a
@@ -14,6 +16,8 @@ manifest fail.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -23,7 +27,7 @@ from engine.blobs.store import READ_CHUNK
 from engine.domain.digest import Digest
 from engine.domain.errors import RegistryError
 from engine.domain.events import GENESIS_HASH
-from engine.domain.manifests import parse_manifest
+from engine.domain.manifests import FOREIGN_LAYER_TYPES, parse_manifest
 from engine.projections import ALL_PROJECTIONS
 from engine.projections.rebuild import (
     ReplayError,
@@ -143,6 +147,7 @@ def check_stored_manifests(registry: Registry) -> list[str]:
             manifests.c.repository,
             manifests.c.digest,
             manifests.c.media_type,
+            manifests.c.references,
             manifest_contents.c.content,
         )
         .join(manifest_contents, manifest_contents.c.digest == manifests.c.digest)
@@ -151,20 +156,76 @@ def check_stored_manifests(registry: Registry) -> list[str]:
         .execution_options(yield_per=500)
     )
     with registry.database.read() as conn:
-        for repository, digest, media_type, content in conn.execute(query):
+        current: str | None = None
+        contents = _RepositoryContents({}, {})
+        rows = conn.execute(query)
+        for repository, digest, media_type, references, content in rows:
+            if repository != current:
+                current = repository
+                contents = _repository_contents(conn, repository)
             algorithm, encoded = digest.split(":", 1)
             raw = bytes(content)
             if hashlib.new(algorithm, raw).hexdigest() != encoded:
                 # Damaged bytes, which verify_manifest_contents reports.
                 continue
+            reasons: list[str] = []
             try:
                 parse_manifest(raw, media_type, algorithm=algorithm)
             except RegistryError as error:
-                warnings.append(
-                    f"manifest {repository}@{digest} ({media_type}) is rejected "
-                    f"by the checks on new pushes: {error}"
-                )
+                reasons.append(str(error))
+            reasons += _descriptor_mismatches(references, contents)
+            warnings += [
+                f"manifest {repository}@{digest} ({media_type}) is rejected "
+                f"by the checks on new pushes: {reason}"
+                for reason in reasons
+            ]
     return warnings
+
+
+def _descriptor_mismatches(
+    references: list[dict[str, Any]], contents: _RepositoryContents
+) -> list[str]:
+    """Describe each descriptor of a manifest whose size or media type
+    differs from the content that its repository stores under its digest,
+    as the checks on a manifest push compare them.
+
+    Content that the repository does not store is left out, because
+    check_manifest_contents_present reports what a manifest requires and
+    lacks, and a subject need not be stored.
+    """
+    reasons: list[str] = []
+    for reference in references:
+        kind = reference["kind"]
+        digest = reference["digest"]
+        stored: tuple[int, str | None] | None
+        if kind in ("manifest", "subject"):
+            stored = contents.manifests.get(digest)
+        elif reference["media_type"] in FOREIGN_LAYER_TYPES:
+            # NOTE: the log does not record a layer's urls, so a foreign layer
+            # with urls, which a push does not compare, cannot be distinguished
+            # from a nondistributable layer without urls, which it compares.
+            continue
+        else:
+            blob_size = contents.blobs.get(digest)
+            stored = None if blob_size is None else (blob_size, None)
+        if stored is None:
+            continue
+        stored_size, stored_media_type = stored
+        if reference["size"] != stored_size:
+            reasons.append(
+                f"its {kind} descriptor of {digest} gives size "
+                f"{reference['size']}, but the repository stores {stored_size} "
+                "bytes under that digest"
+            )
+        if stored_media_type is not None and (
+            reference["media_type"] != stored_media_type
+        ):
+            reasons.append(
+                f"its {kind} descriptor of {digest} gives mediaType "
+                f"{reference['media_type']}, but the repository stores that "
+                f"manifest as {stored_media_type}"
+            )
+    return reasons
 
 
 def check_manifest_contents_present(registry: Registry) -> list[str]:
@@ -179,17 +240,18 @@ def check_manifest_contents_present(registry: Registry) -> list[str]:
     )
     with registry.database.read() as conn:
         current: str | None = None
-        contained: dict[str, set[str]] = {}
+        contents = _RepositoryContents({}, {})
         for repository, digest, references in conn.execute(query):
             if repository != current:
                 # One repository's links and manifests at a time.
                 current = repository
-                contained = _repository_contents(conn, repository)
+                contents = _repository_contents(conn, repository)
             for reference in references:
                 kind = reference["kind"]
                 if kind not in _CONTENT_TABLE:
                     continue
-                if reference["digest"] not in contained[_CONTENT_TABLE[kind]]:
+                contained = getattr(contents, _CONTENT_TABLE[kind])
+                if reference["digest"] not in contained:
                     warnings.append(
                         f"manifest {repository}@{digest} references {kind} "
                         f"{reference['digest']}, which the repository no longer "
@@ -203,11 +265,27 @@ def check_manifest_contents_present(registry: Registry) -> list[str]:
 _CONTENT_TABLE = {"config": "blobs", "layer": "blobs", "manifest": "manifests"}
 
 
-def _repository_contents(conn: Connection, repository: str) -> dict[str, set[str]]:
+@dataclass(frozen=True, slots=True)
+class _RepositoryContents:
+    """One repository's blob links, as digest to size, and its manifests, as
+    digest to size and media type."""
+
+    blobs: dict[str, int]
+    manifests: dict[str, tuple[int, str]]
+
+
+def _repository_contents(conn: Connection, repository: str) -> _RepositoryContents:
     linked = conn.execute(
-        sa.select(blob_links.c.digest).where(blob_links.c.repository == repository)
-    ).scalars()
+        sa.select(blob_links.c.digest, blob_links.c.size).where(
+            blob_links.c.repository == repository
+        )
+    )
     stored = conn.execute(
-        sa.select(manifests.c.digest).where(manifests.c.repository == repository)
-    ).scalars()
-    return {"blobs": set(linked), "manifests": set(stored)}
+        sa.select(manifests.c.digest, manifests.c.size, manifests.c.media_type).where(
+            manifests.c.repository == repository
+        )
+    )
+    return _RepositoryContents(
+        blobs={digest: size for digest, size in linked},
+        manifests={digest: (size, media_type) for digest, size, media_type in stored},
+    )

@@ -119,6 +119,46 @@ def index_manifests(child: Image) -> dict[str, OlderManifest]:
     }
 
 
+def descriptor_manifests(image: Image) -> dict[str, OlderManifest]:
+    """Return, by rule, manifests whose descriptors give another size or
+    media type than the repository stores for the OCI image ``image`` or
+    its blobs, as the checks on new pushes compare them. The image and its
+    blobs must be stored beside them."""
+    body = json.loads(image.manifest)
+    child = descriptor(
+        OCI_INDEX, image.manifest, platform={"architecture": "amd64", "os": "linux"}
+    )
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [child]}
+    larger_child = {**child, "mediaType": image.media_type, "size": child["size"] + 1}
+
+    # A referrer of the image: the image's own fields, and a subject
+    # descriptor that gives the image as a Docker manifest.
+    subject = descriptor(DOCKER_MANIFEST, image.manifest)
+
+    larger_layer = {**body["layers"][0], "size": body["layers"][0]["size"] + 1}
+    layer_body = {**body, "layers": [larger_layer, *body["layers"][1:]]}
+
+    cases = {
+        "index-child-media-type": (encode(index), OCI_INDEX),
+        "index-child-size": (encode({**index, "manifests": [larger_child]}), OCI_INDEX),
+        "subject-media-type": (encode({**body, "subject": subject}), OCI_MANIFEST),
+        "layer-size": (encode(layer_body), OCI_MANIFEST),
+    }
+
+    manifests: dict[str, OlderManifest] = {}
+    for rule, (raw, media_type) in cases.items():
+        document = json.loads(raw)
+        if media_type == OCI_INDEX:
+            references = [_reference("manifest", d) for d in document["manifests"]]
+        else:
+            references = [_reference("config", document["config"])]
+            references += [_reference("layer", d) for d in document["layers"]]
+        if "subject" in document:
+            references.append(_reference("subject", document["subject"]))
+        manifests[rule] = OlderManifest(rule, raw, media_type, references)
+    return manifests
+
+
 def store_as_earlier_cairn(
     registry: Registry,
     repository: str,
@@ -137,6 +177,9 @@ def store_as_earlier_cairn(
     config = next(
         (r["media_type"] for r in manifest.references if r["kind"] == "config"), None
     )
+    subject = next(
+        (r["digest"] for r in manifest.references if r["kind"] == "subject"), None
+    )
     events = [
         repo.event(
             EventType.MANIFEST_PUSHED,
@@ -144,7 +187,7 @@ def store_as_earlier_cairn(
             media_type=manifest.media_type,
             size=len(manifest.raw),
             artifact_type=config,
-            subject=None,
+            subject=subject,
             annotations=None,
             references=manifest.references,
             content_size=len(manifest.raw) + blob_sizes,

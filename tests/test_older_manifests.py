@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.domain.digest import Digest
+from engine.domain.manifests import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from engine.migrate import upgrade
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
 from engine.registry import Registry
@@ -17,6 +19,7 @@ from engine.verify import check_stored_manifests, verify
 from tests.images import make_image
 from tests.older_manifests import (
     OlderManifest,
+    descriptor_manifests,
     docker_without_media_type,
     image_manifests,
     index_manifests,
@@ -36,6 +39,10 @@ REASONS = {
     "docker-without-media-type": "must name its mediaType in the body",
     "index-other-kind-field": "layers is a field of an image manifest",
     "index-nan-platform": "manifest is not valid JSON",
+    "index-child-media-type": "its manifest descriptor of sha256:",
+    "index-child-size": "its manifest descriptor of sha256:",
+    "subject-media-type": "its subject descriptor of sha256:",
+    "layer-size": "its layer descriptor of sha256:",
 }
 
 
@@ -51,6 +58,7 @@ def store_older_manifests(registry: Registry) -> list[OlderManifest]:
         *image_manifests(image).values(),
         docker_without_media_type(docker),
         *index_manifests(image).values(),
+        *descriptor_manifests(image).values(),
     ]
     if not registry.database.is_sqlite:
         # jsonb has no NaN, so an earlier cairn on PostgreSQL failed to
@@ -75,6 +83,75 @@ def test_verify_warns_about_older_manifests(registry: Registry) -> None:
             "rejected by the checks on new pushes: "
         )
         assert REASONS[manifest.rule] in warning
+
+
+def test_verify_names_descriptor_mismatches(registry: Registry) -> None:
+    image = make_image(layer_count=2)
+    repo = registry.repository("team/app")
+    push_image(repo, image, tag="plain")
+    older = descriptor_manifests(image)
+    for manifest in older.values():
+        store_as_earlier_cairn(registry, "team/app", manifest, tag=manifest.rule)
+    layer = json.loads(image.manifest)["layers"][0]
+
+    assert verify(registry) == []
+    warnings = check_stored_manifests(registry)
+
+    def warning(rule: str, reason: str) -> str:
+        manifest = older[rule]
+        return (
+            f"manifest team/app@{manifest.digest} ({manifest.media_type}) is "
+            f"rejected by the checks on new pushes: {reason}"
+        )
+
+    assert sorted(warnings) == sorted(
+        [
+            warning(
+                "index-child-media-type",
+                f"its manifest descriptor of {image.digest} gives mediaType "
+                f"{OCI_INDEX}, but the repository stores that manifest as "
+                f"{OCI_MANIFEST}",
+            ),
+            warning(
+                "index-child-size",
+                f"its manifest descriptor of {image.digest} gives size "
+                f"{len(image.manifest) + 1}, but the repository stores "
+                f"{len(image.manifest)} bytes under that digest",
+            ),
+            warning(
+                "subject-media-type",
+                f"its subject descriptor of {image.digest} gives mediaType "
+                f"{DOCKER_MANIFEST}, but the repository stores that manifest as "
+                f"{OCI_MANIFEST}",
+            ),
+            warning(
+                "layer-size",
+                f"its layer descriptor of {layer['digest']} gives size "
+                f"{layer['size'] + 1}, but the repository stores {layer['size']} "
+                "bytes under that digest",
+            ),
+        ]
+    )
+
+
+def test_verify_skips_subject_not_stored(registry: Registry) -> None:
+    image = make_image()
+    referrer = descriptor_manifests(image)["subject-media-type"]
+    repo = registry.repository("team/app")
+    for blob in image.blobs:
+        repo.blobs.push(Digest.of(blob), [blob])
+    store_as_earlier_cairn(registry, "team/app", referrer, tag="referrer")
+
+    assert check_stored_manifests(registry) == []
+
+    # Once the subject is stored, its descriptor is compared with it.
+    push_image(repo, image, tag="plain")
+
+    warnings = check_stored_manifests(registry)
+
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"manifest team/app@{referrer.digest} ")
+    assert f"gives mediaType {DOCKER_MANIFEST}" in warnings[0]
 
 
 def test_rebuild_replays_older_manifests(registry: Registry) -> None:
