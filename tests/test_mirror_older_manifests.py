@@ -15,6 +15,7 @@ from engine.registry import Registry
 from tests.images import Image, make_image
 from tests.older_manifests import (
     OlderManifest,
+    descriptor_manifests,
     docker_without_media_type,
     image_manifests,
     index_manifests,
@@ -202,3 +203,29 @@ def test_mirror_stops_where_cairn_rejects(
 
     assert manifest_status(target.url, "library/app", "image-0") == 200
     assert manifest_status(target.url, "library/app", older.rule) == 404
+
+
+def test_mirror_stops_on_child_media_type(
+    tmp_path: Path,
+    source: ServeProcess,
+    target: ServeProcess,
+) -> None:
+    image = make_image()
+    push_images(source.url, "library/app", image)
+    older = descriptor_manifests(image)["index-child-media-type"]
+    store_on_source(tmp_path, "library/app", [older])
+
+    failure = failed_mirror(source.url, target.url)
+
+    error = failure["error"]
+    assert f"PUT manifest {older.digest} in library/app: HTTP 400" in error
+    assert "MANIFEST_INVALID" in error
+    assert "current checks reject it too: " in error
+    assert (
+        f"its manifest descriptor of {image.digest} gives mediaType "
+        "application/vnd.oci.image.index.v1+json, but the source serves that "
+        "manifest as application/vnd.oci.image.manifest.v1+json"
+    ) in error
+    assert "Delete it on the source" in error
+    assert manifest_status(target.url, "library/app", "image-0") == 200
+    assert manifest_status(target.url, "library/app", str(older.digest)) == 404

@@ -342,6 +342,19 @@ class Copier:
                 )
                 return "incomplete"
 
+        # Compared only now, so that an incomplete manifest costs no requests.
+        mismatches = await self._descriptor_mismatches(repository, manifest)
+        if mismatches:
+            reason = "; ".join(mismatches)
+            log.warning(
+                "manifest_fails_current_checks",
+                repository=repository,
+                digest=digest,
+                reason=reason,
+                note="the mirror copies it unchanged, and the target decides "
+                "whether to accept it",
+            )
+            rejection = reason if rejection is None else f"{rejection}; {reason}"
         try:
             await self.target.put_manifest(repository, digest, manifest.media_type, raw)
         except MirrorError as error:
@@ -356,6 +369,42 @@ class Copier:
         self.stats.manifests_copied += 1
         log.debug("manifest_copied", repository=repository, digest=digest)
         return "copied"
+
+    async def _descriptor_mismatches(
+        self, repository: str, manifest: Manifest
+    ) -> list[str]:
+        """Describe each child manifest or subject descriptor of ``manifest``
+        whose size or media type differs from the manifest that the source
+        serves under its digest, as cairn's checks on a push compare them.
+
+        A subject that the source does not serve is left out, because a push
+        accepts it. A child that it does not serve has made the copy
+        incomplete before this runs.
+        """
+        reasons: list[str] = []
+        for reference in manifest.references():
+            if reference.kind not in ("manifest", "subject"):
+                continue
+            descriptor = reference.descriptor
+            served = await self.source.manifest_metadata(
+                repository, str(descriptor.digest)
+            )
+            if served is None:
+                continue
+            media_type, size = served
+            if size is not None and size != descriptor.size:
+                reasons.append(
+                    f"its {reference.kind} descriptor of {descriptor.digest} gives "
+                    f"size {descriptor.size}, but the source serves {size} bytes "
+                    "under that digest"
+                )
+            if media_type != descriptor.media_type:
+                reasons.append(
+                    f"its {reference.kind} descriptor of {descriptor.digest} gives "
+                    f"mediaType {descriptor.media_type}, but the source serves "
+                    f"that manifest as {media_type}"
+                )
+        return reasons
 
     async def set_tag(self, repository: str, tag: str, digest: str) -> str:
         if await self.target.tagged_digest(repository, tag) == digest:
@@ -398,12 +447,13 @@ def _missing_reason(kind: str, child: str, outcome: str) -> str:
 
 def _parse_source_manifest(
     repository: str, digest: str, media_type: str, raw: bytes, algorithm: str
-) -> tuple[Manifest, RegistryError | None]:
+) -> tuple[Manifest, str | None]:
     """Parse a manifest read from the source.
 
     Returns the manifest and, when the checks on new pushes reject it, the
-    error they raise. Such a manifest is parsed again as stored content and
-    logged as a warning. Raises MirrorError when even that parse fails.
+    message of the error they raise. Such a manifest is parsed again as
+    stored content and logged as a warning. Raises MirrorError when even
+    that parse fails.
     """
     try:
         return parse_manifest(raw, media_type, algorithm=algorithm), None
@@ -423,4 +473,4 @@ def _parse_source_manifest(
         note="the mirror copies it unchanged, and the target decides whether "
         "to accept it",
     )
-    return manifest, rejection
+    return manifest, str(rejection)

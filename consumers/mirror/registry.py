@@ -205,6 +205,25 @@ class RegistryClient:
             raise MirrorError(f"{what}: the response has no Docker-Content-Digest")
         return digest
 
+    async def manifest_metadata(
+        self, repository: str, reference: str
+    ) -> tuple[str, int | None] | None:
+        """Return the media type and, when the registry sends Content-Length,
+        the size of a manifest, or None if absent."""
+        what = f"HEAD manifest {reference} in {repository}"
+        response = await self._request(
+            "HEAD",
+            self.url(repository, "manifests", reference),
+            what,
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if response.status_code == 404:
+            return None
+        check(response, what)
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        length = response.headers.get("Content-Length", "")
+        return media_type, int(length) if length.isdigit() else None
+
     async def put_manifest(
         self, repository: str, reference: str, media_type: str, raw: bytes
     ) -> str | None:
