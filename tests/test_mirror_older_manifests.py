@@ -33,6 +33,13 @@ from tests.test_mirror import (
     run_mirror,
 )
 
+# The rules of descriptor_manifests that the mirror detects.
+MIRROR_DESCRIPTOR_RULES = (
+    "index-child-media-type",
+    "index-child-size",
+    "subject-media-type",
+)
+
 ACCEPT = ", ".join(
     [
         "application/vnd.oci.image.manifest.v1+json",
@@ -97,10 +104,14 @@ def test_mirror_copies_older_manifests_to_layout(
     docker = make_image(docker=True)
     doomed = make_image()
     push_images(source.url, "library/app", image, docker, doomed)
+    # The mirror compares the descriptors of child manifests and subjects
+    # with the source, but not those of blobs.
+    descriptors = descriptor_manifests(image)
     older = [
         *image_manifests(image).values(),
         docker_without_media_type(docker),
         *index_manifests(image).values(),
+        *[descriptors[rule] for rule in MIRROR_DESCRIPTOR_RULES],
     ]
     store_on_source(tmp_path, "library/app", older)
     response = httpx.delete(f"{source.url}/v2/library/app/manifests/{doomed.digest}")

@@ -54,7 +54,7 @@ from consumers.mirror.partial import (
 from consumers.mirror.target import BlobCopy, BlobOpener
 from engine.domain.digest import Digest
 from engine.domain.errors import RegistryError
-from engine.domain.manifests import parse_stored_manifest
+from engine.domain.manifests import Manifest, parse_stored_manifest
 from engine.domain.names import validate_repository_name
 
 log = structlog.get_logger(__name__)
@@ -289,14 +289,7 @@ class LayoutTarget:
                     ) from None
                 continue
             referenced.add(digest)
-            try:
-                manifest = parse_stored_manifest(
-                    raw, media_type, algorithm=parsed.algorithm
-                )
-            except RegistryError as error:
-                raise LayoutUnreadable(
-                    f"manifest {digest} does not parse: {error}"
-                ) from None
+            manifest = _parse_layout_manifest(raw, digest, media_type, parsed.algorithm)
             for reference in manifest.references():
                 child = reference.descriptor
                 if reference.kind in ("manifest", "subject"):
@@ -344,6 +337,32 @@ class LayoutTarget:
         marker = root / "oci-layout"
         if not marker.exists():
             write_atomically(marker, json.dumps(LAYOUT_VERSION).encode())
+
+
+def _parse_layout_manifest(
+    raw: bytes, digest: str, media_type: str | None, algorithm: str
+) -> Manifest:
+    """Parse a manifest file by ``media_type``, the type that index.json or
+    the descriptor pointing at it gives, or else by the type its body names.
+
+    An earlier cairn stored indexes and referrers whose descriptors give a
+    child or subject another type than the body's own, so the body decides
+    when the two disagree. Raises LayoutUnreadable when neither parses.
+    """
+    try:
+        return parse_stored_manifest(raw, media_type, algorithm=algorithm)
+    except RegistryError as error:
+        if media_type is None:
+            raise LayoutUnreadable(
+                f"manifest {digest} does not parse: {error}"
+            ) from None
+        descriptor_error = error
+    try:
+        return parse_stored_manifest(raw, None, algorithm=algorithm)
+    except RegistryError:
+        raise LayoutUnreadable(
+            f"manifest {digest} does not parse as {media_type}: {descriptor_error}"
+        ) from None
 
 
 def _index_document(manifests: list[dict[str, Any]]) -> bytes:
