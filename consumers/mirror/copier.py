@@ -53,6 +53,9 @@ log = structlog.get_logger(__name__)
 MAX_MANIFEST_DEPTH: Final = 8
 # Digests whose target repository the copier remembers, for mounts.
 LOCATION_CACHE_SIZE: Final = 100_000
+# Incomplete manifests whose manifest_not_copied warning the copier
+# remembers. Past this many, the least recently seen is logged again.
+REPORTED_CACHE_SIZE: Final = 10_000
 
 
 @dataclass
@@ -89,6 +92,9 @@ class Copier:
         self.propagate_deletes = propagate_deletes
         self.stats = stats
         self._locations: OrderedDict[str, str] = OrderedDict()
+        # (repository, digest) of each manifest reported incomplete, and the
+        # content that was missing then.
+        self._reported: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def apply(self, event: dict[str, Any]) -> str:
         """Apply one event; return what happened, for the log ("copied", ...)."""
@@ -297,6 +303,7 @@ class Copier:
         child manifest that it requires, at any depth).
         """
         if await self.target.has_manifest(repository, digest):
+            self._reported.pop((repository, digest), None)
             return "present"
         if depth > MAX_MANIFEST_DEPTH:
             raise MirrorError(
@@ -305,6 +312,7 @@ class Copier:
             )
         fetched = await self.source.get_manifest(repository, digest)
         if fetched is None:
+            self._reported.pop((repository, digest), None)
             log.info(
                 "manifest_skipped",
                 repository=repository,
@@ -332,13 +340,8 @@ class Copier:
             else:
                 outcome = await self.copy_blob(repository, child)
             if outcome in ("gone", "incomplete"):
-                log.warning(
-                    "manifest_not_copied",
-                    repository=repository,
-                    digest=digest,
-                    missing=child,
-                    missing_kind=reference.kind,
-                    reason=_missing_reason(reference.kind, child, outcome),
+                self._report_incomplete(
+                    repository, digest, reference.kind, child, outcome
                 )
                 return "incomplete"
 
@@ -366,9 +369,45 @@ class Copier:
                 "on the source, or leave its repository out with --repositories, "
                 "to let the mirror continue"
             ) from None
+        self._reported.pop((repository, digest), None)
         self.stats.manifests_copied += 1
         log.debug("manifest_copied", repository=repository, digest=digest)
         return "copied"
+
+    def _report_incomplete(
+        self, repository: str, digest: str, kind: str, child: str, outcome: str
+    ) -> None:
+        """Log manifest_not_copied for a manifest that lacks ``child``, once
+        per manifest and missing content.
+
+        The manifest.pushed and tag.set events of one push, and every later
+        tag.set on the manifest, copy it again and find the same gap. The
+        record is dropped when the manifest is copied, present on the
+        target or gone from the source, so a later gap is logged again.
+        """
+        key = (repository, digest)
+        reason = _missing_reason(kind, child, outcome)
+        if self._reported.get(key) == child:
+            self._reported.move_to_end(key)
+            log.debug(
+                "manifest_still_not_copied",
+                repository=repository,
+                digest=digest,
+                missing=child,
+                reason=reason,
+            )
+            return
+        self._reported[key] = child
+        if len(self._reported) > REPORTED_CACHE_SIZE:
+            self._reported.popitem(last=False)
+        log.warning(
+            "manifest_not_copied",
+            repository=repository,
+            digest=digest,
+            missing=child,
+            missing_kind=kind,
+            reason=reason,
+        )
 
     async def _descriptor_mismatches(
         self, repository: str, manifest: Manifest
