@@ -334,6 +334,98 @@ def test_slow_steady_body_is_not_cut(serve: ServeProcess) -> None:
     assert timed_out == []
 
 
+@pytest.fixture
+def limited_serve(tmp_path: Path) -> Iterator[ServeProcess]:
+    """A `cairn serve` with a 1 KiB maximum blob size and a 1 s read idle timeout."""
+    (tmp_path / "data").mkdir()
+    process = start_serve(
+        tmp_path / "data",
+        f"sqlite:///{tmp_path / 'cairn.db'}",
+        tmp_path / "serve.log",
+        "--read-idle-timeout",
+        IDLE_TIMEOUT_S,
+        "--max-blob-size",
+        "1KiB",
+    )
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
+# One piece of a chunked body: 500 bytes, so three pass the 1 KiB maximum.
+_BODY_PIECE = b"1f4\r\n" + b"x" * 500 + b"\r\n"
+
+
+def _start_oversized_push(sock: socket.socket, request_id: str) -> None:
+    digest = Digest.of(b"a blob that is never stored")
+    path = f"/v2/drained/body/blobs/uploads/?digest={digest}"
+    sock.sendall(request_head("POST", path, request_id, "Transfer-Encoding: chunked"))
+
+
+def test_body_drained_after_413_is_not_idle(limited_serve: ServeProcess) -> None:
+    # Pieces 0.4 s apart: the third passes the maximum and gets the 413,
+    # and the server then drains the body for up to LINGER_SECONDS. The
+    # client sends for 3.2 s more, well past the 1 s read idle timeout but
+    # within the linger, and reads only after it has sent the whole body.
+    send_errors: list[OSError] = []
+
+    with connection(limited_serve) as sock:
+        _start_oversized_push(sock, "drained-body")
+        try:
+            for _ in range(11):
+                sock.sendall(_BODY_PIECE)
+                time.sleep(0.4)
+            sock.sendall(b"0\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            send_errors.append(error)
+        sent_back = read_until_closed(sock)
+
+    finished = wait_for_log_record(
+        limited_serve.log_path, "request_finished", request_id="drained-body"
+    )
+    assert send_errors == []
+    assert sent_back.startswith(b"HTTP/1.1 413 "), sent_back
+    assert b"SIZE_INVALID" in sent_back
+    assert finished["status"] == 413
+    assert log_records(limited_serve.log_path, "request_body_timed_out") == []
+
+
+def test_drain_after_413_ends_when_client_stops(
+    limited_serve: ServeProcess,
+) -> None:
+    # The request has its 413, so a client that then stops sending ends the
+    # drain after the read idle timeout, before LINGER_SECONDS, without a
+    # request_body_timed_out warning for that request.
+    send_errors: list[OSError] = []
+
+    with connection(limited_serve) as sock:
+        _start_oversized_push(sock, "stopped-body")
+        for _ in range(3):
+            sock.sendall(_BODY_PIECE)
+        # This returns at the server's FIN, which follows the response.
+        sent_back = read_until_closed(sock)
+        time.sleep(2.5)
+        # The first send to a closed connection gets a reset back, and a
+        # later one fails.
+        for _ in range(10):
+            try:
+                sock.sendall(_BODY_PIECE)
+            except OSError as error:
+                send_errors.append(error)
+                break
+            time.sleep(0.1)
+
+    finished = wait_for_log_record(
+        limited_serve.log_path, "request_finished", request_id="stopped-body"
+    )
+    assert sent_back.startswith(b"HTTP/1.1 413 "), sent_back
+    assert len(send_errors) == 1
+    assert finished["status"] == 413
+    assert log_records(limited_serve.log_path, "request_body_timed_out") == []
+
+
 def _body_counting_app(wait_s: float, outcome: dict[str, Any]) -> Any:
     """Return an app that waits ``wait_s`` before it reads the body, then
     responds with 200 and the number of body bytes it read."""

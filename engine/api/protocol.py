@@ -34,8 +34,10 @@ or are dropped as after any disconnect.
 Lingering close: a response that ends the connection while its request's
 body is still arriving, such as an early 413, is followed by the server's
 FIN, and the rest of the body is read and discarded until the client closes,
-for at most LINGER_SECONDS and LINGER_MAX_BYTES. Each request cycle gets a
-transport whose close() does this.
+for at most LINGER_SECONDS and LINGER_MAX_BYTES. The discarded bytes count
+as activity for the read idle timeout, which closes the connection early
+only when the client stops sending. Each request cycle gets a transport
+whose close() does this.
 
 Shutdown over TLS: on a graceful shutdown, a TLS connection with no request
 in progress, or whose last response has been written, sends close_notify and
@@ -656,6 +658,17 @@ class CairnHttpProtocol(HttpToolsProtocol):
 
     def _read_timed_out(self, timeout: float) -> None:
         remote = self.client[0] if self.client else None
+        if self._lingering:
+            # The request has its response already, so only the draining
+            # of its body ends early.
+            log.debug(
+                "lingering_close_timed_out",
+                bytes_drained=self._lingered_bytes,
+                timeout_s=timeout,
+                remote=remote,
+            )
+            self.transport.close()
+            return
         if not self._message_open or self._head_received is not None:
             log.warning(
                 "request_head_timed_out",
@@ -707,6 +720,10 @@ class CairnHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
+            # Drained bytes are activity for the read idle timeout, so a
+            # client still sending is not cut off before it reads the
+            # response.
+            self._bytes_received += len(data)
             self._lingered_bytes += len(data)
             if self._lingered_bytes > LINGER_MAX_BYTES:
                 self.transport.close()
