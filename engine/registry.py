@@ -414,15 +414,21 @@ class ManifestService:
         *,
         tag: str | None = None,
         digest: Digest | None = None,
+        tags: Sequence[str] = (),
     ) -> PutManifestResult:
-        """Store a manifest, and point ``tag`` at it when given.
+        """Store a manifest, and point ``tag`` and each of ``tags`` at it.
 
+        ``tag`` is the tag the client pushed by, which the manifest.pushed
+        event records. ``tags`` are further tags, such as the tag query
+        parameters of a push by digest, set in the same commit. An invalid
+        tag in either raises TagInvalid before anything is stored.
         ``digest`` is the digest the client pushed by; the bytes must hash to
         it. Every blob and child manifest the manifest requires must already
         be in this repository; the subject need not be.
         """
-        if tag is not None:
-            validate_tag(tag)
+        tags_to_set = list(dict.fromkeys([tag, *tags] if tag is not None else tags))
+        for name in tags_to_set:
+            validate_tag(name)
         manifest = parse_manifest(
             raw, content_type, algorithm=digest.algorithm if digest else "sha256"
         )
@@ -453,13 +459,13 @@ class ManifestService:
                         "storedMediaType": row.media_type,
                     },
                 )
-            if tag is not None:
-                current = _tag_digest(conn, self._repo.name, tag)
+            for name in tags_to_set:
+                current = _tag_digest(conn, self._repo.name, name)
                 if current != str(manifest.digest):
                     new_events.append(
                         self._repo.event(
                             EventType.TAG_SET,
-                            tag=tag,
+                            tag=name,
                             digest=str(manifest.digest),
                             previous=current,
                         )
@@ -478,6 +484,7 @@ class ManifestService:
                 repository=self._repo.name,
                 digest=str(manifest.digest),
                 tag=tag,
+                tags=tags_to_set,
                 position=stored[-1].position,
                 request_id=self._repo.request_id,
             )

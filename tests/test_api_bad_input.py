@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from engine.api.app import create_app
+from engine.api.manifests import MAX_QUERY_TAGS
 from engine.domain.digest import Digest
 from engine.domain.manifests import (
     DOCKER_MANIFEST,
@@ -354,6 +355,78 @@ def test_repeated_mount_parameter_rejected(
 
     assert response.status_code == 400, response.text
     assert error_of(response)["code"] == "UNSUPPORTED"
+    assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize(
+    "tags", [["-bad"], [""], ["ok", "-bad"], ["ok", "x" * 129], ["ok", "a b"]]
+)
+def test_invalid_query_tag_stores_nothing(
+    api: httpx.Client, registry: Registry, tags: list[str]
+) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "demo/app", blob)
+    before = stored_state(registry)
+
+    response = api.put(
+        f"/v2/demo/app/manifests/{image.digest}",
+        params=[("tag", tag) for tag in tags],
+        content=image.manifest,
+        headers={"Content-Type": image.media_type},
+    )
+
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"] == {"parameter": "tag", "tag": tags[-1]}
+    assert "OCI-Tag" not in response.headers
+    assert stored_state(registry) == before
+    assert api.get(f"/v2/demo/app/manifests/{image.digest}").status_code == 404
+
+
+@pytest.mark.parametrize("query", ["tag=v2", "tag=", "tag=v2&tag=v3"])
+def test_query_tag_on_push_by_tag_rejected(
+    api: httpx.Client, registry: Registry, query: str
+) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "demo/app", blob)
+    before = stored_state(registry)
+
+    response = api.put(
+        f"/v2/demo/app/manifests/v1?{query}",
+        content=image.manifest,
+        headers={"Content-Type": image.media_type},
+    )
+
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["parameter"] == "tag"
+    assert error["detail"]["values"] == [v.split("=", 1)[1] for v in query.split("&")]
+    assert stored_state(registry) == before
+
+
+def test_too_many_query_tags_414(api: httpx.Client, registry: Registry) -> None:
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(api, "demo/app", blob)
+    before = stored_state(registry)
+    tags = [f"t{i}" for i in range(MAX_QUERY_TAGS + 1)]
+
+    response = api.put(
+        f"/v2/demo/app/manifests/{image.digest}",
+        params=[("tag", tag) for tag in tags],
+        content=image.manifest,
+        headers={"Content-Type": image.media_type},
+    )
+
+    assert response.status_code == 414
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"]["count"] == MAX_QUERY_TAGS + 1
+    assert error["detail"]["limit"] == MAX_QUERY_TAGS
     assert stored_state(registry) == before
 
 

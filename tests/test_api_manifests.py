@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -20,7 +21,7 @@ from engine.domain.manifests import (
 )
 from engine.queries.pages import encode_cursor
 from engine.registry import Registry
-from tests.images import encode, make_artifact, make_image, make_index
+from tests.images import Image, encode, make_artifact, make_image, make_index
 from tests.server import ServerThread, push_blob, push_image, running
 
 
@@ -90,6 +91,80 @@ def test_manifest_put_by_digest(api: httpx.Client) -> None:
     fetched = api.get(f"/v2/library/app/manifests/{image.digest}")
     assert fetched.headers["Content-Type"] == DOCKER_MANIFEST
     assert fetched.content == image.manifest
+
+
+def _push_blobs(api: httpx.Client, repository: str, image: Image) -> None:
+    for blob in image.blobs:
+        push_blob(api, repository, blob)
+
+
+def _put_by_digest(
+    api: httpx.Client, image: Image, params: list[tuple[str, str]]
+) -> httpx.Response:
+    return api.put(
+        f"/v2/library/app/manifests/{image.digest}",
+        params=params,
+        content=image.manifest,
+        headers={"Content-Type": image.media_type},
+    )
+
+
+def _tag_events(api: httpx.Client) -> list[dict[str, Any]]:
+    response = api.get("/_cairn/events", params={"repository": "library/app"})
+    assert response.status_code == 200, response.text
+    return [e for e in response.json()["events"] if e["type"] == "tag.set"]
+
+
+def test_manifest_put_by_digest_sets_query_tags(api: httpx.Client) -> None:
+    image = make_image()
+    _push_blobs(api, "library/app", image)
+
+    response = _put_by_digest(
+        api, image, [("tag", "1.2.3"), ("tag", "latest"), ("tag", "1.2.3")]
+    )
+
+    assert response.status_code == 201, response.text
+    assert response.headers.get_list("OCI-Tag") == ["1.2.3", "latest"]
+    for tag in ("1.2.3", "latest"):
+        fetched = api.get(f"/v2/library/app/manifests/{tag}")
+        assert fetched.status_code == 200
+        assert fetched.headers["Docker-Content-Digest"] == str(image.digest)
+    events = _tag_events(api)
+    assert [e["payload"]["tag"] for e in events] == ["1.2.3", "latest"]
+
+
+def test_query_tags_move_existing_tag(api: httpx.Client) -> None:
+    first, second = make_image(), make_image()
+    push_image(api, "library/app", first, "latest")
+    _push_blobs(api, "library/app", second)
+
+    response = _put_by_digest(api, second, [("tag", "latest"), ("tag", "v2")])
+
+    assert response.status_code == 201, response.text
+    assert response.headers.get_list("OCI-Tag") == ["latest", "v2"]
+    fetched = api.get("/v2/library/app/manifests/latest")
+    assert fetched.headers["Docker-Content-Digest"] == str(second.digest)
+
+
+def test_query_tags_already_set_append_nothing(api: httpx.Client) -> None:
+    image = make_image()
+    _push_blobs(api, "library/app", image)
+    assert _put_by_digest(api, image, [("tag", "a")]).status_code == 201
+    before = api.get("/_cairn/events").json()["head"]
+
+    response = _put_by_digest(api, image, [("tag", "a")])
+
+    assert response.status_code == 201
+    assert response.headers.get_list("OCI-Tag") == ["a"]
+    assert api.get("/_cairn/events").json()["head"] == before
+
+
+def test_put_without_query_tags_no_oci_tag(api: httpx.Client) -> None:
+    image = make_image()
+
+    response = push_image(api, "library/app", image)
+
+    assert "OCI-Tag" not in response.headers
 
 
 def test_sha512_manifest(api: httpx.Client) -> None:

@@ -149,13 +149,18 @@ class Request:
                 parameter=name,
                 value=values[1],
             )
-        if _CONTROL.search(values[0]):
-            raise unsupported(
-                f"query parameter {name} contains control characters",
-                parameter=name,
-                value=values[0],
-            )
+        _reject_control_characters(name, values)
         return values[0]
+
+    def params(self, name: str) -> list[str]:
+        """Return every value of query parameter ``name``, in request order.
+
+        Raises HTTPError 400 for a value with control characters, as param
+        does.
+        """
+        values: list[str] = self.query.get(name, [])
+        _reject_control_characters(name, values)
+        return values
 
     async def wait_for_disconnect(self) -> None:
         """Return once the client has gone; call only after the body is read."""
@@ -242,6 +247,16 @@ class Response:
     def header(self, name: str, value: str) -> Response:
         self.headers.append((name, value))
         return self
+
+
+def _reject_control_characters(name: str, values: list[str]) -> None:
+    for value in values:
+        if _CONTROL.search(value):
+            raise unsupported(
+                f"query parameter {name} contains control characters",
+                parameter=name,
+                value=value,
+            )
 
 
 def json_response(

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from engine.api.blobs import etag_matches
 from engine.api.body import read_limited
+from engine.api.errors import ErrorCode, HTTPError, unsupported
 from engine.api.http import Request, Response, empty_response, repository_path
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
@@ -38,6 +39,12 @@ from engine.registry import ManifestInfo, Repository
 
 INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 DEFAULT_PLATFORM: Final = {"os": "linux", "architecture": "amd64"}
+
+# Maximum distinct tag query parameters on one push by digest, so that one
+# commit appends a bounded number of events. The OCI distribution
+# specification says that a registry SHOULD take at least 10 and MAY send
+# 414 for more than it takes.
+MAX_QUERY_TAGS: Final = 1000
 
 
 def parse_reference(reference: str) -> tuple[str | None, Digest | None]:
@@ -169,12 +176,51 @@ async def get_manifest(request: Request) -> Response:
     return Response(200, headers, content or b"")
 
 
+def query_tags(request: Request, tag: str | None) -> list[str]:
+    """Return the distinct tag query parameters of a manifest PUT, in order.
+
+    The OCI distribution specification defines them, after its v1.1.1
+    release, for a push by digest only: the registry sets each tag with the
+    manifest. On a push by tag they get 400 UNSUPPORTED, and an invalid one
+    gets 400 MANIFEST_INVALID, the error of an invalid tag in the path.
+    """
+    values = request.params("tag")
+    if not values:
+        return []
+    if tag is not None:
+        raise unsupported(
+            "the tag query parameter applies only to a push by digest: push "
+            "by digest to set several tags, or push once per tag",
+            parameter="tag",
+            values=values,
+        )
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > MAX_QUERY_TAGS:
+        raise HTTPError(
+            ErrorCode.UNSUPPORTED,
+            414,
+            f"a push may set at most {MAX_QUERY_TAGS} tags, but the request "
+            f"gives {len(distinct)}: push the manifest again with the rest",
+            {"parameter": "tag", "count": len(distinct), "limit": MAX_QUERY_TAGS},
+        )
+    for value in distinct:
+        try:
+            validate_tag(value)
+        except TagInvalid as error:
+            raise TagInvalid(
+                f"query parameter tag: {error.message}",
+                {"parameter": "tag", "tag": value},
+            ) from None
+    return distinct
+
+
 def _put(
     repository: Repository,
     raw: bytes,
     content_type: str | None,
     tag: str | None,
     digest: Digest | None,
+    tags: list[str],
 ) -> ManifestInfo:
     # A digest in the URL that the body does not hash to is the client's
     # digest being wrong, so it gets DIGEST_INVALID as a blob would.
@@ -185,15 +231,19 @@ def _put(
                 "manifest content does not match the digest in the URL",
                 {"expected": str(digest), "actual": str(actual)},
             )
-    return repository.manifests.put(raw, content_type, tag=tag, digest=digest).manifest
+    result = repository.manifests.put(
+        raw, content_type, tag=tag, digest=digest, tags=tags
+    )
+    return result.manifest
 
 
 async def put_manifest(request: Request) -> Response:
     repository = request.repository()
     tag, digest = parse_reference(request.path_params["reference"])
+    tags = query_tags(request, tag)
     raw = await read_limited(request, MAX_MANIFEST_SIZE)
     stored = await run_sync(
-        _put, repository, raw, request.header("content-type"), tag, digest
+        _put, repository, raw, request.header("content-type"), tag, digest, tags
     )
     location = repository_path(repository.name, "manifests", str(stored.digest))
     headers = [
@@ -202,6 +252,8 @@ async def put_manifest(request: Request) -> Response:
     ]
     if stored.subject is not None:
         headers.append(("OCI-Subject", str(stored.subject)))
+    # One OCI-Tag field per tag that the query parameters set.
+    headers.extend(("OCI-Tag", name) for name in tags)
     return empty_response(201, headers)
 
 
