@@ -403,7 +403,7 @@ def test_mount_without_from(api: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     "source",
-    ["library/source-without-blob", "Invalid Name", ""],
+    ["library/source-without-blob", "library/unknown", ""],
 )
 def test_mount_falls_back_to_upload(
     api: httpx.Client, registry: Registry, source: str
@@ -426,13 +426,60 @@ def test_mount_falls_back_to_upload(
     assert "library/target" not in stored_state(registry)["repositories"]
 
 
-def test_mount_of_invalid_digest_falls_back(api: httpx.Client) -> None:
+def test_mount_of_absent_blob_falls_back(api: httpx.Client) -> None:
+    push_blob(api, "library/source", b"another blob")
+
     response = api.post(
         "/v2/library/target/blobs/uploads/",
-        params={"mount": "sha256:nothex", "from": "library/source"},
+        params={"mount": str(Digest.of(b"absent")), "from": "library/source"},
     )
 
     assert response.status_code == 202
+
+
+@pytest.mark.parametrize(
+    "mount",
+    ["sha256:zz", "sha256:nothex", "", "sha256:" + "A" * 64, "md5:" + "0" * 32],
+)
+def test_mount_of_invalid_digest_rejected(
+    api: httpx.Client, registry: Registry, mount: str
+) -> None:
+    push_blob(api, "library/source", b"shared layer")
+    before = stored_state(registry)
+
+    response = api.post(
+        "/v2/library/target/blobs/uploads/",
+        params={"mount": mount, "from": "library/source"},
+    )
+
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["code"] == "DIGEST_INVALID"
+    assert error["detail"]["parameter"] == "mount"
+    assert error["detail"]["digest"] == mount
+    assert upload_rows(registry) == 0
+    assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize("source", ["Bad//Name", "Invalid Name", "lib/", "a" * 300])
+def test_mount_from_invalid_name_rejected(
+    api: httpx.Client, registry: Registry, source: str
+) -> None:
+    digest = push_blob(api, "library/source", b"shared layer")
+    before = stored_state(registry)
+
+    response = api.post(
+        "/v2/library/target/blobs/uploads/",
+        params={"mount": str(digest), "from": source},
+    )
+
+    assert response.status_code == 400
+    error = response.json()["errors"][0]
+    assert error["code"] == "NAME_INVALID"
+    assert error["detail"]["parameter"] == "from"
+    assert error["detail"]["name"] == source
+    assert upload_rows(registry) == 0
+    assert stored_state(registry) == before
 
 
 # ---- Location headers ------------------------------------------------------------

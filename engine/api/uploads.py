@@ -19,10 +19,11 @@ from engine.domain.digest import Digest
 from engine.domain.errors import (
     BlobTooLarge,
     DigestInvalid,
+    NameInvalid,
     RangeInvalid,
-    RegistryError,
     SizeInvalid,
 )
+from engine.domain.names import validate_repository_name
 from engine.registry import BlobInfo, Repository, UploadStatus, check_upload_start
 
 # The OCI form is "<start>-<end>"; the "bytes " prefix and "/<total>" suffix
@@ -161,7 +162,9 @@ async def start_upload(request: Request) -> Response:
 
     mount = request.param("mount")
     if mount is not None:
-        info = await _try_mount(repository, mount, request.param("from"))
+        # An empty from, like none, lets the blob come from any repository.
+        digest, source = _mount_params(mount, request.param("from") or None)
+        info = await _try_mount(repository, digest, source)
         if info is not None:
             return _blob_created(request, repository.name, info)
 
@@ -182,19 +185,42 @@ async def start_upload(request: Request) -> Response:
     return empty_response(202, _upload_headers(request, repository.name, status))
 
 
-async def _try_mount(
-    repository: Repository, mount: str, source: str | None
-) -> BlobInfo | None:
-    """Mount a blob, or return None so the caller starts a normal upload.
+def _mount_params(mount: str, source: str | None) -> tuple[Digest, str | None]:
+    """Parse the mount and from query parameters of a POST.
 
-    An unparsable digest or source name also falls back, as the
-    specification requires of a mount the registry cannot perform.
+    A malformed digest raises DigestInvalid and a malformed repository name
+    NameInvalid, each naming the parameter and its value, before any upload
+    session exists. The specification's fallback to a new upload is for a
+    mount that the registry cannot perform, not for a malformed request.
     """
     try:
         digest = Digest.parse(mount)
-        return await run_sync(repository.blobs.mount, digest, source or None)
-    except RegistryError:
-        return None
+    except DigestInvalid as error:
+        raise type(error)(
+            f"query parameter mount: {error.message}",
+            {"parameter": "mount", **(error.detail or {})},
+        ) from None
+    if source is not None:
+        try:
+            validate_repository_name(source)
+        except NameInvalid as error:
+            raise NameInvalid(
+                f"query parameter from: {error.message}",
+                {"parameter": "from", **(error.detail or {})},
+            ) from None
+    return digest, source
+
+
+async def _try_mount(
+    repository: Repository, digest: Digest, source: str | None
+) -> BlobInfo | None:
+    """Mount a blob, or return None so the caller starts a normal upload.
+
+    A blob that is not in ``source``, or in no repository when ``source`` is
+    None, falls back, as the specification describes for a mount that the
+    registry cannot perform.
+    """
+    return await run_sync(repository.blobs.mount, digest, source)
 
 
 async def upload_status(request: Request) -> Response:
