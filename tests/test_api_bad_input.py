@@ -284,20 +284,21 @@ def test_subject_not_stored_is_accepted(api: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "name"),
+    ("path", "name", "values"),
     [
-        ("/v2/demo/app/tags/list?n=1&n=2", "n"),
-        ("/v2/demo/app/tags/list?last=a&last=b", "last"),
-        ("/v2/_catalog?n=1&n=1", "n"),
-        ("/v2/_catalog?last=a&last=b", "last"),
+        ("/v2/demo/app/tags/list?n=1&n=2", "n", ["1", "2"]),
+        ("/v2/demo/app/tags/list?last=a&last=b&last=c", "last", ["a", "b", "c"]),
+        ("/v2/_catalog?n=1&n=1", "n", ["1", "1"]),
+        ("/v2/_catalog?last=a&last=", "last", ["a", ""]),
         (
             f"/v2/demo/app/referrers/{Digest.of(b'x')}?artifactType=a&artifactType=b",
             "artifactType",
+            ["a", "b"],
         ),
     ],
 )
 def test_repeated_listing_parameter_rejected(
-    api: httpx.Client, path: str, name: str
+    api: httpx.Client, path: str, name: str, values: list[str]
 ) -> None:
     push_image(api, "demo/app", make_image(), "v1")
 
@@ -307,7 +308,10 @@ def test_repeated_listing_parameter_rejected(
     error = error_of(response)
     assert error["code"] == "UNSUPPORTED"
     assert error["detail"]["parameter"] == name
+    assert error["detail"]["values"] == values
     assert "given once" in error["message"]
+    for value in values:
+        assert repr(value) in error["message"]
 
 
 def test_repeated_digest_on_upload_rejected(
@@ -325,6 +329,9 @@ def test_repeated_digest_on_upload_rejected(
         error = error_of(finished)
         assert error["code"] == "UNSUPPORTED"
         assert error["detail"]["parameter"] == "digest"
+        assert error["detail"]["values"] == [
+            part.split("=", 1)[1] for part in query.split("&")
+        ]
 
         monolithic = api.post(f"/v2/demo/app/blobs/uploads/?{query}", content=data)
         assert monolithic.status_code == 400, monolithic.text

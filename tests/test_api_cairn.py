@@ -223,7 +223,7 @@ def test_events_repeated_repository(api: httpx.Client) -> None:
     error = response.json()["errors"][0]
     assert error["code"] == "UNSUPPORTED"
     assert error["detail"]["parameter"] == "repository"
-    assert error["detail"]["value"] == "gc/b"
+    assert error["detail"]["values"] == ["gc/a", "gc/b"]
 
 
 def test_events_repeated_type(api: httpx.Client) -> None:

@@ -337,16 +337,23 @@ def test_unknown_parameter_rejected(
 
 
 @pytest.mark.parametrize(
-    "path",
-    ["/events?repository=a/b&repository=c/d", "/repositories?sort=size&sort=name"],
+    ("path", "name", "values"),
+    [
+        ("/events?repository=a/b&repository=c/d", "repository", ["a/b", "c/d"]),
+        ("/repositories?sort=size&sort=name", "sort", ["size", "name"]),
+    ],
 )
-def test_repeated_parameter_rejected(api: httpx.Client, path: str) -> None:
+def test_repeated_parameter_rejected(
+    api: httpx.Client, path: str, name: str, values: list[str]
+) -> None:
     response = api.get(API + path)
 
     assert response.status_code == 400, response.text
     error = response.json()["errors"][0]
     assert error["code"] == "UNSUPPORTED"
     assert "may be given once" in error["message"]
+    assert error["detail"]["parameter"] == name
+    assert error["detail"]["values"] == values
 
 
 def test_openapi_document_takes_no_parameters(api: httpx.Client) -> None:

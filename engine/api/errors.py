@@ -137,3 +137,15 @@ def error_body(code: ErrorCode, message: str, detail: Any = None) -> bytes:
 def unsupported(message: str, **detail: Any) -> HTTPError:
     """Build the 400 UNSUPPORTED error for an invalid query parameter."""
     return HTTPError(ErrorCode.UNSUPPORTED, 400, message, detail)
+
+
+def repeated_parameter(name: str, values: list[str]) -> HTTPError:
+    """Build the 400 UNSUPPORTED error for a query parameter that takes one
+    value but is given several, naming every value in order."""
+    quoted = ", ".join(repr(value) for value in values)
+    return unsupported(
+        f"{name} may be given once, but the request gives it {len(values)} "
+        f"times: {quoted}",
+        parameter=name,
+        values=values,
+    )

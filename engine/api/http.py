@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from urllib.parse import parse_qs, quote
 
-from engine.api.errors import unsupported
+from engine.api.errors import repeated_parameter, unsupported
 from engine.domain.events import Actor
 from engine.encoding import encode_json
 
@@ -143,12 +143,7 @@ class Request:
         if not values:
             return None
         if len(values) > 1:
-            raise unsupported(
-                f"{name} may be given once, but the request gives it "
-                f"{len(values)} times",
-                parameter=name,
-                value=values[1],
-            )
+            raise repeated_parameter(name, values)
         _reject_control_characters(name, values)
         return values[0]
 

@@ -12,7 +12,7 @@ import re
 from datetime import datetime
 from typing import Final
 
-from engine.api.errors import unsupported
+from engine.api.errors import repeated_parameter, unsupported
 from engine.api.http import Request
 from engine.domain.events import EventType
 from engine.domain.names import validate_repository_name, validate_tag
@@ -53,12 +53,7 @@ def reject_unknown(request: Request, accepted: frozenset[str]) -> None:
     for name, values in request.query.items():
         if name in accepted:
             if len(values) > 1 and name not in REPEATABLE:
-                raise unsupported(
-                    f"{name} may be given once, but the request gives it "
-                    f"{len(values)} times",
-                    parameter=name,
-                    value=values[1],
-                )
+                raise repeated_parameter(name, values)
             continue
         if name in POINT_PARAMETERS:
             message = (
