@@ -314,6 +314,20 @@ def test_repeated_listing_parameter_rejected(
         assert repr(value) in error["message"]
 
 
+def test_referrers_empty_artifact_type_rejected(api: httpx.Client) -> None:
+    image = make_image()
+    push_image(api, "demo/app", image, "v1")
+
+    response = api.get(
+        f"/v2/demo/app/referrers/{image.digest}", params={"artifactType": ""}
+    )
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"] == {"parameter": "artifactType", "value": ""}
+
+
 def test_repeated_digest_on_upload_rejected(
     api: httpx.Client, registry: Registry
 ) -> None:

@@ -135,7 +135,16 @@ async def referrers(request: Request) -> Response:
     """
     repository = request.repository()
     subject = Digest.parse(request.path_params["digest"])
-    artifact_type = request.param("artifactType") or None
+    artifact_type = request.param("artifactType")
+    if artifact_type == "":
+        # An unset variable in a client's script would otherwise list every
+        # referrer unfiltered.
+        raise unsupported(
+            "artifactType is empty: give a media type, or leave out the "
+            "parameter to list every referrer",
+            parameter="artifactType",
+            value=artifact_type,
+        )
     n = page_size(request, minimum=1)
     listing = _referrers_listing(repository.name, subject, artifact_type)
     cursor = request.param("cursor") or None
