@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from engine.config import StorageSettings, add_storage_options, env_default
+from engine.config import (
+    StorageSettings,
+    add_storage_options,
+    env_default,
+    parse_file_path,
+)
 from engine.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -82,28 +87,19 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
 
 
 def check_database_url(settings: StorageSettings) -> None:
-    """Raise StorageUnavailable unless the URL names SQLite or PostgreSQL."""
-    import sqlalchemy as sa
+    """Raise StorageUnavailable unless the URL names SQLite or PostgreSQL.
 
-    from engine.db import normalise_url
+    The --database option checks its value as it is parsed, so this only
+    catches settings that did not come from it.
+    """
+    from engine.config import check_database_url as check_url
 
     if not settings.database_url:
         return
     try:
-        url = sa.make_url(normalise_url(settings.database_url))
-    except (sa.exc.ArgumentError, ValueError) as error:
-        # The URL stays out of the message, because the password of a URL
-        # that does not parse cannot be hidden.
-        raise StorageUnavailable(
-            f"invalid database URL: {error}: expected e.g. postgresql://user@host/db"
-        ) from error
-    if url.get_backend_name() not in ("sqlite", "postgresql"):
-        database = database_label(settings)
-        raise StorageUnavailable(
-            f"unsupported database {database}: cairn supports SQLite and "
-            "PostgreSQL URLs, e.g. postgresql://user@host/db",
-            database=database,
-        )
+        check_url(settings.database_url)
+    except ValueError as error:
+        raise StorageUnavailable(str(error)) from error
 
 
 def check_data_dir(settings: StorageSettings, *, create: bool) -> None:
@@ -674,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth_file = env_default("AUTH_FILE")
     users_add.add_argument(
         "--auth-file",
-        type=Path,
+        type=parse_file_path,
         default=auth_file,
         required=auth_file is None,
         help="users file to change, created with mode 0600 when missing "

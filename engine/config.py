@@ -6,10 +6,12 @@ import argparse
 import functools
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 DEFAULT_DATA_DIR = "./cairn-data"
 DEFAULT_LISTEN = "127.0.0.1:5000"
@@ -18,6 +20,17 @@ T = TypeVar("T")
 
 _TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
+# The password in a URL's user information: after "scheme://user:" and up to
+# the last "@" before the path. Matched on the text, so that it can be hidden
+# in a URL that does not parse.
+_URL_PASSWORD: Final = re.compile(
+    r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:)[^/?#]*@"
+)
+# All of a URL's user information, with or without a scheme before it.
+_URL_USERINFO: Final = re.compile(
+    r"^(?P<head>(?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/?#]*@"
+)
+NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 
 
 class EnvironmentValue(str):
@@ -133,11 +146,101 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database",
         dest="database_url",
+        type=parse_database_url,
         default=env_default("DATABASE_URL"),
         help="SQLAlchemy URL of a PostgreSQL database, e.g. "
         "postgresql://user@host/db; default: SQLite in the data directory "
         "(env CAIRN_DATABASE_URL)",
     )
+
+
+def hide_url_userinfo(url: str) -> str:
+    """Return ``url`` with its whole user information, which may be a token,
+    as ``***``."""
+    return _URL_USERINFO.sub(r"\g<head>***@", url)
+
+
+def hide_url_password(url: str) -> str:
+    """Return ``url`` with the password of its user information as ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", url)
+
+
+def check_database_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is a SQLite or PostgreSQL SQLAlchemy URL.
+
+    The message shows the URL with its password hidden.
+    """
+    import sqlalchemy as sa
+
+    from engine.db import normalise_url
+
+    try:
+        parsed = sa.make_url(normalise_url(url))
+    except (sa.exc.ArgumentError, ValueError) as error:
+        raise ValueError(
+            f"invalid database URL {hide_url_password(url)!r}: {error}; "
+            "expected e.g. postgresql://user@host/db"
+        ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        redacted = parsed.render_as_string(hide_password=True)
+        raise ValueError(
+            f"unsupported database {redacted!r}: cairn supports SQLite and "
+            "PostgreSQL URLs, e.g. postgresql://user@host/db"
+        )
+
+
+@names_env_variable
+def parse_database_url(value: str) -> str | None:
+    """Parse --database, returning None for an empty value (SQLite)."""
+    if not value:
+        return None
+    try:
+        check_database_url(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+@names_env_variable
+def parse_file_path(value: str) -> Path:
+    """Parse the name of a file, rejecting an empty one.
+
+    Path("") is the current directory, so an empty value, as from an unset
+    shell variable, would name a directory instead of a file.
+    """
+    if not value:
+        raise argparse.ArgumentTypeError(
+            "invalid file name '': expected the path of a file"
+        )
+    return Path(value)
+
+
+@names_env_variable
+def parse_nats_url(value: str) -> str:
+    """Parse a NATS server URL: nats://, tls://, ws:// or wss://, or HOST:PORT.
+
+    nats-py reads HOST:PORT as nats://HOST:PORT, and a bare word as a host
+    name on port 4222. A bare word is rejected here, because a value such as
+    ``junk`` is more likely a mistake than the name of a NATS host.
+    """
+    redacted = hide_url_userinfo(value)
+    expected = "expected a URL such as nats://127.0.0.1:4222"
+    scheme, separator, _ = value.partition("://")
+    if separator and scheme not in NATS_SCHEMES:
+        raise argparse.ArgumentTypeError(
+            f"invalid NATS URL {redacted!r}: the scheme is not one of "
+            f"{', '.join(NATS_SCHEMES)}; {expected}"
+        )
+    try:
+        parts = urlsplit(value if separator else f"nats://{value}")
+        port = parts.port
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"invalid NATS URL {redacted!r}: {error}; {expected}"
+        ) from None
+    if not parts.hostname or (not separator and port is None):
+        raise argparse.ArgumentTypeError(f"invalid NATS URL {redacted!r}: {expected}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,13 @@ COMMANDS = {
         "--target",
         "http://127.0.0.1:5001",
     ],
+    "verify": ["verify"],
+    "webhook": ["webhook"],
+    "webhook-dead-letters": ["webhook", "dead-letters", "list"],
+    "users-add": ["users", "add", "alice"],
 }
+# A command that reads no CAIRN_* variable.
+UNRELATED_COMMAND = ["certificate", "--host", "localhost"]
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +110,17 @@ INVALID_VARIABLES = [
     ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "serve", "--subject-prefix"),
     ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "events-tail", "--subject-prefix"),
     ("CAIRN_NATS_SUBJECT_PREFIX", "a.>", "mirror", "--subject-prefix"),
+    ("CAIRN_DATABASE_URL", "junk", "verify", "--database"),
+    ("CAIRN_DATABASE_URL", "junk", "gc", "--database"),
+    ("CAIRN_DATABASE_URL", "junk", "events-republish", "--database"),
+    ("CAIRN_DATABASE_URL", "mysql://x", "serve", "--database"),
+    ("CAIRN_NATS_URL", "junk", "serve", "--nats"),
+    ("CAIRN_NATS_URL", "http://127.0.0.1:4222", "events-tail", "--nats"),
+    ("CAIRN_NATS_URL", "nats://host:port", "mirror", "--nats"),
+    ("CAIRN_NATS_URL", "junk", "webhook", "--nats"),
+    ("CAIRN_NATS_URL", "junk", "webhook-dead-letters", "--nats"),
+    ("CAIRN_AUTH_FILE", "", "serve", "--auth-file"),
+    ("CAIRN_AUTH_FILE", "", "users-add", "--auth-file"),
 ]
 
 
@@ -117,9 +134,9 @@ def test_invalid_variable_spares_other_commands(
 ) -> None:
     monkeypatch.setenv(variable, value)
 
-    args = parse("verify")
+    args = parse(*UNRELATED_COMMAND)
 
-    assert args.command == "verify"
+    assert args.command == "certificate"
 
 
 @pytest.mark.parametrize(("variable", "value", "command", "option"), INVALID_VARIABLES)
@@ -150,6 +167,114 @@ def test_option_error_names_no_variable(
 
     assert "invalid listen address 'garbage'" in error
     assert "environment variable" not in error
+
+
+@pytest.mark.parametrize("command", ["mirror", "mirror-oci"])
+def test_invalid_credentials_variable_hidden(
+    command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = COMMANDS["mirror"]
+    if command == "mirror-oci":
+        argv = [*argv[:-1], "oci:/tmp/layout"]
+    monkeypatch.setenv("CAIRN_MIRROR_SOURCE_CREDS", "s3cret-without-colon")
+
+    error = usage_error(capsys, *argv)
+
+    assert "argument --source-creds: invalid credentials: " in error
+    assert "(from environment variable CAIRN_MIRROR_SOURCE_CREDS)" in error
+    assert "s3cret" not in error
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "redacted"),
+    [
+        (
+            "CAIRN_DATABASE_URL",
+            "postgresql://cairn:s3cret@127.0.0.1:port/cairn",
+            "'postgresql://cairn:***@127.0.0.1:port/cairn'",
+        ),
+        (
+            "CAIRN_DATABASE_URL",
+            "mysql://cairn:s3cret@127.0.0.1/cairn",
+            "'mysql://cairn:***@127.0.0.1/cairn'",
+        ),
+        (
+            "CAIRN_NATS_URL",
+            "nats://s3cret@127.0.0.1:port",
+            "'nats://***@127.0.0.1:port'",
+        ),
+    ],
+)
+def test_invalid_url_variable_hides_password(
+    variable: str,
+    url: str,
+    redacted: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(variable, url)
+
+    error = usage_error(capsys, *COMMANDS["serve"])
+
+    assert redacted in error
+    assert f"(from environment variable {variable})" in error
+    assert "s3cret" not in error
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nats://127.0.0.1:4222",
+        "nats://user:password@nats.example.com",
+        "tls://[::1]:4222",
+        "ws://127.0.0.1:8080",
+        "wss://nats.example.com",
+        "127.0.0.1:4222",
+    ],
+)
+@pytest.mark.parametrize(
+    "command", ["serve", "events-tail", "mirror", "webhook", "webhook-dead-letters"]
+)
+def test_nats_url_variable_accepted(
+    command: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAIRN_NATS_URL", url)
+
+    assert parse(*COMMANDS[command]).nats_url == url
+
+
+@pytest.mark.parametrize("command", ["serve", "mirror"])
+def test_empty_nats_url_variable_unset(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAIRN_NATS_URL", "")
+
+    assert parse(*COMMANDS[command]).nats_url is None
+
+
+@pytest.mark.parametrize("command", ["webhook", "webhook-dead-letters"])
+def test_webhook_nats_option_overrides_variable(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAIRN_NATS_URL", "junk")
+
+    args = parse(*COMMANDS[command], "--nats", "nats://127.0.0.1:4223")
+
+    assert args.nats_url == "nats://127.0.0.1:4223"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:////tmp/cairn.db", "postgresql://cairn@127.0.0.1/cairn"],
+)
+def test_database_url_variable_accepted(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAIRN_DATABASE_URL", url)
+
+    assert parse("verify").database_url == url
 
 
 def test_valid_variables_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -235,7 +235,9 @@ def test_mirror_source_without_credentials(
             "http://127.0.0.1:1",
             [],
             {"CAIRN_MIRROR_SOURCE_CREDS": SOURCE_PASSWORD.replace(":", "")},
-            "invalid credentials in --source-creds: expected USER:PASSWORD",
+            "argument --source-creds: invalid credentials: expected USER:PASSWORD, "
+            "a user name and a colon before the password (from environment "
+            "variable CAIRN_MIRROR_SOURCE_CREDS)",
         ),
         (
             "http://127.0.0.1:1",

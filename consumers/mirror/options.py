@@ -6,9 +6,15 @@ import argparse
 from pathlib import Path
 
 from consumers.globs import check_repository_pattern
+from consumers.mirror.credentials import CredentialsError, parse_credentials
 from engine.api.options import parse_positive_duration, parse_timeout
 from engine.bus.options import parse_count, parse_stream_name, parse_subject_prefix
-from engine.config import env_default
+from engine.config import (
+    env_default,
+    names_env_variable,
+    parse_file_path,
+    parse_nats_url,
+)
 
 
 def _repository_pattern(value: str) -> str:
@@ -16,6 +22,19 @@ def _repository_pattern(value: str) -> str:
         return check_repository_pattern(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+@names_env_variable
+def _parse_credentials_option(value: str) -> str:
+    try:
+        parse_credentials(value, "the value")
+    except CredentialsError:
+        # The message leaves the value out, because it contains a password.
+        raise argparse.ArgumentTypeError(
+            "invalid credentials: expected USER:PASSWORD, a user name and a "
+            "colon before the password"
+        ) from None
+    return value
 
 
 def add_mirror_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +80,8 @@ def add_mirror_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats",
         dest="nats_url",
-        default=env_default("NATS_URL"),
+        type=parse_nats_url,
+        default=env_default("NATS_URL") or None,
         help="NATS server of the source, to follow new events as they happen "
         "(env CAIRN_NATS_URL); without it, or while it is unreachable, the "
         "mirror polls the HTTP feed",
@@ -128,6 +148,7 @@ def _add_credentials_options(parser: argparse.ArgumentParser, side: str) -> None
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         f"--{side}-creds",
+        type=_parse_credentials_option,
         default=env_default(variable) or None,
         metavar="USER:PASSWORD",
         help=f"HTTP Basic credentials for the {side} (env CAIRN_{variable}). "
@@ -135,11 +156,10 @@ def _add_credentials_options(parser: argparse.ArgumentParser, side: str) -> None
         "process list, so prefer the variable or a credentials file; default: "
         f"the user and password in the --{side} URL, if any",
     )
-    file_default = env_default(f"{variable}_FILE") or None
     group.add_argument(
         f"--{side}-creds-file",
-        type=Path,
-        default=Path(file_default) if file_default else None,
+        type=parse_file_path,
+        default=env_default(f"{variable}_FILE") or None,
         metavar="FILE",
         help=f"file whose first line is USER:PASSWORD for the {side} "
         f"(env CAIRN_{variable}_FILE)",

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from consumers import DEFAULT_NATS_URL
-from engine.config import env_default
+from engine.config import env_default, parse_nats_url
 
 REDELIVER_DESCRIPTION = """\
 Send each selected dead letter to its endpoint again, once, and remove the
@@ -20,7 +20,8 @@ options, such as an --endpoint that the configuration does not define.
 
 
 def add_webhook_options(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser, argparse.SUPPRESS)
+    # An empty CAIRN_NATS_URL means unset, as for the yes-or-no variables.
+    _add_common(parser, argparse.SUPPRESS, env_default("NATS_URL") or argparse.SUPPRESS)
     commands = parser.add_subparsers(
         dest="webhook_command", metavar="COMMAND", required=False
     )
@@ -48,9 +49,15 @@ def add_webhook_options(parser: argparse.ArgumentParser) -> None:
     _add_selection(redeliver)
 
 
-def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+def _add_common(
+    parser: argparse.ArgumentParser,
+    default: object,
+    nats_default: object = argparse.SUPPRESS,
+) -> None:
     # The same options on `webhook` and on each dead-letters command; the
     # inner ones default to SUPPRESS so that they do not hide outer values.
+    # The outer --nats takes CAIRN_NATS_URL as its default, so that argparse
+    # checks the variable with parse_nats_url.
     parser.add_argument(
         "--config",
         type=Path,
@@ -60,7 +67,8 @@ def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "--nats",
         dest="nats_url",
-        default=default,
+        type=parse_nats_url,
+        default=nats_default,
         help="NATS server URL, e.g. nats://127.0.0.1:4222 (env CAIRN_NATS_URL); "
         "overrides [nats] url; default nats://127.0.0.1:4222",
     )
@@ -77,6 +85,9 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
 
 
 def nats_url_from(args: argparse.Namespace, configured: str | None) -> str:
-    """Pick the NATS URL: --nats, CAIRN_NATS_URL, the file's [nats] url, loopback."""
+    """Pick the NATS URL: --nats, CAIRN_NATS_URL, the file's [nats] url, loopback.
+
+    ``args.nats_url`` contains the value of --nats or of CAIRN_NATS_URL.
+    """
     given = getattr(args, "nats_url", None)
-    return given or env_default("NATS_URL") or configured or DEFAULT_NATS_URL
+    return given or configured or DEFAULT_NATS_URL

@@ -13,6 +13,7 @@ from engine.config import (
     EnvironmentFlag,
     env_default,
     names_env_variable,
+    parse_file_path,
     parse_listen,
     parse_trusted_proxies,
 )
@@ -201,7 +202,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--auth-file",
-        type=Path,
+        type=parse_file_path,
         default=env_default("AUTH_FILE"),
         help="users file for HTTP Basic authentication, one name:role:scrypt$... "
         "line per user (see `cairn users add`); every request except "

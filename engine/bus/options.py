@@ -12,6 +12,7 @@ from engine.config import (
     add_storage_options,
     env_default,
     names_env_variable,
+    parse_nats_url,
     parse_port,
 )
 
@@ -87,7 +88,9 @@ def add_bus_options(parser: argparse.ArgumentParser) -> None:
         "--nats",
         dest="nats_url",
         action=_NatsUrl,
-        default=env_default("NATS_URL"),
+        type=parse_nats_url,
+        # An empty variable means unset, as for the yes-or-no variables.
+        default=env_default("NATS_URL") or None,
         help="NATS server URL, e.g. nats://127.0.0.1:4222 (env CAIRN_NATS_URL); "
         "default: start an embedded nats-server on loopback",
     )
@@ -120,7 +123,8 @@ def add_tail_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats",
         dest="nats_url",
-        default=env_default("NATS_URL", "nats://127.0.0.1:4222"),
+        type=parse_nats_url,
+        default=env_default("NATS_URL") or "nats://127.0.0.1:4222",
         help="NATS server URL (env CAIRN_NATS_URL; default nats://127.0.0.1:4222)",
     )
     parser.add_argument(
