@@ -101,6 +101,8 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"backoff_max": float("inf")}, "backoff_max: invalid duration inf"),
         ({"timeout": 10, "ack_wait": 10}, "ack_wait (10 s) must be longer"),
         ({"event_types": ["manifest.pushd"]}, "matches no event type"),
+        ({"event_types": ["tags"]}, "event type pattern 'tags' matches no event"),
+        ({"event_types": ["Tag"]}, "event type pattern 'Tag' matches no event"),
         ({"max_attempts": 0}, "max_attempts must be at least 1"),
         ({"secret": "x", "secret_env": "Y"}, "set only one of secret, secret_env"),
         ({"secret_env": "CAIRN_TEST_UNSET_SECRET"}, "is not set"),
@@ -244,6 +246,26 @@ def test_endpoint_filters() -> None:
     assert endpoint.ignores_media_type("application/vnd.oci.image.index.v1+json")
     assert not endpoint.ignores_media_type("application/vnd.oci.image.manifest.v1+json")
     assert not endpoint.ignores_media_type(None)
+
+
+@pytest.mark.parametrize(
+    ("family", "accepted", "rejected"),
+    [
+        ("tag", ["tag.set", "tag.deleted"], ["manifest.pushed", "blob.deleted"]),
+        ("manifest", ["manifest.pushed", "manifest.deleted"], ["tag.set"]),
+        ("blob", ["blob.mounted", "blob.deleted"], ["manifest.pushed"]),
+    ],
+)
+def test_endpoint_event_family(
+    family: str, accepted: list[str], rejected: list[str]
+) -> None:
+    config = parse_config(endpoint_config(event_types=[family]))
+    endpoint = config.endpoints[0]
+
+    for event_type in accepted:
+        assert endpoint.accepts(event_type, "library/app"), event_type
+    for event_type in rejected:
+        assert not endpoint.accepts(event_type, "library/app"), event_type
 
 
 # ---- Distribution envelope ---------------------------------------------------------

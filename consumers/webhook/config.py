@@ -20,7 +20,7 @@ format = "distribution"              # or "cloudevents"
 timeout = "5s"                       # seconds as a number, or "500ms", "5s", "2m"
 headers = { Authorization = "Bearer ..." }
 secret_env = "CI_WEBHOOK_SECRET"     # or secret = "...", or secret_file = "..."
-event_types = ["manifest.*", "tag.set"]
+event_types = ["manifest.*", "tag.set"] # patterns, or families such as "tag"
 repositories = ["library/*"]
 ignore_media_types = ["application/vnd.oci.image.index.v1+json"]
 max_attempts = 10
@@ -48,7 +48,11 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from consumers.globs import check_repository_pattern, matches_any
-from engine.bus.subjects import validate_prefix, validate_stream_name
+from engine.bus.subjects import (
+    EVENT_FAMILIES,
+    validate_prefix,
+    validate_stream_name,
+)
 from engine.domain.events import EventType
 
 PayloadFormat = Literal["distribution", "cloudevents"]
@@ -303,13 +307,7 @@ def _endpoint(item: Any, index: int, base_dir: Path) -> Endpoint:
     if max_attempts < 1:
         raise ConfigError(f"{where}: max_attempts must be at least 1")
 
-    event_types = _string_list(item, "event_types", where)
-    for pattern in event_types:
-        if not any(matches_any(t, [pattern]) for t in _EVENT_TYPES):
-            raise ConfigError(
-                f"{where}: event type pattern {pattern!r} matches no event type; "
-                f"known types: {', '.join(_EVENT_TYPES)}"
-            )
+    event_types = _event_type_patterns(item, where)
     return Endpoint(
         name=name,
         url=url,
@@ -422,6 +420,24 @@ def _string_list(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{where}: {key} must be a list of strings")
     return tuple(value)
+
+
+def _event_type_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
+    """Read event_types, with each family name, such as ``tag``, turned into
+    the pattern of its types, ``tag.*``, as `cairn events tail --type` and
+    the event feed's ``type`` parameter read it."""
+    patterns = tuple(
+        f"{pattern}.*" if pattern in EVENT_FAMILIES else pattern
+        for pattern in _string_list(item, "event_types", where)
+    )
+    for pattern in patterns:
+        if not any(matches_any(t, [pattern]) for t in _EVENT_TYPES):
+            raise ConfigError(
+                f"{where}: event type pattern {pattern!r} matches no event type; "
+                f"known families: {', '.join(EVENT_FAMILIES)}; "
+                f"known types: {', '.join(_EVENT_TYPES)}"
+            )
+    return patterns
 
 
 def _repository_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
