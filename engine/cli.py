@@ -28,20 +28,16 @@ log = structlog.get_logger(__name__)
 
 
 class StorageUnavailable(Exception):
-    """A data directory or database that a command cannot use.
-
-    The message is one line for standard error, and ``fields`` contains the
-    ids that go with it in the log line.
-    """
-
-    def __init__(self, message: str, **fields: str) -> None:
-        super().__init__(message)
-        self.fields = fields
+    """A data directory or database that a command cannot use, with a
+    one-line message for standard error."""
 
 
 def report_storage_error(error: StorageUnavailable) -> int:
-    """Log ``error``, print it as one line on standard error and return 1."""
-    log.error("storage_open_failed", error=str(error), **error.fields)
+    """Print ``error`` as one line on standard error and return 1.
+
+    The error is not logged as well, because the user fixes it from this
+    line, and a second copy on standard error only repeats it.
+    """
     print(f"cairn: {error}", file=sys.stderr)
     return 1
 
@@ -73,7 +69,7 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
         if failed_path is not None and Path(failed_path).absolute() != data_dir:
             reason = f"{reason}: {failed_path}"
         raise StorageUnavailable(
-            f"cannot use data directory {data_dir}: {reason}", data_dir=str(data_dir)
+            f"cannot use data directory {data_dir}: {reason}"
         ) from error
     except sa.exc.OperationalError as error:
         # Only the driver's first line is kept, because psycopg adds hint
@@ -81,9 +77,7 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
         lines = str(error.orig).strip().splitlines()
         reason = lines[0] if lines else type(error.orig).__name__
         database = database_label(settings)
-        raise StorageUnavailable(
-            f"cannot use database {database}: {reason}", database=database
-        ) from error
+        raise StorageUnavailable(f"cannot use database {database}: {reason}") from error
 
 
 def check_database_url(settings: StorageSettings) -> None:
@@ -119,12 +113,11 @@ def check_data_dir(settings: StorageSettings, *, create: bool) -> None:
         if create:
             return
         raise StorageUnavailable(
-            f"data directory {data_dir} not found: {hint}", data_dir=str(data_dir)
+            f"data directory {data_dir} not found: {hint}"
         ) from None
     if not stat.S_ISDIR(mode):
         raise StorageUnavailable(
             f"cannot use data directory {data_dir}: Not a directory",
-            data_dir=str(data_dir),
         )
     if create:
         return
@@ -135,7 +128,6 @@ def check_data_dir(settings: StorageSettings, *, create: bool) -> None:
         raise StorageUnavailable(
             f"data directory {data_dir} contains no cairn data "
             f"({' and '.join(missing)} not found): {hint}",
-            data_dir=str(data_dir),
         )
 
 
@@ -149,9 +141,7 @@ def check_writable(registry: Registry, settings: StorageSettings) -> None:
         reason = "not writable"
         if directory.absolute() != data_dir:
             reason = f"{directory} is not writable"
-        raise StorageUnavailable(
-            f"cannot use data directory {data_dir}: {reason}", data_dir=str(data_dir)
-        )
+        raise StorageUnavailable(f"cannot use data directory {data_dir}: {reason}")
 
 
 def open_registry(
@@ -190,7 +180,6 @@ def open_registry(
             raise StorageUnavailable(
                 f"cannot use database {database}: its driver is not installed "
                 f"({error})",
-                database=database,
             ) from error
     try:
         with storage_errors(settings):
@@ -207,7 +196,7 @@ def open_registry(
                 )
     except DataDirMismatch as error:
         registry.database.dispose()
-        raise StorageUnavailable(str(error), data_dir=str(settings.data_dir)) from error
+        raise StorageUnavailable(str(error)) from error
     except StorageUnavailable:
         registry.database.dispose()
         raise
@@ -376,7 +365,6 @@ def _cmd_events_republish(args: argparse.Namespace) -> int:
                 registry.database, settings.data_dir, stream, args.from_position
             )
     except (RelayRunning, ValueError) as error:
-        log.error("relay_reset_failed", stream=stream, error=str(error))
         print(f"cairn events republish: {error}", file=sys.stderr)
         return 1
     finally:
@@ -438,9 +426,6 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
         password = _read_password(args.name)
         replaced = add_user(path, args.name, Role(args.role), password)
     except AuthFileError as error:
-        log.error(
-            "user_add_failed", user=args.name, auth_file=str(path), error=str(error)
-        )
         print(
             f"cairn: cannot add user {args.name}: {error}; the file is unchanged",
             file=sys.stderr,
@@ -451,7 +436,6 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
         # the file, so only its description is shown beside the path.
         reason = error.strerror if isinstance(error, OSError) else None
         reason = reason or str(error)
-        log.error("user_add_failed", user=args.name, auth_file=str(path), error=reason)
         message = f"cairn: cannot add user {args.name} to {path}: {reason}"
         print(message, file=sys.stderr)
         return 1

@@ -1,8 +1,8 @@
 """`cairn` commands given a data directory or database they cannot use.
 
 Each command runs as a subprocess and must exit with status 1, print one
-`cairn: ...` line on standard error, log the error as JSON, and show no
-traceback. Unwritable directories are tested as the user nobody when the
+`cairn: ...` line on standard error, log no error record beside it, and
+show no traceback. Unwritable directories are tested as the user nobody when the
 tests run as root, because root may write anywhere.
 """
 
@@ -57,6 +57,19 @@ class Result:
         return [line for line in self.stderr.splitlines() if line.startswith("cairn:")]
 
     @property
+    def plain_lines(self) -> list[str]:
+        """The lines of standard error that are not JSON log lines."""
+        return [line for line in self.stderr.splitlines() if not line.startswith("{")]
+
+    @property
+    def logged_errors(self) -> list[dict[str, Any]]:
+        return [
+            line
+            for line in self.log_events
+            if line.get("level") in ("error", "critical")
+        ]
+
+    @property
     def log_events(self) -> list[dict[str, Any]]:
         events = []
         for line in self.stderr.splitlines():
@@ -93,17 +106,21 @@ def _unprivileged_prefix() -> list[str]:
 
 
 def run_cairn(
-    *args: str, unprivileged: bool = False, env: dict[str, str] | None = None
+    *args: str,
+    unprivileged: bool = False,
+    env: dict[str, str] | None = None,
+    stdin_text: str = "",
 ) -> Result:
     """Run `cairn --log-format json ARGS` to completion, with the variables in
-    ``env`` added to an environment without CAIRN_* variables."""
+    ``env`` added to an environment without CAIRN_* variables and
+    ``stdin_text`` on standard input."""
     prefix = _unprivileged_prefix() if unprivileged else []
     command = [*prefix, sys.executable, "-m", "engine.cli", "--log-format", "json"]
     completed = subprocess.run(
         [*command, *args],
         capture_output=True,
         text=True,
-        stdin=subprocess.DEVNULL,
+        input=stdin_text,
         cwd=REPOSITORY_ROOT,
         env={**_environment(), **(env or {})},
         timeout=START_TIMEOUT_S,
@@ -117,9 +134,7 @@ def assert_storage_error(result: Result, message: str) -> None:
     assert "Traceback" not in result.stderr
     assert len(result.messages) == 1, result.stderr
     assert result.messages[0].startswith(f"cairn: {message}"), result.messages[0]
-    logged = result.logged_error("storage_open_failed")
-    assert logged is not None, result.stderr
-    assert logged["error"] == result.messages[0].removeprefix("cairn: ")
+    assert result.logged_errors == [], result.stderr
     assert "listening on" not in result.stdout
 
 
@@ -285,9 +300,6 @@ def test_database_unreachable(command: str, tmp_path: Path, refused_port: int) -
     redacted_url = f"postgresql://cairn:***@127.0.0.1:{refused_port}/cairn"
     assert_storage_error(result, f"cannot use database {redacted_url}: ")
     assert "secret-password" not in result.stderr
-    logged = result.logged_error("storage_open_failed")
-    assert logged is not None
-    assert logged["database"] == redacted_url
 
 
 @pytest.mark.parametrize(
@@ -426,6 +438,119 @@ def test_mirror_option_invalid(
     assert f"argument {option}: " in result.stderr
     assert message in result.stderr
     assert not checkpoint.exists()
+
+
+# ---- user errors: one line on standard error, no error record -----------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port on which another socket listens."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+def assert_user_error(result: Result, prefix: str) -> None:
+    """Check the exit status, the one plain line and that nothing was logged
+    as an error."""
+    assert result.status == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.plain_lines == [result.plain_lines[0]], result.stderr
+    assert result.plain_lines[0].startswith(prefix), result.stderr
+    assert result.logged_errors == [], result.stderr
+
+
+def test_serve_tls_file_missing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    missing = tmp_path / "missing.pem"
+
+    result = run_cairn(
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--listen=127.0.0.1:0",
+        "--no-nats",
+        "--tls-cert",
+        str(missing),
+        "--tls-key",
+        str(missing),
+    )
+
+    assert_user_error(result, f"cairn: TLS file {missing} not found")
+
+
+def test_serve_auth_file_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "users"
+
+    result = run_cairn(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--listen=127.0.0.1:0",
+        "--no-nats",
+        "--auth-file",
+        str(missing),
+    )
+
+    assert_user_error(result, f"cairn: cannot read users file {missing}")
+
+
+def test_serve_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    result = run_cairn(
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        f"--listen=127.0.0.1:{busy_port}",
+        "--no-nats",
+    )
+
+    assert_user_error(result, f"cairn: cannot listen on 127.0.0.1:{busy_port}: ")
+
+
+def test_verify_data_dir_missing(tmp_path: Path) -> None:
+    result = run_cairn("verify", "--data-dir", str(tmp_path / "missing"))
+
+    assert_user_error(result, f"cairn: data directory {tmp_path / 'missing'} ")
+
+
+@pytest.mark.parametrize(
+    ("name", "contents", "message"),
+    [
+        ("bad:name", None, "cairn: cannot add user bad:name to "),
+        ("alice", "not a users line\n", "cairn: cannot add user alice: "),
+    ],
+    ids=["invalid-name", "invalid-file"],
+)
+def test_users_add_rejected(
+    name: str, contents: str | None, message: str, tmp_path: Path
+) -> None:
+    auth_file = tmp_path / "users"
+    if contents is not None:
+        auth_file.write_text(contents)
+
+    result = run_cairn(
+        "users",
+        "add",
+        "--auth-file",
+        str(auth_file),
+        name,
+        stdin_text="password\n",
+    )
+
+    assert_user_error(result, message)
+
+
+def test_republish_after_head_rejected(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert run_cairn("db", "upgrade", "--data-dir", str(data_dir)).status == 0
+
+    result = run_cairn(
+        "events", "republish", "--data-dir", str(data_dir), "--from", "5"
+    )
+
+    assert_user_error(result, "cairn events republish: position 5 is after ")
 
 
 # ---- two `cairn serve` processes on one data directory ------------------------

@@ -114,7 +114,13 @@ def _warn_about_validity(cert: Path) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the registry until SIGTERM or SIGINT; return the exit status."""
+    """Run the registry until SIGTERM or SIGINT; return the exit status.
+
+    An invalid users file, TLS file, storage or listen address stops the
+    start with one `cairn: ...` line on standard error and no error log
+    record, because the user fixes it from that line. The embedded NATS
+    server failing after the start is logged as a service error.
+    """
     usage_error = _unpaired_tls_option(args)
     if usage_error is not None:
         print(f"cairn serve: {usage_error}", file=sys.stderr)
@@ -122,7 +128,6 @@ def serve(args: argparse.Namespace) -> int:
     try:
         authenticator = _load_authenticator(args.auth_file)
     except AuthFileError as error:
-        log.error("server_start_failed", error=str(error))
         print(f"cairn: {error}", file=sys.stderr)
         return 1
     tls_context: ssl.SSLContext | None = None
@@ -130,7 +135,6 @@ def serve(args: argparse.Namespace) -> int:
         try:
             tls_context = server_context(args.tls_cert, args.tls_key)
         except TLSConfigError as error:
-            log.error("server_start_failed", error=str(error))
             print(f"cairn: {error}", file=sys.stderr)
             return 1
         _warn_about_validity(args.tls_cert)
@@ -161,7 +165,6 @@ def serve(args: argparse.Namespace) -> int:
     try:
         sock = bind_socket(host, port)
     except OSError as error:
-        log.error("server_start_failed", host=host, port=port, error=str(error))
         print(f"cairn: cannot listen on {host}:{port}: {error}", file=sys.stderr)
         registry.database.dispose()
         return 1
