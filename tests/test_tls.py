@@ -446,6 +446,57 @@ def test_serve_https_stops_after_keep_alive_timeout(
     assert "Traceback" not in https_sqlite_serve.log_path.read_text()
 
 
+# Seconds within which a TLS connection that the server closes while idle
+# must be gone, counted from the close_notify. A server that waits for the
+# client's close_notify keeps it for asyncio's ssl_shutdown_timeout (30 s).
+CLOSE_BOUND_S = 15
+
+
+def open_descriptors(served: ServeProcess) -> int:
+    """Return the number of file descriptors that ``served`` has open."""
+    return len(os.listdir(f"/proc/{served.process.pid}/fd"))
+
+
+def read_tcp_until_closed(sock: ssl.SSLSocket, timeout: float) -> bytes:
+    """Read the TCP connection under ``sock`` until the server's FIN.
+
+    Call it once ``sock`` has read the server's close_notify, after which the
+    server sends no TLS record. Read without TLS, the FIN returns b"".
+    """
+    with socket.socket(fileno=os.dup(sock.fileno())) as tcp:
+        return read_until_closed(tcp, timeout)
+
+
+def test_serve_https_keep_alive_timeout_closes_tcp(
+    https_sqlite_serve: ServeProcess, certificate: Certificate
+) -> None:
+    # A first connection, closed by the client, lets the server open what it
+    # keeps across requests.
+    with open_tls(https_sqlite_serve, certificate) as first:
+        response = exchange(first, b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        with_first = open_descriptors(https_sqlite_serve)
+    wait_until(lambda: open_descriptors(https_sqlite_serve) < with_first)
+    before = open_descriptors(https_sqlite_serve)
+
+    with open_tls(https_sqlite_serve, certificate) as idle:
+        response = exchange(idle, b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert open_descriptors(https_sqlite_serve) == before + 1
+        # uvicorn's keep-alive timeout (5 s by default in 0.55) closes the
+        # idle connection. b"" rather than SSLEOFError: close_notify came.
+        assert read_until_closed(idle, timeout=30) == b""
+        notified = time.monotonic()
+        # The client never sends its own close_notify.
+        assert read_tcp_until_closed(idle, timeout=CLOSE_BOUND_S + 5) == b""
+        assert time.monotonic() - notified < CLOSE_BOUND_S
+        wait_until(
+            lambda: open_descriptors(https_sqlite_serve) == before,
+            timeout=CLOSE_BOUND_S,
+        )
+    assert "Traceback" not in https_sqlite_serve.log_path.read_text()
+
+
 def test_serve_https_stops_after_last_response(
     https_sqlite_serve: ServeProcess, certificate: Certificate
 ) -> None:
@@ -621,6 +672,42 @@ def test_https_port_keeps_idle_timeout(
         waited = time.monotonic() - started
     # The read idle timeout of 1 s, not the handshake timeout.
     assert waited < 10
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "response_start"),
+    [
+        # The read idle timeout (1 s) ends a connection without a request,
+        (b"", b""),
+        # and one with half a request head.
+        (b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", b""),
+        # A response to a request with "Connection: close" ends it.
+        (
+            b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+    ],
+    ids=["no-request", "partial-head", "connection-close"],
+)
+def test_https_port_closes_tcp_after_close_notify(
+    https_port: ServerThread,
+    certificate: Certificate,
+    request_bytes: bytes,
+    response_start: bytes,
+) -> None:
+    context = certificate.trusted()
+    raw = socket.create_connection(("127.0.0.1", https_port.port), timeout=30)
+    with context.wrap_socket(
+        raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False
+    ) as tls:
+        tls.sendall(request_bytes)
+        # b"" rather than SSLEOFError at the end: close_notify came.
+        response = read_until_closed(tls)
+        assert response.startswith(response_start)
+        notified = time.monotonic()
+        # The client never sends its own close_notify.
+        assert read_tcp_until_closed(tls, timeout=CLOSE_BOUND_S + 5) == b""
+        assert time.monotonic() - notified < CLOSE_BOUND_S
 
 
 @pytest.mark.parametrize(

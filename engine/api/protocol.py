@@ -39,16 +39,17 @@ as activity for the read idle timeout, which closes the connection early
 only when the client stops sending. Each request cycle gets a transport
 whose close() does this.
 
-Shutdown over TLS: on a graceful shutdown, a TLS connection with no request
-in progress, or whose last response has been written, sends close_notify and
+Closing idle TLS connections: a TLS connection that the server closes on the
+keep-alive timeout, on the read idle timeout, on a graceful shutdown, or after
+a response that ends it while no request body arrives, sends close_notify and
 closes its TCP connection without waiting for the client's close_notify (see
 _close_without_close_notify_wait).
 
 The class depends on internals of uvicorn 0.55's
 ``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``,
-``data_received`` (replacing the latter's error handling) and ``shutdown``
-(repeating its check of the cycle), calls private
-helpers of the base class, and reads and sets the state of
+``data_received`` (replacing the latter's error handling), ``shutdown``
+(repeating its check of the cycle) and ``timeout_keep_alive_handler``, calls
+private helpers of the base class, and reads and sets the state of
 ``RequestResponseCycle``, of the pipeline queue and of ``FlowControl``.
 pyproject.toml pins uvicorn to the minor version it was checked against.
 """
@@ -212,7 +213,6 @@ class CairnHttpProtocol(HttpToolsProtocol):
         # The TCP transport under the TLS transport, on a connection that
         # HttpsPortProtocol handed over; None on a plain HTTP connection.
         self._tcp_transport = tcp_transport
-        self._shutting_down = False
         self._zerocopy = False
         self._peer_is_loopback = False
         self._socket_fd: int | None = None
@@ -296,7 +296,6 @@ class CairnHttpProtocol(HttpToolsProtocol):
         uvicorn calls this on a graceful shutdown, and waits until every
         connection is lost.
         """
-        self._shutting_down = True
         if self.cycle is None or self.cycle.response_complete:
             self._close_without_close_notify_wait()
         else:
@@ -319,6 +318,10 @@ class CairnHttpProtocol(HttpToolsProtocol):
         tcp_transport = self._tcp_transport
         if tcp_transport is not None and not tcp_transport.is_closing():
             tcp_transport.close()
+
+    def timeout_keep_alive_handler(self) -> None:
+        """Close the connection: no request came within the keep-alive timeout."""
+        self._close_without_close_notify_wait()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -676,7 +679,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
                 timeout_s=timeout,
                 remote=remote,
             )
-            self.transport.close()
+            self._close_without_close_notify_wait()
             return
         cycle = self.cycle
         details = _idle_timeout_details(cycle)
@@ -693,7 +696,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
         # Its app receives http.disconnect, and its sends are ignored.
         cycle.disconnected = True
         cycle.message_event.set()
-        self.transport.close()
+        self._close_without_close_notify_wait()
 
     def _write_timed_out(self, timeout: float) -> None:
         cycle = self._running_cycle
@@ -780,7 +783,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
             or self.transport.is_closing()
             or not self.transport.can_write_eof()
         ):
-            if self._shutting_down and not body_arriving:
+            if not body_arriving:
                 self._close_without_close_notify_wait()
             else:
                 self.transport.close()
