@@ -1,5 +1,5 @@
 """`cairn mirror --timeout`: a response slower than the timeout stops the
-mirror, and 0 turns the timeout off."""
+mirror with an error that names the timeout, and 0 turns the timeout off."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from engine.domain.digest import Digest
 from tests.images import make_image
@@ -102,6 +103,40 @@ def test_mirror_timeout_zero_waits(tmp_path: Path, source: ServeProcess) -> None
     assert stopped["not_copied"] == 0
     blobs = tmp_path / "unlimited" / "library" / "app" / "blobs" / "sha256"
     assert (blobs / layer_digest.encoded).read_bytes() == image.layers[0]
+
+
+@pytest.mark.parametrize("delayed", ["blob", "manifest"])
+def test_mirror_timeout_named_in_error(
+    tmp_path: Path, source: ServeProcess, delayed: str
+) -> None:
+    image = make_image()
+    with httpx.Client(base_url=source.url, timeout=WAIT) as client:
+        push_image(client, "library/app", image, "v1")
+    layer_digest = Digest.of(image.layers[0])
+    if delayed == "blob":
+        delayed_path = f"/v2/library/app/blobs/{layer_digest}"
+        request = f"GET blob {layer_digest} in library/app"
+    else:
+        delayed_path = f"/v2/library/app/manifests/{image.digest}"
+        request = f"GET manifest {image.digest} in library/app"
+    proxy = DelayingProxy(source.url, delayed_path)
+
+    with running(proxy) as proxied:
+        result = run_mirror_status(
+            proxied.url,
+            f"oci:{tmp_path / 'layout'}",
+            "--timeout",
+            str(SHORT_TIMEOUT_S),
+            "--retries",
+            "1",
+        )
+
+    assert result.returncode == 1, result.stderr[-4000:]
+    (failed,) = events_of(result.stderr, "mirror_failed")
+    # httpx's ReadTimeout has no text of its own.
+    assert failed["error"].endswith(
+        f"{request}: read timed out after {SHORT_TIMEOUT_S:g} s (--timeout)"
+    ), failed["error"]
 
 
 def events_of(stderr: str, event: str) -> list[dict[str, Any]]:

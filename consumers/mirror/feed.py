@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import httpx
 
-from consumers.mirror.errors import MirrorError, TransientError
+from consumers.mirror.errors import MirrorError, request_failed
 from consumers.mirror.identity import fetch_registry_id
 from consumers.mirror.registry import check
 
@@ -43,7 +43,7 @@ class FeedClient:
                 self.url, params={"after": after, "limit": limit}
             )
         except httpx.TransportError as error:
-            raise TransientError(f"{what}: {error or type(error).__name__}") from error
+            raise request_failed(what, error) from error
         if response.status_code == 404:
             raise MirrorError(
                 f"{what}: HTTP 404; the source has no event feed, so it is not "

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from consumers.mirror.errors import TransientError
+from consumers.mirror.errors import request_failed
 from consumers.mirror.registry import check
 
 IDENTITY_PATH: Final = "/_cairn/registry"
@@ -102,8 +102,7 @@ async def fetch_registry_id(
     try:
         response = await client.get(url)
     except httpx.TransportError as error:
-        reason = str(error) or type(error).__name__
-        raise TransientError(f"{description}: {reason}") from error
+        raise request_failed(description, error) from error
     status = response.status_code
     unknown = 400 <= status < 500 and status not in (408, 425, 429)
     if unknown and (denied_is_unknown or status not in (401, 403)):

@@ -18,7 +18,12 @@ from urllib.parse import quote
 
 import httpx
 
-from consumers.mirror.errors import MirrorError, SourceGone, TransientError
+from consumers.mirror.errors import (
+    MirrorError,
+    SourceGone,
+    TransientError,
+    request_failed,
+)
 from engine.domain.digest import Digest, DigestVerifier
 from engine.domain.errors import DigestMismatch
 from engine.domain.manifests import MANIFEST_MEDIA_TYPES
@@ -52,7 +57,7 @@ class RegistryClient:
         try:
             response = await self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
         except httpx.TransportError as error:
-            raise TransientError(f"{what}: {error or type(error).__name__}") from error
+            raise request_failed(what, error) from error
         return response
 
     # ---- blobs -----------------------------------------------------------
@@ -84,7 +89,7 @@ class RegistryClient:
                 request, stream=True, follow_redirects=True
             )
         except httpx.TransportError as error:
-            raise TransientError(f"{what}: {error or type(error).__name__}") from error
+            raise request_failed(what, error) from error
         try:
             if response.status_code == 404:
                 raise SourceGone(f"{what}: not found")
@@ -286,4 +291,4 @@ async def _chunks(response: httpx.Response, what: str) -> AsyncIterator[bytes]:
         async for chunk in response.aiter_bytes(CHUNK_SIZE):
             yield chunk
     except httpx.TransportError as error:
-        raise TransientError(f"{what}: {error or type(error).__name__}") from error
+        raise request_failed(what, error) from error

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import httpx
 
+from consumers.httperrors import describe_http_error
 from consumers.webhook.config import Endpoint
 from consumers.webhook.payloads import (
     CLOUDEVENTS_MEDIA_TYPE,
@@ -122,12 +123,9 @@ async def send(
         response = await client.post(
             endpoint.url, content=request.body, headers=headers
         )
-    except httpx.TimeoutException:
-        return Outcome(
-            False, None, f"timed out after {endpoint.timeout:g} s", _since(started)
-        )
     except httpx.HTTPError as error:
-        return Outcome(False, None, str(error) or type(error).__name__, _since(started))
+        reason = describe_http_error(error, "the endpoint's timeout")
+        return Outcome(False, None, reason, _since(started))
     elapsed = _since(started)
     if 200 <= response.status_code < 300:
         return Outcome(True, response.status_code, None, elapsed)

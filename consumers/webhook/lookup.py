@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 import structlog
 
+from consumers.httperrors import describe_http_error
 from consumers.webhook.payloads import ManifestFacts, event_problem
 from engine.domain.manifests import MANIFEST_MEDIA_TYPES
 
@@ -51,7 +52,7 @@ class ManifestLookup:
                 "manifest_lookup_failed",
                 repository=repository,
                 digest=digest,
-                error=str(error) or type(error).__name__,
+                error=describe_http_error(error),
             )
             return None
 
@@ -99,7 +100,7 @@ class EventLookup:
             )
         except httpx.HTTPError as error:
             raise EventLookupFailed(
-                f"{request} failed: {error or type(error).__name__}"
+                f"{request} failed: {describe_http_error(error)}"
             ) from None
         if response.status_code != 200:
             raise EventLookupFailed(f"{request} returned HTTP {response.status_code}")
