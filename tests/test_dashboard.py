@@ -16,7 +16,7 @@ from engine.api.app import RegistryApp, create_app
 from engine.api.dashboard.consistency import PositionWaiter
 from engine.api.dashboard.openapi import document as openapi_document
 from engine.registry import Registry
-from tests.images import make_image, make_index
+from tests.images import make_artifact, make_image, make_index
 from tests.server import log_position, push_image, running
 
 API = "/_cairn/api/v1"
@@ -256,6 +256,135 @@ def test_bad_parameters_get_400(
     assert error["detail"]["parameter"] == parameter
     if value is not None:
         assert error["detail"]["value"] == value
+
+
+@pytest.fixture
+def two_repositories(api: httpx.Client) -> None:
+    """Push to library/app and library/other enough for two pages of every
+    listing: two images each, tag v1 moved once, and two referrers each."""
+    for repository in ("library/app", "library/other"):
+        first, second = make_image(), make_image()
+        push_image(api, repository, first, "v1")
+        push_image(api, repository, second, "v2")
+        push_image(api, repository, second, "v1")
+        for number in range(2):
+            artifact = make_artifact(first, SBOM, f"sbom {number}".encode())
+            push_image(api, repository, artifact)
+
+
+SBOM = "application/spdx+json"
+APP = "/repositories/library/app"
+OTHER = "/repositories/library/other"
+
+# A listing that returns a cursor, and another listing that must reject it.
+CURSOR_ELSEWHERE = [
+    pytest.param(f"{APP}/-/manifests", f"{OTHER}/-/manifests", id="manifests-repo"),
+    pytest.param(f"{APP}/-/referrers", f"{OTHER}/-/referrers", id="referrers-repo"),
+    pytest.param(f"{APP}/-/manifests", f"{APP}/-/referrers", id="manifests-referrers"),
+    pytest.param(f"{APP}/-/tags", f"{OTHER}/-/tags", id="tags-repo"),
+    pytest.param(f"{APP}/-/tags", f"{OTHER}/-/tags?position=5", id="tags-at-repo"),
+    pytest.param(
+        f"{APP}/-/tags?sort=recent", f"{APP}/-/tags?sort=name", id="tags-sort"
+    ),
+    pytest.param(
+        f"{APP}/-/tags/v1/history", f"{APP}/-/tags/v2/history", id="history-tag"
+    ),
+    pytest.param(
+        f"{APP}/-/tags/v1/history", f"{OTHER}/-/tags/v1/history", id="history-repo"
+    ),
+    pytest.param(
+        "/repositories?prefix=library/",
+        "/repositories?prefix=library/o",
+        id="repositories-prefix",
+    ),
+    pytest.param("/repositories", "/repositories?order=desc", id="repositories-order"),
+    pytest.param(
+        "/repositories?sort=size", "/repositories?sort=tags", id="repositories-sort"
+    ),
+    pytest.param("/catalog", f"{APP}/-/tags", id="catalog-tags"),
+    pytest.param(
+        "/events?repository=library/app",
+        "/events?repository=library/other",
+        id="events-repo",
+    ),
+    pytest.param("/events?repository=library/app", "/events", id="events-unfiltered"),
+    pytest.param(
+        "/events?type=manifest.pushed", "/events?type=tag.set", id="events-type"
+    ),
+    pytest.param(
+        "/events?since=2000-01-01T00:00:00Z",
+        "/events?since=2000-01-01T00:00:01Z",
+        id="events-since",
+    ),
+    pytest.param("/events", f"{APP}/-/manifests", id="events-manifests"),
+]
+
+
+def _get_with(api: httpx.Client, path: str, **params: str | int) -> httpx.Response:
+    """GET ``path`` with ``params`` added to the query that it contains.
+
+    httpx replaces the query of a URL with ``params`` instead of adding to it.
+    """
+    return api.get(httpx.URL(API + path).copy_merge_params(params))
+
+
+def _first_cursor(api: httpx.Client, path: str) -> str:
+    response = _get_with(api, path, n=1)
+    assert response.status_code == 200, response.text
+    cursor = response.json()["next_cursor"]
+    assert cursor is not None, path
+    return str(cursor)
+
+
+@pytest.mark.parametrize(("source", "target"), CURSOR_ELSEWHERE)
+def test_cursor_of_other_listing_rejected(
+    api: httpx.Client, two_repositories: None, source: str, target: str
+) -> None:
+    cursor = _first_cursor(api, source)
+    # The cursor continues the listing it came from.
+    own = _get_with(api, source, n=1, cursor=cursor)
+    assert own.status_code == 200, own.text
+
+    response = _get_with(api, target, n=1, cursor=cursor)
+
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    # A cursor whose sort key has another type, such as a position where a
+    # tag name belongs, is invalid before it is compared with the listing.
+    assert error["message"].startswith(
+        ("the cursor belongs to another listing", "invalid cursor")
+    )
+    assert error["detail"] == {"parameter": "cursor", "value": cursor}
+
+
+# A listing that returns a cursor, and a request for the same listing that
+# must accept it.
+CURSOR_SAME_LISTING = [
+    pytest.param(
+        "/events?since=2000-01-01T00:00:00Z",
+        "/events?since=2000-01-01T01:00:00%2B01:00",
+        id="same-instant",
+    ),
+    pytest.param(
+        "/events?type=tag.set,manifest.pushed",
+        "/events?type=manifest.pushed&type=tag.set&type=tag.set",
+        id="same-types",
+    ),
+    pytest.param(f"{APP}/-/tags", f"{APP}/-/tags?position=5", id="tags-at-point"),
+    pytest.param("/catalog", "/catalog?at=2100-01-01T00:00:00Z", id="catalog-at"),
+]
+
+
+@pytest.mark.parametrize(("source", "target"), CURSOR_SAME_LISTING)
+def test_cursor_of_same_listing_accepted(
+    api: httpx.Client, two_repositories: None, source: str, target: str
+) -> None:
+    cursor = _first_cursor(api, source)
+
+    response = _get_with(api, target, n=2, cursor=cursor)
+
+    assert response.status_code == 200, response.text
 
 
 # Every route without a past view, with the path that reaches it.

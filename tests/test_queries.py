@@ -174,8 +174,10 @@ def test_repository_listing_rejects_bad_input(three_repositories: Registry) -> N
 
     with pytest.raises(Unsupported, match="unknown sort"):
         read(registry, queries.repository_page, sort="colour")
-    with pytest.raises(Unsupported, match="another sort"):
+    with pytest.raises(Unsupported, match="another listing") as other_sort:
         read(registry, queries.repository_page, sort="name", cursor=size_cursor)
+    assert "same path, sort, order and prefix" in str(other_sort.value)
+    assert other_sort.value.detail == {"parameter": "cursor", "value": size_cursor}
     with pytest.raises(Unsupported, match="invalid cursor"):
         read(registry, queries.repository_page, cursor="bm90IGEgY3Vyc29y")
     with pytest.raises(Unsupported, match="n must be"):

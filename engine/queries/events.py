@@ -21,10 +21,9 @@ from engine.encoding import encode_json
 from engine.log.pages import read_page, select_sizes
 from engine.queries.pages import (
     MAX_INTEGER,
+    Listing,
     Page,
     check_page_size,
-    decode_cursor,
-    encode_cursor,
 )
 from engine.queries.positions import position_at, position_before
 from engine.tables import events
@@ -111,10 +110,21 @@ def event_page(
                 "supported": sorted(EVENT_TYPES),
             },
         )
+    listing = Listing(
+        "events",
+        {
+            "repository": repository,
+            "type": set(types),
+            "actor": actor,
+            "address": address,
+            "since": since,
+            "until": until,
+        },
+    )
     low = position_before(conn, since) if since is not None else 0
     high = position_at(conn, until) if until is not None else MAX_INTEGER
     if cursor is not None:
-        (before,) = decode_cursor(cursor, (int,))
+        (before,) = listing.decode_cursor(cursor, (int,))
         high = min(high, before - 1)
 
     distinct_types = sorted(set(types))
@@ -140,5 +150,5 @@ def event_page(
     page = read_page(conn, statement, params, n, encode_json)
     next_cursor = None
     if page.more:
-        next_cursor = encode_cursor(page.events[-1].position)
+        next_cursor = listing.encode_cursor(page.events[-1].position)
     return Page([event.to_json() for event in page.events], next_cursor)

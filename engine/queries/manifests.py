@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine.domain.events import format_time
-from engine.queries.pages import Page, check_page_size, decode_cursor, encode_cursor
+from engine.queries.pages import Listing, Page, check_page_size
 from engine.queries.tags import content_sizes, platforms, require_repository
 from engine.tables import manifests, referrers, tags
 
@@ -49,10 +49,11 @@ def manifest_page(
 ) -> Page:
     """List a repository's manifests, newest first, with the tags on each."""
     check_page_size(n)
+    listing = Listing("manifests", {"repository": repository})
     params: dict[str, Any] = {"b_repository": repository, "b_limit": n + 1}
     statement = _MANIFESTS
     if cursor is not None:
-        (params["b_position"],) = decode_cursor(cursor, (int,))
+        (params["b_position"],) = listing.decode_cursor(cursor, (int,))
         statement = _MANIFESTS_BEFORE
     rows = conn.execute(statement, params).all()
     if not rows and cursor is None:
@@ -60,7 +61,7 @@ def manifest_page(
     next_cursor = None
     if len(rows) > n:
         rows = rows[:n]
-        next_cursor = encode_cursor(rows[-1].position)
+        next_cursor = listing.encode_cursor(rows[-1].position)
 
     tagged: dict[str, list[str]] = {}
     if rows:
@@ -95,10 +96,11 @@ def referrer_page(
     """List the repository's referrer edges, newest first: each manifest that
     names a subject, and whether that subject is in the repository."""
     check_page_size(n)
+    listing = Listing("referrers", {"repository": repository})
     params: dict[str, Any] = {"b_repository": repository, "b_limit": n + 1}
     statement = _REFERRERS
     if cursor is not None:
-        (params["b_position"],) = decode_cursor(cursor, (int,))
+        (params["b_position"],) = listing.decode_cursor(cursor, (int,))
         statement = _REFERRERS_BEFORE
     rows = conn.execute(statement, params).all()
     if not rows and cursor is None:
@@ -106,7 +108,7 @@ def referrer_page(
     next_cursor = None
     if len(rows) > n:
         rows = rows[:n]
-        next_cursor = encode_cursor(rows[-1].position)
+        next_cursor = listing.encode_cursor(rows[-1].position)
     items = [
         {
             "subject": row.subject,

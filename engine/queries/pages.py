@@ -1,11 +1,19 @@
-"""Keyset pages and the opaque cursors that continue them."""
+"""Keyset pages and the opaque cursors that continue them.
+
+A cursor carries the sort key of the last item shown and a hash of the
+listing that it pages (see Listing), so a cursor passed to another listing
+gets an error instead of a page of that listing.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from engine.domain.errors import Unsupported
@@ -60,6 +68,67 @@ def decode_cursor(cursor: str, types: tuple[type, ...]) -> list[Any]:
         )
     assert isinstance(values, list)
     return values
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A listing that cursors page: its name and the query parameters that
+    choose and order its items.
+
+    ``parameters`` maps each parameter's name in the query API to its value,
+    None when the request leaves it out. A time counts by its instant, so
+    "Z" and "+00:00" give the same listing, and a list counts as a set.
+    """
+
+    name: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """Return the hash of the listing that its cursors carry."""
+        document = {
+            "listing": self.name,
+            "parameters": {
+                name: _key_value(value) for name, value in self.parameters.items()
+            },
+        }
+        raw = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        # The first 128 bits of SHA-256 tell listings apart. A cursor is no
+        # secret, so the hash needs no key.
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    def encode_cursor(self, *values: Any) -> str:
+        """Encode the sort key of the last item shown, tied to this listing."""
+        return encode_cursor(*values, self.key())
+
+    def decode_cursor(self, cursor: str, types: tuple[type, ...]) -> list[Any]:
+        """Decode a cursor made by ``encode_cursor`` of this listing.
+
+        Raises Unsupported for a cursor that is invalid or that another
+        listing made.
+        """
+        *values, key = decode_cursor(cursor, (*types, str))
+        if key != self.key():
+            raise Unsupported(
+                "the cursor belongs to another listing: pass the next_cursor "
+                f"of a page with the same {_join(['path', *self.parameters])}",
+                {"parameter": "cursor", "value": cursor},
+            )
+        return values
+
+
+def _join(words: list[str]) -> str:
+    """Join ``words`` as "a", "a and b" or "a, b and c"."""
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _key_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, list | tuple | set | frozenset):
+        return sorted(_key_value(item) for item in value)
+    return value
 
 
 def _valid_value(value: Any, kind: type) -> bool:

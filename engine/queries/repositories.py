@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.errors import NameUnknown, Unsupported
 from engine.domain.events import format_time
-from engine.queries.pages import Page, check_page_size, decode_cursor, encode_cursor
+from engine.queries.pages import Listing, Page, check_page_size
 from engine.tables import repositories
 
 # Sort name -> column. Every column has an index whose last column is the
@@ -101,17 +101,19 @@ def repository_page(
             {"parameter": "sort", "value": sort, "supported": sorted(SORTS)},
         )
     check_page_size(n)
+    listing = Listing(
+        "repositories",
+        {
+            "sort": sort,
+            "order": "desc" if descending else "asc",
+            "prefix": prefix or None,
+        },
+    )
     params: dict[str, Any] = {"b_limit": n + 1}
     if prefix:
         params["b_pattern"] = like_prefix(prefix)
     if cursor is not None:
-        values = decode_cursor(cursor, (str, int, str))
-        if values[0] != sort:
-            raise Unsupported(
-                "the cursor belongs to another sort order",
-                {"parameter": "cursor", "value": cursor, "sort": sort},
-            )
-        params["b_value"], params["b_name"] = values[1], values[2]
+        params["b_value"], params["b_name"] = listing.decode_cursor(cursor, (int, str))
         if sort == "name":
             del params["b_value"]
 
@@ -128,7 +130,7 @@ def repository_page(
         rows = rows[:n]
         last = rows[-1]
         value = 0 if sort == "name" else getattr(last, SORTS[sort].name)
-        next_cursor = encode_cursor(sort, value, last.name)
+        next_cursor = listing.encode_cursor(value, last.name)
     return Page([repository_json(row) for row in rows], next_cursor, {"total": total})
 
 
@@ -160,16 +162,20 @@ def catalog_at(
     removes one, so its first event's position decides.
     """
     check_page_size(n)
+    # The point (at or position) chooses when the catalog is read, as the
+    # moment of a request for the present catalog does, so it is no part of
+    # the listing.
+    listing = Listing("catalog")
     params: dict[str, Any] = {"b_position": position, "b_limit": n + 1}
     statement = _CATALOG_AT
     if cursor is not None:
-        (params["b_name"],) = decode_cursor(cursor, (str,))
+        (params["b_name"],) = listing.decode_cursor(cursor, (str,))
         statement = _CATALOG_AT_AFTER
     rows = conn.execute(statement, params).all()
     next_cursor = None
     if len(rows) > n:
         rows = rows[:n]
-        next_cursor = encode_cursor(rows[-1].name)
+        next_cursor = listing.encode_cursor(rows[-1].name)
     items = [
         {
             "name": row.name,

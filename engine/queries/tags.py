@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.errors import ManifestUnknown, NameUnknown, Unsupported
 from engine.domain.events import format_time
-from engine.queries.pages import Page, check_page_size, decode_cursor, encode_cursor
+from engine.queries.pages import Listing, Page, check_page_size
 from engine.tables import events, manifests, repositories, tags
 from engine.tables import tag_history as tag_history_table
 
@@ -205,6 +205,17 @@ def require_repository(conn: Connection, repository: str) -> None:
         raise NameUnknown("repository name not known to registry", {"name": repository})
 
 
+def _tag_listing(repository: str, sort: str) -> Listing:
+    """Return the listing of a repository's tags in ``sort`` order.
+
+    Tags at a point in the log come by name, so a cursor of the present tags
+    by name also continues a listing at a point, and the other way round. The
+    point (``at`` or ``position``) chooses when the listing is read, as the
+    moment of a request for the present tags does.
+    """
+    return Listing("tags", {"repository": repository, "sort": sort})
+
+
 def tag_page(
     conn: Connection,
     repository: str,
@@ -221,16 +232,17 @@ def tag_page(
             {"parameter": "sort", "value": sort, "supported": list(TAG_SORTS)},
         )
     check_page_size(n)
+    listing = _tag_listing(repository, sort)
     params: dict[str, Any] = {"b_repository": repository, "b_limit": n + 1}
     if sort == "name":
         statement = _BY_NAME
         if cursor is not None:
-            (params["b_tag"],) = decode_cursor(cursor, (str,))
+            (params["b_tag"],) = listing.decode_cursor(cursor, (str,))
             statement = _BY_NAME_AFTER
     else:
         statement = _RECENT
         if cursor is not None:
-            (params["b_position"],) = decode_cursor(cursor, (int,))
+            (params["b_position"],) = listing.decode_cursor(cursor, (int,))
             statement = _RECENT_BEFORE
     rows = conn.execute(statement, params).all()
     if not rows and cursor is None:
@@ -240,7 +252,9 @@ def tag_page(
     if len(rows) > n:
         rows = rows[:n]
         last = rows[-1]
-        next_cursor = encode_cursor(last.tag if sort == "name" else last.position)
+        next_cursor = listing.encode_cursor(
+            last.tag if sort == "name" else last.position
+        )
     sizes = content_sizes(conn, repository, rows)
     return Page([_current_json(row, sizes) for row in rows], next_cursor)
 
@@ -281,6 +295,7 @@ def tags_at(
 ) -> Page:
     """List the tags set at ``position``, by name, from the tag history."""
     check_page_size(n)
+    listing = _tag_listing(repository, "name")
     params: dict[str, Any] = {
         "b_repository": repository,
         "b_position": position,
@@ -288,7 +303,7 @@ def tags_at(
     }
     statement = _TAGS_AT
     if cursor is not None:
-        (params["b_tag"],) = decode_cursor(cursor, (str,))
+        (params["b_tag"],) = listing.decode_cursor(cursor, (str,))
         statement = _TAGS_AT_AFTER
     rows = conn.execute(statement, params).all()
     if not rows and cursor is None:
@@ -296,7 +311,7 @@ def tags_at(
     next_cursor = None
     if len(rows) > n:
         rows = rows[:n]
-        next_cursor = encode_cursor(rows[-1].tag)
+        next_cursor = listing.encode_cursor(rows[-1].tag)
     return Page([_history_json(row) for row in rows], next_cursor)
 
 
@@ -311,11 +326,12 @@ def tag_history(
     """List every digest ``name`` pointed to, newest first, each with its
     range of positions and times and who started and ended it."""
     check_page_size(n)
+    listing = Listing("tag history", {"repository": repository, "tag": name})
     params: dict[str, Any] = {"b_repository": repository, "b_tag": name}
     params["b_limit"] = n + 1
     statement = _TAG_HISTORY
     if cursor is not None:
-        (params["b_position"],) = decode_cursor(cursor, (int,))
+        (params["b_position"],) = listing.decode_cursor(cursor, (int,))
         statement = _TAG_HISTORY_BEFORE
     rows = conn.execute(statement, params).all()
     if not rows and cursor is None:
@@ -326,5 +342,5 @@ def tag_history(
     next_cursor = None
     if len(rows) > n:
         rows = rows[:n]
-        next_cursor = encode_cursor(rows[-1].from_position)
+        next_cursor = listing.encode_cursor(rows[-1].from_position)
     return Page([_history_json(row) for row in rows], next_cursor)

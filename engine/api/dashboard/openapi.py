@@ -348,7 +348,8 @@ _PARAMETERS: Final[dict[str, Any]] = {
     "cursor": _query(
         "cursor",
         {"type": "string", "minLength": 1},
-        "The next_cursor of the previous page.",
+        "The next_cursor of the previous page, sent with the same path and"
+        " parameters other than n, at and position.",
     ),
     "min_position": _query(
         "min_position",
