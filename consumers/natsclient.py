@@ -17,7 +17,12 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
-from engine.bus.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL, redact_url
+from engine.bus.connection import (
+    MAX_OUTSTANDING_PINGS,
+    PING_INTERVAL,
+    describe_connection_error,
+    redact_url,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -109,5 +114,5 @@ async def connect_once(url: str, name: str, timeout: float = 5.0) -> Client:
     except NATS_ERRORS as error:
         raise ConnectionError(
             f"cannot connect to NATS at {redact_url(url)}: "
-            f"{error or type(error).__name__}"
+            f"{describe_connection_error(error)}"
         ) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import nats
 import pytest
 from nats.js.api import ConsumerConfig, RetentionPolicy
 
+from consumers.natsclient import connect_once
 from engine.bus import Bus
 from engine.registry import Registry
 from tests.nats import (
@@ -173,6 +175,31 @@ def test_tail_reports_unreachable_server() -> None:
     result = cairn_tail("nats://127.0.0.1:9", "--from", "1")
     assert result.returncode == 1
     assert "cannot connect to NATS at nats://127.0.0.1:9" in result.stderr
+
+
+def test_tail_reports_silent_server() -> None:
+    # The kernel accepts the connection into the backlog, but nothing ever
+    # sends NATS's INFO line.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        result = cairn_tail(url, "--from", "1")
+
+    assert result.returncode == 1
+    assert f"cannot connect to NATS at {url}: timed out" in result.stderr
+
+
+def test_connect_once_names_timeout() -> None:
+    async def connect(url: str) -> None:
+        await connect_once(url, "cairn test", timeout=0.5)
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ConnectionError) as raised:
+            asyncio.run(connect(url))
+
+    assert str(raised.value) == (
+        f"cannot connect to NATS at {url}: timed out: the server sent no response"
+    )
 
 
 def test_tail_reports_missing_stream(nats_server: NatsServer) -> None:

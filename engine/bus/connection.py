@@ -34,6 +34,18 @@ PING_INTERVAL = 10
 MAX_OUTSTANDING_PINGS = 3
 
 
+def describe_connection_error(error: BaseException) -> str:
+    """Return what went wrong in a failed NATS connection, never an empty string.
+
+    nats-py raises a TimeoutError without text when the server accepts the
+    TCP connection but sends no INFO line, and an exception is true even
+    without text, so ``error or type(error).__name__`` gives "" too.
+    """
+    if isinstance(error, TimeoutError) and not str(error):
+        return "timed out: the server sent no response"
+    return str(error) or type(error).__name__
+
+
 def redact_url(url: str) -> str:
     """Remove a user name, password or token from a URL before logging it."""
     parts = urlsplit(url)

@@ -36,6 +36,7 @@ from engine.bus.connection import (
     CONNECTION_ERRORS,
     MAX_OUTSTANDING_PINGS,
     PING_INTERVAL,
+    describe_connection_error,
     redact_url,
 )
 from engine.bus.messages import header_position, is_stand_in
@@ -86,7 +87,7 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
     except CONNECTION_ERRORS as error:
         print(
             f"cairn events tail: cannot connect to NATS at {url}: "
-            f"{error or type(error).__name__}",
+            f"{describe_connection_error(error)}",
             file=sys.stderr,
         )
         return 1
