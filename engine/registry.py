@@ -949,6 +949,7 @@ class BlobService:
                 staged = self._staged(status)
                 self._write_chunks(staged, chunks)
                 staged.flush()
+                staged.release_direct_io()
             except (BlobTooLarge, InsufficientStorage) as error:
                 self._discard_upload(upload_id, error)
                 raise

@@ -144,6 +144,37 @@ def test_blob_unknown_and_delete(registry: Registry) -> None:
     assert event_types(registry) == ["blob.pushed", "blob.deleted"]
 
 
+def _descriptors_of(path: Path) -> int:
+    """Count this process's open file descriptors on ``path``."""
+    count = 0
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            if os.readlink(entry) == str(path):
+                count += 1
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def test_chunk_write_releases_direct_io(registry: Registry) -> None:
+    if not registry.blob_store.direct_io:
+        pytest.skip("the file system does not take O_DIRECT")
+    repo = registry.repository("chunks")
+    data = os.urandom(3 * 1024 * 1024)
+    upload = repo.blobs.create_upload()
+
+    repo.blobs.write_upload(upload.id, [data[: 2 * 1024 * 1024]], start=0)
+
+    # Between chunks only the buffered descriptor stays open, for the
+    # running hash; the O_DIRECT one and its 1 MiB buffer are released.
+    staging = registry.blob_store.paths.staging(upload.id)
+    assert _descriptors_of(staging) == 1
+    repo.blobs.write_upload(upload.id, [data[2 * 1024 * 1024 :]], start=2 * 1024 * 1024)
+    info = repo.blobs.commit_upload(upload.id, Digest.of(data))
+    assert info.size == len(data)
+    assert b"".join(repo.blobs.open(Digest.of(data))) == data
+
+
 def test_chunked_upload_resumes_after_restart(registry: Registry, data_dir) -> None:  # type: ignore[no-untyped-def]
     repo = registry.repository("chunks")
     data = os.urandom(300_000)

@@ -246,6 +246,15 @@ class StagedBlob:
         self.wrote_direct = True
         return True
 
+    def release_direct_io(self) -> None:
+        """Close the O_DIRECT descriptor and drop the aligned buffer.
+
+        An upload between two chunks keeps its staged blob open, so it
+        releases these instead of holding 1 MiB of memory while it waits.
+        The next large write opens them again.
+        """
+        self._release_direct()
+
     def _release_direct(self) -> None:
         if self._direct_fd is not None:
             os.close(self._direct_fd)
