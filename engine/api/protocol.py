@@ -6,7 +6,7 @@ Zero-copy send: every request's scope advertises the ASGI extension
 "count": ..., "more_body": ...}``, and the server copies those bytes from the
 file to the socket with ``os.sendfile`` in a worker thread, so they never pass
 through Python. A client on the loopback interface gets them through a
-64 KiB buffer instead (see LOOPBACK_COPY_BYTES), still off the event loop.
+2 MiB buffer instead (see LOOPBACK_COPY_BYTES), still off the event loop.
 
 Rejected requests: httptools rejects, among others, an unknown method, a
 malformed Content-Length, raw non-ASCII bytes in the path and an invalid
@@ -107,13 +107,14 @@ THREAD_WRITABLE_WAIT_MS: Final = 50
 
 # To a client on the loopback interface the file is copied through a buffer
 # of this size instead of with sendfile. Over loopback the receiver copies
-# the bytes straight out of the page-cache pages that sendfile queued, and
-# those are cold in the CPU caches. A socket write queues a copy that is
-# still warm. A Python client reading 256 MiB with recv_into(1 MiB) got
-# about 1,650 MiB/s from sendfile and 2,550 to 2,900 MiB/s from 64 KiB
-# writes (2 vCPUs, Linux 6.18 under Firecracker). Over a real network
-# sendfile saves the server that copy.
-LOOPBACK_COPY_BYTES: Final = 64 * 1024
+# the bytes straight out of the page-cache pages that sendfile queued, which
+# costs it more than copying from the socket buffers a write fills. Pulls of
+# a cached 256 MiB blob with the benchmark's client (2 vCPUs, Linux 6.18
+# under Firecracker) ran at a median of 1,980 MiB/s with sendfile (12 pulls),
+# 1,360 with 64 KiB writes (24), 2,350 with 1 MiB (36), 2,460 with 2 MiB and
+# 2,610 with 4 MiB (12 each): fewer, larger writes wake the receiver less
+# often. Over a real network sendfile saves the server that copy.
+LOOPBACK_COPY_BYTES: Final = 2 * 1024 * 1024
 
 # Bytes of request body received before the socket stops being read until
 # the app takes them. uvicorn's own limit is 64 KiB.
