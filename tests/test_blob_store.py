@@ -272,7 +272,7 @@ def test_page_cache_warmer_runs_at_low_priority(tmp_path: Path) -> None:
     assert store_module.WARM_NICE in niceness
 
 
-def test_page_cache_warmer_goes_on_after_a_removed_blob(tmp_path: Path) -> None:
+def test_page_cache_warmer_survives_removed_blob(tmp_path: Path) -> None:
     warmer = store_module.PageCacheWarmer()
     blob = tmp_path / "blob"
     blob.write_bytes(b"x" * 10)

@@ -108,12 +108,13 @@ THREAD_WRITABLE_WAIT_MS: Final = 50
 # To a client on the loopback interface the file is copied through a buffer
 # of this size instead of with sendfile. Over loopback the receiver copies
 # the bytes straight out of the page-cache pages that sendfile queued, which
-# costs it more than copying from the socket buffers a write fills. Pulls of
-# a cached 256 MiB blob with the benchmark's client (2 vCPUs, Linux 6.18
-# under Firecracker) ran at a median of 1,980 MiB/s with sendfile (12 pulls),
-# 1,360 with 64 KiB writes (24), 2,350 with 1 MiB (36), 2,460 with 2 MiB and
-# 2,610 with 4 MiB (12 each): fewer, larger writes wake the receiver less
-# often. Over a real network sendfile saves the server that copy.
+# costs it more than copying from the socket buffers a write fills. Fewer,
+# larger writes also wake the receiver less often. Pulls of a cached 256 MiB
+# blob with the benchmark's client (2 vCPUs, Linux 6.18 under Firecracker)
+# ran at these medians: 1,980 MiB/s with sendfile (12 pulls), 1,360 with
+# 64 KiB writes (24 pulls), 2,350 with 1 MiB (36), 2,460 with 2 MiB (12)
+# and 2,610 with 4 MiB (12). Over a real network sendfile saves the server
+# that copy.
 LOOPBACK_COPY_BYTES: Final = 2 * 1024 * 1024
 
 # Bytes of request body received before the socket stops being read until

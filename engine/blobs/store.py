@@ -80,8 +80,8 @@ DIRECT_BUFFER_BYTES: Final = 1024 * 1024
 # One thread reads committed blobs back into the page cache (see the module
 # docstring) at this nice value, so that uploads and downloads come first.
 WARM_NICE: Final = 10
-# Blobs waiting to be read back at most. When uploads arrive faster than the
-# thread reads, later blobs are not read back.
+# Maximum number of blobs waiting to be read back. When uploads arrive faster
+# than the thread reads, the blobs that find the queue full are skipped.
 WARM_QUEUE_LIMIT: Final = 8
 
 # Maximum number of renames a commit tries when garbage collection keeps
