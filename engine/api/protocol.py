@@ -1,4 +1,4 @@
-"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with five additions.
+"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with six additions.
 
 Zero-copy send: every request's scope advertises the ASGI extension
 ``http.response.zerocopysend``. After ``http.response.start`` the app may send
@@ -45,11 +45,16 @@ a response that ends it while no request body arrives, sends close_notify and
 closes its TCP connection without waiting for the client's close_notify (see
 _close_without_close_notify_wait).
 
+Uncopied request bodies: the app receives the body from a PendingBody, which
+keeps the parser's bytes objects, instead of from uvicorn's bytearray (see
+engine/api/pending_body.py).
+
 The class depends on internals of uvicorn 0.55's
 ``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``,
 ``data_received`` (replacing the latter's error handling), ``shutdown``
-(repeating its check of the cycle) and ``timeout_keep_alive_handler``, calls
-private helpers of the base class, and reads and sets the state of
+(repeating its check of the cycle) and ``timeout_keep_alive_handler``,
+replaces the receive callable of ``RequestResponseCycle``, calls private
+helpers of the base class, and reads and sets the state of
 ``RequestResponseCycle``, of the pipeline queue and of ``FlowControl``.
 pyproject.toml pins uvicorn to the minor version it was checked against.
 """
@@ -64,6 +69,7 @@ import re
 import select
 import struct
 import termios
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -88,6 +94,7 @@ from uvicorn.protocols.utils import is_ssl
 from engine.api.app import API_VERSION_HEADER, IDLE_TIMEOUT, ZEROCOPY_SEND
 from engine.api.errors import ErrorCode, error_body
 from engine.api.options import DEFAULT_READ_IDLE_TIMEOUT, DEFAULT_WRITE_IDLE_TIMEOUT
+from engine.api.pending_body import PendingBody, receive_from
 from engine.api.threads import ThreadPool
 
 log = structlog.get_logger(__name__)
@@ -111,9 +118,9 @@ THREAD_WRITABLE_WAIT_MS: Final = 50
 # costs it more than copying from the socket buffers a write fills. Fewer,
 # larger writes also wake the receiver less often. Pulls of a cached 256 MiB
 # blob with the benchmark's client (2 vCPUs, Linux 6.18 under Firecracker)
-# ran at these medians: 1,980 MiB/s with sendfile (12 pulls), 1,360 with
-# 64 KiB writes (24 pulls), 2,350 with 1 MiB (36), 2,460 with 2 MiB (12)
-# and 2,610 with 4 MiB (12). Over a real network sendfile saves the server
+# ran at a median of 1,980 MiB/s with sendfile (12 pulls). With writes of
+# 64 KiB they ran at 1,360 (24 pulls), of 1 MiB at 2,350 (36), of 2 MiB at
+# 2,460 (12) and of 4 MiB at 2,610 (12). Over a real network sendfile saves the server
 # that copy.
 LOOPBACK_COPY_BYTES: Final = 2 * 1024 * 1024
 
@@ -224,6 +231,11 @@ class CairnHttpProtocol(HttpToolsProtocol):
         # The cycle whose app task runs now. self.cycle is the last request
         # parsed, which may still wait in self.pipeline.
         self._running_cycle: RequestResponseCycle | None = None
+        # Each cycle's body bytes not yet received by its app; see
+        # engine/api/pending_body.py.
+        self._pending_bodies: weakref.WeakKeyDictionary[
+            RequestResponseCycle, PendingBody
+        ] = weakref.WeakKeyDictionary()
         # The head of the request being parsed, kept while the request
         # started at the beginning of a received chunk, so a rejection can
         # quote the offending part. None when that is not known.
@@ -366,10 +378,17 @@ class CairnHttpProtocol(HttpToolsProtocol):
         ):
             return
         self._body_received += len(body)
-        cycle.body += body
-        if len(cycle.body) > BODY_BUFFER_LIMIT:
+        pending = self._pending_body(cycle)
+        pending.append(body)
+        if pending.size > BODY_BUFFER_LIMIT:
             self.flow.pause_reading()
         cycle.message_event.set()
+
+    def _pending_body(self, cycle: RequestResponseCycle) -> PendingBody:
+        pending = self._pending_bodies.get(cycle)
+        if pending is None:
+            pending = self._pending_bodies[cycle] = PendingBody()
+        return pending
 
     def _start_asgi_task(
         self, cycle: RequestResponseCycle, app: ASGI3Application
@@ -380,7 +399,22 @@ class CairnHttpProtocol(HttpToolsProtocol):
         cycle.transport = _LingeringClose(self.transport, self._close_after_response)  # type: ignore[assignment]
         if self._zerocopy:
             app = self._with_zerocopy(cycle, app)
+        app = self._with_pending_body(cycle, app)
         super()._start_asgi_task(cycle, app)
+
+    def _with_pending_body(
+        self, cycle: RequestResponseCycle, app: ASGI3Application
+    ) -> ASGI3Application:
+        """Wrap ``app`` so that it receives the body from the cycle's
+        PendingBody instead of from uvicorn's bytearray."""
+        receive = receive_from(cycle, self._pending_body(cycle))
+
+        async def app_with_pending_body(
+            scope: Scope, _receive: ASGIReceiveCallable, send: ASGISendCallable
+        ) -> None:
+            await app(scope, receive, send)
+
+        return app_with_pending_body
 
     def on_response_complete(self) -> None:
         if self.transport.get_write_buffer_size() > 0:

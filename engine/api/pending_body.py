@@ -1,0 +1,66 @@
+"""Request body bytes on their way from the HTTP parser to the app.
+
+uvicorn's ``RequestResponseCycle`` appends every piece of body that the
+parser delivers to a bytearray, and its ``receive`` hands the app a bytes
+copy of that bytearray. That makes two copies of each uploaded byte on the
+event loop, on top of the parser's own. PendingBody keeps the parser's bytes objects
+instead and hands the app the only one, or their join when several arrived
+since its last receive.
+"""
+
+from __future__ import annotations
+
+from uvicorn._types import ASGIReceiveCallable, ASGIReceiveEvent
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+
+class PendingBody:
+    """Body bytes that the parser delivered and the app has not received."""
+
+    __slots__ = ("_parts", "size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def append(self, body: bytes) -> None:
+        self._parts.append(body)
+        self.size += len(body)
+
+    def take(self) -> bytes:
+        """Remove and return everything appended since the last take."""
+        parts = self._parts
+        self._parts = []
+        self.size = 0
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+
+def receive_from(cycle: RequestResponseCycle, body: PendingBody) -> ASGIReceiveCallable:
+    """Return the ASGI receive callable of ``cycle``, reading ``body``.
+
+    It does what ``RequestResponseCycle.receive`` of uvicorn 0.55 does, but
+    takes the body from ``body``. It sends 100 Continue when the client
+    waits for it, lets the socket be read again and waits for body bytes or
+    the end of the message. Once the client has gone or the response is
+    complete, it returns ``http.disconnect``.
+    """
+
+    async def receive() -> ASGIReceiveEvent:
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        if not cycle.disconnected and not cycle.response_complete:
+            cycle.flow.resume_reading()
+            await cycle.message_event.wait()
+            cycle.message_event.clear()
+        if cycle.disconnected or cycle.response_complete:
+            return {"type": "http.disconnect"}
+        return {
+            "type": "http.request",
+            "body": body.take(),
+            "more_body": cycle.more_body,
+        }
+
+    return receive
