@@ -941,7 +941,10 @@ def _send_until_blocked(
     ECONNRESET) when the client has gone, and OSError when the file ends
     before ``count`` bytes.
     """
-    send_some = _copier(sock_fd, file_fd) if copy else _sendfiler(sock_fd, file_fd)
+    if copy:
+        send_some = _copier(sock_fd, file_fd, count - transfer.sent)
+    else:
+        send_some = _sendfiler(sock_fd, file_fd)
     poller = select.poll()
     poller.register(sock_fd, select.POLLOUT)
     while transfer.sent < count and not stopped():
@@ -967,17 +970,19 @@ def _sendfiler(sock_fd: int, file_fd: int) -> Callable[[int, int], int]:
     return send_some
 
 
-def _copier(sock_fd: int, file_fd: int) -> Callable[[int, int], int]:
-    """Return a send step that copies through one buffer. Bytes read but not
-    yet written stay in the buffer for the next step, which is always asked
-    for the position right after the bytes written so far."""
-    buffer = memoryview(bytearray(LOOPBACK_COPY_BYTES))
+def _copier(sock_fd: int, file_fd: int, total: int) -> Callable[[int, int], int]:
+    """Return a send step that copies through one buffer, of at most
+    LOOPBACK_COPY_BYTES and no larger than the ``total`` bytes left to send.
+    Bytes read but not yet written stay in the buffer for the next step,
+    which is always asked for the position right after the bytes written so
+    far."""
+    buffer = memoryview(bytearray(min(LOOPBACK_COPY_BYTES, total)))
     pending = buffer[:0]
 
     def send_some(position: int, remaining: int) -> int:
         nonlocal pending
         if not pending:
-            wanted = min(LOOPBACK_COPY_BYTES, remaining)
+            wanted = min(len(buffer), remaining)
             read = os.preadv(file_fd, [buffer[:wanted]], position)
             if read == 0:
                 return 0
