@@ -135,6 +135,10 @@ def test_config_rejects(endpoint: dict[str, Any], message: str) -> None:
         ({"nats": {"stream": "bad.name"}}, "[nats] stream: invalid stream name"),
         ({"nats": {"stream": 5}}, "[nats] stream: invalid stream name 5"),
         ({"nats": {"subject_prefix": "a.>"}}, "[nats] subject_prefix: invalid"),
+        ({"nats": {"url": "junk"}}, "[nats] url: invalid NATS URL 'junk'"),
+        ({"nats": {"url": "http://127.0.0.1:4222"}}, "[nats] url: invalid NATS URL"),
+        ({"nats": {"url": "nats://127.0.0.1:99999"}}, "[nats] url: invalid NATS URL"),
+        ({"nats": {"url": 4222}}, "[nats] url"),
         (
             {"dead_letters": {"stream": "x" * 33}},
             "[dead_letters] stream: invalid stream name",
@@ -150,6 +154,21 @@ def test_config_rejects_bus_names(document: dict[str, Any], message: str) -> Non
         parse_config({**endpoint_config(), **document})
 
     assert message in str(error.value)
+
+
+def test_config_error_hides_nats_password() -> None:
+    document = {**endpoint_config(), "nats": {"url": "ftp://user:s3cret@host:4222"}}
+    with pytest.raises(ConfigError) as error:
+        parse_config(document)
+
+    assert "[nats] url" in str(error.value)
+    assert "s3cret" not in str(error.value)
+
+
+def test_config_keeps_valid_nats_url() -> None:
+    document = {**endpoint_config(), "nats": {"url": "tls://nats.internal:4443"}}
+
+    assert parse_config(document).nats_url == "tls://nats.internal:4443"
 
 
 def test_config_error_hides_header_value() -> None:

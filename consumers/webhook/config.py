@@ -38,6 +38,7 @@ that every delivery sets itself, such as Content-Type or Cairn-Signature.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -53,6 +54,7 @@ from engine.bus.subjects import (
     validate_prefix,
     validate_stream_name,
 )
+from engine.config import parse_nats_url
 from engine.domain.events import EventType
 
 PayloadFormat = Literal["distribution", "cloudevents"]
@@ -221,9 +223,12 @@ def parse_config(document: dict[str, Any], base_dir: Path = Path()) -> WebhookCo
     registry_url = _optional_str(registry, "url", "[registry]")
     if registry_url is not None:
         registry_url = _http_url(registry_url, "[registry] url").rstrip("/")
+    nats_url = _optional_str(nats, "url", "[nats]")
+    if nats_url is not None:
+        nats_url = _nats_url(nats_url, "[nats] url")
     return WebhookConfig(
         endpoints=endpoints,
-        nats_url=_optional_str(nats, "url", "[nats]"),
+        nats_url=nats_url,
         stream=_stream_name(nats.get("stream", DEFAULT_STREAM), "[nats] stream"),
         subject_prefix=_prefix(
             nats.get("subject_prefix", DEFAULT_SUBJECT_PREFIX), "[nats] subject_prefix"
@@ -448,6 +453,13 @@ def _repository_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
     return patterns
+
+
+def _nats_url(value: str, where: str) -> str:
+    try:
+        return parse_nats_url(value)
+    except argparse.ArgumentTypeError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _http_url(value: str, where: str) -> str:
