@@ -649,6 +649,9 @@ def test_second_serve_rejects_store(tmp_path: Path) -> None:
         assert f"--nats {nats_url}" in message
         assert "--no-nats" in message
         assert second.logged_error("bus_start_failed") is not None
+        # A server that never served must not have said that it listens.
+        assert "listening on" not in second.stdout
+        assert "server_started" not in [line.get("event") for line in second.log_events]
 
         assert first.process.poll() is None
         with httpx.Client(base_url=first.url, timeout=30) as client:

@@ -205,15 +205,17 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
 
     database = sa.make_url(registry.database.url).render_as_string(hide_password=True)
-    print(f"cairn listening on {_display_url(host, port, scheme)}", flush=True)
-    print(f"data directory {data_dir}, database {database}", flush=True)
-    log.info(
-        "server_started",
-        url=_display_url(host, port, scheme),
-        data_dir=str(data_dir),
-        database=database,
-        max_blob_size=registry.max_blob_size,
-    )
+
+    def announce() -> None:
+        print(f"cairn listening on {_display_url(host, port, scheme)}", flush=True)
+        print(f"data directory {data_dir}, database {database}", flush=True)
+        log.info(
+            "server_started",
+            url=_display_url(host, port, scheme),
+            data_dir=str(data_dir),
+            database=database,
+            max_blob_size=registry.max_blob_size,
+        )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         # uvicorn installs its own handlers while it serves and raises the
@@ -228,7 +230,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=_event_loop_factory(tls_context)) as runner:
             expiry = timedelta(hours=args.upload_expiry)
-            runner.run(_run(server, sock, bus, registry, expiry))
+            runner.run(_run(server, sock, bus, registry, expiry, announce))
     except (NatsServerNotFound, EmbeddedNatsError) as error:
         log.error("bus_start_failed", error=str(error))
         print(f"cairn: cannot start the embedded NATS server: {error}", file=sys.stderr)
@@ -262,8 +264,15 @@ async def _run(
     bus: Bus,
     registry: Registry,
     upload_expiry: timedelta,
+    announce: Callable[[], None],
 ) -> None:
+    """Start the bus, then call ``announce`` and serve until a signal stops it.
+
+    A server whose embedded NATS server fails to start never announces that
+    it listens, although its socket is already bound.
+    """
     await bus.start()
+    announce()
     purger = asyncio.create_task(_purge_uploads(registry, upload_expiry))
     try:
         if not server.should_exit:
