@@ -318,7 +318,40 @@ class Registry:
                 staging_files=len(removed),
                 older_than=str(older_than),
             )
+        if not dry_run:
+            self._close_staged_without_session()
         return UploadPurge(sorted(stale), removed)
+
+    def _close_staged_without_session(self) -> None:
+        """Close the open staging files of uploads whose session is gone.
+
+        Another process (cairn gc, or another cairn serve on the same
+        database) may delete a session and unlink its staging file while this
+        process has the file open, and an open file keeps its disk space.
+        An upload whose lock is taken is being written now, so the next purge
+        checks it.
+        """
+        for upload_id in list(self._staged):
+            with self._upload_locks_guard:
+                lock = self._upload_locks.get(upload_id)
+            if lock is None or not lock.acquire(blocking=False):
+                continue
+            try:
+                if upload_id not in self._staged:
+                    continue
+                with self.database.read() as conn:
+                    session = conn.execute(
+                        sa.select(uploads.c.id).where(uploads.c.id == upload_id)
+                    ).first()
+                if session is None:
+                    log.info(
+                        "staging_file_closed",
+                        upload=upload_id,
+                        reason="session deleted",
+                    )
+                    self._forget_upload(upload_id)
+            finally:
+                lock.release()
 
     def upload_lock(self, upload_id: str) -> threading.Lock:
         with self._upload_locks_guard:

@@ -651,6 +651,46 @@ def test_purge_stale_uploads(registry: Registry) -> None:
     assert repo.blobs.upload_status(fresh.id).offset == 0
 
 
+def _open_deleted_files(directory: Path) -> list[str]:
+    """Return the deleted files under ``directory`` that this process has open."""
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except FileNotFoundError:
+            continue
+    prefix = f"{directory}/"
+    return [t for t in targets if t.startswith(prefix) and t.endswith(" (deleted)")]
+
+
+def test_purge_closes_externally_purged_upload(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    repo = registry.repository("purged-elsewhere")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"x" * 4096])
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(uploads)
+            .where(uploads.c.id == upload.id)
+            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
+        )
+    # cairn gc, a process of its own, expires the session and unlinks the
+    # staging file that this registry still has open.
+    gc_registry = Registry.open(data_dir, database_url)
+    try:
+        assert gc_registry.purge_uploads(timedelta(days=1)).sessions == [upload.id]
+    finally:
+        gc_registry.database.dispose()
+    staging_dir = registry.blob_store.paths.staging_dir
+    assert _open_deleted_files(staging_dir) != []
+
+    # The hourly purge of cairn serve, with its own longer expiry.
+    registry.purge_uploads(timedelta(days=7))
+
+    assert _open_deleted_files(staging_dir) == []
+
+
 def test_catalog_counts_and_sizes(registry: Registry) -> None:
     from engine.domain.events import Actor
 
