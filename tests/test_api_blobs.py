@@ -72,6 +72,9 @@ def test_blob_head_and_get(api: httpx.Client) -> None:
         ("bytes=0-0", 0, 1),
         ("bytes=0-18446744073709551616", 0, 3000),
         ("bytes=-99999999999999999999999", 0, 3000),
+        # Range unit names are case-insensitive (RFC 9110 section 14.1).
+        ("Bytes=10-19", 10, 20),
+        ("BYTES=-5", 2995, 3000),
     ],
 )
 def test_blob_range(api: httpx.Client, header: str, start: int, end: int) -> None:

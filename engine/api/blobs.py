@@ -18,7 +18,8 @@ log = structlog.get_logger(__name__)
 
 # Each number may have up to 100 digits and is read as it is. A start past
 # the end then gets a 416 and a large end is clamped. Longer is malformed.
-_RANGE: Final = re.compile(r"bytes=([0-9]{0,100})-([0-9]{0,100})")
+# Range unit names are case-insensitive (RFC 9110 section 14.1).
+_RANGE: Final = re.compile(r"bytes=([0-9]{0,100})-([0-9]{0,100})", re.IGNORECASE)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
