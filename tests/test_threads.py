@@ -124,3 +124,33 @@ def test_idle_threads_exit(monkeypatch: pytest.MonkeyPatch) -> None:
 
     # The pool starts new threads for later calls.
     assert asyncio.run(pool.run(lambda: 7)) == 7
+
+
+def test_calls_after_queued_calls_and_idle_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(threads, "IDLE_THREAD_SECONDS", 0.05)
+    pool = ThreadPool(2, "backlog")
+
+    async def run_batch() -> None:
+        # Six of the eight calls wait in the queue for one of the two threads.
+        calls = (pool.run(time.sleep, 0.01) for _ in range(8))
+        await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
+
+    asyncio.run(run_batch())
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("backlog-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "idle threads still running"
+        time.sleep(0.05)
+
+    # Every thread has exited, so the pool must start a new one for this
+    # call. A call that no thread takes waits for ever, and a cancelled one
+    # too, so it runs in a thread of its own that the test stops waiting for.
+    results: list[int] = []
+    caller = threading.Thread(
+        target=lambda: results.append(asyncio.run(pool.run(lambda: 7))),
+        daemon=True,
+    )
+    caller.start()
+    caller.join(10)
+    assert results == [7]

@@ -73,6 +73,9 @@ class ThreadPool:
         self._threads = 0
         # Threads waiting for a call that no caller has reserved yet.
         self._idle = 0
+        # Calls queued while every thread was busy. A thread that finishes a
+        # call takes one of these before it counts as idle.
+        self._backlog = 0
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(*args)`` in a thread of the pool and return its result.
@@ -96,6 +99,7 @@ class ThreadPool:
                 self._idle -= 1
                 return
             if self._threads >= self.size:
+                self._backlog += 1
                 return
             self._threads += 1
         thread = threading.Thread(
@@ -119,7 +123,10 @@ class ThreadPool:
             _run_call(call)
             del call
             with self._lock:
-                self._idle += 1
+                if self._backlog > 0:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
 
 
 def _run_call(call: _Call[Any]) -> None:
