@@ -14,7 +14,10 @@ import structlog
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """Configure structlog and the standard library's root logger.
 
-    ``json`` defaults to True unless standard error is a terminal.
+    ``json`` defaults to True unless standard error is a terminal. Records
+    of the standard library's loggers, such as uvicorn's and nats-py's, are
+    rendered in the same format, with the logger's name in ``logger``, so
+    that JSON output stays one JSON object per line.
     """
     if json is None:
         json = not sys.stderr.isatty()
@@ -44,7 +47,26 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr)
+    # ProcessorFormatter needs a renderer that returns str, not bytes.
+    text_renderer = structlog.processors.JSONRenderer() if json else renderer
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                text_renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(numeric_level, logging.WARNING))
 
 
 def _json_line(event: dict[str, Any], **options: Any) -> bytes:
