@@ -33,6 +33,7 @@ import uvicorn
 import uvloop
 
 from engine.api.app import create_app
+from engine.api.pending_body import MAX_PENDING_PARTS
 from engine.api.protocol import CairnHttpProtocol
 from engine.api.server import bind_socket
 from engine.domain.digest import Digest
@@ -514,6 +515,36 @@ def test_invalid_chunk_in_request_body(serve: ServeProcess) -> None:
     assert error["code"] == "UNSUPPORTED"
     assert error["message"] == "invalid chunked request body"
     assert error["detail"]["part"] == "body"
+
+
+def test_body_of_one_byte_chunks(serve: ServeProcess) -> None:
+    # Each chunk reaches the app as its own piece of body, so the server
+    # stops reading after MAX_PENDING_PARTS of them until the app takes them.
+    data = os.urandom(3 * MAX_PENDING_PARTS + 7)
+    started = httpx.post(f"{serve.url}/v2/library/tiny/blobs/uploads/", timeout=30)
+    assert started.status_code == 202
+    location = httpx.URL(serve.url).join(started.headers["Location"])
+    target = location.raw_path.decode()
+    chunks = b"".join(b"1\r\n" + data[i : i + 1] + b"\r\n" for i in range(len(data)))
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(
+            request_bytes("PATCH", target, "Transfer-Encoding: chunked")
+            + chunks
+            + b"0\r\n\r\n"
+        )
+        patched = read_response(reader, "PATCH")
+
+    assert patched.status == 202, patched.body
+    assert patched.headers["range"] == f"0-{len(data) - 1}"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    # The Location names the Host header's 127.0.0.1 without the port.
+    next_path = httpx.URL(patched.headers["location"]).raw_path.decode()
+    finished = httpx.put(
+        f"{serve.url}{next_path}", params={"digest": digest}, timeout=30
+    )
+    assert finished.status_code == 201, finished.text
+    pulled = httpx.get(f"{serve.url}/v2/library/tiny/blobs/{digest}", timeout=30)
+    assert pulled.content == data
 
 
 def _assert_headers_too_large(response: RawResponse) -> None:

@@ -10,8 +10,19 @@ since its last receive.
 
 from __future__ import annotations
 
+from typing import Final
+
 from uvicorn._types import ASGIReceiveCallable, ASGIReceiveEvent
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+# Bytes of body received before the server stops reading the socket until
+# the app takes them. Upload bodies go to disk in 1 MiB buffers, and
+# uvicorn's own limit is 64 KiB.
+MAX_PENDING_BYTES: Final = 1024 * 1024
+# Pieces of body received before the server stops reading likewise. A
+# chunked body of tiny chunks would otherwise hold one bytes object, about
+# 34 bytes with its header, and a list slot for each byte of body.
+MAX_PENDING_PARTS: Final = 1024
 
 
 class PendingBody:
@@ -26,6 +37,12 @@ class PendingBody:
     def append(self, body: bytes) -> None:
         self._parts.append(body)
         self.size += len(body)
+
+    @property
+    def full(self) -> bool:
+        """Whether the server should stop reading until the app takes the
+        body: more than MAX_PENDING_BYTES or MAX_PENDING_PARTS wait."""
+        return self.size > MAX_PENDING_BYTES or len(self._parts) > MAX_PENDING_PARTS
 
     def take(self) -> bytes:
         """Remove and return everything appended since the last take."""

@@ -124,10 +124,6 @@ THREAD_WRITABLE_WAIT_MS: Final = 50
 # that copy.
 LOOPBACK_COPY_BYTES: Final = 2 * 1024 * 1024
 
-# Bytes of request body received before the socket stops being read until
-# the app takes them. uvicorn's own limit is 64 KiB.
-BODY_BUFFER_LIMIT: Final = 1024 * 1024
-
 # Maximum bytes of one request's header names and values. A longer head
 # gets a 431, so a client cannot make the server hold headers of any size.
 MAX_HEADER_BYTES: Final = 64 * 1024
@@ -370,8 +366,8 @@ class CairnHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         # uvicorn's own on_body stops reading the socket once 64 KiB wait
-        # for the app. Upload bodies go to disk in 1 MiB buffers, so this
-        # lets up to BODY_BUFFER_LIMIT gather first.
+        # for the app. This one lets up to MAX_PENDING_BYTES gather first
+        # (see PendingBody.full).
         cycle = self.cycle
         if cycle.response_complete or (
             self.parser.should_upgrade() and self._should_upgrade()
@@ -380,7 +376,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._body_received += len(body)
         pending = self._pending_body(cycle)
         pending.append(body)
-        if pending.size > BODY_BUFFER_LIMIT:
+        if pending.full:
             self.flow.pause_reading()
         cycle.message_event.set()
 
