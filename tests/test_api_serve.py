@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -227,3 +229,61 @@ def test_serve_accepts_once_address_printed(
         assert served.stop() == 0
     finally:
         served.kill()
+
+
+def test_download_cut_at_shutdown_is_logged(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    serve = start_serve(
+        data_dir,
+        database_url,
+        log_path,
+        "--shutdown-timeout",
+        "0.5",
+        "--write-idle-timeout",
+        "0",
+    )
+    try:
+        data = os.urandom(32 * 1024 * 1024)
+        digest = Digest.of(data)
+        pushed = httpx.post(
+            f"{serve.url}/v2/library/app/blobs/uploads/",
+            params={"digest": str(digest)},
+            content=data,
+            timeout=60,
+        )
+        assert pushed.status_code == 201
+        port = int(serve.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                f"GET /v2/library/app/blobs/{digest} HTTP/1.1\r\n"
+                "Host: 127.0.0.1\r\n\r\n".encode()
+            )
+            # Read a little, then stop, so that the download is still
+            # running when the shutdown timeout ends.
+            assert sock.recv(65536)
+            time.sleep(0.5)
+            assert serve.stop(signal.SIGTERM) == 0
+    finally:
+        serve.kill()
+
+    finished = [
+        line
+        for line in _log_events(log_path)
+        if line.get("event") == "request_finished"
+        and line.get("path") == f"/v2/library/app/blobs/{digest}"
+    ]
+    assert len(finished) == 1, finished
+    assert finished[0]["cancelled"] is True
+    assert 0 < finished[0]["bytes_out"] < len(data)
+
+
+def _log_events(path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events

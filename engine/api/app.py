@@ -175,10 +175,17 @@ class RegistryApp:
             idle_timeout["request_id"] = request.request_id
         status = 500
         route = "unmatched"
+        cancelled = False
         try:
             response, route = await self._dispatch(request)
             status = response.status
             await self._send(request, response, send)
+        except asyncio.CancelledError:
+            # A shutdown whose timeout ended while this request ran. The log
+            # keeps the response's status, and uvicorn sends a 500 when no
+            # response had started.
+            cancelled = True
+            raise
         except ClientDisconnected:
             # nginx's code for a client that closed the connection first, and
             # here also for one that stopped reading until the write idle
@@ -210,6 +217,7 @@ class RegistryApp:
                 duration_ms=round(elapsed * 1000, 3),
                 request_id=request.request_id,
                 remote=request.actor.address,
+                **({"cancelled": True} if cancelled else {}),
             )
             if self.state.metrics is not None:
                 self.state.metrics.observe(
@@ -335,10 +343,13 @@ async def _send_file(
         }
         try:
             await send(message)
-        except OSError as error:
-            # engine.api.protocol's errors carry the bytes of the range that
-            # went out before the failure.
+        except (OSError, asyncio.CancelledError) as error:
+            # engine.api.protocol's errors, and the CancelledError of a send
+            # that a shutdown ended, carry the bytes of the range that went
+            # out before it.
             request.bytes_out += getattr(error, "bytes_sent", 0)
+            if isinstance(error, asyncio.CancelledError):
+                raise
             if isinstance(error, ConnectionError):
                 reason = "client disconnected during the response"
                 raise ClientDisconnected(reason) from error

@@ -505,7 +505,8 @@ class CairnHttpProtocol(HttpToolsProtocol):
         first. Then worker threads run os.sendfile on a duplicate of the
         socket's descriptor, and the event loop waits whenever a thread finds
         the socket unwritable for THREAD_WRITABLE_WAIT_MS. Raises
-        ConnectionClosed or FileSendFailed with the bytes sent so far.
+        ConnectionClosed or FileSendFailed with the bytes sent so far, and
+        lets CancelledError through with them in ``bytes_sent``.
         """
         await self._flush_transport()
         if self._connection_lost or self.transport.is_closing():
@@ -544,6 +545,11 @@ class CairnHttpProtocol(HttpToolsProtocol):
             ) from error
         except OSError as error:
             raise FileSendFailed(str(error), transfer.sent) from error
+        except asyncio.CancelledError as error:
+            # A shutdown that ends in-flight requests cancels this send. The
+            # app logs the bytes that went out, as for the errors above.
+            error.bytes_sent = transfer.sent  # type: ignore[attr-defined]
+            raise
         finally:
             self._transfer = None
             os.close(sock_fd)
