@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import socket
 import ssl
@@ -62,6 +63,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class _SkipCancelledRequests(logging.Filter):
+    """Drop uvicorn's error record for a request task that was cancelled.
+
+    When the shutdown timeout ends, uvicorn cancels the requests still
+    running and logs "Exception in ASGI application" with the
+    CancelledError's traceback for each. The app's request_finished line
+    already reports such a request with ``cancelled``.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
 
 
 def _display_url(host: str, port: int, scheme: str = "http") -> str:
@@ -125,6 +140,7 @@ def serve(args: argparse.Namespace) -> int:
     if usage_error is not None:
         print(f"cairn serve: {usage_error}", file=sys.stderr)
         return 2
+    logging.getLogger("uvicorn.error").addFilter(_SkipCancelledRequests())
     try:
         authenticator = _load_authenticator(args.auth_file)
     except AuthFileError as error:
