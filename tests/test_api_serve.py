@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -10,13 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from engine.domain.digest import Digest
-from tests.server import ServeProcess, start_serve
+from tests.server import ServeProcess, log_records, start_serve
 
 
 @pytest.fixture
@@ -268,25 +266,12 @@ def test_download_cut_at_shutdown_is_logged(
     finally:
         serve.kill()
 
-    finished = [
-        line
-        for line in _log_events(log_path)
-        if line.get("event") == "request_finished"
-        and line.get("path") == f"/v2/library/app/blobs/{digest}"
-    ]
+    finished = log_records(
+        log_path, "request_finished", path=f"/v2/library/app/blobs/{digest}"
+    )
     assert len(finished) == 1, finished
     assert finished[0]["cancelled"] is True
     assert 0 < finished[0]["bytes_out"] < len(data)
     # The request_finished line reports the cancellation, so uvicorn's
     # error record with the CancelledError traceback is left out.
     assert "Exception in ASGI application" not in log_path.read_text()
-
-
-def _log_events(path: Path) -> list[dict[str, Any]]:
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
-    return events

@@ -649,7 +649,7 @@ def test_second_serve_rejects_store(tmp_path: Path) -> None:
         assert f"--nats {nats_url}" in message
         assert "--no-nats" in message
         assert second.logged_error("bus_start_failed") is not None
-        # A server that never served must not have said that it listens.
+        # A server that never served must not print that it listens.
         assert "listening on" not in second.stdout
         assert "server_started" not in [line.get("event") for line in second.log_events]
 

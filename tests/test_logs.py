@@ -53,7 +53,7 @@ def test_json_format_renders_stdlib_records_as_json() -> None:
     assert own["port"] == 5000
 
 
-def test_console_format_renders_stdlib_records_on_one_line() -> None:
+def test_console_format_renders_stdlib_records() -> None:
     lines = _stderr_lines("console")
 
     first = lines[0]

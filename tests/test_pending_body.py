@@ -10,9 +10,9 @@ def test_single_part_is_handed_over_uncopied() -> None:
     part = b"x" * 70_000
     pending.append(part)
 
-    taken = pending.take()
+    received = pending.take()
 
-    assert taken is part
+    assert received is part
     assert pending.size == 0
 
 

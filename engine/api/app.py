@@ -343,13 +343,15 @@ async def _send_file(
         }
         try:
             await send(message)
-        except (OSError, asyncio.CancelledError) as error:
-            # engine.api.protocol's errors, and the CancelledError of a send
-            # that a shutdown ended, carry the bytes of the range that went
-            # out before it.
+        except asyncio.CancelledError as error:
+            # engine.api.protocol sets bytes_sent on the CancelledError of a
+            # send that a shutdown ended.
             request.bytes_out += getattr(error, "bytes_sent", 0)
-            if isinstance(error, asyncio.CancelledError):
-                raise
+            raise
+        except OSError as error:
+            # engine.api.protocol's errors carry the bytes of the range that
+            # went out before the failure.
+            request.bytes_out += getattr(error, "bytes_sent", 0)
             if isinstance(error, ConnectionError):
                 reason = "client disconnected during the response"
                 raise ClientDisconnected(reason) from error

@@ -42,7 +42,7 @@ DEFAULT_PLATFORM: Final = {"os": "linux", "architecture": "amd64"}
 
 # Maximum distinct tag query parameters on one push by digest, so that one
 # commit appends a bounded number of events. The OCI distribution
-# specification says that a registry SHOULD take at least 10 and MAY send
+# specification states that a registry SHOULD take at least 10 and MAY send
 # 414 for more than it takes.
 MAX_QUERY_TAGS: Final = 1000
 

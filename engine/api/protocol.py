@@ -984,8 +984,8 @@ def _copier(sock_fd: int, file_fd: int, total: int) -> Callable[[int, int], int]
     def send_some(position: int, remaining: int) -> int:
         nonlocal pending
         if not pending:
-            wanted = min(len(buffer), remaining)
-            read = os.preadv(file_fd, [buffer[:wanted]], position)
+            length = min(len(buffer), remaining)
+            read = os.preadv(file_fd, [buffer[:length]], position)
             if read == 0:
                 return 0
             pending = buffer[:read]

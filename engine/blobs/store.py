@@ -78,7 +78,8 @@ DIRECT_ALIGNMENT: Final = 4096
 # writes pass.
 DIRECT_BUFFER_BYTES: Final = 1024 * 1024
 # One thread reads committed blobs back into the page cache (see the module
-# docstring) at this nice value, so that uploads and downloads come first.
+# docstring) at this nice value, so that uploads and downloads get the CPU
+# first.
 WARM_NICE: Final = 10
 # Maximum number of blobs waiting to be read back. When uploads arrive faster
 # than the thread reads, the blobs that find the queue full are skipped.
