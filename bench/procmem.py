@@ -1,9 +1,12 @@
-"""Resident memory of a process tree, read from /proc."""
+"""Resident memory and CPU time of a process tree, read from /proc."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -100,3 +103,39 @@ class RssSampler:
 
 def tree_rss_kib(pid: int) -> int:
     return sum(status_kib(member, "VmRSS") for member in process_tree(pid))
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU time of pid and its live descendants.
+
+    Descendants that have exited are not counted: /proc gives their time only
+    to a parent that has waited for them.
+    """
+    ticks = 0
+    for member in process_tree(pid):
+        try:
+            stat = (PROC / str(member) / "stat").read_text()
+        except OSError:
+            continue
+        # Fields 14 and 15 (utime, stime) are the 12th and 13th after ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds that a server process tree and this process use between
+    start() and stop(). This process's time covers all of its threads."""
+
+    server_pid: int
+    server_s: float = 0.0
+    client_s: float = 0.0
+
+    def start(self) -> None:
+        self.server_s = -tree_cpu_seconds(self.server_pid)
+        self.client_s = -time.process_time()
+
+    def stop(self) -> None:
+        self.server_s += tree_cpu_seconds(self.server_pid)
+        self.client_s += time.process_time()

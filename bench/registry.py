@@ -12,6 +12,7 @@ from typing import TypeVar
 import httpx
 
 from bench.payload import OCI_MANIFEST, sha256_digest
+from bench.procmem import CpuMeter
 from bench.rawhttp import Body, RawConnection, RawResponse, request_target
 from bench.urls import next_link, resolve_location, with_digest
 
@@ -192,11 +193,12 @@ def run_concurrent(
     items: Sequence[Item],
     make_client: Callable[[], httpx.Client],
     operation: Callable[[httpx.Client, Item], None],
+    meter: CpuMeter | None = None,
 ) -> ConcurrentResult:
     """Run operation once per item from `clients` threads, each with its own client.
 
     Each client opens its connection with GET /v2/ before a barrier, so the wall
-    time covers only the operations.
+    time, and the CPU time that ``meter`` measures, cover only the operations.
     """
     barrier = threading.Barrier(clients + 1)
     shares = [items[index::clients] for index in range(clients)]
@@ -222,8 +224,12 @@ def run_concurrent(
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(worker, index) for index in range(clients)]
         barrier.wait()
+        if meter is not None:
+            meter.start()
         start = time.perf_counter()
         for future in futures:
             future.result()
         wall = time.perf_counter() - start
+        if meter is not None:
+            meter.stop()
     return ConcurrentResult(wall, [value for share in latencies for value in share])

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.procmem import CpuMeter
 from bench.targets import Target
 
 KIB = 1 << 10
@@ -152,3 +153,20 @@ def size_label(size: int) -> str:
         if size >= unit and size % unit == 0:
             return f"{size // unit} {name}"
     return f"{size} B"
+
+
+def cpu_figures(key: str, label: str, per: str) -> tuple[Figure, Figure]:
+    """Return the figures for the CPU time that the server and the harness
+    spend per operation while measuring figure ``key``."""
+    return (
+        Figure(f"{key}-server-cpu", f"{label}, server CPU per {per}", "ms", False),
+        Figure(f"{key}-client-cpu", f"{label}, harness CPU per {per}", "ms", False),
+    )
+
+
+def cpu_values(key: str, meter: CpuMeter, count: int) -> dict[str, float]:
+    """Return the values of cpu_figures(key, ...) for ``count`` operations."""
+    return {
+        f"{key}-server-cpu": meter.server_s / count * 1000,
+        f"{key}-client-cpu": meter.client_s / count * 1000,
+    }

@@ -16,9 +16,17 @@ from bench.payload import (
     image_manifest,
     sha256_digest,
 )
+from bench.procmem import CpuMeter
 from bench.registry import http_client, push_blob, put_manifest, run_concurrent
 from bench.targets import Target
-from bench.workloads import Context, Figure, Sizes, Workload
+from bench.workloads import (
+    Context,
+    Figure,
+    Sizes,
+    Workload,
+    cpu_figures,
+    cpu_values,
+)
 
 REPO = "bench/manifests"
 
@@ -45,6 +53,7 @@ class ManifestPuts(Workload):
                 Figure(f"{key}", f"{count} PUTs, {mode}", "PUT/s", True),
                 Figure(f"{key}-p50", f"{count} PUTs, {mode}, p50", "ms", False),
                 Figure(f"{key}-p99", f"{count} PUTs, {mode}, p99", "ms", False),
+                *cpu_figures(key, f"{count} PUTs, {mode}", "PUT"),
             ]
         return tuple(figures)
 
@@ -67,24 +76,31 @@ class ManifestPuts(Workload):
 
         sequential = _manifests(state, f"{label}-s", count)
         latencies = []
+        sequential_cpu = CpuMeter(target.pid)
         with http_client(target.base_url) as client:
             client.get("/v2/")
+            sequential_cpu.start()
             start = time.perf_counter()
             for tag, body in sequential:
                 put_start = time.perf_counter()
                 put_manifest(client, REPO, tag, body)
                 latencies.append(time.perf_counter() - put_start)
             wall = time.perf_counter() - start
+            sequential_cpu.stop()
         results.update(_summary("sequential", count, wall, latencies))
+        results.update(cpu_values("sequential", sequential_cpu, count))
 
         concurrent = _manifests(state, f"{label}-c", count)
+        concurrent_cpu = CpuMeter(target.pid)
         result = run_concurrent(
             context.sizes.clients,
             concurrent,
             partial(http_client, target.base_url),
             lambda client, item: put_manifest(client, REPO, item[0], item[1]),
+            concurrent_cpu,
         )
         results.update(_summary("concurrent", count, result.wall_s, result.latencies_s))
+        results.update(cpu_values("concurrent", concurrent_cpu, count))
         return results
 
 

@@ -7,9 +7,18 @@ import time
 from functools import partial
 
 from bench.payload import sha256_digest
+from bench.procmem import CpuMeter
 from bench.registry import http_client, push_blob, run_concurrent
 from bench.targets import Target
-from bench.workloads import Context, Figure, Sizes, Workload, size_label
+from bench.workloads import (
+    Context,
+    Figure,
+    Sizes,
+    Workload,
+    cpu_figures,
+    cpu_values,
+    size_label,
+)
 
 
 class SmallBlobs(Workload):
@@ -21,9 +30,13 @@ class SmallBlobs(Workload):
 
     def figures(self, sizes: Sizes) -> tuple[Figure, ...]:
         blobs = f"{sizes.small_blob_count} x {size_label(sizes.small_blob_size)}"
+        sequential = f"{blobs}, sequential"
+        concurrent = f"{blobs}, {sizes.clients} clients"
         return (
-            Figure("sequential", f"{blobs}, sequential", "blobs/s", True),
-            Figure("concurrent", f"{blobs}, {sizes.clients} clients", "blobs/s", True),
+            Figure("sequential", sequential, "blobs/s", True),
+            *cpu_figures("sequential", sequential, "blob"),
+            Figure("concurrent", concurrent, "blobs/s", True),
+            *cpu_figures("concurrent", concurrent, "blob"),
         )
 
     def run_round(
@@ -35,22 +48,29 @@ class SmallBlobs(Workload):
         concurrent = _blobs(sizes.small_blob_count, sizes.small_blob_size)
         repo = f"bench/small-{label}"
 
+        sequential_cpu = CpuMeter(target.pid)
         with http_client(target.base_url) as client:
             client.get("/v2/")
+            sequential_cpu.start()
             start = time.perf_counter()
             for data, digest in sequential:
                 push_blob(client, repo, data, digest)
             sequential_s = time.perf_counter() - start
+            sequential_cpu.stop()
 
+        concurrent_cpu = CpuMeter(target.pid)
         result = run_concurrent(
             sizes.clients,
             concurrent,
             partial(http_client, target.base_url),
             lambda client, blob: push_blob(client, repo, blob[0], blob[1]),
+            concurrent_cpu,
         )
         return {
             "sequential": len(sequential) / sequential_s,
+            **cpu_values("sequential", sequential_cpu, len(sequential)),
             "concurrent": len(concurrent) / result.wall_s,
+            **cpu_values("concurrent", concurrent_cpu, len(concurrent)),
         }
 
 
