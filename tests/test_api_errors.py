@@ -673,6 +673,43 @@ def test_event_limit_range_message(api: httpx.Client, value: str) -> None:
     assert error["detail"]["value"] == value
 
 
+@pytest.mark.parametrize(
+    "coding", ["gzip, chunked", "identity, chunked", "x-custom,chunked"]
+)
+def test_unknown_transfer_coding_501(
+    api: httpx.Client,
+    server: ServerThread,
+    registry: Registry,
+    unchanged: Callable[[], None],
+    coding: str,
+) -> None:
+    location = httpx.URL(api.post("/v2/library/app/blobs/uploads/").headers["Location"])
+    _resnapshot(unchanged)
+    body = b"not the bytes that the coding would give"
+    patch = request_head(
+        "PATCH", location.raw_path.decode(), f"Transfer-Encoding: {coding}"
+    )
+    push = request_head(
+        "POST",
+        f"/v2/library/app/blobs/uploads/?digest={Digest.of(body)}",
+        f"Transfer-Encoding: {coding}",
+    )
+
+    for head in (patch, push):
+        reply = exchange(
+            server.port, head + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+        )
+
+        assert reply.status == 501
+        error = reply.error()
+        assert error["code"] == "UNSUPPORTED"
+        assert error["detail"]["header"] == "Transfer-Encoding"
+        assert error["detail"]["value"] == coding
+    assert api.get(location).headers["Range"] == "0-0"
+    assert upload_rows(registry) == 1
+    unchanged()
+
+
 # ---- no request of any shape gets a 500 ----------------------------------------------
 
 

@@ -234,6 +234,7 @@ class RegistryApp:
         """Run the request's handler; return its response and route label."""
         handler: Handler | None = None
         try:
+            request.check_transfer_coding()
             user = await self._admit(request)
             handler = self.router.resolve(request)
             if user is not None:

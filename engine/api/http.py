@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from urllib.parse import parse_qs, quote
 
-from engine.api.errors import repeated_parameter, unsupported
+from engine.api.errors import ErrorCode, HTTPError, repeated_parameter, unsupported
 from engine.domain.events import Actor
 from engine.encoding import encode_json
 
@@ -118,6 +118,33 @@ class Request:
         if length is not None:
             return length.strip() not in ("", "0")
         return self.header("transfer-encoding") is not None
+
+    def check_transfer_coding(self) -> None:
+        """Raise HTTPError 501 when Transfer-Encoding lists a coding other
+        than chunked.
+
+        llhttp decodes chunked alone and hands the app the bytes of any
+        coding listed before it, such as gzip, still encoded, so they would
+        be stored as sent. RFC 9112 section 6.1 says that a server SHOULD
+        respond 501 to a coding it does not understand, and Distribution 2.8
+        does.
+        llhttp itself rejects, with a 400, a request whose last coding is
+        not chunked.
+        """
+        value = self.header("transfer-encoding")
+        if value is None:
+            return
+        codings = [part.strip().lower() for part in value.split(",")]
+        if [coding for coding in codings if coding] == ["chunked"]:
+            return
+        raise HTTPError(
+            ErrorCode.UNSUPPORTED,
+            501,
+            f"Transfer-Encoding {value!r} lists a transfer coding other than "
+            "chunked, which cairn does not decode: send the body with chunked "
+            "alone or with a Content-Length",
+            {"header": "Transfer-Encoding", "value": value, "supported": ["chunked"]},
+        )
 
     def header(self, name: str) -> str | None:
         """Return the header's values joined with commas, or None."""
