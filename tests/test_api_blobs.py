@@ -75,6 +75,11 @@ def test_blob_head_and_get(api: httpx.Client) -> None:
         # Range unit names are case-insensitive (RFC 9110 section 14.1).
         ("Bytes=10-19", 10, 20),
         ("BYTES=-5", 2995, 3000),
+        # Whitespace around "=" and "-" separates tokens, as Distribution
+        # 2.8 reads it.
+        ("bytes= 10-19", 10, 20),
+        ("bytes=10 - 19", 10, 20),
+        ("bytes=- 5", 2995, 3000),
     ],
 )
 def test_blob_range(api: httpx.Client, header: str, start: int, end: int) -> None:
@@ -109,7 +114,18 @@ def test_blob_range_unsatisfiable(api: httpx.Client, header: str) -> None:
     assert response.json()["errors"][0]["detail"]["range"] == header
 
 
-@pytest.mark.parametrize("header", ["items=0-1", "bytes=0-1,5-6", "bytes=9-3"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "items=0-1",
+        "bytes=0-1,5-6",
+        "bytes=9-3",
+        # Whitespace inside a number or the unit does not join its parts.
+        "bytes=1 0-20",
+        "bytes=0-1 0",
+        "b ytes=0-1",
+    ],
+)
 def test_blob_range_ignored_when_malformed(api: httpx.Client, header: str) -> None:
     data = os.urandom(100)
     digest = push_blob(api, "library/app", data)

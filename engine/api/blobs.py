@@ -18,8 +18,12 @@ log = structlog.get_logger(__name__)
 
 # Each number may have up to 100 digits and is read as it is. A start past
 # the end then gets a 416 and a large end is clamped. Longer is malformed.
-# Range unit names are case-insensitive (RFC 9110 section 14.1).
-_RANGE: Final = re.compile(r"bytes=([0-9]{0,100})-([0-9]{0,100})", re.IGNORECASE)
+# Range unit names are case-insensitive (RFC 9110 section 14.1). Spaces and
+# tabs may surround "=" and "-", but a number or the unit containing one is
+# malformed, so "bytes=1 0-20" is not read as bytes 10 to 20.
+_RANGE: Final = re.compile(
+    r"bytes[ \t]*=[ \t]*([0-9]{0,100})[ \t]*-[ \t]*([0-9]{0,100})", re.IGNORECASE
+)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -31,7 +35,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header:
         return None
-    match = _RANGE.fullmatch(header.strip().replace(" ", ""))
+    match = _RANGE.fullmatch(header.strip(" \t"))
     if match is None:
         return None
     first, last = match.groups()
