@@ -342,14 +342,42 @@ def test_out_of_order_chunk_gets_416(api: httpx.Client, registry: Registry) -> N
     assert resumed.headers["Range"] == "0-19"
 
 
-def test_malformed_content_range_gets_416(api: httpx.Client) -> None:
+@pytest.mark.parametrize(
+    "header",
+    [
+        "zero-2",
+        # RFC 9110 section 14.4: a complete length at or below the last
+        # byte position makes the field invalid.
+        "bytes 0-2/2",
+        "bytes 0-2/0",
+        "0-2/1",
+    ],
+)
+def test_malformed_content_range_gets_416(
+    api: httpx.Client, registry: Registry, header: str
+) -> None:
     location = _upload(api)
+    before = stored_state(registry)
 
-    response = api.patch(location, content=b"abc", headers={"Content-Range": "zero-2"})
+    response = api.patch(location, content=b"abc", headers={"Content-Range": header})
 
     assert response.status_code == 416
     assert response.headers["Range"] == "0-0"
-    assert response.json()["errors"][0]["detail"]["content_range"] == "zero-2"
+    error = response.json()["errors"][0]
+    assert error["code"] == "BLOB_UPLOAD_INVALID"
+    assert error["detail"]["content_range"] == header
+    assert api.get(location).headers["Range"] == "0-0"
+    assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize("header", ["bytes 0-2/3", "bytes 0-2/*", "0-2/100"])
+def test_content_range_complete_length_accepted(api: httpx.Client, header: str) -> None:
+    location = _upload(api)
+
+    response = api.patch(location, content=b"abc", headers={"Content-Range": header})
+
+    assert response.status_code == 202
+    assert response.headers["Range"] == "0-2"
 
 
 def test_upload_cancel(api: httpx.Client, registry: Registry) -> None:

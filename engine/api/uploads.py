@@ -27,10 +27,11 @@ from engine.domain.names import validate_repository_name
 from engine.registry import BlobInfo, Repository, UploadStatus, check_upload_start
 
 # The OCI form is "<start>-<end>"; the "bytes " prefix and "/<total>" suffix
-# of RFC 9110's Content-Range are accepted as well.
+# of RFC 9110's Content-Range are accepted as well. A total at or below
+# <end> makes the header invalid (RFC 9110 section 14.4).
 # Offsets are at most 19 ASCII digits, so they fit a signed 64-bit column.
 _CONTENT_RANGE: Final = re.compile(
-    r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/(?:[0-9]{1,19}|\*))?"
+    r"(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/([0-9]{1,19}|\*))?"
 )
 
 
@@ -71,18 +72,20 @@ async def _upload_range(
 ) -> tuple[int | None, int | None]:
     """Return the chunk's start offset and length from Content-Range.
 
-    Both are None without the header. A malformed or inverted range raises a
-    416 that carries the upload's current Range, as the specification requires.
+    Both are None without the header. A malformed or inverted range, or one
+    whose total is at or below its end, raises a 416 that carries the upload's
+    current Range, as the specification requires.
     """
     header = request.header("content-range")
     if header is None:
         return None, None
     match = _CONTENT_RANGE.fullmatch(header.strip())
-    if match is None or int(match.group(2)) < int(match.group(1)):
+    if match is None or not _is_valid_range(*match.groups()):
         status = await run_sync(repository.blobs.upload_status, upload_id)
         raise HTTPError.from_registry_error(
             RangeInvalid(
-                "invalid Content-Range: expected <start>-<end>, inclusive",
+                "invalid Content-Range: expected <start>-<end>, inclusive, "
+                "optionally followed by /<total> with a total above <end>",
                 {"content_range": header, "offset": status.offset},
                 offset=status.offset,
             ),
@@ -97,6 +100,13 @@ async def _upload_range(
             {"content_range": header, "content_length": declared},
         )
     return start, length
+
+
+def _is_valid_range(start: str, end: str, total: str | None) -> bool:
+    """Return False when the range is inverted or ends at or past its total."""
+    if int(end) < int(start):
+        return False
+    return total is None or total == "*" or int(total) > int(end)
 
 
 async def _body_limit(
