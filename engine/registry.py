@@ -50,6 +50,7 @@ from engine.prepared import Prepared, in_list
 from engine.projections import ALL_PROJECTIONS, apply_events
 from engine.tables import (
     blob_links,
+    bytewise,
     manifest_contents,
     manifests,
     referrers,
@@ -113,15 +114,15 @@ _TAGS_PAGE = Prepared(
     sa.select(tags.c.tag)
     .where(
         (tags.c.repository == sa.bindparam("b_repository"))
-        & (tags.c.tag > sa.bindparam("b_last"))
+        & (bytewise(tags.c.tag) > bytewise(sa.bindparam("b_last")))
     )
-    .order_by(tags.c.tag)
+    .order_by(bytewise(tags.c.tag))
     .limit(sa.bindparam("b_limit"))
 )
 _CATALOG_PAGE = Prepared(
     sa.select(repositories.c.name)
-    .where(repositories.c.name > sa.bindparam("b_last"))
-    .order_by(repositories.c.name)
+    .where(bytewise(repositories.c.name) > bytewise(sa.bindparam("b_last")))
+    .order_by(bytewise(repositories.c.name))
     .limit(sa.bindparam("b_limit"))
 )
 _REPOSITORY_EXISTS = Prepared(

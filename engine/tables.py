@@ -12,6 +12,44 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+
+class bytewise(FunctionElement[str]):
+    """A string expression that compares and sorts by its bytes.
+
+    The OCI distribution specification requires tags in lexical order, and
+    its conformance tests accept byte order or case-insensitive order.
+    PostgreSQL compares text by the database's collation, and a locale such
+    as en_US.UTF-8 follows neither, so there this adds COLLATE "C". SQLite's
+    default BINARY collation already compares the bytes of UTF-8 text.
+    """
+
+    type = sa.String()
+    name = "bytewise"
+    inherit_cache = True
+
+
+@compiles(bytewise)
+def _compile_bytewise(element: bytewise, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(bytewise, "postgresql")
+def _compile_bytewise_postgresql(
+    element: bytewise, compiler: SQLCompiler, **kw: Any
+) -> str:
+    return f'({compiler.process(element.clauses, **kw)}) COLLATE "C"'
+
+
+# PostgreSQL indexes on (tag COLLATE "C") and (name COLLATE "C") that serve
+# the bytewise listings, made by migration 0008. Alembic reflects them as
+# plain column indexes, so tests/test_schema.py checks them on its own.
+BYTE_ORDER_INDEXES = frozenset(
+    {"ix_tags_repository_tag_bytes", "ix_repositories_name_bytes"}
+)
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
