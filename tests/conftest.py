@@ -1,6 +1,7 @@
-"""Shared fixtures: a registry on SQLite and on PostgreSQL, containers
-client settings for skopeo and podman, a nats-server per test, and the
-`cairn serve` processes that the mirror tests use as source and target.
+"""Shared fixtures: a registry on SQLite and on PostgreSQL, a PostgreSQL
+database with an en-US collation, containers client settings for skopeo and
+podman, a nats-server per test, and the `cairn serve` processes that the
+mirror tests use as source and target.
 
 PostgreSQL tests use one fresh database per test run, created on the server
 named by CAIRN_TEST_POSTGRES_URL (default: the local server on 127.0.0.1:5432
@@ -107,6 +108,35 @@ def registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
     bind_data_dir(data_dir, registry.registry_id(), adopt=True, require=False)
     yield registry
     registry.database.dispose()
+
+
+@pytest.fixture
+def en_us_postgres_url() -> Iterator[str]:
+    """Create a migrated PostgreSQL database whose default collation is
+    ICU's en-US, which sorts as an English locale does, not by bytes."""
+    if ADMIN_URL == "skip":
+        pytest.skip("CAIRN_TEST_POSTGRES_URL=skip")
+    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(
+                f'CREATE DATABASE "{name}" TEMPLATE template0 '
+                "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+            )
+    except sa.exc.DBAPIError as error:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL cannot create an ICU database: {error}")
+    url = sa.make_url(ADMIN_URL).set(database=name)
+    database = Database(url.render_as_string(hide_password=False))
+    upgrade(database)
+    database.dispose()
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,6 +243,28 @@ def test_tag_pages_by_name_and_recent(registry: Registry) -> None:
 
     assert all_items(fetch, "tag", sort="name") == ["a", "b", "c"]
     assert all_items(fetch, "tag", sort="recent") == ["a", "c", "b"]
+
+
+def test_tag_pages_by_name_in_byte_order(
+    en_us_postgres_url: str, data_dir: Path
+) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    try:
+        image = make_image()
+        push(registry, "app", image, "a")
+        # en-US collation would sort "_x" first and "B" after "ab".
+        for name in ("B", "Z9", "_x", "a-b", "a_b", "ab"):
+            registry.repository("app").tags.tag(name, image.digest)
+
+        def fetch(cursor: str | None) -> queries.Page:
+            return read(
+                registry, queries.tag_page, "app", sort="name", n=2, cursor=cursor
+            )
+
+        names = all_items(fetch, "tag")
+    finally:
+        registry.database.dispose()
+    assert names == ["B", "Z9", "_x", "a", "a-b", "a_b", "ab"]
 
 
 def test_tag_page_unknown_repository(registry: Registry) -> None:

@@ -14,7 +14,6 @@ import pytest
 import sqlalchemy as sa
 
 from engine import log as event_log
-from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
     BlobUnknown,
@@ -29,7 +28,6 @@ from engine.domain.errors import (
     TagInvalid,
 )
 from engine.domain.events import EventType
-from engine.migrate import upgrade
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
 from engine.registry import Registry, Repository
 from engine.tables import (
@@ -44,7 +42,6 @@ from engine.verify import (
     check_stored_manifests,
     verify,
 )
-from tests.conftest import ADMIN_URL
 from tests.images import Image, make_artifact, make_image, make_index
 
 
@@ -498,35 +495,6 @@ def test_listings_in_byte_order(registry: Registry) -> None:
     assert registry.catalog(n=3, last="a-b") == ODD_NAMES[2:5]
     assert repo.tags.list() == ODD_TAGS
     assert repo.tags.list(n=3, last="Z9") == ODD_TAGS[3:6]
-
-
-@pytest.fixture
-def en_us_postgres_url() -> Iterator[str]:
-    """Create a migrated PostgreSQL database whose default collation is
-    ICU's en-US, which sorts as an English locale does, not by bytes."""
-    if ADMIN_URL == "skip":
-        pytest.skip("CAIRN_TEST_POSTGRES_URL=skip")
-    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(
-                f'CREATE DATABASE "{name}" TEMPLATE template0 '
-                "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-            )
-    except sa.exc.DBAPIError as error:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL cannot create an ICU database: {error}")
-    url = sa.make_url(ADMIN_URL).set(database=name)
-    database = Database(url.render_as_string(hide_password=False))
-    upgrade(database)
-    database.dispose()
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def test_listings_byte_order_en_us_collation(

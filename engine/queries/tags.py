@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from engine.domain.errors import ManifestUnknown, NameUnknown, Unsupported
 from engine.domain.events import format_time
 from engine.queries.pages import Listing, Page, check_page_size
-from engine.tables import events, manifests, repositories, tags
+from engine.tables import bytewise, events, manifests, repositories, tags
 from engine.tables import tag_history as tag_history_table
 
 # Reference kinds whose bytes are blobs, as the manifest.pushed event lists them.
@@ -44,8 +44,10 @@ _CURRENT = (
     .outerjoin(events, events.c.position == tags.c.position)
     .where(tags.c.repository == sa.bindparam("b_repository"))
 )
-_BY_NAME = _CURRENT.order_by(tags.c.tag).limit(sa.bindparam("b_limit"))
-_BY_NAME_AFTER = _BY_NAME.where(tags.c.tag > sa.bindparam("b_tag"))
+# Tags sort by their bytes, as in the OCI tag list, whatever the database's
+# collation.
+_BY_NAME = _CURRENT.order_by(bytewise(tags.c.tag)).limit(sa.bindparam("b_limit"))
+_BY_NAME_AFTER = _BY_NAME.where(bytewise(tags.c.tag) > bytewise(sa.bindparam("b_tag")))
 _RECENT = _CURRENT.order_by(tags.c.position.desc()).limit(sa.bindparam("b_limit"))
 _RECENT_BEFORE = _RECENT.where(tags.c.position < sa.bindparam("b_position"))
 _ONE = _CURRENT.where(tags.c.tag == sa.bindparam("b_tag"))
