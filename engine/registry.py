@@ -996,13 +996,24 @@ class BlobService:
             # After a power cut the session may report an older offset, and
             # the client resends from there.
             with self._repo.database.transaction(durable=False) as conn:
-                _UPDATE_UPLOAD.execute(
+                updated = _UPDATE_UPLOAD.execute(
                     conn,
                     {
                         "b_id": upload_id,
                         "b_offset": staged.offset,
                         "b_time": datetime.now(UTC),
                     },
+                )
+            if updated.rowcount == 0:
+                # cairn gc, or another cairn serve on the same database,
+                # deleted the session while this request wrote to it.
+                self._repo.registry._forget_upload(upload_id)
+                self._store.discard(upload_id)
+                raise BlobUploadUnknown(
+                    "blob upload unknown: its session was deleted while this "
+                    "request wrote to it, for example by cairn gc as expired; "
+                    "start the upload again",
+                    {"upload": upload_id},
                 )
             return UploadStatus(
                 upload_id, self._repo.name, staged.offset, status.started_at

@@ -720,6 +720,68 @@ def test_purge_closes_externally_purged_upload(
     assert _open_deleted_files(staging_dir) == []
 
 
+def _expire_upload(registry: Registry, upload_id: str) -> None:
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(uploads)
+            .where(uploads.c.id == upload_id)
+            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
+        )
+
+
+def _chunks_purged_midway(
+    data_dir: Path, database_url: str, first: bytes, rest: bytes
+) -> Iterator[bytes]:
+    """Yield ``first``, let a cairn gc of its own expire every stale upload
+    session, then yield ``rest``."""
+    yield first
+    gc_registry = Registry.open(data_dir, database_url)
+    try:
+        assert gc_registry.purge_uploads(timedelta(days=1)).sessions != []
+    finally:
+        gc_registry.database.dispose()
+    yield rest
+
+
+def test_upload_write_rejects_session_purged_midway(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    repo = registry.repository("purged-during-write")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"a" * 4096])
+    _expire_upload(registry, upload.id)
+
+    chunks = _chunks_purged_midway(data_dir, database_url, b"b" * 4096, b"c" * 4096)
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.write_upload(upload.id, chunks, start=4096)
+
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.upload_status(upload.id)
+    assert _open_deleted_files(registry.blob_store.paths.staging_dir) == []
+
+
+def test_upload_commit_rejects_session_purged_midway(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    repo = registry.repository("purged-during-commit")
+    content = b"a" * 4096 + b"b" * 4096 + b"c" * 4096
+    digest = Digest.of(content)
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [content[:4096]])
+    _expire_upload(registry, upload.id)
+
+    chunks = _chunks_purged_midway(
+        data_dir, database_url, content[4096:8192], content[8192:]
+    )
+    with pytest.raises(BlobUploadUnknown):
+        repo.blobs.commit_upload(upload.id, digest, chunks, start=4096)
+
+    with pytest.raises(BlobUnknown):
+        repo.blobs.stat(digest)
+    assert not registry.blob_store.exists(digest)
+    assert "blob.pushed" not in event_types(registry)
+
+
 def test_catalog_counts_and_sizes(registry: Registry) -> None:
     from engine.domain.events import Actor
 

@@ -424,6 +424,18 @@ class BlobStore:
             os.utime(staged.path)
             with disk_full_errors():
                 created_directory = _rename_into_place(staged.path, target)
+        except FileNotFoundError as error:
+            if staged.path.exists():
+                staged.path.unlink(missing_ok=True)
+                raise
+            # cairn gc, or another cairn serve on the same database, expired
+            # the upload and unlinked its staging file while it was written.
+            raise BlobUploadUnknown(
+                "blob upload unknown: its staging file was deleted while this "
+                "request wrote to it, for example by cairn gc as expired; "
+                "start the upload again",
+                {"upload": staged.path.name},
+            ) from error
         except BaseException:
             staged.path.unlink(missing_ok=True)
             raise
