@@ -281,18 +281,21 @@ class Registry:
     ) -> UploadPurge:
         """Delete upload sessions idle for longer than ``older_than``, and
         staging files that belong to no session and were last written before
-        then (left by a crash during a monolithic push).
+        then (left by a crash during a monolithic push). A session is idle
+        while no request on it finishes and its staging file is not written.
 
         Returns the sessions and staging files removed. With ``dry_run``
         nothing is deleted, and the return value lists what would be removed.
         """
         cutoff = datetime.now(UTC) - older_than
         with self.database.transaction() as conn:
-            stale = set(
-                conn.execute(
+            stale = {
+                upload_id
+                for upload_id in conn.execute(
                     sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
                 ).scalars()
-            )
+                if not self._staging_written_since(upload_id, cutoff)
+            }
             if stale and not dry_run:
                 conn.execute(sa.delete(uploads).where(uploads.c.id.in_(stale)))
             live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
@@ -322,6 +325,20 @@ class Registry:
         if not dry_run:
             self._close_staged_without_session()
         return UploadPurge(sorted(stale), removed)
+
+    def _staging_written_since(self, upload_id: str, cutoff: datetime) -> bool:
+        """Return True when the staging file of ``upload_id`` was written
+        after ``cutoff``.
+
+        A session's ``updated_at`` moves only when a request finishes, so a
+        PATCH that streams for longer than the expiry leaves it old while the
+        file grows.
+        """
+        try:
+            modified = self.blob_store.paths.staging(upload_id).stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return datetime.fromtimestamp(modified, UTC) >= cutoff
 
     def _close_staged_without_session(self) -> None:
         """Close the open staging files of uploads whose session is gone.

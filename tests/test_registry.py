@@ -652,6 +652,21 @@ def test_verify_finds_projection_drift(registry: Registry) -> None:
     assert count(registry, tags) == 0
 
 
+def _expire_upload(registry: Registry, upload_id: str) -> None:
+    """Make an upload look idle for three days: its session and its staging
+    file."""
+    with registry.database.transaction() as conn:
+        conn.execute(
+            sa.update(uploads)
+            .where(uploads.c.id == upload_id)
+            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
+        )
+    staging = registry.blob_store.paths.staging(upload_id)
+    if staging.exists():
+        old = time.time() - 3 * 24 * 3600
+        os.utime(staging, (old, old))
+
+
 def test_purge_stale_uploads(registry: Registry) -> None:
     repo = registry.repository("purge")
     stale = repo.blobs.create_upload()
@@ -663,12 +678,7 @@ def test_purge_stale_uploads(registry: Registry) -> None:
     orphan.write_bytes(b"left by a crash")
     old = time.time() - 3 * 24 * 3600
     os.utime(orphan, (old, old))
-    with registry.database.transaction() as conn:
-        conn.execute(
-            sa.update(uploads)
-            .where(uploads.c.id == stale.id)
-            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
-        )
+    _expire_upload(registry, stale.id)
 
     purge = registry.purge_uploads(timedelta(days=1))
     assert purge.sessions == [stale.id]
@@ -678,6 +688,22 @@ def test_purge_stale_uploads(registry: Registry) -> None:
         repo.blobs.upload_status(stale.id)
     assert not orphan.exists()
     assert repo.blobs.upload_status(fresh.id).offset == 0
+
+
+def test_purge_keeps_upload_being_written(registry: Registry) -> None:
+    repo = registry.repository("purge-streaming")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"a" * 4096])
+    _expire_upload(registry, upload.id)
+    # A PATCH that has streamed for days moves updated_at only when it
+    # ends, but each write moves the staging file's mtime.
+    os.utime(registry.blob_store.paths.staging(upload.id))
+
+    purge = registry.purge_uploads(timedelta(days=1))
+
+    assert purge.sessions == []
+    assert purge.staging_files == []
+    assert repo.blobs.upload_status(upload.id).offset == 4096
 
 
 def _open_deleted_files(directory: Path) -> list[str]:
@@ -698,12 +724,7 @@ def test_purge_closes_externally_purged_upload(
     repo = registry.repository("purged-elsewhere")
     upload = repo.blobs.create_upload()
     repo.blobs.write_upload(upload.id, [b"x" * 4096])
-    with registry.database.transaction() as conn:
-        conn.execute(
-            sa.update(uploads)
-            .where(uploads.c.id == upload.id)
-            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
-        )
+    _expire_upload(registry, upload.id)
     # cairn gc, a process of its own, expires the session and unlinks the
     # staging file that this registry still has open.
     gc_registry = Registry.open(data_dir, database_url)
@@ -720,38 +741,35 @@ def test_purge_closes_externally_purged_upload(
     assert _open_deleted_files(staging_dir) == []
 
 
-def _expire_upload(registry: Registry, upload_id: str) -> None:
-    with registry.database.transaction() as conn:
-        conn.execute(
-            sa.update(uploads)
-            .where(uploads.c.id == upload_id)
-            .values(updated_at=datetime.now(UTC) - timedelta(days=3))
-        )
-
-
 def _chunks_purged_midway(
-    data_dir: Path, database_url: str, first: bytes, rest: bytes
+    registry: Registry,
+    upload_id: str,
+    database_url: str,
+    first: bytes,
+    rest: bytes,
 ) -> Iterator[bytes]:
-    """Yield ``first``, let a cairn gc of its own expire every stale upload
-    session, then yield ``rest``."""
+    """Yield ``first``, stall for three days, let a cairn gc of its own expire
+    the upload, then yield ``rest``."""
     yield first
-    gc_registry = Registry.open(data_dir, database_url)
+    _expire_upload(registry, upload_id)
+    gc_registry = Registry.open(registry.blob_store.paths.root, database_url)
     try:
-        assert gc_registry.purge_uploads(timedelta(days=1)).sessions != []
+        assert gc_registry.purge_uploads(timedelta(days=1)).sessions == [upload_id]
     finally:
         gc_registry.database.dispose()
     yield rest
 
 
 def test_upload_write_rejects_session_purged_midway(
-    registry: Registry, data_dir: Path, database_url: str
+    registry: Registry, database_url: str
 ) -> None:
     repo = registry.repository("purged-during-write")
     upload = repo.blobs.create_upload()
     repo.blobs.write_upload(upload.id, [b"a" * 4096])
-    _expire_upload(registry, upload.id)
 
-    chunks = _chunks_purged_midway(data_dir, database_url, b"b" * 4096, b"c" * 4096)
+    chunks = _chunks_purged_midway(
+        registry, upload.id, database_url, b"b" * 4096, b"c" * 4096
+    )
     with pytest.raises(BlobUploadUnknown):
         repo.blobs.write_upload(upload.id, chunks, start=4096)
 
@@ -761,17 +779,16 @@ def test_upload_write_rejects_session_purged_midway(
 
 
 def test_upload_commit_rejects_session_purged_midway(
-    registry: Registry, data_dir: Path, database_url: str
+    registry: Registry, database_url: str
 ) -> None:
     repo = registry.repository("purged-during-commit")
     content = b"a" * 4096 + b"b" * 4096 + b"c" * 4096
     digest = Digest.of(content)
     upload = repo.blobs.create_upload()
     repo.blobs.write_upload(upload.id, [content[:4096]])
-    _expire_upload(registry, upload.id)
 
     chunks = _chunks_purged_midway(
-        data_dir, database_url, content[4096:8192], content[8192:]
+        registry, upload.id, database_url, content[4096:8192], content[8192:]
     )
     with pytest.raises(BlobUploadUnknown):
         repo.blobs.commit_upload(upload.id, digest, chunks, start=4096)
