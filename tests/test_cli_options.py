@@ -559,12 +559,15 @@ def test_mirror_retries_rejected(
 
 
 def test_mirror_repositories_accepted() -> None:
-    args = parse(*COMMANDS["mirror"], "--repositories", "library/*", "team-[ab]/?")
+    patterns = ["library/*", "team-[ab]/?", "[!a]*", "[]a]/*"]
+    args = parse(*COMMANDS["mirror"], "--repositories", *patterns)
 
-    assert args.repositories == ["library/*", "team-[ab]/?"]
+    assert args.repositories == patterns
 
 
-@pytest.mark.parametrize("value", ["Library/*", "library/app:v1", "", "a b"])
+@pytest.mark.parametrize(
+    "value", ["Library/*", "library/app:v1", "", "a b", "[", "team-[ab/*", "a]", "a!b"]
+)
 def test_mirror_repositories_rejected(
     value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -120,6 +120,7 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"start": "middle"}, "invalid start 'middle'"),
         ({"repositories": ["Library/*"]}, "invalid repository pattern 'Library/*'"),
         ({"repositories": ["library/app:v1"]}, "would match none"),
+        ({"repositories": ["team-[ab/*"]}, "a '[' has no closing ']'"),
     ],
 )
 def test_config_rejects(endpoint: dict[str, Any], message: str) -> None:
