@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -58,6 +59,7 @@ def test_tail_prints_json_lines(
     assert result.returncode == 0, result.stderr
     printed = [json.loads(line) for line in result.stdout.splitlines()]
     assert printed == [event.to_json() for event in log_events(registry)]
+    assert result.stderr == ""
 
 
 @sqlite_only
@@ -199,6 +201,41 @@ def test_connect_once_names_timeout() -> None:
 
     assert str(raised.value) == (
         f"cannot connect to NATS at {url}: timed out: the server sent no response"
+    )
+
+
+@sqlite_only
+def test_tail_past_end_says_waiting(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    publish_log(registry, nats_server, data_dir)
+    tail = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "events",
+            "tail",
+            "--nats",
+            nats_server.url,
+            "--from",
+            "100",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert tail.stderr is not None
+        # Without the notice the tail prints nothing and waits for events.
+        readable, _, _ = select.select([tail.stderr], [], [], 30)
+        notice = tail.stderr.readline() if readable else ""
+    finally:
+        tail.kill()
+        tail.wait()
+    assert notice == (
+        "cairn events tail: stream CAIRN has no event at or after position 100 "
+        "yet; waiting for new events\n"
     )
 
 

@@ -105,6 +105,14 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
             subscription = await js.subscribe(
                 server_filter, stream=args.stream, ordered_consumer=True, config=config
             )
+            if (config.opt_start_seq or 0) > info.state.last_seq:
+                # Without this, a position past the end looks like a hang.
+                print(
+                    f"cairn events tail: stream {args.stream} has no event at or "
+                    f"after position {args.from_position} yet; waiting for new "
+                    "events",
+                    file=sys.stderr,
+                )
         except nats.js.errors.NotFoundError:
             print(
                 f"cairn events tail: stream {args.stream} not found at {url}; "
