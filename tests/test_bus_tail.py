@@ -43,6 +43,17 @@ def cairn_tail(url: str, *options: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_tail(url: str, *options: str) -> subprocess.Popen[str]:
+    """Start `cairn events tail` with pipes for its output, for tests that
+    read it while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "events", "tail", "--nats", url, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def publish_log(registry: Registry, nats_server: NatsServer, data_dir: Path) -> None:
     with BusThread(Bus(fast_settings(nats_server.url), registry.database, data_dir)):
         push_image(registry, "library/alpine", "3.20")
@@ -209,22 +220,7 @@ def test_tail_past_end_says_waiting(
     registry: Registry, nats_server: NatsServer, data_dir: Path
 ) -> None:
     publish_log(registry, nats_server, data_dir)
-    tail = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "events",
-            "tail",
-            "--nats",
-            nats_server.url,
-            "--from",
-            "100",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tail = start_tail(nats_server.url, "--from", "100")
     try:
         assert tail.stderr is not None
         # Without the notice the tail prints nothing and waits for events.
@@ -251,22 +247,7 @@ def test_tail_reports_server_gone(
     registry: Registry, nats_server: NatsServer, data_dir: Path, signal_number: int
 ) -> None:
     publish_log(registry, nats_server, data_dir)
-    tail = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "events",
-            "tail",
-            "--nats",
-            nats_server.url,
-            "--from",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tail = start_tail(nats_server.url, "--from", "1")
     try:
         assert tail.stdout is not None
         printed = [tail.stdout.readline() for _ in range(8)]
