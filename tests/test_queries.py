@@ -267,6 +267,34 @@ def test_tag_pages_by_name_in_byte_order(
     assert names == ["B", "Z9", "_x", "a", "a-b", "a_b", "ab"]
 
 
+def test_repository_pages_by_name_in_byte_order(
+    en_us_postgres_url: str, data_dir: Path
+) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    # Byte order. en-US collation would put "ab" before "a_b" and "a/c".
+    names = ["9", "a-b", "a.b", "a/c", "a_b", "ab", "b"]
+    try:
+        for name in reversed(names):
+            push(registry, name, make_image(), "1")
+
+        def fetch(cursor: str | None, descending: bool) -> queries.Page:
+            return read(
+                registry,
+                queries.repository_page,
+                sort="name",
+                descending=descending,
+                n=2,
+                cursor=cursor,
+            )
+
+        ascending = all_items(fetch, descending=False)
+        descending = all_items(fetch, descending=True)
+    finally:
+        registry.database.dispose()
+    assert ascending == names
+    assert descending == names[::-1]
+
+
 def test_tag_page_unknown_repository(registry: Registry) -> None:
     with pytest.raises(NameUnknown):
         read(registry, queries.tag_page, "missing")

@@ -11,10 +11,11 @@ from sqlalchemy.engine import Connection
 from engine.domain.errors import NameUnknown, Unsupported
 from engine.domain.events import format_time
 from engine.queries.pages import Listing, Page, check_page_size
-from engine.tables import repositories
+from engine.tables import bytewise, repositories
 
 # Sort name -> column. Every column has an index whose last column is the
-# name, so each page is one index range scan.
+# name, so each page is one index range scan. On PostgreSQL the name sort
+# uses the index on (name COLLATE "C").
 SORTS: Final = {
     "name": repositories.c.name,
     "size": repositories.c.blob_bytes,
@@ -61,10 +62,13 @@ def _page_statement(
     query = sa.select(repositories)
     if with_prefix:
         query = query.where(name.like(sa.bindparam("b_pattern"), escape="\\"))
+    # Names sort by their bytes, as in the catalog, whatever the database's
+    # collation. Ties on other columns are broken in the database's own.
+    by_bytes = bytewise(name)
     if with_cursor:
         if sort == "name":
-            after = sa.bindparam("b_name", type_=name.type)
-            query = query.where(name < after if descending else name > after)
+            after = bytewise(sa.bindparam("b_name", type_=name.type))
+            query = query.where(by_bytes < after if descending else by_bytes > after)
         else:
             # Ties on the sort column are broken by name, in the same
             # direction, so the pair is a row-value comparison.
@@ -74,8 +78,9 @@ def _page_statement(
                 sa.bindparam("b_name", type_=name.type),
             )
             query = query.where(pair < bound if descending else pair > bound)
+    order: list[sa.ColumnElement[Any]]
     if sort == "name":
-        order = [name.desc() if descending else name]
+        order = [by_bytes.desc() if descending else by_bytes]
     else:
         order = [key.desc(), name.desc()] if descending else [key, name]
     return query.order_by(*order).limit(sa.bindparam("b_limit"))
