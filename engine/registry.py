@@ -282,22 +282,36 @@ class Registry:
         """Delete upload sessions idle for longer than ``older_than``, and
         staging files that belong to no session and were last written before
         then (left by a crash during a monolithic push). A session is idle
-        while no request on it finishes and its staging file is not written.
+        while no write to it finishes and its staging file is not written.
 
         Returns the sessions and staging files removed. With ``dry_run``
         nothing is deleted, and the return value lists what would be removed.
         """
         cutoff = datetime.now(UTC) - older_than
+        with self.database.read() as conn:
+            old = conn.execute(
+                sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
+            ).scalars()
+            candidates = set(old)
+        # The files are checked outside the write transaction, which other
+        # writers wait for, and the delete checks updated_at again, so a
+        # write that finishes meanwhile keeps its session.
+        candidates = {
+            upload_id
+            for upload_id in candidates
+            if not self._staging_written_since(upload_id, cutoff)
+        }
+        stale = candidates
         with self.database.transaction() as conn:
-            stale = {
-                upload_id
-                for upload_id in conn.execute(
-                    sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
+            if candidates and not dry_run:
+                deleted = conn.execute(
+                    sa.delete(uploads)
+                    .where(
+                        uploads.c.id.in_(candidates) & (uploads.c.updated_at < cutoff)
+                    )
+                    .returning(uploads.c.id)
                 ).scalars()
-                if not self._staging_written_since(upload_id, cutoff)
-            }
-            if stale and not dry_run:
-                conn.execute(sa.delete(uploads).where(uploads.c.id.in_(stale)))
+                stale = set(deleted)
             live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
 
         removed: list[StagingFile] = []

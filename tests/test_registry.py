@@ -706,6 +706,30 @@ def test_purge_keeps_upload_being_written(registry: Registry) -> None:
     assert repo.blobs.upload_status(upload.id).offset == 4096
 
 
+def test_purge_keeps_upload_written_during_purge(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = registry.repository("purge-race")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"a" * 4096])
+    _expire_upload(registry, upload.id)
+    check_staging = registry._staging_written_since
+
+    def write_then_check(upload_id: str, cutoff: datetime) -> bool:
+        # A PATCH that ends after purge found the session old, but before
+        # the purge deletes it.
+        written_since = check_staging(upload_id, cutoff)
+        repo.blobs.write_upload(upload_id, [b"b" * 4096])
+        return written_since
+
+    monkeypatch.setattr(registry, "_staging_written_since", write_then_check)
+    purge = registry.purge_uploads(timedelta(days=1))
+
+    assert purge.sessions == []
+    assert purge.staging_files == []
+    assert repo.blobs.upload_status(upload.id).offset == 8192
+
+
 def _open_deleted_files(directory: Path) -> list[str]:
     """Return the deleted files under ``directory`` that this process has open."""
     targets = []
