@@ -109,7 +109,8 @@ def tree_cpu_seconds(pid: int) -> float:
     """Return the user plus system CPU time of pid and its live descendants.
 
     Descendants that have exited are not counted: /proc gives their time only
-    to a parent that has waited for them.
+    to a parent that has waited for them. A descendant that exits between
+    two readings therefore makes their difference too low.
     """
     ticks = 0
     for member in process_tree(pid):
@@ -132,10 +133,12 @@ class CpuMeter:
     server_s: float = 0.0
     client_s: float = 0.0
 
+    # Each method reads this process's time on the side of its /proc scan
+    # that keeps the scan out of the harness figure.
     def start(self) -> None:
         self.server_s = -tree_cpu_seconds(self.server_pid)
         self.client_s = -time.process_time()
 
     def stop(self) -> None:
-        self.server_s += tree_cpu_seconds(self.server_pid)
         self.client_s += time.process_time()
+        self.server_s += tree_cpu_seconds(self.server_pid)

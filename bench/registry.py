@@ -200,7 +200,15 @@ def run_concurrent(
     Each client opens its connection with GET /v2/ before a barrier, so the wall
     time, and the CPU time that ``meter`` measures, cover only the operations.
     """
-    barrier = threading.Barrier(clients + 1)
+    started: list[float] = []
+
+    def start_clock() -> None:
+        # Runs once every thread has arrived, before any is released.
+        if meter is not None:
+            meter.start()
+        started.append(time.perf_counter())
+
+    barrier = threading.Barrier(clients + 1, action=start_clock)
     shares = [items[index::clients] for index in range(clients)]
     latencies: list[list[float]] = [[] for _ in range(clients)]
 
@@ -224,12 +232,9 @@ def run_concurrent(
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(worker, index) for index in range(clients)]
         barrier.wait()
-        if meter is not None:
-            meter.start()
-        start = time.perf_counter()
         for future in futures:
             future.result()
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - started[0]
         if meter is not None:
             meter.stop()
     return ConcurrentResult(wall, [value for share in latencies for value in share])

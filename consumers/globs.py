@@ -22,9 +22,10 @@ _OUTSIDE_BRACKETS: Final = re.compile(r"[a-z0-9._/*?-]*")
 
 
 def check_repository_pattern(pattern: str) -> str:
-    """Return ``pattern``, or raise ValueError when it could never match a
-    repository name. That is so when it contains a character that no name
-    contains, such as an upper-case letter, or a "[" without its "]"."""
+    """Return ``pattern``, or raise ValueError when it contains a character
+    that no repository name contains, such as an upper-case letter, or a "["
+    without its "]", either of which makes it match no name. Other patterns
+    that match nothing, such as "[z-a]", pass."""
     if not _REPOSITORY_PATTERN.fullmatch(pattern):
         raise ValueError(
             f"invalid repository pattern {pattern!r}: repository names contain "

@@ -289,10 +289,11 @@ class Registry:
         """
         cutoff = datetime.now(UTC) - older_than
         with self.database.read() as conn:
-            old = conn.execute(
-                sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
-            ).scalars()
-            candidates = set(old)
+            candidates = set(
+                conn.execute(
+                    sa.select(uploads.c.id).where(uploads.c.updated_at < cutoff)
+                ).scalars()
+            )
         # The files are checked outside the write transaction, which other
         # writers wait for, and the delete checks updated_at again, so a
         # write that finishes meanwhile keeps its session.

@@ -220,18 +220,24 @@ def test_tail_past_end_says_waiting(
     registry: Registry, nats_server: NatsServer, data_dir: Path
 ) -> None:
     publish_log(registry, nats_server, data_dir)
-    tail = start_tail(nats_server.url, "--from", "100")
-    try:
-        assert tail.stderr is not None
-        # Without the notice the tail prints nothing and waits for events.
-        readable, _, _ = select.select([tail.stderr], [], [], 30)
-        notice = tail.stderr.readline() if readable else ""
-    finally:
-        tail.kill()
-        tail.wait()
-    assert notice == (
+    notices = []
+    for options in (("--from", "100"), ("--from", "100", "--type", "tag")):
+        tail = start_tail(nats_server.url, *options)
+        try:
+            assert tail.stderr is not None
+            # Without the notice the tail prints nothing and waits for events.
+            readable, _, _ = select.select([tail.stderr], [], [], 30)
+            notices.append(tail.stderr.readline() if readable else "")
+        finally:
+            tail.kill()
+            tail.wait()
+    assert notices[0] == (
         "cairn events tail: stream CAIRN has no event at or after position 100 "
         "yet; waiting for new events\n"
+    )
+    assert notices[1] == (
+        "cairn events tail: stream CAIRN has no event that matches the filter "
+        "at or after position 100 yet; waiting for new events\n"
     )
 
 

@@ -107,10 +107,12 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
             )
             if (config.opt_start_seq or 0) > info.state.last_seq:
                 # Without this, a position past the end looks like a hang.
+                filtered = args.event_type is not None or args.repository is not None
+                matching = " that matches the filter" if filtered else ""
                 print(
-                    f"cairn events tail: stream {args.stream} has no event at or "
-                    f"after position {args.from_position} yet; waiting for new "
-                    "events",
+                    f"cairn events tail: stream {args.stream} has no event{matching} "
+                    f"at or after position {args.from_position} yet; waiting for "
+                    "new events",
                     file=sys.stderr,
                 )
         except nats.js.errors.NotFoundError:
