@@ -125,9 +125,9 @@ class Request:
 
         llhttp decodes chunked alone and hands the app the bytes of any
         coding listed before it, such as gzip, still encoded, so they would
-        be stored as sent. RFC 9112 section 6.1 says that a server SHOULD
-        respond 501 to a coding it does not understand, and Distribution 2.8
-        does.
+        be stored as sent. RFC 9112 section 6.1 recommends 501 for a coding
+        the server does not understand, and Distribution 2.8 returns it.
+
         llhttp itself rejects, with a 400, a request whose last coding is
         not chunked.
         """
