@@ -18,6 +18,7 @@ from bench.urls import next_link, resolve_location, with_digest
 
 HTTP_TIMEOUT_S = 600.0
 Item = TypeVar("Item")
+Client = TypeVar("Client", httpx.Client, RawConnection)
 
 
 class RegistryError(Exception):
@@ -144,6 +145,25 @@ def raw_put_blob(
     _check_raw(response, "PUT", upload_url, (201,))
 
 
+def raw_put_manifest(
+    connection: RawConnection, base_url: str, repo: str, reference: str, body: bytes
+) -> None:
+    url = f"{base_url}/v2/{repo}/manifests/{reference}"
+    headers = {"Content-Type": OCI_MANIFEST}
+    response = connection.request("PUT", request_target(url), headers, body)
+    _check_raw(response, "PUT", url, (201,))
+
+
+def raw_connection(base_url: str) -> RawConnection:
+    return RawConnection(base_url, HTTP_TIMEOUT_S)
+
+
+def raw_open(connection: RawConnection) -> None:
+    """Connect with GET /v2/, so that later requests find the socket open."""
+    response = connection.request("GET", "/v2/")
+    _check_raw(response, "GET", "/v2/", (200, 401))
+
+
 def raw_patch(
     connection: RawConnection, base_url: str, upload_url: str, body: Body, start: int
 ) -> str:
@@ -191,14 +211,15 @@ class ConcurrentResult:
 def run_concurrent(
     clients: int,
     items: Sequence[Item],
-    make_client: Callable[[], httpx.Client],
-    operation: Callable[[httpx.Client, Item], None],
+    make_client: Callable[[], Client],
+    operation: Callable[[Client, Item], None],
     meter: CpuMeter | None = None,
 ) -> ConcurrentResult:
     """Run operation once per item from `clients` threads, each with its own client.
 
-    Each client opens its connection with GET /v2/ before a barrier, so the wall
-    time, and the CPU time that ``meter`` measures, cover only the operations.
+    A client is an httpx.Client or a RawConnection. Each client opens its
+    connection with GET /v2/ before a barrier, so the wall time, and the CPU
+    time that ``meter`` measures, cover only the operations.
     """
     started: list[float] = []
 
@@ -213,10 +234,13 @@ def run_concurrent(
     latencies: list[list[float]] = [[] for _ in range(clients)]
 
     def worker(index: int) -> None:
-        client: httpx.Client | None = None
+        client: Client | None = None
         try:
             client = make_client()
-            _check(client.get("/v2/"), (200, 401))
+            if isinstance(client, httpx.Client):
+                _check(client.get("/v2/"), (200, 401))
+            else:
+                raw_open(client)
         finally:
             # Reach the barrier even after an error, so the other threads and
             # the caller are not left waiting. The error surfaces in result().

@@ -17,7 +17,14 @@ from bench.payload import (
     sha256_digest,
 )
 from bench.procmem import CpuMeter
-from bench.registry import http_client, push_blob, put_manifest, run_concurrent
+from bench.registry import (
+    http_client,
+    push_blob,
+    raw_connection,
+    raw_open,
+    raw_put_manifest,
+    run_concurrent,
+)
 from bench.targets import Target
 from bench.workloads import (
     Context,
@@ -41,7 +48,8 @@ class ManifestPuts(Workload):
     name = "manifests"
     description = (
         "PUT of distinct small OCI image manifests, each under a new tag, all "
-        "referencing one config and one layer pushed during setup"
+        "referencing one config and one layer pushed during setup, sent over a "
+        "raw HTTP/1.1 connection"
     )
 
     def figures(self, sizes: Sizes) -> tuple[Figure, ...]:
@@ -74,16 +82,17 @@ class ManifestPuts(Workload):
         count = context.sizes.manifest_count
         results: dict[str, float] = {}
 
+        base_url = target.base_url
         sequential = _manifests(state, f"{label}-s", count)
         latencies = []
         sequential_cpu = CpuMeter(target.pid)
-        with http_client(target.base_url) as client:
-            client.get("/v2/")
+        with raw_connection(base_url) as connection:
+            raw_open(connection)
             sequential_cpu.start()
             start = time.perf_counter()
             for tag, body in sequential:
                 put_start = time.perf_counter()
-                put_manifest(client, REPO, tag, body)
+                raw_put_manifest(connection, base_url, REPO, tag, body)
                 latencies.append(time.perf_counter() - put_start)
             wall = time.perf_counter() - start
             sequential_cpu.stop()
@@ -95,8 +104,10 @@ class ManifestPuts(Workload):
         result = run_concurrent(
             context.sizes.clients,
             concurrent,
-            partial(http_client, target.base_url),
-            lambda client, item: put_manifest(client, REPO, item[0], item[1]),
+            partial(raw_connection, base_url),
+            lambda connection, item: raw_put_manifest(
+                connection, base_url, REPO, item[0], item[1]
+            ),
             concurrent_cpu,
         )
         results.update(_summary("concurrent", count, result.wall_s, result.latencies_s))

@@ -8,7 +8,7 @@ from functools import partial
 
 from bench.payload import sha256_digest
 from bench.procmem import CpuMeter
-from bench.registry import http_client, push_blob, run_concurrent
+from bench.registry import raw_connection, raw_open, raw_put_blob, run_concurrent
 from bench.targets import Target
 from bench.workloads import (
     Context,
@@ -24,7 +24,8 @@ from bench.workloads import (
 class SmallBlobs(Workload):
     name = "small-blobs"
     description = (
-        "small random blobs, each pushed with httpx as POST + PUT ?digest=, "
+        "small random blobs, each pushed as POST + PUT ?digest= over a raw "
+        "HTTP/1.1 connection, "
         "sequentially over one connection and from concurrent clients"
     )
 
@@ -48,13 +49,14 @@ class SmallBlobs(Workload):
         concurrent = _blobs(sizes.small_blob_count, sizes.small_blob_size)
         repo = f"bench/small-{label}"
 
+        base_url = target.base_url
         sequential_cpu = CpuMeter(target.pid)
-        with http_client(target.base_url) as client:
-            client.get("/v2/")
+        with raw_connection(base_url) as connection:
+            raw_open(connection)
             sequential_cpu.start()
             start = time.perf_counter()
             for data, digest in sequential:
-                push_blob(client, repo, data, digest)
+                raw_put_blob(connection, base_url, repo, data, digest)
             sequential_s = time.perf_counter() - start
             sequential_cpu.stop()
 
@@ -62,8 +64,10 @@ class SmallBlobs(Workload):
         result = run_concurrent(
             sizes.clients,
             concurrent,
-            partial(http_client, target.base_url),
-            lambda client, blob: push_blob(client, repo, blob[0], blob[1]),
+            partial(raw_connection, base_url),
+            lambda connection, blob: raw_put_blob(
+                connection, base_url, repo, blob[0], blob[1]
+            ),
             concurrent_cpu,
         )
         return {
