@@ -10,6 +10,7 @@ threads.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import threading
 import uuid
@@ -977,10 +978,41 @@ class BlobService:
             upload_id, self._repo.name, min(row.offset, staged), row.started_at
         )
 
+    @contextlib.contextmanager
+    def _locked_upload(self, upload_id: str) -> Iterator[UploadStatus]:
+        """Hold the locks of one upload and yield its status, read under them.
+
+        A thread lock orders the requests of this process. A flock on the
+        staging file orders those of other cairn serve processes that share
+        the data directory and the database.
+        """
+        with self._repo.registry.upload_lock(upload_id):
+            while True:
+                status = self.upload_status(upload_id)
+                # A session with no bytes yet may have no staging file.
+                lock = self._store.lock_staging(upload_id, create=status.offset == 0)
+                if lock is not None:
+                    break
+            with lock:
+                try:
+                    status = self.upload_status(upload_id)
+                except BlobUploadUnknown:
+                    # The session ended while this request waited, so a
+                    # staging file it created belongs to no session.
+                    self._store.discard(upload_id)
+                    raise
+                yield status
+
     def _staged(self, status: UploadStatus) -> StagedBlob:
         cache = self._repo.registry._staged
         staged = cache.get(status.id)
-        if staged is None or staged.offset != status.offset:
+        # Another process may have written to the file since this one
+        # cached it, so the file's size must match too.
+        if (
+            staged is None
+            or staged.offset != status.offset
+            or self._store.staged_size(status.id) != staged.offset
+        ):
             if staged is not None:
                 staged.close()
             staged = self._store.stage(status.id, status.offset)
@@ -1005,8 +1037,7 @@ class BlobService:
         disk (InsufficientStorage) discards the upload, because it can never
         complete. After any other error the session keeps its offset.
         """
-        with self._repo.registry.upload_lock(upload_id):
-            status = self.upload_status(upload_id)
+        with self._locked_upload(upload_id) as status:
             check_upload_start(status, start)
             try:
                 _check_declared_chunk(
@@ -1067,8 +1098,7 @@ class BlobService:
         On a digest mismatch, a blob over the maximum blob size or a full
         disk, the upload is discarded and nothing is stored.
         """
-        with self._repo.registry.upload_lock(upload_id):
-            status = self.upload_status(upload_id)
+        with self._locked_upload(upload_id) as status:
             check_upload_start(status, start)
             try:
                 staged = self._staged(status)
@@ -1200,8 +1230,7 @@ class BlobService:
         return BlobInfo(digest, size)
 
     def cancel_upload(self, upload_id: str) -> None:
-        with self._repo.registry.upload_lock(upload_id):
-            self.upload_status(upload_id)
+        with self._locked_upload(upload_id):
             self._repo.registry._forget_upload(upload_id)
             with self._repo.database.transaction(durable=False) as conn:
                 _DELETE_UPLOAD.execute(conn, {"b_id": upload_id})

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -821,6 +823,100 @@ def test_upload_commit_rejects_session_purged_midway(
         repo.blobs.stat(digest)
     assert not registry.blob_store.exists(digest)
     assert "blob.pushed" not in event_types(registry)
+
+
+def _chunks_waiting_for(
+    first: bytes, rest: bytes, event: threading.Event
+) -> Iterator[bytes]:
+    """Yield ``first``, wait up to two seconds for ``event``, then yield ``rest``."""
+    yield first
+    event.wait(timeout=2)
+    yield rest
+
+
+class _Request(threading.Thread):
+    """Run one upload call in a thread of its own and keep its outcome."""
+
+    def __init__(self, call: Any) -> None:
+        super().__init__(daemon=True)
+        self.call = call
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.call()
+        except BaseException as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+
+def test_upload_ordered_across_processes(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    # A second Registry on the same data directory and database stands for
+    # a second cairn serve process. Its request at the same offset must
+    # wait for the first one and then find the offset moved.
+    repo = registry.repository("two-replicas")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"a" * 4096])
+    other = Registry.open(data_dir, database_url)
+    try:
+        other_repo = other.repository("two-replicas")
+        retried: _Request = _Request(
+            lambda: other_repo.blobs.write_upload(upload.id, [b"x" * 4096], start=4096)
+        )
+        chunks = _chunks_waiting_for(b"b" * 4096, b"c" * 4096, retried.done)
+
+        def start_retry_after_first_chunk() -> Iterator[bytes]:
+            for index, chunk in enumerate(chunks):
+                yield chunk
+                if index == 0:
+                    retried.start()
+
+        repo.blobs.write_upload(upload.id, start_retry_after_first_chunk(), start=4096)
+        retried.join(timeout=30)
+    finally:
+        other.database.dispose()
+
+    assert isinstance(retried.error, RangeInvalid)
+    assert repo.blobs.upload_status(upload.id).offset == 3 * 4096
+    content = b"a" * 4096 + b"b" * 4096 + b"c" * 4096
+    info = repo.blobs.commit_upload(upload.id, Digest.of(content))
+    assert info.size == len(content)
+
+
+def test_upload_waiter_after_commit_elsewhere(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    repo = registry.repository("two-replicas")
+    upload = repo.blobs.create_upload()
+    content = b"a" * 4096 + b"b" * 4096
+    other = Registry.open(data_dir, database_url)
+    try:
+        other_repo = other.repository("two-replicas")
+        waiting: _Request = _Request(
+            lambda: other_repo.blobs.write_upload(upload.id, [b"x" * 4096], start=0)
+        )
+        chunks = _chunks_waiting_for(content[:4096], content[4096:], waiting.done)
+
+        def start_waiter_after_first_chunk() -> Iterator[bytes]:
+            for index, chunk in enumerate(chunks):
+                yield chunk
+                if index == 0:
+                    waiting.start()
+
+        repo.blobs.commit_upload(
+            upload.id, Digest.of(content), start_waiter_after_first_chunk(), start=0
+        )
+        waiting.join(timeout=30)
+    finally:
+        other.database.dispose()
+
+    assert isinstance(waiting.error, BlobUploadUnknown)
+    assert list(registry.blob_store.paths.staging_dir.iterdir()) == []
+    assert repo.blobs.stat(Digest.of(content)).size == len(content)
 
 
 def test_catalog_counts_and_sizes(registry: Registry) -> None:

@@ -34,6 +34,7 @@ pull of pages that the kernel only loaded ran at about 400 MiB/s.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -127,6 +128,24 @@ class BlobPaths:
     @property
     def staging_dir(self) -> Path:
         return self.root / "uploads"
+
+
+class StagingLock:
+    """An exclusive flock on a staging file, released by close()."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> StagingLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class StagedBlob:
@@ -369,6 +388,41 @@ class BlobStore:
         if offset and path.stat().st_size < offset:
             offset = path.stat().st_size
         return StagedBlob(path, offset, direct_io=self.direct_io)
+
+    def lock_staging(self, upload_id: str, *, create: bool) -> StagingLock | None:
+        """Take an exclusive flock on the staging file of ``upload_id``,
+        waiting while another thread or process holds it.
+
+        The lock orders the requests of one upload across cairn serve
+        processes that share the data directory. With ``create``, a missing
+        file is created empty. Returns None when the file is missing, or was
+        renamed or removed while this call waited, so that the caller reads
+        the session again.
+        """
+        path = self.paths.staging(upload_id)
+        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            with disk_full_errors():
+                fd = os.open(path, flags, 0o666)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if current is None or (current.st_dev, current.st_ino) != (
+            locked.st_dev,
+            locked.st_ino,
+        ):
+            os.close(fd)
+            return None
+        return StagingLock(fd)
 
     def staged_size(self, upload_id: str) -> int | None:
         try:
