@@ -954,20 +954,20 @@ class BlobService:
             )
         return UploadStatus(upload_id, self._repo.name, 0, now)
 
-    def upload_status(self, upload_id: str) -> UploadStatus:
-        try:
-            uuid.UUID(upload_id)
-        except ValueError:
-            raise BlobUploadUnknown(
-                "blob upload unknown", {"upload": upload_id}
-            ) from None
+    def upload_status(
+        self, upload_id: str, *, new_staging_file: bool = False
+    ) -> UploadStatus:
+        """Return the session's status. ``new_staging_file`` tells that the
+        caller has just created the staging file, which then counts as
+        missing."""
+        _check_upload_id(upload_id)
         with self._repo.database.read() as conn:
             row = _UPLOAD_ROW.execute(
                 conn, {"b_id": upload_id, "b_repository": self._repo.name}
             ).one_or_none()
         if row is None:
             raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id})
-        staged = self._store.staged_size(upload_id)
+        staged = None if new_staging_file else self._store.staged_size(upload_id)
         if staged is None and row.offset == 0:
             staged = 0
         if staged is None:
@@ -986,22 +986,22 @@ class BlobService:
         staging file orders those of other cairn serve processes that share
         the data directory and the database.
         """
-        with self._repo.registry.upload_lock(upload_id):
-            while True:
-                status = self.upload_status(upload_id)
-                # A session with no bytes yet may have no staging file.
-                lock = self._store.lock_staging(upload_id, create=status.offset == 0)
-                if lock is not None:
-                    break
-            with lock:
-                try:
-                    status = self.upload_status(upload_id)
-                except BlobUploadUnknown:
-                    # The session ended while this request waited, so a
-                    # staging file it created belongs to no session.
+        # The id names the staging file, so it is checked before any file
+        # is opened.
+        _check_upload_id(upload_id)
+        with (
+            self._repo.registry.upload_lock(upload_id),
+            self._store.lock_staging(upload_id) as lock,
+        ):
+            try:
+                status = self.upload_status(upload_id, new_staging_file=lock.created)
+            except BlobUploadUnknown:
+                # The file this request created belongs to no session, or
+                # stands where the session's own file was lost.
+                if lock.created:
                     self._store.discard(upload_id)
-                    raise
-                yield status
+                raise
+            yield status
 
     def _staged(self, status: UploadStatus) -> StagedBlob:
         cache = self._repo.registry._staged
@@ -1261,6 +1261,13 @@ def _check_declared_chunk(
         check_declared_size(
             offset + declared_size, limit, "the upload's offset plus Content-Length"
         )
+
+
+def _check_upload_id(upload_id: str) -> None:
+    try:
+        uuid.UUID(upload_id)
+    except ValueError:
+        raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id}) from None
 
 
 def check_upload_start(status: UploadStatus, start: int | None) -> None:

@@ -852,6 +852,21 @@ class _Request(threading.Thread):
             self.done.set()
 
 
+def test_upload_with_lost_staging_file(registry: Registry) -> None:
+    repo = registry.repository("lost-staging")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"a" * 4096])
+    staging = registry.blob_store.paths.staging(upload.id)
+    staging.unlink()
+
+    with pytest.raises(BlobUploadUnknown, match="staging file is gone"):
+        repo.blobs.write_upload(upload.id, [b"b" * 4096], start=4096)
+    with pytest.raises(BlobUploadUnknown, match="staging file is gone"):
+        repo.blobs.commit_upload(upload.id, Digest.of(b"a" * 4096))
+
+    assert not staging.exists()
+
+
 def test_upload_ordered_across_processes(
     registry: Registry, data_dir: Path, database_url: str
 ) -> None:

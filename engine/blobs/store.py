@@ -133,8 +133,9 @@ class BlobPaths:
 class StagingLock:
     """An exclusive flock on a staging file, released by close()."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, created: bool) -> None:
         self._fd = fd
+        self.created = created
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -146,6 +147,16 @@ class StagingLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Return True when ``path`` is still the file open as ``fd``."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 class StagedBlob:
@@ -389,40 +400,36 @@ class BlobStore:
             offset = path.stat().st_size
         return StagedBlob(path, offset, direct_io=self.direct_io)
 
-    def lock_staging(self, upload_id: str, *, create: bool) -> StagingLock | None:
+    def lock_staging(self, upload_id: str) -> StagingLock:
         """Take an exclusive flock on the staging file of ``upload_id``,
         waiting while another thread or process holds it.
 
         The lock orders the requests of one upload across cairn serve
-        processes that share the data directory. With ``create``, a missing
-        file is created empty. Returns None when the file is missing, or was
-        renamed or removed while this call waited, so that the caller reads
-        the session again.
+        processes that share the data directory. A missing file is created
+        empty, and the lock's ``created`` says so. A file renamed or removed
+        while this call waited is replaced in the same way.
         """
         path = self.paths.staging(upload_id)
-        flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        try:
-            with disk_full_errors():
-                fd = os.open(path, flags, 0o666)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            locked = os.fstat(fd)
+        while True:
+            created = False
             try:
-                current = os.stat(path)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                current = None
-        except BaseException:
+                flags = os.O_RDONLY | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL
+                try:
+                    with disk_full_errors():
+                        fd = os.open(path, flags, 0o666)
+                except FileExistsError:
+                    continue
+                created = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _names_file(path, fd):
+                    return StagingLock(fd, created=created)
+            except BaseException:
+                os.close(fd)
+                raise
             os.close(fd)
-            raise
-        if current is None or (current.st_dev, current.st_ino) != (
-            locked.st_dev,
-            locked.st_ino,
-        ):
-            os.close(fd)
-            return None
-        return StagingLock(fd)
 
     def staged_size(self, upload_id: str) -> int | None:
         try:
