@@ -957,9 +957,8 @@ class BlobService:
     def upload_status(
         self, upload_id: str, *, new_staging_file: bool = False
     ) -> UploadStatus:
-        """Return the session's status. ``new_staging_file`` tells that the
-        caller has just created the staging file, which then counts as
-        missing."""
+        """Return the session's status. With ``new_staging_file``, the caller
+        has just created the staging file, and it counts as missing."""
         _check_upload_id(upload_id)
         with self._repo.database.read() as conn:
             row = _UPLOAD_ROW.execute(
@@ -997,7 +996,7 @@ class BlobService:
                 status = self.upload_status(upload_id, new_staging_file=lock.created)
             except BlobUploadUnknown:
                 # The file this request created belongs to no session, or
-                # stands where the session's own file was lost.
+                # takes the place of the session's lost file.
                 if lock.created:
                     self._store.discard(upload_id)
                 raise

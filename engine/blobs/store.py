@@ -406,7 +406,7 @@ class BlobStore:
 
         The lock orders the requests of one upload across cairn serve
         processes that share the data directory. A missing file is created
-        empty, and the lock's ``created`` says so. A file renamed or removed
+        empty, and then the lock's ``created`` is True. A file renamed or removed
         while this call waited is replaced in the same way.
         """
         path = self.paths.staging(upload_id)
