@@ -295,6 +295,55 @@ def test_repository_pages_by_name_in_byte_order(
     assert descending == names[::-1]
 
 
+# Tags in byte order. en-US collation would sort "_x" first, "B" after "ab"
+# and "a-b" after "a_b".
+BYTE_ORDER_TAGS = ["B", "Z9", "_x", "a", "a-b", "a_b", "ab"]
+
+
+def test_tags_at_pages_in_byte_order(en_us_postgres_url: str, data_dir: Path) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    try:
+        image = make_image()
+        push(registry, "app", image, "a")
+        for name in reversed(BYTE_ORDER_TAGS):
+            registry.repository("app").tags.tag(name, image.digest)
+        position = head(registry)
+        # Tags set after the position must not show in its listing.
+        for name in ("A", "b"):
+            registry.repository("app").tags.tag(name, image.digest)
+
+        def fetch(cursor: str | None, n: int) -> queries.Page:
+            return read(registry, queries.tags_at, "app", position, n=n, cursor=cursor)
+
+        walks = {n: all_items(fetch, "tag", n=n) for n in (1, 2, 3, 100)}
+    finally:
+        registry.database.dispose()
+    for n, names in walks.items():
+        assert names == BYTE_ORDER_TAGS, f"pages of {n}"
+
+
+def test_catalog_at_pages_in_byte_order(
+    en_us_postgres_url: str, data_dir: Path
+) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    # Byte order. en-US collation would put "ab" before "a_b" and "a/c".
+    names = ["9", "a-b", "a.b", "a/c", "a_b", "ab", "b"]
+    try:
+        for name in reversed(names):
+            push(registry, name, make_image(), "1")
+        position = head(registry)
+        push(registry, "a", make_image(), "1")
+
+        def fetch(cursor: str | None, n: int) -> queries.Page:
+            return read(registry, queries.catalog_at, position, n=n, cursor=cursor)
+
+        walks = {n: all_items(fetch, n=n) for n in (1, 2, 3, 100)}
+    finally:
+        registry.database.dispose()
+    for n, found in walks.items():
+        assert found == names, f"pages of {n}"
+
+
 def test_tag_page_unknown_repository(registry: Registry) -> None:
     with pytest.raises(NameUnknown):
         read(registry, queries.tag_page, "missing")

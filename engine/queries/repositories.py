@@ -152,16 +152,19 @@ _CATALOG_AT = (
         repositories.c.name, repositories.c.created_at, repositories.c.created_position
     )
     .where(repositories.c.created_position <= sa.bindparam("b_position"))
-    .order_by(repositories.c.name)
+    .order_by(bytewise(repositories.c.name))
     .limit(sa.bindparam("b_limit"))
 )
-_CATALOG_AT_AFTER = _CATALOG_AT.where(repositories.c.name > sa.bindparam("b_name"))
+_CATALOG_AT_AFTER = _CATALOG_AT.where(
+    bytewise(repositories.c.name) > bytewise(sa.bindparam("b_name"))
+)
 
 
 def catalog_at(
     conn: Connection, position: int, *, n: int = 100, cursor: str | None = None
 ) -> Page:
-    """List the repositories that existed at ``position``, by name.
+    """List the repositories that existed at ``position``, by the bytes of
+    their names.
 
     A repository exists from its first event on; cairn has no event that
     removes one, so its first event's position decides.

@@ -100,7 +100,8 @@ _TAG_AT = (
     .order_by(tag_history_table.c.from_position.desc())
     .limit(1)
 )
-# A range [from_position, to_position) contains the position.
+# A range [from_position, to_position) contains the position. Tags sort by
+# their bytes, as the present tags do.
 _TAGS_AT = (
     _HISTORY.where(
         (tag_history_table.c.from_position <= sa.bindparam("b_position"))
@@ -109,10 +110,12 @@ _TAGS_AT = (
             | (tag_history_table.c.to_position > sa.bindparam("b_position"))
         )
     )
-    .order_by(tag_history_table.c.tag)
+    .order_by(bytewise(tag_history_table.c.tag))
     .limit(sa.bindparam("b_limit"))
 )
-_TAGS_AT_AFTER = _TAGS_AT.where(tag_history_table.c.tag > sa.bindparam("b_tag"))
+_TAGS_AT_AFTER = _TAGS_AT.where(
+    bytewise(tag_history_table.c.tag) > bytewise(sa.bindparam("b_tag"))
+)
 
 
 def _actor(user: str | None, address: str | None) -> dict[str, str | None]:
@@ -295,7 +298,8 @@ def tags_at(
     n: int = 100,
     cursor: str | None = None,
 ) -> Page:
-    """List the tags set at ``position``, by name, from the tag history."""
+    """List the tags set at ``position``, by name in byte order, from the tag
+    history."""
     check_page_size(n)
     listing = _tag_listing(repository, "name")
     params: dict[str, Any] = {
