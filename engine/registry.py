@@ -682,7 +682,7 @@ class ManifestService:
                     (tags.c.repository == self._repo.name)
                     & (tags.c.digest == str(digest))
                 )
-                .order_by(tags.c.tag)
+                .order_by(bytewise(tags.c.tag))
             ).scalars()
             new_events = [
                 self._repo.event(EventType.TAG_DELETED, tag=name, previous=str(digest))
@@ -839,7 +839,7 @@ class TagService:
             last = page[-1]
 
     def lookup(self, digest: Digest) -> builtins.list[str]:
-        """List the tags that point to ``digest``."""
+        """List the tags that point to ``digest``, in byte order."""
         with self._repo.database.read() as conn:
             return list(
                 conn.execute(
@@ -848,7 +848,7 @@ class TagService:
                         (tags.c.repository == self._repo.name)
                         & (tags.c.digest == str(digest))
                     )
-                    .order_by(tags.c.tag)
+                    .order_by(bytewise(tags.c.tag))
                 ).scalars()
             )
 

@@ -379,6 +379,20 @@ def test_manifests_list_tags_on_each(registry: Registry) -> None:
     assert page.items[1]["tags"] == ["stable", "v1"]
 
 
+def test_manifest_tags_in_byte_order(en_us_postgres_url: str, data_dir: Path) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    try:
+        image = make_image()
+        push(registry, "app", image, None)
+        for name in reversed(BYTE_ORDER_TAGS):
+            registry.repository("app").tags.tag(name, image.digest)
+
+        [item] = read(registry, queries.manifest_page, "app").items
+    finally:
+        registry.database.dispose()
+    assert item["tags"] == BYTE_ORDER_TAGS
+
+
 def test_referrers_graph(registry: Registry) -> None:
     image = make_image()
     push(registry, "app", image, "v1")

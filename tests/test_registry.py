@@ -509,6 +509,32 @@ def test_listings_byte_order_en_us_collation(
         registry.database.dispose()
 
 
+def test_manifest_tags_in_byte_order(registry: Registry) -> None:
+    image = make_image()
+    repo = registry.repository("app")
+    push_image(repo, image, tag=None)
+    for tag in reversed(ODD_TAGS):
+        repo.tags.tag(tag, image.digest)
+
+    assert repo.tags.lookup(image.digest) == ODD_TAGS
+
+    deleted = repo.manifests.delete(image.digest)
+    deleted_tags = [
+        event.payload["tag"] for event in deleted if event.type is EventType.TAG_DELETED
+    ]
+    assert deleted_tags == ODD_TAGS
+
+
+def test_manifest_tags_byte_order_en_us_collation(
+    en_us_postgres_url: str, data_dir: Path
+) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    try:
+        test_manifest_tags_in_byte_order(registry)
+    finally:
+        registry.database.dispose()
+
+
 def test_log_positions_filters_and_chain(registry: Registry) -> None:
     push_image(registry.repository("one"), make_image())
     push_image(registry.repository("two"), make_image())

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 from engine.domain.events import format_time
 from engine.queries.pages import Listing, Page, check_page_size
 from engine.queries.tags import content_sizes, platforms, require_repository
-from engine.tables import manifests, referrers, tags
+from engine.tables import bytewise, manifests, referrers, tags
 
 _MANIFESTS = (
     sa.select(manifests)
@@ -19,13 +19,14 @@ _MANIFESTS = (
     .limit(sa.bindparam("b_limit"))
 )
 _MANIFESTS_BEFORE = _MANIFESTS.where(manifests.c.position < sa.bindparam("b_position"))
+# The tags on each manifest, in byte order as the tag list sorts them.
 _TAGS_OF = (
     sa.select(tags.c.digest, tags.c.tag)
     .where(
         (tags.c.repository == sa.bindparam("b_repository"))
         & tags.c.digest.in_(sa.bindparam("b_digests", expanding=True))
     )
-    .order_by(tags.c.tag)
+    .order_by(bytewise(tags.c.tag))
 )
 
 _subject = manifests.alias("subject_manifest")
