@@ -53,6 +53,9 @@ BYTE_ORDER_INDEXES = frozenset(
         "ix_tags_repository_tag_bytes",
         "ix_repositories_name_bytes",
         "ix_tag_history_repository_tag_bytes",
+        "ix_repositories_blob_bytes_name_bytes",
+        "ix_repositories_pushed_bytes_name_bytes",
+        "ix_repositories_tag_count_name_bytes",
     }
 )
 
@@ -184,7 +187,9 @@ repositories = sa.Table(
     # Bytes as pushed: every manifest with its config and layers, shared
     # layers counted once per manifest.
     sa.Column("pushed_bytes", sa.BigInteger, nullable=False),
-    # The sort orders of the repository listing; name breaks ties.
+    # The sort orders of the repository listing; name breaks ties. On
+    # PostgreSQL the listing uses the indexes on (column, name COLLATE "C")
+    # of BYTE_ORDER_INDEXES instead.
     sa.Index(None, "blob_bytes", "name"),
     sa.Index(None, "pushed_bytes", "name"),
     sa.Index(None, "tag_count", "name"),

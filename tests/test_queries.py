@@ -267,12 +267,16 @@ def test_tag_pages_by_name_in_byte_order(
     assert names == ["B", "Z9", "_x", "a", "a-b", "a_b", "ab"]
 
 
+# Repository names in byte order. en-US collation would put "ab" before
+# "a_b" and "a/c".
+BYTE_ORDER_NAMES = ["9", "a-b", "a.b", "a/c", "a_b", "ab", "b"]
+
+
 def test_repository_pages_by_name_in_byte_order(
     en_us_postgres_url: str, data_dir: Path
 ) -> None:
     registry = Registry.open(data_dir, en_us_postgres_url)
-    # Byte order. en-US collation would put "ab" before "a_b" and "a/c".
-    names = ["9", "a-b", "a.b", "a/c", "a_b", "ab", "b"]
+    names = BYTE_ORDER_NAMES
     try:
         for name in reversed(names):
             push(registry, name, make_image(), "1")
@@ -293,6 +297,49 @@ def test_repository_pages_by_name_in_byte_order(
         registry.database.dispose()
     assert ascending == names
     assert descending == names[::-1]
+
+
+def test_repository_ties_broken_in_byte_order(
+    en_us_postgres_url: str, data_dir: Path
+) -> None:
+    registry = Registry.open(data_dir, en_us_postgres_url)
+    try:
+        # Images of the same sizes, one tag each, so every sort but
+        # last_push ties on every repository.
+        for name in reversed(BYTE_ORDER_NAMES):
+            push(registry, name, make_image(), "1")
+
+        def fetch(
+            cursor: str | None, sort: str, descending: bool, n: int
+        ) -> queries.Page:
+            return read(
+                registry,
+                queries.repository_page,
+                sort=sort,
+                descending=descending,
+                n=n,
+                cursor=cursor,
+            )
+
+        walks = {
+            (sort, descending, n): all_items(
+                fetch, sort=sort, descending=descending, n=n
+            )
+            for sort in ("size", "pushed_size", "tags")
+            for descending in (False, True)
+            for n in (1, 2, 3, 100)
+        }
+        top_by_size = read(registry, queries.top_repositories, by="size", n=3)
+        top_by_activity = read(registry, queries.top_repositories, by="activity", n=3)
+    finally:
+        registry.database.dispose()
+    for (sort, descending, n), names in walks.items():
+        expected = BYTE_ORDER_NAMES[::-1] if descending else BYTE_ORDER_NAMES
+        assert names == expected, f"sort={sort} descending={descending} n={n}"
+    # The largest come first, and ties go to the last name, as in the
+    # repository listing by size in descending order.
+    assert [r["name"] for r in top_by_size["repositories"]] == ["b", "ab", "a_b"]
+    assert [r["name"] for r in top_by_activity["repositories"]] == ["9", "a-b", "a.b"]
 
 
 # Tags in byte order. en-US collation would sort "_x" first, "B" after "ab"
@@ -326,8 +373,7 @@ def test_catalog_at_pages_in_byte_order(
     en_us_postgres_url: str, data_dir: Path
 ) -> None:
     registry = Registry.open(data_dir, en_us_postgres_url)
-    # Byte order. en-US collation would put "ab" before "a_b" and "a/c".
-    names = ["9", "a-b", "a.b", "a/c", "a_b", "ab", "b"]
+    names = BYTE_ORDER_NAMES
     try:
         for name in reversed(names):
             push(registry, name, make_image(), "1")

@@ -15,7 +15,7 @@ from engine.projections.activity import SECONDS_PER_HOUR, epoch_hour
 from engine.queries.repositories import repository_json
 from engine.queries.tags import require_repository
 from engine.tables import activity as activity_table
-from engine.tables import repositories, repository_activity
+from engine.tables import bytewise, repositories, repository_activity
 
 # Bucket name -> width in hours. Buckets are aligned to UTC.
 BUCKETS: Final = {"hour": 1, "day": 24}
@@ -54,7 +54,7 @@ def _series_statement(width: int, per_repository: bool) -> sa.Select[Any]:
 
 _TOP_BY_SIZE = (
     sa.select(repositories)
-    .order_by(repositories.c.blob_bytes.desc(), repositories.c.name.desc())
+    .order_by(repositories.c.blob_bytes.desc(), bytewise(repositories.c.name).desc())
     .limit(sa.bindparam("b_limit"))
 )
 _events_sum = sa.func.sum(repository_activity.c.events)
@@ -76,7 +76,7 @@ _TOP_BY_ACTIVITY = (
     .where(repository_activity.c.hour >= sa.bindparam("b_from"))
     .where(repository_activity.c.hour < sa.bindparam("b_to"))
     .group_by(repository_activity.c.repository)
-    .order_by(_events_sum.desc(), repository_activity.c.repository)
+    .order_by(_events_sum.desc(), bytewise(repository_activity.c.repository))
     .limit(sa.bindparam("b_limit"))
 )
 

@@ -14,8 +14,10 @@ from engine.queries.pages import Listing, Page, check_page_size
 from engine.tables import bytewise, repositories
 
 # Sort name -> column. Every column has an index whose last column is the
-# name, so each page is one index range scan. On PostgreSQL the name sort
-# uses the index on (name COLLATE "C").
+# name, so each page is one index range scan. On PostgreSQL those indexes
+# are on (name COLLATE "C") and (column, name COLLATE "C"), from migrations
+# 0008 and 0009. updated_position, the position of the repository's last
+# event, is unique, so its index needs no name.
 SORTS: Final = {
     "name": repositories.c.name,
     "size": repositories.c.blob_bytes,
@@ -63,26 +65,23 @@ def _page_statement(
     if with_prefix:
         query = query.where(name.like(sa.bindparam("b_pattern"), escape="\\"))
     # Names sort by their bytes, as in the catalog, whatever the database's
-    # collation. Ties on other columns are broken in the database's own.
+    # collation, and so do the names that break ties on other columns.
     by_bytes = bytewise(name)
     if with_cursor:
+        after = bytewise(sa.bindparam("b_name", type_=name.type))
         if sort == "name":
-            after = bytewise(sa.bindparam("b_name", type_=name.type))
             query = query.where(by_bytes < after if descending else by_bytes > after)
         else:
             # Ties on the sort column are broken by name, in the same
             # direction, so the pair is a row-value comparison.
-            pair = sa.tuple_(key, name)
-            bound = sa.tuple_(
-                sa.bindparam("b_value", type_=key.type),
-                sa.bindparam("b_name", type_=name.type),
-            )
+            pair = sa.tuple_(key, by_bytes)
+            bound = sa.tuple_(sa.bindparam("b_value", type_=key.type), after)
             query = query.where(pair < bound if descending else pair > bound)
     order: list[sa.ColumnElement[Any]]
     if sort == "name":
         order = [by_bytes.desc() if descending else by_bytes]
     else:
-        order = [key.desc(), name.desc()] if descending else [key, name]
+        order = [key.desc(), by_bytes.desc()] if descending else [key, by_bytes]
     return query.order_by(*order).limit(sa.bindparam("b_limit"))
 
 
