@@ -302,6 +302,28 @@ CURSOR_ELSEWHERE = [
         "/repositories?sort=size", "/repositories?sort=tags", id="repositories-sort"
     ),
     pytest.param("/catalog", f"{APP}/-/tags", id="catalog-tags"),
+    # A cursor carries the point (at or position) of its listing, so it
+    # continues only a listing at the same point.
+    pytest.param(
+        f"{APP}/-/tags?position=1000000",
+        f"{APP}/-/tags?position=1000001",
+        id="tags-position",
+    ),
+    pytest.param(f"{APP}/-/tags", f"{APP}/-/tags?position=1000000", id="tags-point"),
+    pytest.param(
+        f"{APP}/-/tags?position=1000000",
+        f"{APP}/-/tags?at=2100-01-01T00:00:00Z",
+        id="tags-position-at",
+    ),
+    pytest.param(
+        "/catalog?position=1000000", "/catalog?position=1000001", id="catalog-position"
+    ),
+    pytest.param(
+        "/catalog?at=2100-01-01T00:00:00Z",
+        "/catalog?at=2100-01-01T00:00:01Z",
+        id="catalog-at",
+    ),
+    pytest.param("/catalog", "/catalog?position=1000000", id="catalog-point"),
     pytest.param(
         "/events?repository=library/app",
         "/events?repository=library/other",
@@ -371,8 +393,16 @@ CURSOR_SAME_LISTING = [
         "/events?type=manifest.pushed&type=tag.set&type=tag.set",
         id="same-types",
     ),
-    pytest.param(f"{APP}/-/tags", f"{APP}/-/tags?position=5", id="tags-at-point"),
-    pytest.param("/catalog", "/catalog?at=2100-01-01T00:00:00Z", id="catalog-at"),
+    pytest.param(
+        f"{APP}/-/tags?position=1000000",
+        f"{APP}/-/tags?position=1000000",
+        id="tags-same-position",
+    ),
+    pytest.param(
+        "/catalog?at=2100-01-01T00:00:00Z",
+        "/catalog?at=2100-01-01T01:00:00%2B01:00",
+        id="catalog-same-instant",
+    ),
 ]
 
 

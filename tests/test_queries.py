@@ -619,6 +619,43 @@ def test_migration_fills_past_tag_facts(
         assert snapshot_projections(conn) == live
 
 
+def test_tags_at_cursor_rejected_elsewhere(
+    registry: Registry, moving_tag: dict[str, Any]
+) -> None:
+    push(registry, "app", make_image(), "v2")
+    position = head(registry)
+    cursor = read(registry, queries.tags_at, "app", position, n=1).next_cursor
+    assert cursor is not None
+
+    page = read(registry, queries.tags_at, "app", position, n=1, cursor=cursor)
+    assert [entry["tag"] for entry in page.items] == ["v2"]
+    with pytest.raises(Unsupported, match="another listing") as earlier:
+        read(registry, queries.tags_at, "app", position - 1, cursor=cursor)
+    assert "same path, repository, sort, at and position" in str(earlier.value)
+    assert earlier.value.detail == {"parameter": "cursor", "value": cursor}
+    with pytest.raises(Unsupported, match="another listing") as present:
+        read(registry, queries.tag_page, "app", cursor=cursor)
+    assert present.value.detail == {"parameter": "cursor", "value": cursor}
+
+
+def test_catalog_at_cursor_rejected_elsewhere(registry: Registry) -> None:
+    push(registry, "a", make_image(), "v1")
+    push(registry, "b", make_image(), "v1")
+    position = head(registry)
+    cursor = read(registry, queries.catalog_at, position, n=1).next_cursor
+    assert cursor is not None
+
+    page = read(registry, queries.catalog_at, position, n=1, cursor=cursor)
+    assert [entry["name"] for entry in page.items] == ["b"]
+    with pytest.raises(Unsupported, match="another listing") as later:
+        read(registry, queries.catalog_at, position + 1, cursor=cursor)
+    assert "same path, at and position" in str(later.value)
+    assert later.value.detail == {"parameter": "cursor", "value": cursor}
+    at_time = {"at": T0, "position": None}
+    with pytest.raises(Unsupported, match="another listing"):
+        read(registry, queries.catalog_at, position, cursor=cursor, point=at_time)
+
+
 def test_catalog_at_position(registry: Registry) -> None:
     first = push(registry, "b/first", make_image(), "v1")
     push(registry, "a/second", make_image(), "v1")

@@ -116,6 +116,19 @@ class Listing:
         return values
 
 
+def point_parameters(position: int, point: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Return the listing parameters of a read at ``position``.
+
+    ``point`` maps ``at`` and ``position`` to the values of the request that
+    chose ``position``, None for one it leaves out. Without ``point`` the
+    read is at ``position`` as given. A cursor then continues only a
+    listing at the same point, because its pages come from that state.
+    """
+    if point is None:
+        return {"at": None, "position": position}
+    return {"at": point.get("at"), "position": point.get("position")}
+
+
 def _join(words: list[str]) -> str:
     """Join ``words`` as "a", "a and b" or "a, b and c"."""
     if len(words) == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -10,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.errors import NameUnknown, Unsupported
 from engine.domain.events import format_time
-from engine.queries.pages import Listing, Page, check_page_size
+from engine.queries.pages import Listing, Page, check_page_size, point_parameters
 from engine.tables import bytewise, repositories
 
 # Sort name -> column. Every column has an index whose last column is the
@@ -160,19 +161,24 @@ _CATALOG_AT_AFTER = _CATALOG_AT.where(
 
 
 def catalog_at(
-    conn: Connection, position: int, *, n: int = 100, cursor: str | None = None
+    conn: Connection,
+    position: int,
+    *,
+    n: int = 100,
+    cursor: str | None = None,
+    point: Mapping[str, Any] | None = None,
 ) -> Page:
     """List the repositories that existed at ``position``, by the bytes of
     their names.
 
     A repository exists from its first event on; cairn has no event that
-    removes one, so its first event's position decides.
+    removes one, so its first event's position decides. ``point`` is the
+    request's ``at`` and ``position`` that chose ``position`` (see
+    ``point_parameters``), and a cursor continues only the listing of the
+    same point.
     """
     check_page_size(n)
-    # The point (at or position) chooses when the catalog is read, as the
-    # moment of a request for the present catalog does, so it is no part of
-    # the listing.
-    listing = Listing("catalog")
+    listing = Listing("catalog", point_parameters(position, point))
     params: dict[str, Any] = {"b_position": position, "b_limit": n + 1}
     statement = _CATALOG_AT
     if cursor is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 
 from engine.domain.errors import ManifestUnknown, NameUnknown, Unsupported
 from engine.domain.events import format_time
-from engine.queries.pages import Listing, Page, check_page_size
+from engine.queries.pages import Listing, Page, check_page_size, point_parameters
 from engine.tables import bytewise, events, manifests, repositories, tags
 from engine.tables import tag_history as tag_history_table
 
@@ -210,17 +210,6 @@ def require_repository(conn: Connection, repository: str) -> None:
         raise NameUnknown("repository name not known to registry", {"name": repository})
 
 
-def _tag_listing(repository: str, sort: str) -> Listing:
-    """Return the listing of a repository's tags in ``sort`` order.
-
-    Tags at a point in the log come by name, so a cursor of the present tags
-    by name also continues a listing at a point, and the other way round. The
-    point (``at`` or ``position``) chooses when the listing is read, as the
-    moment of a request for the present tags does.
-    """
-    return Listing("tags", {"repository": repository, "sort": sort})
-
-
 def tag_page(
     conn: Connection,
     repository: str,
@@ -237,7 +226,7 @@ def tag_page(
             {"parameter": "sort", "value": sort, "supported": list(TAG_SORTS)},
         )
     check_page_size(n)
-    listing = _tag_listing(repository, sort)
+    listing = Listing("tags", {"repository": repository, "sort": sort})
     params: dict[str, Any] = {"b_repository": repository, "b_limit": n + 1}
     if sort == "name":
         statement = _BY_NAME
@@ -297,11 +286,20 @@ def tags_at(
     *,
     n: int = 100,
     cursor: str | None = None,
+    point: Mapping[str, Any] | None = None,
 ) -> Page:
     """List the tags set at ``position``, by name in byte order, from the tag
-    history."""
+    history.
+
+    ``point`` is the request's ``at`` and ``position`` that chose
+    ``position`` (see ``point_parameters``). A cursor continues only the
+    listing of the same repository and point.
+    """
     check_page_size(n)
-    listing = _tag_listing(repository, "name")
+    listing = Listing(
+        "tags",
+        {"repository": repository, "sort": "name"} | point_parameters(position, point),
+    )
     params: dict[str, Any] = {
         "b_repository": repository,
         "b_position": position,

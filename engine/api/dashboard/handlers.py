@@ -54,6 +54,11 @@ class Point:
     def given(self) -> bool:
         return self.at is not None or self.position is not None
 
+    def parameters(self) -> dict[str, Any]:
+        """Return ``at`` and ``position`` as the request gave them, for the
+        hash of the listing that a cursor carries."""
+        return {"at": self.at, "position": self.position}
+
     def resolve(self, conn: Connection) -> tuple[int, dict[str, Any]]:
         """Return the log position the point names and its JSON description.
 
@@ -120,7 +125,9 @@ async def catalog(request: Request) -> Response:
             position, described = point.resolve(conn)
         else:
             position, described = queries.log_head(conn), None
-        page = queries.catalog_at(conn, position, n=n, cursor=cursor)
+        page = queries.catalog_at(
+            conn, position, n=n, cursor=cursor, point=point.parameters()
+        )
         return {"point": described, **page.to_json("repositories")}
 
     return await answer(request, query)
@@ -144,7 +151,9 @@ async def tags(request: Request) -> Response:
             page = queries.tag_page(conn, name, sort=sort, n=n, cursor=cursor)
             return {"repository": name, "point": None, **page.to_json("tags")}
         position, described = point.resolve(conn)
-        page = queries.tags_at(conn, name, position, n=n, cursor=cursor)
+        page = queries.tags_at(
+            conn, name, position, n=n, cursor=cursor, point=point.parameters()
+        )
         return {"repository": name, "point": described, **page.to_json("tags")}
 
     return await answer(request, query)

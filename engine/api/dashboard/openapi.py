@@ -349,7 +349,7 @@ _PARAMETERS: Final[dict[str, Any]] = {
         "cursor",
         {"type": "string", "minLength": 1},
         "The next_cursor of the previous page, sent with the same path and"
-        " parameters other than n, at and position.",
+        " parameters other than n.",
     ),
     "min_position": _query(
         "min_position",
