@@ -46,6 +46,7 @@ from tests.server import (
     stored_state,
     upload_rows,
 )
+from tests.test_api_blob_size import exchange, request_head
 from tests.test_clients import build_oci_layout
 
 SKOPEO = shutil.which("skopeo")
@@ -211,6 +212,52 @@ def test_malformed_authorization_unauthorized(
     error = _error(response)
     assert error["code"] == "UNAUTHORIZED"
     assert reason in error["message"]
+    unchanged()
+
+
+# The Transfer-Encoding check runs before authentication, as in
+# Distribution 2.8.2, whose Go HTTP server returns its 501 before any handler
+# runs. The 501 depends on that header alone, so it tells an unauthenticated
+# client nothing about the registry, and no body byte is stored either way.
+@pytest.mark.parametrize(
+    ("credentials", "coding", "status"),
+    [
+        (None, "gzip, chunked", 501),
+        (WRITER, "gzip, chunked", 501),
+        (None, "chunked", 401),
+        (("writer", "wrong-secret"), "chunked", 401),
+    ],
+)
+def test_transfer_coding_checked_before_auth(
+    server: ServerThread,
+    unchanged: Callable[[], None],
+    credentials: tuple[str, str] | None,
+    coding: str,
+    status: int,
+) -> None:
+    body = b"bytes that must not be stored"
+    headers = [f"Transfer-Encoding: {coding}"]
+    if credentials is not None:
+        headers.append(
+            "Authorization: " + _basic(":".join(credentials))["Authorization"]
+        )
+    head = request_head(
+        "POST", f"/v2/library/app/blobs/uploads/?digest={Digest.of(body)}", *headers
+    )
+
+    reply = exchange(
+        server.port, head + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    )
+
+    assert reply.status == status
+    error = reply.error()
+    if status == 501:
+        assert error["code"] == "UNSUPPORTED"
+        assert error["detail"]["value"] == coding
+        assert "www-authenticate" not in reply.headers
+    else:
+        assert error["code"] == "UNAUTHORIZED"
+        assert reply.headers["www-authenticate"] == 'Basic realm="cairn"'
     unchanged()
 
 

@@ -234,6 +234,9 @@ class RegistryApp:
         """Run the request's handler; return its response and route label."""
         handler: Handler | None = None
         try:
+            # Before authentication and the rate limit, as Distribution 2.8.2
+            # does: the error depends on the header alone, so it tells an
+            # unauthenticated client nothing about the registry.
             request.check_transfer_coding()
             user = await self._admit(request)
             handler = self.router.resolve(request)

@@ -120,31 +120,30 @@ class Request:
         return self.header("transfer-encoding") is not None
 
     def check_transfer_coding(self) -> None:
-        """Raise HTTPError 501 when Transfer-Encoding lists a coding other
-        than chunked.
+        """Raise HTTPError unless Transfer-Encoding is absent or lists chunked
+        alone.
 
-        llhttp decodes chunked alone and hands the app the bytes of any
-        coding listed before it, such as gzip, still encoded, so they would
-        be stored as sent. RFC 9112 section 6.1 recommends 501 for a coding
-        the server does not understand, and Distribution 2.8 returns it.
+        Empty list elements are ignored, as RFC 9110 section 5.6.1 requires.
+        A list with no coding, or whose last coding is not chunked, gets a
+        400 because the body's end cannot be found (RFC 9112 section 6.3).
+        A list with chunked twice also gets a 400, because RFC 9112 section
+        6.1 forbids applying chunked more than once. Any other coding before
+        a final chunked, such as gzip, gets a 501, the status RFC 9112
+        section 6.1 recommends for a coding the server does not decode.
+        llhttp decodes chunked alone and would hand the app the bytes of such
+        a coding still encoded, so they would be stored as sent.
 
-        llhttp itself rejects, with a 400, a request whose last coding is
-        not chunked.
+        In cairn serve, llhttp rejects the 400 cases with a 400 of its own.
+        The app checks them too, for other ASGI servers.
         """
         value = self.header("transfer-encoding")
         if value is None:
             return
         codings = [part.strip().lower() for part in value.split(",")]
-        if [coding for coding in codings if coding] == ["chunked"]:
+        codings = [coding for coding in codings if coding]
+        if codings == ["chunked"]:
             return
-        raise HTTPError(
-            ErrorCode.UNSUPPORTED,
-            501,
-            f"Transfer-Encoding {value!r} lists a transfer coding other than "
-            "chunked, which cairn does not decode: send the body with chunked "
-            "alone or with a Content-Length",
-            {"header": "Transfer-Encoding", "value": value, "supported": ["chunked"]},
-        )
+        raise _transfer_coding_error(value, codings)
 
     def header(self, name: str) -> str | None:
         """Return the header's values joined with commas, or None."""
@@ -302,6 +301,39 @@ def repository_path(name: str, *parts: str) -> str:
     """Return /v2/<name>/<parts...> with each part percent-encoded."""
     encoded = "/".join(quote(part, safe=":") for part in parts)
     return f"/v2/{name}/{encoded}"
+
+
+def _transfer_coding_error(value: str, codings: list[str]) -> HTTPError:
+    """Build the error for a Transfer-Encoding ``value`` other than chunked
+    alone. ``codings`` are its non-empty elements, lowercased."""
+    detail: dict[str, object] = {
+        "header": "Transfer-Encoding",
+        "value": value,
+        "supported": ["chunked"],
+    }
+    remedy = "send the body with chunked alone or with a Content-Length"
+    if not codings:
+        problem = "lists no transfer coding, so the body's end cannot be found"
+    elif codings[-1] != "chunked":
+        problem = "does not end with chunked, so the body's end cannot be found"
+    elif codings.count("chunked") > 1:
+        problem = "lists chunked more than once, which HTTP/1.1 forbids"
+    else:
+        unknown = [coding for coding in codings if coding != "chunked"]
+        detail["unsupported"] = unknown
+        return HTTPError(
+            ErrorCode.UNSUPPORTED,
+            501,
+            f"Transfer-Encoding {value!r} lists {', '.join(unknown)}, which "
+            f"cairn does not decode: {remedy}",
+            detail,
+        )
+    return HTTPError(
+        ErrorCode.UNSUPPORTED,
+        400,
+        f"Transfer-Encoding {value!r} {problem}: {remedy}",
+        detail,
+    )
 
 
 def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
