@@ -121,6 +121,8 @@ INVALID_VARIABLES = [
     ("CAIRN_NATS_URL", "junk", "webhook-dead-letters", "--nats"),
     ("CAIRN_AUTH_FILE", "", "serve", "--auth-file"),
     ("CAIRN_AUTH_FILE", "", "users-add", "--auth-file"),
+    ("CAIRN_TLS_CERT", "", "serve", "--tls-cert"),
+    ("CAIRN_TLS_KEY", "", "serve", "--tls-key"),
 ]
 
 
@@ -275,6 +277,38 @@ def test_database_url_variable_accepted(
     monkeypatch.setenv("CAIRN_DATABASE_URL", url)
 
     assert parse("verify").database_url == url
+
+
+@pytest.mark.parametrize("option", ["--tls-cert", "--tls-key"])
+def test_empty_tls_option_rejected(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, "serve", option, "")
+
+    assert f"argument {option}: invalid file name ''" in error
+    assert "environment variable" not in error
+
+
+def test_tls_options_override_empty_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CAIRN_TLS_CERT", "")
+    monkeypatch.setenv("CAIRN_TLS_KEY", "")
+
+    args = parse("serve", "--tls-cert", "cert.pem", "--tls-key", "key.pem")
+
+    assert args.tls_cert == Path("cert.pem")
+    assert args.tls_key == Path("key.pem")
+
+
+def test_tls_variables_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAIRN_TLS_CERT", "cert.pem")
+    monkeypatch.setenv("CAIRN_TLS_KEY", "key.pem")
+
+    args = parse("serve")
+
+    assert args.tls_cert == Path("cert.pem")
+    assert args.tls_key == Path("key.pem")
 
 
 def test_valid_variables_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 from typing import Final
 
 from engine.bus.options import add_bus_options
@@ -231,8 +230,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tls-cert",
-        type=Path,
-        default=env_default("TLS_CERT") or None,
+        type=parse_file_path,
+        default=env_default("TLS_CERT"),
         metavar="FILE",
         help="PEM certificate, followed by any intermediate certificates, to "
         "serve HTTPS with; needs --tls-key (env CAIRN_TLS_CERT; default: "
@@ -240,8 +239,8 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tls-key",
-        type=Path,
-        default=env_default("TLS_KEY") or None,
+        type=parse_file_path,
+        default=env_default("TLS_KEY"),
         metavar="FILE",
         help="PEM private key of --tls-cert, unencrypted (env CAIRN_TLS_KEY)",
     )
