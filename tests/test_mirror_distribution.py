@@ -198,3 +198,85 @@ def test_mirror_sha512_blobs_first_run(
         assert result.returncode == 0, result.stderr[-4000:]
         stopped = lines_of(log_events(result.stderr), "mirror_stopped")
         assert stopped[0]["bytes_copied"] == 0
+
+
+def target_blob_file(storage: Path, digest: Digest) -> Path:
+    """Return the data file of a blob in Distribution's filesystem storage."""
+    return (
+        storage
+        / "docker/registry/v2/blobs"
+        / digest.algorithm
+        / digest.encoded[:2]
+        / digest.encoded
+        / "data"
+    )
+
+
+def blob_length(url: str, repository: str, digest: Digest) -> int:
+    response = httpx.head(f"{url}/v2/{repository}/blobs/{digest}")
+    assert response.status_code == 200, response.text
+    return int(response.headers["Content-Length"])
+
+
+@needs_docker_registry
+def test_mirror_stops_on_target_blob_size(
+    tmp_path: Path,
+    source: ServeProcess,
+) -> None:
+    image = make_image()
+    # The same config and layer under a second manifest digest.
+    relabelled = json.loads(image.manifest)
+    relabelled["annotations"] = {"org.opencontainers.image.ref.name": "v2"}
+    second = json.dumps(relabelled).encode()
+    layer = Digest.of(image.layers[0])
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", image, "v1")
+    checkpoint = tmp_path / "checkpoint.json"
+
+    with docker_registry(tmp_path / "registry") as registry_url:
+        status, _ = mirror_once(source.url, registry_url, checkpoint)
+        assert status == 0
+        # A damaged copy on the target: the same digest, with more bytes.
+        data = target_blob_file(tmp_path / "registry" / "storage", layer)
+        original = data.read_bytes()
+        data.write_bytes(original + b"damage")
+        assert blob_length(registry_url, "library/app", layer) == len(original) + 6
+        with httpx.Client(base_url=source.url) as client:
+            put_manifest(client, "library/app", "v2", second)
+
+        for _ in range(2):
+            status, lines = mirror_once(source.url, registry_url, checkpoint)
+
+            assert status == 1
+            mismatch = lines_of(lines, "blob_size_mismatch")
+            assert len(mismatch) == 1
+            assert mismatch[0]["level"] == "error"
+            assert mismatch[0]["repository"] == "library/app"
+            assert mismatch[0]["digest"] == str(layer)
+            assert mismatch[0]["expected_size"] == len(original)
+            assert mismatch[0]["target_size"] == len(original) + 6
+            assert mismatch[0]["source_size"] == len(original)
+            failed = lines_of(lines, "mirror_failed")
+            assert len(failed) == 1
+            assert str(layer) in failed[0]["error"]
+            assert f"{len(original) + 6} bytes" in failed[0]["error"]
+            assert registry_tags(registry_url, "library/app") == ["v1"]
+
+        # A replay from the start stops at the layer's blob.pushed event.
+        status, lines = mirror_once(source.url, registry_url, tmp_path / "replay.json")
+
+        assert status == 1
+        mismatch = lines_of(lines, "blob_size_mismatch")
+        assert len(mismatch) == 1
+        assert mismatch[0]["digest"] == str(layer)
+        assert mismatch[0]["expected_size"] == len(original)
+        assert mismatch[0]["described_by"] == "the source's event"
+
+        # Once the target's copy is repaired, the next run copies the event.
+        data.write_bytes(original)
+
+        status, lines = mirror_once(source.url, registry_url, checkpoint)
+
+        assert status == 0
+        assert not lines_of(lines, "blob_size_mismatch")
+        assert registry_tags(registry_url, "library/app") == ["v1", "v2"]

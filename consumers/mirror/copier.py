@@ -1,7 +1,10 @@
 """Reproduce one source event on the target.
 
 Every step first checks whether the target already has the result, so an
-event applied twice changes nothing. Content is always copied in
+event applied twice changes nothing. A blob that the target already has
+must have the size that the event or the manifest's descriptor gives, or
+that the source serves. Otherwise the mirror stops, because the target
+stores a damaged or different blob under the digest. Content is always copied in
 dependency order: blobs, then child manifests, then the manifest by digest,
 then the tag. That order is kept even when the events arrive in another
 shape, because a manifest event copies any blob or child the target lacks,
@@ -45,7 +48,12 @@ from consumers.mirror.target import Target
 from engine.domain.digest import Digest, DigestVerifier
 from engine.domain.errors import DigestMismatch, RegistryError
 from engine.domain.events import EventType, upcast
-from engine.domain.manifests import Manifest, parse_manifest, parse_stored_manifest
+from engine.domain.manifests import (
+    Manifest,
+    Reference,
+    parse_manifest,
+    parse_stored_manifest,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -105,7 +113,10 @@ class Copier:
         match event_type:
             case EventType.BLOB_PUSHED | EventType.BLOB_MOUNTED:
                 return await self.copy_blob(
-                    repository, payload["digest"], payload.get("from")
+                    repository,
+                    payload["digest"],
+                    payload.get("from"),
+                    payload.get("size"),
                 )
             case EventType.MANIFEST_PUSHED:
                 return await self.copy_manifest(repository, payload["digest"])
@@ -202,11 +213,35 @@ class Copier:
     # ---- blobs -----------------------------------------------------------
 
     async def copy_blob(
-        self, repository: str, digest: str, mount_from: str | None = None
+        self,
+        repository: str,
+        digest: str,
+        mount_from: str | None = None,
+        size: int | None = None,
     ) -> str:
-        if await self.target.has_blob(repository, digest):
+        """Copy a blob that the target lacks; return "present", "copied",
+        "mounted" or "gone".
+
+        Raises MirrorError when the target already has the blob with a size
+        other than ``size``, the size in the source's event, and the source
+        does not serve the target's size either.
+        """
+        outcome, target_size = await self._copy_blob(repository, digest, mount_from)
+        if size is not None and target_size is not None and target_size != size:
+            await self._check_target_blob_size(
+                repository, digest, size, target_size, "the source's event"
+            )
+        return outcome
+
+    async def _copy_blob(
+        self, repository: str, digest: str, mount_from: str | None
+    ) -> tuple[str, int | None]:
+        """Copy a blob that the target lacks; return the outcome and, for a
+        blob the target already had, the size that the target reports."""
+        stored = await self.target.stored_blob(repository, digest)
+        if stored is not None:
             self._remember(digest, repository)
-            return "present"
+            return "present", stored.size
         candidate = self._mount_candidate(repository, digest, mount_from)
         try:
             copy = await self.target.put_blob(
@@ -222,17 +257,62 @@ class Copier:
                 digest=digest,
                 reason="no longer on the source",
             )
-            return "gone"
+            return "gone", None
         self._remember(digest, repository)
         if copy.mounted:
             self.stats.blobs_mounted += 1
             log.debug(
                 "blob_mounted", repository=repository, digest=digest, source=candidate
             )
-            return "mounted"
+            return "mounted", None
         self.stats.blobs_copied += 1
         log.debug("blob_copied", repository=repository, digest=digest, size=copy.size)
-        return "copied"
+        return "copied", None
+
+    async def _check_target_blob_size(
+        self,
+        repository: str,
+        digest: str,
+        expected: int,
+        target_size: int,
+        described_by: str,
+    ) -> None:
+        """Raise MirrorError for a blob that the target serves with
+        ``target_size`` bytes where ``described_by`` gives ``expected``,
+        unless the source serves ``target_size`` bytes as well.
+
+        A target whose size differs from the source's stores another blob,
+        or a damaged one, under the digest, and clients that pull it fail
+        their size check. When the source serves the same size as the
+        target, ``described_by`` is what is wrong, and this returns.
+        """
+        source = await self.source.head_blob(repository, digest)
+        source_size = None if source is None else source.size
+        if source_size == target_size:
+            return
+        log.error(
+            "blob_size_mismatch",
+            repository=repository,
+            digest=digest,
+            expected_size=expected,
+            target_size=target_size,
+            source_size=source_size,
+            described_by=described_by,
+            target=self.target.description,
+        )
+        if source is None:
+            on_source = "the source no longer serves it"
+        elif source_size is None:
+            on_source = "the source does not send its size"
+        else:
+            on_source = f"the source serves {source_size} bytes"
+        raise MirrorError(
+            f"blob {digest} in {repository}: the target {self.target.description} "
+            f"serves {target_size} bytes under that digest, but {described_by} "
+            f"gives size {expected} and {on_source}. The target stores a damaged "
+            "or different blob under the digest: repair or remove it on the "
+            "target, then run the mirror again"
+        )
 
     def _mount_candidate(
         self, repository: str, digest: str, mount_from: str | None
@@ -331,6 +411,9 @@ class Copier:
             repository, digest, media_type, raw, expected.algorithm
         )
 
+        # Blobs that the target already had with another size than their
+        # descriptor gives, and the size that the target reports.
+        resized: list[tuple[Reference, int]] = []
         for reference in manifest.references():
             if not reference.required:
                 continue
@@ -338,7 +421,9 @@ class Copier:
             if reference.kind == "manifest":
                 outcome = await self.copy_manifest(repository, child, depth + 1)
             else:
-                outcome = await self.copy_blob(repository, child)
+                outcome, target_size = await self._copy_blob(repository, child, None)
+                if target_size is not None and target_size != reference.descriptor.size:
+                    resized.append((reference, target_size))
             if outcome in ("gone", "incomplete"):
                 self._report_incomplete(
                     repository, digest, reference.kind, child, outcome
@@ -347,6 +432,21 @@ class Copier:
 
         # Compared only now, so that an incomplete manifest costs no requests.
         mismatches = await self._descriptor_mismatches(repository, manifest)
+        for reference, target_size in resized:
+            descriptor = reference.descriptor
+            await self._check_target_blob_size(
+                repository,
+                str(descriptor.digest),
+                descriptor.size,
+                target_size,
+                f"the {reference.kind} descriptor in manifest {digest}",
+            )
+            # The source serves the target's size, so the descriptor is wrong.
+            mismatches.append(
+                f"its {reference.kind} descriptor of {descriptor.digest} gives "
+                f"size {descriptor.size}, but the source serves {target_size} "
+                "bytes under that digest"
+            )
         if mismatches:
             reason = "; ".join(mismatches)
             log.warning(

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,6 +52,7 @@ from consumers.mirror.partial import (
     sync_dir,
     write_atomically,
 )
+from consumers.mirror.registry import StoredBlob
 from consumers.mirror.target import BlobCopy, BlobOpener
 from engine.domain.digest import Digest
 from engine.domain.errors import RegistryError
@@ -114,6 +116,11 @@ class LayoutTarget:
 
     async def has_blob(self, repository: str, digest: str) -> bool:
         return await asyncio.to_thread(self._blob_path(repository, digest).is_file)
+
+    async def stored_blob(self, repository: str, digest: str) -> StoredBlob | None:
+        path = self._blob_path(repository, digest)
+        size = await asyncio.to_thread(_file_size, path)
+        return None if size is None else StoredBlob(size)
 
     async def put_blob(
         self,
@@ -463,3 +470,12 @@ def _remove_files(paths: list[Path]) -> tuple[int, int]:
     for directory in directories:
         sync_dir(directory)
     return removed, size
+
+
+def _file_size(path: Path) -> int | None:
+    """Return the size of the regular file at ``path``, or None without one."""
+    try:
+        status = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None

@@ -42,6 +42,14 @@ class BlobStream:
     chunks: AsyncIterator[bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """A blob that a registry serves. ``size`` is None when the response
+    had no Content-Length."""
+
+    size: int | None
+
+
 class RegistryClient:
     def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
         self.base_url = base_url.rstrip("/")
@@ -63,14 +71,20 @@ class RegistryClient:
     # ---- blobs -----------------------------------------------------------
 
     async def blob_exists(self, repository: str, digest: str) -> bool:
+        return await self.head_blob(repository, digest) is not None
+
+    async def head_blob(self, repository: str, digest: str) -> StoredBlob | None:
+        """Return the blob with the size from the Content-Length of a HEAD
+        request, or None when the repository has no such blob."""
         what = f"HEAD blob {digest} in {repository}"
         response = await self._request(
             "HEAD", self.url(repository, "blobs", digest), what
         )
         if response.status_code == 404:
-            return False
+            return None
         check(response, what)
-        return True
+        length = response.headers.get("Content-Length", "")
+        return StoredBlob(int(length) if length.isdigit() else None)
 
     @asynccontextmanager
     async def open_blob(

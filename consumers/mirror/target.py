@@ -15,7 +15,7 @@ from typing import Protocol
 import structlog
 
 from consumers.mirror.errors import MirrorError
-from consumers.mirror.registry import BlobStream, RegistryClient
+from consumers.mirror.registry import BlobStream, RegistryClient, StoredBlob
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +37,8 @@ class Target(Protocol):
     async def start(self) -> None:
         """Prepare the target before the mirror applies its first event."""
 
-    async def has_blob(self, repository: str, digest: str) -> bool: ...
+    async def stored_blob(self, repository: str, digest: str) -> StoredBlob | None:
+        """Return the blob and its size, or None when the target lacks it."""
 
     async def put_blob(
         self,
@@ -80,8 +81,8 @@ class RegistryTarget:
     async def start(self) -> None:
         return None
 
-    async def has_blob(self, repository: str, digest: str) -> bool:
-        return await self.client.blob_exists(repository, digest)
+    async def stored_blob(self, repository: str, digest: str) -> StoredBlob | None:
+        return await self.client.head_blob(repository, digest)
 
     async def put_blob(
         self,
