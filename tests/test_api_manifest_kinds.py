@@ -1,7 +1,8 @@
 """Pushes of ambiguous or too deeply nested manifests over real HTTP.
 
 The cases are an image manifest with an index's field, an index with an
-image manifest's fields, a repeated key, and nesting past the limit. Each
+image manifest's fields, a repeated key, nesting past the limit, and
+numbers that are not finite JSON numbers. Each
 is rejected with 400 MANIFEST_INVALID, pushed by tag and by digest, and
 leaves no event, tag or manifest behind. A digest also keeps the media type
 it was first pushed as.
@@ -189,6 +190,22 @@ def _infinity(api: httpx.Client) -> BadPush:
     return BadPush(raw, OCI_MANIFEST, {"error": "Infinity is not a JSON value"}, "JSON")
 
 
+def _float_overflow(api: httpx.Client) -> BadPush:
+    # Python reads 1e999 as infinity, and Go reads it as a range error.
+    body = _image_with_blobs(api)
+    raw = encode(body)[:-1] + b', "x": 1e999}'
+    return BadPush(raw, OCI_MANIFEST, {"number": "1e999"}, "64-bit float")
+
+
+def _platform_float_overflow(api: httpx.Client) -> BadPush:
+    # The platform goes into the event's payload, which would then contain
+    # the non-JSON literal -Infinity.
+    body = _index_with_child(api, OCI_INDEX)
+    body["manifests"][0]["platform"]["os.version"] = 0
+    raw = encode(body).replace(b'"os.version": 0', b'"os.version": -1e999', 1)
+    return BadPush(raw, OCI_INDEX, {"number": "-1e999"}, "64-bit float")
+
+
 def _docker_without_media_type(api: httpx.Client) -> BadPush:
     body = _image_with_blobs(api, docker=True)
     del body["mediaType"]
@@ -220,6 +237,8 @@ CASES: dict[str, Callable[[httpx.Client], BadPush]] = {
     "field-past-nesting-limit": _deep_field,
     "layers-in-other-case": _layers_in_other_case,
     "infinity": _infinity,
+    "float-overflow": _float_overflow,
+    "platform-float-overflow": _platform_float_overflow,
     "docker-without-media-type": _docker_without_media_type,
 }
 

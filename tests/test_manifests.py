@@ -462,6 +462,26 @@ def test_non_json_number_rejected(literal: str) -> None:
     assert caught.value.detail == {"error": f"{literal} is not a JSON value"}
 
 
+@pytest.mark.parametrize("literal", ["1e999", "-1e999", "1.5E+400"])
+def test_float_overflow_rejected(literal: str) -> None:
+    raw = encode(_image_body())[:-1] + b', "x": ' + literal.encode() + b"}"
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(raw, OCI_MANIFEST)
+
+    assert "64-bit float" in caught.value.message
+    assert caught.value.detail == {"number": literal}
+
+
+def test_stored_float_overflow_parses() -> None:
+    # Earlier cairn versions stored such manifests, so reading one must work.
+    raw = encode(_image_body())[:-1] + b', "x": 1e999}'
+
+    parsed = parse_stored_manifest(raw, OCI_MANIFEST)
+
+    assert parsed.body["x"] == float("inf")
+
+
 @pytest.mark.parametrize(
     ("path", "key", "field"),
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -330,7 +331,7 @@ def _decode_json(raw: bytes, *, strict: bool) -> dict[str, Any]:
         body = json.loads(
             text,
             object_pairs_hook=_unique_keys if strict else None,
-            parse_float=_bounded_float,
+            parse_float=_finite_float if strict else _bounded_float,
             parse_int=_bounded_int,
             parse_constant=_reject_constant if strict else None,
         )
@@ -359,6 +360,12 @@ def _decode_json(raw: bytes, *, strict: bool) -> dict[str, Any]:
             "manifest contains a number outside the signed 64-bit range",
             {"number": exc.args[0]},
         ) from None
+    except _FloatOverflow as exc:
+        raise ManifestInvalid(
+            "manifest contains a number too large for a 64-bit float, which "
+            "JSON parsers read as infinity or reject",
+            {"number": exc.args[0]},
+        ) from None
     if not isinstance(body, dict):
         raise ManifestInvalid(
             "manifest must be a JSON object", {"type": type(body).__name__}
@@ -380,6 +387,10 @@ class _NumberOutOfRange(ValueError):
 
 
 class _NotJson(ValueError):
+    pass
+
+
+class _FloatOverflow(ValueError):
     pass
 
 
@@ -476,6 +487,16 @@ def _bounded_float(literal: str) -> float:
     if len(literal) > 40:
         raise _NumberOutOfRange(literal[:40])
     return float(literal)
+
+
+def _finite_float(literal: str) -> float:
+    # A literal such as 1e999 overflows a double. Python reads it as
+    # infinity, which an event payload would carry as the non-JSON literal
+    # Infinity, and Go's strconv.ParseFloat returns a range error for it.
+    value = _bounded_float(literal)
+    if math.isinf(value):
+        raise _FloatOverflow(literal)
+    return value
 
 
 def _check_values(body: dict[str, Any], max_nesting: int | None) -> None:
