@@ -205,6 +205,35 @@ def test_encoded_slash_in_name_rejected(api: httpx.Client) -> None:
     assert "%2F" in error["detail"]["path"]
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "name"),
+    [
+        ("GET", "/v2/demo/hello%0A/tags/list", "demo/hello\n"),
+        ("GET", "/v2/demo%0A/hello/manifests/v1", "demo\n/hello"),
+        ("POST", "/v2/demo/hello%0D/blobs/uploads/", "demo/hello\r"),
+        (
+            "GET",
+            f"/v2/demo/hello%0A/referrers/{Digest.of(b'subject')}",
+            "demo/hello\n",
+        ),
+        ("GET", "/_cairn/api/v1/repositories/demo/hello%0A/-/tags", "demo/hello\n"),
+    ],
+)
+def test_control_character_in_name_rejected(
+    api: httpx.Client, registry: Registry, method: str, path: str, name: str
+) -> None:
+    push_image(api, "demo/hello", make_image(), "v1")
+    before = stored_state(registry)
+
+    response = api.request(method, path)
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "NAME_INVALID"
+    assert error["detail"]["name"] == name
+    assert stored_state(registry) == before
+
+
 def _put_manifest(api: httpx.Client, body: bytes, media_type: str) -> httpx.Response:
     return api.put(
         f"/v2/demo/app/manifests/{Digest.of(body)}",

@@ -29,13 +29,16 @@ class Router:
         self._routes: list[Route] = []
 
     def add(self, pattern: str, **methods: Handler) -> None:
-        """Add ``pattern`` (a regular expression on the path) with handlers
+        """Add ``pattern`` (a regular expression on the path, in which "."
+        also matches a newline) with handlers
         keyed by HTTP method, for example ``GET=get_blob``. A path with a GET handler
         also serves HEAD, with the same headers and no body."""
         handlers = {m.upper(): h for m, h in methods.items()}
         if "GET" in handlers:
             handlers.setdefault("HEAD", handlers["GET"])
-        self._routes.append(Route(re.compile(pattern), handlers))
+        # DOTALL lets "." match a decoded %0A, so that a name containing a
+        # newline reaches its handler and is rejected as an invalid name.
+        self._routes.append(Route(re.compile(pattern, re.DOTALL), handlers))
 
     def resolve(self, request: Request) -> Handler:
         """Return the handler for ``request`` and set its path parameters.

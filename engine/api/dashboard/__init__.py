@@ -19,7 +19,7 @@ PREFIX: Final = "/_cairn/api/v1"
 
 # A name never contains a "-" path segment, so an unknown sub-resource such
 # as ``library/app/-/nope`` matches no route and gets a 404.
-_NAME: Final = r"(?P<name>[^/](?:(?!/-(?:/|$)).)*?)"
+_NAME: Final = r"(?P<name>[^/](?:(?!/-(?:/|\Z)).)*?)"
 _TAG: Final = r"(?P<tag>[^/]+)"
 _REPOSITORY: Final = rf"/repositories/{_NAME}"
 
