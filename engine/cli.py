@@ -17,6 +17,7 @@ from engine.config import (
     StorageSettings,
     add_storage_options,
     env_default,
+    parse_ascii_integer,
     parse_file_path,
 )
 from engine.logs import configure_logging
@@ -310,7 +311,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def add_gc_options(parser: argparse.ArgumentParser) -> None:
-    from engine.api.options import add_upload_expiry_option, parse_duration
+    from engine.api.options import add_upload_expiry_option, parse_minutes
     from engine.gc import DEFAULT_GRACE_PERIOD
 
     add_storage_options(parser)
@@ -323,7 +324,7 @@ def add_gc_options(parser: argparse.ArgumentParser) -> None:
     default_minutes = DEFAULT_GRACE_PERIOD.total_seconds() / 60
     parser.add_argument(
         "--grace-period",
-        type=parse_duration,
+        type=parse_minutes,
         default=env_default("GC_GRACE_PERIOD", f"{default_minutes:g}"),
         metavar="MINUTES",
         help="minutes since its last write or reuse during which a blob file is "
@@ -449,11 +450,8 @@ MAX_CERTIFICATE_DAYS = 36500
 
 
 def _positive_days(value: str) -> int:
-    try:
-        days = int(value)
-    except ValueError:
-        days = 0
-    if not 1 <= days <= MAX_CERTIFICATE_DAYS:
+    days = parse_ascii_integer(value)
+    if days is None or not 1 <= days <= MAX_CERTIFICATE_DAYS:
         raise argparse.ArgumentTypeError(
             f"invalid number of days {value!r}: expected a whole number from 1 "
             f"to {MAX_CERTIFICATE_DAYS}"

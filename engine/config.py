@@ -32,6 +32,20 @@ _URL_USERINFO: Final = re.compile(
 )
 NATS_SCHEMES: Final = ("nats", "tls", "ws", "wss")
 
+# Numbers in options are ASCII. int() and float() also read other scripts'
+# digits, "_" between digits and surrounding whitespace, which the HTTP API
+# rejects, so the options reject them too.
+_ASCII_INTEGER: Final = re.compile(r"[0-9]{1,19}")
+_ASCII_NUMBER: Final = re.compile(
+    r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+)
+MAX_INT64: Final = 2**63 - 1
+# The maximum duration of an option, about 292 years. It is Go's maximum
+# time.Duration, which NATS reads an ack wait as, and Python's
+# threading.TIMEOUT_MAX on Linux, and a time that far back is still a
+# valid datetime.
+MAX_DURATION_SECONDS: Final = MAX_INT64 // 10**9
+
 
 class EnvironmentValue(str):
     """The text of a CAIRN_* environment variable, given to argparse as a default.
@@ -256,11 +270,30 @@ class StorageSettings:
 MAX_PORT = 65535
 
 
+def parse_ascii_integer(value: str) -> int | None:
+    """Return ``value`` as an int from 0 to 2^63-1 written in ASCII digits,
+    or None when it is not one."""
+    if _ASCII_INTEGER.fullmatch(value) is None:
+        return None
+    number = int(value)
+    return number if number <= MAX_INT64 else None
+
+
+def parse_ascii_duration(value: str, unit_seconds: int = 1) -> float | None:
+    """Return ``value``, a number of units of ``unit_seconds`` seconds each
+    written in ASCII such as 30, 0.5 or 1e3, or None when it is not one or
+    is longer than MAX_DURATION_SECONDS."""
+    if _ASCII_NUMBER.fullmatch(value) is None:
+        return None
+    number = float(value)
+    return number if number <= MAX_DURATION_SECONDS // unit_seconds else None
+
+
 @names_env_variable
 def parse_listen(value: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 hosts in brackets) into host and port."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or parse_ascii_integer(port) is None or not host:
         raise argparse.ArgumentTypeError(
             f"invalid listen address {value!r}: expected HOST:PORT, e.g. 127.0.0.1:5000"
         )
@@ -274,7 +307,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 @names_env_variable
 def parse_port(value: str) -> int:
     """Parse a TCP port number, 0 to MAX_PORT; 0 lets the system pick one."""
-    if not value.isdigit() or int(value) > MAX_PORT:
+    port = parse_ascii_integer(value)
+    if port is None or port > MAX_PORT:
         raise argparse.ArgumentTypeError(
             f"invalid port {value!r}: expected an integer from 0 to {MAX_PORT}"
         )

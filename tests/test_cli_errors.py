@@ -665,3 +665,27 @@ def test_second_serve_rejects_store(tmp_path: Path) -> None:
         status = first.stop()
     assert status == 0
     assert "Traceback" not in (tmp_path / "first.log").read_text()
+
+
+def test_gc_runs_with_maximum_durations(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    upgrade = run_cairn("db", "upgrade", "--data-dir", data_dir)
+    assert upgrade.status == 0, upgrade.stderr
+
+    result = run_cairn(
+        "gc",
+        "--data-dir",
+        data_dir,
+        "--unlink-unreferenced",
+        "--grace-period=153722867",
+        "--upload-expiry=2562047",
+    )
+
+    assert result.status == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = run_cairn("gc", "--data-dir", data_dir, "--upload-expiry=1e20")
+
+    assert result.status == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "invalid duration '1e20'" in result.stderr

@@ -609,3 +609,76 @@ def test_mirror_repositories_rejected(
 
     assert f"argument --repositories: invalid repository pattern {value!r}" in error
     assert "would match none" in error
+
+
+# ---- numbers ------------------------------------------------------------------
+
+# Each numeric option with the other arguments its command needs.
+NUMBER_OPTIONS = {
+    "--from": [*COMMANDS["events-tail"]],
+    "--count": [*COMMANDS["events-tail"]],
+    "--retries": [*COMMANDS["mirror"]],
+    "--poll-interval": [*COMMANDS["mirror"]],
+    "--timeout": [*COMMANDS["mirror"]],
+    "--rate-limit": [*COMMANDS["serve"]],
+    "--shutdown-timeout": [*COMMANDS["serve"]],
+    "--read-idle-timeout": [*COMMANDS["serve"]],
+    "--upload-expiry": [*COMMANDS["gc"]],
+    "--grace-period": [*COMMANDS["gc"]],
+    "--nats-port": [*COMMANDS["serve"]],
+    "--days": UNRELATED_COMMAND,
+}
+
+
+# Arabic-Indic 3, fullwidth 1, a digit separator and a space, which int()
+# and float() read as numbers. Superscript 2, which str.isdigit() accepts
+# and int() rejects. A number past int64.
+NON_ASCII_NUMBERS = ["\u0663", "\uff11", "1_0", " 3", "1\u00b2", "1" * 20]
+
+
+@pytest.mark.parametrize("option", list(NUMBER_OPTIONS))
+@pytest.mark.parametrize("value", NON_ASCII_NUMBERS)
+def test_number_must_be_ascii(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = usage_error(capsys, *NUMBER_OPTIONS[option], f"{option}={value}")
+
+    assert f"argument {option}: invalid " in error
+    assert repr(value) in error
+
+
+@pytest.mark.parametrize(
+    ("option", "maximum"),
+    [
+        ("--shutdown-timeout", "9223372036"),
+        ("--read-idle-timeout", "9223372036"),
+        ("--poll-interval", "9223372036"),
+        ("--timeout", "9223372036"),
+        ("--grace-period", "153722867"),
+        ("--upload-expiry", "2562047"),
+    ],
+)
+def test_duration_maximum(
+    option: str, maximum: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The maximum is 2^63-1 nanoseconds in the option's unit. Larger numbers
+    # of hours made gc fail with OverflowError in datetime arithmetic.
+    argv = NUMBER_OPTIONS[option]
+    name = option.removeprefix("--").replace("-", "_")
+    assert getattr(parse(*argv, option, maximum), name) == float(maximum)
+
+    above = str(int(maximum) + 1)
+    error = usage_error(capsys, *argv, f"{option}={above}")
+    assert f"argument {option}: invalid " in error
+    assert f"up to {maximum}" in error
+
+    error = usage_error(capsys, *argv, f"{option}=1e308")
+    assert f"argument {option}: invalid " in error
+
+
+def test_position_maximum(capsys: pytest.CaptureFixture[str]) -> None:
+    largest = str(2**63 - 1)
+    assert parse(*COMMANDS["events-tail"], "--from", largest).from_position == 2**63 - 1
+
+    error = usage_error(capsys, *COMMANDS["events-tail"], f"--from={2**63}")
+    assert f"invalid position '{2**63}'" in error

@@ -99,6 +99,10 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"backoff_initial": float("nan")}, "backoff_initial: invalid duration nan"),
         ({"backoff_max": float("nan")}, "backoff_max: invalid duration nan"),
         ({"backoff_max": float("inf")}, "backoff_max: invalid duration inf"),
+        # NATS reads ack_wait as int64 nanoseconds, which 1e30 s overflows.
+        ({"ack_wait": 1e30}, "ack_wait: invalid duration 1e+30"),
+        ({"ack_wait": "9223372037s"}, "ack_wait: invalid duration '9223372037s'"),
+        ({"timeout": "\u0663s"}, "timeout: invalid duration '\u0663s'"),
         ({"timeout": 10, "ack_wait": 10}, "ack_wait (10 s) must be longer"),
         ({"event_types": ["manifest.pushd"]}, "matches no event type"),
         ({"event_types": ["tags"]}, "event type pattern 'tags' matches no event"),

@@ -54,7 +54,7 @@ from engine.bus.subjects import (
     validate_prefix,
     validate_stream_name,
 )
-from engine.config import parse_nats_url
+from engine.config import MAX_DURATION_SECONDS, parse_nats_url
 from engine.domain.events import EventType
 
 PayloadFormat = Literal["distribution", "cloudevents"]
@@ -93,7 +93,7 @@ _HEADER_VALUE: Final = re.compile(r"([\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?)?")
 
 # Endpoint names become JetStream consumer names and subject tokens.
 _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)\s*")
 _DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _EVENT_TYPES: Final = tuple(str(event_type) for event_type in EventType)
 
@@ -167,16 +167,17 @@ def parse_duration(value: Any, where: str) -> float:
         raise ConfigError(f"{where}: expected a duration, got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         seconds = math.nan
     # TOML floats include nan and inf, and a long string of digits parses
-    # to inf, so the value must also be finite.
-    if not math.isfinite(seconds):
+    # to inf. NATS reads ack_wait as a Go time.Duration, int64 nanoseconds,
+    # so every duration is also capped at MAX_DURATION_SECONDS.
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
         raise ConfigError(
             f"{where}: invalid duration {value!r}; use seconds (5, 0.5) or text "
-            "with a unit (500ms, 5s, 2m, 1h)"
+            f"with a unit (500ms, 5s, 2m, 1h), up to {MAX_DURATION_SECONDS} seconds"
         )
     if seconds <= 0:
         raise ConfigError(f"{where}: duration must be positive, got {value!r}")

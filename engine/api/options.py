@@ -9,9 +9,13 @@ from typing import Final
 from engine.bus.options import add_bus_options
 from engine.config import (
     DEFAULT_LISTEN,
+    MAX_DURATION_SECONDS,
+    MAX_INT64,
     EnvironmentFlag,
     env_default,
     names_env_variable,
+    parse_ascii_duration,
+    parse_ascii_integer,
     parse_file_path,
     parse_listen,
     parse_trusted_proxies,
@@ -43,20 +47,16 @@ _BYTE_UNITS: Final = {
     "tib": 1024**4,
 }
 _BYTE_SIZE: Final = re.compile(r"([0-9]{1,19})\s*([A-Za-z]*)")
-MAX_INT64: Final = 2**63 - 1
 
 
 @names_env_variable
 def parse_rate_limit(value: str) -> int:
     """Parse --rate-limit: a whole number of requests per second, at least 1."""
-    try:
-        rate = int(value)
-    except ValueError:
-        rate = 0
-    if rate < 1:
+    rate = parse_ascii_integer(value)
+    if rate is None or rate < 1:
         raise argparse.ArgumentTypeError(
             f"invalid rate limit {value!r}: expected a whole number of requests "
-            "per second, at least 1"
+            f"per second, from 1 to {MAX_INT64}"
         )
     return rate
 
@@ -64,14 +64,11 @@ def parse_rate_limit(value: str) -> int:
 @names_env_variable
 def parse_timeout(value: str) -> float | None:
     """Parse a timeout in seconds, returning None for 0 (no timeout)."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
+    seconds = parse_ascii_duration(value)
+    if seconds is None:
         raise argparse.ArgumentTypeError(
-            f"invalid timeout {value!r}: expected a number of seconds, "
-            "or 0 to turn the timeout off"
+            f"invalid timeout {value!r}: expected a number of seconds up to "
+            f"{MAX_DURATION_SECONDS}, or 0 to turn the timeout off"
         )
     return seconds or None
 
@@ -93,32 +90,40 @@ def parse_byte_size(value: str) -> int | None:
     return size or None
 
 
-@names_env_variable
-def parse_duration(value: str) -> float:
-    """Parse a non-negative, finite number of hours, minutes or seconds."""
-    try:
-        amount = float(value)
-    except ValueError:
-        amount = -1.0
-    if not 0 <= amount < float("inf"):
+def _parse_duration(value: str, unit: str, unit_seconds: int, positive: bool) -> float:
+    amount = parse_ascii_duration(value, unit_seconds)
+    if amount is None or (positive and amount == 0):
+        minimum = " greater than 0" if positive else ", 0 or more"
+        maximum = MAX_DURATION_SECONDS // unit_seconds
         raise argparse.ArgumentTypeError(
-            f"invalid duration {value!r}: expected a number, 0 or more"
+            f"invalid duration {value!r}: expected a number{minimum}, up to "
+            f"{maximum} {unit}"
         )
     return amount
+
+
+@names_env_variable
+def parse_duration(value: str) -> float:
+    """Parse a number of seconds, 0 or more."""
+    return _parse_duration(value, "seconds", 1, positive=False)
 
 
 @names_env_variable
 def parse_positive_duration(value: str) -> float:
-    """Parse a finite number of hours, minutes or seconds, greater than 0."""
-    try:
-        amount = float(value)
-    except ValueError:
-        amount = 0.0
-    if not 0 < amount < float("inf"):
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {value!r}: expected a number greater than 0"
-        )
-    return amount
+    """Parse a number of seconds, more than 0."""
+    return _parse_duration(value, "seconds", 1, positive=True)
+
+
+@names_env_variable
+def parse_minutes(value: str) -> float:
+    """Parse a number of minutes, 0 or more."""
+    return _parse_duration(value, "minutes", 60, positive=False)
+
+
+@names_env_variable
+def parse_positive_hours(value: str) -> float:
+    """Parse a number of hours, more than 0."""
+    return _parse_duration(value, "hours", 3600, positive=True)
 
 
 def add_upload_expiry_option(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -126,7 +131,7 @@ def add_upload_expiry_option(parser: argparse.ArgumentParser, note: str = "") ->
     parser.add_argument(
         "--upload-expiry",
         # 0 would expire an upload between two of its requests.
-        type=parse_positive_duration,
+        type=parse_positive_hours,
         default=env_default("UPLOAD_EXPIRY", str(DEFAULT_UPLOAD_EXPIRY_HOURS)),
         metavar="HOURS",
         help="hours, more than 0, that an upload may sit idle before its "

@@ -8,10 +8,12 @@ from typing import Any
 
 from engine.bus.subjects import validate_prefix, validate_stream_name
 from engine.config import (
+    MAX_INT64,
     EnvironmentFlag,
     add_storage_options,
     env_default,
     names_env_variable,
+    parse_ascii_integer,
     parse_nats_url,
     parse_port,
 )
@@ -50,13 +52,11 @@ def parse_count(value: str) -> int:
 
 
 def _parse_from_one(value: str, name: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
+    number = parse_ascii_integer(value)
+    if number is None or number < 1:
         raise argparse.ArgumentTypeError(
-            f"invalid {name} {value!r}: expected a whole number, 1 or more"
+            f"invalid {name} {value!r}: expected a whole number, 1 or more, "
+            f"up to {MAX_INT64}"
         )
     return number
 
