@@ -324,6 +324,25 @@ def test_index_served_when_no_entry_fits(api: httpx.Client) -> None:
     assert response.headers["Content-Type"] == OCI_INDEX
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_index_served_when_entry_deleted(api: httpx.Client, method: str) -> None:
+    raw, (amd64, _) = _push_index(api)
+    deleted = api.delete(f"/v2/library/multi/manifests/{amd64.digest}")
+    assert deleted.status_code == 202, deleted.text
+
+    response = api.request(
+        method,
+        "/v2/library/multi/manifests/latest",
+        headers={"Accept": DOCKER_MANIFEST},
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"] == OCI_INDEX
+    assert response.headers["Docker-Content-Digest"] == str(Digest.of(raw))
+    if method == "GET":
+        assert response.content == raw
+
+
 def test_oci_manifest_served_to_docker_only_accept(api: httpx.Client) -> None:
     image = make_image()
     push_image(api, "library/app", image, "v1")

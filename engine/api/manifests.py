@@ -4,7 +4,7 @@ Content negotiation serves the stored manifest as pushed, whatever the
 Accept header lists, with one exception taken from Distribution v3. A
 client that fetches an image index or Docker manifest list by tag, accepts
 neither, but accepts the type of the index's linux/amd64 entry gets that
-entry instead.
+entry instead, unless the repository no longer stores it.
 
 Distribution v3 returns 404 when the Accept header leaves out a stored OCI
 type. cairn serves the bytes instead, because the Content-Type tells the
@@ -103,7 +103,8 @@ def _resolve(
 def _platform_child(
     repository: Repository, content: bytes, accepted: set[str]
 ) -> tuple[ManifestInfo, bytes] | None:
-    """Return the linux/amd64 entry of an index when the client accepts it."""
+    """Return the linux/amd64 entry of an index when the client accepts it
+    and the repository still stores it."""
     try:
         entries = json.loads(content).get("manifests", [])
     except (ValueError, AttributeError):
@@ -115,7 +116,13 @@ def _platform_child(
             and platform.get("architecture") == DEFAULT_PLATFORM["architecture"]
             and entry.get("mediaType") in accepted
         ):
-            return repository.manifests.get(Digest.parse(entry["digest"]))
+            try:
+                return repository.manifests.get(Digest.parse(entry["digest"]))
+            except ManifestUnknown:
+                # A deleted child leaves the index to be served as stored,
+                # not a 404 for a tag that exists, naming a digest the
+                # client never requested.
+                return None
     return None
 
 
