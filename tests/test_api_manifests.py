@@ -302,6 +302,24 @@ def test_index_resolved_for_client_without_index_support(
     assert response.headers["Docker-Content-Digest"] == str(amd64.digest)
 
 
+@pytest.mark.parametrize(
+    "accept",
+    [
+        f"{OCI_INDEX};q=0, {DOCKER_MANIFEST}",
+        f"{OCI_INDEX}; Q = 0.000, {DOCKER_MANIFEST};q=0.5",
+        f"*/*;q=0, {DOCKER_MANIFEST}",
+    ],
+)
+def test_index_refused_with_zero_weight(api: httpx.Client, accept: str) -> None:
+    # RFC 9110 section 12.4.2: the weight 0 means "not acceptable".
+    _, (amd64, _) = _push_index(api)
+
+    response = api.get("/v2/library/multi/manifests/latest", headers={"Accept": accept})
+
+    assert response.content == amd64.manifest
+    assert response.headers["Content-Type"] == DOCKER_MANIFEST
+
+
 def test_index_by_digest_never_rewritten(api: httpx.Client) -> None:
     raw, _ = _push_index(api)
 

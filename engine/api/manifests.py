@@ -15,6 +15,7 @@ clients than it protects.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 from engine.api.blobs import etag_matches
@@ -80,15 +81,30 @@ def lookup_reference(
 
 
 def accepted_types(request: Request) -> set[str] | None:
-    """Return the media types the Accept header lists, or None for any type."""
+    """Return the media types the Accept header lists, or None for any type.
+
+    A type with the weight q=0 is left out, because RFC 9110 section 12.4.2
+    defines that weight as "not acceptable".
+    """
     header = request.header("accept")
     if not header:
         return None
-    types = {part.split(";", 1)[0].strip().lower() for part in header.split(",")}
+    types = set()
+    for part in header.split(","):
+        media_type, *parameters = part.split(";")
+        if not any(_is_zero_weight(parameter) for parameter in parameters):
+            types.add(media_type.strip().lower())
     types.discard("")
     if not types or "*/*" in types or "application/*" in types:
         return None
     return types
+
+
+_ZERO_WEIGHT: Final = re.compile(r"\s*[qQ]\s*=\s*0(?:\.0{0,3})?\s*")
+
+
+def _is_zero_weight(parameter: str) -> bool:
+    return _ZERO_WEIGHT.fullmatch(parameter) is not None
 
 
 def _resolve(
