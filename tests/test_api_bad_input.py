@@ -234,6 +234,38 @@ def test_control_character_in_name_rejected(
     assert stored_state(registry) == before
 
 
+@pytest.mark.parametrize("url", ["", "/layer"])
+def test_foreign_layer_without_uri_stores_nothing(
+    api: httpx.Client, registry: Registry, url: str
+) -> None:
+    # A foreign layer is stored without its blob, so an empty or relative URL
+    # would leave a layer that no client can fetch.
+    image = make_image()
+    push_image(api, "demo/app", image, "v1")
+    body = json.loads(image.manifest)
+    body["layers"].append(
+        {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": str(Digest.of(b"a layer no registry holds")),
+            "size": 25,
+            "urls": [url],
+        }
+    )
+    before = stored_state(registry)
+
+    response = api.put(
+        "/v2/demo/app/manifests/v2",
+        content=encode(body),
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "MANIFEST_INVALID"
+    assert error["detail"] == {"field": "layers[1].urls[0]", "url": url}
+    assert stored_state(registry) == before
+
+
 def _put_manifest(api: httpx.Client, body: bytes, media_type: str) -> httpx.Response:
     return api.put(
         f"/v2/demo/app/manifests/{Digest.of(body)}",

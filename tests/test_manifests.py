@@ -258,6 +258,36 @@ def test_foreign_layers_not_required() -> None:
     assert [r.required for r in references] == [True, True, False]
 
 
+@pytest.mark.parametrize("url", ["", "/layer", "example.invalid/layer", "http://a b"])
+def test_foreign_layer_url_not_uri(url: str) -> None:
+    body = _image_body()
+    body["layers"].append(
+        {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": str(Digest.of(b"windows")),
+            "size": 7,
+            "urls": ["https://example.invalid/layer", url],
+        }
+    )
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body))
+
+    assert caught.value.detail == {"field": "layers[1].urls[1]", "url": url}
+    stored = parse_stored_manifest(encode(body), OCI_MANIFEST)
+    assert stored.references()[2].descriptor.urls[1] == url
+
+
+def test_index_child_url_not_uri() -> None:
+    body = _index_body()
+    body["manifests"][0]["urls"] = ["\u00e9"]
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body))
+
+    assert caught.value.detail == {"field": "manifests[0].urls[0]", "url": "\u00e9"}
+
+
 def test_size_limit() -> None:
     body = _image_body(annotations={"pad": "x" * MAX_MANIFEST_SIZE})
     with pytest.raises(ManifestTooLarge) as caught:

@@ -315,7 +315,44 @@ def _parse(
     cls = _CLASSES[media_type]
     if strict:
         cls.reject_foreign_fields(body)
-    return cls(raw, body, Digest.of(raw, algorithm))
+    manifest = cls(raw, body, Digest.of(raw, algorithm))
+    if strict:
+        _check_urls(manifest)
+    return manifest
+
+
+# An absolute URI of RFC 3986: a scheme, ":" and URI characters only, with
+# no space or control character.
+_ABSOLUTE_URI: Final = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*"
+)
+
+
+def _check_urls(manifest: Manifest) -> None:
+    """Reject a descriptor URL that is not an absolute URI.
+
+    The OCI image specification requires each entry of urls to conform to
+    RFC 3986. A foreign layer with urls is stored without its blob, so an
+    entry such as "" or "/layer" would let a manifest reference a layer
+    that no client can fetch.
+    """
+    named: list[tuple[str, Descriptor]] = []
+    if isinstance(manifest, ImageManifest):
+        named.append(("config", manifest.config))
+        named.extend((f"layers[{i}]", layer) for i, layer in enumerate(manifest.layers))
+    if isinstance(manifest, ImageIndex):
+        named.extend(
+            (f"manifests[{i}]", child) for i, child in enumerate(manifest.manifests)
+        )
+    if manifest.subject is not None:
+        named.append(("subject", manifest.subject))
+    for where, descriptor in named:
+        for i, url in enumerate(descriptor.urls):
+            if _ABSOLUTE_URI.fullmatch(url) is None:
+                raise ManifestInvalid(
+                    f"{where}.urls[{i}] is not an absolute URI",
+                    {"field": f"{where}.urls[{i}]", "url": url},
+                )
 
 
 def _decode_json(raw: bytes, *, strict: bool) -> dict[str, Any]:
