@@ -389,6 +389,45 @@ def test_referrers_empty_artifact_type_rejected(api: httpx.Client) -> None:
     assert error["detail"] == {"parameter": "artifactType", "value": ""}
 
 
+@pytest.mark.parametrize(
+    ("query", "value"),
+    [
+        # An unencoded "+" arrives as a space.
+        (
+            "artifactType=application/vnd.example.sbom+json",
+            "application/vnd.example.sbom json",
+        ),
+        ("artifactType=sbom", "sbom"),
+        ("artifactType=application/", "application/"),
+    ],
+)
+def test_referrers_invalid_artifact_type_rejected(
+    api: httpx.Client, query: str, value: str
+) -> None:
+    image = make_image()
+    push_image(api, "demo/app", image, "v1")
+    artifact = make_artifact(image, "application/vnd.example.sbom+json", b"sbom")
+    for blob in artifact.blobs:
+        push_blob(api, "demo/app", blob)
+    pushed = _put_manifest(api, artifact.manifest, OCI_MANIFEST)
+    assert pushed.status_code == 201, pushed.text
+
+    response = api.get(httpx.URL(f"/v2/demo/app/referrers/{image.digest}?{query}"))
+
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"] == {"parameter": "artifactType", "value": value}
+    assert "%2B" in error["message"]
+    encoded = api.get(
+        f"/v2/demo/app/referrers/{image.digest}",
+        params={"artifactType": "application/vnd.example.sbom+json"},
+    )
+    assert [m["digest"] for m in encoded.json()["manifests"]] == [
+        str(Digest.of(artifact.manifest))
+    ]
+
+
 def test_repeated_digest_on_upload_rejected(
     api: httpx.Client, registry: Registry
 ) -> None:

@@ -26,7 +26,7 @@ from engine.api.http import Request, Response, json_response, parse_decimal
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
 from engine.domain.errors import Unsupported
-from engine.domain.manifests import OCI_INDEX, Descriptor
+from engine.domain.manifests import OCI_INDEX, Descriptor, is_media_type
 from engine.encoding import encode_json
 from engine.queries.pages import decode_cursor, encode_cursor
 
@@ -142,6 +142,15 @@ async def referrers(request: Request) -> Response:
         raise unsupported(
             "artifactType is empty: give a media type, or leave out the "
             "parameter to list every referrer",
+            parameter="artifactType",
+            value=artifact_type,
+        )
+    if artifact_type is not None and not is_media_type(artifact_type):
+        # No stored referrer can have such a type, so the list would be
+        # empty. A "+" sent unencoded, as in "sig+json", arrives as a space.
+        raise unsupported(
+            "artifactType is not a valid media type: send it as type/subtype, "
+            "with '+' encoded as %2B",
             parameter="artifactType",
             value=artifact_type,
         )

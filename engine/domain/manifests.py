@@ -661,6 +661,12 @@ def _require_schema_version(body: Mapping[str, Any]) -> None:
         raise ManifestInvalid("schemaVersion must be 2", {"schemaVersion": version})
 
 
+def is_media_type(value: str) -> bool:
+    """Return whether ``value`` has the form that a manifest's mediaType,
+    artifactType and descriptor media types must have."""
+    return _MEDIA_TYPE.fullmatch(value) is not None
+
+
 def _optional_media_type(body: Mapping[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is None:
