@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -146,6 +147,33 @@ def test_position_past_head_means_head(
     assert len(response.json()["repositories"]) == 2
 
 
+def test_time_ranges_widen_to_whole_hours(
+    api: httpx.Client, pushed: dict[str, Any]
+) -> None:
+    pushed_at = datetime.fromisoformat(
+        api.get(f"{API}/events", params={"n": 1}).json()["events"][0]["time"]
+    )
+    hour = pushed_at.replace(minute=0, second=0, microsecond=0)
+    since = (pushed_at + timedelta(microseconds=1)).isoformat()
+    until = (hour + timedelta(minutes=59)).isoformat()
+
+    top = api.get(f"{API}/top", params={"by": "activity", "since": since})
+    series = api.get(f"{API}/activity", params={"since": since, "until": until})
+
+    assert top.status_code == 200, top.text
+    assert top.json()["since"] == hour.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert {r["name"] for r in top.json()["repositories"]} == {
+        "library/app",
+        "tools/builder",
+    }
+    assert series.status_code == 200, series.text
+    assert [b["start"] for b in series.json()["buckets"]] == [top.json()["since"]]
+    assert series.json()["until"] == (hour + timedelta(hours=1)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+    assert series.json()["totals"]["pushes"] > 0
+
+
 def test_slashes_may_be_encoded(api: httpx.Client, pushed: dict[str, Any]) -> None:
     response = api.get(f"{API}/repositories/library%2Fapp/-/tags/v2")
 
@@ -235,6 +263,9 @@ BAD_REQUESTS = [
     ("/activity?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z", "until", None),
     ("/top?by=colour", "by", "colour"),
     ("/top?n=101", "n", "101"),
+    # Sizes are the current state, so by=size takes no time range.
+    ("/top?since=2026-01-01T00:00:00Z", "since", "2026-01-01T00:00:00Z"),
+    ("/top?by=size&until=2026-01-01T00:00:00Z", "until", "2026-01-01T00:00:00Z"),
     ("/events?type=blob.eaten", "type", "blob.eaten"),
     ("/events?actor=%07bell", "actor", "\x07bell"),
     ("/repositories/library/app/-/tags?position=3&sort=recent", "sort", "recent"),

@@ -249,6 +249,17 @@ async def top(request: Request) -> Response:
     n = params.integer(request, "n", 10, minimum=1, maximum=MAX_TOP)
     assert n is not None
     since, until = _range(request)
+    if by == "size":
+        # Sizes are the current state, so a time range would be ignored.
+        for name in ("since", "until"):
+            value = request.param(name)
+            if value is not None:
+                raise unsupported(
+                    f"{name} applies only to by=activity, because by=size ranks "
+                    f"by the bytes stored now. Leave {name} out or pass by=activity",
+                    parameter=name,
+                    value=value,
+                )
 
     def query(conn: Connection) -> dict[str, Any]:
         return queries.top_repositories(conn, by=by, n=n, since=since, until=until)

@@ -433,7 +433,13 @@ _PATHS: Final[dict[str, Any]] = {
         "Repositories with counts and sizes, sorted and paged",
         "RepositoryPage",
         [
-            _query("sort", {"enum": list(SORTS), "default": "name"}, "Sort order."),
+            _query(
+                "sort",
+                {"enum": list(SORTS), "default": "name"},
+                "name; size (stored_bytes); pushed_size (pushed_bytes); tags "
+                "(tag_count); last_push (updated_position, the repository's last "
+                "event of any type, deletes included).",
+            ),
             _query("order", {"enum": ["asc", "desc"], "default": "asc"}, "Direction."),
             _query(
                 "prefix",
@@ -497,14 +503,27 @@ _PATHS: Final[dict[str, Any]] = {
         [
             _query("bucket", {"enum": list(BUCKETS), "default": "hour"}, "Bucket."),
             _param("repository"),
-            _param("since"),
-            _param("until"),
+            _query(
+                "since",
+                _TIME,
+                "Start of the range. The range widens to whole buckets, so the "
+                "first bucket is the one that contains this time, as the "
+                "response's since shows.",
+            ),
+            _query(
+                "until",
+                _TIME,
+                "End of the range. The last bucket is the one that contains this "
+                "time, and the response's until is that bucket's end, exclusive.",
+            ),
         ],
         not_found=True,
     ),
     "/top": _operation(
-        "The largest repositories, or the most active in a time range. Without "
-        "since, the range is the 7 days before until, which defaults to now.",
+        "The largest repositories now, or the most active in a time range. "
+        "Without since, the range is the 7 days before until, which defaults "
+        "to now. Activity is counted per UTC hour, so the range widens to "
+        "whole hours, as the response's since and until (exclusive) show.",
         "Top",
         [
             _query("by", {"enum": list(TOP_ORDERS), "default": "size"}, "Order."),
@@ -513,8 +532,18 @@ _PATHS: Final[dict[str, Any]] = {
                 {"type": "integer", "minimum": 1, "maximum": MAX_TOP, "default": 10},
                 "How many.",
             ),
-            _param("since"),
-            _param("until"),
+            _query(
+                "since",
+                _TIME,
+                "Start of the range for by=activity, widened to the start of its "
+                "UTC hour. by=size rejects it.",
+            ),
+            _query(
+                "until",
+                _TIME,
+                "End of the range for by=activity, widened to the end of its "
+                "UTC hour. by=size rejects it.",
+            ),
         ],
     ),
     "/events": _operation(
