@@ -178,6 +178,37 @@ def test_tail_from_position_when_sequences_differ(
     ]
 
 
+@sqlite_only
+def test_tail_names_positions_purged(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    publish_log(registry, nats_server, data_dir)
+    head = len(log_events(registry))
+
+    async def purge_all_but_two() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            await client.jetstream().purge_stream("CAIRN", keep=2)
+        finally:
+            await client.close()
+
+    run(purge_all_but_two())
+    earliest = head - 1
+    gap = cairn_tail(nats_server.url, "--from", "2", "--count", "1")
+    no_gap = cairn_tail(nats_server.url, "--from", str(earliest), "--count", "1")
+
+    assert gap.returncode == 0, gap.stderr
+    assert json.loads(gap.stdout)["position"] == earliest
+    assert gap.stderr == (
+        f"cairn events tail: stream CAIRN begins at position {earliest}, so "
+        f"positions 2 to {earliest - 1} are not in it; read them from GET "
+        "/_cairn/events?after=1\n"
+    )
+    assert no_gap.returncode == 0, no_gap.stderr
+    assert json.loads(no_gap.stdout)["position"] == earliest
+    assert no_gap.stderr == ""
+
+
 def test_tail_reports_unknown_type() -> None:
     result = cairn_tail("nats://127.0.0.1:9", "--type", "tags")
     assert result.returncode == 2

@@ -133,7 +133,9 @@ def add_tail_options(parser: argparse.ArgumentParser) -> None:
         type=parse_position,
         default=None,
         metavar="POSITION",
-        help="start at this log position, 1 or more; default: only events from now on",
+        help="start at this log position, 1 or more; default: only events from "
+        "now on. When the stream begins after it, standard error names the "
+        "positions the stream lacks",
     )
     parser.add_argument(
         "--type",

@@ -7,7 +7,9 @@ rise with its sequence numbers, and a binary search over the
 ``Cairn-Position`` header finds the first sequence at or after the position.
 That works even when the two numbers differ, as in a stream created after
 the log began or a purged one. Messages before the position are skipped as a
-second check.
+second check. When the stream's first event comes after the position, the
+tail names the missing positions on standard error, so that a gap is not
+silent.
 
 NATS servers before 2.10 accept a consumer filter only when it lies within
 one of the stream's subjects or contains one. A repository filter without
@@ -105,6 +107,20 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
             subscription = await js.subscribe(
                 server_filter, stream=args.stream, ordered_consumer=True, config=config
             )
+            if args.from_position is not None:
+                earliest = await _earliest_position(
+                    js, args.stream, args.subject_prefix, info.state.first_seq
+                )
+                if earliest is not None and earliest > args.from_position:
+                    # Retention, a purge or a new NATS server dropped the
+                    # older events, which the tail would otherwise skip silently.
+                    print(
+                        f"cairn events tail: stream {args.stream} begins at "
+                        f"position {earliest}, so positions {args.from_position} "
+                        f"to {earliest - 1} are not in it; read them from GET "
+                        f"/_cairn/events?after={args.from_position - 1}",
+                        file=sys.stderr,
+                    )
             if (config.opt_start_seq or 0) > info.state.last_seq:
                 # Without this, a position past the end looks like a hang.
                 filtered = args.event_type is not None or args.repository is not None
@@ -206,6 +222,20 @@ async def _consumer_config(
     return ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
     )
+
+
+async def _earliest_position(
+    js: JetStreamContext, stream: str, subject_prefix: str, first_sequence: int
+) -> int | None:
+    """Return the log position of the stream's first event, or None when the
+    stream is empty or its first message carries no position."""
+    try:
+        message = await js.get_msg(
+            stream, max(first_sequence, 1), subject=f"{subject_prefix}.>", next=True
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    return header_position(message.headers)
 
 
 async def _first_sequence_at(
