@@ -18,7 +18,8 @@ ProgressMode = Literal["auto", "line", "log", "none"]
 
 LINE_INTERVAL: Final = 0.25
 LOG_INTERVAL: Final = 10.0
-# Rates are measured over this many seconds of recent samples.
+# Rates are measured since the last sample at least this many seconds old,
+# or since the start.
 RATE_WINDOW: Final = 10.0
 
 
@@ -35,7 +36,11 @@ class Progress:
         self.head = 0
         self._last_report = float("-inf")
         self._last_reported: tuple[int, int, int] | None = None
-        self._samples: deque[tuple[float, int, int]] = deque()
+        # The first sample is the start, so that the copies done before the
+        # first update count in the first rates.
+        self._samples: deque[tuple[float, int, int]] = deque(
+            [(time.monotonic(), stats.bytes_copied, stats.applied)]
+        )
         self._line_shown = False
         if mode == "line":
             self._clear_before_log_lines()
@@ -75,7 +80,9 @@ class Progress:
         self.head = max(self.head, position)
         now = time.monotonic()
         self._samples.append((now, self.stats.bytes_copied, self.stats.applied))
-        while self._samples and now - self._samples[0][0] > RATE_WINDOW:
+        # Keep the last sample from before the window as its baseline, so a
+        # copy that finished inside the window counts in full.
+        while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW:
             self._samples.popleft()
         interval = LINE_INTERVAL if self.mode == "line" else LOG_INTERVAL
         if not force and now - self._last_report < interval:

@@ -1,0 +1,89 @@
+"""The rates in the mirror's progress line."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from consumers.mirror import progress as progress_module
+from consumers.mirror.copier import Stats
+from consumers.mirror.progress import Progress
+
+_RATES = re.compile(r"  (\S+(?: \S+)?)/s  (\S+) events/s  ")
+
+
+@pytest.fixture(autouse=True)
+def restore_log_processors() -> Iterator[None]:
+    """Undo the processor that a line-mode Progress adds to structlog."""
+    processors = list(structlog.get_config()["processors"])
+    yield
+    structlog.configure(processors=processors)
+
+
+def _rates(stream: io.StringIO) -> tuple[str, float]:
+    """Return the byte rate text and the event rate of the last line drawn."""
+    last_line = stream.getvalue().split("\r\x1b[K")[-1]
+    found = _RATES.search(last_line)
+    assert found is not None, last_line
+    return found.group(1), float(found.group(2))
+
+
+def test_first_copy_counts_in_rate() -> None:
+    stats = Stats()
+    stream = io.StringIO()
+    progress = Progress(stats, "line", stream)
+    time.sleep(0.2)
+    # A blob copied before the runner's first update, as the first event of
+    # a run is.
+    stats.bytes_copied = 1_000_000
+    stats.applied = 1
+
+    progress.update(1, force=True)
+
+    byte_rate, event_rate = _rates(stream)
+    assert byte_rate.endswith("MiB"), byte_rate
+    assert event_rate > 0
+
+
+def test_copy_inside_window_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress_module, "RATE_WINDOW", 0.5)
+    stats = Stats()
+    stream = io.StringIO()
+    progress = Progress(stats, "line", stream)
+    progress.update(0, force=True)
+    time.sleep(0.3)
+    stats.bytes_copied = 1_000_000
+    stats.applied = 1
+    progress.update(1)
+    time.sleep(0.3)
+
+    # The window began after the first sample and before the copy ended.
+    progress.update(1, force=True)
+
+    byte_rate, event_rate = _rates(stream)
+    assert byte_rate.endswith("MiB"), byte_rate
+    assert event_rate > 0
+
+
+def test_rate_zero_after_idle_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress_module, "RATE_WINDOW", 0.2)
+    stats = Stats()
+    stream = io.StringIO()
+    progress = Progress(stats, "line", stream)
+    stats.bytes_copied = 1_000_000
+    stats.applied = 1
+    progress.update(1)
+    time.sleep(0.3)
+    progress.update(1)
+    time.sleep(0.3)
+
+    progress.update(1, force=True)
+
+    byte_rate, event_rate = _rates(stream)
+    assert byte_rate == "0 B"
+    assert event_rate == 0.0
