@@ -289,6 +289,20 @@ def test_bad_parameters_get_400(
         assert error["detail"]["value"] == value
 
 
+@pytest.mark.parametrize("path", ["/_cairn/events", f"{API}/events"])
+def test_unknown_type_lists_families(api: httpx.Client, path: str) -> None:
+    response = api.get(path, params={"type": "tag.set,tags"})
+
+    assert response.status_code == 400, response.text
+    error = response.json()["errors"][0]
+    assert error["code"] == "UNSUPPORTED"
+    assert "'tags'" in error["message"]
+    assert error["detail"]["parameter"] == "type"
+    assert error["detail"]["value"] == "tags"
+    assert "tag" in error["detail"]["supported"]
+    assert "tag.set" in error["detail"]["supported"]
+
+
 @pytest.fixture
 def two_repositories(api: httpx.Client) -> None:
     """Push to library/app and library/other enough for two pages of every

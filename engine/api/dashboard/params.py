@@ -35,6 +35,7 @@ _MAX_DIGITS: Final = len(str(MAX_INTEGER))
 # keep past states.
 POINT_PARAMETERS: Final = ("at", "position")
 # Event families, such as "tag", and the types of each.
+_TYPES: Final = frozenset(str(t) for t in EventType)
 _FAMILIES: Final = {
     family: tuple(str(t) for t in EventType if str(t).startswith(family + "."))
     for family in {str(t).split(".")[0] for t in EventType}
@@ -210,7 +211,7 @@ def types(request: Request) -> list[str]:
 
     Raises the 400 error for a ``type`` that names no type, such as
     ``type=`` from an unset variable, which would otherwise select every
-    event.
+    event, and for a name that is neither a type nor a family.
     """
     requested: list[str] = []
     for value in request.query.get("type", []):
@@ -223,5 +224,16 @@ def types(request: Request) -> list[str]:
                 value=value,
             )
         for part in parts:
-            requested.extend(_FAMILIES.get(part, (part,)))
+            if part in _FAMILIES:
+                requested.extend(_FAMILIES[part])
+            elif part in _TYPES:
+                requested.append(part)
+            else:
+                raise unsupported(
+                    f"unknown event type {part!r}. Give an event type, such as "
+                    "tag.set, or a family, such as tag",
+                    parameter="type",
+                    value=part,
+                    supported=[*sorted(_FAMILIES), *sorted(_TYPES)],
+                )
     return requested
