@@ -306,12 +306,19 @@ def _endpoint(item: Any, index: int, base_dir: Path) -> Endpoint:
     )
     backoff_max = parse_duration(item.get("backoff_max", 300.0), f"{where} backoff_max")
     if backoff_max < backoff_initial:
-        raise ConfigError(f"{where}: backoff_max must be at least backoff_initial")
+        raise ConfigError(
+            f"{where}: backoff_max ({backoff_max:g} s) must be at least "
+            f"backoff_initial ({backoff_initial:g} s)"
+        )
     max_attempts = item.get("max_attempts", 10)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
-        raise ConfigError(f"{where}: max_attempts must be an integer")
+        raise ConfigError(
+            f"{where}: max_attempts must be an integer, got {max_attempts!r}"
+        )
     if max_attempts < 1:
-        raise ConfigError(f"{where}: max_attempts must be at least 1")
+        raise ConfigError(
+            f"{where}: max_attempts must be at least 1, got {max_attempts}"
+        )
 
     event_types = _event_type_patterns(item, where)
     return Endpoint(
