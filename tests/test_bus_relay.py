@@ -11,6 +11,7 @@ import nats
 import nats.errors
 import pytest
 import sqlalchemy as sa
+import structlog
 from nats.js.api import StorageType
 
 from engine.bus import Bus, BusSettings
@@ -25,6 +26,7 @@ from tests.nats import (
     fast_settings,
     push_image,
     run,
+    stream_messages,
     stream_size,
     wait_for_stream_size,
     wait_until,
@@ -83,6 +85,41 @@ def test_nats_restart_mid_stream(
 
         wait_until(lambda: thread.health()["checkpoint"] == 16)
     assert_stream_matches_log(nats_server.url, registry)
+
+
+def test_rejected_publish_reports_reason(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    """A message from another publisher makes JetStream reject the relay's
+    next publish. The relay hears the rejection at once, not after its ack
+    timeout, and logs JetStream's reason."""
+
+    async def publish_foreign() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            await client.jetstream().publish("cairn.tag.set.foreign", b"not an event")
+        finally:
+            await client.close()
+
+    settings = fast_settings(nats_server.url, ack_timeout=20.0)
+    bus = Bus(settings, registry.database, data_dir)
+    with BusThread(bus) as thread, structlog.testing.capture_logs() as logs:
+        push_image(registry, "library/alpine", "1")
+        wait_until(lambda: thread.health()["checkpoint"] == 4)
+        run(publish_foreign())
+
+        push_image(registry, "library/alpine", "2")
+        wait_until(lambda: thread.health()["checkpoint"] == 8, timeout=10)
+
+    failures = [entry for entry in logs if entry["event"] == "relay_publish_failed"]
+    assert failures, logs
+    assert "wrong last sequence" in failures[0]["error"]
+    assert failures[0]["position"] == 5
+    positions = [
+        (message.headers or {}).get("Cairn-Position")
+        for message in stream_messages(nats_server.url)
+    ]
+    assert positions == ["1", "2", "3", "4", None, "5", "6", "7", "8"]
 
 
 def test_stream_configuration(

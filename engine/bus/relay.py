@@ -75,6 +75,7 @@ from engine.bus.messages import (
     message_size,
     stand_in_message,
 )
+from engine.bus.publisher import AckPublisher
 from engine.bus.retry import Backoff, Throttle
 from engine.bus.settings import BusSettings
 from engine.bus.stream import ensure_stream, read_tail
@@ -302,6 +303,23 @@ class Relay:
             self._max_message_size = min(client.max_payload, stream.max_msg_size)
         expected = await self._reconcile(js)
         self._published_since_behind = 0
+        publisher = AckPublisher(client)
+        await publisher.start()
+        try:
+            return await self._publish_loop(js, publisher, closed, expected)
+        finally:
+            await publisher.close()
+
+    async def _publish_loop(
+        self,
+        js: JetStreamContext,
+        publisher: AckPublisher,
+        closed: asyncio.Future[None],
+        expected: int,
+    ) -> bool:
+        """Publish pending events until the connection closes; return True
+        on lost leadership."""
+        settings = self._settings
         next_check = time.monotonic() + settings.poll_interval
 
         while not closed.done():
@@ -326,7 +344,7 @@ class Relay:
                 continue
             self.oldest_pending = events[0].time
 
-            outcome = await self._publish(js, closed, events, expected)
+            outcome = await self._publish(publisher, closed, events, expected)
             if outcome.acked:
                 self._note_acked(outcome.acked)
             if outcome.error is not None:
@@ -348,7 +366,7 @@ class Relay:
 
     async def _publish(
         self,
-        js: JetStreamContext,
+        publisher: AckPublisher,
         closed: asyncio.Future[None],
         events: list[StoredEvent],
         expected: int,
@@ -360,7 +378,7 @@ class Relay:
         try:
             for offset, event in enumerate(events):
                 subject, body, headers = self._message(event, expected + offset)
-                futures.append(await js.publish_async(subject, body, headers=headers))
+                futures.append(await publisher.publish(subject, body, headers))
             for event, future in zip(events, futures, strict=True):
                 ack = await self._await_ack(future, closed)
                 acked.append(event)
