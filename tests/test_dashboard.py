@@ -174,6 +174,38 @@ def test_time_ranges_widen_to_whole_hours(
     assert series.json()["totals"]["pushes"] > 0
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/repositories/library/nothing",
+        "/repositories/library/nothing/-/tags",
+        "/repositories/library/app/-/tags/v9",
+        "/repositories/library/app/-/tags/v9?position=2",
+        "/repositories/library/app/-/tags/v9/history",
+    ],
+)
+def test_not_found_has_position(
+    api: httpx.Client, pushed: dict[str, Any], path: str
+) -> None:
+    head = api.get(f"{API}/position").json()["head"]
+
+    response = api.get(API + path)
+
+    assert response.status_code == 404, response.text
+    assert response.headers["Cairn-Position"] == str(head)
+
+
+def test_not_found_documents_position() -> None:
+    operations = [path["get"] for path in openapi_document()["paths"].values()]
+    not_found = [
+        op["responses"]["404"] for op in operations if "404" in op["responses"]
+    ]
+
+    assert len(not_found) >= 5
+    for response in not_found:
+        assert "Cairn-Position" in response["headers"]
+
+
 def test_slashes_may_be_encoded(api: httpx.Client, pushed: dict[str, Any]) -> None:
     response = api.get(f"{API}/repositories/library%2Fapp/-/tags/v2")
 

@@ -1,6 +1,8 @@
 """Read-your-writes for dashboards: the Cairn-Position header and min_position.
 
-Every response carries the log head, read in the same snapshot as its data.
+Every response that reads the projections, including a 404 for an unknown
+repository or tag, carries the log head, read in the same snapshot as its
+data.
 A client that has just pushed sends ``min_position`` (the position its push
 reached, for example the previous response's Cairn-Position) and the request
 waits until the projections have applied it, for at most MAX_WAIT_SECONDS.
@@ -20,9 +22,11 @@ from sqlalchemy.engine import Connection
 
 from engine import queries
 from engine.api.dashboard import params
+from engine.api.errors import HTTPError
 from engine.api.http import Request, Response, json_response
 from engine.api.threads import run_sync
 from engine.db import Database
+from engine.domain.errors import RegistryError
 
 POSITION_HEADER: Final = "Cairn-Position"
 MAX_WAIT_SECONDS: Final = 5.0
@@ -88,7 +92,14 @@ class PositionWaiter:
 def _in_snapshot(database: Database, query: Query) -> tuple[int, dict[str, Any]]:
     with queries.snapshot(database) as conn:
         head = queries.log_head(conn)
-        return head, query(conn)
+        try:
+            return head, query(conn)
+        except RegistryError as error:
+            # A repository or tag that is not found is not found as of this
+            # position, so the error carries it too.
+            raise HTTPError.from_registry_error(
+                error, [(POSITION_HEADER, str(head))]
+            ) from error
 
 
 async def answer(request: Request, query: Query) -> Response:

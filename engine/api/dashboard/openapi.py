@@ -410,6 +410,7 @@ def _operation(
     if not_found:
         responses["404"] = {
             "description": "The repository or tag is unknown.",
+            "headers": _POSITION_HEADER,
             "content": {"application/json": {"schema": _ref("Error")}},
         }
     return {
@@ -586,8 +587,10 @@ def _document() -> dict[str, Any]:
             "title": "cairn dashboard API",
             "version": "1",
             "description": "Read-only queries over cairn's projections and event "
-            "log. Every response has a Cairn-Position header with the log position "
-            "it reflects. Errors use the OCI distribution error format.",
+            "log. Every response that reads them has a Cairn-Position header "
+            "with the log position it reflects: each 200 except this document, "
+            "and each 404 for an unknown repository or tag. Errors use the OCI "
+            "distribution error format.",
         },
         "servers": [{"url": "/_cairn/api/v1"}],
         "paths": {"/openapi.json": _openapi_path(), **_PATHS},
