@@ -28,6 +28,7 @@ import structlog
 
 from consumers.webhook import dead_letters
 from engine.api.app import create_app
+from engine.api.auth import Authenticator, Role, add_user, load_users
 from engine.bus import Bus
 from engine.migrate import upgrade
 from engine.registry import Registry
@@ -49,7 +50,9 @@ WAIT = 60.0
 
 
 @contextmanager
-def cairn_on_nats(directory: Path, nats_url: str) -> Iterator[str]:
+def cairn_on_nats(
+    directory: Path, nats_url: str, authenticator: Authenticator | None = None
+) -> Iterator[str]:
     """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``."""
     data_dir = directory / "data"
     data_dir.mkdir(parents=True)
@@ -57,7 +60,8 @@ def cairn_on_nats(directory: Path, nats_url: str) -> Iterator[str]:
     upgrade(registry.database)
     bus = Bus(fast_settings(nats_url), registry.database, data_dir)
     try:
-        with BusThread(bus), running(create_app(registry, bus)) as server:
+        app = create_app(registry, bus, authenticator=authenticator)
+        with BusThread(bus), running(app) as server:
             yield server.url
     finally:
         registry.database.dispose()
@@ -454,6 +458,46 @@ def test_webhook_delivers_both_formats(
     assert SECRET not in webhook.log_path.read_text()
     assert webhook.stop() == 0
     assert webhook.count("webhook_stopped") == 1
+
+
+def test_registry_credentials_only_in_lookups(
+    tmp_path: Path, nats_server: NatsServer, receiver: Receiver, start_webhook: Any
+) -> None:
+    users = tmp_path / "users"
+    add_user(users, "hook", Role.PULL, "hook-password-1")
+    add_user(users, "pusher", Role.PUSH, "pusher-password-1")
+    authenticator = Authenticator(load_users(users))
+    image = make_image()
+
+    with cairn_on_nats(tmp_path / "cairn", nats_server.url, authenticator) as cairn:
+        with_credentials = cairn.replace("http://", "http://hook:hook-password-1@")
+        config = write_config(
+            tmp_path / "webhook.toml",
+            [{"name": "ci", "url": receiver.url("/ci"), "start": "all"}],
+            extra=f'[registry]\nurl = "{with_credentials}"\n',
+        )
+        webhook = start_webhook(config)
+        webhook.wait_subscribed(1)
+        with httpx.Client(
+            base_url=cairn, auth=("pusher", "pusher-password-1")
+        ) as client:
+            push_image(client, "library/app", image, "v1")
+
+        wait_until(lambda: len(receiver.of("/ci")) >= 3, WAIT)
+
+    requests = receiver.of("/ci")
+    for request in requests:
+        assert b"hook-password-1" not in request.body
+        assert "hook-password-1" not in json.dumps(request.headers)
+    tag_push = requests[-1].json()["events"][0]
+    assert tag_push["target"]["tag"] == "v1"
+    assert (
+        tag_push["target"]["url"] == f"{cairn}/v2/library/app/manifests/{image.digest}"
+    )
+    assert tag_push["source"]["addr"] == cairn.removeprefix("http://")
+    # The look-up of the tag's manifest used the credentials.
+    assert tag_push["target"]["mediaType"] == image.media_type
+    assert tag_push["target"]["size"] == len(image.manifest)
 
 
 def test_webhook_retries_until_receiver_recovers(

@@ -13,7 +13,7 @@ from consumers.natsclient import NATS_ERRORS, connect_once
 from consumers.webhook.config import ConfigError, WebhookConfig, load_config
 from consumers.webhook.dead_letters import DeadLetter, DeadLetterStore
 from consumers.webhook.delivery import build_request, http_client, send
-from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
+from consumers.webhook.lookup import EventLookupFailed, registry_lookups
 from consumers.webhook.options import nats_url_from
 from consumers.webhook.payloads import EVENT_TYPES, ManifestFacts
 from engine.bus.messages import is_stand_in
@@ -138,8 +138,7 @@ async def _redeliver(
     the registry's event feed when ``[registry] url`` is set.
     """
     client = await connect_once(nats_url, "cairn webhook dead-letters")
-    lookup = ManifestLookup(config.registry_url) if config.registry_url else None
-    events = EventLookup(config.registry_url) if config.registry_url else None
+    lookup, events = registry_lookups(config)
     delivered = failed = missing = 0
     try:
         store = DeadLetterStore(

@@ -8,6 +8,9 @@ subject_prefix = "cairn"
 
 [registry]
 url = "https://registry.example.com" # public base URL: target.url, tag look-ups
+# A user name and password in the URL, such as https://user:pass@host, are
+# sent as HTTP Basic credentials by the look-ups only. Notifications carry
+# the URL without them.
 
 [dead_letters]
 stream = "CAIRN_WEBHOOK_DEAD_LETTERS"
@@ -49,6 +52,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from consumers.globs import check_repository_pattern, matches_any
+from consumers.mirror.credentials import Credentials, split_userinfo
 from engine.bus.subjects import (
     EVENT_FAMILIES,
     validate_prefix,
@@ -154,6 +158,8 @@ class WebhookConfig:
     stream: str = DEFAULT_STREAM
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX
     registry_url: str | None = None
+    # The user name and password of ``[registry] url``, for the look-ups.
+    registry_credentials: Credentials | None = field(default=None, repr=False)
     dead_letter_stream: str = DEFAULT_DEAD_LETTER_STREAM
     dead_letter_prefix: str = DEFAULT_DEAD_LETTER_PREFIX
 
@@ -222,7 +228,10 @@ def parse_config(document: dict[str, Any], base_dir: Path = Path()) -> WebhookCo
         raise ConfigError(f"endpoint names must be unique; repeated: {duplicates}")
 
     registry_url = _optional_str(registry, "url", "[registry]")
+    registry_credentials = None
     if registry_url is not None:
+        # Split first, so that neither notifications nor errors show them.
+        registry_url, registry_credentials = split_userinfo(registry_url)
         registry_url = _http_url(registry_url, "[registry] url").rstrip("/")
     nats_url = _optional_str(nats, "url", "[nats]")
     if nats_url is not None:
@@ -235,6 +244,7 @@ def parse_config(document: dict[str, Any], base_dir: Path = Path()) -> WebhookCo
             nats.get("subject_prefix", DEFAULT_SUBJECT_PREFIX), "[nats] subject_prefix"
         ),
         registry_url=registry_url,
+        registry_credentials=registry_credentials,
         dead_letter_stream=_stream_name(
             dead_letters.get("stream", DEFAULT_DEAD_LETTER_STREAM),
             "[dead_letters] stream",

@@ -21,6 +21,7 @@ import httpx
 import structlog
 
 from consumers.httperrors import describe_http_error
+from consumers.webhook.config import WebhookConfig
 from consumers.webhook.payloads import ManifestFacts, event_problem
 from engine.domain.manifests import MANIFEST_MEDIA_TYPES
 
@@ -32,9 +33,14 @@ _ACCEPT: Final = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
 
 
 class ManifestLookup:
-    def __init__(self, registry_url: str, client: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        registry_url: str,
+        client: httpx.AsyncClient | None = None,
+        auth: httpx.Auth | None = None,
+    ):
         self.registry_url = registry_url
-        self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT)
+        self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT, auth=auth)
         self._cache: OrderedDict[str, ManifestFacts] = OrderedDict()
 
     async def facts(self, repository: str, digest: str) -> ManifestFacts | None:
@@ -84,9 +90,14 @@ class EventLookupFailed(Exception):
 class EventLookup:
     """Reads single events from the registry's event feed."""
 
-    def __init__(self, registry_url: str, client: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        registry_url: str,
+        client: httpx.AsyncClient | None = None,
+        auth: httpx.Auth | None = None,
+    ):
         self.url = f"{registry_url}/_cairn/events"
-        self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT)
+        self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT, auth=auth)
 
     async def event(self, position: int, event_id: str) -> dict[str, Any]:
         """Return the event at ``position``, which must have id ``event_id``.
@@ -127,3 +138,18 @@ class EventLookup:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def registry_lookups(
+    config: WebhookConfig,
+) -> tuple[ManifestLookup | None, EventLookup | None]:
+    """Build the look-ups on ``[registry] url``, with its credentials, or
+    None for each when the configuration has no registry URL."""
+    if config.registry_url is None:
+        return None, None
+    credentials = config.registry_credentials
+    auth = credentials.auth() if credentials is not None else None
+    return (
+        ManifestLookup(config.registry_url, auth=auth),
+        EventLookup(config.registry_url, auth=auth),
+    )

@@ -11,7 +11,7 @@ import structlog
 from consumers.natsclient import NATS_ERRORS, connect
 from consumers.webhook.config import WebhookConfig
 from consumers.webhook.dead_letters import DeadLetterStore
-from consumers.webhook.lookup import EventLookup, ManifestLookup
+from consumers.webhook.lookup import registry_lookups
 from consumers.webhook.worker import EndpointWorker
 from engine.bus.connection import redact_url
 
@@ -46,8 +46,7 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
         config.dead_letter_prefix,
         max_payload=lambda: client.max_payload,
     )
-    lookup = ManifestLookup(config.registry_url) if config.registry_url else None
-    events = EventLookup(config.registry_url) if config.registry_url else None
+    lookup, events = registry_lookups(config)
     workers = {
         asyncio.create_task(
             EndpointWorker(endpoint, config, js, dead_letters, lookup, events).run(),
