@@ -872,6 +872,28 @@ def test_mirror_rejects_bad_not_copied(tmp_path: Path, entry: object) -> None:
         Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
 
 
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        ({"schemaVersion": 2, "layers": []}, "the key 'position' is missing"),
+        ({"position": 3, "target": "x"}, "the key 'source' is missing"),
+        ([1, 2], "it is not a JSON object"),
+    ],
+)
+def test_mirror_names_checkpoint_problem(
+    tmp_path: Path, document: object, reason: str
+) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(json.dumps(document))
+
+    with pytest.raises(CheckpointError) as raised:
+        Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
+
+    assert str(raised.value).startswith(
+        f"cannot read checkpoint {checkpoint}: {reason}. "
+    )
+
+
 def run_mirror_status(
     source: str, target: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:

@@ -153,6 +153,8 @@ class Checkpoint:
             return checkpoint
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(document, dict):
+                raise ValueError("it is not a JSON object")
             position = int(document["position"])
             # A mirror before --source-creds stored the URLs with any user
             # name and password in them. They are compared, shown and
@@ -168,9 +170,16 @@ class Checkpoint:
                     f"invalid source_registry_id {registry_id!r}: expected a string"
                 )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            # A KeyError's text is only the key, which reads as no reason.
+            reason = (
+                f"the key {error.args[0]!r} is missing"
+                if isinstance(error, KeyError)
+                else str(error)
+            )
             raise CheckpointError(
-                f"cannot read checkpoint {path}: {error}; fix or remove the file "
-                "(the mirror then replays from position 0, which is safe)"
+                f"cannot read checkpoint {path}: {reason}. Fix or remove the file "
+                "(the mirror then replays from position 0, which is safe), or "
+                "pass another --checkpoint file if this one is not a checkpoint"
             ) from None
         if (saved_source, saved_target) != (source, target):
             raise CheckpointError(
