@@ -24,10 +24,10 @@ from engine.domain.errors import ManifestTooLarge, SizeInvalid
 T = TypeVar("T")
 
 BUFFER_SIZE: Final = 1024 * 1024
-# Each queued buffer costs every concurrent upload 1 MiB. With 4, the peak
-# RSS of 32 concurrent 64 MiB uploads reached 404 MiB on a machine whose
-# disk took 418 MiB/s with fsync, and 279 to 302 MiB with 2, while 256 MiB
-# pushes ran at the same rate with either (bench/run, big-blob and memory).
+# Each queued buffer costs every concurrent upload 1 MiB. On a machine whose
+# disk wrote 418 MiB/s with fsync, 32 concurrent 64 MiB uploads peaked at
+# 404 MiB RSS with 4 and at 279 to 302 MiB with 2. 256 MiB pushes ran at
+# the same rate with either (bench/run, workloads big-blob and memory).
 QUEUE_DEPTH: Final = 2
 
 _END: Final = object()
