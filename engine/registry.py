@@ -1006,11 +1006,11 @@ class BlobService:
         cache = self._repo.registry._staged
         staged = cache.get(status.id)
         # Another process may have written to the file since this one
-        # cached it, so the file's size must match too.
+        # cached it, or a new file may have replaced a lost one.
         if (
             staged is None
             or staged.offset != status.offset
-            or self._store.staged_size(status.id) != staged.offset
+            or not staged.matches_path()
         ):
             if staged is not None:
                 staged.close()

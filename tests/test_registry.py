@@ -893,6 +893,24 @@ def test_upload_with_lost_staging_file(registry: Registry) -> None:
     assert not staging.exists()
 
 
+def test_upload_with_lost_empty_staging_file(registry: Registry) -> None:
+    # An empty PATCH leaves the staging file open in this process. When the
+    # file is lost, the next write must go to the new file at the path.
+    repo = registry.repository("lost-staging")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [])
+    staging = registry.blob_store.paths.staging(upload.id)
+    staging.unlink()
+
+    status = repo.blobs.write_upload(upload.id, [b"a" * 4096], start=0)
+
+    assert status.offset == 4096
+    assert staging.stat().st_size == 4096
+    assert repo.blobs.upload_status(upload.id).offset == 4096
+    info = repo.blobs.commit_upload(upload.id, Digest.of(b"a" * 4096))
+    assert info.size == 4096
+
+
 def test_upload_ordered_across_processes(
     registry: Registry, data_dir: Path, database_url: str
 ) -> None:

@@ -192,6 +192,23 @@ class StagedBlob:
         self._file.truncate(offset)
         self._file.seek(offset)
 
+    def matches_path(self) -> bool:
+        """Return True when ``path`` still names this open file and the file
+        is ``offset`` bytes long.
+
+        Another process may have written to the file, or a lost file may have
+        been replaced by a new one at the same path.
+        """
+        if self._file.closed:
+            return False
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(self._file.fileno())
+        same_file = (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+        return same_file and current.st_size == self.offset
+
     def _rehash_prefix(self, offset: int) -> None:
         remaining = offset
         self._file.seek(0)
