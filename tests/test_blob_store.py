@@ -285,3 +285,37 @@ def test_page_cache_warmer_survives_removed_blob(tmp_path: Path) -> None:
     joiner.start()
     joiner.join(30)
     assert not joiner.is_alive()
+
+
+def _open_modes(path: Path) -> list[int]:
+    """Return the access mode (os.O_RDONLY, os.O_WRONLY or os.O_RDWR) of each
+    descriptor of this process that is open on ``path``."""
+    modes = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+            with open(f"/proc/self/fdinfo/{name}") as info:
+                fields = dict(line.split(":", 1) for line in info if ":" in line)
+        except FileNotFoundError:
+            continue
+        if target == str(path):
+            modes.append(int(fields["flags"], 8) & os.O_ACCMODE)
+    return modes
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_staging_lock_opens_for_writing(tmp_path: Path, existing: bool) -> None:
+    # Linux's NFS client emulates flock with an fcntl byte-range lock,
+    # and an exclusive one needs a file open for writing (flock(2), NOTES).
+    store = BlobStore(tmp_path)
+    upload_id = str(uuid.uuid4())
+    path = store.paths.staging(upload_id)
+    if existing:
+        path.write_bytes(b"staged")
+
+    with store.lock_staging(upload_id) as lock:
+        modes = _open_modes(path)
+
+    assert lock.created is not existing
+    assert modes == [os.O_RDWR]
+    assert _open_modes(path) == []

@@ -427,12 +427,14 @@ class BlobStore:
         while this call waited is replaced in the same way.
         """
         path = self.paths.staging(upload_id)
+        # Linux's NFS client emulates flock with an fcntl byte-range lock,
+        # and an exclusive one needs a file open for writing (flock(2)).
         while True:
             created = False
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
-                flags = os.O_RDONLY | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL
+                flags = os.O_RDWR | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL
                 try:
                     with disk_full_errors():
                         fd = os.open(path, flags, 0o666)
