@@ -999,6 +999,11 @@ class BlobService:
                 # takes the place of the session's lost file.
                 if lock.created:
                     self._store.discard(upload_id)
+                # A staging file that this process still has open for the
+                # upload is unlinked or orphaned, and would keep its space.
+                # Forgetting the upload also drops its thread lock, so ids
+                # that name no session leave no entry behind.
+                self._repo.registry._forget_upload(upload_id)
                 raise
             yield status
 

@@ -893,6 +893,23 @@ def test_upload_with_lost_staging_file(registry: Registry) -> None:
     assert not staging.exists()
 
 
+def test_lost_staging_file_closed(registry: Registry) -> None:
+    # The session stays until it expires, so the request that finds its
+    # file gone must close the copy this process has open, which would keep
+    # the file's disk space.
+    repo = registry.repository("lost-staging")
+    upload = repo.blobs.create_upload()
+    repo.blobs.write_upload(upload.id, [b"a" * 4096])
+    staging_dir = registry.blob_store.paths.staging_dir
+    registry.blob_store.paths.staging(upload.id).unlink()
+    assert _open_deleted_files(staging_dir) != []
+
+    with pytest.raises(BlobUploadUnknown, match="staging file is gone"):
+        repo.blobs.write_upload(upload.id, [b"b" * 4096], start=4096)
+
+    assert _open_deleted_files(staging_dir) == []
+
+
 def test_upload_with_lost_empty_staging_file(registry: Registry) -> None:
     # An empty PATCH leaves the staging file open in this process. When the
     # file is lost, the next write must go to the new file at the path.
