@@ -16,6 +16,7 @@ from nats.js.api import StorageType
 
 from engine.bus import Bus, BusSettings
 from engine.bus import checkpoint as store
+from engine.bus.publisher import AckPublisher
 from engine.domain.events import Actor
 from engine.registry import Registry
 from tests.nats import (
@@ -371,3 +372,25 @@ def test_event_id_lookup(registry: Registry, position: int) -> None:
         ).scalar_one()
         assert store.event_id_at(conn, position) == uuid.UUID(str(expected))
         assert store.event_id_at(conn, 99) is None
+
+
+def test_ack_publisher_forgets_unsent_message(nats_server: NatsServer) -> None:
+    """A message that the client refuses to send leaves no pending ack."""
+
+    async def publish_too_large() -> int:
+        client = await nats.connect(nats_server.url)
+        publisher = AckPublisher(client)
+        try:
+            await publisher.start()
+            with pytest.raises(nats.errors.MaxPayloadError):
+                await publisher.publish(
+                    "cairn.tag.set.large", b"x" * (client.max_payload + 1), {}
+                )
+            # The done callback that forgets the future runs on the loop.
+            await asyncio.sleep(0)
+            return len(publisher._futures)
+        finally:
+            await publisher.close()
+            await client.close()
+
+    assert run(publish_too_large()) == 0

@@ -61,9 +61,14 @@ class AckPublisher:
         future: asyncio.Future[api.PubAck] = asyncio.get_running_loop().create_future()
         self._futures[token] = future
         future.add_done_callback(lambda _: self._futures.pop(token, None))
-        await self._client.publish(
-            subject, body, reply=f"{self._inbox}.{token}", headers=headers
-        )
+        try:
+            await self._client.publish(
+                subject, body, reply=f"{self._inbox}.{token}", headers=headers
+            )
+        except BaseException:
+            # No reply can come for a message that was not sent.
+            future.cancel()
+            raise
         return future
 
     async def close(self) -> None:
