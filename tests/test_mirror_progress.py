@@ -9,20 +9,49 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+import structlog.testing
 
 from consumers.mirror import progress as progress_module
 from consumers.mirror.copier import Stats
 from consumers.mirror.progress import Progress
+
+# Bound at import, before any test of this module changes the processors.
+_EARLY_LOGGER = structlog.get_logger("progress-test-early").bind()
 
 _RATES = re.compile(r"  (\S+(?: \S+)?)/s  (\S+) events/s  ")
 
 
 @pytest.fixture(autouse=True)
 def restore_log_processors() -> Iterator[None]:
-    """Undo the processor that a line-mode Progress adds to structlog."""
-    processors = list(structlog.get_config()["processors"])
+    """Undo the processor that a line-mode Progress adds to structlog.
+
+    The list is restored in place: cached loggers keep a reference to it,
+    and structlog.testing.capture_logs in later tests changes that list.
+    """
+    processors = structlog.get_config()["processors"]
+    saved = list(processors)
     yield
+    processors[:] = saved
     structlog.configure(processors=processors)
+
+
+def test_line_mode_clears_for_cached_logger() -> None:
+    logger = structlog.get_logger("progress-test").bind()
+    stream = io.StringIO()
+    progress = Progress(Stats(), "line", stream)
+    progress.update(0, force=True)
+
+    logger.warning("something happened")
+
+    assert stream.getvalue().endswith("\r\x1b[K"), repr(stream.getvalue())
+
+
+def test_capture_logs_after_line_mode() -> None:
+    # Runs after a line-mode Progress of another test in this module, with
+    # a logger bound before any of them, as module loggers are.
+    with structlog.testing.capture_logs() as logs:
+        _EARLY_LOGGER.warning("captured")
+    assert [entry["event"] for entry in logs] == ["captured"]
 
 
 def _rates(stream: io.StringIO) -> tuple[str, float]:

@@ -51,7 +51,7 @@ class Progress:
         Log lines and the progress line share standard error; the progress
         line is drawn again at the next update.
         """
-        processors = list(structlog.get_config()["processors"])
+        processors = structlog.get_config()["processors"]
 
         def clear_line(
             _logger: object, _method: str, event_dict: structlog.types.EventDict
@@ -59,7 +59,10 @@ class Progress:
             self.clear()
             return event_dict
 
-        structlog.configure(processors=[clear_line, *processors])
+        # In place, so that loggers cached before this call, which keep a
+        # reference to the list, clear the line too.
+        processors.insert(0, clear_line)
+        structlog.configure(processors=processors)
 
     def clear(self) -> None:
         if self._line_shown:
