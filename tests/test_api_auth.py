@@ -217,8 +217,9 @@ def test_malformed_authorization_unauthorized(
 
 # The Transfer-Encoding check runs before authentication, as in
 # Distribution 2.8.2, whose Go HTTP server returns its 501 before any handler
-# runs. The 501 depends on that header alone, so it tells an unauthenticated
-# client nothing about the registry, and no body byte is stored either way.
+# runs. The 501 depends on that header alone, so it reveals nothing about
+# the registry to an unauthenticated client, and no body byte is stored
+# either way.
 @pytest.mark.parametrize(
     ("credentials", "coding", "status"),
     [

@@ -92,7 +92,7 @@ def test_rejected_publish_reports_reason(
     registry: Registry, nats_server: NatsServer, data_dir: Path
 ) -> None:
     """A message from another publisher makes JetStream reject the relay's
-    next publish. The relay hears the rejection at once, not after its ack
+    next publish. The relay receives the rejection at once, not after its ack
     timeout, and logs JetStream's reason."""
 
     async def publish_foreign() -> None:
@@ -374,8 +374,8 @@ def test_event_id_lookup(registry: Registry, position: int) -> None:
         assert store.event_id_at(conn, 99) is None
 
 
-def test_ack_publisher_forgets_unsent_message(nats_server: NatsServer) -> None:
-    """A message that the client refuses to send leaves no pending ack."""
+def test_ack_publisher_drops_unsent_message(nats_server: NatsServer) -> None:
+    """A message that the client does not send leaves no pending ack."""
 
     async def publish_too_large() -> int:
         client = await nats.connect(nats_server.url)
@@ -386,7 +386,7 @@ def test_ack_publisher_forgets_unsent_message(nats_server: NatsServer) -> None:
                 await publisher.publish(
                     "cairn.tag.set.large", b"x" * (client.max_payload + 1), {}
                 )
-            # The done callback that forgets the future runs on the loop.
+            # The done callback that removes the future runs on the loop.
             await asyncio.sleep(0)
             return len(publisher._futures)
         finally:

@@ -235,8 +235,8 @@ class RegistryApp:
         handler: Handler | None = None
         try:
             # Before authentication and the rate limit, as Distribution 2.8.2
-            # does: the error depends on the header alone, so it tells an
-            # unauthenticated client nothing about the registry.
+            # does. The error depends on the header alone, so it reveals
+            # nothing about the registry to an unauthenticated client.
             request.check_transfer_coding()
             user = await self._admit(request)
             handler = self.router.resolve(request)

@@ -149,14 +149,17 @@ class StagingLock:
         self.close()
 
 
-def _names_file(path: Path, fd: int) -> bool:
-    """Return True when ``path`` is still the file open as ``fd``."""
+def _stat_if_named(path: Path, fd: int) -> os.stat_result | None:
+    """Return the status of the file open as ``fd`` while ``path`` still
+    names it, and None once the file was renamed, removed or replaced."""
     try:
         current = os.stat(path)
     except FileNotFoundError:
-        return False
+        return None
     opened = os.fstat(fd)
-    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+    if (current.st_dev, current.st_ino) != (opened.st_dev, opened.st_ino):
+        return None
+    return opened
 
 
 class StagedBlob:
@@ -201,13 +204,8 @@ class StagedBlob:
         """
         if self._file.closed:
             return False
-        try:
-            current = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        opened = os.fstat(self._file.fileno())
-        same_file = (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
-        return same_file and current.st_size == self.offset
+        status = _stat_if_named(self.path, self._file.fileno())
+        return status is not None and status.st_size == self.offset
 
     def _rehash_prefix(self, offset: int) -> None:
         remaining = offset
@@ -443,7 +441,7 @@ class BlobStore:
                 created = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if _names_file(path, fd):
+                if _stat_if_named(path, fd) is not None:
                     return StagingLock(fd, created=created)
             except BaseException:
                 os.close(fd)

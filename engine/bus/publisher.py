@@ -30,7 +30,7 @@ _NO_RESPONDERS = "503"
 
 
 class AckPublisher:
-    """Publishes to JetStream over one connection and returns ack futures.
+    """A JetStream publisher over one connection that returns ack futures.
 
     Replies arrive on one wildcard subscription under a fresh inbox. Call
     ``close`` to drop that subscription and fail the futures still pending.
