@@ -163,7 +163,8 @@ class DistributionTarget(Target):
                 f"{self.program or 'docker-registry on PATH'}); install Debian's "
                 "docker-registry package or pass --distribution PATH"
             )
-        return Path(candidate)
+        # Absolute for the same reason as cairn's program below.
+        return Path(candidate).resolve()
 
     def command(self, program: Path, work_dir: Path, port: int) -> list[str]:
         self.data_dir = work_dir / "data"
@@ -220,7 +221,9 @@ class CairnTarget(Target):
             candidates.append(on_path)
         for candidate in candidates:
             if candidate and os.access(candidate, os.X_OK):
-                return Path(candidate)
+                # The server starts in its run directory, so a path relative
+                # to the caller's directory would not be found there.
+                return Path(candidate).resolve()
         raise TargetUnavailable(
             f"cairn: executable not found (looked for {', '.join(map(str, candidates))}"
             f"{'' if self.program else ' and cairn on PATH'}); install the project "

@@ -14,6 +14,7 @@ import bench.queries
 import bench.rebuild
 import bench.relay
 from bench.cli import parse_args
+from bench.targets import CairnTarget
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,3 +185,20 @@ def test_bench_rebuild_rejects_zero_rounds() -> None:
     assert completed.returncode == 2, completed.stderr
     assert "argument --rounds: invalid count '0'" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_bench_relative_cairn_path_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each server starts in its own run directory, where a path relative to
+    # the caller's directory names nothing.
+    program = tmp_path / "bin" / "cairn"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+
+    found = CairnTarget("bin/cairn").find_program()
+
+    assert found.is_absolute()
+    assert found == program.resolve()
