@@ -9,6 +9,7 @@ minus each projection's checkpoint.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -113,6 +114,17 @@ class _LagCollector(Collector):
                 yield GaugeMetricFamily(name, documentation, float(value))
 
 
+@dataclass(frozen=True, slots=True)
+class _RequestChildren:
+    """The metric children that one route, method and status update."""
+
+    requests: Any
+    received: Any
+    sent: Any
+    latency: Any
+    duration: Any
+
+
 class Metrics:
     """The app's metrics and the /metrics handler."""
 
@@ -162,12 +174,21 @@ class Metrics:
             ["type"],
             registry=self.collectors,
         )
+        # labels() takes a lock and builds a key on every call; a request
+        # looks up its children here instead. Routes, methods, statuses and
+        # event types are finite sets, so these dicts stay small.
+        self._request_children: dict[tuple[str, str, int], _RequestChildren] = {}
+        self._appended_children: dict[object, Any] = {}
         self.collectors.register(_LagCollector(registry, bus))
         registry.database.append_listeners.append(self._count_appended)
 
     def _count_appended(self, events: list[Any]) -> None:
         for event in events:
-            self.appended.labels(str(event.type)).inc()
+            child = self._appended_children.get(event.type)
+            if child is None:
+                child = self.appended.labels(str(event.type))
+                self._appended_children[event.type] = child
+            child.inc()
 
     def observe(
         self,
@@ -179,14 +200,31 @@ class Metrics:
         seconds: float,
     ) -> None:
         """Record one finished request."""
-        self.requests.labels(route, method, str(status)).inc()
-        self.received.labels(route).inc(bytes_in)
-        self.sent.labels(route).inc(bytes_out)
-        self.latency.labels(route, method).observe(seconds)
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._children_of(route, method, status)
+            self._request_children[key] = children
+        children.requests.inc()
+        children.received.inc(bytes_in)
+        children.sent.inc(bytes_out)
+        children.latency.observe(seconds)
+        if children.duration is not None:
+            children.duration.observe(seconds)
+
+    def _children_of(self, route: str, method: str, status: int) -> _RequestChildren:
+        duration: Any = None
         if route in UPLOAD_ROUTES and method in ("POST", "PATCH", "PUT"):
-            self.upload_latency.labels(method).observe(seconds)
+            duration = self.upload_latency.labels(method)
         elif route == MANIFEST_PUT_ROUTE and method == "PUT":
-            self.manifest_put_latency.observe(seconds)
+            duration = self.manifest_put_latency
+        return _RequestChildren(
+            requests=self.requests.labels(route, method, str(status)),
+            received=self.received.labels(route),
+            sent=self.sent.labels(route),
+            latency=self.latency.labels(route, method),
+            duration=duration,
+        )
 
     async def handle(self, request: Request) -> Response:
         """Serve GET /metrics in the Prometheus text format."""
