@@ -233,8 +233,12 @@ class CairnTarget(Target):
     def command(self, program: Path, work_dir: Path, port: int) -> list[str]:
         self.data_dir = work_dir / "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Warnings and errors only, as the Distribution config above logs:
+        # at info cairn writes a line for every request.
         return [
             str(program),
+            "--log-level",
+            "warning",
             "serve",
             "--data-dir",
             str(self.data_dir),
