@@ -25,7 +25,7 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from engine import log as event_log
-from engine.blobs import BlobStore, StagedBlob
+from engine.blobs import BlobStore, StagedBlob, is_upload_id
 from engine.blobs.limits import check_declared_size, check_received_size
 from engine.db import Database
 from engine.domain.digest import Digest
@@ -1268,10 +1268,14 @@ def _check_declared_chunk(
 
 
 def _check_upload_id(upload_id: str) -> None:
-    try:
-        uuid.UUID(upload_id)
-    except ValueError:
-        raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id}) from None
+    """Raise BlobUploadUnknown unless ``upload_id`` has the form of the ids
+    that create_upload issues.
+
+    Another spelling of a real upload's id, such as its uppercase form, is
+    unknown too, so that it never takes that upload's locks.
+    """
+    if not is_upload_id(upload_id):
+        raise BlobUploadUnknown("blob upload unknown", {"upload": upload_id})
 
 
 def check_upload_start(status: UploadStatus, start: int | None) -> None:

@@ -8,6 +8,7 @@ the tags, the catalog and the blob files are exactly as before.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -313,6 +314,57 @@ def test_blob_upload_unknown(
         assert error["code"] == "BLOB_UPLOAD_UNKNOWN"
         assert error["detail"]["upload"] in (upload_id, "..")
     unchanged()
+
+
+def _other_spellings(upload_id: str) -> list[str]:
+    """Return spellings of ``upload_id`` that uuid.UUID parses as the same UUID."""
+    return [
+        upload_id.upper(),
+        "{" + upload_id + "}",
+        "urn:uuid:" + upload_id,
+        upload_id.replace("-", ""),
+    ]
+
+
+def test_upload_id_other_spelling_unknown(
+    api: httpx.Client, registry: Registry, unchanged: Callable[[], None]
+) -> None:
+    location = api.post("/v2/library/app/blobs/uploads/").headers["Location"]
+    written = api.patch(location, content=b"first chunk")
+    assert written.status_code == 202
+    upload_id = location.rstrip("/").rsplit("/", 1)[1]
+    staging = registry.blob_store.paths.staging(upload_id)
+    _resnapshot(unchanged)
+
+    # The test holds the staging file's lock, as a request still writing to
+    # the upload would, so a request that takes the lock never gets a reply.
+    with open(staging, "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for spelling in _other_spellings(upload_id):
+            path = f"/v2/library/app/blobs/uploads/{spelling}"
+            for method, kwargs in [
+                ("GET", {}),
+                ("PATCH", {"content": b"chunk"}),
+                ("PUT", {"params": {"digest": UNKNOWN_DIGEST}, "content": b"x"}),
+                ("DELETE", {}),
+            ]:
+                try:
+                    response = api.request(method, path, timeout=5, **kwargs)
+                except httpx.ReadTimeout:
+                    pytest.fail(f"{method} {spelling} waited for the upload's lock")
+
+                assert response.status_code == 404, (method, spelling)
+                error = _error(response)
+                assert error["code"] == "BLOB_UPLOAD_UNKNOWN"
+                assert error["detail"]["upload"] == spelling
+
+    unchanged()
+    assert staging.read_bytes() == b"first chunk"
+    assert upload_rows(registry) == 1
+    assert list(registry.blob_store.paths.staging_dir.iterdir()) == [staging]
+    status = api.get(location)
+    assert status.status_code == 204
+    assert status.headers["Range"] == f"0-{len(b'first chunk') - 1}"
 
 
 def test_blob_upload_invalid_out_of_order(

@@ -319,3 +319,19 @@ def test_staging_lock_opens_for_writing(tmp_path: Path, existing: bool) -> None:
     assert lock.created is not existing
     assert modes == [os.O_RDWR]
     assert _open_modes(path) == []
+
+
+def test_staging_path_only_for_upload_ids(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    upload_id = str(uuid.uuid4())
+    assert store.paths.staging(upload_id) == tmp_path / "uploads" / upload_id
+
+    for spelling in (
+        upload_id.upper(),
+        "{" + upload_id + "}",
+        "urn:uuid:" + upload_id,
+        upload_id.replace("-", ""),
+        "../" + upload_id,
+    ):
+        with pytest.raises(ValueError, match="invalid upload id"):
+            store.paths.staging(spelling)

@@ -1,5 +1,5 @@
 """Content-addressed blob storage and upload staging."""
 
-from engine.blobs.store import BlobStore, StagedBlob
+from engine.blobs.store import BlobStore, StagedBlob, is_upload_id
 
-__all__ = ["BlobStore", "StagedBlob"]
+__all__ = ["BlobStore", "StagedBlob", "is_upload_id"]

@@ -109,6 +109,20 @@ def disk_full_errors() -> Iterator[None]:
         ) from error
 
 
+def is_upload_id(value: str) -> bool:
+    """Return True when ``value`` is a UUID in the form that cairn issues as
+    an upload id: lowercase hexadecimal digits in hyphenated groups.
+
+    uuid.UUID also parses uppercase digits, braces, a ``urn:uuid:`` prefix
+    and digits without hyphens. Those spellings are not upload ids, so that
+    each upload has one name.
+    """
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class BlobPaths:
     """Every on-disk path cairn uses for blobs comes from here."""
@@ -121,9 +135,12 @@ class BlobPaths:
         )
 
     def staging(self, upload_id: str) -> Path:
-        # The id is always a UUID that cairn generated; parsing it again here
-        # guards against a client-chosen id reaching the filesystem as a path.
-        return self.root / "uploads" / str(uuid.UUID(upload_id))
+        # The id is always a UUID that cairn generated. Checking it again
+        # here keeps a client-chosen id from reaching the filesystem as a
+        # path, or another spelling of a real id from reaching its file.
+        if not is_upload_id(upload_id):
+            raise ValueError(f"invalid upload id: {upload_id!r}")
+        return self.root / "uploads" / upload_id
 
     @property
     def staging_dir(self) -> Path:
