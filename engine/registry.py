@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from engine import log as event_log
 from engine.blobs import BlobStore, StagedBlob, is_upload_id
 from engine.blobs.limits import check_declared_size, check_received_size
+from engine.blobs.store import StagingLock
 from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
@@ -990,7 +991,7 @@ class BlobService:
         _check_upload_id(upload_id)
         with (
             self._repo.registry.upload_lock(upload_id),
-            self._store.lock_staging(upload_id) as lock,
+            self._lock_staging(upload_id) as lock,
         ):
             try:
                 status = self.upload_status(upload_id, new_staging_file=lock.created)
@@ -1006,6 +1007,25 @@ class BlobService:
                 self._repo.registry._forget_upload(upload_id)
                 raise
             yield status
+
+    def _lock_staging(self, upload_id: str) -> StagingLock:
+        """Take the flock of the upload's staging file, creating a missing one.
+
+        A disk too full to create the file discards the upload, as a write
+        that fills the disk does, and raises InsufficientStorage. An id
+        without a session raises BlobUploadUnknown instead. The caller holds
+        the upload's thread lock.
+        """
+        try:
+            return self._store.lock_staging(upload_id)
+        except InsufficientStorage as error:
+            try:
+                self.upload_status(upload_id, new_staging_file=True)
+            except BlobUploadUnknown:
+                self._repo.registry._forget_upload(upload_id)
+                raise
+            self._discard_upload(upload_id, error)
+            raise
 
     def _staged(self, status: UploadStatus) -> StagedBlob:
         cache = self._repo.registry._staged

@@ -5,8 +5,10 @@ that they mount themselves, and skip when they cannot mount one. The first
 fills it with blobs. The second keeps the SQLite database there too and
 sends a manifest that the database cannot store. The others make fsync or
 fdatasync of staging files fail, because on tmpfs only write() runs out
-of space. In every case the client gets 507 with an OCI error body, and no
-event, blob link, blob file, upload session or staging file remains.
+of space, or make the creation of a staging file fail. In every case the
+client gets 507 with an OCI error body, and no event, blob link, blob
+file, upload session or staging file remains. A write to an upload
+without a session gets 404 BLOB_UPLOAD_UNKNOWN even on a full disk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from engine.api.app import create_app
 from engine.api.body import BUFFER_SIZE
@@ -331,6 +335,21 @@ def fail_for_staging_files(
     monkeypatch.setattr(os, name, failing)
 
 
+def fail_to_create_staging_files(
+    monkeypatch: pytest.MonkeyPatch, registry: Registry, code: int
+) -> None:
+    """Make ``os.open`` raise OSError ``code`` when it creates a staging file."""
+    staging_dir = registry.blob_store.paths.staging_dir.resolve()
+    real = os.open
+
+    def failing(path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if flags & os.O_CREAT and Path(path).resolve().parent == staging_dir:
+            raise OSError(code, os.strerror(code))
+        return real(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing)
+
+
 @pytest.fixture
 def api(registry: Registry) -> Iterator[httpx.Client]:
     with (
@@ -400,3 +419,60 @@ def test_background_sync_error_fails_commit(
 
     assert raised.value.detail == {"reason": os.strerror(errno.ENOSPC)}
     assert_nothing_stored(registry, before)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("method", ["PATCH", "PUT"])
+def test_staging_file_creation_disk_full(
+    api: httpx.Client,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    code: int,
+) -> None:
+    # The first write to an upload creates its staging file when it takes
+    # the file's lock.
+    data = os.urandom(4096)
+    before = stored_state(registry)
+    location = api.post("/v2/demo/app/blobs/uploads/").headers["Location"]
+    upload_id = httpx.URL(location).path.rsplit("/", 1)[1]
+    fail_to_create_staging_files(monkeypatch, registry, code)
+
+    with structlog.testing.capture_logs() as logs:
+        response = api.request(
+            method,
+            location,
+            params={"digest": str(Digest.of(data))} if method == "PUT" else None,
+            content=data,
+        )
+
+    status, error = _error(response)
+    assert_insufficient_storage(status, error, os.strerror(code))
+    full = [entry for entry in logs if entry["event"] == "blob_storage_full"]
+    assert len(full) == 1
+    assert full[0]["log_level"] == "error"
+    assert full[0]["upload"] == upload_id
+    assert full[0]["repository"] == "demo/app"
+    assert os.strerror(code) in full[0]["error"]
+    assert_nothing_stored(registry, before)
+    monkeypatch.undo()
+    assert api.get(location).status_code == 404
+
+
+def test_full_disk_unknown_upload_404(
+    api: httpx.Client, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_id = str(uuid.uuid4())
+    fail_to_create_staging_files(monkeypatch, registry, errno.ENOSPC)
+
+    with structlog.testing.capture_logs() as logs:
+        response = api.patch(
+            f"/v2/demo/app/blobs/uploads/{upload_id}", content=b"chunk"
+        )
+
+    status, error = _error(response)
+    assert status == 404
+    assert error["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert error["detail"] == {"upload": upload_id}
+    assert [entry for entry in logs if entry["event"] == "blob_storage_full"] == []
+    assert staging_files(registry) == []
