@@ -234,12 +234,15 @@ def test_control_character_in_name_rejected(
     assert stored_state(registry) == before
 
 
-@pytest.mark.parametrize("url", ["", "/layer"])
-def test_foreign_layer_without_uri_stores_nothing(
+@pytest.mark.parametrize(
+    "url", ["", "/layer", "file:///etc/passwd", "ftp://example.invalid/layer"]
+)
+def test_foreign_layer_bad_url_stores_nothing(
     api: httpx.Client, registry: Registry, url: str
 ) -> None:
     # A foreign layer is stored without its blob, so an empty or relative URL
-    # would leave a layer that no client can fetch.
+    # would leave a layer that no client can fetch, and a URL of another
+    # scheme than http or https would send clients elsewhere.
     image = make_image()
     push_image(api, "demo/app", image, "v1")
     body = json.loads(image.manifest)
@@ -264,6 +267,36 @@ def test_foreign_layer_without_uri_stores_nothing(
     assert error["code"] == "MANIFEST_INVALID"
     assert error["detail"] == {"field": "layers[1].urls[0]", "url": url}
     assert stored_state(registry) == before
+
+
+@pytest.mark.parametrize(
+    "url", ["http://example.invalid/layer", "https://example.invalid/layer"]
+)
+def test_foreign_layer_http_url_stored(
+    api: httpx.Client, registry: Registry, url: str
+) -> None:
+    image = make_image()
+    push_image(api, "demo/app", image, "v1")
+    body = json.loads(image.manifest)
+    body["layers"].append(
+        {
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": str(Digest.of(b"a layer no registry holds")),
+            "size": 25,
+            "urls": [url],
+        }
+    )
+    manifest = encode(body)
+
+    response = api.put(
+        "/v2/demo/app/manifests/v2",
+        content=manifest,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+
+    assert response.status_code == 201, response.text
+    pulled = api.get("/v2/demo/app/manifests/v2", headers={"Accept": OCI_MANIFEST})
+    assert pulled.content == manifest
 
 
 def _put_manifest(api: httpx.Client, body: bytes, media_type: str) -> httpx.Response:

@@ -278,6 +278,75 @@ def test_foreign_layer_url_not_uri(url: str) -> None:
     assert stored.references()[2].descriptor.urls[1] == url
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://example.invalid/layer",
+        "data:application/octet-stream;base64,AAAA",
+        "https:/layer",
+        "http:///layer",
+    ],
+)
+def test_foreign_layer_url_not_http(url: str) -> None:
+    body = _image_body()
+    body["layers"].append(
+        {
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar",
+            "digest": str(Digest.of(b"windows")),
+            "size": 7,
+            "urls": ["https://example.invalid/layer", url],
+        }
+    )
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body))
+
+    assert caught.value.detail == {"field": "layers[1].urls[1]", "url": url}
+    assert "http or https" in caught.value.message
+    stored = parse_stored_manifest(encode(body), OCI_MANIFEST)
+    assert stored.references()[2].descriptor.urls[1] == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.invalid/layer",
+        "https://example.invalid:8443/v2/layer?token=a#part",
+        "HTTPS://EXAMPLE.INVALID/layer",
+        "https://user@[2001:db8::1]/layer",
+    ],
+)
+def test_foreign_layer_url_http_accepted(url: str) -> None:
+    body = _image_body()
+    body["layers"].append(
+        {
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar",
+            "digest": str(Digest.of(b"windows")),
+            "size": 7,
+            "urls": [url],
+        }
+    )
+
+    references = parse_manifest(encode(body)).references()
+
+    assert references[2].descriptor.urls == (url,)
+    assert references[2].required is False
+
+
+def test_config_url_not_http() -> None:
+    body = _image_body()
+    body["config"]["urls"] = ["ftp://example.invalid/config"]
+
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(encode(body))
+
+    assert caught.value.detail == {
+        "field": "config.urls[0]",
+        "url": "ftp://example.invalid/config",
+    }
+
+
 def test_index_child_url_not_uri() -> None:
     body = _index_body()
     body["manifests"][0]["urls"] = ["\u00e9"]

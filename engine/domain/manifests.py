@@ -328,13 +328,20 @@ _ABSOLUTE_URI: Final = re.compile(
 )
 
 
+# An http or https URL with a host, in any letter case of the scheme, as
+# RFC 3986 makes schemes case-insensitive.
+_HTTP_URL: Final = re.compile(r"(?i:https?)://[^/?#]+")
+
+
 def _check_urls(manifest: Manifest) -> None:
-    """Reject a descriptor URL that is not an absolute URI.
+    """Reject a descriptor URL that is not an absolute http or https URL.
 
     The OCI image specification requires each entry of urls to conform to
-    RFC 3986. A foreign layer with urls is stored without its blob, so an
-    entry such as "" or "/layer" would let a manifest reference a layer
-    that no client can fetch.
+    RFC 3986, and recommends (SHOULD) the http and https schemes.
+    A foreign layer with urls is stored without its blob, so an entry such
+    as "" or "/layer" would let a manifest reference a layer that no client
+    can fetch. An entry such as "file:///etc/passwd" would send clients
+    that follow it to their own files or to other protocols.
     """
     named: list[tuple[str, Descriptor]] = []
     if isinstance(manifest, ImageManifest):
@@ -351,6 +358,11 @@ def _check_urls(manifest: Manifest) -> None:
             if _ABSOLUTE_URI.fullmatch(url) is None:
                 raise ManifestInvalid(
                     f"{where}.urls[{i}] is not an absolute URI",
+                    {"field": f"{where}.urls[{i}]", "url": url},
+                )
+            if _HTTP_URL.match(url) is None:
+                raise ManifestInvalid(
+                    f"{where}.urls[{i}] is not an http or https URL with a host",
                     {"field": f"{where}.urls[{i}]", "url": url},
                 )
 
