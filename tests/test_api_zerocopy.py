@@ -585,6 +585,60 @@ def test_headers_under_limit_accepted(serve: ServeProcess) -> None:
         assert read_response(reader).status == 200
 
 
+# httptools.parse_url, which uvicorn runs on every target, rejects a longer
+# one.
+TARGET_LIMIT = 65535
+
+
+def _assert_target_too_long(response: RawResponse) -> dict[str, Any]:
+    assert response.status == 414
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["connection"] == "close"
+    errors = json.loads(response.body)["errors"]
+    assert len(errors) == 1
+    assert errors[0]["code"] == "UNSUPPORTED"
+    assert errors[0]["message"] == "request target too long"
+    detail: dict[str, Any] = errors[0]["detail"]
+    assert detail["part"] == "target"
+    assert detail["reason"] == f"request target exceeds {TARGET_LIMIT} bytes"
+    assert detail["limit"] == TARGET_LIMIT
+    return detail
+
+
+def test_long_target_rejected(serve: ServeProcess) -> None:
+    path = "/v2/" + "a" * (TARGET_LIMIT - len("/v2/") + 1)
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(request_bytes("GET", path))
+        response = read_response(reader)
+        assert reader.read() == b""
+
+    detail = _assert_target_too_long(response)
+    assert detail["value"] == path[:200] + "..."
+
+
+def test_endless_target_rejected(serve: ServeProcess) -> None:
+    with connection(serve.url) as (sock, reader):
+        sock.sendall(b"GET /v2/_catalog?n=1&pad=")
+        # The target arrives in pieces and never ends.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(64):
+                sock.sendall(b"a" * 16384)
+                time.sleep(0.01)
+        response = read_response(reader)
+    _assert_target_too_long(response)
+
+
+def test_target_at_limit_accepted(serve: ServeProcess) -> None:
+    query = "?pad=" + "a" * (TARGET_LIMIT - len("/v2/_catalog?pad="))
+    path = "/v2/_catalog" + query
+    assert len(path) == TARGET_LIMIT
+
+    response = get(serve.url, path)
+
+    assert response.status == 200, response.body[:500]
+    assert "repositories" in json.loads(response.body)
+
+
 def test_rejection_waits_for_pipelined_responses(
     serve: ServeProcess, blob: Blob
 ) -> None:

@@ -12,7 +12,8 @@ Rejected requests: httptools rejects, among others, an unknown method, a
 malformed Content-Length, raw non-ASCII bytes in the path and an invalid
 header. Such a request gets a 400 with the OCI error body that the app sends
 elsewhere, in place of uvicorn's plain-text "Invalid HTTP request
-received.", or a 431 when its headers exceed MAX_HEADER_BYTES. Its code is
+received.", a 414 when its target exceeds MAX_TARGET_BYTES, or a 431 when
+its headers exceed MAX_HEADER_BYTES. Its code is
 UNSUPPORTED, the code cairn gives other malformed input that no specific
 OCI code covers: the request fails before routing, so NAME_INVALID or
 MANIFEST_INVALID would name a part that was never looked at.
@@ -128,6 +129,12 @@ LOOPBACK_COPY_BYTES: Final = 2 * 1024 * 1024
 # gets a 431, so a client cannot make the server hold headers of any size.
 MAX_HEADER_BYTES: Final = 64 * 1024
 
+# Maximum bytes of a request target. uvicorn parses each target with
+# httptools.parse_url, which in httptools 0.9 rejects one longer than this
+# because http_parser stores its offsets in 16 bits. A longer target gets a
+# 414 as soon as more than this many bytes of it have arrived.
+MAX_TARGET_BYTES: Final = 65535
+
 # The first bytes of a TLS handshake record (content type 22, major version
 # 3): a client that speaks TLS to this plain-HTTP server.
 TLS_HANDSHAKE_RECORD: Final = b"\x16\x03"
@@ -163,6 +170,10 @@ _FIELD_VALUE: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 class HeadersTooLarge(httptools.HttpParserCallbackError):
     """A request's headers are larger than MAX_HEADER_BYTES."""
+
+
+class TargetTooLong(httptools.HttpParserCallbackError):
+    """A request's target is longer than MAX_TARGET_BYTES."""
 
 
 class ConnectionClosed(ConnectionError):
@@ -240,8 +251,10 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._chunk_starts_message = True
         self._messages_begun_in_chunk = 0
         self._message_open = False
-        # Header bytes of the request being parsed, and bytes received while
-        # its head was incomplete; None once its headers are complete.
+        # Bytes of the target and of the header names and values of the
+        # request being parsed. Then the bytes received while its head is
+        # incomplete, which is None once its headers are complete.
+        self._target_bytes = 0
         self._header_bytes = 0
         self._head_received: int | None = None
         self._rejected = False
@@ -336,6 +349,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._message_open = True
+        self._target_bytes = 0
         self._header_bytes = 0
         self._head_received = 0
         self._body_received = 0
@@ -348,6 +362,15 @@ class CairnHttpProtocol(HttpToolsProtocol):
         if self._zerocopy:
             extensions[ZEROCOPY_SEND] = {}
         self.scope["extensions"] = extensions
+
+    def on_url(self, url: bytes) -> None:
+        # llhttp passes the target in pieces, one per received chunk, which
+        # uvicorn joins. Counting them rejects a long target as soon as it
+        # passes the limit, before the rest of it arrives.
+        self._target_bytes += len(url)
+        if self._target_bytes > MAX_TARGET_BYTES:
+            raise TargetTooLong(f"request target exceeds {MAX_TARGET_BYTES} bytes")
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
@@ -832,7 +855,8 @@ class CairnHttpProtocol(HttpToolsProtocol):
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _reject(self, error: httptools.HttpParserError) -> None:
-        """Send a 400 or 431 OCI error for a request that httptools rejected.
+        """Send a 400, 414 or 431 OCI error for a request that httptools
+        rejected.
 
         The error follows every response to the requests before it on the
         connection, and then the connection closes.
@@ -1031,8 +1055,9 @@ def describe_rejection(
 ) -> tuple[int, str, dict[str, str | int]]:
     """Return the status, message and detail for a request httptools rejected.
 
-    The status is 431 (RFC 6585) for headers over MAX_HEADER_BYTES, with the
-    limit in the detail, and 400 otherwise. ``head`` is the request's bytes
+    The status is 414 (RFC 9110) for a target over MAX_TARGET_BYTES and 431
+    (RFC 6585) for headers over MAX_HEADER_BYTES, each with the limit in the
+    detail, and 400 otherwise. ``head`` is the request's bytes
     from its first byte, when known. The detail has ``reason``, the parser's
     words, and ``part``, the part of the request they name (method, path,
     query, target, header, body, version or request). It quotes the
@@ -1046,6 +1071,17 @@ def describe_rejection(
             "limit": MAX_HEADER_BYTES,
         }
         return 431, "request headers too large", too_large
+    if _is_target_too_long(error):
+        too_long: dict[str, str | int] = {
+            "part": "target",
+            "reason": _reason(error),
+            "limit": MAX_TARGET_BYTES,
+        }
+        lines = _head_lines(head)
+        request_line = lines[0].split(b" ") if lines else []
+        if len(request_line) > 1:
+            too_long["value"] = quote_bytes(request_line[1])
+        return 414, "request target too long", too_long
     reason = _reason(error)
     lowered = reason.lower()
     if isinstance(error, httptools.HttpParserInvalidMethodError):
@@ -1095,12 +1131,18 @@ def _is_headers_too_large(error: httptools.HttpParserError) -> bool:
     )
 
 
+def _is_target_too_long(error: httptools.HttpParserError) -> bool:
+    return isinstance(error, TargetTooLong) or isinstance(
+        error.__context__, TargetTooLong
+    )
+
+
 def _reason(error: httptools.HttpParserError) -> str:
     """Return llhttp's reason, or httptools.parse_url's for a failed callback."""
-    if isinstance(error, HeadersTooLarge):
+    if isinstance(error, HeadersTooLarge | TargetTooLong):
         return str(error)
     cause = error.__context__
-    if isinstance(cause, HeadersTooLarge):
+    if isinstance(cause, HeadersTooLarge | TargetTooLong):
         return str(cause)
     if isinstance(error, httptools.HttpParserCallbackError) and isinstance(
         cause, httptools.HttpParserInvalidURLError
