@@ -494,7 +494,26 @@ def test_parse_byte_size(value: str, size: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["10GB", "10G", "1.5GiB", "-1", "GiB", "", "many", "9999999999TiB"]
+    "value",
+    [
+        "10GB",
+        "10G",
+        "1.5GiB",
+        "-1",
+        "GiB",
+        "",
+        "many",
+        "9999999999TiB",
+        "  10MiB ",
+        " 10MiB",
+        "10MiB ",
+        "10 ",
+        "10\n",
+        "\t0",
+        "10\tMiB",
+        "10\u00a0MiB",
+        "10  MiB",
+    ],
 )
 def test_parse_byte_size_rejects(value: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError) as raised:
@@ -515,9 +534,14 @@ def test_max_blob_size_option(monkeypatch: pytest.MonkeyPatch) -> None:
     assert from_environment.max_blob_size is None
 
 
-def test_invalid_max_blob_size_exits(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("value", ["10GB", "  10MiB "])
+def test_invalid_max_blob_size_exits(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
-        build_parser().parse_args(["serve", "--max-blob-size", "10GB"])
+        build_parser().parse_args(["serve", "--max-blob-size", value])
 
     assert exited.value.code == 2
-    assert "invalid size '10GB'" in capsys.readouterr().err
+    assert f"argument --max-blob-size: invalid size {value!r}" in (
+        capsys.readouterr().err
+    )

@@ -97,6 +97,7 @@ INVALID_VARIABLES = [
     ("CAIRN_READ_IDLE_TIMEOUT", "soon", "serve", "--read-idle-timeout"),
     ("CAIRN_WRITE_IDLE_TIMEOUT", "inf", "serve", "--write-idle-timeout"),
     ("CAIRN_MAX_BLOB_SIZE", "foo", "serve", "--max-blob-size"),
+    ("CAIRN_MAX_BLOB_SIZE", "  10MiB ", "serve", "--max-blob-size"),
     ("CAIRN_RATE_LIMIT", "0", "serve", "--rate-limit"),
     ("CAIRN_TRUSTED_PROXIES", "notanip", "serve", "--trusted-proxies"),
     ("CAIRN_NATS_PORT", "99999", "serve", "--nats-port"),

@@ -46,7 +46,8 @@ _BYTE_UNITS: Final = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
-_BYTE_SIZE: Final = re.compile(r"([0-9]{1,19})\s*([A-Za-z]*)")
+# One ASCII space may separate the number from its unit, as in "512 MiB".
+_BYTE_SIZE: Final = re.compile(r"([0-9]{1,19})(?: ?([A-Za-z]+))?")
 
 
 @names_env_variable
@@ -76,11 +77,14 @@ def parse_timeout(value: str) -> float | None:
 @names_env_variable
 def parse_byte_size(value: str) -> int | None:
     """Parse a size in bytes, with an optional KiB, MiB, GiB or TiB suffix,
-    returning None for 0 (no limit)."""
-    match = _BYTE_SIZE.fullmatch(value.strip())
+    returning None for 0 (no limit). Whitespace before or after is rejected,
+    as in every other number of an option."""
+    match = _BYTE_SIZE.fullmatch(value)
     size = -1
-    if match is not None and match.group(2).lower() in _BYTE_UNITS:
-        size = int(match.group(1)) * _BYTE_UNITS[match.group(2).lower()]
+    if match is not None:
+        unit = (match.group(2) or "").lower()
+        if unit in _BYTE_UNITS:
+            size = int(match.group(1)) * _BYTE_UNITS[unit]
     if not 0 <= size <= MAX_INT64:
         raise argparse.ArgumentTypeError(
             f"invalid size {value!r}: expected a number of bytes with an "
