@@ -124,6 +124,8 @@ INVALID_VARIABLES = [
     ("CAIRN_AUTH_FILE", "", "users-add", "--auth-file"),
     ("CAIRN_TLS_CERT", "", "serve", "--tls-cert"),
     ("CAIRN_TLS_KEY", "", "serve", "--tls-key"),
+    ("CAIRN_MIRROR_SOURCE_CREDS_FILE", "", "mirror", "--source-creds-file"),
+    ("CAIRN_MIRROR_TARGET_CREDS_FILE", "", "mirror", "--target-creds-file"),
 ]
 
 

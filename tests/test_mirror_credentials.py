@@ -245,8 +245,38 @@ def test_mirror_source_without_credentials(
             {},
             "cannot read credentials file /nonexistent/creds",
         ),
+        (
+            "http://127.0.0.1:1",
+            ["--source-creds-file", ""],
+            {},
+            "argument --source-creds-file: invalid file name '': expected the "
+            "path of a file\n",
+        ),
+        (
+            "http://127.0.0.1:1",
+            [],
+            {"CAIRN_MIRROR_SOURCE_CREDS_FILE": ""},
+            "argument --source-creds-file: invalid file name '': expected the "
+            "path of a file (from environment variable "
+            "CAIRN_MIRROR_SOURCE_CREDS_FILE)",
+        ),
+        (
+            "http://127.0.0.1:1",
+            [],
+            {"CAIRN_MIRROR_TARGET_CREDS_FILE": ""},
+            "argument --target-creds-file: invalid file name '': expected the "
+            "path of a file (from environment variable "
+            "CAIRN_MIRROR_TARGET_CREDS_FILE)",
+        ),
     ],
-    ids=["url-and-option", "no-colon", "missing-file"],
+    ids=[
+        "url-and-option",
+        "no-colon",
+        "missing-file",
+        "empty-file-option",
+        "empty-file-variable",
+        "empty-target-file-variable",
+    ],
 )
 def test_mirror_rejects_bad_credentials(
     tmp_path: Path, source: str, extra: list[str], env: dict[str, str], message: str

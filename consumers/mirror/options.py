@@ -158,8 +158,10 @@ def _add_credentials_options(parser: argparse.ArgumentParser, side: str) -> None
     )
     group.add_argument(
         f"--{side}-creds-file",
+        # An empty variable is rejected, as an empty FILE on the command line
+        # is, instead of leaving the side without credentials.
         type=parse_file_path,
-        default=env_default(f"{variable}_FILE") or None,
+        default=env_default(f"{variable}_FILE"),
         metavar="FILE",
         help=f"file whose first line is USER:PASSWORD for the {side} "
         f"(env CAIRN_{variable}_FILE)",
