@@ -300,6 +300,11 @@ BAD_REQUESTS = [
     ("/top?by=size&until=2026-01-01T00:00:00Z", "until", "2026-01-01T00:00:00Z"),
     ("/events?type=blob.eaten", "type", "blob.eaten"),
     ("/events?actor=%07bell", "actor", "\x07bell"),
+    ("/events?address=localhost", "address", "localhost"),
+    ("/events?address=127.0.0.1:5000", "address", "127.0.0.1:5000"),
+    ("/events?address=10.0.0.0/8", "address", "10.0.0.0/8"),
+    ("/events?address=[::1]", "address", "[::1]"),
+    ("/events?address=127.0.0.01", "address", "127.0.0.01"),
     ("/repositories/library/app/-/tags?position=3&sort=recent", "sort", "recent"),
 ]
 
@@ -333,6 +338,20 @@ def test_unknown_type_lists_families(api: httpx.Client, path: str) -> None:
     assert error["detail"]["value"] == "tags"
     assert "tag" in error["detail"]["supported"]
     assert "tag.set" in error["detail"]["supported"]
+
+
+def test_events_filter_by_address(api: httpx.Client) -> None:
+    push_image(api, "library/app", make_image(), "v1")
+
+    local = api.get(f"{API}/events", params={"address": "127.0.0.1"})
+    other = api.get(f"{API}/events", params={"address": "::1"})
+
+    assert local.status_code == 200, local.text
+    assert local.json()["events"]
+    for event in local.json()["events"]:
+        assert event["actor"]["address"] == "127.0.0.1"
+    assert other.status_code == 200, other.text
+    assert other.json()["events"] == []
 
 
 @pytest.fixture

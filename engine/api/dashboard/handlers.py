@@ -271,7 +271,7 @@ async def events(request: Request) -> Response:
     repository = params.optional_repository(request)
     types = params.types(request)
     actor = params.text(request, "actor")
-    address = params.text(request, "address")
+    address = params.address(request)
     since, until = _range(request)
     n = _page_size(request)
     cursor = params.cursor(request)

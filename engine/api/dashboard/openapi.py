@@ -570,7 +570,13 @@ _PATHS: Final[dict[str, Any]] = {
                 "explode": True,
             },
             _query("actor", _TEXT, "User."),
-            _query("address", _TEXT, "Client address."),
+            _query(
+                "address",
+                _TEXT,
+                "Client IP address, such as 127.0.0.1 or ::1, compared with "
+                "each event's actor address as written. A value that is no "
+                "IPv4 or IPv6 address gets 400 UNSUPPORTED.",
+            ),
             _param("since"),
             _param("until"),
             *_PAGE,
