@@ -136,6 +136,27 @@ def test_tags_now_and_then(api: httpx.Client, pushed: dict[str, Any]) -> None:
     assert lower.json() == then
 
 
+def test_past_tags_show_no_later_end(api: httpx.Client, pushed: dict[str, Any]) -> None:
+    base = f"{API}/repositories/library/app/-/tags"
+    history = api.get(f"{base}/v1/history").json()["history"]
+    replaced = history[1]
+    then = {"at": replaced["from_time"]}
+
+    listed = api.get(base, params=then).json()
+    document = api.get(f"{base}/v1", params=then).json()
+
+    assert replaced["to_position"] is not None
+    assert replaced["ended_by"] is not None
+    v1 = {t["tag"]: t for t in listed["tags"]}["v1"]
+    for entry in (v1, document["tag"]):
+        assert entry["digest"] == pushed["first"]
+        assert entry["to_position"] is None
+        assert entry["to_time"] is None
+        assert entry["ended_by"] is None
+    _validate("/repositories/{name}/-/tags", listed)
+    _validate("/repositories/{name}/-/tags/{tag}", document)
+
+
 def test_position_past_head_means_head(
     api: httpx.Client, pushed: dict[str, Any]
 ) -> None:

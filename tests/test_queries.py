@@ -549,6 +549,34 @@ def test_tags_at_position(registry: Registry, moving_tag: dict[str, Any]) -> Non
     }
 
 
+def test_past_tag_hides_later_end(
+    registry: Registry, moving_tag: dict[str, Any]
+) -> None:
+    # first_at's entry ends by tag.set at second_at and second_at's by
+    # tag.deleted at untagged_at, both after the position read.
+    for position in (moving_tag["first_at"], moving_tag["second_at"]):
+        entry = read(registry, queries.tag_at, "app", "v1", position)
+        [listed] = read(registry, queries.tags_at, "app", position).items
+
+        assert entry["from_position"] == position
+        assert entry["to_position"] is None
+        assert entry["to_time"] is None
+        assert entry["ended_by"] is None
+        assert listed == entry
+
+
+def test_tag_history_keeps_ends(registry: Registry, moving_tag: dict[str, Any]) -> None:
+    history = read(registry, queries.tag_history, "app", "v1").items
+    by_start = {entry["from_position"]: entry for entry in history}
+    first = by_start[moving_tag["first_at"]]
+    second = by_start[moving_tag["second_at"]]
+
+    assert first["to_position"] == moving_tag["second_at"]
+    assert first["to_time"] is not None
+    assert second["to_position"] == moving_tag["untagged_at"]
+    assert second["ended_by"]["type"] == "tag.deleted"
+
+
 @pytest.fixture
 def deleted_manifests(registry: Registry) -> dict[str, Any]:
     """Tag a -> an OCI image, then a Docker one, then delete both manifests."""

@@ -184,13 +184,28 @@ def _current_json(row: Any, sizes: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _history_json(row: Any) -> dict[str, Any]:
+def _history_json(row: Any, position: int | None = None) -> dict[str, Any]:
+    """Describe a tag history entry as read now or, given ``position``, as
+    read at that position.
+
+    An entry that ends after ``position`` was still in force there, so it gets
+    the shape of the entry in force now: no to_position, to_time or ended_by.
+    """
+    ended_later = (
+        position is not None
+        and row.to_position is not None
+        and row.to_position > position
+    )
     ended = None
-    if row.to_position is not None:
+    to_position = None
+    to_time = None
+    if row.to_position is not None and not ended_later:
         ended = {
             "type": row.ended_type,
             "actor": _actor(row.ended_user, row.ended_address),
         }
+        to_position = row.to_position
+        to_time = format_time(row.to_time) if row.to_time else None
     return {
         "tag": row.tag,
         "digest": row.digest,
@@ -198,8 +213,8 @@ def _history_json(row: Any) -> dict[str, Any]:
         "size": row.size,
         "from_position": row.from_position,
         "from_time": format_time(row.from_time),
-        "to_position": row.to_position,
-        "to_time": format_time(row.to_time) if row.to_time else None,
+        "to_position": to_position,
+        "to_time": to_time,
         "actor": _actor(row.actor_user, row.actor_address),
         "ended_by": ended,
     }
@@ -276,7 +291,7 @@ def tag_at(
             "tag was not set at that position",
             {"repository": repository, "tag": name, "position": position},
         )
-    return _history_json(row)
+    return _history_json(row, position)
 
 
 def tags_at(
@@ -316,7 +331,7 @@ def tags_at(
     if len(rows) > n:
         rows = rows[:n]
         next_cursor = listing.encode_cursor(rows[-1].tag)
-    return Page([_history_json(row) for row in rows], next_cursor)
+    return Page([_history_json(row, position) for row in rows], next_cursor)
 
 
 def tag_history(

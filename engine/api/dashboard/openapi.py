@@ -140,7 +140,10 @@ _SCHEMAS: Final[dict[str, Any]] = {
     ),
     "HistoryEntry": {
         "description": "A digest the tag pointed to over the positions "
-        "[from_position, to_position); to_position is null while it still does.",
+        "[from_position, to_position); to_position is null while it still does. "
+        "Read at a point in time, an entry shows only what had happened by "
+        "then, so the entry in force there has a null to_position, to_time "
+        "and ended_by even when a later event ended it.",
         **_object(
             {
                 "tag": {"type": "string"},
