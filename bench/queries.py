@@ -128,7 +128,7 @@ def push_events(
     )
     state.setdefault("first", digest)
     tag = f"t{number}" if number < NEW_TAGS else f"t{number - NEW_TAGS}"
-    previous = tags.get(tag)
+    replaced = tags.get(tag)
     tags[tag] = digest
     return [
         NewEvent(EventType.BLOB_PUSHED, repository, {"digest": config, "size": 1_500}),
@@ -139,7 +139,7 @@ def push_events(
         NewEvent(
             EventType.TAG_SET,
             repository,
-            {"tag": tag, "digest": digest, "previous": previous},
+            {"tag": tag, "digest": digest, "previous": replaced},
         ),
     ]
 
