@@ -8,6 +8,7 @@ users add` writes the users file that the servers read.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -831,3 +832,42 @@ def test_forwarded_for_from_trusted_proxy(
         assert serve.stop() == 0
     assert distinct == [200] * 5
     assert 429 in repeated
+
+
+def test_forwarded_address_standard_spelling(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    serve = start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        "--trusted-proxies",
+        "127.0.0.1",
+    )
+    data = b"pushed through a proxy"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    try:
+        with httpx.Client(base_url=serve.url) as client:
+            forwarded = {"X-Forwarded-For": "0:0::1"}
+            started = client.post("/v2/proxied/blobs/uploads/", headers=forwarded)
+            assert started.status_code == 202, started.text
+            pushed = client.put(
+                started.headers["Location"],
+                params={"digest": digest},
+                content=data,
+                headers=forwarded,
+            )
+            assert pushed.status_code == 201, pushed.text
+            pages = {
+                spelling: client.get(
+                    "/_cairn/api/v1/events", params={"address": spelling}
+                )
+                for spelling in ("::1", "0:0::1", "0000:0000::0001")
+            }
+    finally:
+        assert serve.stop() == 0
+    for spelling, page in pages.items():
+        assert page.status_code == 200, (spelling, page.text)
+        events = page.json()["events"]
+        assert [event["type"] for event in events] == ["blob.pushed"], spelling
+        assert events[0]["actor"]["address"] == "::1"

@@ -7,6 +7,7 @@ bodies in both directions. This module is all of it, so the hot paths
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -197,7 +198,9 @@ class Request:
     @property
     def actor(self) -> Actor:
         client = self.scope.get("client")
-        return Actor(user=self.user, address=client[0] if client else None)
+        return Actor(
+            user=self.user, address=client_address(client[0]) if client else None
+        )
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Yield the body as the server delivers it.
@@ -295,6 +298,22 @@ def empty_response(
     status: int, headers: list[tuple[str, str]] | None = None
 ) -> Response:
     return Response(status, headers or [])
+
+
+@functools.lru_cache(maxsize=1024)
+def client_address(host: str) -> str:
+    """Return a client's address as events record it.
+
+    Behind a trusted proxy the address comes from X-Forwarded-For as the
+    proxy wrote it. An IP address is recorded in its one standard spelling
+    (RFC 5952 for IPv6: 0:0::1 becomes ::1), so that the query API's
+    address filter finds every event of a client. Anything else, such as
+    "unknown", is recorded as received.
+    """
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
 
 
 def repository_path(name: str, *parts: str) -> str:

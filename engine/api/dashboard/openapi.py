@@ -576,9 +576,11 @@ _PATHS: Final[dict[str, Any]] = {
             _query(
                 "address",
                 _TEXT,
-                "Client IP address, such as 127.0.0.1 or ::1, compared with "
-                "each event's actor address as written. A value that is no "
-                "IPv4 or IPv6 address gets 400 UNSUPPORTED.",
+                "Client IP address, such as 127.0.0.1 or ::1. Events record "
+                "addresses in their standard spelling (RFC 5952 for IPv6), "
+                "and the filter is compared in it, so 0:0::1 finds the events "
+                "of ::1. A value that is no IPv4 or IPv6 address gets 400 "
+                "UNSUPPORTED.",
             ),
             _param("since"),
             _param("until"),

@@ -175,25 +175,22 @@ def text(request: Request, name: str) -> str | None:
 def address(request: Request) -> str | None:
     """Return the ``address`` filter, which must be an IPv4 or IPv6 address.
 
-    The event feed compares it with each event's actor address as written.
-
-    NOTE: behind --trusted-proxies, an event records the client address from
-    X-Forwarded-For as the proxy wrote it, which may be no IP address (such as
-    "unknown") or an unusual spelling (such as 0:0::1 for ::1). This filter
-    cannot select the first kind and matches the second only as written.
+    Events record an IP address in its standard spelling (see
+    client_address), so the filter is compared in that spelling too: 0:0::1
+    finds the events of ::1. An event whose trusted proxy sent no IP address
+    in X-Forwarded-For, such as "unknown", has no address this filter takes.
     """
     value = param(request, "address")
     if value is None:
         return None
     try:
-        ipaddress.ip_address(value)
+        return str(ipaddress.ip_address(value))
     except ValueError:
         raise unsupported(
             "address must be an IPv4 or IPv6 address, such as 127.0.0.1 or ::1",
             parameter="address",
             value=value,
         ) from None
-    return value
 
 
 def prefix(request: Request) -> str | None:
