@@ -38,6 +38,24 @@ SQLITE_FULL = 13
 # PostgreSQL's SQLSTATE disk_full, class 53 "insufficient resources".
 POSTGRES_DISK_FULL = "53100"
 
+# How long a SQLite statement waits for another connection's lock, in
+# seconds, before it fails with "database is locked".
+SQLITE_BUSY_TIMEOUT = 30.0
+# SQLite's primary result codes for a lock that another connection holds
+# (SQLITE_BUSY) or that a statement of the same connection holds
+# (SQLITE_LOCKED). Extended codes carry the primary one in their low byte.
+SQLITE_BUSY = 5
+SQLITE_LOCKED = 6
+# PostgreSQL's SQLSTATEs for a transaction that failed because of other
+# transactions or of the server's state, and that succeeds when it runs
+# again: lock_not_available (a lock_timeout ended), serialization_failure,
+# deadlock_detected, too_many_connections, and admin_shutdown,
+# crash_shutdown and cannot_connect_now while the server stops or starts.
+# Class 08, connection_exception, counts too.
+POSTGRES_UNAVAILABLE = frozenset(
+    {"55P03", "40001", "40P01", "53300", "57P01", "57P02", "57P03"}
+)
+
 
 def is_database_full(error: BaseException) -> bool:
     """Return whether ``error``, or the driver error it wraps, reports that
@@ -64,6 +82,35 @@ def database_full_errors() -> Iterator[None]:
         ) from error
 
 
+def is_database_unavailable(error: BaseException) -> bool:
+    """Return whether ``error`` reports a database that is busy or
+    unreachable for a while, so that the same request can succeed later.
+
+    On SQLite that is a lock that a statement waited for until its busy
+    timeout ended. On PostgreSQL it is a lock timeout, serialization failure
+    or deadlock, or a server that refuses connections or closes them because
+    it stops. A connection pool without a free connection in time counts
+    too.
+    """
+    if isinstance(error, sa.exc.TimeoutError):
+        # The pool's wait for a free connection ended.
+        return True
+    if not isinstance(error, sa.exc.DBAPIError):
+        return False
+    sqlite_code = getattr(error.orig, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        return sqlite_code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    driver_error = error.orig
+    if driver_error is None or not hasattr(driver_error, "sqlstate"):
+        return False
+    sqlstate: str | None = driver_error.sqlstate
+    if sqlstate is None:
+        # psycopg raises OperationalError without a SQLSTATE when it cannot
+        # connect, or loses the connection, before the server responds.
+        return isinstance(error, sa.exc.OperationalError)
+    return sqlstate.startswith("08") or sqlstate in POSTGRES_UNAVAILABLE
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / SQLITE_FILE).resolve()}"
 
@@ -88,15 +135,27 @@ class Database:
     locks the log head row instead, and readers run at REPEATABLE READ.
     """
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        busy_timeout: float = SQLITE_BUSY_TIMEOUT,
+    ) -> None:
+        """Open the engines of ``url``. On SQLite, a statement waits at most
+        ``busy_timeout`` seconds for another process's lock."""
         self.url = normalise_url(url)
         # Called with the events of each write transaction after it commits,
         # from the committing thread; the bus relay uses this to wake up.
         self.append_listeners: list[Callable[[list[Any]], None]] = []
         self.dialect = sa.make_url(self.url).get_backend_name()
         if self.is_sqlite:
-            self._writer = _sqlite_engine(self.url, immediate=True, echo=echo)
-            self._reader = _sqlite_engine(self.url, immediate=False, echo=echo)
+            self._writer = _sqlite_engine(
+                self.url, immediate=True, echo=echo, busy_timeout=busy_timeout
+            )
+            self._reader = _sqlite_engine(
+                self.url, immediate=False, echo=echo, busy_timeout=busy_timeout
+            )
             database = sa.make_url(self.url).database or ""
             self._group = GroupCommit(self._writer, Path(f"{database}-wal"))
         else:
@@ -390,11 +449,13 @@ class GroupCommit:
             self._wal_inode = inode
 
 
-def _sqlite_engine(url: str, *, immediate: bool, echo: bool) -> Engine:
+def _sqlite_engine(
+    url: str, *, immediate: bool, echo: bool, busy_timeout: float
+) -> Engine:
     engine = sa.create_engine(
         url,
         echo=echo,
-        connect_args={"timeout": 30, "check_same_thread": False},
+        connect_args={"timeout": busy_timeout, "check_same_thread": False},
         pool_size=8,
         max_overflow=8,
     )
@@ -411,7 +472,7 @@ def _sqlite_engine(url: str, *, immediate: bool, echo: bool) -> Engine:
         # after every durable commit, so a committed push survives a power
         # cut, not only a process crash.
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -12,16 +12,23 @@ import fcntl
 import json
 import os
 import socket
+import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+import sqlalchemy as sa
+import structlog
 
 from engine.api.app import RegistryApp, create_app
 from engine.api.feed import MAX_LIMIT
 from engine.api.http import MAX_INT64
+from engine.blobs.store import BlobStore
+from engine.db import Database, is_database_unavailable
 from engine.domain.digest import Digest
 from engine.domain.manifests import MAX_MANIFEST_SIZE, OCI_MANIFEST
 from engine.registry import Registry
@@ -869,6 +876,222 @@ def test_transfer_coding_chunked_accepted(
 
     assert status == 202, body
     assert upload_rows(registry) == 1
+
+
+# ---- UNAVAILABLE -------------------------------------------------------------------
+
+# How long the registry of these tests waits for a lock that another
+# connection holds, in seconds on SQLite and in milliseconds on PostgreSQL.
+LOCK_WAIT_S = 0.2
+
+
+@pytest.fixture
+def impatient_registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
+    """A registry that gives up on another connection's lock after 0.2 s.
+
+    SQLite takes that from the busy timeout. cairn sets no lock timeout on
+    PostgreSQL, where an operator may set one in the URL, as here.
+    """
+    if database_url.startswith("sqlite"):
+        database = Database(database_url, busy_timeout=LOCK_WAIT_S)
+    else:
+        url = sa.make_url(database_url).update_query_dict(
+            {"options": f"-c lock_timeout={round(LOCK_WAIT_S * 1000)}"}
+        )
+        database = Database(url.render_as_string(hide_password=False))
+    registry = Registry(database, BlobStore(data_dir))
+    yield registry
+    database.dispose()
+
+
+@contextmanager
+def _write_lock_held(database_url: str) -> Iterator[None]:
+    """Hold the database's write lock from another connection, as a long
+    `cairn projections rebuild` does, and roll back at the end.
+
+    On PostgreSQL, where upload sessions change without the log's lock,
+    the uploads table is locked too.
+    """
+    if database_url.startswith("sqlite"):
+        path = sa.make_url(database_url).database
+        assert path is not None
+        sqlite = sqlite3.connect(path, isolation_level=None)
+        try:
+            sqlite.execute("BEGIN IMMEDIATE")
+            yield
+            sqlite.execute("ROLLBACK")
+        finally:
+            sqlite.close()
+        return
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn, conn.begin() as transaction:
+            conn.exec_driver_sql(
+                "LOCK TABLE log_head, uploads IN ACCESS EXCLUSIVE MODE"
+            )
+            yield
+            transaction.rollback()
+    finally:
+        engine.dispose()
+
+
+def _check_unavailable(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"].isdigit()
+    assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    error = _error(response)
+    assert error["code"] == "UNAVAILABLE"
+    assert error["detail"]["request_id"] == response.headers["X-Request-Id"]
+    assert "Traceback" not in response.text
+    return error
+
+
+def test_database_locked_is_unavailable(
+    impatient_registry: Registry, database_url: str
+) -> None:
+    registry = impatient_registry
+    image = make_image()
+    first_chunk = os.urandom(1000)
+    layer = os.urandom(500)
+    with (
+        running(create_app(registry)) as server,
+        httpx.Client(base_url=server.url, timeout=60) as client,
+    ):
+        for blob in image.blobs:
+            push_blob(client, "library/app", blob)
+        started = client.post("/v2/library/app/blobs/uploads/")
+        location = started.headers["Location"]
+        patched = client.patch(location, content=first_chunk)
+        assert patched.status_code == 202, patched.text
+        before = stored_state(registry)
+        files_before = committed_blob_files(registry)
+        uploads_before = upload_rows(registry)
+
+        with structlog.testing.capture_logs() as logs, _write_lock_held(database_url):
+            responses = {
+                "manifest": client.put(
+                    "/v2/library/app/manifests/v1",
+                    content=image.manifest,
+                    headers={"Content-Type": image.media_type},
+                ),
+                "monolithic": client.post(
+                    "/v2/library/app/blobs/uploads/",
+                    params={"digest": str(Digest.of(layer))},
+                    content=layer,
+                ),
+                "chunk": client.patch(
+                    location,
+                    content=b"more",
+                    headers={"Content-Range": f"{len(first_chunk)}-1003"},
+                ),
+                "start": client.post("/v2/library/app/blobs/uploads/"),
+                "delete": client.delete(
+                    f"/v2/library/app/blobs/{Digest.of(image.blobs[0])}"
+                ),
+            }
+        after = stored_state(registry)
+        files_after = committed_blob_files(registry)
+        uploads_after = upload_rows(registry)
+        upload_id = httpx.URL(location).path.rsplit("/", 1)[1]
+        staging_dir = registry.blob_store.paths.staging_dir
+        staging_files = [path.name for path in staging_dir.iterdir()]
+
+        # The chunk that failed is not counted, and the client sends it again.
+        status = client.get(location)
+        resent = client.patch(
+            location,
+            content=b"more",
+            headers={"Content-Range": f"{len(first_chunk)}-1003"},
+        )
+        retried = client.put(
+            "/v2/library/app/manifests/v1",
+            content=image.manifest,
+            headers={"Content-Type": image.media_type},
+        )
+
+    for name, response in responses.items():
+        error = _check_unavailable(response)
+        assert error["detail"]["reason"], name
+        if database_url.startswith("sqlite"):
+            assert error["detail"]["reason"] == "database is locked", name
+        else:
+            assert "lock timeout" in error["detail"]["reason"], name
+    # Nothing of the failed requests was stored: no event, link, tag or
+    # upload session. The monolithic upload's blob file stays unlinked
+    # until cairn gc removes it.
+    assert after == before
+    assert uploads_after == uploads_before
+    assert set(files_after) - set(files_before) <= {str(Digest.of(layer))}
+    assert staging_files == [upload_id]
+    warnings = [line for line in logs if line["event"] == "database_unavailable"]
+    assert len(warnings) == len(responses)
+    assert [line["log_level"] for line in warnings] == ["warning"] * len(responses)
+    assert {line["request_id"] for line in warnings} == {
+        response.headers["X-Request-Id"] for response in responses.values()
+    }
+    assert not [line for line in logs if line["event"] == "request_failed"]
+
+    assert status.headers["Range"] == f"0-{len(first_chunk) - 1}"
+    assert resent.status_code == 202, resent.text
+    assert retried.status_code == 201, retried.text
+
+
+def test_database_unreachable_is_unavailable(data_dir: Path) -> None:
+    # Nothing listens on the port, as while PostgreSQL restarts.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    database = Database(f"postgresql://cairn@127.0.0.1:{port}/cairn")
+    registry = Registry(database, BlobStore(data_dir))
+    try:
+        with (
+            structlog.testing.capture_logs() as logs,
+            running(create_app(registry)) as server,
+            httpx.Client(base_url=server.url, timeout=60) as client,
+        ):
+            listed = client.get("/v2/library/app/tags/list")
+            started = client.post("/v2/library/app/blobs/uploads/")
+    finally:
+        database.dispose()
+
+    for response in (listed, started):
+        error = _check_unavailable(response)
+        assert "Connection refused" in error["detail"]["reason"]
+    warnings = [line for line in logs if line["event"] == "database_unavailable"]
+    assert len(warnings) == 2
+    assert str(port) in warnings[0]["error"]
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (sqlite3.OperationalError("database is locked"), True),
+        (sqlite3.OperationalError("no such table: tags"), False),
+        (psycopg.errors.LockNotAvailable("lock timeout"), True),
+        (psycopg.errors.SerializationFailure("could not serialize"), True),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), True),
+        (psycopg.errors.AdminShutdown("terminating connection"), True),
+        (psycopg.errors.CannotConnectNow("the database system is starting"), True),
+        (psycopg.OperationalError("connection failed: Connection refused"), True),
+        (psycopg.errors.UndefinedTable("relation does not exist"), False),
+        (psycopg.errors.QueryCanceled("canceling statement"), False),
+    ],
+)
+def test_database_unavailable_errors(error: Exception, unavailable: bool) -> None:
+    if isinstance(error, sqlite3.OperationalError):
+        code = sqlite3.SQLITE_BUSY if unavailable else sqlite3.SQLITE_ERROR
+        error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    wrapped = sa.exc.DBAPIError.instance("SELECT 1", None, error, type(error))
+
+    assert is_database_unavailable(wrapped) is unavailable
+
+
+def test_pool_timeout_is_unavailable() -> None:
+    # What SQLAlchemy raises when every pooled connection stays in use for
+    # longer than the pool's timeout.
+    error = sa.exc.TimeoutError("QueuePool limit of size 10 overflow 10 reached")
+
+    assert is_database_unavailable(error)
 
 
 # ---- no request of any shape gets a 500 ----------------------------------------------

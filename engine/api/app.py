@@ -15,7 +15,7 @@ import structlog
 from engine.api import blobs, dashboard, feed, health, listing, manifests, ui, uploads
 from engine.api.auth import Authenticator, User, authorize, is_public
 from engine.api.dashboard.consistency import PositionWaiter
-from engine.api.errors import ErrorCode, HTTPError
+from engine.api.errors import ErrorCode, HTTPError, unavailable
 from engine.api.http import (
     ClientDisconnected,
     Receive,
@@ -29,6 +29,7 @@ from engine.api.metrics import Metrics
 from engine.api.ratelimit import RateLimiter, too_many_requests
 from engine.api.routing import Handler, Router
 from engine.api.threads import ThreadPool, run_sync, upload_pool
+from engine.db import is_database_unavailable
 from engine.domain.errors import RegistryError
 from engine.domain.events import Actor
 from engine.registry import Registry
@@ -250,7 +251,10 @@ class RegistryApp:
             return response, route_label(handler)
         except ClientDisconnected:
             raise
-        except Exception:
+        except Exception as error:
+            if is_database_unavailable(error):
+                response = _error_response(_database_unavailable(request, error))
+                return response, route_label(handler)
             log.exception(
                 "request_failed",
                 method=request.method,
@@ -406,6 +410,33 @@ async def _send_stream(
 async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> None:
     await request.wait_for_disconnect()
     disconnected.set()
+
+
+def _database_unavailable(request: Request, error: Exception) -> HTTPError:
+    """Log a request that failed because the database was busy or
+    unreachable, and build its 503. Its transaction was rolled back, so it
+    appended no event, and the client may send it again."""
+    reason = _first_line(error)
+    log.warning(
+        "database_unavailable",
+        method=request.method,
+        path=request.path,
+        request_id=request.request_id,
+        error=reason,
+    )
+    return unavailable(
+        "the registry's database is busy or unreachable; send the request again later",
+        reason=reason,
+        request_id=request.request_id,
+    )
+
+
+def _first_line(error: Exception) -> str:
+    """Return the first line of the driver's message, without the SQL and
+    the hints that SQLAlchemy and psycopg add after it."""
+    driver_error = getattr(error, "orig", None) or error
+    lines = str(driver_error).strip().splitlines()
+    return lines[0] if lines else type(driver_error).__name__
 
 
 def _error_response(error: HTTPError) -> Response:

@@ -57,6 +57,17 @@ class ErrorCode(StrEnum):
     # Not an OCI code: the body of a 500 or 507, which never carries
     # internals.
     UNKNOWN = "UNKNOWN"
+    # Not an OCI code either, which leaves 5xx codes open: CNCF
+    # Distribution's code for 503 Service Unavailable (its errcode package),
+    # for a condition that ends by itself.
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+# The Retry-After of a 503 UNAVAILABLE, in seconds. cairn cannot know when a
+# busy database frees its lock or when a stopping server is back, so this is
+# an estimate: long enough that clients do not retry in a tight loop, and
+# short enough for a restart.
+UNAVAILABLE_RETRY_AFTER: Final = 5
 
 
 # Domain exception -> OCI code and HTTP status. A subclass without an entry
@@ -132,6 +143,18 @@ def lookup(error_type: type[RegistryError]) -> tuple[ErrorCode, int]:
 def error_body(code: ErrorCode, message: str, detail: Any = None) -> bytes:
     document = {"errors": [{"code": str(code), "message": message, "detail": detail}]}
     return json.dumps(document, default=str).encode()
+
+
+def unavailable(message: str, **detail: Any) -> HTTPError:
+    """Build the 503 UNAVAILABLE error for a condition that ends by itself,
+    with a Retry-After header."""
+    return HTTPError(
+        ErrorCode.UNAVAILABLE,
+        503,
+        message,
+        detail,
+        [("Retry-After", str(UNAVAILABLE_RETRY_AFTER))],
+    )
 
 
 def unsupported(message: str, **detail: Any) -> HTTPError:
