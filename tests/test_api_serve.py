@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -275,3 +276,75 @@ def test_download_cut_at_shutdown_is_logged(
     # The request_finished line reports the cancellation, so uvicorn's
     # error record with the CancelledError traceback is left out.
     assert "Exception in ASGI application" not in log_path.read_text()
+
+
+def _read_reply(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """Read one response until the server closes the connection; return its
+    status line, its headers with lower-case names, and its body."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status_line, headers, body
+
+
+def test_request_cut_at_shutdown_gets_503(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    serve = start_serve(data_dir, database_url, log_path, "--shutdown-timeout", "0.5")
+    port = int(serve.url.rsplit(":", 1)[1])
+    blob = os.urandom(20 * 1024 * 1024)
+    blob_path = f"/v2/library/app/blobs/uploads/?digest={Digest.of(blob)}"
+    manifest_path = "/v2/library/app/manifests/v1"
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=30) as upload,
+            socket.create_connection(("127.0.0.1", port), timeout=30) as manifest,
+        ):
+            # Two requests whose bodies stop part of the way, so that they
+            # still run when the shutdown timeout ends: a blob large enough
+            # to be streamed to a worker thread, and a manifest.
+            upload.sendall(
+                f"POST {blob_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(blob)}\r\n\r\n".encode()
+                + blob[: 2 * 1024 * 1024]
+            )
+            manifest.sendall(
+                f"PUT {manifest_path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
+                "Content-Length: 1000\r\n\r\n{".encode()
+            )
+            time.sleep(0.5)
+            serve.process.send_signal(signal.SIGTERM)
+            replies = [_read_reply(upload), _read_reply(manifest)]
+        assert serve.process.wait(timeout=30) == 0
+    finally:
+        serve.kill()
+
+    for status_line, headers, body in replies:
+        assert status_line == "HTTP/1.1 503 Service Unavailable"
+        assert headers["content-type"] == "application/json"
+        assert headers["docker-distribution-api-version"] == "registry/2.0"
+        assert headers["retry-after"].isdigit()
+        assert headers["connection"] == "close"
+        errors = json.loads(body)["errors"]
+        assert len(errors) == 1
+        assert errors[0]["code"] == "UNAVAILABLE"
+        assert errors[0]["message"].startswith("the server is shutting down")
+        assert errors[0]["detail"] == {"request_id": headers["x-request-id"]}
+    for path in (blob_path.split("?")[0], manifest_path):
+        finished = log_records(log_path, "request_finished", path=path)
+        assert len(finished) == 1, finished
+        assert finished[0]["status"] == 503
+        assert finished[0]["cancelled"] is True
+    assert "Exception in ASGI application" not in log_path.read_text()
+    # Neither request stored anything.
+    assert list((data_dir / "uploads").iterdir()) == []
+    assert not list((data_dir / "blobs").rglob("*/*/*"))

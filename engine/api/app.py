@@ -182,10 +182,14 @@ class RegistryApp:
             status = response.status
             await self._send(request, response, send)
         except asyncio.CancelledError:
-            # A shutdown whose timeout ended while this request ran. The log
-            # keeps the response's status, and uvicorn sends a 500 when no
-            # response had started.
+            # A shutdown whose timeout ended while this request ran. A
+            # response that has not started becomes a 503, sent before the
+            # cancellation goes on, because uvicorn would send a plain-text
+            # 500 without cairn's headers. The log keeps the status sent.
             cancelled = True
+            if not request.response_started:
+                status = 503
+                await self._send_shutting_down(request, send)
             raise
         except ClientDisconnected:
             # nginx's code for a client that closed the connection first, and
@@ -290,6 +294,24 @@ class RegistryApp:
         request.user = user.name
         return user
 
+    async def _send_shutting_down(self, request: Request, send: Send) -> None:
+        """Send the 503 of a request that a shutdown cancelled."""
+        error = unavailable(
+            "the server is shutting down; send the request again",
+            request_id=request.request_id,
+        )
+        try:
+            await self._send(request, _error_response(error), send)
+        except Exception as send_error:
+            # The cancellation goes on whatever happened to the response.
+            log.warning(
+                "shutdown_response_failed",
+                method=request.method,
+                path=request.path,
+                request_id=request.request_id,
+                error=str(send_error),
+            )
+
     async def _send(self, request: Request, response: Response, send: Send) -> None:
         """Send ``response``, counting its body bytes in ``request.bytes_out``."""
         headers = [API_VERSION_HEADER, ("X-Request-Id", request.request_id)]
@@ -315,6 +337,7 @@ class RegistryApp:
                 ],
             }
         )
+        request.response_started = True
         if response.file is not None:
             await _send_file(request, response, response.file, send)
         elif request.method == "HEAD" or response.stream is None:

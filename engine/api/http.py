@@ -108,6 +108,9 @@ class Request:
         self.bytes_in = 0
         # Response body bytes sent, counted by engine.api.app as they go out.
         self.bytes_out = 0
+        # Set by engine.api.app once the server has taken the response's
+        # status and headers, after which no error response can replace it.
+        self.response_started = False
         self.body_finished = not self.has_body
         # The authenticated user name, set before the handler runs when the
         # app has a users file; None on an open registry.
