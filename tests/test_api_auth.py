@@ -33,6 +33,7 @@ from engine.api.auth import (
     load_users,
     parse_user,
 )
+from engine.api.forwarded import InvalidForwardedLog
 from engine.api.ratelimit import RateLimiter
 from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_MANIFEST
@@ -41,6 +42,7 @@ from tests.images import make_image
 from tests.server import (
     ServerThread,
     committed_blob_files,
+    log_records,
     push_image,
     running,
     start_serve,
@@ -871,3 +873,99 @@ def test_forwarded_address_standard_spelling(
         events = page.json()["events"]
         assert [event["type"] for event in events] == ["blob.pushed"], spelling
         assert events[0]["actor"]["address"] == "::1"
+
+
+# X-Forwarded-For values that name no IP address, and the values that
+# uvicorn's proxy header handling takes from them as the client.
+INVALID_FORWARDED_FOR = [
+    ("garbage", "garbage"),
+    ("unknown", "unknown"),
+    ("192.0.2.1, garbage", "garbage"),
+    ("garbage:8080", "garbage"),
+    ("[2001:db8::1", "[2001:db8::1"),
+    ("_hidden", "_hidden"),
+]
+
+
+def test_forwarded_for_not_an_address(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    serve = start_serve(
+        data_dir, database_url, log_path, "--trusted-proxies", "127.0.0.1"
+    )
+    sent = [header for header, _ in INVALID_FORWARDED_FOR] + ["192.0.2.7"]
+    try:
+        with httpx.Client(base_url=serve.url, trust_env=False) as client:
+            for number, header in enumerate(sent):
+                data = f"pushed through a proxy {number}".encode()
+                pushed = client.post(
+                    "/v2/proxied/blobs/uploads/",
+                    params={"digest": str(Digest.of(data))},
+                    content=data,
+                    headers={"X-Forwarded-For": header},
+                )
+                assert pushed.status_code == 201, pushed.text
+            events = client.get(
+                "/_cairn/events", params={"repository": "proxied"}
+            ).json()["events"]
+    finally:
+        assert serve.stop() == 0
+
+    # The proxy's own address in place of each invalid value.
+    addresses = [event["actor"]["address"] for event in events]
+    assert addresses == ["127.0.0.1"] * len(INVALID_FORWARDED_FOR) + ["192.0.2.7"]
+    finished = log_records(log_path, "request_finished", method="POST")
+    assert [line["remote"] for line in finished] == addresses
+    # One warning for the proxy, and the repeats within a minute are counted.
+    warnings = log_records(log_path, "forwarded_address_invalid")
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["proxy"] == "127.0.0.1"
+    assert warnings[0]["value"] == "garbage"
+    assert warnings[0]["request_id"] == finished[0]["request_id"]
+
+
+def test_forwarded_for_not_an_address_rate_limited(
+    data_dir: Path, database_url: str, tmp_path: Path
+) -> None:
+    serve = start_serve(
+        data_dir,
+        database_url,
+        tmp_path / "serve.log",
+        "--rate-limit",
+        "1",
+        "--trusted-proxies",
+        "127.0.0.1",
+    )
+    try:
+        # Each request names another invalid value, and all of them count
+        # against the proxy's own address.
+        statuses = _statuses(serve.url, [f"unknown-{i}" for i in range(1, 6)])
+    finally:
+        assert serve.stop() == 0
+    assert 429 in statuses
+
+
+def test_invalid_forwarded_logged_once_per_interval() -> None:
+    clock = ManualClock()
+    warnings = InvalidForwardedLog(60.0, clock)
+
+    with structlog.testing.capture_logs() as logs:
+        warnings.record("192.0.2.1", "garbage", "request-1")
+        warnings.record("192.0.2.1", "unknown", "request-2")
+        warnings.record("192.0.2.1", "garbage", "request-3")
+        warnings.record("192.0.2.2", "unknown", "request-4")
+        clock.now += 60.0
+        warnings.record("192.0.2.2", "garbage", "request-5")
+
+    assert [(line["event"], line["proxy"]) for line in logs] == [
+        ("forwarded_address_invalid", "192.0.2.1"),
+        ("forwarded_address_invalid", "192.0.2.2"),
+        ("forwarded_addresses_invalid_suppressed", "192.0.2.1"),
+        ("forwarded_address_invalid", "192.0.2.2"),
+    ]
+    assert logs[0]["value"] == "garbage"
+    assert logs[0]["request_id"] == "request-1"
+    assert logs[2]["values"] == 2
+    assert logs[3]["request_id"] == "request-5"

@@ -16,6 +16,7 @@ from engine.api import blobs, dashboard, feed, health, listing, manifests, ui, u
 from engine.api.auth import Authenticator, User, authorize, is_public
 from engine.api.dashboard.consistency import PositionWaiter
 from engine.api.errors import ErrorCode, HTTPError, unavailable
+from engine.api.forwarded import InvalidForwardedLog
 from engine.api.http import (
     ClientDisconnected,
     Receive,
@@ -88,6 +89,7 @@ class AppState:
     # None leaves the registry open to everyone, without a rate limit.
     authenticator: Authenticator | None = None
     rate_limiter: RateLimiter | None = None
+    forwarded_warnings: InvalidForwardedLog = field(default_factory=InvalidForwardedLog)
 
 
 def build_router() -> Router:
@@ -285,9 +287,9 @@ class RegistryApp:
             return None
         limiter = self.state.rate_limiter
         if limiter is not None:
-            retry_after = limiter.acquire(request.actor.address)
+            retry_after = limiter.acquire(request.address)
             if retry_after is not None:
-                raise too_many_requests(request.actor.address, retry_after)
+                raise too_many_requests(request.address, retry_after)
         if self.state.authenticator is None:
             return None
         user = await self.state.authenticator.authenticate(request)

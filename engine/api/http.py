@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Final
 from urllib.parse import parse_qs, quote
 
 from engine.api.errors import ErrorCode, HTTPError, repeated_parameter, unsupported
+from engine.api.forwarded import request_address
 from engine.domain.events import Actor
 from engine.encoding import encode_json
 
@@ -198,12 +199,17 @@ class Request:
             self.path_params["name"], actor=self.actor, request_id=self.request_id
         )
 
+    @functools.cached_property
+    def address(self) -> str | None:
+        """The client's IP address, for the rate limit and the events' actor,
+        or None when the server reports no address (see engine.api.forwarded)."""
+        return request_address(
+            self.scope, self.request_id, self.state.forwarded_warnings
+        )
+
     @property
     def actor(self) -> Actor:
-        client = self.scope.get("client")
-        return Actor(
-            user=self.user, address=client_address(client[0]) if client else None
-        )
+        return Actor(user=self.user, address=self.address)
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Yield the body as the server delivers it.
@@ -301,22 +307,6 @@ def empty_response(
     status: int, headers: list[tuple[str, str]] | None = None
 ) -> Response:
     return Response(status, headers or [])
-
-
-@functools.lru_cache(maxsize=1024)
-def client_address(host: str) -> str:
-    """Return a client's address as events record it.
-
-    Behind a trusted proxy the address comes from X-Forwarded-For as the
-    proxy wrote it. An IP address is recorded in its one standard spelling
-    (RFC 5952 for IPv6: 0:0::1 becomes ::1), so that the query API's
-    address filter finds every event of a client. Anything else, such as
-    "unknown", is recorded as received.
-    """
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host
 
 
 def repository_path(name: str, *parts: str) -> str:

@@ -1,4 +1,4 @@
-"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with six additions.
+"""cairn's HTTP/1.1 protocol: uvicorn's httptools protocol with seven additions.
 
 Zero-copy send: every request's scope advertises the ASGI extension
 ``http.response.zerocopysend``. After ``http.response.start`` the app may send
@@ -50,6 +50,12 @@ Uncopied request bodies: the app receives the body from a PendingBody, which
 keeps the parser's bytes objects, instead of from uvicorn's bytearray (see
 engine/api/pending_body.py).
 
+Connection peer: each request's scope advertises the extension
+``cairn.connection_peer``, whose ``client`` is the connection's address.
+uvicorn's proxy header handling replaces the scope's ``client`` behind a
+trusted proxy, and the app then still has the proxy's address (see
+engine/api/forwarded.py).
+
 The class depends on internals of uvicorn 0.55's
 ``uvicorn.protocols.http.httptools_impl``: it overrides ``_start_asgi_task``,
 ``data_received`` (replacing the latter's error handling), ``shutdown``
@@ -94,6 +100,7 @@ from uvicorn.protocols.utils import is_ssl
 
 from engine.api.app import API_VERSION_HEADER, IDLE_TIMEOUT, ZEROCOPY_SEND
 from engine.api.errors import ErrorCode, error_body
+from engine.api.forwarded import CONNECTION_PEER
 from engine.api.options import DEFAULT_READ_IDLE_TIMEOUT, DEFAULT_WRITE_IDLE_TIMEOUT
 from engine.api.pending_body import PendingBody, receive_from
 from engine.api.threads import ThreadPool
@@ -358,7 +365,10 @@ class CairnHttpProtocol(HttpToolsProtocol):
             self._head_chunks = [self._chunk[:MAX_HEAD_BYTES]]
         else:
             self._head_chunks = None
-        extensions: dict[str, dict[object, object]] = {IDLE_TIMEOUT: {}}
+        extensions: dict[str, dict[object, object]] = {
+            IDLE_TIMEOUT: {},
+            CONNECTION_PEER: {"client": self.client},
+        }
         if self._zerocopy:
             extensions[ZEROCOPY_SEND] = {}
         self.scope["extensions"] = extensions

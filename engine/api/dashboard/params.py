@@ -176,9 +176,10 @@ def address(request: Request) -> str | None:
     """Return the ``address`` filter, which must be an IPv4 or IPv6 address.
 
     Events record an IP address in its standard spelling (see
-    client_address), so the filter is compared in that spelling too: 0:0::1
-    finds the events of ::1. An event whose trusted proxy sent no IP address
-    in X-Forwarded-For, such as "unknown", has no address this filter takes.
+    engine.api.forwarded), so the filter is compared in that spelling too:
+    0:0::1 finds the events of ::1. An event that an earlier cairn recorded
+    with a forwarded value that is no IP address, such as "unknown", has no
+    address this filter takes.
     """
     value = param(request, "address")
     if value is None:

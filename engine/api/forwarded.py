@@ -1,0 +1,129 @@
+"""The client address of a request, as the rate limit and events record it.
+
+Behind a proxy named in --trusted-proxies, uvicorn's proxy header handling
+replaces the scope's ``client`` with the address in X-Forwarded-For. It
+strips a port and the brackets of an IPv6 address, but passes on any other
+value, such as ``unknown`` or ``garbage``, as the host. cairn takes only an
+IP address from there. For any other value it takes the address of the
+connection, which is the proxy's, and logs ``forwarded_address_invalid``.
+The connection's address comes from the scope extension CONNECTION_PEER,
+which engine.api.protocol sets before uvicorn replaces ``client``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import time
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
+from typing import Any, Final
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# cairn's ASGI extension that keeps the connection's peer. Its value is a
+# dict whose "client" is the (host, port) of the connection, as uvicorn
+# first sets the scope's ``client``.
+CONNECTION_PEER: Final = "cairn.connection_peer"
+
+# Seconds after a proxy's forwarded_address_invalid line during which its
+# further invalid values are counted instead of logged one by one.
+WARNING_INTERVAL: Final = 60.0
+
+
+@functools.lru_cache(maxsize=1024)
+def client_address(host: str) -> str:
+    """Return an IP address in its one standard spelling (RFC 5952 for
+    IPv6: 0:0::1 becomes ::1), so that the query API's address filter finds
+    every event of a client. Raises ValueError for a host that is not an IP
+    address."""
+    return str(ipaddress.ip_address(host))
+
+
+def request_address(
+    scope: MutableMapping[str, Any], request_id: str, warnings: InvalidForwardedLog
+) -> str | None:
+    """Return the client address of the request of ``scope``, or None when
+    the server gave none, as for a Unix socket.
+
+    A forwarded value that is not an IP address gives the connection's own
+    address in its place, or None when the server did not report that
+    address, and is logged through ``warnings``.
+    """
+    client = scope.get("client")
+    if not client:
+        return None
+    host: str = client[0]
+    try:
+        return client_address(host)
+    except ValueError:
+        pass
+    peer = ((scope.get("extensions") or {}).get(CONNECTION_PEER) or {}).get("client")
+    proxy: str | None = peer[0] if peer else None
+    warnings.record(proxy, host, request_id)
+    if proxy is None:
+        return None
+    try:
+        return client_address(proxy)
+    except ValueError:
+        return None
+
+
+class InvalidForwardedLog:
+    """Log forwarded_address_invalid at most once per interval per proxy.
+
+    Later values from that proxy within the interval are counted, and the
+    count is logged as one forwarded_addresses_invalid_suppressed line once
+    the interval is over. Not thread-safe, because the app calls it from the
+    event loop only.
+    """
+
+    def __init__(
+        self,
+        interval: float = WARNING_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        # proxy -> (time of its last log line, values not logged since)
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def record(self, proxy: str | None, value: str, request_id: str) -> None:
+        now = self._clock()
+        self.flush(now)
+        key = proxy or ""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], entry[1] + 1)
+            return
+        log.warning(
+            "forwarded_address_invalid",
+            proxy=proxy,
+            value=value,
+            request_id=request_id,
+            note="X-Forwarded-For names no IP address, so the address of the "
+            "connection is used",
+        )
+        self._entries[key] = (now, 0)
+
+    def flush(self, now: float | None = None) -> None:
+        """Forget proxies whose interval is over, logging their counts.
+
+        record calls this, so a count stays in memory until the next invalid
+        value from any proxy arrives.
+        """
+        now = self._clock() if now is None else now
+        while self._entries:
+            proxy, (logged_at, suppressed) = next(iter(self._entries.items()))
+            if now - logged_at < self._interval:
+                return
+            del self._entries[proxy]
+            if suppressed:
+                log.warning(
+                    "forwarded_addresses_invalid_suppressed",
+                    proxy=proxy or None,
+                    values=suppressed,
+                    seconds=self._interval,
+                )
