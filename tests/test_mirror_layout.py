@@ -1,9 +1,11 @@
-"""Partial files of `cairn mirror --target oci:DIR`: a mirror killed in the
-middle of a blob leaves one, and the next mirror that starts removes it,
-but not while another running mirror still writes it."""
+"""`cairn mirror --target oci:DIR`: a mirror killed in the middle of a
+blob leaves a partial file, which the next mirror that starts removes, but
+not while another running mirror still writes it. Repositories whose
+layouts would overlap stop the mirror before it writes into them."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -140,3 +142,100 @@ def test_mirror_layout_removes_abandoned_partial(
     assert not partials[0].exists()
     assert sorted((tmp_path / "layout").rglob(".partial-*")) == [foreign]
     assert (blobs / layer_digest.encoded).read_bytes() == layer
+
+
+# Repositories whose layouts would lie among the files of the layout of
+# "col": its index.json, its blobs directory and its oci-layout file.
+NESTED = ["col/index.json", "col/blobs/sha256", "col/oci-layout"]
+
+
+def assert_layout(directory: Path, tags: list[str]) -> None:
+    """Check that ``directory`` is a layout whose index.json lists ``tags``."""
+    assert json.loads((directory / "oci-layout").read_text()) == {
+        "imageLayoutVersion": "1.0.0"
+    }
+    index = json.loads((directory / "index.json").read_text())
+    names = [
+        entry["annotations"]["org.opencontainers.image.ref.name"]
+        for entry in index["manifests"]
+    ]
+    assert names == tags
+
+
+def mirror_failure(result: Any) -> str:
+    """Return the error of the mirror_failed line of a mirror that exited 1."""
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    failed = lines_of(result.stderr, "mirror_failed")
+    assert len(failed) == 1
+    error: str = failed[0]["error"]
+    assert "\n" not in error
+    return error
+
+
+def test_mirror_layout_overlap_stops(tmp_path: Path, source: ServeProcess) -> None:
+    with httpx.Client(base_url=source.url, timeout=WAIT) as client:
+        for repository in ["col", *NESTED, "solo/blobs"]:
+            push_image(client, repository, make_image(), "1")
+
+    # col comes first in the log, so each nested repository would run
+    # through its layout. The mirror stops at the first of them.
+    first = tmp_path / "first"
+    error = mirror_failure(run_mirror_status(source.url, f"oci:{first}"))
+
+    assert "repository col/index.json" in error
+    assert "repository col " in error
+    assert str(first / "col" / "index.json") in error
+    assert "--repositories" in error
+    assert_layout(first / "col", ["1"])
+    assert not (first / "solo").exists()
+
+    # Without col, the nested repositories get layouts of their own, and a
+    # later mirror of col into that directory stops before it writes.
+    second = tmp_path / "second"
+    result = run_mirror_status(source.url, f"oci:{second}", "--repositories", "col/*")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for repository in NESTED:
+        assert_layout(second / repository, ["1"])
+    error = mirror_failure(
+        run_mirror_status(source.url, f"oci:{second}", "--repositories", "col")
+    )
+    assert "repository col " in error
+    assert "repository col/index.json" in error
+    assert str(second / "col" / "index.json") in error
+    assert not (second / "col" / "index.json").is_file()
+    for repository in NESTED:
+        assert_layout(second / repository, ["1"])
+
+    # The layout of col/blobs/sha256 is inside col's blobs directory.
+    third = tmp_path / "third"
+    result = run_mirror_status(
+        source.url, f"oci:{third}", "--repositories", "col/blobs/*"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    error = mirror_failure(
+        run_mirror_status(source.url, f"oci:{third}", "--repositories", "col")
+    )
+    assert "repository col/blobs/sha256" in error
+    assert str(third / "col" / "blobs") in error
+    assert not (third / "col" / "index.json").exists()
+    assert_layout(third / "col" / "blobs" / "sha256", ["1"])
+
+    # Leaving the nested repositories out mirrors the rest. A name with a
+    # layout entry in it and no repository above it keeps its plain path.
+    result = run_mirror_status(
+        source.url, f"oci:{first}", "--repositories", "col", "solo/*"
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_layout(first / "col", ["1"])
+    assert_layout(first / "solo" / "blobs", ["1"])
+
+    # A directory that is no layout where col needs its index.json file.
+    fourth = tmp_path / "fourth"
+    (fourth / "col" / "index.json").mkdir(parents=True)
+    error = mirror_failure(
+        run_mirror_status(source.url, f"oci:{fourth}", "--repositories", "col")
+    )
+    assert f"{fourth / 'col' / 'index.json'}, the index.json file" in error
+    assert "is a directory" in error
+    assert not (fourth / "col" / "oci-layout").exists()

@@ -9,6 +9,12 @@ then read a tag as ``oci:DIR/<repository>:<tag>``.
 annotated with ``org.opencontainers.image.ref.name``, and one entry without
 the annotation for each manifest that no tag points at.
 
+A repository whose name continues another's with a layout entry, such as
+``col/index.json`` or ``col/blobs/sha256`` beside ``col``, would have its
+layout among the other's files. The first access to a repository checks
+that no layout overlaps its own, before anything is written, and raises
+LayoutCollision naming both repositories, which stops the mirror.
+
 Blobs are written to a partial file, fsynced and renamed into place, so a
 file named by a digest is always whole. ``index.json`` is rewritten the same
 way. Each repository under DIR must have one writer, so two mirrors may
@@ -39,11 +45,12 @@ import asyncio
 import json
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 import structlog
 
+from consumers.mirror.errors import MirrorError
 from consumers.mirror.partial import (
     PartialFile,
     copy_atomically,
@@ -64,16 +71,28 @@ log = structlog.get_logger(__name__)
 REF_NAME: Final = "org.opencontainers.image.ref.name"
 INDEX_MEDIA_TYPE: Final = "application/vnd.oci.image.index.v1+json"
 LAYOUT_VERSION: Final = {"imageLayoutVersion": "1.0.0"}
+# The entries of a layout's root, as the OCI image-layout specification
+# (v1.1) names them. The mirror's partial files there start with ".", which
+# no component of a repository name does.
+LAYOUT_ENTRIES: Final = ("blobs", "index.json", "oci-layout")
 
 
 class LayoutUnreadable(Exception):
     """A manifest that index.json's closure needs is missing or does not parse."""
 
 
+class LayoutCollision(MirrorError):
+    """A repository whose layout would overlap another repository's."""
+
+
 class LayoutTarget:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = f"oci:{root}"
+        # Repositories whose layout exists with nothing else among its
+        # entries. A layout that would overlap one of them fails the check
+        # of its ancestors, so they need no check again.
+        self._checked: set[str] = set()
         # Each repository has one writer, so its index is read once and kept.
         self._indexes: dict[str, list[dict[str, Any]]] = {}
         # The digests that each repository's index.json reaches, computed on
@@ -100,19 +119,68 @@ class LayoutTarget:
             )
 
     def repository_dir(self, repository: str) -> Path:
+        """Return the directory of a repository's layout, raising
+        LayoutCollision when it overlaps another repository's layout."""
         # The repository grammar allows no "." or ".." component, so the
         # path stays under the root.
         validate_repository_name(repository)
+        if repository not in self._checked:
+            self._check_place(repository)
         return self.root / repository
 
-    def _blob_path(self, repository: str, digest: str) -> Path:
-        parsed = Digest.parse(digest)
-        return (
-            self.repository_dir(repository)
-            / "blobs"
-            / parsed.algorithm
-            / parsed.encoded
+    def _check_place(self, repository: str) -> None:
+        """Raise LayoutCollision when the layout of ``repository`` would
+        run through an existing layout, or one is among its entries."""
+        components = repository.split("/")
+        for depth in range(1, len(components)):
+            entry = components[depth]
+            outer = "/".join(components[:depth])
+            if entry in LAYOUT_ENTRIES and _is_layout(self.root / outer):
+                raise self._collision(repository, outer, outer, entry)
+
+        directory = self.root / repository
+        for entry in ("index.json", "oci-layout"):
+            if (directory / entry).is_dir():
+                inner = self._inner_layout(directory / entry)
+                raise self._collision(repository, inner, repository, entry)
+        if _is_layout(directory):
+            self._checked.add(repository)
+            return
+        # Until the repository's layout files exist, blobs/ holds only
+        # algorithm directories with blob and partial files in them.
+        inner = self._inner_layout(directory / "blobs")
+        if inner is not None:
+            raise self._collision(repository, inner, repository, "blobs")
+
+    def _inner_layout(self, directory: Path) -> str | None:
+        """Return the repository of a layout inside ``directory``, or None."""
+        for path, _, names in os.walk(directory):
+            if "oci-layout" in names or "index.json" in names:
+                return PurePosixPath(Path(path).relative_to(self.root)).as_posix()
+        return None
+
+    def _collision(
+        self, repository: str, other: str | None, outer: str, entry: str
+    ) -> LayoutCollision:
+        """Build the error for two layouts that overlap at the ``entry`` of
+        the layout of ``outer``, one of the two repositories."""
+        path = self.root / outer / entry
+        start = f"cannot mirror repository {repository} into {self.description}"
+        if other is None:
+            return LayoutCollision(
+                f"{start}: {path}, the {entry} file of its layout, is a "
+                "directory. Remove it, or mirror into another directory"
+            )
+        kind = "directory" if entry == "blobs" else "file"
+        return LayoutCollision(
+            f"{start}: its layout and that of repository {other} overlap at "
+            f"{path}, the {entry} {kind} of the layout of {outer}. A layout "
+            "target cannot hold both; leave one out with --repositories, or "
+            "mirror it into another directory"
         )
+
+    def _blob_path(self, repository: str, digest: str) -> Path:
+        return _layout_blob_path(self.repository_dir(repository), digest)
 
     async def has_blob(self, repository: str, digest: str) -> bool:
         return await asyncio.to_thread(self._blob_path(repository, digest).is_file)
@@ -132,7 +200,10 @@ class LayoutTarget:
         path = self._blob_path(repository, digest)
         await asyncio.to_thread(self._prepare, repository, path.parent)
         if mount_from is not None:
-            origin = self._blob_path(mount_from, digest)
+            # The origin is only read, and a file named by the digest contains
+            # that blob wherever it is, so the origin's layout needs no check.
+            validate_repository_name(mount_from)
+            origin = _layout_blob_path(self.root / mount_from, digest)
             if await asyncio.to_thread(_link_or_copy, origin, path):
                 return BlobCopy(mounted=True, size=0)
 
@@ -344,6 +415,18 @@ class LayoutTarget:
         marker = root / "oci-layout"
         if not marker.exists():
             write_atomically(marker, json.dumps(LAYOUT_VERSION).encode())
+
+
+def _layout_blob_path(directory: Path, digest: str) -> Path:
+    parsed = Digest.parse(digest)
+    return directory / "blobs" / parsed.algorithm / parsed.encoded
+
+
+def _is_layout(directory: Path) -> bool:
+    """Return whether ``directory`` contains a layout's index.json or
+    oci-layout file. The mirror writes index.json first, so the layout of a mirror
+    killed before it wrote oci-layout counts too."""
+    return (directory / "index.json").is_file() or (directory / "oci-layout").is_file()
 
 
 def _parse_layout_manifest(
