@@ -202,7 +202,12 @@ def test_idle_upload_expires_on_restart(
                 status = client.get(path)
             assert status.status_code == 404
             assert status.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
-        assert list((data_dir / "uploads").iterdir()) == []
+        # The purge deletes the session before the staging file, so the
+        # 404 can come a moment before the file is gone.
+        staging = data_dir / "uploads"
+        while list(staging.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(staging.iterdir()) == []
     finally:
         assert restarted.stop() == 0
 
