@@ -61,6 +61,8 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
     """Raise StorageUnavailable when the data directory or the database fails."""
     import sqlalchemy as sa
 
+    from engine.migrate import NoSchema, UnknownRevision
+
     data_dir = settings.data_dir.absolute()
     try:
         yield
@@ -72,7 +74,28 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
         raise StorageUnavailable(
             f"cannot use data directory {data_dir}: {reason}"
         ) from error
-    except sa.exc.OperationalError as error:
+    except UnknownRevision as error:
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: its schema is at revision "
+            f"{error.revision}, which this cairn does not know (its newest is "
+            f"{error.newest}); run the cairn version that upgraded it, or "
+            "restore the database from a backup made before that upgrade"
+        ) from error
+    except NoSchema as error:
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: it contains no cairn schema; "
+            "check --database or CAIRN_DATABASE_URL, or create the schema "
+            "with `cairn db upgrade`"
+        ) from error
+    except sa.exc.DatabaseError as error:
+        # OperationalError covers a database that cannot be reached or is
+        # locked. A plain DatabaseError is SQLite's for a damaged file ("file
+        # is not a database"). Other subclasses, such as IntegrityError,
+        # are bugs and keep their traceback.
+        if type(error) not in (sa.exc.OperationalError, sa.exc.DatabaseError):
+            raise
         # Only the driver's first line is kept, because psycopg adds hint
         # lines after it.
         lines = str(error.orig).strip().splitlines()
@@ -187,7 +210,7 @@ def open_registry(
             if writable:
                 check_writable(registry, settings)
             if upgrade_schema:
-                upgrade(registry.database)
+                upgrade(registry.database, create=create)
                 bind_data_dir(
                     settings.data_dir,
                     registry.registry_id(),

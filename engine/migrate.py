@@ -35,18 +35,45 @@ def current_revision(database: Database) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+class UnknownRevision(Exception):
+    """A database schema at a revision that this cairn's migrations do not
+    contain, such as one that a newer cairn upgraded."""
+
+    def __init__(self, revision: str, newest: str | None) -> None:
+        super().__init__(revision, newest)
+        self.revision = revision
+        self.newest = newest
+
+
+class NoSchema(Exception):
+    """A database that contains no cairn schema at all."""
+
+
 def upgrade(
-    database: Database, revision: str = "head"
+    database: Database, revision: str = "head", *, create: bool = True
 ) -> tuple[str | None, str | None]:
     """Bring the database schema up to ``revision``; return the revisions
-    before and after, None for a database without cairn's schema."""
+    before and after, None for a database without cairn's schema.
+
+    Raises UnknownRevision for a schema at a revision that this cairn does
+    not know, and, unless ``create`` is true, NoSchema for a database
+    without cairn's schema.
+    """
     config = _config()
+    script = ScriptDirectory.from_config(config)
     with database.engine.begin() as conn:
         if not database.is_sqlite:
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
         # Read under the lock: a process that waited for another's upgrade
         # finds the new revision and logs nothing.
         before = MigrationContext.configure(conn).get_current_revision()
+        known = {
+            script_revision.revision for script_revision in script.walk_revisions()
+        }
+        if before is not None and before not in known:
+            raise UnknownRevision(before, script.get_current_head())
+        if before is None and not create:
+            raise NoSchema()
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
     after = current_revision(database)

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,59 @@ def test_db_upgrade_creates_data_dir(tmp_path: Path) -> None:
 
     assert again.status == 0, again.stderr
     assert again.stdout == f"schema is up to date at revision {head}\n"
+
+
+@pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
+def test_schema_revision_unknown(command: str, tmp_path: Path) -> None:
+    # As after a rollback: a newer cairn upgraded the schema past this one.
+    data_dir = tmp_path / "data"
+    assert run_cairn("db", "upgrade", "--data-dir", str(data_dir)).status == 0
+    with sqlite3.connect(data_dir / "cairn.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(
+        result,
+        f"cannot use database sqlite:///{data_dir}/cairn.db: its schema is at "
+        f"revision 9999, which this cairn does not know (its newest is "
+        f"{head_revision()})",
+    )
+
+
+@pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
+def test_database_file_damaged(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "blobs").mkdir(parents=True)
+    damaged = os.urandom(8192)
+    (data_dir / "cairn.db").write_bytes(damaged)
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(
+        result,
+        f"cannot use database sqlite:///{data_dir}/cairn.db: file is not a database",
+    )
+    assert (data_dir / "cairn.db").read_bytes() == damaged
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS)
+def test_database_without_schema_left_empty(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "blobs").mkdir(parents=True)
+    (data_dir / "cairn.db").touch()
+
+    result = run_cairn(*STORAGE_COMMANDS[command], "--data-dir", str(data_dir))
+
+    assert_storage_error(
+        result,
+        f"cannot use database sqlite:///{data_dir}/cairn.db: it contains no "
+        "cairn schema",
+    )
+    with sqlite3.connect(data_dir / "cairn.db") as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == []
+    assert not (data_dir / "registry-id").exists()
 
 
 @pytest.fixture
