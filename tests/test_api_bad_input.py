@@ -662,13 +662,13 @@ def test_query_api_empty_type_rejected(api: httpx.Client, query: str) -> None:
         "x:+5",
     ],
 )
-@pytest.mark.parametrize("header", ["Host", "X-Forwarded-Host"])
-def test_location_relative_for_invalid_host(
-    api: httpx.Client, header: str, host: str
-) -> None:
+def test_location_relative_for_invalid_host(api: httpx.Client, host: str) -> None:
     # An absolute URL with this authority does not parse, so clients could
-    # not follow it. A path works with every client.
-    response = api.post("/v2/demo/app/blobs/uploads/", headers={header: host})
+    # not follow it. A path works with every client. The same value in Host
+    # gets a 400 (tests/test_api_host.py).
+    response = api.post(
+        "/v2/demo/app/blobs/uploads/", headers={"X-Forwarded-Host": host}
+    )
 
     assert response.status_code == 202, response.text
     assert response.headers["Location"].startswith("/v2/demo/app/blobs/uploads/")

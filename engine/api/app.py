@@ -242,9 +242,10 @@ class RegistryApp:
         handler: Handler | None = None
         try:
             # Before authentication and the rate limit, as Distribution 2.8.2
-            # does. The error depends on the header alone, so it reveals
+            # does. The errors depend on the headers alone, so they reveal
             # nothing about the registry to an unauthenticated client.
             request.check_transfer_coding()
+            request.check_host()
             user = await self._admit(request)
             handler = self.router.resolve(request)
             if user is not None:

@@ -150,6 +150,23 @@ class Request:
             return
         raise _transfer_coding_error(value, codings)
 
+    def check_host(self) -> None:
+        """Raise HTTPError 400 unless Host is one host name or IP address with
+        an optional port.
+
+        RFC 9112 section 3.2 requires the 400 for an HTTP/1.1 request without
+        Host, and for any request with more than one Host line or with an
+        invalid value. An HTTP/1.0 request may leave Host out. Location URLs
+        are built from Host, so an accepted value always gives an absolute
+        URL, unless a proxy header overrides it.
+        """
+        values = self.headers.get("host", [])
+        if len(values) == 1 and _valid_authority(values[0]):
+            return
+        if not values and self.scope.get("http_version") != "1.1":
+            return
+        raise _host_error(values)
+
     def header(self, name: str) -> str | None:
         """Return the header's values joined with commas, or None."""
         values = self.headers.get(name.lower())
@@ -346,6 +363,29 @@ def _transfer_coding_error(value: str, codings: list[str]) -> HTTPError:
         f"Transfer-Encoding {value!r} {problem}: {remedy}",
         detail,
     )
+
+
+def _host_error(values: list[str]) -> HTTPError:
+    """Build the 400 for the Host header ``values``, one per header line."""
+    if not values:
+        message = (
+            "missing Host header: an HTTP/1.1 request must name the registry's "
+            "host, and its port unless it is the scheme's default"
+        )
+    elif len(values) > 1:
+        quoted = ", ".join(repr(value) for value in values)
+        message = (
+            f"the Host header is given {len(values)} times ({quoted}), but a "
+            "request may give it once"
+        )
+    else:
+        message = (
+            f"invalid Host header {values[0]!r}: expected a host name, an IPv4 "
+            "address or a bracketed IPv6 address, with an optional port from 0 "
+            "to 65535"
+        )
+    detail = {"header": "Host", "values": values}
+    return HTTPError(ErrorCode.UNSUPPORTED, 400, message, detail)
 
 
 def _header_map(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
