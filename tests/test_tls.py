@@ -741,6 +741,11 @@ def test_https_port_closes_tcp_after_close_notify(
             "https://10.0.0.1:5000",
         ),
         (b"GET /host:x HTTP/1.1\r\n\r\n", ("10.0.0.1", 5000), "https://10.0.0.1:5000"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            ("10.0.0.1", 5000),
+            "https://10.0.0.1:5000",
+        ),
     ],
 )
 def test_https_url(head: bytes, sockname: tuple[object, ...], url: str) -> None:

@@ -354,18 +354,18 @@ class _EarlyEvents(asyncio.Protocol):
 def https_url(head: bytes, sockname: object) -> str:
     """Return the https:// URL for a plain HTTP request's head.
 
-    The host comes from the Host header when it is a valid host and port,
-    and from the socket's local address otherwise. A host without a port
-    gets the local port.
+    The host comes from the Host header when the head has one, with a valid
+    host and port, and from the socket's local address otherwise. A host
+    without a port gets the local port.
     """
     local_host, local_port = "localhost", 443
     if isinstance(sockname, tuple) and len(sockname) >= 2:
         local_host, local_port = str(sockname[0]), int(sockname[1])
     # Skip the request line, which could end in "host:".
     headers = head.partition(b"\n")[2].partition(b"\r\n\r\n")[0]
-    match = _HOST_HEADER.search(headers)
-    if match is not None and _AUTHORITY.fullmatch(match.group(1)):
-        authority = match.group(1).decode("ascii")
+    hosts = _HOST_HEADER.findall(headers)
+    if len(hosts) == 1 and _AUTHORITY.fullmatch(hosts[0]):
+        authority = hosts[0].decode("ascii")
     elif ":" in local_host:
         authority = f"[{local_host}]"
     else:
