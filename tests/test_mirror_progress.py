@@ -1,4 +1,5 @@
-"""The rates in the mirror's progress line."""
+"""The mirror's progress: the rates in its line, and the head and lag that
+`cairn mirror --progress log` reports from its start."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import structlog
 import structlog.testing
@@ -14,6 +16,9 @@ import structlog.testing
 from consumers.mirror import progress as progress_module
 from consumers.mirror.copier import Stats
 from consumers.mirror.progress import Progress
+from tests.images import make_image
+from tests.server import ServeProcess, push_image
+from tests.test_mirror import head_position, log_events, run_mirror
 
 # Bound at import, before any test of this module changes the processors.
 _EARLY_LOGGER = structlog.get_logger("progress-test-early").bind()
@@ -116,3 +121,24 @@ def test_rate_zero_after_idle_window(monkeypatch: pytest.MonkeyPatch) -> None:
     byte_rate, event_rate = _rates(stream)
     assert byte_rate == "0 B"
     assert event_rate == 0.0
+
+
+def test_mirror_reports_head_from_start(
+    source: ServeProcess, target: ServeProcess
+) -> None:
+    with httpx.Client(base_url=source.url, timeout=60) as client:
+        for number in range(3):
+            push_image(client, "library/app", make_image(layer_count=2), f"v{number}")
+    head = head_position(source.url)
+
+    result = run_mirror(source.url, target.url)
+
+    reports = [
+        line for line in log_events(result.stderr) if line["event"] == "mirror_progress"
+    ]
+    for report in reports:
+        assert report["head"] == head, report
+        assert report["lag"] == head - report["position"], report
+    # The first report comes before the first event is applied.
+    assert reports[0]["position"] == 0
+    assert reports[-1]["position"] == head

@@ -103,6 +103,7 @@ class MirrorRunner:
             lambda: self.feed.page(self.position, limit=1), "read the event feed"
         )
         self._check_head(first)
+        self.progress.update(self.position, first.head)
         # Also records the source's registry id in a checkpoint without one.
         await self.checkpoint.save(self.position)
         if self.live is not None and not self.settings.once:
@@ -203,6 +204,9 @@ class MirrorRunner:
                 lambda: self.feed.page(self.position), "read the event feed"
             )
             self._check_head(page)
+            # Before the events, so that the reports while a long page is
+            # applied show the head and the lag.
+            self.progress.update(self.position, page.head)
             for event in page.events:
                 await self.process(event)
             await self._advance(page)
