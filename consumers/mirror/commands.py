@@ -79,7 +79,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_check_registries(args, endpoints, checkpoint))
         return asyncio.run(_run(args, endpoints, checkpoint))
     except (SameRegistry, SourceReplaced) as error:
         print(f"cairn mirror: {error}", file=sys.stderr)
@@ -196,6 +195,42 @@ async def _check_registries(
     checkpoint.check_source(source_id)
 
 
+class StopSignals:
+    """Cancel a task at SIGINT or SIGTERM, and keep the first signal received."""
+
+    def __init__(self, task: asyncio.Task[int]) -> None:
+        self.received: signal.Signals | None = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop, sig, task)
+
+    def _stop(self, sig: signal.Signals, task: asyncio.Task[int]) -> None:
+        if self.received is None:
+            self.received = sig
+        task.cancel()
+
+    def interrupted(self, once: bool, position: int) -> int:
+        """Log mirror_interrupted and return the exit status of a mirror that
+        a signal stopped at ``position``.
+
+        A --once run stopped before it caught up has not copied the source's
+        head, so it gets 128 plus the signal's number: 130 after SIGINT and
+        143 after SIGTERM, as a shell reports for a process that the signal
+        killed. A mirror that follows the source runs until a signal stops
+        it, so it gets 0.
+        """
+        status = 0
+        if once and self.received is not None:
+            status = 128 + self.received.value
+        log.info(
+            "mirror_interrupted",
+            position=position,
+            signal=self.received.name if self.received else None,
+            status=status,
+        )
+        return status
+
+
 def _layout_description(value: str) -> str:
     return "oci:" + str(Path(value.removeprefix("oci:")).resolve())
 
@@ -210,6 +245,14 @@ def _build_target(args: argparse.Namespace, endpoints: Endpoints) -> Target:
 async def _run(
     args: argparse.Namespace, endpoints: Endpoints, checkpoint: Checkpoint
 ) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    signals = StopSignals(task)
+    try:
+        await _check_registries(args, endpoints, checkpoint)
+    except asyncio.CancelledError:
+        return signals.interrupted(args.once, checkpoint.position)
+
     http = _client(args, endpoints.source_credentials, True)
     target = _build_target(args, endpoints)
     settings = MirrorSettings(
@@ -236,18 +279,13 @@ async def _run(
         settings, FeedClient(endpoints.source, http), copier, checkpoint, progress, live
     )
 
-    task = asyncio.current_task()
-    assert task is not None
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
     ticker = asyncio.create_task(progress.tick(), name="cairn-mirror-progress")
     status = 0
     try:
         await target.start()
         await runner.run()
     except asyncio.CancelledError:
-        log.info("mirror_interrupted", position=runner.position)
+        status = signals.interrupted(args.once, runner.position)
     except MirrorError as error:
         log.error("mirror_failed", position=runner.position, error=str(error))
         status = 1
