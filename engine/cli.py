@@ -448,7 +448,8 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
         if path.is_file():
             parse_users(path.read_text(encoding="utf-8"), path)
         password = _read_password(args.name)
-        replaced = add_user(path, args.name, Role(args.role), password)
+        role = Role(args.role) if args.role is not None else None
+        added = add_user(path, args.name, role, password)
     except AuthFileError as error:
         print(
             f"cairn: cannot add user {args.name}: {error}; the file is unchanged",
@@ -463,8 +464,8 @@ def _cmd_users_add(args: argparse.Namespace) -> int:
         message = f"cairn: cannot add user {args.name} to {path}: {reason}"
         print(message, file=sys.stderr)
         return 1
-    action = "replaced" if replaced else "added"
-    print(f"user {args.name} {action} in {path} with role {args.role}")
+    action = "replaced" if added.replaced else "added"
+    print(f"user {args.name} {action} in {path} with role {added.role}")
     return 0
 
 
@@ -669,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     users_add = user_commands.add_parser(
         "add",
-        help="add a user to a users file, or replace its password and role; "
-        "the password is one line from stdin, or prompted for on a terminal",
+        help="add a user to a users file, or replace its password, and its "
+        "role when --role is given; the password is one line from stdin, or "
+        "prompted for on a terminal",
     )
     auth_file = env_default("AUTH_FILE")
     users_add.add_argument(
@@ -685,8 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     users_add.add_argument(
         "--role",
         choices=["pull", "push"],
-        default="pull",
-        help="pull reads; push also writes (default pull)",
+        help="pull reads; push also writes (default: a user already in the "
+        "file keeps their role, and a new user gets pull)",
     )
     users_add.set_defaults(handler=_cmd_users_add)
 

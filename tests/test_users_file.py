@@ -1,4 +1,5 @@
-"""`cairn users add` run by several processes at once on one users file."""
+"""`cairn users add`: the role it writes, and several processes at once on
+one users file."""
 
 from __future__ import annotations
 
@@ -11,34 +12,48 @@ from pathlib import Path
 
 import pytest
 
-from engine.api.auth import AuthFileError, PasswordHash, Role, add_user, load_users
+from engine.api.auth import (
+    DEFAULT_ROLE,
+    AuthFileError,
+    PasswordHash,
+    Role,
+    add_user,
+    load_users,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT = 120.0
 
 
+def users_add_argv(auth_file: Path, name: str, *options: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "users",
+        "add",
+        "--auth-file",
+        str(auth_file),
+        name,
+        *options,
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+
+
 def start_users_add(auth_file: Path, name: str) -> subprocess.Popen[str]:
-    """Start `cairn users add NAME`; it reads the password from stdin."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    """Start `cairn users add NAME --role push`; it reads the password from
+    stdin."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "users",
-            "add",
-            "--auth-file",
-            str(auth_file),
-            name,
-            "--role",
-            "push",
-        ],
+        users_add_argv(auth_file, name, "--role", "push"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
-        env=env,
+        env=clean_env(),
     )
 
 
@@ -116,9 +131,10 @@ def test_add_relocks_a_replaced_file(tmp_path: Path) -> None:
 def test_add_to_missing_file_creates_it(tmp_path: Path) -> None:
     path = tmp_path / "users"
 
-    replaced = add_user(path, "alice", Role.PUSH, "alice's password")
+    added = add_user(path, "alice", Role.PUSH, "alice's password")
 
-    assert replaced is False
+    assert added.replaced is False
+    assert added.role is Role.PUSH
     assert path.stat().st_mode & 0o777 == 0o600
     assert sorted(load_users(path)) == ["alice"]
     assert [entry.name for entry in tmp_path.iterdir()] == ["users"]
@@ -198,3 +214,77 @@ def test_add_keeps_comments_and_users(tmp_path: Path) -> None:
 
     assert path.read_text().startswith(f"# team\n{alice}\n\n")
     assert sorted(load_users(path)) == ["alice", "bob"]
+
+
+def users_add(auth_file: Path, name: str, password: str, *options: str) -> str:
+    """Run `cairn users add NAME` with ``password`` on stdin; return stdout."""
+    result = subprocess.run(
+        users_add_argv(auth_file, name, *options),
+        input=f"{password}\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=clean_env(),
+        timeout=WAIT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_cli_new_user_gets_pull(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+
+    output = users_add(path, "alice", "alice's password")
+
+    assert output == f"user alice added in {path} with role pull\n"
+    assert load_users(path)["alice"].role is Role.PULL
+
+
+def test_cli_password_change_keeps_role(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    users_add(path, "bob", "bob's first password", "--role", "push")
+
+    output = users_add(path, "bob", "bob's second password")
+
+    assert output == f"user bob replaced in {path} with role push\n"
+    bob = load_users(path)["bob"]
+    assert bob.role is Role.PUSH
+    assert bob.password.verify("bob's second password")
+    assert not bob.password.verify("bob's first password")
+
+
+@pytest.mark.parametrize(("before", "after"), [("push", "pull"), ("pull", "push")])
+def test_cli_role_option_changes_role(tmp_path: Path, before: str, after: str) -> None:
+    path = tmp_path / "users"
+    users_add(path, "carol", "carol's password", "--role", before)
+
+    output = users_add(path, "carol", "carol's password", "--role", after)
+
+    assert output == f"user carol replaced in {path} with role {after}\n"
+    assert load_users(path)["carol"].role is Role(after)
+
+
+def test_add_without_role_keeps_role(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    add_user(path, "alice", Role.PULL, "alice's password")
+    add_user(path, "bob", Role.PUSH, "bob's password")
+
+    bob_replaced = add_user(path, "bob", None, "bob's new password")
+    dave_added = add_user(path, "dave", None, "dave's password")
+
+    assert bob_replaced == (Role.PUSH, True)
+    assert dave_added == (DEFAULT_ROLE, False)
+    users = load_users(path)
+    assert users["alice"].role is Role.PULL
+    assert users["bob"].role is Role.PUSH
+    assert users["bob"].password.verify("bob's new password")
+    assert users["dave"].role is DEFAULT_ROLE
+
+
+def test_add_without_role_creates_file(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+
+    added = add_user(path, "alice", None, "alice's password")
+
+    assert added == (DEFAULT_ROLE, False)
+    assert load_users(path)["alice"].role is Role.PULL

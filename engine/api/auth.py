@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import structlog
 
@@ -82,6 +82,10 @@ class Role(StrEnum):
 
     PULL = "pull"
     PUSH = "push"
+
+
+# The role of a user that `cairn users add` creates without --role.
+DEFAULT_ROLE: Final = Role.PULL
 
 
 class AuthFileError(ValueError):
@@ -228,8 +232,20 @@ def parse_users(text: str, path: Path) -> dict[str, User]:
     return users
 
 
-def add_user(path: Path, name: str, role: Role, password: str) -> bool:
-    """Add or replace the line of user ``name``; return True when replaced.
+class AddedUser(NamedTuple):
+    """The outcome of add_user: the role written, and whether the user was
+    in the file before."""
+
+    role: Role
+    replaced: bool
+
+
+def add_user(path: Path, name: str, role: Role | None, password: str) -> AddedUser:
+    """Add or replace the line of user ``name`` with ``password``.
+
+    ``role`` None keeps the role of a user already in the file, so that
+    changing a password leaves the permission as it was, and gives a new
+    user DEFAULT_ROLE.
 
     Runs on one file are serialized: each takes an exclusive ``flock`` on the
     users file from its read until its rename, so concurrent runs lose no
@@ -244,14 +260,18 @@ def add_user(path: Path, name: str, role: Role, password: str) -> bool:
     validate_user_name(name)
     if not password:
         raise ValueError("the password is empty")
-    new_line = User(name, role, PasswordHash.create(password)).format()
+    # Hashed before the lock is taken, because scrypt is slow by design and
+    # other runs would wait for it.
+    password_hash = PasswordHash.create(password)
 
     while True:
         try:
             descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
+            new_role = role or DEFAULT_ROLE
+            new_line = User(name, new_role, password_hash).format()
             if _create_file(path, f"{new_line}\n"):
-                return False
+                return AddedUser(new_role, replaced=False)
             # Another run created the file first: lock and update that one.
             continue
         with os.fdopen(descriptor, encoding="utf-8") as locked:
@@ -266,11 +286,13 @@ def add_user(path: Path, name: str, role: Role, password: str) -> bool:
                 raise AuthFileError(
                     f"cannot read users file {path}: {error}"
                 ) from error
-            parse_users(text, path)
+            existing = parse_users(text, path).get(name)
+            new_role = role or (existing.role if existing else DEFAULT_ROLE)
+            new_line = User(name, new_role, password_hash).format()
             lines, replaced = _replace_line(text.splitlines(), name, new_line)
             _replace_file(path, "".join(f"{line}\n" for line in lines))
             # Closing ``locked`` releases the lock, after the rename.
-            return replaced
+            return AddedUser(new_role, replaced)
 
 
 def _is_same_file(descriptor: int, path: Path) -> bool:
