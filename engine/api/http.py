@@ -58,7 +58,7 @@ def _valid_authority(host: str) -> bool:
     That is a name or IPv4 address, or an IPv6 address in brackets. At most
     one ':' and a port from 0 to 65535 may follow.
     """
-    if not _HOST.match(host):
+    if not _HOST.fullmatch(host):
         return False
     if host.startswith("["):
         end = host.find("]")
