@@ -45,15 +45,10 @@ def report_storage_error(error: StorageUnavailable) -> int:
 
 def database_label(settings: StorageSettings) -> str:
     """Return the database URL to show to an operator, its password hidden."""
-    import sqlalchemy as sa
-
+    from engine.database_url import redacted_database_url
     from engine.db import sqlite_url
 
-    url = settings.database_url or sqlite_url(settings.data_dir)
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except (sa.exc.ArgumentError, ValueError):
-        return "(invalid URL)"
+    return redacted_database_url(settings.database_url or sqlite_url(settings.data_dir))
 
 
 @contextmanager
@@ -110,7 +105,7 @@ def check_database_url(settings: StorageSettings) -> None:
     The --database option checks its value as it is parsed, so this only
     catches settings that did not come from it.
     """
-    from engine.config import check_database_url as check_url
+    from engine.database_url import check_database_url as check_url
 
     if not settings.database_url:
         return

@@ -179,33 +179,11 @@ def hide_url_password(url: str) -> str:
     return _URL_PASSWORD.sub(r"\g<head>***@", url)
 
 
-def check_database_url(url: str) -> None:
-    """Raise ValueError unless ``url`` is a SQLite or PostgreSQL SQLAlchemy URL.
-
-    The message shows the URL with its password hidden.
-    """
-    import sqlalchemy as sa
-
-    from engine.db import normalise_url
-
-    try:
-        parsed = sa.make_url(normalise_url(url))
-    except (sa.exc.ArgumentError, ValueError) as error:
-        raise ValueError(
-            f"invalid database URL {hide_url_password(url)!r}: {error}; "
-            "expected e.g. postgresql://user@host/db"
-        ) from None
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        redacted = parsed.render_as_string(hide_password=True)
-        raise ValueError(
-            f"unsupported database {redacted!r}: cairn supports SQLite and "
-            "PostgreSQL URLs, e.g. postgresql://user@host/db"
-        )
-
-
 @names_env_variable
 def parse_database_url(value: str) -> str | None:
     """Parse --database, returning None for an empty value (SQLite)."""
+    from engine.database_url import check_database_url
+
     if not value:
         return None
     try:

@@ -368,8 +368,101 @@ def test_database_unreachable(command: str, tmp_path: Path, refused_port: int) -
             "mysql://cairn:secret@127.0.0.1/cairn",
             "unsupported database 'mysql://cairn:***@127.0.0.1/cairn': ",
         ),
+        (
+            "sqlite://",
+            "invalid database URL 'sqlite://': an in-memory SQLite database ",
+        ),
+        (
+            "sqlite:///:memory:",
+            "invalid database URL 'sqlite:///:memory:': an in-memory SQLite ",
+        ),
+        (
+            "sqlite:///file::memory:?cache=shared&uri=true",
+            "invalid database URL 'sqlite:///file::memory:?cache=shared&uri=true': "
+            "an in-memory SQLite database ",
+        ),
+        (
+            "sqlite:///file:registry?mode=memory&uri=true",
+            "invalid database URL 'sqlite:///file:registry?mode=memory&uri=true': "
+            "an in-memory SQLite database ",
+        ),
+        (
+            "sqlite://db-host/cairn.db",
+            "invalid database URL 'sqlite://db-host/cairn.db': a SQLite URL "
+            "names a file, not a host",
+        ),
+        (
+            "sqlite:///cairn.db?timeout=abc",
+            "invalid database URL 'sqlite:///cairn.db?timeout=abc': cairn sets "
+            "SQLite's connection options itself, so a SQLite URL takes no query "
+            "parameters (found: timeout)",
+        ),
+        (
+            "sqlite:///cairn%00.db",
+            "invalid database URL 'sqlite:///cairn%00.db': it contains a NUL byte",
+        ),
+        (
+            "postgresql+asyncpg://cairn:secret@127.0.0.1/cairn",
+            "unsupported database driver 'asyncpg' in "
+            "'postgresql+asyncpg://cairn:***@127.0.0.1/cairn': ",
+        ),
+        (
+            "postgresql+nosuchdriver://cairn@127.0.0.1/cairn",
+            "unsupported database driver 'nosuchdriver' in ",
+        ),
+        (
+            "postgresql://cairn:secret@127.0.0.1:99999/cairn",
+            "invalid database URL 'postgresql://cairn:***@127.0.0.1:99999/cairn': "
+            "port 99999 is not in 1-65535",
+        ),
+        (
+            "postgresql://cairn@db.invalid:0/cairn",
+            "invalid database URL 'postgresql://cairn@db.invalid:0/cairn': "
+            "port 0 is not in 1-65535",
+        ),
+        (
+            "postgresql://cairn@127.0.0.1/cairn?port=abc",
+            "invalid database URL 'postgresql://cairn@127.0.0.1/cairn?port=abc': ",
+        ),
+        (
+            "postgresql://cairn@127.0.0.1/cairn?password=secret&colour=blue",
+            "invalid database URL "
+            "'postgresql://cairn@127.0.0.1/cairn?password=***&colour=blue': "
+            'invalid connection option "colour"',
+        ),
+        (
+            "postgresql://cairn@127.0.0.1/cairn?connect_timeout=soon",
+            "invalid database URL "
+            "'postgresql://cairn@127.0.0.1/cairn?connect_timeout=soon': "
+            "bad value for connect_timeout: 'soon'",
+        ),
+        (
+            "postgresql://cairn@db.invalid/cairn?application_name=a%00b",
+            "invalid database URL "
+            "'postgresql://cairn@db.invalid/cairn?application_name=a%00b': "
+            "it contains a NUL byte",
+        ),
     ],
-    ids=["unparsable", "bad-port", "mysql"],
+    ids=[
+        "unparsable",
+        "bad-port",
+        "mysql",
+        "sqlite-memory-default",
+        "sqlite-memory-name",
+        "sqlite-memory-uri",
+        "sqlite-memory-mode",
+        "sqlite-host",
+        "sqlite-query",
+        "sqlite-nul",
+        "async-driver",
+        "unknown-driver",
+        "port-out-of-range",
+        "port-zero",
+        "query-port",
+        "unknown-option",
+        "bad-connect-timeout",
+        "postgresql-nul",
+    ],
 )
 def test_database_url_invalid(url: str, message: str, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
@@ -380,6 +473,27 @@ def test_database_url_invalid(url: str, message: str, tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert f"argument --database: {message}" in result.stderr
     assert "secret" not in result.stderr
+    assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "command", [*STORAGE_COMMANDS, "republish"], ids=[*STORAGE_COMMANDS, "republish"]
+)
+def test_memory_database_variable_rejected(command: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    arguments = STORAGE_COMMANDS.get(command, ["events", "republish", "--from", "1"])
+
+    result = run_cairn(
+        *arguments,
+        "--data-dir",
+        str(data_dir),
+        env={"CAIRN_DATABASE_URL": "sqlite://"},
+    )
+
+    assert result.status == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "argument --database: invalid database URL 'sqlite://': " in result.stderr
+    assert "(from environment variable CAIRN_DATABASE_URL)" in result.stderr
     assert not data_dir.exists()
 
 
