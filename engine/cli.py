@@ -691,6 +691,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command that ``argv`` names and return its exit status.
+
+    A command whose standard output loses its reader, as in `cairn verify |
+    head -1`, stops at the next write or flush and returns 141 without a
+    traceback.
+    """
+    from engine.stdout import STDOUT_CLOSED_STATUS, discard_stdout, stdout_reader_gone
+
+    try:
+        try:
+            status = _run_command(argv)
+        finally:
+            # Lines that wait in the buffer of a pipe fail only when flushed.
+            # sys.stdout is None when the process started without descriptor 1.
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise
+        discard_stdout()
+        log.debug("stdout_closed", status=STDOUT_CLOSED_STATUS)
+        return STDOUT_CLOSED_STATUS
+    return status
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]

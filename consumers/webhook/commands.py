@@ -45,6 +45,9 @@ def main(args: argparse.Namespace) -> int:
         if args.dead_letters_command == "list":
             return asyncio.run(_list(config, nats_url, args, sys.stdout))
         return asyncio.run(_redeliver(config, nats_url, args, sys.stdout))
+    except BrokenPipeError:
+        # A closed standard output, which `cairn` itself reports.
+        raise
     except ConnectionError as error:
         print(f"cairn webhook: {error}", file=sys.stderr)
         return 1

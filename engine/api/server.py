@@ -40,6 +40,7 @@ from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.cli import StorageUnavailable, open_registry, report_storage_error
 from engine.config import StorageSettings
 from engine.registry import Registry
+from engine.stdout import discard_stdout
 
 log = structlog.get_logger(__name__)
 
@@ -223,8 +224,15 @@ def serve(args: argparse.Namespace) -> int:
     database = sa.make_url(registry.database.url).render_as_string(hide_password=True)
 
     def announce() -> None:
-        print(f"cairn listening on {_display_url(host, port, scheme)}", flush=True)
-        print(f"data directory {data_dir}, database {database}", flush=True)
+        try:
+            print(f"cairn listening on {_display_url(host, port, scheme)}", flush=True)
+            print(f"data directory {data_dir}, database {database}", flush=True)
+        except BrokenPipeError as error:
+            # These two lines are all that serve writes to standard output,
+            # and the log on standard error has the same facts, so a reader
+            # that went away does not stop the server.
+            discard_stdout()
+            log.warning("stdout_closed", error=str(error))
         log.info(
             "server_started",
             url=_display_url(host, port, scheme),
