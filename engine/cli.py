@@ -675,8 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_file_path,
         default=auth_file,
         required=auth_file is None,
-        help="users file to change, created with mode 0600 when missing "
-        "(env CAIRN_AUTH_FILE)",
+        help="users file to change, or a symbolic link to it; an existing file "
+        "keeps its owner, group and mode, and a missing one is created with "
+        "mode 0600 (env CAIRN_AUTH_FILE)",
     )
     users_add.add_argument("name", metavar="NAME", help="user name")
     users_add.add_argument(

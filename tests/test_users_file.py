@@ -1,12 +1,16 @@
-"""`cairn users add`: the role it writes, and several processes at once on
-one users file."""
+"""`cairn users add`: the role it writes, and one users file run on by
+several processes at once, through a symbolic link, and owned by another
+account."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -288,3 +292,157 @@ def test_add_without_role_creates_file(tmp_path: Path) -> None:
 
     assert added == (DEFAULT_ROLE, False)
     assert load_users(path)["alice"].role is Role.PULL
+
+
+# ---- a users file behind a symbolic link, or owned by another account ---------
+
+
+def test_add_through_symlink_changes_target(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    target = secrets / "users"
+    add_user(target, "alice", Role.PULL, "alice's password")
+    (tmp_path / "first-link").symlink_to(target)
+    # A relative link to the link, so that the chain is followed to its end.
+    link = tmp_path / "users"
+    link.symlink_to("first-link")
+
+    added = add_user(link, "bob", Role.PUSH, "bob's password")
+
+    assert added.replaced is False
+    assert link.is_symlink()
+    assert os.readlink(link) == "first-link"
+    assert os.readlink(tmp_path / "first-link") == str(target)
+    assert not target.is_symlink()
+    assert sorted(load_users(target)) == ["alice", "bob"]
+    assert [entry.name for entry in secrets.iterdir()] == ["users"]
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == [
+        "first-link",
+        "secrets",
+        "users",
+    ]
+
+
+def test_cli_add_through_dangling_symlink(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    target = secrets / "users"
+    link = tmp_path / "users"
+    link.symlink_to(target)
+
+    process = start_users_add(link, "alice")
+    try:
+        _, stderr = process.communicate("alice's password\n", timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("users add did not finish on a link to a missing file")
+
+    assert process.returncode == 0, stderr
+    assert link.is_symlink()
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(load_users(target)) == ["alice"]
+    assert [entry.name for entry in secrets.iterdir()] == ["users"]
+
+
+def test_cli_add_through_symlink_locks_target(tmp_path: Path) -> None:
+    target = tmp_path / "users"
+    add_user(target, "alice", Role.PULL, "alice's password")
+    link = tmp_path / "users-link"
+    link.symlink_to(target)
+    with target.open() as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        process = start_users_add(link, "bob")
+        assert process.stdin is not None
+        process.stdin.write("bob's password\n")
+        process.stdin.flush()
+        time.sleep(3.0)
+        assert process.poll() is None, "users add did not wait for the lock"
+        assert sorted(load_users(target)) == ["alice"]
+    finish(process)
+
+    assert link.is_symlink()
+    assert sorted(load_users(target)) == ["alice", "bob"]
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o400], ids=oct)
+def test_add_keeps_mode(mode: int, tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(valid_line("alice") + "\n")
+    path.chmod(mode)
+
+    add_user(path, "bob", Role.PUSH, "bob's password")
+
+    assert path.stat().st_mode & 0o7777 == mode
+    assert sorted(load_users(path)) == ["alice", "bob"]
+
+
+def _nobody() -> tuple[int, int]:
+    account = pwd.getpwnam("nobody")
+    return account.pw_uid, account.pw_gid
+
+
+def test_add_keeps_owner_and_group(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give the users file to another account")
+    uid, gid = _nobody()
+    path = tmp_path / "users"
+    path.write_text(valid_line("alice") + "\n")
+    os.chown(path, uid, gid)
+    path.chmod(0o640)
+
+    add_user(path, "bob", Role.PUSH, "bob's password")
+
+    status = path.stat()
+    assert status.st_uid == uid
+    assert status.st_gid == gid
+    assert status.st_mode & 0o7777 == 0o640
+    assert sorted(load_users(path)) == ["alice", "bob"]
+    assert [entry.name for entry in tmp_path.iterdir()] == ["users"]
+
+
+def test_cli_add_rejects_owner_it_cannot_keep() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can set up a file that another account may write")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    uid, gid = _nobody()
+    # pytest's own temporary directories are closed to other accounts.
+    directory = Path(tempfile.mkdtemp(prefix="cairn-users-"))
+    try:
+        directory.chmod(0o777)
+        path = directory / "users"
+        path.write_text(valid_line("alice") + "\n")
+        path.chmod(0o666)
+        before = path.read_bytes()
+
+        command = [sys.executable, "-m", "engine.cli", "users", "add"]
+        completed = subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={gid}",
+                "--clear-groups",
+                *command,
+                "--auth-file",
+                str(path),
+                "bob",
+            ],
+            input="bob's password\n",
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=WAIT,
+        )
+
+        assert completed.returncode == 1, completed.stderr
+        assert "Traceback" not in completed.stderr
+        assert f"cannot keep the owner 0 and group 0 of users file {path}: " in (
+            completed.stderr
+        )
+        assert "the file is unchanged" in completed.stderr
+        assert path.read_bytes() == before
+        assert path.stat().st_uid == 0
+        assert [entry.name for entry in directory.iterdir()] == ["users"]
+    finally:
+        shutil.rmtree(directory)

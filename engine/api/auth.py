@@ -28,6 +28,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import tempfile
 import time
 from collections import OrderedDict
@@ -247,15 +248,19 @@ def add_user(path: Path, name: str, role: Role | None, password: str) -> AddedUs
     changing a password leaves the permission as it was, and gives a new
     user DEFAULT_ROLE.
 
-    Runs on one file are serialized: each takes an exclusive ``flock`` on the
-    users file from its read until its rename, so concurrent runs lose no
-    change. The file is rewritten through a temporary file in the same
-    directory, fsynced, renamed over the old one, and the directory is
-    fsynced, so a reader sees the old or the new file and never half of one.
-    Both have mode 0600. Other lines are kept as they are.
+    A symbolic link at ``path`` is followed, so the file it names is
+    changed and the link stays. Runs on one file are serialized: each takes
+    an exclusive ``flock`` on the users file from its read until its rename,
+    so concurrent runs lose no change. The file is rewritten through a
+    temporary file in its own directory, fsynced, renamed over the old one,
+    and the directory is fsynced, so a reader sees the old or the new file
+    and never half of one. The new file keeps the old one's owner, group
+    and mode, and a file created here gets mode 0600. Other lines are kept
+    as they are.
 
     Raises AuthFileError, and leaves the file unchanged, when the existing
-    file is not one that load_users, and so `cairn serve`, accepts.
+    file is not one that load_users, and so `cairn serve`, accepts, or when
+    its owner and group cannot be kept.
     """
     validate_user_name(name)
     if not password:
@@ -265,19 +270,21 @@ def add_user(path: Path, name: str, role: Role | None, password: str) -> AddedUs
     password_hash = PasswordHash.create(password)
 
     while True:
+        target = Path(os.path.realpath(path))
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            descriptor = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             new_role = role or DEFAULT_ROLE
             new_line = User(name, new_role, password_hash).format()
-            if _create_file(path, f"{new_line}\n"):
+            if _create_file(target, f"{new_line}\n"):
                 return AddedUser(new_role, replaced=False)
             # Another run created the file first: lock and update that one.
             continue
         with os.fdopen(descriptor, encoding="utf-8") as locked:
             fcntl.flock(locked.fileno(), fcntl.LOCK_EX)
             # If the run that held the lock renamed a new file over this
-            # one, these contents are out of date: lock the new file.
+            # one, or the link now names another file, these contents are
+            # out of date: lock the file that ``path`` names now.
             if not _is_same_file(locked.fileno(), path):
                 continue
             try:
@@ -290,7 +297,11 @@ def add_user(path: Path, name: str, role: Role | None, password: str) -> AddedUs
             new_role = role or (existing.role if existing else DEFAULT_ROLE)
             new_line = User(name, new_role, password_hash).format()
             lines, replaced = _replace_line(text.splitlines(), name, new_line)
-            _replace_file(path, "".join(f"{line}\n" for line in lines))
+            _replace_file(
+                target,
+                "".join(f"{line}\n" for line in lines),
+                os.fstat(locked.fileno()),
+            )
             # Closing ``locked`` releases the lock, after the rename.
             return AddedUser(new_role, replaced)
 
@@ -304,14 +315,25 @@ def _is_same_file(descriptor: int, path: Path) -> bool:
     return (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino)
 
 
-def _write_temporary(path: Path, text: str) -> str:
-    """Write ``text`` to a new fsynced file of mode 0600 beside ``path``."""
+def _write_temporary(
+    path: Path, text: str, original: os.stat_result | None = None
+) -> str:
+    """Write ``text`` to a new fsynced file beside ``path``.
+
+    The file gets the owner, group and mode of ``original``, or mode 0600
+    without one.
+    """
     descriptor, temporary = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
     )
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            os.fchmod(file.fileno(), 0o600)
+            if original is not None:
+                _copy_owner(file.fileno(), path, original)
+            # After the chown, which clears the set-user-ID and set-group-ID
+            # bits.
+            mode = 0o600 if original is None else stat.S_IMODE(original.st_mode)
+            os.fchmod(file.fileno(), mode)
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
@@ -321,8 +343,28 @@ def _write_temporary(path: Path, text: str) -> str:
     return temporary
 
 
-def _replace_file(path: Path, text: str) -> None:
-    temporary = _write_temporary(path, text)
+def _copy_owner(descriptor: int, path: Path, original: os.stat_result) -> None:
+    """Give the file open at ``descriptor`` the owner and group of ``original``.
+
+    chown(2) lets only root change a file's owner, and the owner change its
+    group only to one of the owner's groups. Other runs raise AuthFileError
+    instead of changing who may read the users file.
+    """
+    created = os.fstat(descriptor)
+    if (created.st_uid, created.st_gid) == (original.st_uid, original.st_gid):
+        return
+    try:
+        os.fchown(descriptor, original.st_uid, original.st_gid)
+    except PermissionError as error:
+        raise AuthFileError(
+            f"cannot keep the owner {original.st_uid} and group "
+            f"{original.st_gid} of users file {path}: {error.strerror}. Run "
+            "cairn users add as root or as the file's owner"
+        ) from error
+
+
+def _replace_file(path: Path, text: str, original: os.stat_result) -> None:
+    temporary = _write_temporary(path, text, original)
     try:
         os.replace(temporary, path)
     except BaseException:
@@ -332,7 +374,8 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def _create_file(path: Path, text: str) -> bool:
-    """Create ``path`` with ``text``; return False if it exists already.
+    """Create ``path`` with ``text`` and mode 0600; return False if it exists
+    already.
 
     ``os.link`` fails when the name exists, so a file that another run
     created in the meantime is never overwritten, and no reader sees the
