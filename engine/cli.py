@@ -23,6 +23,7 @@ from engine.config import (
 from engine.logs import configure_logging
 
 if TYPE_CHECKING:
+    from engine.gc import GcReport
     from engine.registry import Registry
 
 log = structlog.get_logger(__name__)
@@ -278,7 +279,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from engine.gc import collect_garbage
+    from engine.gc import GarbageCollectionFailed, collect_garbage
 
     settings = StorageSettings.from_args(args)
     registry = open_registry(
@@ -286,16 +287,28 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     )
     try:
         with storage_errors(settings):
-            report = collect_garbage(
-                registry,
-                grace_period=timedelta(minutes=args.grace_period),
-                upload_expiry=timedelta(hours=args.upload_expiry),
-                dry_run=args.dry_run,
-                unlink_unreferenced=args.unlink_unreferenced,
-            )
+            try:
+                report = collect_garbage(
+                    registry,
+                    grace_period=timedelta(minutes=args.grace_period),
+                    upload_expiry=timedelta(hours=args.upload_expiry),
+                    dry_run=args.dry_run,
+                    unlink_unreferenced=args.unlink_unreferenced,
+                )
+            except GarbageCollectionFailed as failure:
+                # What the run removed before the error, then the error,
+                # which storage_errors turns into the one-line message.
+                _print_gc_report(failure.report, args.unlink_unreferenced, True)
+                raise failure.error from None
     finally:
         registry.database.dispose()
+    _print_gc_report(report, args.unlink_unreferenced, False)
+    return 0
 
+
+def _print_gc_report(report: GcReport, unlink_unreferenced: bool, failed: bool) -> None:
+    """Print what a gc run removed, or with a dry run would remove. With
+    ``failed``, the last line adds that an error stopped the run."""
     counts = (
         f"{len(report.blobs)} blob file(s), "
         f"{len(report.staging_files)} staging file(s), "
@@ -307,14 +320,15 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         f"{len(report.unlinked)} unreferenced blob link(s) in "
         f"{unlinked_repositories} repository(ies)"
     )
+    stopped = " before an error stopped the run" if failed else ""
     if not report.dry_run:
-        if args.unlink_unreferenced:
+        if unlink_unreferenced:
             print(f"deleted {unlinked}")
-        print(f"removed {counts}, freed {report.bytes} bytes")
-        return 0
+        print(f"removed {counts}, freed {report.bytes} bytes{stopped}")
+        return
     for link in report.unlinked:
         print(f"would delete the link of {link.digest} in {link.repository}")
-    if args.unlink_unreferenced:
+    if unlink_unreferenced:
         print(f"dry run: would delete {unlinked}")
     for blob in report.blobs:
         print(f"would remove blob {blob.digest} ({blob.size} bytes)")
@@ -324,8 +338,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         print(f"would remove upload session {session}")
     for directory in report.directories:
         print(f"would remove empty directory {directory}")
-    print(f"dry run: would remove {counts}, freeing {report.bytes} bytes")
-    return 0
+    print(f"dry run: would remove {counts}, freeing {report.bytes} bytes{stopped}")
 
 
 def add_gc_options(parser: argparse.ArgumentParser) -> None:

@@ -123,11 +123,11 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from engine import log as event_log
+from engine.blobs.store import describe_file_type
 from engine.domain.digest import Digest
-from engine.domain.errors import DigestInvalid
 from engine.domain.events import Actor, EventType, NewEvent
 from engine.projections import ALL_PROJECTIONS, apply_events
-from engine.registry import Registry, StagingFile
+from engine.registry import Registry, StagingFile, UploadPurge
 from engine.tables import blob_links, manifests
 
 log = structlog.get_logger(__name__)
@@ -136,10 +136,10 @@ DEFAULT_GRACE_PERIOD = timedelta(hours=1)
 BATCH_SIZE = 500
 
 # rmdir errors that leave a prefix directory in place: files remain in it
-# (ENOTEMPTY, or EEXIST on some systems), another gc removed it (ENOENT), or
-# it is a symbolic link (ENOTDIR).
+# (ENOTEMPTY, or EEXIST on some systems), another gc removed it (ENOENT), it
+# is a symbolic link (ENOTDIR), or a file system is mounted on it (EBUSY).
 _DIRECTORY_KEPT_ERRNOS = frozenset(
-    {errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR}
+    {errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.EBUSY}
 )
 # The name of a blob directory: the first two hex digits of the digest.
 _PREFIX = re.compile(r"[0-9a-f]{2}")
@@ -213,6 +213,16 @@ class GcReport:
         )
 
 
+class GarbageCollectionFailed(Exception):
+    """A gc run that stopped on ``error``, with ``report`` listing what the
+    steps before it removed, or with a dry run would remove."""
+
+    def __init__(self, report: GcReport, error: Exception) -> None:
+        super().__init__(str(error))
+        self.report = report
+        self.error = error
+
+
 def collect_garbage(
     registry: Registry,
     *,
@@ -228,6 +238,7 @@ def collect_garbage(
     ``upload_expiry`` is the idle time after which an upload is purged. With
     ``unlink_unreferenced``, the links that no manifest of their repository
     references and that are older than ``grace_period`` are deleted first.
+    Raises GarbageCollectionFailed, from the error, when a step fails.
     """
     run_id = f"gc-{uuid.uuid4().hex}"
     log.info(
@@ -238,43 +249,72 @@ def collect_garbage(
         unlink_unreferenced=unlink_unreferenced,
         request_id=run_id,
     )
-    unlinked: list[BlobLink] = []
-    if unlink_unreferenced:
-        link_scan = scan_unreferenced_links(registry, grace_period)
-        if dry_run:
-            unlinked = link_scan.links
-        else:
-            unlinked = delete_links(registry, link_scan, run_id, grace_period)
-    # A dry run deletes no link, so its file scan treats the links it would
-    # delete as gone.
-    scan = scan_blobs(registry, grace_period, ignored_links=unlinked if dry_run else ())
-    if dry_run:
-        blobs = scan.blobs
-        directories = emptied_directories(registry, blobs)
-    else:
-        blobs = remove_blobs(registry, scan, grace_period)
-        directories = remove_empty_directories(registry)
-    purge = registry.purge_uploads(upload_expiry, dry_run=dry_run)
-    report = GcReport(
-        blobs,
-        purge.staging_files,
-        dry_run,
-        directories,
-        purge.sessions,
-        unlinked,
-    )
+    report = GcReport([], [], dry_run)
+    try:
+        position = _collect(
+            registry,
+            report,
+            run_id,
+            grace_period=grace_period,
+            upload_expiry=upload_expiry,
+            unlink_unreferenced=unlink_unreferenced,
+        )
+    except Exception as error:
+        raise GarbageCollectionFailed(report, error) from error
     log.info(
         "gc_dry_run_finished" if dry_run else "blobs_collected",
-        unlinked=len(unlinked),
-        blobs=len(blobs),
-        staging_files=len(purge.staging_files),
-        upload_sessions=len(purge.sessions),
-        directories=len(directories),
+        unlinked=len(report.unlinked),
+        blobs=len(report.blobs),
+        staging_files=len(report.staging_files),
+        upload_sessions=len(report.upload_sessions),
+        directories=len(report.directories),
         bytes=report.bytes,
-        position=scan.position,
+        position=position,
         request_id=run_id,
     )
     return report
+
+
+def _collect(
+    registry: Registry,
+    report: GcReport,
+    run_id: str,
+    *,
+    grace_period: timedelta,
+    upload_expiry: timedelta,
+    unlink_unreferenced: bool,
+) -> int:
+    """Run the steps of collect_garbage and return the log position of the
+    blob scan.
+
+    Each step adds what it removes to ``report`` as it goes, so the report
+    is complete up to a step that raises.
+    """
+    dry_run = report.dry_run
+    if unlink_unreferenced:
+        link_scan = scan_unreferenced_links(registry, grace_period)
+        unlinked: Iterable[BlobLink] = link_scan.links
+        if not dry_run:
+            unlinked = delete_links(registry, link_scan, run_id, grace_period)
+        for link in unlinked:
+            report.unlinked.append(link)
+
+    # A dry run deletes no link, so its file scan treats the links it would
+    # delete as gone.
+    ignored = report.unlinked if dry_run else []
+    scan = scan_blobs(registry, grace_period, ignored_links=ignored)
+    if dry_run:
+        report.blobs.extend(scan.blobs)
+        report.directories.extend(emptied_directories(registry, scan.blobs))
+    else:
+        for blob in remove_blobs(registry, scan, grace_period):
+            report.blobs.append(blob)
+        for directory in remove_empty_directories(registry):
+            report.directories.append(directory)
+
+    purge = UploadPurge(report.upload_sessions, report.staging_files)
+    registry.purge_uploads(upload_expiry, dry_run=dry_run, into=purge)
+    return scan.position
 
 
 def scan_unreferenced_links(registry: Registry, grace_period: timedelta) -> LinkScan:
@@ -317,11 +357,10 @@ def _file_older(registry: Registry, link: BlobLink, old_before: float) -> bool:
 
 def delete_links(
     registry: Registry, scan: LinkScan, run_id: str, grace_period: timedelta
-) -> list[BlobLink]:
+) -> Iterator[BlobLink]:
     """Delete the links of ``scan`` that are still unreferenced, each batch
-    under the append lock with one ``blob.deleted`` event per link; return
-    the links deleted."""
-    deleted: list[BlobLink] = []
+    under the append lock with one ``blob.deleted`` event per link; yield
+    the links of each batch once it is committed."""
     for start in range(0, len(scan.links), BATCH_SIZE):
         batch = scan.links[start : start + BATCH_SIZE]
         with registry.database.write() as conn:
@@ -354,8 +393,7 @@ def delete_links(
                 digest=link.digest,
                 request_id=run_id,
             )
-        deleted.extend(unlinking)
-    return deleted
+            yield link
 
 
 def scan_blobs(
@@ -399,25 +437,22 @@ def scan_blobs(
 
 def remove_blobs(
     registry: Registry, scan: GarbageScan, grace_period: timedelta
-) -> list[BlobFile]:
+) -> Iterator[BlobFile]:
     """Remove the files of ``scan`` that are still unused, each batch under
-    the append lock; return the files removed."""
-    removed: list[BlobFile] = []
+    the append lock; yield each file once it is removed."""
     for start in range(0, len(scan.blobs), BATCH_SIZE):
         batch = scan.blobs[start : start + BATCH_SIZE]
         with registry.database.write() as conn:
-            removed.extend(_remove_unused(conn, batch, scan.position, grace_period))
-    return removed
+            yield from _remove_unused(conn, batch, scan.position, grace_period)
 
 
-def remove_empty_directories(registry: Registry) -> list[Path]:
+def remove_empty_directories(registry: Registry) -> Iterator[Path]:
     """Remove every empty two-hex-digit directory under ``blobs/<algorithm>/``,
-    trying each once; return the directories removed.
+    trying each once; yield each directory once it is removed.
 
     A commit that renames its file into a directory removed here creates the
     directory again, as ``BlobStore.commit`` describes.
     """
-    removed: list[Path] = []
     for prefix_dir in _prefix_directories(registry):
         try:
             prefix_dir.rmdir()
@@ -426,8 +461,7 @@ def remove_empty_directories(registry: Registry) -> list[Path]:
                 raise
             continue
         log.debug("blob_directory_removed", path=str(prefix_dir))
-        removed.append(prefix_dir)
-    return removed
+        yield prefix_dir
 
 
 def emptied_directories(registry: Registry, files: list[BlobFile]) -> list[Path]:
@@ -475,9 +509,13 @@ def _remove_unused(
         if digest in linked or digest in referenced:
             continue
         try:
-            status = blob.path.stat()
+            status = blob.path.lstat()
         except FileNotFoundError:
             # Another gc removed it.
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            # Something else took its place since the scan.
+            _log_skipped(blob.path, status.st_mode)
             continue
         if status.st_mtime >= old_before:
             # A push stored or reused it since the scan.
@@ -539,32 +577,28 @@ def _referenced_digests(conn: Connection, *, after: int) -> set[str]:
 
 
 def _blob_files(registry: Registry) -> Iterator[tuple[BlobFile, float]]:
-    """Yield every committed blob file with its mtime, skipping any file
-    whose path is not the one BlobPaths gives its digest."""
-    paths = registry.blob_store.paths
-    for algorithm_dir in _subdirectories(paths.root / "blobs"):
-        for prefix_dir in _subdirectories(algorithm_dir):
-            try:
-                entries = list(prefix_dir.iterdir())
-            except FileNotFoundError:
-                # Another gc removed the empty directory.
-                continue
-            for path in entries:
-                try:
-                    digest = Digest.parse(f"{algorithm_dir.name}:{path.name}")
-                except DigestInvalid:
-                    digest = None
-                if digest is None or paths.blob(digest) != path:
-                    log.warning("gc_unknown_file_skipped", path=str(path))
-                    continue
-                try:
-                    status = path.stat()
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(status.st_mode):
-                    log.warning("gc_unknown_file_skipped", path=str(path))
-                    continue
-                yield BlobFile(digest, path, status.st_size), status.st_mtime
+    """Yield every committed blob file with its mtime.
+
+    An entry at a blob's path that is not a regular file, such as a
+    directory or a symbolic link, is not one that cairn wrote, so it is
+    logged and skipped, and so is every entry that BlobStore.iter_blobs
+    skips.
+    """
+    for digest, path in registry.blob_store.iter_blobs():
+        try:
+            status = path.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(status.st_mode):
+            _log_skipped(path, status.st_mode)
+            continue
+        yield BlobFile(digest, path, status.st_size), status.st_mtime
+
+
+def _log_skipped(path: Path, mode: int) -> None:
+    log.warning(
+        "gc_unknown_file_skipped", path=str(path), file_type=describe_file_type(mode)
+    )
 
 
 def _subdirectories(directory: Path) -> list[Path]:

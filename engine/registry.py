@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import stat
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,7 +28,7 @@ from sqlalchemy.engine import Connection
 from engine import log as event_log
 from engine.blobs import BlobStore, StagedBlob, is_upload_id
 from engine.blobs.limits import check_declared_size, check_received_size
-from engine.blobs.store import StagingLock
+from engine.blobs.store import StagingLock, describe_file_type
 from engine.db import Database
 from engine.domain.digest import Digest
 from engine.domain.errors import (
@@ -279,7 +280,11 @@ class Registry:
             after = rows[-1].position
 
     def purge_uploads(
-        self, older_than: timedelta, *, dry_run: bool = False
+        self,
+        older_than: timedelta,
+        *,
+        dry_run: bool = False,
+        into: UploadPurge | None = None,
     ) -> UploadPurge:
         """Delete upload sessions idle for longer than ``older_than``, and
         staging files that belong to no session and were last written before
@@ -288,7 +293,12 @@ class Registry:
 
         Returns the sessions and staging files removed. With ``dry_run``
         nothing is deleted, and the return value lists what would be removed.
+        ``into``, when given, receives them as they go and is returned, so a
+        caller still has them when a removal raises. An entry under
+        ``uploads/`` that is not a regular file is not cairn's, so it is
+        logged as staging_entry_skipped and left alone.
         """
+        purge = UploadPurge([], []) if into is None else into
         cutoff = datetime.now(UTC) - older_than
         with self.database.read() as conn:
             candidates = set(
@@ -317,31 +327,40 @@ class Registry:
                 stale = set(deleted)
             live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
 
-        removed: list[StagingFile] = []
-        for path in self.blob_store.paths.staging_dir.iterdir():
+        purge.sessions.extend(sorted(stale))
+        removed = 0
+        for path in sorted(self.blob_store.paths.staging_dir.iterdir()):
             if path.name in live:
                 continue
             try:
-                status = path.stat()
+                status = path.lstat()
             except FileNotFoundError:
                 # Its upload committed or was cancelled meanwhile.
+                continue
+            if not stat.S_ISREG(status.st_mode):
+                log.warning(
+                    "staging_entry_skipped",
+                    path=str(path),
+                    file_type=describe_file_type(status.st_mode),
+                )
                 continue
             modified = datetime.fromtimestamp(status.st_mtime, UTC)
             if path.name in stale or modified < cutoff:
                 if not dry_run:
                     self._forget_upload(path.name)
                     path.unlink(missing_ok=True)
-                removed.append(StagingFile(path, status.st_size))
+                purge.staging_files.append(StagingFile(path, status.st_size))
+                removed += 1
         if (stale or removed) and not dry_run:
             log.info(
                 "uploads_purged",
                 sessions=len(stale),
-                staging_files=len(removed),
+                staging_files=removed,
                 older_than=str(older_than),
             )
         if not dry_run:
             self._close_staged_without_session()
-        return UploadPurge(sorted(stale), removed)
+        return purge
 
     def _staging_written_since(self, upload_id: str, cutoff: datetime) -> bool:
         """Return True when the staging file of ``upload_id`` was written

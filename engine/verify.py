@@ -16,14 +16,17 @@ manifest fail.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from engine import log as event_log
-from engine.blobs.store import READ_CHUNK
+from engine.blobs.store import READ_CHUNK, describe_file_type
 from engine.domain.digest import Digest
 from engine.domain.errors import RegistryError
 from engine.domain.events import GENESIS_HASH
@@ -86,20 +89,9 @@ def verify_blobs(registry: Registry) -> list[str]:
     problems: list[str] = []
     store = registry.blob_store
     for digest, path in store.iter_blobs():
-        hasher = hashlib.new(digest.algorithm)
-        try:
-            with open(path, "rb") as stream:
-                while chunk := stream.read(READ_CHUNK):
-                    hasher.update(chunk)
-        except FileNotFoundError:
-            # cairn gc removed it after the listing. A link to it, if any,
-            # is reported by the check below.
-            continue
-        if hasher.hexdigest() != digest.encoded:
-            problems.append(
-                f"blob {digest}: content hashes to {digest.algorithm}:"
-                f"{hasher.hexdigest()} ({path})"
-            )
+        problem = _check_blob_file(digest, path)
+        if problem is not None:
+            problems.append(problem)
     with registry.database.read() as conn:
         links = conn.execute(sa.select(blob_links.c.repository, blob_links.c.digest))
         for repository, digest_text in links:
@@ -108,6 +100,47 @@ def verify_blobs(registry: Registry) -> list[str]:
                     f"blob {digest_text}: linked in {repository} but missing on disk"
                 )
     return problems
+
+
+def _check_blob_file(digest: Digest, path: Path) -> str | None:
+    """Return the problem with the blob file of ``digest`` at ``path``, or
+    None when it is a regular file whose bytes hash to the digest.
+
+    A symbolic link is followed, as the API follows it to serve the blob.
+    """
+    try:
+        # O_NONBLOCK, so that opening a fifo does not wait for a writer.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"blob {digest}: {path} is a symbolic link to a missing file"
+        # cairn gc removed it after the listing. A link to it, if any, is
+        # reported by the check of the links.
+        return None
+    except OSError as error:
+        return f"blob {digest}: cannot read {path}: {error.strerror or error}"
+
+    hasher = hashlib.new(digest.algorithm)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            return (
+                f"blob {digest}: {path} is a {describe_file_type(mode)}, "
+                "not a regular file"
+            )
+        while chunk := os.read(descriptor, READ_CHUNK):
+            hasher.update(chunk)
+    except OSError as error:
+        return f"blob {digest}: cannot read {path}: {error.strerror or error}"
+    finally:
+        os.close(descriptor)
+
+    if hasher.hexdigest() != digest.encoded:
+        return (
+            f"blob {digest}: content hashes to {digest.algorithm}:"
+            f"{hasher.hexdigest()} ({path})"
+        )
+    return None
 
 
 def verify_manifest_contents(registry: Registry) -> list[str]:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from engine import log as event_log
 from engine.api.app import create_app
@@ -42,6 +46,7 @@ from engine.gc import (
     scan_blobs,
     scan_unreferenced_links,
 )
+from engine.identity import bind_data_dir
 from engine.registry import Registry
 from engine.tables import blob_links, uploads
 from engine.verify import verify
@@ -358,7 +363,7 @@ def test_unlink_keeps_blob_pushed_again(registry: Registry) -> None:
 
     # Between the scan and the unlinks the idle blob is pushed again too.
     push(registry, "team/app", idle)
-    assert delete_links(registry, scan, "gc-test", grace) == []
+    assert list(delete_links(registry, scan, "gc-test", grace)) == []
     assert links(registry, Digest.of(idle)) == ["team/app"]
     assert links(registry, Digest.of(pushed_again)) == ["team/app"]
 
@@ -378,7 +383,7 @@ def test_unlink_skips_links_used_after_scan(registry: Registry) -> None:
     repo.manifests.put(image.manifest, image.media_type, tag="v1")
     repo.blobs.delete(Digest.of(unlinked_meanwhile))
 
-    deleted = delete_links(registry, scan, "gc-test", NO_GRACE)
+    deleted = list(delete_links(registry, scan, "gc-test", NO_GRACE))
 
     assert deleted == [
         BlobLink("team/app", str(Digest.of(garbage)), len(garbage)),
@@ -493,6 +498,57 @@ def test_gc_skips_files_that_are_not_blobs(registry: Registry) -> None:
 
     assert report.blobs == []
     assert stray.exists()
+
+
+def test_gc_skips_entries_that_are_not_files(registry: Registry) -> None:
+    blob = unlinked_blob(registry, os.urandom(100))
+    directory = blob_file(registry, b"a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir()
+    fifo = blob_file(registry, b"a fifo")
+    fifo.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(fifo)
+    outside = registry.blob_store.paths.root / "outside"
+    outside.write_bytes(b"a symlinked file")
+    link = blob_file(registry, b"a symlinked file")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside)
+    staging = registry.blob_store.paths.staging_dir
+    staging_directory = staging / "a-directory"
+    staging_directory.mkdir()
+    orphan = staging / "00000000-0000-4000-8000-000000000001"
+    orphan.write_bytes(b"left by a crash")
+    for path in (directory, fifo, link, outside, staging_directory, orphan):
+        moment = time.time() - 48 * 3600
+        os.utime(path, (moment, moment), follow_symlinks=False)
+
+    with structlog.testing.capture_logs() as logs:
+        dry_run = collect_garbage(
+            registry, grace_period=NO_GRACE, upload_expiry=EXPIRY, dry_run=True
+        )
+        report = collect_garbage(registry, grace_period=NO_GRACE, upload_expiry=EXPIRY)
+
+    for run in (dry_run, report):
+        assert [removed.digest for removed in run.blobs] == [blob]
+        assert [staged.path for staged in run.staging_files] == [orphan]
+    assert not registry.blob_store.path(blob).exists()
+    assert not orphan.exists()
+    assert directory.is_dir()
+    assert fifo.exists()
+    assert link.is_symlink()
+    assert outside.exists()
+    assert staging_directory.is_dir()
+    skipped = {
+        (log["event"], log["path"], log["file_type"])
+        for log in logs
+        if log["event"] in ("gc_unknown_file_skipped", "staging_entry_skipped")
+    }
+    assert skipped == {
+        ("gc_unknown_file_skipped", str(directory), "directory"),
+        ("gc_unknown_file_skipped", str(fifo), "fifo"),
+        ("gc_unknown_file_skipped", str(link), "symbolic link"),
+        ("staging_entry_skipped", str(staging_directory), "directory"),
+    }
 
 
 # ---- races with pushes and mounts ---------------------------------------------------
@@ -715,7 +771,7 @@ def test_listings_skip_directory_removed_meanwhile(registry: Registry) -> None:
     assert next(listing)[0] == digest
 
     # Another gc run removes the empty directory.
-    assert remove_empty_directories(registry) == [empty]
+    assert list(remove_empty_directories(registry)) == [empty]
 
     assert list(scan) == []
     assert list(listing) == []
@@ -745,7 +801,7 @@ def test_links_made_after_scan_keep_files(registry: Registry) -> None:
     # The pushes set the mtimes to now; only the links may keep the files.
     age_all_blobs(registry)
 
-    removed = remove_blobs(registry, scan, NO_GRACE)
+    removed = list(remove_blobs(registry, scan, NO_GRACE))
 
     assert [blob.digest for blob in removed] == [Digest.of(garbage)]
     assert blob_file(registry, mounted).read_bytes() == mounted
@@ -764,7 +820,7 @@ def test_file_reused_after_scan_is_kept(registry: Registry) -> None:
     push(registry, "team/app", data)
     registry.repository("team/app").blobs.delete(digest)
 
-    assert remove_blobs(registry, scan, timedelta(hours=1)) == []
+    assert list(remove_blobs(registry, scan, timedelta(hours=1))) == []
     assert registry.blob_store.exists(digest)
 
 
@@ -943,3 +999,182 @@ def test_gc_command_rejects_negative_grace_period(data_dir: Path) -> None:
 
     assert result.returncode == 2
     assert "invalid duration '-5'" in result.stderr
+
+
+def test_gc_command_skips_directory_under_uploads(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    digest = unlinked_blob(registry, b"an unlinked blob")
+    staging = registry.blob_store.paths.staging_dir
+    directory = staging / "somedir"
+    directory.mkdir()
+    orphan = staging / "orphan-file"
+    orphan.write_bytes(b"x\n")
+    age(directory, hours=72)
+    age(orphan, hours=72)
+    storage = ["--data-dir", str(data_dir), "--database", database_url]
+
+    dry_run = cairn("gc", *storage, "--dry-run", "--grace-period", "0")
+    result = cairn("gc", *storage, "--grace-period", "0")
+
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert f"would remove staging file {orphan} (2 bytes)" in dry_run.stdout
+    assert str(directory) not in dry_run.stdout
+    assert dry_run.stdout.splitlines()[-1] == (
+        "dry run: would remove 1 blob file(s), 1 staging file(s), 0 expired "
+        "upload session(s) and 1 empty blob directory(ies), freeing 18 bytes"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "removed 1 blob file(s), 1 staging file(s), 0 expired upload "
+        "session(s) and 1 empty blob directory(ies), freed 18 bytes"
+    ]
+    for run in (dry_run, result):
+        [skipped] = log_events(run.stderr, "staging_entry_skipped")
+        assert skipped["path"] == str(directory)
+        assert skipped["file_type"] == "directory"
+    assert directory.is_dir()
+    assert not orphan.exists()
+    assert not registry.blob_store.exists(digest)
+
+
+def test_verify_command_reports_directory_at_blob_path(
+    registry: Registry, data_dir: Path, database_url: str
+) -> None:
+    data = b"a directory in place of a blob"
+    directory = blob_file(registry, data)
+    directory.mkdir(parents=True)
+    storage = ["--data-dir", str(data_dir), "--database", database_url]
+
+    result = cairn("verify", *storage)
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        f"problem: blob {Digest.of(data)}: {directory} is a directory, not a "
+        "regular file",
+        "1 problem(s) found",
+    ]
+    assert "cairn:" not in result.stderr
+
+
+def _unprivileged() -> list[str]:
+    """Return the command prefix that runs a command as the user `nobody`."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can set up files that another account cannot change")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    nobody = pwd.getpwnam("nobody")
+    return [
+        "setpriv",
+        f"--reuid={nobody.pw_uid}",
+        f"--regid={nobody.pw_gid}",
+        "--clear-groups",
+    ]
+
+
+@pytest.fixture
+def nobody_data_dir() -> Iterator[Path]:
+    """A data directory with a SQLite database, in a directory that the user
+    `nobody` can enter, unlike pytest's own temporary directories."""
+    root = Path(tempfile.mkdtemp(prefix="cairn-gc-"))
+    root.chmod(0o755)
+    data_dir = root / "data"
+    upgraded = cairn("db", "upgrade", "--data-dir", str(data_dir))
+    assert upgraded.returncode == 0, upgraded.stderr
+    try:
+        yield data_dir
+    finally:
+        shutil.rmtree(root)
+
+
+def cairn_as(prefix: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `cairn ARGS` after the command ``prefix``, such as setpriv's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "engine.cli", "--log-format", "json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPOSITORY_ROOT,
+        timeout=120,
+    )
+
+
+def _give_to_nobody(directory: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    for path in [directory, *directory.rglob("*")]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid, follow_symlinks=False)
+
+
+def test_gc_command_reports_removals_before_error(nobody_data_dir: Path) -> None:
+    prefix = _unprivileged()
+    registry = Registry.open(nobody_data_dir)
+    try:
+        bind_data_dir(
+            nobody_data_dir, registry.registry_id(), adopt=True, require=False
+        )
+        digest = unlinked_blob(registry, b"an unlinked blob")
+        emptied = registry.blob_store.path(digest).parent
+    finally:
+        registry.database.dispose()
+    _give_to_nobody(nobody_data_dir)
+    # Everyone may write to uploads/, but its sticky bit lets only root, the
+    # owner of this expired staging file, remove it, so gc's last step fails.
+    staging = nobody_data_dir / "uploads"
+    os.chown(staging, 0, 0)
+    staging.chmod(0o1777)
+    stuck = staging / "00000000-0000-4000-8000-000000000001"
+    stuck.write_bytes(b"left by a crash")
+    age(stuck, hours=72)
+
+    result = cairn_as(
+        prefix, "gc", "--data-dir", str(nobody_data_dir), "--grace-period", "0"
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        "removed 1 blob file(s), 0 staging file(s), 0 expired upload session(s) "
+        "and 1 empty blob directory(ies), freed 16 bytes before an error "
+        "stopped the run"
+    ]
+    messages = [line for line in result.stderr.splitlines() if line.startswith("cairn")]
+    assert messages == [
+        f"cairn: cannot use data directory {nobody_data_dir}: Operation not "
+        f"permitted: {stuck}"
+    ]
+    assert "Traceback" not in result.stderr
+    assert not emptied.exists()
+    assert stuck.exists()
+
+
+def test_verify_command_reports_unreadable_blob(nobody_data_dir: Path) -> None:
+    prefix = _unprivileged()
+    registry = Registry.open(nobody_data_dir)
+    try:
+        bind_data_dir(
+            nobody_data_dir, registry.registry_id(), adopt=True, require=False
+        )
+        unreadable = push(registry, "team/app", b"a blob nobody may read")
+        corrupt = push(registry, "team/app", b"a blob that changes")
+    finally:
+        registry.database.dispose()
+    _give_to_nobody(nobody_data_dir)
+    unreadable_path = registry.blob_store.path(unreadable)
+    os.chown(unreadable_path, 0, 0)
+    unreadable_path.chmod(0o600)
+    corrupt_path = registry.blob_store.path(corrupt)
+    corrupt_path.write_bytes(b"changed")
+
+    result = cairn_as(prefix, "verify", "--data-dir", str(nobody_data_dir))
+
+    assert result.returncode == 1, result.stderr
+    assert sorted(result.stdout.splitlines()) == sorted(
+        [
+            f"problem: blob {unreadable}: cannot read {unreadable_path}: "
+            "Permission denied",
+            f"problem: blob {corrupt}: content hashes to {Digest.of(b'changed')} "
+            f"({corrupt_path})",
+            "2 problem(s) found",
+        ]
+    )
+    assert "Traceback" not in result.stderr

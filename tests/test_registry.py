@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from engine import log as event_log
 from engine.domain.digest import Digest
@@ -626,6 +627,53 @@ def test_verify_skips_blob_removed_meanwhile(
     assert verify(registry) == []
 
 
+def _unlinked_blob_path(registry: Registry, data: bytes) -> Path:
+    """Return the blob path of ``data``, with its prefix directory created."""
+    path = registry.blob_store.path(Digest.of(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_verify_reports_entries_that_are_not_files(registry: Registry) -> None:
+    image = make_image()
+    push_image(registry.repository("blobs"), image)
+    directory = _unlinked_blob_path(registry, b"a directory")
+    directory.mkdir()
+    fifo = _unlinked_blob_path(registry, b"a fifo")
+    os.mkfifo(fifo)
+    dangling = _unlinked_blob_path(registry, b"a dangling link")
+    dangling.symlink_to(dangling.parent / "missing")
+    # A corrupt blob beside them is still found.
+    corrupt = registry.blob_store.path(Digest.of(image.config))
+    corrupt.write_bytes(b"corrupt")
+
+    problems = verify(registry)
+
+    assert sorted(problems) == sorted(
+        [
+            f"blob {Digest.of(b'a directory')}: {directory} is a directory, "
+            "not a regular file",
+            f"blob {Digest.of(b'a fifo')}: {fifo} is a fifo, not a regular file",
+            f"blob {Digest.of(b'a dangling link')}: {dangling} is a symbolic "
+            "link to a missing file",
+            f"blob {Digest.of(image.config)}: content hashes to "
+            f"{Digest.of(b'corrupt')} ({corrupt})",
+        ]
+    )
+
+
+def test_verify_skips_entries_outside_layout(registry: Registry) -> None:
+    blobs = registry.blob_store.paths.root / "blobs"
+    (blobs / "README").write_text("not cairn's")
+    (blobs / "sha256").mkdir(exist_ok=True)
+    (blobs / "sha256" / "README").write_text("not cairn's")
+    unknown_algorithm = blobs / "md4" / "ab" / "abcd"
+    unknown_algorithm.parent.mkdir(parents=True)
+    unknown_algorithm.write_text("not cairn's")
+
+    assert verify(registry) == []
+
+
 def test_verify_warns_about_missing_contents(registry: Registry) -> None:
     repo = registry.repository("gone")
     image = make_image()
@@ -716,6 +764,46 @@ def test_purge_stale_uploads(registry: Registry) -> None:
         repo.blobs.upload_status(stale.id)
     assert not orphan.exists()
     assert repo.blobs.upload_status(fresh.id).offset == 0
+
+
+def test_purge_skips_entries_that_are_not_files(registry: Registry) -> None:
+    staging = registry.blob_store.paths.staging_dir
+    orphan = staging / "00000000-0000-4000-8000-000000000001"
+    orphan.write_bytes(b"left by a crash")
+    directory = staging / "a-directory"
+    directory.mkdir()
+    (directory / "inside").write_bytes(b"kept")
+    fifo = staging / "a-fifo"
+    os.mkfifo(fifo)
+    target = registry.blob_store.paths.root / "elsewhere"
+    target.write_bytes(b"not a staging file")
+    link = staging / "a-link"
+    link.symlink_to(target)
+    old = time.time() - 3 * 24 * 3600
+    for path in (orphan, directory, fifo, link):
+        os.utime(path, (old, old), follow_symlinks=False)
+
+    with structlog.testing.capture_logs() as logs:
+        dry_run = registry.purge_uploads(timedelta(days=1), dry_run=True)
+        purge = registry.purge_uploads(timedelta(days=1))
+
+    assert dry_run.staging_files == purge.staging_files
+    assert [staged.path for staged in purge.staging_files] == [orphan]
+    assert not orphan.exists()
+    assert (directory / "inside").read_bytes() == b"kept"
+    assert fifo.exists()
+    assert link.is_symlink()
+    assert target.read_bytes() == b"not a staging file"
+    skipped = [
+        (log["path"], log["file_type"])
+        for log in logs
+        if log["event"] == "staging_entry_skipped"
+    ]
+    assert skipped == 2 * [
+        (str(directory), "directory"),
+        (str(fifo), "fifo"),
+        (str(link), "symbolic link"),
+    ]
 
 
 def test_purge_keeps_upload_being_written(registry: Registry) -> None:

@@ -39,6 +39,7 @@ import hashlib
 import mmap
 import os
 import queue
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -52,7 +53,12 @@ import structlog
 
 from engine.blobs.directories import DurableDirectories
 from engine.domain.digest import Digest, DigestVerifier
-from engine.domain.errors import BlobUploadUnknown, DigestMismatch, InsufficientStorage
+from engine.domain.errors import (
+    BlobUploadUnknown,
+    DigestInvalid,
+    DigestMismatch,
+    InsufficientStorage,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -568,16 +574,61 @@ class BlobStore:
                 yield chunk
 
     def iter_blobs(self) -> Iterator[tuple[Digest, Path]]:
-        """Yield every committed blob with its path, for verification."""
-        for algorithm_dir in sorted((self.paths.root / "blobs").iterdir()):
-            for prefix_dir in sorted(algorithm_dir.iterdir()):
+        """Yield each entry at the path of a digest under ``blobs/``, with
+        that digest, whatever the entry's file type, which callers check.
+
+        Other entries are not cairn's. A file where the layout has a
+        directory, such as ``blobs/README``, is left out, and any other entry
+        of a directory ``blobs/<algorithm>/<name>`` is left out and logged as
+        unknown_blob_entry_skipped.
+        """
+        for algorithm_dir in _subdirectories(self.paths.root / "blobs"):
+            for prefix_dir in _subdirectories(algorithm_dir):
                 try:
                     paths = sorted(prefix_dir.iterdir())
                 except FileNotFoundError:
                     # Garbage collection removed the emptied directory.
                     continue
                 for path in paths:
-                    yield Digest(algorithm_dir.name, path.name), path
+                    digest = self._digest_at(algorithm_dir.name, path)
+                    if digest is None:
+                        log.warning("unknown_blob_entry_skipped", path=str(path))
+                        continue
+                    yield digest, path
+
+    def _digest_at(self, algorithm: str, path: Path) -> Digest | None:
+        """Return the digest whose blob path is ``path``, or None."""
+        try:
+            digest = Digest.parse(f"{algorithm}:{path.name}")
+        except DigestInvalid:
+            return None
+        return digest if self.paths.blob(digest) == path else None
+
+
+def _subdirectories(directory: Path) -> list[Path]:
+    """List the directories in ``directory``, following symbolic links, by name."""
+    return sorted(path for path in directory.iterdir() if path.is_dir())
+
+
+# The file types that are not regular files, as ls(1) and stat(1) name them.
+_FILE_TYPES: Final = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISLNK, "symbolic link"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character special file"),
+    (stat.S_ISBLK, "block special file"),
+)
+
+
+def describe_file_type(mode: int) -> str:
+    """Return the name of the file type in ``mode``, such as "directory"."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    for is_type, name in _FILE_TYPES:
+        if is_type(mode):
+            return name
+    return "file of unknown type"
 
 
 def accepts_direct_io(directory: Path) -> bool:
