@@ -689,8 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=auth_file,
         required=auth_file is None,
         help="users file to change, or a symbolic link to it; an existing file "
-        "keeps its owner, group and mode, and a missing one is created with "
-        "mode 0600 (env CAIRN_AUTH_FILE)",
+        "keeps its owner, group and mode, without permissions for others, and "
+        "a missing one is created with mode 0600 (env CAIRN_AUTH_FILE)",
     )
     users_add.add_argument("name", metavar="NAME", help="user name")
     users_add.add_argument(

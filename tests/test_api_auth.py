@@ -588,7 +588,8 @@ def test_users_add_keeps_other_lines(tmp_path: Path) -> None:
     assert lines[:2] == ["# operators", ""]
     assert lines[2].startswith("carol:push:scrypt$")
     assert lines[3].startswith("dave:pull:scrypt$")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Password hashes are not for other users, whatever the mode was.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
 @pytest.mark.parametrize(

@@ -365,15 +365,20 @@ def test_cli_add_through_symlink_locks_target(tmp_path: Path) -> None:
     assert sorted(load_users(target)) == ["alice", "bob"]
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o644, 0o400], ids=oct)
-def test_add_keeps_mode(mode: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [(0o640, 0o640), (0o400, 0o400), (0o644, 0o640), (0o666, 0o660)],
+    ids=oct,
+)
+def test_add_keeps_mode(mode: int, expected: int, tmp_path: Path) -> None:
+    # The mode stays, except that others lose every permission.
     path = tmp_path / "users"
     path.write_text(valid_line("alice") + "\n")
     path.chmod(mode)
 
     add_user(path, "bob", Role.PUSH, "bob's password")
 
-    assert path.stat().st_mode & 0o7777 == mode
+    assert path.stat().st_mode & 0o7777 == expected
     assert sorted(load_users(path)) == ["alice", "bob"]
 
 

@@ -320,8 +320,9 @@ def _write_temporary(
 ) -> str:
     """Write ``text`` to a new fsynced file beside ``path``.
 
-    The file gets the owner, group and mode of ``original``, or mode 0600
-    without one.
+    The file gets the owner, group and mode of ``original`` without the
+    permissions for others, because it contains password hashes, or mode
+    0600 without one.
     """
     descriptor, temporary = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
@@ -332,7 +333,9 @@ def _write_temporary(
                 _copy_owner(file.fileno(), path, original)
             # After the chown, which clears the set-user-ID and set-group-ID
             # bits.
-            mode = 0o600 if original is None else stat.S_IMODE(original.st_mode)
+            mode = 0o600
+            if original is not None:
+                mode = stat.S_IMODE(original.st_mode) & ~stat.S_IRWXO
             os.fchmod(file.fileno(), mode)
             file.write(text)
             file.flush()
