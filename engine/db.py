@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 import structlog
@@ -55,6 +55,16 @@ SQLITE_LOCKED = 6
 POSTGRES_UNAVAILABLE = frozenset(
     {"55P03", "40001", "40P01", "53300", "57P01", "57P02", "57P03"}
 )
+# The reason that a 503's detail gives for each of those conditions.
+_POSTGRES_REASONS: Final = {
+    "55P03": "lock timeout",
+    "40001": "serialization failure",
+    "40P01": "deadlock detected",
+    "53300": "too many connections",
+    "57P01": "database server shutting down",
+    "57P02": "database server restarting after a crash",
+    "57P03": "database server starting up",
+}
 
 
 def is_database_full(error: BaseException) -> bool:
@@ -109,6 +119,27 @@ def is_database_unavailable(error: BaseException) -> bool:
         # connect, or loses the connection, before the server responds.
         return isinstance(error, sa.exc.OperationalError)
     return sqlstate.startswith("08") or sqlstate in POSTGRES_UNAVAILABLE
+
+
+def unavailable_reason(error: BaseException) -> str:
+    """Name the condition of an error that is_database_unavailable accepts,
+    in words that are safe to send to a client.
+
+    The driver's own message is left out, because libpq's message for a
+    failed connection names the database server's host, port and user.
+    """
+    if isinstance(error, sa.exc.TimeoutError):
+        return "no database connection free in time"
+    driver_error = getattr(error, "orig", None)
+    sqlite_code = getattr(driver_error, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        if sqlite_code & 0xFF == SQLITE_LOCKED:
+            return "database table is locked"
+        return "database is locked"
+    sqlstate = getattr(driver_error, "sqlstate", None)
+    if sqlstate in _POSTGRES_REASONS:
+        return _POSTGRES_REASONS[sqlstate]
+    return "cannot connect to the database server"
 
 
 def sqlite_url(data_dir: Path) -> str:

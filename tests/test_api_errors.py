@@ -28,7 +28,7 @@ from engine.api.app import RegistryApp, create_app
 from engine.api.feed import MAX_LIMIT
 from engine.api.http import MAX_INT64
 from engine.blobs.store import BlobStore
-from engine.db import Database, is_database_unavailable
+from engine.db import Database, is_database_unavailable, unavailable_reason
 from engine.domain.digest import Digest
 from engine.domain.manifests import MAX_MANIFEST_SIZE, OCI_MANIFEST
 from engine.registry import Registry
@@ -1056,10 +1056,15 @@ def test_database_unreachable_is_unavailable(data_dir: Path) -> None:
 
     for response in (listed, started):
         error = _check_unavailable(response)
-        assert "Connection refused" in error["detail"]["reason"]
+        assert error["detail"]["reason"] == "cannot connect to the database server"
+        # libpq's message names the database server, which clients must
+        # not learn; only the log keeps it.
+        assert str(port) not in response.text
+        assert "Connection refused" not in response.text
     warnings = [line for line in logs if line["event"] == "database_unavailable"]
     assert len(warnings) == 2
     assert str(port) in warnings[0]["error"]
+    assert "Connection refused" in warnings[0]["error"]
 
 
 @pytest.mark.parametrize(
@@ -1084,6 +1089,26 @@ def test_database_unavailable_errors(error: Exception, unavailable: bool) -> Non
     wrapped = sa.exc.DBAPIError.instance("SELECT 1", None, error, type(error))
 
     assert is_database_unavailable(wrapped) is unavailable
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (psycopg.errors.LockNotAvailable("lock timeout"), "lock timeout"),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), "deadlock detected"),
+        (
+            psycopg.OperationalError(
+                'connection failed: connection to server at "10.0.0.5", port 5433 '
+                "failed: FATAL:  sorry, too many clients already"
+            ),
+            "cannot connect to the database server",
+        ),
+    ],
+)
+def test_unavailable_reason_hides_driver_message(error: Exception, reason: str) -> None:
+    wrapped = sa.exc.DBAPIError.instance("SELECT 1", None, error, type(error))
+
+    assert unavailable_reason(wrapped) == reason
 
 
 def test_pool_timeout_is_unavailable() -> None:

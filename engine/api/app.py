@@ -30,7 +30,7 @@ from engine.api.metrics import Metrics
 from engine.api.ratelimit import RateLimiter, too_many_requests
 from engine.api.routing import Handler, Router
 from engine.api.threads import ThreadPool, run_sync, upload_pool
-from engine.db import is_database_unavailable
+from engine.db import is_database_unavailable, unavailable_reason
 from engine.domain.errors import RegistryError
 from engine.domain.events import Actor
 from engine.registry import Registry
@@ -441,18 +441,21 @@ async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> No
 def _database_unavailable(request: Request, error: Exception) -> HTTPError:
     """Log a request that failed because the database was busy or
     unreachable, and build its 503. Its transaction was rolled back, so it
-    appended no event, and the client may send it again."""
-    reason = _first_line(error)
+    appended no event, and the client may send it again.
+
+    Only the log has the driver's message, which can name the database
+    server's host, port and user. The client gets the name of the condition.
+    """
     log.warning(
         "database_unavailable",
         method=request.method,
         path=request.path,
         request_id=request.request_id,
-        error=reason,
+        error=_first_line(error),
     )
     return unavailable(
         "the registry's database is busy or unreachable; send the request again later",
-        reason=reason,
+        reason=unavailable_reason(error),
         request_id=request.request_id,
     )
 
