@@ -22,14 +22,15 @@ EXAMPLE_URLS: Final = (
     "e.g. postgresql://user@host/db or sqlite:////var/lib/cairn/cairn.db"
 )
 _SQLITE_MEMORY_NAMES: Final = ("", ":memory:")
-_QUERY_PASSWORD: Final = re.compile(r"(?P<head>[?&]password=)[^&#]*")
+# libpq's password and sslpassword (of the client key) parameters.
+_QUERY_PASSWORD: Final = re.compile(r"(?P<head>[?&](?:ssl)?password=)[^&#]*")
 
 
 def redacted_database_url(url: str) -> str:
     """Return ``url`` as written, with every password in it as ``***``.
 
-    psycopg also reads a password from the query string, so a ``password``
-    parameter is hidden too.
+    psycopg also reads passwords from the query string, so the values of
+    ``password`` and ``sslpassword`` parameters are hidden too.
     """
     return _QUERY_PASSWORD.sub(r"\g<head>***", hide_url_password(url))
 
@@ -44,7 +45,7 @@ def check_database_url(url: str) -> None:
         parsed = sa.make_url(normalise_url(url))
     except (sa.exc.ArgumentError, ValueError) as error:
         raise ValueError(
-            f"invalid database URL {hide_url_password(url)!r}: {error}; "
+            f"invalid database URL {redacted_database_url(url)!r}: {error}; "
             "expected e.g. postgresql://user@host/db"
         ) from None
 

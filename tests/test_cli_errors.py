@@ -431,6 +431,17 @@ def test_database_unreachable(command: str, tmp_path: Path, refused_port: int) -
             'invalid connection option "colour"',
         ),
         (
+            "postgresql://cairn@127.0.0.1:port/cairn?password=secret",
+            "invalid database URL "
+            "'postgresql://cairn@127.0.0.1:port/cairn?password=***': ",
+        ),
+        (
+            "postgresql://cairn@127.0.0.1/cairn?sslpassword=secret&colour=blue",
+            "invalid database URL "
+            "'postgresql://cairn@127.0.0.1/cairn?sslpassword=***&colour=blue': "
+            'invalid connection option "colour"',
+        ),
+        (
             "postgresql://cairn@127.0.0.1/cairn?connect_timeout=soon",
             "invalid database URL "
             "'postgresql://cairn@127.0.0.1/cairn?connect_timeout=soon': "
@@ -460,6 +471,8 @@ def test_database_unreachable(command: str, tmp_path: Path, refused_port: int) -
         "port-zero",
         "query-port",
         "unknown-option",
+        "bad-port-query-password",
+        "query-sslpassword",
         "bad-connect-timeout",
         "postgresql-nul",
     ],
