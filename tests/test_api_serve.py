@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from engine.domain.digest import Digest
+from tests.conftest import reset_postgres
 from tests.server import ServeProcess, log_records, start_serve
 
 
@@ -233,6 +234,28 @@ def test_serve_accepts_once_address_printed(
         assert served.stop() == 0
     finally:
         served.kill()
+
+
+def test_serve_hides_query_string_password(
+    postgres_url: str, data_dir: Path, tmp_path: Path
+) -> None:
+    # psycopg takes a password from the query string as well as from the
+    # user information.
+    reset_postgres(postgres_url)
+    log_path = tmp_path / "serve.log"
+    served = start_serve(data_dir, f"{postgres_url}?password=hunter2", log_path)
+    try:
+        assert served.stop() == 0
+        assert served.process.stdout is not None
+        printed = served.process.stdout.read().decode()
+    finally:
+        served.kill()
+
+    assert "password=***" in printed
+    assert "hunter2" not in printed
+    [started] = log_records(log_path, "server_started")
+    assert "password=***" in started["database"]
+    assert "hunter2" not in log_path.read_text()
 
 
 def test_download_cut_at_shutdown_is_logged(

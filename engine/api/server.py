@@ -39,6 +39,7 @@ from engine.api.tls import TLSConfigError, server_context, validity_problem
 from engine.bus import Bus, EmbeddedNatsError, NatsServerNotFound
 from engine.cli import StorageUnavailable, open_registry, report_storage_error
 from engine.config import StorageSettings
+from engine.database_url import redacted_database_url
 from engine.registry import Registry
 from engine.stdout import discard_stdout
 
@@ -221,7 +222,8 @@ def serve(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
 
-    database = sa.make_url(registry.database.url).render_as_string(hide_password=True)
+    # Hides a password in the query string too, which SQLAlchemy shows.
+    database = redacted_database_url(registry.database.url)
 
     def announce() -> None:
         try:
