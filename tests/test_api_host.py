@@ -4,6 +4,7 @@ sockets on 127.0.0.1, on plain HTTP and over TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from engine.api.app import create_app
 from engine.api.auth import Role, add_user
+from engine.registry import Registry
 from engine.tables import uploads
 from tests.server import ServeProcess, serve_cairn, wait_for_log_record
 from tests.test_api_zerocopy import RawResponse, connection, read_response
@@ -168,6 +171,36 @@ def test_http10_without_host_accepted(serve: ServeProcess) -> None:
     assert response.status == 202, response.body
     # The URL names the address that the connection reached.
     assert response.headers["location"].startswith(f"{serve.url}{UPLOADS_PATH}")
+
+
+def test_http10_without_host_names_ipv6_address(registry: Registry) -> None:
+    # The app is called as an ASGI server listening on ::1 would call it, so
+    # that the test needs no IPv6 socket.
+    scope = {
+        "type": "http",
+        "http_version": "1.0",
+        "method": "POST",
+        "path": UPLOADS_PATH,
+        "raw_path": UPLOADS_PATH.encode(),
+        "query_string": b"",
+        "headers": [(b"content-length", b"0")],
+        "client": ("::1", 40000),
+        "server": ("::1", 5443),
+        "scheme": "http",
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(create_app(registry)(scope, receive, send))
+
+    assert sent[0]["status"] == 202
+    headers = {name.decode(): value.decode() for name, value in sent[0]["headers"]}
+    assert headers["location"].startswith(f"http://[::1]:5443{UPLOADS_PATH}")
 
 
 def test_host_rejection_logged(serve: ServeProcess) -> None:

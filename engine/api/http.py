@@ -258,7 +258,11 @@ class Request:
         if not host:
             server = self.scope.get("server")
             if server and server[1] is not None:
-                host = f"{server[0]}:{server[1]}"
+                address = server[0]
+                if ":" in address:
+                    # An IPv6 address goes in brackets, as RFC 3986 requires.
+                    address = f"[{address}]"
+                host = f"{address}:{server[1]}"
         scheme = (scheme or self.scope.get("scheme") or "http").lower()
         if scheme not in ("http", "https") or not host or not _valid_authority(host):
             return None
