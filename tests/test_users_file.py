@@ -61,6 +61,20 @@ def start_users_add(auth_file: Path, name: str) -> subprocess.Popen[str]:
     )
 
 
+def wait_until_blocked_on_flock(process: subprocess.Popen[str]) -> None:
+    """Wait until ``process`` waits for a flock, which /proc/locks lists as
+    a line "N: -> FLOCK ADVISORY WRITE PID ..."."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if fields[1:3] == ["->", "FLOCK"] and fields[5] == str(process.pid):
+                return
+        assert process.poll() is None, "users add exited without waiting for the lock"
+        time.sleep(0.05)
+    raise AssertionError(f"users add did not wait for the lock within {WAIT} s")
+
+
 def finish(process: subprocess.Popen[str], password: str | None = None) -> str:
     """Send ``password`` (if given), wait for the exit and return stderr."""
     _, stderr = process.communicate(
@@ -101,8 +115,7 @@ def test_add_waits_for_lock_holder(tmp_path: Path) -> None:
         assert process.stdin is not None
         process.stdin.write("bob's password\n")
         process.stdin.flush()
-        time.sleep(3.0)
-        assert process.poll() is None, "users add did not wait for the lock"
+        wait_until_blocked_on_flock(process)
         assert sorted(load_users(path)) == ["alice"]
     finish(process)
 
@@ -119,7 +132,7 @@ def test_add_relocks_a_replaced_file(tmp_path: Path) -> None:
         assert process.stdin is not None
         process.stdin.write("bob's password\n")
         process.stdin.flush()
-        time.sleep(3.0)
+        wait_until_blocked_on_flock(process)
         # What another run does while holding the lock: rename a new file,
         # here one that lists carol only, over the locked one.
         replacement = tmp_path / "replacement"
@@ -356,8 +369,7 @@ def test_cli_add_through_symlink_locks_target(tmp_path: Path) -> None:
         assert process.stdin is not None
         process.stdin.write("bob's password\n")
         process.stdin.flush()
-        time.sleep(3.0)
-        assert process.poll() is None, "users add did not wait for the lock"
+        wait_until_blocked_on_flock(process)
         assert sorted(load_users(target)) == ["alice"]
     finish(process)
 
