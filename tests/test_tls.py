@@ -746,6 +746,16 @@ def test_https_port_closes_tcp_after_close_notify(
             ("10.0.0.1", 5000),
             "https://10.0.0.1:5000",
         ),
+        (
+            b"GET / HTTP/1.1\r\nHost: registry.example:99999\r\n\r\n",
+            ("10.0.0.1", 5000),
+            "https://10.0.0.1:5000",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: registry.example:65535\r\n\r\n",
+            ("10.0.0.1", 5000),
+            "https://registry.example:65535",
+        ),
     ],
 )
 def test_https_url(head: bytes, sockname: tuple[object, ...], url: str) -> None:

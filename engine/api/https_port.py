@@ -44,6 +44,7 @@ from engine.api.protocol import (
     CairnHttpProtocol,
     rejection_response,
 )
+from engine.config import MAX_PORT
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +57,11 @@ TLS_HANDSHAKE_TIMEOUT: Final = 60.0
 MAX_PLAIN_HEAD_BYTES: Final = 8 * 1024
 
 _HOST_HEADER: Final = re.compile(rb"^host:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
-# A host name or IPv4 address, or a bracketed IPv6 address, and a port.
-_AUTHORITY: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?")
+# A host name or IPv4 address, or a bracketed IPv6 address, and an optional
+# port, which https_url checks against MAX_PORT.
+_AUTHORITY: Final = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?"
+)
 
 
 class HttpsPortProtocol(asyncio.Protocol):
@@ -364,7 +368,9 @@ def https_url(head: bytes, sockname: object) -> str:
     # Skip the request line, which could end in "host:".
     headers = head.partition(b"\n")[2].partition(b"\r\n\r\n")[0]
     hosts = _HOST_HEADER.findall(headers)
-    if len(hosts) == 1 and _AUTHORITY.fullmatch(hosts[0]):
+    match = _AUTHORITY.fullmatch(hosts[0]) if len(hosts) == 1 else None
+    port = match.group("port") if match is not None else None
+    if match is not None and (port is None or int(port) <= MAX_PORT):
         authority = hosts[0].decode("ascii")
     elif ":" in local_host:
         authority = f"[{local_host}]"
