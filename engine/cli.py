@@ -298,12 +298,27 @@ def _cmd_gc(args: argparse.Namespace) -> int:
             except GarbageCollectionFailed as failure:
                 # What the run removed before the error, then the error,
                 # which storage_errors turns into the one-line message.
-                _print_gc_report(failure.report, args.unlink_unreferenced, True)
+                _print_failed_gc_report(failure.report, args.unlink_unreferenced)
                 raise failure.error from None
     finally:
         registry.database.dispose()
     _print_gc_report(report, args.unlink_unreferenced, False)
     return 0
+
+
+def _print_failed_gc_report(report: GcReport, unlink_unreferenced: bool) -> None:
+    """Print the report of a gc run that an error stopped.
+
+    A standard output whose reader has gone is discarded, because the
+    error that stopped the run is what the exit status and message report.
+    """
+    from engine.stdout import discard_stdout
+
+    try:
+        _print_gc_report(report, unlink_unreferenced, True)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
 
 
 def _print_gc_report(report: GcReport, unlink_unreferenced: bool, failed: bool) -> None:

@@ -1147,6 +1147,48 @@ def test_gc_command_reports_removals_before_error(nobody_data_dir: Path) -> None
     assert stuck.exists()
 
 
+def test_gc_error_kept_when_stdout_closed(nobody_data_dir: Path) -> None:
+    prefix = _unprivileged()
+    # As in the test above: gc's last step fails on a staging file that
+    # only root may remove.
+    staging = nobody_data_dir / "uploads"
+    _give_to_nobody(nobody_data_dir)
+    os.chown(staging, 0, 0)
+    staging.chmod(0o1777)
+    stuck = staging / "00000000-0000-4000-8000-000000000001"
+    stuck.write_bytes(b"left by a crash")
+    age(stuck, hours=72)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+    # Unbuffered, so that the report's first line meets the closed pipe.
+    env["PYTHONUNBUFFERED"] = "1"
+    argv = [sys.executable, "-m", "engine.cli", "--log-format", "json", "gc"]
+    try:
+        result = subprocess.run(
+            [*prefix, *argv, "--data-dir", str(nobody_data_dir)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPOSITORY_ROOT,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+
+    # The error that stopped gc is reported, not the closed standard output.
+    assert result.returncode == 1, result.stderr
+    messages = [line for line in result.stderr.splitlines() if line.startswith("cairn")]
+    assert messages == [
+        f"cairn: cannot use data directory {nobody_data_dir}: Operation not "
+        f"permitted: {stuck}"
+    ]
+    assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
+    assert stuck.exists()
+
+
 def test_verify_command_reports_unreadable_blob(nobody_data_dir: Path) -> None:
     prefix = _unprivileged()
     registry = Registry.open(nobody_data_dir)
