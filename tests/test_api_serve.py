@@ -349,7 +349,13 @@ def test_request_cut_at_shutdown_gets_503(
                 "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
                 "Content-Length: 1000\r\n\r\n{".encode()
             )
-            time.sleep(0.5)
+            # The upload's staging file appears once its first bytes reach
+            # the worker thread, so both requests are running by then.
+            staging = data_dir / "uploads"
+            deadline = time.monotonic() + 30
+            while not any(staging.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
             serve.process.send_signal(signal.SIGTERM)
             replies = [_read_reply(upload), _read_reply(manifest)]
         assert serve.process.wait(timeout=30) == 0

@@ -57,9 +57,9 @@ def only_event(log_path: Path, event: str) -> dict[str, Any]:
 
 
 def push_images(url: str) -> int:
-    """Push three images of two 1 MiB layers; return the log's head."""
+    """Push six images of two 1 MiB layers; return the log's head."""
     with httpx.Client(base_url=url, timeout=60) as client:
-        for number in range(3):
+        for number in range(6):
             image = make_image(layer_count=2, layer_size=1024 * 1024)
             push_image(client, "library/app", image, f"v{number}")
     return head_position(url)
@@ -81,16 +81,25 @@ def test_once_interrupted_while_copying(
     )
     try:
 
-        def copied_first_event() -> bool:
-            if mirror.poll() is not None:
+        def paused_mid_copy() -> bool:
+            # The source is paused before the checkpoint is read, so the
+            # mirror cannot catch up between the check and the signal.
+            os.kill(source.process.pid, signal.SIGSTOP)
+            position = 0
+            if checkpoint.exists():
+                position = json.loads(checkpoint.read_text())["position"]
+            if 1 <= position < head and mirror.poll() is None:
                 return True
-            if not checkpoint.exists():
-                return False
-            return bool(json.loads(checkpoint.read_text())["position"] >= 1)
+            os.kill(source.process.pid, signal.SIGCONT)
+            assert position < head, "the mirror caught up before it was paused"
+            assert mirror.poll() is None, "the mirror exited before it was paused"
+            return False
 
-        wait_until(copied_first_event, WAIT, interval=0.01)
-        with paused(source):
+        wait_until(paused_mid_copy, WAIT, interval=0.01)
+        try:
             returncode = stop_mirror(mirror, sig)
+        finally:
+            os.kill(source.process.pid, signal.SIGCONT)
     finally:
         if mirror.poll() is None:
             mirror.kill()
