@@ -70,3 +70,15 @@ def test_api_matches_description(case: schemathesis.Case, server: ServerThread) 
         timeout=30,
         excluded_checks=[positive_data_acceptance],
     )
+
+
+def test_every_query_lists_unavailable() -> None:
+    # Every query reads the database, so any of them can get a 503 while the
+    # database is busy or unreachable. The description itself reads nothing.
+    for path, item in document()["paths"].items():
+        if path == "/openapi.json":
+            continue
+        for method, operation in item.items():
+            unavailable = operation["responses"].get("503")
+            assert unavailable is not None, (method, path)
+            assert "Retry-After" in unavailable["headers"], (method, path)

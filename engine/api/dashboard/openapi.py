@@ -416,6 +416,17 @@ def _operation(
             "headers": _POSITION_HEADER,
             "content": {"application/json": {"schema": _ref("Error")}},
         }
+    responses["503"] = {
+        "description": "The database is busy or unreachable (code UNAVAILABLE). "
+        "Send the request again after Retry-After seconds.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before sending the request again.",
+                "schema": _INTEGER,
+            }
+        },
+        "content": {"application/json": {"schema": _ref("Error")}},
+    }
     return {
         "get": {
             "summary": summary,
