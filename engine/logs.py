@@ -5,6 +5,10 @@ from __future__ import annotations
 import json as stdlib_json
 import logging
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -83,3 +87,57 @@ def _json_line(event: dict[str, Any], **options: Any) -> bytes:
         )
     except (TypeError, orjson.JSONEncodeError):
         return stdlib_json.dumps(event, separators=(",", ":"), **options).encode()
+
+
+class ThrottledWarnings:
+    """Warnings logged at most once per interval per key.
+
+    Later warnings for a key within its interval are counted, and the count
+    is logged as one ``suppressed_event`` line, with the key in
+    ``key_field`` and the count in ``count_field``, once the interval is
+    over. Counts are flushed only when the next warning of any key arrives,
+    so on a quiet server a count waits in memory until then. Safe to call
+    from several threads.
+    """
+
+    suppressed_event: str
+    key_field: str
+    count_field: str
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        # key -> (time of its last log line, warnings not logged since)
+        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def warn(self, key: str | None, event: str, **fields: Any) -> None:
+        """Log ``event`` with ``fields`` unless ``key`` was logged within the
+        interval, in which case count it."""
+        with self._lock:
+            now = self._clock()
+            self._flush(now)
+            entry = self._entries.get(key or "")
+            if entry is not None:
+                self._entries[key or ""] = (entry[0], entry[1] + 1)
+                return
+            self._entries[key or ""] = (now, 0)
+        structlog.get_logger(__name__).warning(event, **fields)
+
+    def flush(self, now: float | None = None) -> None:
+        """Forget keys whose interval is over, logging their counts."""
+        with self._lock:
+            self._flush(self._clock() if now is None else now)
+
+    def _flush(self, now: float) -> None:
+        while self._entries:
+            key, (logged_at, suppressed) = next(iter(self._entries.items()))
+            if now - logged_at < self._interval:
+                return
+            del self._entries[key]
+            if suppressed:
+                structlog.get_logger(__name__).warning(
+                    self.suppressed_event,
+                    **{self.key_field: key or None, self.count_field: suppressed},
+                    seconds=self._interval,
+                )

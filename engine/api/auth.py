@@ -42,6 +42,7 @@ import structlog
 
 from engine.api.errors import ErrorCode, HTTPError
 from engine.api.threads import ThreadPool
+from engine.logs import ThrottledWarnings
 
 if TYPE_CHECKING:
     from engine.api.http import Request
@@ -420,50 +421,16 @@ def _replace_line(
     return result, replaced
 
 
-class _FailureLog:
-    """Log auth_failed at most once per interval per remote address.
+class _FailureLog(ThrottledWarnings):
+    """auth_failed lines, at most once per interval per remote address; the
+    rest are counted in auth_failures_suppressed lines."""
 
-    Later failures from that address within the interval are counted, and
-    the count is logged as one auth_failures_suppressed line once the
-    interval is over.
-    """
-
-    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
-        self._interval = interval
-        self._clock = clock
-        # address -> (time of its last log line, failures not yet logged)
-        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+    suppressed_event = "auth_failures_suppressed"
+    key_field = "remote"
+    count_field = "failures"
 
     def record(self, user: str | None, address: str | None, reason: str) -> None:
-        now = self._clock()
-        self.flush(now)
-        key = address or ""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries[key] = (entry[0], entry[1] + 1)
-            return
-        log.warning("auth_failed", user=user, remote=address, reason=reason)
-        self._entries[key] = (now, 0)
-
-    def flush(self, now: float | None = None) -> None:
-        """Forget addresses whose interval is over, logging their counts.
-
-        NOTE: this runs only when a request that needs credentials arrives,
-        so on an idle server a count waits in memory until the next one.
-        """
-        now = self._clock() if now is None else now
-        while self._entries:
-            address, (logged_at, suppressed) = next(iter(self._entries.items()))
-            if now - logged_at < self._interval:
-                return
-            del self._entries[address]
-            if suppressed:
-                log.warning(
-                    "auth_failures_suppressed",
-                    remote=address or None,
-                    failures=suppressed,
-                    seconds=self._interval,
-                )
+        self.warn(address, "auth_failed", user=user, remote=address, reason=reason)
 
 
 class Authenticator:

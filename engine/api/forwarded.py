@@ -15,13 +15,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import time
-from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
 from typing import Any, Final
 
-import structlog
-
-log = structlog.get_logger(__name__)
+from engine.logs import ThrottledWarnings
 
 # cairn's ASGI extension that keeps the connection's peer. Its value is a
 # dict whose "client" is the (host, port) of the connection, as uvicorn
@@ -71,34 +68,24 @@ def request_address(
         return None
 
 
-class InvalidForwardedLog:
-    """Log forwarded_address_invalid at most once per interval per proxy.
+class InvalidForwardedLog(ThrottledWarnings):
+    """forwarded_address_invalid lines, at most once per interval per proxy;
+    the rest are counted in forwarded_addresses_invalid_suppressed lines."""
 
-    Later values from that proxy within the interval are counted, and the
-    count is logged as one forwarded_addresses_invalid_suppressed line once
-    the interval is over. Not thread-safe, because the app calls it from the
-    event loop only.
-    """
+    suppressed_event = "forwarded_addresses_invalid_suppressed"
+    key_field = "proxy"
+    count_field = "values"
 
     def __init__(
         self,
         interval: float = WARNING_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._interval = interval
-        self._clock = clock
-        # proxy -> (time of its last log line, values not logged since)
-        self._entries: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        super().__init__(interval, clock)
 
     def record(self, proxy: str | None, value: str, request_id: str) -> None:
-        now = self._clock()
-        self.flush(now)
-        key = proxy or ""
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries[key] = (entry[0], entry[1] + 1)
-            return
-        log.warning(
+        self.warn(
+            proxy,
             "forwarded_address_invalid",
             proxy=proxy,
             value=value,
@@ -106,24 +93,3 @@ class InvalidForwardedLog:
             note="X-Forwarded-For names no IP address, so the address of the "
             "connection is used",
         )
-        self._entries[key] = (now, 0)
-
-    def flush(self, now: float | None = None) -> None:
-        """Forget proxies whose interval is over, logging their counts.
-
-        record calls this, so a count stays in memory until the next invalid
-        value from any proxy arrives.
-        """
-        now = self._clock() if now is None else now
-        while self._entries:
-            proxy, (logged_at, suppressed) = next(iter(self._entries.items()))
-            if now - logged_at < self._interval:
-                return
-            del self._entries[proxy]
-            if suppressed:
-                log.warning(
-                    "forwarded_addresses_invalid_suppressed",
-                    proxy=proxy or None,
-                    values=suppressed,
-                    seconds=self._interval,
-                )
