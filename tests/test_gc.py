@@ -58,6 +58,7 @@ from tests.server import (
     record_fsyncs,
     running,
 )
+from tests.test_cli_errors import _unprivileged_prefix
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 NO_GRACE = timedelta(0)
@@ -1061,15 +1062,7 @@ def _unprivileged() -> list[str]:
     """Return the command prefix that runs a command as the user `nobody`."""
     if os.geteuid() != 0:
         pytest.skip("only root can set up files that another account cannot change")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv is not installed")
-    nobody = pwd.getpwnam("nobody")
-    return [
-        "setpriv",
-        f"--reuid={nobody.pw_uid}",
-        f"--regid={nobody.pw_gid}",
-        "--clear-groups",
-    ]
+    return _unprivileged_prefix()
 
 
 @pytest.fixture
