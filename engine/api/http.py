@@ -52,6 +52,9 @@ _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _FORWARDED_PAIR: Final = re.compile(r'\s*([A-Za-z]+)\s*=\s*("[^"]*"|[^;,]*)')
 
 
+# Cached, because each request checks its Host here and again for the
+# Location URLs it builds, and clients send few distinct values.
+@functools.lru_cache(maxsize=256)
 def _valid_authority(host: str) -> bool:
     """Return whether an absolute URL can carry ``host`` as its authority.
 
