@@ -335,3 +335,50 @@ def test_staging_path_only_for_upload_ids(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match="invalid upload id"):
             store.paths.staging(spelling)
+
+
+def test_chunks_of_an_upload_reuse_one_aligned_buffer(tmp_path: Path) -> None:
+    # Each PATCH of a chunked upload releases its aligned buffer and the next
+    # one takes it again, so the pages of a new mapping are touched once.
+    store = BlobStore(tmp_path)
+    _needs_direct_io(store.paths.staging_dir)
+    buffers = store_module._AlignedBuffers()
+    taken: list[int] = []
+    take = buffers.take
+
+    def counting_take() -> object:
+        buffer = take()
+        taken.append(id(buffer))
+        return buffer
+
+    buffers.take = counting_take  # type: ignore[method-assign]
+    upload_id = str(uuid.uuid4())
+    data = b""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_module, "_DIRECT_BUFFERS", buffers)
+        staged = store.stage(upload_id)
+        for _ in range(3):
+            chunk = os.urandom(2 * store_module.DIRECT_BUFFER_BYTES)
+            staged.write(chunk)
+            staged.release_direct_io()
+            data += chunk
+        assert store.commit(staged, Digest.of(data)) == len(data)
+
+    assert len(taken) == 3
+    assert len(set(taken)) == 1
+    assert store.path(Digest.of(data)).read_bytes() == data
+
+
+def test_aligned_buffers_kept_between_uploads_are_bounded() -> None:
+    buffers = store_module._AlignedBuffers()
+    taken = [buffers.take() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 3)]
+    for buffer in taken:
+        buffers.give(buffer)
+
+    again = [buffers.take() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 1)]
+
+    kept = {id(buffer) for buffer in taken}
+    assert (
+        sum(id(buffer) in kept for buffer in again) == store_module.IDLE_DIRECT_BUFFERS
+    )
+    assert all(len(buffer) == store_module.DIRECT_BUFFER_BYTES for buffer in again)

@@ -84,6 +84,11 @@ DIRECT_ALIGNMENT: Final = 4096
 # Size of the page-aligned buffer through which a staged blob's O_DIRECT
 # writes pass.
 DIRECT_BUFFER_BYTES: Final = 1024 * 1024
+# Aligned buffers kept for reuse once their upload request ends. A chunked
+# upload takes one for every PATCH, and on the virtual machines cairn was
+# measured on, the first touch of each page of a new mapping cost several
+# microseconds (BENCHMARKS.md, "Fresh guest memory").
+IDLE_DIRECT_BUFFERS: Final = 4
 # One thread reads committed blobs back into the page cache (see the module
 # docstring) at this nice value, so that uploads and downloads get the CPU
 # first.
@@ -306,8 +311,7 @@ class StagedBlob:
         """Write ``block`` at ``offset`` with O_DIRECT and return True, or
         return False after turning O_DIRECT off for this file."""
         if self._aligned is None:
-            # An anonymous mapping starts on a page boundary.
-            self._aligned = mmap.mmap(-1, DIRECT_BUFFER_BYTES)
+            self._aligned = _DIRECT_BUFFERS.take()
         self._aligned[: len(block)] = block
         try:
             if self._direct_fd is None:
@@ -326,7 +330,7 @@ class StagedBlob:
         return True
 
     def release_direct_io(self) -> None:
-        """Close the O_DIRECT descriptor and drop the aligned buffer.
+        """Close the O_DIRECT descriptor and give the aligned buffer back.
 
         An upload between two chunks keeps its staged blob open, so it
         releases these instead of holding 1 MiB of memory while it waits.
@@ -338,9 +342,9 @@ class StagedBlob:
         if self._direct_fd is not None:
             os.close(self._direct_fd)
             self._direct_fd = None
-        # The mapping is unmapped when its last reference goes. Closing it
-        # here would fail while a traceback still keeps a view of it.
-        self._aligned = None
+        if self._aligned is not None:
+            _DIRECT_BUFFERS.give(self._aligned)
+            self._aligned = None
 
     def _wait_for_sync(self) -> BaseException | None:
         """Wait for the background fdatasync and return its error, if any.
@@ -644,6 +648,33 @@ def accepts_direct_io(directory: Path) -> bool:
         return False
     os.close(fd)
     return True
+
+
+class _AlignedBuffers:
+    """Page-aligned buffers of DIRECT_BUFFER_BYTES for O_DIRECT writes,
+    keeping up to IDLE_DIRECT_BUFFERS of them between uploads."""
+
+    def __init__(self) -> None:
+        self._idle: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        # An anonymous mapping starts on a page boundary.
+        return mmap.mmap(-1, DIRECT_BUFFER_BYTES)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """Keep ``buffer`` for the next upload, or drop it when enough are
+        kept. A dropped mapping is unmapped when its last reference goes:
+        closing it would fail while a traceback still keeps a view of it."""
+        with self._lock:
+            if len(self._idle) < IDLE_DIRECT_BUFFERS:
+                self._idle.append(buffer)
+
+
+_DIRECT_BUFFERS: Final = _AlignedBuffers()
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
