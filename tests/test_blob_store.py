@@ -344,14 +344,14 @@ def test_chunks_of_an_upload_reuse_one_aligned_buffer(tmp_path: Path) -> None:
     _needs_direct_io(store.paths.staging_dir)
     buffers = store_module._AlignedBuffers()
     taken: list[int] = []
-    take = buffers.take
+    acquire = buffers.acquire
 
-    def counting_take() -> object:
-        buffer = take()
+    def counting_acquire() -> object:
+        buffer = acquire()
         taken.append(id(buffer))
         return buffer
 
-    buffers.take = counting_take  # type: ignore[method-assign]
+    buffers.acquire = counting_acquire  # type: ignore[method-assign]
     upload_id = str(uuid.uuid4())
     data = b""
     with pytest.MonkeyPatch.context() as patch:
@@ -371,11 +371,11 @@ def test_chunks_of_an_upload_reuse_one_aligned_buffer(tmp_path: Path) -> None:
 
 def test_aligned_buffers_kept_between_uploads_are_bounded() -> None:
     buffers = store_module._AlignedBuffers()
-    taken = [buffers.take() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 3)]
+    taken = [buffers.acquire() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 3)]
     for buffer in taken:
-        buffers.give(buffer)
+        buffers.release(buffer)
 
-    again = [buffers.take() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 1)]
+    again = [buffers.acquire() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 1)]
 
     kept = {id(buffer) for buffer in taken}
     assert (

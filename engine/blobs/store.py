@@ -87,7 +87,7 @@ DIRECT_BUFFER_BYTES: Final = 1024 * 1024
 # Aligned buffers kept for reuse once their upload request ends. A chunked
 # upload takes one for every PATCH, and on the virtual machines cairn was
 # measured on, the first touch of each page of a new mapping cost several
-# microseconds (BENCHMARKS.md, "Fresh guest memory").
+# microseconds (BENCHMARKS.md, "Fresh guest memory and the pull of a new blob").
 IDLE_DIRECT_BUFFERS: Final = 4
 # One thread reads committed blobs back into the page cache (see the module
 # docstring) at this nice value, so that uploads and downloads get the CPU
@@ -311,7 +311,7 @@ class StagedBlob:
         """Write ``block`` at ``offset`` with O_DIRECT and return True, or
         return False after turning O_DIRECT off for this file."""
         if self._aligned is None:
-            self._aligned = _DIRECT_BUFFERS.take()
+            self._aligned = _DIRECT_BUFFERS.acquire()
         self._aligned[: len(block)] = block
         try:
             if self._direct_fd is None:
@@ -330,7 +330,7 @@ class StagedBlob:
         return True
 
     def release_direct_io(self) -> None:
-        """Close the O_DIRECT descriptor and give the aligned buffer back.
+        """Close the O_DIRECT descriptor and release the aligned buffer.
 
         An upload between two chunks keeps its staged blob open, so it
         releases these instead of holding 1 MiB of memory while it waits.
@@ -343,7 +343,7 @@ class StagedBlob:
             os.close(self._direct_fd)
             self._direct_fd = None
         if self._aligned is not None:
-            _DIRECT_BUFFERS.give(self._aligned)
+            _DIRECT_BUFFERS.release(self._aligned)
             self._aligned = None
 
     def _wait_for_sync(self) -> BaseException | None:
@@ -658,14 +658,14 @@ class _AlignedBuffers:
         self._idle: list[mmap.mmap] = []
         self._lock = threading.Lock()
 
-    def take(self) -> mmap.mmap:
+    def acquire(self) -> mmap.mmap:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
         # An anonymous mapping starts on a page boundary.
         return mmap.mmap(-1, DIRECT_BUFFER_BYTES)
 
-    def give(self, buffer: mmap.mmap) -> None:
+    def release(self, buffer: mmap.mmap) -> None:
         """Keep ``buffer`` for the next upload, or drop it when enough are
         kept. A dropped mapping is unmapped when its last reference goes:
         closing it would fail while a traceback still keeps a view of it."""
