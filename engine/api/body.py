@@ -61,8 +61,9 @@ async def read_limited(request: Request, limit: int) -> bytes:
 class _ChunkPipe:
     """A bounded queue from the event loop (producer) to one worker thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_consumer_done: Callable[[], None]) -> None:
         self._loop = asyncio.get_running_loop()
+        self._on_consumer_done = on_consumer_done
         self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._space = asyncio.Event()
         self._error: BaseException | None = None
@@ -106,6 +107,7 @@ class _ChunkPipe:
         def mark() -> None:
             self.consumer_done = True
             self._space.set()
+            self._on_consumer_done()
 
         self._loop.call_soon_threadsafe(mark)
 
@@ -144,7 +146,9 @@ async def stream_to_thread(
     declared = request.content_length()
     if declared is not None and declared <= BUFFER_SIZE:
         return await _consume_whole(request, consume, expected_size, limit)
-    pipe = _ChunkPipe()
+    # Once the worker has stopped, the pump looks at every piece of body that
+    # arrives, so that the response goes as soon as the client sends again.
+    pipe = _ChunkPipe(lambda: request.batch_body(0))
 
     def run() -> T:
         TRIMMER.upload_started()
@@ -206,6 +210,7 @@ async def _pump(
     parts: list[bytes] = []
     buffered = 0
     received = 0
+    request.batch_body(_batch_size(buffered, received, expected_size, limit))
     async for chunk in request.stream():
         received += len(chunk)
         if expected_size is not None and received > expected_size:
@@ -223,11 +228,29 @@ async def _pump(
                 return
             parts.clear()
             buffered = 0
+        if not pipe.consumer_done:
+            request.batch_body(_batch_size(buffered, received, expected_size, limit))
     if parts and not await pipe.put(b"".join(parts)):
         return
     if expected_size is not None and received != expected_size:
         raise _size_mismatch(expected_size, received)
     await pipe.put(_END)  # type: ignore[arg-type]
+
+
+def _batch_size(
+    buffered: int, received: int, expected_size: int | None, limit: BlobLimit
+) -> int:
+    """Return how many more body bytes _pump needs before it can act.
+
+    That is the rest of a buffer, or one byte past the declared length or the
+    maximum blob size when fewer, so that a body over either is rejected as
+    soon as it arrives."""
+    size = BUFFER_SIZE - buffered
+    if expected_size is not None:
+        size = min(size, expected_size - received + 1)
+    if limit.max_blob_size is not None:
+        size = min(size, limit.max_blob_size - limit.offset - received + 1)
+    return max(size, 1)
 
 
 async def _wait_uncancellable(worker: asyncio.Future[Any]) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, quote
 
 from engine.api.errors import ErrorCode, HTTPError, repeated_parameter, unsupported
 from engine.api.forwarded import request_address
+from engine.api.pending_body import BODY_BATCH
 from engine.domain.events import Actor
 from engine.encoding import encode_json
 
@@ -230,6 +231,14 @@ class Request:
     @property
     def actor(self) -> Actor:
         return Actor(user=self.user, address=self.address)
+
+    def batch_body(self, size: int) -> None:
+        """Ask the server to wake ``stream`` only once ``size`` body bytes
+        wait, or the body ends. A server without the BODY_BATCH extension
+        delivers pieces as they come."""
+        batch = (self.scope.get("extensions") or {}).get(BODY_BATCH)
+        if batch is not None:
+            batch["bytes"] = size
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Yield the body as the server delivers it.

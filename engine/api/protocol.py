@@ -47,7 +47,9 @@ closes its TCP connection without waiting for the client's close_notify (see
 _close_without_close_notify_wait).
 
 Uncopied request bodies: the app receives the body from a PendingBody, which
-keeps the parser's bytes objects, instead of from uvicorn's bytearray (see
+keeps the parser's bytes objects, instead of from uvicorn's bytearray. Each
+request's scope advertises the extension ``cairn.body_batch``, in which the
+app may set how many body bytes should wait before it is woken (see
 engine/api/pending_body.py).
 
 Connection peer: each request's scope advertises the extension
@@ -102,7 +104,7 @@ from engine.api.app import API_VERSION_HEADER, IDLE_TIMEOUT, ZEROCOPY_SEND
 from engine.api.errors import ErrorCode, error_body
 from engine.api.forwarded import CONNECTION_PEER
 from engine.api.options import DEFAULT_READ_IDLE_TIMEOUT, DEFAULT_WRITE_IDLE_TIMEOUT
-from engine.api.pending_body import PendingBody, receive_from
+from engine.api.pending_body import BODY_BATCH, PendingBody, receive_from
 from engine.api.threads import ThreadPool
 
 log = structlog.get_logger(__name__)
@@ -368,6 +370,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
         extensions: dict[str, dict[object, object]] = {
             IDLE_TIMEOUT: {},
             CONNECTION_PEER: {"client": self.client},
+            BODY_BATCH: {},
         }
         if self._zerocopy:
             extensions[ZEROCOPY_SEND] = {}
@@ -411,7 +414,8 @@ class CairnHttpProtocol(HttpToolsProtocol):
         pending.append(body)
         if pending.full:
             self.flow.pause_reading()
-        cycle.message_event.set()
+        if pending.ready(cycle.scope):
+            cycle.message_event.set()
 
     def _pending_body(self, cycle: RequestResponseCycle) -> PendingBody:
         pending = self._pending_bodies.get(cycle)
