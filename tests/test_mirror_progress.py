@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,8 +19,13 @@ from consumers.mirror import progress as progress_module
 from consumers.mirror.copier import Stats
 from consumers.mirror.progress import Progress
 from tests.images import make_image
-from tests.server import ServeProcess, push_image
-from tests.test_mirror import head_position, log_events, run_mirror
+from tests.server import ServeProcess, push_blob, push_image, serve_cairn
+from tests.test_mirror import (
+    head_position,
+    log_events,
+    run_mirror,
+    run_mirror_status,
+)
 
 # Bound at import, before any test of this module changes the processors.
 _EARLY_LOGGER = structlog.get_logger("progress-test-early").bind()
@@ -74,7 +81,7 @@ def test_first_copy_counts_in_rate() -> None:
     time.sleep(0.2)
     # A blob copied before the runner's first update, as the first event of
     # a run is.
-    stats.bytes_copied = 1_000_000
+    stats.bytes_sent = 1_000_000
     stats.applied = 1
 
     progress.update(1, force=True)
@@ -91,7 +98,7 @@ def test_copy_inside_window_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     progress = Progress(stats, "line", stream)
     progress.update(0, force=True)
     time.sleep(0.3)
-    stats.bytes_copied = 1_000_000
+    stats.bytes_sent = 1_000_000
     stats.applied = 1
     progress.update(1)
     time.sleep(0.3)
@@ -109,7 +116,7 @@ def test_rate_zero_after_idle_window(monkeypatch: pytest.MonkeyPatch) -> None:
     stats = Stats()
     stream = io.StringIO()
     progress = Progress(stats, "line", stream)
-    stats.bytes_copied = 1_000_000
+    stats.bytes_sent = 1_000_000
     stats.applied = 1
     progress.update(1)
     time.sleep(0.3)
@@ -142,3 +149,47 @@ def test_mirror_reports_head_from_start(
     # The first report comes before the first event is applied.
     assert reports[0]["position"] == 0
     assert reports[-1]["position"] == head
+
+
+def test_rejected_blob_not_counted_as_copied(
+    tmp_path: Path, source: ServeProcess
+) -> None:
+    # The target takes blobs of at most 1 MiB, so it rejects this one with
+    # 413 after the mirror has sent it: sent, but not copied.
+    target = serve_cairn(tmp_path / "small-target", "--max-blob-size", "1MiB")
+    try:
+        data = os.urandom(2 * 1024 * 1024)
+        with httpx.Client(base_url=source.url, timeout=60) as client:
+            digest = push_blob(client, "demo/big", data)
+
+        result = run_mirror_status(source.url, target.url, "--progress", "log")
+
+        assert result.returncode == 1, result.stderr[-4000:]
+        stopped = [
+            line
+            for line in log_events(result.stderr)
+            if line["event"] == "mirror_stopped"
+        ]
+        assert stopped[0]["applied"] == 0
+        assert stopped[0]["bytes_copied"] == 0
+        assert stopped[0]["bytes_sent"] > 0
+        response = httpx.head(f"{target.url}/v2/demo/big/blobs/{digest}")
+        assert response.status_code == 404
+    finally:
+        target.kill()
+
+
+def test_copied_blob_counts_its_bytes(
+    source: ServeProcess, target: ServeProcess
+) -> None:
+    data = os.urandom(300_000)
+    with httpx.Client(base_url=source.url, timeout=60) as client:
+        push_blob(client, "demo/blob", data)
+
+    result = run_mirror(source.url, target.url, "--progress", "log")
+
+    stopped = [
+        line for line in log_events(result.stderr) if line["event"] == "mirror_stopped"
+    ]
+    assert stopped[0]["bytes_copied"] == len(data)
+    assert stopped[0]["bytes_sent"] == len(data)

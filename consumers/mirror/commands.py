@@ -311,6 +311,7 @@ async def _run(
         skipped=stats.skipped,
         not_copied=stats.not_copied,
         bytes_copied=stats.bytes_copied,
+        bytes_sent=stats.bytes_sent,
         nats_url=redact_url(args.nats_url) if args.nats_url else None,
     )
     return status

@@ -72,12 +72,16 @@ class Stats:
 
     ``skipped`` counts events left out on purpose: their repository is not
     mirrored, or their type is unknown. ``not_copied`` counts incomplete
-    events, whose content the source serves only in part.
+    events, whose content the source serves only in part. ``bytes_sent``
+    counts blob bytes as they go to the target, each attempt again, and the
+    progress rates use it. ``bytes_copied`` counts the blobs that the target
+    stored.
     """
 
     applied: int = 0
     skipped: int = 0
     not_copied: int = 0
+    bytes_sent: int = 0
     bytes_copied: int = 0
     blobs_copied: int = 0
     blobs_mounted: int = 0
@@ -243,11 +247,13 @@ class Copier:
             self._remember(digest, repository)
             return "present", stored.size
         candidate = self._mount_candidate(repository, digest, mount_from)
+        # The bytes that each upload attempt sent, in order.
+        sent: list[int] = []
         try:
             copy = await self.target.put_blob(
                 repository,
                 digest,
-                lambda: self._open_verified(repository, digest),
+                lambda: self._open_verified(repository, digest, sent),
                 candidate,
             )
         except SourceGone:
@@ -266,6 +272,7 @@ class Copier:
             )
             return "mounted", None
         self.stats.blobs_copied += 1
+        self.stats.bytes_copied += sent[-1] if sent else copy.size
         log.debug("blob_copied", repository=repository, digest=digest, size=copy.size)
         return "copied", None
 
@@ -330,13 +337,12 @@ class Copier:
 
     @asynccontextmanager
     async def _open_verified(
-        self, repository: str, digest: str
+        self, repository: str, digest: str, sent: list[int]
     ) -> AsyncIterator[BlobStream]:
         expected = Digest.parse(digest)
         async with self.source.open_blob(repository, digest) as blob:
-            yield BlobStream(
-                blob.size, self._verified(blob.chunks, expected, blob.size, repository)
-            )
+            chunks = self._verified(blob.chunks, expected, blob.size, repository, sent)
+            yield BlobStream(blob.size, chunks)
 
     async def _verified(
         self,
@@ -344,18 +350,23 @@ class Copier:
         expected: Digest,
         size: int | None,
         repository: str,
+        sent: list[int],
     ) -> AsyncIterator[bytes]:
         """Pass chunks through, holding back the last one until the digest
-        checks, so the target never receives a whole blob with wrong bytes."""
+        checks, so the target never receives a whole blob with wrong bytes.
+
+        Appends a count to ``sent`` and adds each chunk's length to it once
+        the target has taken the chunk."""
         verifier = DigestVerifier(expected.algorithm)
         held: bytes | None = None
+        sent.append(0)
         async for chunk in chunks:
             if not chunk:
                 continue
             await asyncio.to_thread(verifier.update, chunk)
             if held is not None:
                 yield held
-                self.stats.bytes_copied += len(held)
+                self._count_sent(sent, len(held))
             held = chunk
         if size is not None and verifier.size != size:
             raise TransientError(
@@ -371,7 +382,11 @@ class Copier:
             ) from None
         if held is not None:
             yield held
-            self.stats.bytes_copied += len(held)
+            self._count_sent(sent, len(held))
+
+    def _count_sent(self, sent: list[int], length: int) -> None:
+        sent[-1] += length
+        self.stats.bytes_sent += length
 
     # ---- manifests and tags -----------------------------------------------
 

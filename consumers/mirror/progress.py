@@ -39,7 +39,7 @@ class Progress:
         # The first sample is the start, so that the copies done before the
         # first update count in the first rates.
         self._samples: deque[tuple[float, int, int]] = deque(
-            [(time.monotonic(), stats.bytes_copied, stats.applied)]
+            [(time.monotonic(), stats.bytes_sent, stats.applied)]
         )
         self._line_shown = False
         if mode == "line":
@@ -82,7 +82,7 @@ class Progress:
             self.head = max(self.head, head)
         self.head = max(self.head, position)
         now = time.monotonic()
-        self._samples.append((now, self.stats.bytes_copied, self.stats.applied))
+        self._samples.append((now, self.stats.bytes_sent, self.stats.applied))
         # Keep the last sample from before the window as its baseline, so a
         # copy that finished inside the window counts in full.
         while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW:
@@ -136,6 +136,7 @@ class Progress:
                 skipped=self.stats.skipped,
                 not_copied=self.stats.not_copied,
                 bytes_copied=self.stats.bytes_copied,
+                bytes_sent=self.stats.bytes_sent,
                 bytes_per_second=round(bytes_rate),
                 events_per_second=round(event_rate, 1),
             )

@@ -117,6 +117,7 @@ class MirrorRunner:
             skipped=self.stats.skipped,
             not_copied=self.stats.not_copied,
             bytes_copied=self.stats.bytes_copied,
+            bytes_sent=self.stats.bytes_sent,
         )
         if self.settings.once:
             return
