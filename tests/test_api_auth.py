@@ -837,8 +837,22 @@ def test_forwarded_for_from_trusted_proxy(
     assert 429 in repeated
 
 
+@pytest.mark.parametrize(
+    ("forwarded_for", "recorded", "spellings"),
+    [
+        ("0:0::1", "::1", ("::1", "0:0::1", "0000:0000::0001")),
+        # An IPv4 client of a dual-stack socket, in both of Python's
+        # spellings, and as the plain IPv4 address.
+        ("::ffff:192.0.2.7", "192.0.2.7", ("192.0.2.7", "::ffff:c000:207")),
+    ],
+)
 def test_forwarded_address_standard_spelling(
-    data_dir: Path, database_url: str, tmp_path: Path
+    data_dir: Path,
+    database_url: str,
+    tmp_path: Path,
+    forwarded_for: str,
+    recorded: str,
+    spellings: tuple[str, ...],
 ) -> None:
     serve = start_serve(
         data_dir,
@@ -851,7 +865,7 @@ def test_forwarded_address_standard_spelling(
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     try:
         with httpx.Client(base_url=serve.url) as client:
-            forwarded = {"X-Forwarded-For": "0:0::1"}
+            forwarded = {"X-Forwarded-For": forwarded_for}
             started = client.post("/v2/proxied/blobs/uploads/", headers=forwarded)
             assert started.status_code == 202, started.text
             pushed = client.put(
@@ -865,7 +879,7 @@ def test_forwarded_address_standard_spelling(
                 spelling: client.get(
                     "/_cairn/api/v1/events", params={"address": spelling}
                 )
-                for spelling in ("::1", "0:0::1", "0000:0000::0001")
+                for spelling in (*spellings, forwarded_for)
             }
     finally:
         assert serve.stop() == 0
@@ -873,7 +887,7 @@ def test_forwarded_address_standard_spelling(
         assert page.status_code == 200, (spelling, page.text)
         events = page.json()["events"]
         assert [event["type"] for event in events] == ["blob.pushed"], spelling
-        assert events[0]["actor"]["address"] == "::1"
+        assert events[0]["actor"]["address"] == recorded
 
 
 # X-Forwarded-For values that name no IP address, and the values that

@@ -35,8 +35,17 @@ def client_address(host: str) -> str:
     """Return an IP address in its one standard spelling (RFC 5952 for
     IPv6: 0:0::1 becomes ::1), so that the query API's address filter finds
     every event of a client. Raises ValueError for a host that is not an IP
-    address."""
-    return str(ipaddress.ip_address(host))
+    address.
+
+    An IPv4-mapped IPv6 address (::ffff:192.0.2.1), which a dual-stack
+    socket reports for an IPv4 client, becomes its IPv4 address. Python's
+    own spelling of it changed in 3.13, from ::ffff:c000:201 (3.12.1) to
+    ::ffff:192.0.2.1 (3.13.0).
+    """
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def request_address(

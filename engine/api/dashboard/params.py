@@ -8,12 +8,12 @@ default, leave the parameter out.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from datetime import datetime
 from typing import Final
 
 from engine.api.errors import repeated_parameter, unsupported
+from engine.api.forwarded import client_address
 from engine.api.http import Request
 from engine.domain.events import EventType
 from engine.domain.names import validate_repository_name, validate_tag
@@ -177,7 +177,8 @@ def address(request: Request) -> str | None:
 
     Events record an IP address in its standard spelling (see
     engine.api.forwarded), so the filter is compared in that spelling too:
-    0:0::1 finds the events of ::1. An event that an earlier cairn recorded
+    0:0::1 finds the events of ::1, and ::ffff:192.0.2.1 those of
+    192.0.2.1. An event that an earlier cairn recorded
     with a forwarded value that is no IP address, such as "unknown", has no
     address this filter takes.
     """
@@ -185,7 +186,7 @@ def address(request: Request) -> str | None:
     if value is None:
         return None
     try:
-        return str(ipaddress.ip_address(value))
+        return client_address(value)
     except ValueError:
         raise unsupported(
             "address must be an IPv4 or IPv6 address, such as 127.0.0.1 or ::1",
