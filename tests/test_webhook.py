@@ -988,3 +988,38 @@ def test_dead_letter_stream_created_once(
 
     events = [call.kwargs.get("event") for call in captured.calls]
     assert events.count("dead_letter_stream_created") == 1
+
+
+def test_tag_push_of_deleted_manifest_keeps_facts(
+    tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
+) -> None:
+    # Replayed from the start, the tag's push is delivered after its manifest
+    # was deleted, so the registry no longer serves it: the facts come from
+    # the manifest.pushed event read before it.
+    image = make_image()
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/gone", image, "v1")
+        deleted = client.delete(f"/v2/library/gone/manifests/{image.digest}")
+        assert deleted.status_code == 202, deleted.text
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "distribution",
+                "url": receiver.url("/distribution"),
+                "format": "distribution",
+                "event_types": ["tag.set"],
+                "start": "all",
+            },
+        ],
+        extra=f'[registry]\nurl = "{cairn}"\n',
+    )
+    webhook = start_webhook(config)
+
+    wait_until(lambda: len(receiver.of("/distribution")) >= 1, WAIT)
+
+    target = receiver.of("/distribution")[0].json()["events"][0]["target"]
+    assert target["tag"] == "v1"
+    assert target["mediaType"] == image.media_type
+    assert target["size"] == len(image.manifest)
+    assert webhook.stop() == 0

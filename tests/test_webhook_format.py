@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from consumers.webhook.config import (
     parse_duration,
 )
 from consumers.webhook.delivery import build_request, sign
-from consumers.webhook.lookup import EventLookup, EventLookupFailed
+from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
 from consumers.webhook.payloads import (
     ManifestFacts,
     cloudevent,
@@ -528,3 +529,58 @@ def test_worker_rejects_message_not_json() -> None:
     assert decoded is None
     assert problem is not None
     assert problem.startswith("the message is not JSON: ")
+
+
+def _closed_port() -> int:
+    """Return a loopback port on which nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_lookup_keeps_facts_of_pushed_manifest() -> None:
+    # The registry is unreachable here. For a manifest deleted before its tag
+    # event is delivered it would not help either, so the push's facts are
+    # returned.
+    lookup = ManifestLookup(f"http://127.0.0.1:{_closed_port()}")
+    pushed = event(
+        EventType.MANIFEST_PUSHED,
+        digest=DIGEST,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        size=512,
+    )
+
+    async def facts_before_and_after() -> tuple[Any, Any]:
+        try:
+            before = await lookup.facts("library/app", DIGEST)
+            lookup.remember(pushed)
+            return before, await lookup.facts("library/app", DIGEST)
+        finally:
+            await lookup.aclose()
+
+    before, after = asyncio.run(facts_before_and_after())
+
+    assert before is None
+    assert after == ManifestFacts("application/vnd.oci.image.manifest.v1+json", 512)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"digest": DIGEST, "media_type": "application/json"},
+        {"digest": DIGEST, "size": 3},
+        {"digest": DIGEST, "media_type": "application/json", "size": True},
+        {"media_type": "application/json", "size": 3},
+    ],
+)
+def test_lookup_ignores_incomplete_push(payload: dict[str, Any]) -> None:
+    lookup = ManifestLookup(f"http://127.0.0.1:{_closed_port()}")
+
+    async def facts_after() -> Any:
+        try:
+            lookup.remember(event(EventType.MANIFEST_PUSHED, **payload))
+            return await lookup.facts("library/app", DIGEST)
+        finally:
+            await lookup.aclose()
+
+    assert asyncio.run(facts_after()) is None

@@ -2,9 +2,11 @@
 
 A tag.set event names only the tag and the digest; Distribution receivers
 expect the target's media type and size as well. With ``[registry] url``
-configured, the webhook sends one HEAD request per manifest to the registry
-and keeps the results in a small cache. Digests never change their
-content, so a cached result stays right.
+configured, the webhook keeps them from the manifest.pushed events it reads,
+and otherwise sends one HEAD request per manifest to the registry, in a
+small cache. Digests never change their content, so a cached result stays
+right, and a manifest deleted before its tag event is delivered keeps the
+facts that its push carried.
 
 An event too large for the NATS server arrives as a stand-in without its
 payload (``engine.bus.messages.stand_in_message``). The webhook then reads
@@ -74,10 +76,28 @@ class ManifestLookup:
             return None
 
         facts = ManifestFacts(media_type.split(";")[0].strip(), int(length))
+        self._keep(digest, facts)
+        return facts
+
+    def remember(self, event: dict[str, Any]) -> None:
+        """Keep the media type and size that a manifest.pushed event carries."""
+        payload = event.get("payload") or {}
+        digest = payload.get("digest")
+        media_type = payload.get("media_type")
+        size = payload.get("size")
+        if (
+            isinstance(digest, str)
+            and isinstance(media_type, str)
+            and isinstance(size, int)
+            and not isinstance(size, bool)
+        ):
+            self._keep(digest, ManifestFacts(media_type, size))
+
+    def _keep(self, digest: str, facts: ManifestFacts) -> None:
         self._cache[digest] = facts
+        self._cache.move_to_end(digest)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-        return facts
 
     async def aclose(self) -> None:
         await self._client.aclose()

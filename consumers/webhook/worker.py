@@ -167,6 +167,9 @@ class EndpointWorker:
             )
             await message.ack_sync()
             return
+        if event["type"] == EventType.MANIFEST_PUSHED and self.lookup is not None:
+            # Kept before the endpoint's filters, for the tag events that follow.
+            self.lookup.remember(event)
         if not self.endpoint.accepts(event["type"], event["repository"]):
             await message.ack_sync()
             return
