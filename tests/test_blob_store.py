@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
@@ -382,3 +383,27 @@ def test_aligned_buffers_kept_between_uploads_are_bounded() -> None:
         sum(id(buffer) in kept for buffer in again) == store_module.IDLE_DIRECT_BUFFERS
     )
     assert all(len(buffer) == store_module.DIRECT_BUFFER_BYTES for buffer in again)
+
+
+def test_closed_upload_keeps_buffer_from_others(tmp_path: Path) -> None:
+    # The purge of an expired upload closes its staged blob from another
+    # thread, maybe while a write still copies into the aligned buffer, so a
+    # close never hands the buffer to another upload.
+    store = BlobStore(tmp_path)
+    _needs_direct_io(store.paths.staging_dir)
+    buffers = store_module._AlignedBuffers()
+    released: list[int] = []
+    release = buffers.release
+
+    def counting_release(buffer: mmap.mmap) -> None:
+        released.append(id(buffer))
+        release(buffer)
+
+    buffers.release = counting_release  # type: ignore[method-assign]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store_module, "_DIRECT_BUFFERS", buffers)
+        staged = store.stage(str(uuid.uuid4()))
+        staged.write(os.urandom(2 * store_module.DIRECT_BUFFER_BYTES))
+        staged.close()
+
+    assert released == []

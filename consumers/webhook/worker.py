@@ -179,6 +179,8 @@ class EndpointWorker:
         fetch_error: str | None = None
         if is_stand_in(event):
             event, fetch_error = await self._full_event(event, ids)
+            if event["type"] == EventType.MANIFEST_PUSHED and self.lookup is not None:
+                self.lookup.remember(event)
         if (
             self.endpoint.format == "distribution"
             and announced_by_tag_event(event)

@@ -323,7 +323,7 @@ class StagedBlob:
             if error.errno != errno.EINVAL:
                 raise
             log.warning("direct_io_rejected", path=self.path.name, error=str(error))
-            self._release_direct()
+            self._release_direct(reuse=False)
             self._direct_io = False
             return False
         self.wrote_direct = True
@@ -334,17 +334,27 @@ class StagedBlob:
 
         An upload between two chunks keeps its staged blob open, so it
         releases these instead of holding 1 MiB of memory while it waits.
-        The next large write opens them again.
+        The next large write opens them again. Only the thread that writes
+        the upload may call this, once its writes have ended.
         """
-        self._release_direct()
+        self._release_direct(reuse=True)
 
-    def _release_direct(self) -> None:
+    def _release_direct(self, *, reuse: bool) -> None:
+        """Close the O_DIRECT descriptor and drop the aligned buffer, keeping
+        it for another upload only with ``reuse``.
+
+        A close from another thread, such as the purge of an expired upload,
+        may come while a write still copies into the buffer, which must then
+        not reach another upload.
+        """
         if self._direct_fd is not None:
             os.close(self._direct_fd)
             self._direct_fd = None
-        if self._aligned is not None:
+        if self._aligned is not None and reuse:
             _DIRECT_BUFFERS.release(self._aligned)
-            self._aligned = None
+        # A dropped mapping is unmapped when its last reference goes. Closing
+        # it here would fail while a traceback still keeps a view of it.
+        self._aligned = None
 
     def _wait_for_sync(self) -> BaseException | None:
         """Wait for the background fdatasync and return its error, if any.
@@ -382,7 +392,7 @@ class StagedBlob:
         closed this way, and a commit uses sync_and_close.
         """
         self._wait_for_sync()
-        self._release_direct()
+        self._release_direct(reuse=False)
         try:
             self._file.close()
         except OSError as error:
@@ -405,7 +415,7 @@ class StagedBlob:
         except BaseException:
             self.close()
             raise
-        self._release_direct()
+        self._release_direct(reuse=True)
         self._file.close()
 
 
@@ -667,8 +677,7 @@ class _AlignedBuffers:
 
     def release(self, buffer: mmap.mmap) -> None:
         """Keep ``buffer`` for the next upload, or drop it when enough are
-        kept. A dropped mapping is unmapped when its last reference goes:
-        closing it would fail while a traceback still keeps a view of it."""
+        kept."""
         with self._lock:
             if len(self._idle) < IDLE_DIRECT_BUFFERS:
                 self._idle.append(buffer)
