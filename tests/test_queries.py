@@ -19,6 +19,7 @@ from engine.domain.events import Actor, EventType, NewEvent
 from engine.migrate import _config, upgrade
 from engine.projections import ALL_PROJECTIONS, apply_events
 from engine.projections.rebuild import rebuild_projections, snapshot_projections
+from engine.queries.events import address_spellings
 from engine.registry import Registry
 from tests.images import Image, make_artifact, make_image, make_index
 
@@ -886,6 +887,31 @@ def test_event_filters(timed_activity: Registry) -> None:
     assert positions(until=T0 + HOUR) == [4, 3, 2, 1]
     assert positions(since=T0 + HOUR, until=T0 + HOUR) == [4, 3]
     assert positions(repository="app", actor="bob", types=["tag.deleted"]) == [6]
+
+
+def test_event_address_finds_older_spellings(registry: Registry) -> None:
+    # Before cairn recorded an IPv4-mapped client address as its IPv4
+    # address, it recorded Python's spelling, which changed in Python 3.13.
+    addresses = ["::ffff:c000:207", "192.0.2.7", "::ffff:192.0.2.7", "192.0.2.8"]
+    positions = []
+    for index, address in enumerate(addresses):
+        repo = registry.repository("app", actor=Actor(None, address))
+        repo.blobs.push(Digest.of(f"blob {index}".encode()), [f"blob {index}".encode()])
+        positions.append(head(registry))
+
+    def fetch(cursor: str | None, **filters: Any) -> queries.Page:
+        return read(registry, queries.event_page, n=1, cursor=cursor, **filters)
+
+    client = positions[2::-1]
+    assert all_items(fetch, "position", address="192.0.2.7") == client
+    assert (
+        all_items(
+            fetch, "position", address="192.0.2.7", types=["blob.pushed", "tag.set"]
+        )
+        == client
+    )
+    assert all_items(fetch, "position", address="192.0.2.8") == [positions[3]]
+    assert address_spellings("2001:db8::1") == ["2001:db8::1"]
 
 
 def test_event_pages(timed_activity: Registry) -> None:

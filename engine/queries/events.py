@@ -8,6 +8,7 @@ fewer than ``n`` events.
 from __future__ import annotations
 
 import functools
+import ipaddress
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -33,21 +34,40 @@ EVENT_TYPES: Final = frozenset(str(event_type) for event_type in EventType)
 
 @functools.cache
 def _statement(
-    repository: bool, type_count: int, actor: bool, address: bool
+    repository: bool, type_count: int, actor: bool, address_count: int
 ) -> sa.Select[Any]:
     """Build, once per set of filters, the statement that chooses the events
     of one feed page, as the ``sizes`` of ``read_page``.
 
     Each filter has an index on (column, position), so a page is one
-    backwards range scan whatever the filter. Several types become one scan
-    per type, merged by position, because with ``type IN (...)`` PostgreSQL
-    reads and sorts every matching event.
+    backwards range scan whatever the filter. Several types, or several
+    spellings of an address, become one scan per value, merged by position,
+    because with ``IN (...)`` PostgreSQL reads and sorts every matching
+    event.
     """
-    if type_count <= 1:
-        return _filtered(repository, type_count == 1, actor, address)
+    if type_count <= 1 and address_count <= 1:
+        return _filtered(repository, type_count == 1, actor, address_count == 1)
+    type_parameters = (
+        [f"b_type_{index}" for index in range(type_count)]
+        if type_count > 1
+        else ["b_type"]
+    )
+    address_parameters = (
+        [f"b_address_{index}" for index in range(address_count)]
+        if address_count > 1
+        else ["b_address"]
+    )
     scans = [
-        _filtered(repository, True, actor, address, f"b_type_{index}").subquery()
-        for index in range(type_count)
+        _filtered(
+            repository,
+            type_count >= 1,
+            actor,
+            address_count >= 1,
+            type_parameter,
+            address_parameter,
+        ).subquery()
+        for type_parameter in type_parameters
+        for address_parameter in address_parameters
     ]
     merged = sa.union_all(*(sa.select(scan) for scan in scans)).subquery()
     return (
@@ -63,6 +83,7 @@ def _filtered(
     actor: bool,
     address: bool,
     type_parameter: str = "b_type",
+    address_parameter: str = "b_address",
 ) -> sa.Select[Any]:
     position = events.c.position
     query = (
@@ -77,7 +98,7 @@ def _filtered(
     if actor:
         query = query.where(events.c.actor_user == sa.bindparam("b_actor"))
     if address:
-        query = query.where(events.c.actor_address == sa.bindparam("b_address"))
+        query = query.where(events.c.actor_address == sa.bindparam(address_parameter))
     return query.order_by(position.desc()).limit(sa.bindparam("b_limit"))
 
 
@@ -96,8 +117,10 @@ def event_page(
     """List events newest first, keeping those that match every filter given.
 
     ``actor`` matches the authenticated user and ``address`` the client
-    address. ``since`` (inclusive) and ``until`` (inclusive) bound the event
-    time; they are mapped to positions first, so the scan stays on an index.
+    address, in the spelling that events record, which an IPv4 address also
+    had in older records (see address_spellings). ``since`` (inclusive) and
+    ``until`` (inclusive) bound the event time; they are mapped to positions
+    first, so the scan stays on an index.
     """
     check_page_size(n)
     unknown = sorted(set(types) - EVENT_TYPES)
@@ -138,17 +161,43 @@ def event_page(
             params[f"b_type_{index}"] = event_type
     if actor is not None:
         params["b_actor"] = actor
-    if address is not None:
-        params["b_address"] = address
+    spellings = address_spellings(address) if address is not None else []
+    if len(spellings) == 1:
+        params["b_address"] = spellings[0]
+    else:
+        for index, spelling in enumerate(spellings):
+            params[f"b_address_{index}"] = spelling
 
     statement = _statement(
         repository is not None,
         len(distinct_types),
         actor is not None,
-        address is not None,
+        len(spellings),
     )
     page = read_page(conn, statement, params, n, encode_json)
     next_cursor = None
     if page.more:
         next_cursor = listing.encode_cursor(page.events[-1].position)
     return Page([event.to_json() for event in page.events], next_cursor)
+
+
+def address_spellings(address: str) -> list[str]:
+    """Return the spellings under which events may record ``address``.
+
+    cairn records an IPv4-mapped IPv6 client address as its IPv4 address.
+    Before it did, such an address was recorded as Python spelled it:
+    ::ffff:c000:201 up to Python 3.12, ::ffff:192.0.2.1 from 3.13. An IPv4
+    address therefore has those two spellings as well.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return [address]
+    if not isinstance(ip, ipaddress.IPv4Address):
+        return [address]
+    value = int(ip)
+    return [
+        address,
+        f"::ffff:{value >> 16:x}:{value & 0xFFFF:x}",
+        f"::ffff:{address}",
+    ]

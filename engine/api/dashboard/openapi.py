@@ -591,8 +591,10 @@ _PATHS: Final[dict[str, Any]] = {
                 "addresses in their standard spelling (RFC 5952 for IPv6, and "
                 "an IPv4-mapped IPv6 address as its IPv4 address), and the "
                 "filter is compared in it, so 0:0::1 finds the events of ::1 "
-                "and ::ffff:192.0.2.1 those of 192.0.2.1. A value that is no "
-                "IPv4 or IPv6 address gets 400 UNSUPPORTED.",
+                "and ::ffff:192.0.2.1 those of 192.0.2.1. An IPv4 address also "
+                "finds events that older versions recorded under its "
+                "IPv4-mapped IPv6 spellings. A value that is no IPv4 or IPv6 "
+                "address gets 400 UNSUPPORTED.",
             ),
             _param("since"),
             _param("until"),
