@@ -58,43 +58,41 @@ def _post_in_pieces(port: int, size: int) -> bytes:
         return sock.recv(65536)
 
 
-@pytest.mark.parametrize("batch", [256 * 1024, 700_000])
-def test_body_arrives_in_requested_batches(batch: int) -> None:
+def _messages_of_post(batch: int | None, size: int) -> list[int]:
+    """POST ``size`` bytes in pieces to an app that sets ``batch``; return
+    the sizes of the body messages that it received."""
     app = RecordingApp(batch)
-    size = 64 * PIECE
     with running(app) as server:
         reply = _post_in_pieces(server.port, size)
 
     assert reply.startswith(b"HTTP/1.1 204")
     assert sum(app.messages) == size
+    return app.messages
+
+
+@pytest.mark.parametrize("batch", [256 * 1024, 700_000])
+def test_body_arrives_in_requested_batches(batch: int) -> None:
+    size = 64 * PIECE
+    messages = _messages_of_post(batch, size)
+
     # The first message may hold what arrived before the app set its batch,
     # and the last one the rest of the body.
-    assert all(length >= batch for length in app.messages[1:-1]), app.messages
-    assert len(app.messages) <= size // batch + 2
+    assert all(length >= batch for length in messages[1:-1]), messages
+    assert len(messages) <= size // batch + 2
 
 
 def test_full_body_wakes_app_before_batch() -> None:
     # The server stops reading once MAX_PENDING_BYTES wait, so a batch larger
     # than that must not keep the app waiting for bytes that cannot come.
-    app = RecordingApp(8 * MAX_PENDING_BYTES)
-    size = 3 * MAX_PENDING_BYTES
-    with running(app) as server:
-        reply = _post_in_pieces(server.port, size)
+    messages = _messages_of_post(8 * MAX_PENDING_BYTES, 3 * MAX_PENDING_BYTES)
 
-    assert reply.startswith(b"HTTP/1.1 204")
-    assert sum(app.messages) == size
-    assert len(app.messages) >= 3
+    assert len(messages) >= 3
 
 
 def test_pieces_wake_app_without_batch() -> None:
-    app = RecordingApp(None)
-    size = 64 * PIECE
-    with running(app) as server:
-        reply = _post_in_pieces(server.port, size)
+    messages = _messages_of_post(None, 64 * PIECE)
 
-    assert reply.startswith(b"HTTP/1.1 204")
-    assert sum(app.messages) == size
-    assert min(app.messages[:-1]) < 256 * 1024
+    assert min(messages[:-1]) < 256 * 1024
 
 
 def test_pending_body_ready_at_batch() -> None:
