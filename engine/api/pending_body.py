@@ -27,9 +27,11 @@ MAX_PENDING_BYTES: Final = 1024 * 1024
 MAX_PENDING_PARTS: Final = 1024
 
 # The scope extension through which an app requests to be woken only once
-# this many body bytes wait, as {"bytes": N}. Without it, every piece of body that
-# the parser delivers wakes the app, which then joins the pieces itself. An
-# upload body that gathers 1 MiB here is joined once instead of twice.
+# this many body bytes wait, as {"bytes": N}. Without it, every piece of body
+# that the parser delivers wakes the app, which then joins the pieces itself.
+# An upload that gathers 1 MiB here is woken once per buffer, not once per
+# piece (most pieces were 256,000 bytes in a 256 MiB push over loopback), and
+# its pieces are joined once, here, where they could be joined twice.
 BODY_BATCH: Final = "cairn.body_batch"
 
 
