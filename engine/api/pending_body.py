@@ -30,8 +30,8 @@ MAX_PENDING_PARTS: Final = 1024
 # this many body bytes wait, as {"bytes": N}. Without it, every piece of body
 # that the parser delivers wakes the app, which then joins the pieces itself.
 # An upload that gathers 1 MiB here is woken once per buffer, not once per
-# piece (most pieces were 256,000 bytes in a 256 MiB push over loopback), and
-# its pieces are joined once, here, where they could be joined twice.
+# piece, and most pieces were 256,000 bytes in a 256 MiB push over loopback.
+# Its pieces are then joined once, here, where they could be joined twice.
 BODY_BATCH: Final = "cairn.body_batch"
 
 
