@@ -338,72 +338,75 @@ def test_staging_path_only_for_upload_ids(tmp_path: Path) -> None:
             store.paths.staging(spelling)
 
 
-def test_chunks_of_an_upload_reuse_one_aligned_buffer(tmp_path: Path) -> None:
+class _RecordingBuffers(store_module._AlignedBuffers):
+    """An aligned buffer pool that records the id of each buffer acquired
+    and released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.acquired: list[int] = []
+        self.released: list[int] = []
+
+    def acquire(self) -> mmap.mmap:
+        buffer = super().acquire()
+        self.acquired.append(id(buffer))
+        return buffer
+
+    def release(self, buffer: mmap.mmap) -> None:
+        self.released.append(id(buffer))
+        super().release(buffer)
+
+
+def test_chunks_of_an_upload_reuse_one_aligned_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Each PATCH of a chunked upload releases its aligned buffer and the next
     # one takes it again, so the pages of a new mapping are touched once.
     store = BlobStore(tmp_path)
     _needs_direct_io(store.paths.staging_dir)
-    buffers = store_module._AlignedBuffers()
-    taken: list[int] = []
-    acquire = buffers.acquire
-
-    def counting_acquire() -> object:
-        buffer = acquire()
-        taken.append(id(buffer))
-        return buffer
-
-    buffers.acquire = counting_acquire  # type: ignore[method-assign]
-    upload_id = str(uuid.uuid4())
+    buffers = _RecordingBuffers()
+    monkeypatch.setattr(store_module, "_DIRECT_BUFFERS", buffers)
+    staged = store.stage(str(uuid.uuid4()))
     data = b""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module, "_DIRECT_BUFFERS", buffers)
-        staged = store.stage(upload_id)
-        for _ in range(3):
-            chunk = os.urandom(2 * store_module.DIRECT_BUFFER_BYTES)
-            staged.write(chunk)
-            staged.release_direct_io()
-            data += chunk
-        assert store.commit(staged, Digest.of(data)) == len(data)
+    for _ in range(3):
+        chunk = os.urandom(2 * store_module.DIRECT_BUFFER_BYTES)
+        staged.write(chunk)
+        staged.release_direct_io()
+        data += chunk
 
-    assert len(taken) == 3
-    assert len(set(taken)) == 1
+    assert store.commit(staged, Digest.of(data)) == len(data)
+    assert len(buffers.acquired) == 3
+    assert len(set(buffers.acquired)) == 1
     assert store.path(Digest.of(data)).read_bytes() == data
 
 
 def test_aligned_buffers_kept_between_uploads_are_bounded() -> None:
     buffers = store_module._AlignedBuffers()
-    taken = [buffers.acquire() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 3)]
-    for buffer in taken:
+    first = [buffers.acquire() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 3)]
+    for buffer in first:
         buffers.release(buffer)
 
     again = [buffers.acquire() for _ in range(store_module.IDLE_DIRECT_BUFFERS + 1)]
 
-    kept = {id(buffer) for buffer in taken}
-    assert (
-        sum(id(buffer) in kept for buffer in again) == store_module.IDLE_DIRECT_BUFFERS
-    )
+    first_ids = {id(buffer) for buffer in first}
+    reused = sum(id(buffer) in first_ids for buffer in again)
+    assert reused == store_module.IDLE_DIRECT_BUFFERS
     assert all(len(buffer) == store_module.DIRECT_BUFFER_BYTES for buffer in again)
 
 
-def test_closed_upload_keeps_buffer_from_others(tmp_path: Path) -> None:
+def test_closed_upload_keeps_buffer_from_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The purge of an expired upload closes its staged blob from another
-    # thread, maybe while a write still copies into the aligned buffer, so a
-    # close never hands the buffer to another upload.
+    # thread, maybe while a write still copies into the aligned buffer. A
+    # close therefore never hands the buffer to another upload.
     store = BlobStore(tmp_path)
     _needs_direct_io(store.paths.staging_dir)
-    buffers = store_module._AlignedBuffers()
-    released: list[int] = []
-    release = buffers.release
+    buffers = _RecordingBuffers()
+    monkeypatch.setattr(store_module, "_DIRECT_BUFFERS", buffers)
+    staged = store.stage(str(uuid.uuid4()))
+    staged.write(os.urandom(2 * store_module.DIRECT_BUFFER_BYTES))
+    staged.close()
 
-    def counting_release(buffer: mmap.mmap) -> None:
-        released.append(id(buffer))
-        release(buffer)
-
-    buffers.release = counting_release  # type: ignore[method-assign]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(store_module, "_DIRECT_BUFFERS", buffers)
-        staged = store.stage(str(uuid.uuid4()))
-        staged.write(os.urandom(2 * store_module.DIRECT_BUFFER_BYTES))
-        staged.close()
-
-    assert released == []
+    assert len(buffers.acquired) == 1
+    assert buffers.released == []

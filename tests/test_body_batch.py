@@ -1,9 +1,9 @@
 """Request bodies delivered in batches that the app requests (BODY_BATCH).
 
 A small ASGI app runs under uvicorn with CairnHttpProtocol in a thread and
-records the size of every body message it receives, while a raw socket
-client sends the body in small pieces with pauses, so that the server reads
-each piece on its own.
+records the size of every body message it receives. A raw socket client
+sends the body in small pieces with pauses, so that the server reads each
+piece on its own.
 """
 
 from __future__ import annotations

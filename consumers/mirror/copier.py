@@ -74,8 +74,8 @@ class Stats:
     mirrored, or their type is unknown. ``not_copied`` counts incomplete
     events, whose content the source serves only in part. ``bytes_sent``
     counts blob bytes as they go to the target, each attempt again, and the
-    progress rates use it. ``bytes_copied`` counts the blobs that the target
-    stored.
+    progress rates use it. ``bytes_copied`` counts the bytes of the blobs
+    that the target stored.
     """
 
     applied: int = 0

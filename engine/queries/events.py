@@ -190,12 +190,12 @@ def address_spellings(address: str) -> list[str]:
     address therefore has those two spellings as well.
     """
     try:
-        ip = ipaddress.ip_address(address)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
         return [address]
-    if not isinstance(ip, ipaddress.IPv4Address):
+    if not isinstance(parsed, ipaddress.IPv4Address):
         return [address]
-    value = int(ip)
+    value = int(parsed)
     return [
         address,
         f"::ffff:{value >> 16:x}:{value & 0xFFFF:x}",
