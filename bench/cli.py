@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.limits import Limit, measure_limits
-from bench.machine import CpuMeter, machine_info
+from bench.machine import CpuMeter, machine_info, source_info
 from bench.report import figure_record, limits_record, markdown_tables
 from bench.targets import (
     TARGETS,
@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     workloads = [w for w in all_workloads() if w.name in args.workload_names]
     started_at = datetime.now(UTC)
+    source = source_info(Path(__file__).resolve().parent.parent)
     load_at_start = os.getloadavg()
     log.info("load average at start: %.2f %.2f %.2f", *load_at_start)
     cpu_meter = CpuMeter()
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     record = build_record(args, sizes, started_at, machine, limits, target_info, runs)
     record["command"] = ["bench/run", *(sys.argv[1:] if argv is None else argv)]
+    record["source"] = source
     out = args.results_dir / f"{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(markdown_tables(record))

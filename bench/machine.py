@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 
@@ -27,6 +28,32 @@ def machine_info(data_dir: Path) -> dict[str, object]:
         "python": platform.python_version(),
         "data_filesystem": filesystem_of(data_dir),
     }
+
+
+def source_info(checkout: Path) -> dict[str, object]:
+    """Return the checked-out commit of ``checkout`` and whether its tracked
+    files differ from it, or an empty dict when git cannot tell.
+
+    The default cairn target is the venv's editable install of this
+    checkout, so this names the code that ran unless --cairn points
+    elsewhere.
+    """
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(checkout), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "modified": bool(changes.strip())}
 
 
 def filesystem_of(path: Path) -> str:

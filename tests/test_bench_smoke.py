@@ -48,6 +48,13 @@ def test_bench_quick_run_completes(tmp_path: Path) -> None:
     (result_file,) = results.glob("*.json")
     document = json.loads(result_file.read_text())
     assert document["quick"] is True
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert document["source"]["commit"] == head
     workloads = {workload["name"]: workload for workload in document["workloads"]}
     assert set(workloads) == {"big-blob", "small-blobs", "manifests", "listing"}
     for name, workload in workloads.items():
