@@ -1,12 +1,12 @@
 """The maximum blob size, over real HTTP on SQLite and PostgreSQL.
 
 Every way a blob's bytes arrive gets 413 SIZE_INVALID once the blob would
-exceed the maximum. A declared Content-Length or Content-Range is checked
-before any byte of the body is read. The exception is a Content-Length of at
-most 1 MiB that only the upload's offset takes past the maximum, which is
-rejected once that body is read. A body of undeclared length is rejected as
-soon as the received bytes pass the maximum. Each rejection discards the
-upload and stores nothing.
+exceed the maximum. A declared Content-Length or Content-Range, its end or
+its total, is checked before any byte of the body is read. The exception is
+a Content-Length of at most 1 MiB that only the upload's offset takes past
+the maximum, which is rejected once that body is read. A body of
+undeclared length is rejected as soon as the received bytes pass the
+maximum. Each rejection discards the upload and stores nothing.
 """
 
 from __future__ import annotations
@@ -183,6 +183,20 @@ def _put_content_length_after_chunk(api: httpx.Client) -> tuple[bytes, int]:
     return request_head("PUT", target, "Content-Length: 1") + b"x", LIMIT + 1
 
 
+def _patch_content_range_total(api: httpx.Client) -> tuple[bytes, int]:
+    # The chunk is small, and the total after the slash declares the blob's size.
+    path = start_upload(api)
+    headers = (f"Content-Range: 0-9/{LIMIT + 1}", "Content-Length: 10")
+    return request_head("PATCH", path, *headers), LIMIT + 1
+
+
+def _put_content_range_total(api: httpx.Client) -> tuple[bytes, int]:
+    path = start_upload(api, 10)
+    target = f"{path}?digest={DIGEST}"
+    headers = ("Content-Range: bytes 10-19/5000000", "Content-Length: 10")
+    return request_head("PUT", target, *headers), 5000000
+
+
 SENDS_BODY = {_patch_content_length_after_chunk, _put_content_length_after_chunk}
 
 
@@ -202,6 +216,8 @@ def _put_content_range(api: httpx.Client) -> tuple[bytes, int]:
         _patch_content_length_after_chunk,
         _put_content_length_after_chunk,
         _put_content_range,
+        _patch_content_range_total,
+        _put_content_range_total,
     ],
     ids=[
         "post-content-length",
@@ -210,6 +226,8 @@ def _put_content_range(api: httpx.Client) -> tuple[bytes, int]:
         "patch-content-length-after-chunk",
         "put-content-length-after-chunk",
         "put-content-range",
+        "patch-content-range-total",
+        "put-content-range-total",
     ],
 )
 def test_declared_size_over_limit_rejected(

@@ -69,16 +69,18 @@ def _digest_param(request: Request) -> Digest:
 
 async def _upload_range(
     request: Request, repository: Repository, upload_id: str
-) -> tuple[int | None, int | None]:
-    """Return the chunk's start offset and length from Content-Range.
+) -> tuple[int | None, int | None, int | None]:
+    """Return the chunk's start offset, its length and the blob's total
+    length from Content-Range.
 
-    Both are None without the header. A malformed or inverted range, or one
-    whose total is at or below its end, raises a 416 that carries the upload's
+    All are None without the header, and the total is None when the header
+    gives none or gives "*". A malformed or inverted range, or one whose
+    total is at or below its end, raises a 416 that carries the upload's
     current Range, as the specification requires.
     """
     header = request.header("content-range")
     if header is None:
-        return None, None
+        return None, None, None
     match = _CONTENT_RANGE.fullmatch(header.strip())
     if match is None or not _is_valid_range(*match.groups()):
         status = await run_sync(repository.blobs.upload_status, upload_id)
@@ -99,7 +101,8 @@ async def _upload_range(
             "Content-Length does not match the length of the Content-Range",
             {"content_range": header, "content_length": declared},
         )
-    return start, length
+    total = match.group(3)
+    return start, length, None if total in (None, "*") else int(total)
 
 
 def _is_valid_range(start: str, end: str, total: str | None) -> bool:
@@ -115,14 +118,15 @@ async def _body_limit(
     upload_id: str,
     start: int | None,
     length: int | None,
+    total: int | None,
 ) -> BlobLimit:
     """Return the limit for the body of a PATCH or final PUT, after
     rejecting one whose declared size already exceeds the maximum blob size.
 
-    Content-Range declares where the chunk starts and ends. Without it the
-    chunk starts at the upload's offset, and Content-Length, when present,
-    declares its end. An upload rejected here is discarded, because it can
-    never complete.
+    Content-Range declares where the chunk starts and ends, and its total,
+    when given, the whole blob's size. Without it the chunk starts at the
+    upload's offset, and Content-Length, when present, declares its end.
+    An upload rejected here is discarded, because it can never complete.
 
     A body of at most BUFFER_SIZE bytes is checked without the upload's
     offset, which would cost a database read on every such request: the
@@ -135,6 +139,8 @@ async def _body_limit(
     declared = request.content_length()
     if start is not None and length is not None:
         offset, end, source = start, start + length, "Content-Range"
+        if total is not None:
+            end, source = total, "the Content-Range total"
     elif declared is not None and declared <= BUFFER_SIZE:
         offset, end, source = 0, declared, "Content-Length"
     else:
@@ -245,7 +251,7 @@ async def patch_upload(request: Request) -> Response:
     """Append a chunk; a chunk that does not start at the offset gets a 416."""
     repository = request.repository()
     upload_id = request.path_params["upload"]
-    start, length = await _upload_range(request, repository, upload_id)
+    start, length, total = await _upload_range(request, repository, upload_id)
 
     def write(chunks: Iterator[bytes]) -> UploadStatus:
         return repository.blobs.write_upload(
@@ -253,7 +259,7 @@ async def patch_upload(request: Request) -> Response:
         )
 
     try:
-        limit = await _body_limit(request, repository, upload_id, start, length)
+        limit = await _body_limit(request, repository, upload_id, start, length, total)
         status = await stream_to_thread(
             request, write, expected_size=length, limit=limit
         )
@@ -267,7 +273,7 @@ async def finish_upload(request: Request) -> Response:
     repository = request.repository()
     upload_id = request.path_params["upload"]
     digest = _digest_param(request)
-    start, length = await _upload_range(request, repository, upload_id)
+    start, length, total = await _upload_range(request, repository, upload_id)
 
     def finish(chunks: Iterator[bytes]) -> BlobInfo:
         return repository.blobs.commit_upload(
@@ -276,7 +282,9 @@ async def finish_upload(request: Request) -> Response:
 
     try:
         if request.has_body:
-            limit = await _body_limit(request, repository, upload_id, start, length)
+            limit = await _body_limit(
+                request, repository, upload_id, start, length, total
+            )
             info = await stream_to_thread(
                 request, finish, expected_size=length, limit=limit
             )
