@@ -181,8 +181,9 @@ def open_registry(
     directory's registry-id file is checked against the database (see
     engine.identity.bind_data_dir): ``adopt_data_dir`` writes a missing
     one, and ``require_data_dir`` rejects a directory with blobs but no
-    file. A writable open of the default SQLite database, which lives in
-    the data directory, adopts it too. Raises StorageUnavailable with a
+    file. The default SQLite database lives in the data directory, so the
+    two belong together: a writable open of it adopts the directory, and
+    a read-only one requires no file. Raises StorageUnavailable with a
     one-line message when the data directory or the database cannot be
     used.
     """
@@ -212,7 +213,7 @@ def open_registry(
                     registry.registry_id(),
                     adopt=adopt_data_dir
                     or (writable and settings.database_url is None),
-                    require=require_data_dir,
+                    require=require_data_dir and settings.database_url is not None,
                 )
     except DataDirMismatch as error:
         registry.database.dispose()

@@ -135,3 +135,20 @@ def test_gc_on_default_sqlite_records_id(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (data_dir / DATA_DIR_ID_FILE).read_text() == registry_id + "\n"
     assert blob_path.exists()
+
+
+def test_gc_dry_run_default_sqlite(tmp_path: Path) -> None:
+    data_dir = tmp_path / "plain"
+    other, blob_path = other_registry(data_dir)
+    other.database.dispose()
+    (data_dir / DATA_DIR_ID_FILE).unlink()
+
+    # The real run accepts this directory (above), so the dry run that
+    # previews it must accept it too, and write nothing.
+    result = cairn(
+        "gc", "--data-dir", str(data_dir), "--grace-period", "0", "--dry-run"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert not (data_dir / DATA_DIR_ID_FILE).exists()
+    assert blob_path.exists()
