@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import threading
@@ -138,6 +139,34 @@ def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, body
 
 
+def _assert_408(sent_back: bytes, message: str) -> dict[str, Any]:
+    """Check that ``sent_back`` is a 408 that closes the connection, with an
+    OCI error body; return the error's detail."""
+    head, _, body = sent_back.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 408 Request Timeout"
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["connection"] == "close"
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body)
+    (error,) = json.loads(body)["errors"]
+    assert error["code"] == "UNKNOWN"
+    assert error["message"] == message
+    assert error["detail"]["idle_timeout_s"] == float(IDLE_TIMEOUT_S)
+    detail: dict[str, Any] = error["detail"]
+    return detail
+
+
+def _assert_body_408(
+    sent_back: bytes, received: int, content_length: int | None
+) -> None:
+    detail = _assert_408(
+        sent_back, "timed out waiting for the rest of the request body"
+    )
+    assert detail["bytes_received"] == received
+    assert detail.get("content_length") == content_length
+
+
 def _assert_body_timed_out(
     serve: ServeProcess, request_id: str, method: str, path: str, received: int
 ) -> None:
@@ -181,7 +210,7 @@ def test_stalled_single_request_push_stores_nothing(
         )
         sent_back = read_until_closed(sock)
 
-    assert sent_back == b""
+    _assert_body_408(sent_back, 300_000, len(data))
     _assert_body_timed_out(serve, "stalled-single", "POST", path, 300_000)
     assert client.head(f"/v2/{repository}/blobs/{digest}").status_code == 404
     assert _events(client, repository) == []
@@ -211,7 +240,7 @@ def test_stalled_monolithic_put_stores_nothing(
         )
         sent_back = read_until_closed(sock)
 
-    assert sent_back == b""
+    _assert_body_408(sent_back, 500_000, len(data))
     _assert_body_timed_out(serve, "stalled-monolithic", "PUT", path, 500_000)
     assert client.head(f"/v2/{repository}/blobs/{digest}").status_code == 404
     assert _events(client, repository) == []
@@ -247,7 +276,7 @@ def test_stalled_chunk_keeps_earlier_chunks(
         )
         sent_back = read_until_closed(sock)
 
-    assert sent_back == b""
+    _assert_body_408(sent_back, 100_000, MIB)
     _assert_body_timed_out(serve, "stalled-chunk", "PATCH", path, 100_000)
     status = client.get(path)
     assert status.status_code == 204
@@ -279,7 +308,7 @@ def test_stalled_chunked_encoding_body(
         )
         sent_back = read_until_closed(sock)
 
-    assert sent_back == b""
+    _assert_body_408(sent_back, len(chunk), None)
     _assert_body_timed_out(serve, "stalled-te", "PATCH", path, len(chunk))
     assert client.get(path).headers["Range"] == "0-0"
 
@@ -303,7 +332,7 @@ def test_stalled_manifest_put_stores_nothing(
         )
         sent_back = read_until_closed(sock)
 
-    assert sent_back == b""
+    _assert_body_408(sent_back, 21, 2000)
     _assert_body_timed_out(serve, "stalled-manifest", "PUT", path, 21)
     assert client.get(path).status_code == 404
     assert client.get(f"/v2/{repository}/tags/list").status_code == 404
@@ -516,7 +545,7 @@ def test_partial_head_times_out(serve: ServeProcess) -> None:
         sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: ")
         sent_back = read_until_closed(sock)
 
-    assert sent_back == b""
+    _assert_408(sent_back, "timed out waiting for the rest of the request head")
     records = wait_for_records(serve, "request_head_timed_out", before + 1)
     assert records[-1]["partial_head"] is True
     assert records[-1]["remote"] == "127.0.0.1"

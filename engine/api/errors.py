@@ -55,7 +55,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED = "UNSUPPORTED"
     TOOMANYREQUESTS = "TOOMANYREQUESTS"
     # Not an OCI code: the body of a 500 or 507, which never carries
-    # internals.
+    # internals, and of a 408 for a request that stopped arriving.
     UNKNOWN = "UNKNOWN"
     # Not an OCI code either, which leaves 5xx codes open: CNCF
     # Distribution's code for 503 Service Unavailable (its errcode package),

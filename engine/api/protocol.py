@@ -80,7 +80,7 @@ import struct
 import termios
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -754,6 +754,12 @@ class CairnHttpProtocol(HttpToolsProtocol):
                 timeout_s=timeout,
                 remote=remote,
             )
+            if self._message_open:
+                # A connection that sent no byte has no request to respond to.
+                self._send_timeout(
+                    "timed out waiting for the rest of the request head",
+                    {"idle_timeout_s": timeout},
+                )
             self._close_without_close_notify_wait()
             return
         cycle = self.cycle
@@ -771,7 +777,35 @@ class CairnHttpProtocol(HttpToolsProtocol):
         # Its app receives http.disconnect, and its sends are ignored.
         cycle.disconnected = True
         cycle.message_event.set()
+        if not cycle.response_started:
+            detail: dict[str, str | int | float] = {
+                "idle_timeout_s": timeout,
+                "bytes_received": self._body_received,
+            }
+            declared = _content_length(cycle.scope["headers"])
+            if declared is not None:
+                detail["content_length"] = declared
+            self._send_timeout(
+                "timed out waiting for the rest of the request body", detail
+            )
         self._close_without_close_notify_wait()
+
+    def _send_timeout(
+        self, message: str, detail: Mapping[str, str | int | float]
+    ) -> None:
+        """Write a 408 with an OCI error body, so that a client still
+        waiting, such as one whose Content-Length promised more than it
+        sent, learns why the connection closes."""
+        if not self.transport.is_closing():
+            self.transport.write(
+                rejection_response(
+                    408,
+                    message,
+                    detail,
+                    self.server_state.default_headers,
+                    code=ErrorCode.UNKNOWN,
+                )
+            )
 
     def _write_timed_out(self, timeout: float) -> None:
         cycle = self._running_cycle
@@ -949,6 +983,15 @@ def configured_protocol(
         write_idle_timeout = write_timeout
 
     return ConfiguredHttpProtocol
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """Return the Content-Length in a request's ``headers``, which the
+    parser has checked, or None without one."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
 
 
 def _idle_timeout_details(cycle: RequestResponseCycle) -> dict[object, object]:
@@ -1172,12 +1215,14 @@ def _reason(error: httptools.HttpParserError) -> str:
 def rejection_response(
     status: int,
     message: str,
-    detail: Mapping[str, str | int],
+    detail: Mapping[str, str | int | float],
     default_headers: list[tuple[bytes, bytes]],
+    *,
+    code: ErrorCode = ErrorCode.UNSUPPORTED,
 ) -> bytes:
     """Return the bytes of an error response with the OCI error body, closing
     the connection."""
-    body = error_body(ErrorCode.UNSUPPORTED, message, dict(detail))
+    body = error_body(code, message, dict(detail))
     lines = [STATUS_LINE[status]]
     for name, value in default_headers:
         lines.append(name + b": " + value + b"\r\n")
