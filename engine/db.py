@@ -180,6 +180,7 @@ class Database:
         # from the committing thread; the bus relay uses this to wake up.
         self.append_listeners: list[Callable[[list[Any]], None]] = []
         self.dialect = sa.make_url(self.url).get_backend_name()
+        self._read_lock: str | None = None
         if self.is_sqlite:
             self._writer = _sqlite_engine(
                 self.url, immediate=True, echo=echo, busy_timeout=busy_timeout
@@ -273,7 +274,29 @@ class Database:
     def read(self) -> Iterator[Connection]:
         """Open a read-only transaction whose statements all see one state."""
         with self._reader.connect() as conn, conn.begin():
+            if not self.is_sqlite:
+                execute_driver_sql(conn, self._projection_share_lock())
             yield conn
+
+    def _projection_share_lock(self) -> str:
+        """Return the statement that locks every projection table against
+        TRUNCATE for the rest of a PostgreSQL read transaction.
+
+        A rebuild clears the projections with TRUNCATE, which is not
+        MVCC-safe: to a transaction whose snapshot predates the rebuild's
+        commit and that had not yet touched a table, the table reads as
+        empty (PostgreSQL manual, "Concurrency Control", "Caveats"). The
+        snapshot is taken at the first query, so a LOCK before it makes the
+        reader either finish before the TRUNCATE or take its snapshot after
+        the commit.
+        """
+        if self._read_lock is None:
+            from engine.projections.rebuild import projection_tables
+
+            quote = self._reader.dialect.identifier_preparer.quote
+            names = ", ".join(quote(table.name) for table in projection_tables())
+            self._read_lock = f"LOCK TABLE {names} IN ACCESS SHARE MODE"
+        return self._read_lock
 
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:

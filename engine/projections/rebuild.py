@@ -102,9 +102,16 @@ def clear_projections(conn: Connection, *, truncate: bool = False) -> None:
         conn.exec_driver_sql(statement)
 
 
-def _clear_statements(conn: Connection, *, truncate: bool) -> list[str]:
+def projection_tables() -> list[sa.Table]:
+    """Return every table that a rebuild clears: the projections' tables and
+    their checkpoints."""
     tables = [table for p in ALL_PROJECTIONS for table in p.tables]
     tables.append(projection_checkpoints)
+    return tables
+
+
+def _clear_statements(conn: Connection, *, truncate: bool) -> list[str]:
+    tables = projection_tables()
     quote = conn.dialect.identifier_preparer.quote
     if truncate and conn.dialect.name == "postgresql":
         return ["TRUNCATE " + ", ".join(quote(table.name) for table in tables)]
