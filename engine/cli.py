@@ -57,7 +57,7 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
     """Raise StorageUnavailable when the data directory or the database fails."""
     import sqlalchemy as sa
 
-    from engine.migrate import NoSchema, UnknownRevision
+    from engine.migrate import ForeignTables, NoSchema, UnknownRevision
 
     data_dir = settings.data_dir.absolute()
     try:
@@ -84,6 +84,14 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
             f"cannot use database {database}: it contains no cairn schema; "
             "check --database or CAIRN_DATABASE_URL, or create the schema "
             "with `cairn db upgrade`"
+        ) from error
+    except ForeignTables as error:
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: it contains no cairn schema but "
+            f"has tables named {', '.join(error.names)}, which cairn would "
+            "create; point --database or CAIRN_DATABASE_URL at an empty "
+            "database or at a cairn database"
         ) from error
     except sa.exc.DatabaseError as error:
         # OperationalError covers a database that cannot be reached or is

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 import structlog
 from alembic import command
 from alembic.config import Config
@@ -12,6 +13,7 @@ from alembic.script import ScriptDirectory
 
 import migrations
 from engine.db import Database
+from engine.tables import metadata
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +51,15 @@ class NoSchema(Exception):
     """A database that contains no cairn schema at all."""
 
 
+class ForeignTables(Exception):
+    """A database without cairn's schema whose tables have the names of
+    tables that cairn would create."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
+
+
 def upgrade(
     database: Database, revision: str = "head", *, create: bool = True
 ) -> tuple[str | None, str | None]:
@@ -56,8 +67,9 @@ def upgrade(
     before and after, None for a database without cairn's schema.
 
     Raises UnknownRevision for a schema at a revision that this cairn does
-    not know, and, unless ``create`` is true, NoSchema for a database
-    without cairn's schema.
+    not know. For a database without cairn's schema it raises NoSchema
+    unless ``create`` is true, and ForeignTables when the database already
+    has tables with the names of cairn's.
     """
     config = _config()
     script = ScriptDirectory.from_config(config)
@@ -74,6 +86,13 @@ def upgrade(
             raise UnknownRevision(before, script.get_current_head())
         if before is None and not create:
             raise NoSchema()
+        if before is None:
+            # Creating the schema would fail on the first of these, deep
+            # inside a migration.
+            existing = set(sa.inspect(conn).get_table_names())
+            clashing = sorted(existing & set(metadata.tables))
+            if clashing:
+                raise ForeignTables(clashing)
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
     after = current_revision(database)

@@ -110,6 +110,26 @@ def registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
     registry.database.dispose()
 
 
+@pytest.fixture(params=_backends())
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database without any schema: a new SQLite file in tmp_path, or a new
+    PostgreSQL database that is dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(ADMIN_URL).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
 @pytest.fixture
 def en_us_postgres_url() -> Iterator[str]:
     """Create a migrated PostgreSQL database whose default collation is

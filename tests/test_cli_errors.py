@@ -26,8 +26,10 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from engine.config import parse_trusted_proxies
+from engine.database_url import redacted_database_url
 from engine.migrate import head_revision
 from tests.nats import wait_until
 from tests.server import START_TIMEOUT_S, push_blob
@@ -331,6 +333,31 @@ def test_database_without_schema_left_empty(command: str, tmp_path: Path) -> Non
         tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
     assert tables == []
     assert not (data_dir / "registry-id").exists()
+
+
+@pytest.mark.parametrize("command", CREATING_COMMANDS)
+def test_database_with_foreign_tables(
+    command: str, tmp_path: Path, empty_database_url: str
+) -> None:
+    # Another program's tables, two of them named as cairn's are.
+    engine = sa.create_engine(empty_database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE events (id INTEGER PRIMARY KEY)")
+        conn.exec_driver_sql("CREATE TABLE tags (name TEXT)")
+        conn.exec_driver_sql("CREATE TABLE orders (id INTEGER)")
+    storage = ["--data-dir", str(tmp_path / "data"), "--database", empty_database_url]
+
+    result = run_cairn(*STORAGE_COMMANDS[command], *storage)
+
+    assert_storage_error(
+        result,
+        f"cannot use database {redacted_database_url(empty_database_url)}: it "
+        "contains no cairn schema but has tables named events, tags, which "
+        "cairn would create",
+    )
+    with engine.connect() as conn:
+        assert set(sa.inspect(conn).get_table_names()) == {"events", "tags", "orders"}
+    engine.dispose()
 
 
 @pytest.fixture
