@@ -108,6 +108,8 @@ def test_config_durations(value: Any, seconds: float) -> None:
         ({"event_types": ["manifest.pushd"]}, "matches no event type"),
         ({"event_types": ["tags"]}, "event type pattern 'tags' matches no event"),
         ({"event_types": ["Tag"]}, "event type pattern 'Tag' matches no event"),
+        ({"event_types": []}, "event_types is an empty list, which would match"),
+        ({"repositories": []}, "repositories is an empty list, which would match"),
         ({"max_attempts": 0}, "max_attempts must be at least 1, got 0"),
         ({"max_attempts": "3"}, "max_attempts must be an integer, got '3'"),
         ({"max_attempts": True}, "max_attempts must be an integer, got True"),

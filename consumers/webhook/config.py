@@ -445,13 +445,25 @@ def _string_list(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]
     return tuple(value)
 
 
+def _filter_patterns(item: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """Read the filter list ``key``, rejecting an empty one: an endpoint gets
+    everything when the key is absent, and an empty list reads as nothing."""
+    patterns = _string_list(item, key, where)
+    if key in item and not patterns:
+        raise ConfigError(
+            f"{where}: {key} is an empty list, which would match nothing; "
+            f"leave {key} out to receive every one"
+        )
+    return patterns
+
+
 def _event_type_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
     """Read event_types, with each family name, such as ``tag``, turned into
     the pattern of its types, ``tag.*``, as `cairn events tail --type` and
     the event feed's ``type`` parameter read it."""
     patterns = tuple(
         f"{pattern}.*" if pattern in EVENT_FAMILIES else pattern
-        for pattern in _string_list(item, "event_types", where)
+        for pattern in _filter_patterns(item, "event_types", where)
     )
     for pattern in patterns:
         if not any(matches_any(t, [pattern]) for t in _EVENT_TYPES):
@@ -464,7 +476,7 @@ def _event_type_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
 
 
 def _repository_patterns(item: dict[str, Any], where: str) -> tuple[str, ...]:
-    patterns = _string_list(item, "repositories", where)
+    patterns = _filter_patterns(item, "repositories", where)
     for pattern in patterns:
         try:
             check_repository_pattern(pattern)
