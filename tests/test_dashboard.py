@@ -311,6 +311,11 @@ BAD_REQUESTS = [
     ("/catalog?at=2026-01-01T00:00:00%2B0100", "at", "2026-01-01T00:00:00+0100"),
     ("/catalog?at=2026-01-01T00:00:00,5Z", "at", "2026-01-01T00:00:00,5Z"),
     ("/catalog?position=99999999999999999999", "position", "99999999999999999999"),
+    # Instants outside 1970 to 9998 in UTC, whatever year the offset shows.
+    ("/catalog?at=0001-01-01T00:00:00Z", "at", "0001-01-01T00:00:00Z"),
+    ("/catalog?at=1970-01-01T00:00:00%2B05:00", "at", "1970-01-01T00:00:00+05:00"),
+    ("/catalog?at=9998-12-31T23:59:59-05:00", "at", "9998-12-31T23:59:59-05:00"),
+    ("/catalog?at=9999-01-01T00:00:00Z", "at", "9999-01-01T00:00:00Z"),
     ("/catalog?at=2026-01-01T00:00:00Z&position=3", "at", "2026-01-01T00:00:00Z"),
     ("/activity?bucket=week", "bucket", "week"),
     ("/activity?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00:00Z", "until", None),
@@ -345,6 +350,16 @@ def test_bad_parameters_get_400(
     assert error["detail"]["parameter"] == parameter
     if value is not None:
         assert error["detail"]["value"] == value
+
+
+@pytest.mark.parametrize(
+    "at", ["1970-01-01T00:00:00Z", "1970-01-01T05:00:00+05:00", "9998-12-31T23:59:59Z"]
+)
+def test_time_range_edges_accepted(api: httpx.Client, at: str) -> None:
+    response = api.get(f"{API}/catalog", params={"at": at})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["repositories"] == []
 
 
 @pytest.mark.parametrize("path", ["/_cairn/events", f"{API}/events"])

@@ -9,7 +9,7 @@ default, leave the parameter out.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 from engine.api.errors import repeated_parameter, unsupported
@@ -126,6 +126,11 @@ def choice(request: Request, name: str, choices: tuple[str, ...], default: str) 
     return value
 
 
+# The range of times that the parameters take, as UTC instants.
+TIME_RANGE_START: Final = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_RANGE_END: Final = datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def time(request: Request, name: str) -> datetime | None:
     """Return parameter ``name`` as an aware datetime, RFC 3339 with an offset."""
     value = param(request, name)
@@ -148,9 +153,12 @@ def time(request: Request, name: str) -> datetime | None:
             parameter=name,
             value=value,
         )
-    if not 1970 <= moment.year <= 9998:
+    # Compared as instants, so the offset counts: 1970-01-01T00:00:00+05:00
+    # is still in 1969.
+    if not TIME_RANGE_START <= moment < TIME_RANGE_END:
         raise unsupported(
-            f"{name} must be a time between the years 1970 and 9998",
+            f"{name} must be a time from 1970-01-01T00:00:00Z up to the end "
+            "of 9998 in UTC",
             parameter=name,
             value=value,
         )
