@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,25 @@ def registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
     registry.database.dispose()
 
 
+@contextmanager
+def scratch_postgres_database(options: str = "") -> Iterator[str]:
+    """Create a PostgreSQL database with CREATE DATABASE ``options``, yield
+    its URL and drop it afterwards."""
+    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" {options}')
+        url = sa.make_url(ADMIN_URL).set(database=name)
+        try:
+            yield url.render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture(params=_backends())
 def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database without any schema: a new SQLite file in tmp_path, or a new
@@ -117,17 +137,8 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"
         return
-    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(ADMIN_URL).set(database=name)
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with scratch_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -136,27 +147,18 @@ def en_us_postgres_url() -> Iterator[str]:
     ICU's en-US, which sorts as an English locale does, not by bytes."""
     if ADMIN_URL == "skip":
         pytest.skip("CAIRN_TEST_POSTGRES_URL=skip")
-    name = f"cairn_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(
-                f'CREATE DATABASE "{name}" TEMPLATE template0 '
-                "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
-            )
-    except sa.exc.DBAPIError as error:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL cannot create an ICU database: {error}")
-    url = sa.make_url(ADMIN_URL).set(database=name)
-    database = Database(url.render_as_string(hide_password=False))
-    upgrade(database)
-    database.dispose()
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    options = (
+        "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    )
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_postgres_database(options))
+        except sa.exc.DBAPIError as error:
+            pytest.skip(f"PostgreSQL cannot create an ICU database: {error}")
+        database = Database(url)
+        upgrade(database)
+        database.dispose()
+        yield url
 
 
 @pytest.fixture
