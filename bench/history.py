@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     paths = [Path(a) for a in arguments] or sorted(RESULTS.glob("*.json"))
     if not paths:
-        print(f"no results files in {RESULTS}", file=sys.stderr)
+        print(
+            f"no results files found in {RESULTS}; run bench/run to make one",
+            file=sys.stderr,
+        )
         return 1
     print(table(paths))
     return 0

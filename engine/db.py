@@ -180,7 +180,7 @@ class Database:
         # from the committing thread; the bus relay uses this to wake up.
         self.append_listeners: list[Callable[[list[Any]], None]] = []
         self.dialect = sa.make_url(self.url).get_backend_name()
-        self._read_lock: str | None = None
+        self._read_lock_statement: str | None = None
         if self.is_sqlite:
             self._writer = _sqlite_engine(
                 self.url, immediate=True, echo=echo, busy_timeout=busy_timeout
@@ -290,13 +290,13 @@ class Database:
         reader either finish before the TRUNCATE or take its snapshot after
         the commit.
         """
-        if self._read_lock is None:
+        if self._read_lock_statement is None:
             from engine.projections.rebuild import projection_tables
 
             quote = self._reader.dialect.identifier_preparer.quote
             names = ", ".join(quote(table.name) for table in projection_tables())
-            self._read_lock = f"LOCK TABLE {names} IN ACCESS SHARE MODE"
-        return self._read_lock
+            self._read_lock_statement = f"LOCK TABLE {names} IN ACCESS SHARE MODE"
+        return self._read_lock_statement
 
     @contextmanager
     def _write_connection(self) -> Iterator[Connection]:

@@ -28,7 +28,7 @@ def _rebuild_waits_for_lock(registry: Registry) -> bool:
         return bool(conn.exec_driver_sql(query).scalar())
 
 
-def test_read_started_before_rebuild_sees_rows(registry: Registry) -> None:
+def test_read_during_rebuild_sees_rows(registry: Registry) -> None:
     if registry.database.is_sqlite:
         pytest.skip("only PostgreSQL's rebuild empties tables with TRUNCATE")
     push_image(registry.repository("team/app"), make_image(), tag="v1")

@@ -452,7 +452,7 @@ def _filter_patterns(item: dict[str, Any], key: str, where: str) -> tuple[str, .
     if key in item and not patterns:
         raise ConfigError(
             f"{where}: {key} is an empty list, which would match nothing; "
-            f"leave {key} out to receive every one"
+            f"remove {key} to turn its filter off"
         )
     return patterns
 
