@@ -322,6 +322,30 @@ class CairnHttpProtocol(HttpToolsProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """Answer a request whose client closed its sending side after it.
+
+        Clients such as `nc -N` or `curl` fed from a pipe shut down their
+        side of the connection once the request is sent, and read the
+        response. After a complete request whose response has not been
+        sent, the connection stays open for that response and closes after
+        it. A close with no request, or in the middle of one, ends the
+        connection at once, and the app sees a disconnect. Over TLS the
+        transport closes at once, as before.
+        """
+        cycle = self.cycle
+        if (
+            cycle is None
+            or self._message_open
+            or self._rejected
+            or self._lingering
+            or cycle.response_complete
+            or is_ssl(self.transport)
+        ):
+            return None
+        cycle.keep_alive = False
+        return True
+
     def shutdown(self) -> None:
         """Close the connection now if it is idle, or after its response.
 
