@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -108,22 +109,34 @@ def put_manifest(client: httpx.Client, repo: str, reference: str, body: bytes) -
     _check(response, (201,))
 
 
-def list_all_pages(client: httpx.Client, path: str, key: str) -> tuple[list[str], int]:
+def list_all_pages(
+    connection: RawConnection, base_url: str, path: str, key: str
+) -> tuple[list[str], int]:
     """GET path, follow rel="next" Link headers and return (items, request count)."""
-    base_url = str(client.base_url)
-    url: str | None = str(client.base_url.join(path))
+    url: str | None = f"{base_url}{path}"
     items: list[str] = []
     requests = 0
     while url is not None:
-        response = _check(client.get(url), (200,))
+        page, link = _get_page(connection, url, key)
+        items.extend(page)
         requests += 1
-        items.extend(response.json().get(key) or [])
-        url = next_link(base_url, response.headers.get("link"))
+        url = next_link(base_url, link)
     return items, requests
 
 
-def get_page(client: httpx.Client, path: str, key: str) -> list[str]:
-    return list(_check(client.get(path), (200,)).json().get(key) or [])
+def get_page(
+    connection: RawConnection, base_url: str, path: str, key: str
+) -> list[str]:
+    return _get_page(connection, f"{base_url}{path}", key)[0]
+
+
+def _get_page(
+    connection: RawConnection, url: str, key: str
+) -> tuple[list[str], str | None]:
+    """GET one listing page; return its items under ``key`` and its Link header."""
+    response = connection.request("GET", request_target(url))
+    _check_raw(response, "GET", url, (200,))
+    return list(json.loads(response.body).get(key) or []), response.header("link")
 
 
 # Bulk transfers over RawConnection.

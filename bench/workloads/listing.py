@@ -18,6 +18,7 @@ from bench.payload import (
     image_manifest,
     sha256_digest,
 )
+from bench.rawhttp import RawConnection
 from bench.registry import (
     get_page,
     http_client,
@@ -25,6 +26,8 @@ from bench.registry import (
     mount_or_push_blob,
     push_blob,
     put_manifest,
+    raw_connection,
+    raw_open,
     run_concurrent,
 )
 from bench.targets import Target
@@ -113,12 +116,13 @@ class Listing(Workload):
         assert isinstance(state, ListingState)
         page = context.sizes.page_size
         results: dict[str, float] = {}
-        with http_client(target.base_url) as client:
-            client.get("/v2/")
+        base_url = target.base_url
+        with raw_connection(base_url) as connection:
+            raw_open(connection)
 
             start = time.perf_counter()
             tags, requests = list_all_pages(
-                client, f"/v2/{TAGS_REPO}/tags/list?n={page}", "tags"
+                connection, base_url, f"/v2/{TAGS_REPO}/tags/list?n={page}", "tags"
             )
             results["tags-full"] = (time.perf_counter() - start) * 1000
             results["tags-full-requests"] = requests
@@ -130,12 +134,12 @@ class Listing(Workload):
             middle_tag = f"t{state.tags // 2 - 1:05d}"
             path = f"/v2/{TAGS_REPO}/tags/list?n={page}&last={middle_tag}"
             results["tags-page"], results["tags-page-items"] = _time_page(
-                client, path, "tags"
+                connection, base_url, path, "tags"
             )
 
             start = time.perf_counter()
             names, requests = list_all_pages(
-                client, f"/v2/_catalog?n={page}", "repositories"
+                connection, base_url, f"/v2/_catalog?n={page}", "repositories"
             )
             results["catalog-full"] = (time.perf_counter() - start) * 1000
             results["catalog-full-requests"] = requests
@@ -148,17 +152,19 @@ class Listing(Workload):
             middle_repo = f"{CATALOG_PREFIX}{state.repos // 2 - 1:05d}"
             path = f"/v2/_catalog?n={page}&last={middle_repo}"
             results["catalog-page"], results["catalog-page-items"] = _time_page(
-                client, path, "repositories"
+                connection, base_url, path, "repositories"
             )
         return results
 
 
-def _time_page(client: httpx.Client, path: str, key: str) -> tuple[float, int]:
+def _time_page(
+    connection: RawConnection, base_url: str, path: str, key: str
+) -> tuple[float, int]:
     """Return the median time in ms of PAGE_REPEATS GETs of path, and its item count."""
     times = []
     items = 0
     for _ in range(PAGE_REPEATS):
         start = time.perf_counter()
-        items = len(get_page(client, path, key))
+        items = len(get_page(connection, base_url, path, key))
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times), items
