@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -157,15 +157,31 @@ def test_past_tags_show_no_later_end(api: httpx.Client, pushed: dict[str, Any]) 
     _validate("/repositories/{name}/-/tags/{tag}", document)
 
 
-def test_position_past_head_means_head(
+def test_point_after_the_present_rejected(
     api: httpx.Client, pushed: dict[str, Any]
 ) -> None:
-    response = api.get(f"{API}/catalog", params={"position": 10**12})
+    head = api.get(f"{API}/position").json()["head"]
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    assert response.json()["point"]["position"] == int(
-        response.headers["Cairn-Position"]
+    past_head = api.get(f"{API}/catalog", params={"position": head + 1})
+    future = api.get(f"{API}/repositories/library/app/-/tags", params={"at": tomorrow})
+
+    assert past_head.status_code == 400
+    (error,) = past_head.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"] == {"parameter": "position", "value": head + 1, "head": head}
+    assert future.status_code == 400
+    (error,) = future.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["message"].startswith("at is later than the server's clock")
+    assert error["detail"]["parameter"] == "at"
+    assert error["detail"]["value"] == tomorrow
+    assert datetime.fromisoformat(error["detail"]["now"]) < datetime.fromisoformat(
+        tomorrow
     )
-    assert len(response.json()["repositories"]) == 2
+    at_head = api.get(f"{API}/catalog", params={"position": head})
+    assert at_head.status_code == 200
+    assert len(at_head.json()["repositories"]) == 2
 
 
 def test_time_ranges_widen_to_whole_hours(
@@ -353,13 +369,22 @@ def test_bad_parameters_get_400(
 
 
 @pytest.mark.parametrize(
-    "at", ["1970-01-01T00:00:00Z", "1970-01-01T05:00:00+05:00", "9998-12-31T23:59:59Z"]
+    ("path", "parameter", "value", "key"),
+    [
+        ("/catalog", "at", "1970-01-01T00:00:00Z", "repositories"),
+        ("/catalog", "at", "1970-01-01T05:00:00+05:00", "repositories"),
+        # at cannot be later than the present, so the last second of the
+        # range is tried on a time range.
+        ("/events", "until", "9998-12-31T23:59:59Z", "events"),
+    ],
 )
-def test_time_range_edges_accepted(api: httpx.Client, at: str) -> None:
-    response = api.get(f"{API}/catalog", params={"at": at})
+def test_time_range_edges_accepted(
+    api: httpx.Client, path: str, parameter: str, value: str, key: str
+) -> None:
+    response = api.get(f"{API}{path}", params={parameter: value})
 
     assert response.status_code == 200, response.text
-    assert response.json()["repositories"] == []
+    assert response.json()[key] == []
 
 
 @pytest.mark.parametrize("path", ["/_cairn/events", f"{API}/events"])
@@ -437,25 +462,23 @@ CURSOR_ELSEWHERE = [
     # A cursor carries the point (at or position) of its listing, so it
     # continues only a listing at the same point.
     pytest.param(
-        f"{APP}/-/tags?position=1000000",
-        f"{APP}/-/tags?position=1000001",
+        f"{APP}/-/tags?position=HEAD",
+        f"{APP}/-/tags?position=BEFORE_HEAD",
         id="tags-position",
     ),
-    pytest.param(f"{APP}/-/tags", f"{APP}/-/tags?position=1000000", id="tags-point"),
+    pytest.param(f"{APP}/-/tags", f"{APP}/-/tags?position=HEAD", id="tags-point"),
     pytest.param(
-        f"{APP}/-/tags?position=1000000",
-        f"{APP}/-/tags?at=2100-01-01T00:00:00Z",
+        f"{APP}/-/tags?position=HEAD",
+        f"{APP}/-/tags?at=NOW",
         id="tags-position-at",
     ),
     pytest.param(
-        "/catalog?position=1000000", "/catalog?position=1000001", id="catalog-position"
+        "/catalog?position=HEAD", "/catalog?position=BEFORE_HEAD", id="catalog-position"
     ),
     pytest.param(
-        "/catalog?at=2100-01-01T00:00:00Z",
-        "/catalog?at=2100-01-01T00:00:01Z",
-        id="catalog-at",
+        "/catalog?at=NOW", "/catalog?at=2000-01-01T00:00:00Z", id="catalog-at"
     ),
-    pytest.param("/catalog", "/catalog?position=1000000", id="catalog-point"),
+    pytest.param("/catalog", "/catalog?position=HEAD", id="catalog-point"),
     pytest.param(
         "/events?repository=library/app",
         "/events?repository=library/other",
@@ -482,6 +505,27 @@ def _get_with(api: httpx.Client, path: str, **params: str | int) -> httpx.Respon
     return api.get(httpx.URL(API + path).copy_merge_params(params))
 
 
+def _at_present(api: httpx.Client, *paths: str) -> list[str]:
+    """Fill in the log head (HEAD, and BEFORE_HEAD for the position before
+    it) and the present time (NOW, and NOW_PLUS_ONE for the same instant
+    written with the offset +01:00) in ``paths``."""
+    head = api.get(f"{API}/position").json()["head"]
+    now = datetime.now(UTC)
+    offset = now.astimezone(timezone(timedelta(hours=1)))
+    values = {
+        "BEFORE_HEAD": str(head - 1),
+        "HEAD": str(head),
+        "NOW_PLUS_ONE": offset.isoformat().replace("+", "%2B"),
+        "NOW": now.isoformat().replace("+00:00", "Z"),
+    }
+    filled = []
+    for path in paths:
+        for placeholder, value in values.items():
+            path = path.replace(placeholder, value)
+        filled.append(path)
+    return filled
+
+
 def _first_cursor(api: httpx.Client, path: str) -> str:
     response = _get_with(api, path, n=1)
     assert response.status_code == 200, response.text
@@ -494,6 +538,7 @@ def _first_cursor(api: httpx.Client, path: str) -> str:
 def test_cursor_of_other_listing_rejected(
     api: httpx.Client, two_repositories: None, source: str, target: str
 ) -> None:
+    source, target = _at_present(api, source, target)
     cursor = _first_cursor(api, source)
     # The cursor continues the listing it came from.
     own = _get_with(api, source, n=1, cursor=cursor)
@@ -526,14 +571,12 @@ CURSOR_SAME_LISTING = [
         id="same-types",
     ),
     pytest.param(
-        f"{APP}/-/tags?position=1000000",
-        f"{APP}/-/tags?position=1000000",
+        f"{APP}/-/tags?position=HEAD",
+        f"{APP}/-/tags?position=HEAD",
         id="tags-same-position",
     ),
     pytest.param(
-        "/catalog?at=2100-01-01T00:00:00Z",
-        "/catalog?at=2100-01-01T01:00:00%2B01:00",
-        id="catalog-same-instant",
+        "/catalog?at=NOW", "/catalog?at=NOW_PLUS_ONE", id="catalog-same-instant"
     ),
 ]
 
@@ -542,6 +585,7 @@ CURSOR_SAME_LISTING = [
 def test_cursor_of_same_listing_accepted(
     api: httpx.Client, two_repositories: None, source: str, target: str
 ) -> None:
+    source, target = _at_present(api, source, target)
     cursor = _first_cursor(api, source)
 
     response = _get_with(api, target, n=2, cursor=cursor)
@@ -592,8 +636,11 @@ def test_past_views_take_point(api: httpx.Client) -> None:
         "/repositories/library/app/-/tags/v1",
     ]
 
+    head = api.get(f"{API}/position").json()["head"]
+
     for path in paths:
-        for parameter, value in (("position", "5"), ("at", "2100-01-01T00:00:00Z")):
+        now = datetime.now(UTC).isoformat()
+        for parameter, value in (("position", str(head)), ("at", now)):
             response = api.get(API + path, params={parameter: value})
 
             assert response.status_code == 200, (path, response.text)

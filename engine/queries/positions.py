@@ -64,7 +64,7 @@ def projection_position(conn: Connection) -> int:
 def position_at(conn: Connection, moment: datetime) -> int:
     """Return the last position whose event time is at or before ``moment``.
 
-    NOTE: this assumes event times never decrease along the log. Appends
+    This assumes that event times never decrease along the log. Appends
     take their time under the log head lock, so this holds unless the
     server's clock steps back.
     """

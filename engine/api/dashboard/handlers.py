@@ -41,6 +41,7 @@ class Point:
 
     def __init__(self, request: Request) -> None:
         self.at = params.time(request, "at")
+        self.at_text = request.param("at")
         self.position = params.integer(request, "position", None)
         if self.at is not None and self.position is not None:
             raise unsupported(
@@ -62,15 +63,36 @@ class Point:
     def resolve(self, conn: Connection) -> tuple[int, dict[str, Any]]:
         """Return the log position the point names and its JSON description.
 
-        A time maps to the last position at or before it. A position past the
-        log head means the head, because nothing later has happened yet.
+        A time maps to the last position at or before it. A time later than
+        the server's clock, or a position past the log head, raises HTTPError
+        400 UNSUPPORTED: events still to come would change the answer, so a
+        walk through its pages would not stay at one point.
         """
-        head = queries.log_head(conn)
         if self.at is not None:
+            now = datetime.now(UTC)
+            if self.at > now:
+                raise unsupported(
+                    "at is later than the server's clock, so events still to "
+                    "come could change the answer; leave out at to read the "
+                    "present",
+                    parameter="at",
+                    value=self.at_text,
+                    now=format_time(now),
+                )
             position = queries.position_at(conn, self.at)
         else:
             assert self.position is not None
-            position = min(self.position, head)
+            head = queries.log_head(conn)
+            if self.position > head:
+                raise unsupported(
+                    "position is past the log head, so events still to come "
+                    "could change the answer; leave out position to read the "
+                    "present",
+                    parameter="position",
+                    value=self.position,
+                    head=head,
+                )
+            position = self.position
         at = format_time(self.at) if self.at is not None else None
         return position, {"position": position, "at": at}
 

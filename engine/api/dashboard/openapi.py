@@ -364,10 +364,14 @@ _PARAMETERS: Final[dict[str, Any]] = {
     "at": _query(
         "at",
         _TIME,
-        "Answer as of this time (RFC 3339): the last position at or before it.",
+        "Answer as of this time (RFC 3339): the last position at or before "
+        "it. A time later than the server's clock gets 400.",
     ),
     "position": _query(
-        "position", _INTEGER, "Answer as of this log position; not with at."
+        "position",
+        _INTEGER,
+        "Answer as of this log position; not with at. A position past the "
+        "log head gets 400.",
     ),
     "since": _query("since", _TIME, "Start of the time range, inclusive."),
     "until": _query("until", _TIME, "End of the time range, inclusive."),
