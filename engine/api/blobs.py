@@ -145,7 +145,10 @@ async def get_blob(request: Request) -> Response:
     if etag_matches(request, digest):
         return empty_response(304, headers)
 
-    range_header = request.header("range")
+    # RFC 9110 section 14.2 defines Range for GET alone, so a HEAD gets the
+    # whole blob's status and length, as the existence check of the OCI
+    # specification expects.
+    range_header = request.header("range") if request.method == "GET" else None
     if_range = request.header("if-range")
     if if_range is not None and if_range.strip() != f'"{digest}"':
         # RFC 9110 13.1.5: a validator that does not match gets the whole

@@ -112,6 +112,11 @@ def _is_valid_range(start: str, end: str, total: str | None) -> bool:
     return total is None or total == "*" or int(total) > int(end)
 
 
+def _expects_continue(request: Request) -> bool:
+    expect = request.header("expect")
+    return expect is not None and expect.strip().lower() == "100-continue"
+
+
 async def _body_limit(
     request: Request,
     repository: Repository,
@@ -131,7 +136,16 @@ async def _body_limit(
     A body of at most BUFFER_SIZE bytes is checked without the upload's
     offset, which would cost a database read on every such request: the
     registry adds the offset under the upload's lock, once the body is read.
+    A request that waits for 100 Continue reads the upload's state first.
     """
+    if _expects_continue(request):
+        # The client waits for 100 Continue before it sends the body. An
+        # unknown upload, or a chunk that does not start at the upload's
+        # offset, is answered now instead (RFC 9110 section 10.1.1).
+        status = await run_sync(repository.blobs.upload_status, upload_id)
+        if start is not None:
+            check_upload_start(status, start)
+
     max_blob_size = request.state.registry.max_blob_size
     if max_blob_size is None:
         return BlobLimit(None)
