@@ -48,6 +48,7 @@ from engine.domain.errors import (
 from engine.domain.events import Actor, EventType, NewEvent, StoredEvent
 from engine.domain.manifests import Descriptor, Manifest, Reference, parse_manifest
 from engine.domain.names import validate_repository_name, validate_tag
+from engine.domain.preconditions import Preconditions
 from engine.identity import load_registry_id
 from engine.prepared import Prepared, in_list
 from engine.projections import ALL_PROJECTIONS, apply_events
@@ -502,6 +503,7 @@ class ManifestService:
         tag: str | None = None,
         digest: Digest | None = None,
         tags: Sequence[str] = (),
+        preconditions: Preconditions | None = None,
     ) -> PutManifestResult:
         """Store a manifest, and point ``tag`` and each of ``tags`` at it.
 
@@ -511,7 +513,9 @@ class ManifestService:
         tag in either raises TagInvalid before anything is stored.
         ``digest`` is the digest the client pushed by; the bytes must hash to
         it. Every blob and child manifest the manifest requires must already
-        be in this repository; the subject need not be.
+        be in this repository; the subject need not be. ``preconditions``
+        must hold for what the reference (``tag``, else the digest) names
+        before the push, or nothing is stored.
         """
         tags_to_set = list(dict.fromkeys([tag, *tags] if tag is not None else tags))
         for name in tags_to_set:
@@ -528,6 +532,15 @@ class ManifestService:
             self._check_references(conn, manifest)
             new_events: list[NewEvent] = []
             row = self._row(conn, manifest.digest)
+            if preconditions is not None:
+                if tag is not None:
+                    reference, current = tag, _tag_digest(conn, self._repo.name, tag)
+                else:
+                    reference = str(manifest.digest)
+                    current = None if row is None else reference
+                preconditions.check(
+                    current, {"repository": self._repo.name, "reference": reference}
+                )
             if row is None:
                 self._store_content(conn, manifest)
                 new_events.append(self._pushed_event(manifest, tag))
@@ -687,14 +700,22 @@ class ManifestService:
             **by_tag,
         )
 
-    def delete(self, digest: Digest) -> list[StoredEvent]:
-        """Delete a manifest and every tag that points to it."""
+    def delete(
+        self, digest: Digest, preconditions: Preconditions | None = None
+    ) -> list[StoredEvent]:
+        """Delete a manifest and every tag that points to it, if
+        ``preconditions`` hold for it."""
         with self._repo.database.write() as conn:
             row = self._row(conn, digest)
             if row is None:
                 raise ManifestUnknown(
                     "manifest unknown",
                     {"repository": self._repo.name, "digest": str(digest)},
+                )
+            if preconditions is not None:
+                preconditions.check(
+                    str(digest),
+                    {"repository": self._repo.name, "reference": str(digest)},
                 )
             tag_names = conn.execute(
                 sa.select(tags.c.tag)
@@ -817,13 +838,20 @@ class TagService:
                 ],
             )
 
-    def untag(self, tag: str) -> list[StoredEvent]:
+    def untag(
+        self, tag: str, preconditions: Preconditions | None = None
+    ) -> list[StoredEvent]:
+        """Delete ``tag``, if ``preconditions`` hold for what it points to."""
         validate_tag(tag)
         with self._repo.database.write() as conn:
             current = _tag_digest(conn, self._repo.name, tag)
             if current is None:
                 raise ManifestUnknown(
                     "tag unknown", {"repository": self._repo.name, "tag": tag}
+                )
+            if preconditions is not None:
+                preconditions.check(
+                    current, {"repository": self._repo.name, "reference": tag}
                 )
             return self._repo.commit(
                 conn,

@@ -25,6 +25,7 @@ from engine.domain.errors import (
     ManifestUnknown,
     NameInvalid,
     NameUnknown,
+    PreconditionFailed,
     RangeInvalid,
     RangeNotSatisfiable,
     ReferrersFilterInvalid,
@@ -99,6 +100,8 @@ ERROR_TABLE: Final[dict[type[RegistryError], tuple[ErrorCode, int]]] = {
     ReferrersFilterInvalid: (ErrorCode.UNSUPPORTED, 400),
     Unsupported: (ErrorCode.UNSUPPORTED, 400),
     ConcurrencyConflict: (ErrorCode.UNSUPPORTED, 409),
+    # RFC 9110 section 15.5.13; the OCI specification defines no code for it.
+    PreconditionFailed: (ErrorCode.UNSUPPORTED, 412),
     RegistryError: (ErrorCode.UNSUPPORTED, 400),
 }
 

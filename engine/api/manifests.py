@@ -36,6 +36,7 @@ from engine.domain.manifests import (
     OCI_INDEX,
 )
 from engine.domain.names import validate_tag
+from engine.domain.preconditions import Preconditions
 from engine.registry import ManifestInfo, Repository
 
 INDEX_TYPES: Final = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
@@ -182,6 +183,11 @@ async def get_manifest(request: Request) -> Response:
         ("Docker-Content-Digest", str(info.digest)),
         ("ETag", f'"{info.digest}"'),
     ]
+    if_match = Preconditions.from_headers(request.header("if-match"), None)
+    if if_match is not None:
+        if_match.check(
+            str(info.digest), {"repository": repository.name, "reference": reference}
+        )
     if etag_matches(request, info.digest):
         return empty_response(304, headers)
     if not is_get:
@@ -237,6 +243,13 @@ def query_tags(request: Request, tag: str | None) -> list[str]:
     return distinct
 
 
+def preconditions(request: Request) -> Preconditions | None:
+    """Return the request's If-Match and If-None-Match, None without either."""
+    return Preconditions.from_headers(
+        request.header("if-match"), request.header("if-none-match")
+    )
+
+
 def _put(
     repository: Repository,
     raw: bytes,
@@ -244,6 +257,7 @@ def _put(
     tag: str | None,
     digest: Digest | None,
     tags: list[str],
+    conditions: Preconditions | None,
 ) -> ManifestInfo:
     # A digest in the URL that the body does not hash to is the client's
     # digest being wrong, so it gets DIGEST_INVALID as a blob would.
@@ -255,7 +269,7 @@ def _put(
                 {"expected": str(digest), "actual": str(actual)},
             )
     result = repository.manifests.put(
-        raw, content_type, tag=tag, digest=digest, tags=tags
+        raw, content_type, tag=tag, digest=digest, tags=tags, preconditions=conditions
     )
     return result.manifest
 
@@ -266,7 +280,14 @@ async def put_manifest(request: Request) -> Response:
     tags = query_tags(request, tag)
     raw = await read_limited(request, MAX_MANIFEST_SIZE)
     stored = await run_sync(
-        _put, repository, raw, request.header("content-type"), tag, digest, tags
+        _put,
+        repository,
+        raw,
+        request.header("content-type"),
+        tag,
+        digest,
+        tags,
+        preconditions(request),
     )
     location = repository_path(repository.name, "manifests", str(stored.digest))
     headers = [
@@ -284,9 +305,10 @@ async def delete_manifest(request: Request) -> Response:
     """Delete a manifest by digest, or only the tag when given a tag."""
     repository = request.repository()
     tag, digest = lookup_reference(repository, request.path_params["reference"])
+    conditions = preconditions(request)
     if tag is not None:
-        await run_sync(repository.tags.untag, tag)
+        await run_sync(repository.tags.untag, tag, conditions)
     else:
         assert digest is not None
-        await run_sync(repository.manifests.delete, digest)
+        await run_sync(repository.manifests.delete, digest, conditions)
     return empty_response(202)

@@ -122,3 +122,8 @@ class Unsupported(RegistryError):
 
 class ConcurrencyConflict(RegistryError):
     """An append whose expected repository version is no longer current."""
+
+
+class PreconditionFailed(RegistryError):
+    """A request whose If-Match or If-None-Match is false for the manifest
+    that its reference names when the request runs."""
