@@ -1,4 +1,5 @@
-"""Shared fixtures: a registry on SQLite and on PostgreSQL, a PostgreSQL
+"""Shared fixtures: a registry on SQLite and on PostgreSQL, its app served
+in a thread with an httpx client, a PostgreSQL
 database with an en-US collation, containers client settings for skopeo and
 podman, a nats-server per test, and the `cairn serve` processes that the
 mirror tests use as source and target.
@@ -20,9 +21,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
+from engine.api.app import create_app
 from engine.db import Database
 from engine.identity import bind_data_dir
 from engine.logs import configure_logging
@@ -30,7 +33,7 @@ from engine.migrate import upgrade
 from engine.registry import Registry
 from engine.tables import metadata
 from tests.nats import NatsServer
-from tests.server import ServeProcess, serve_cairn
+from tests.server import ServeProcess, ServerThread, running, serve_cairn
 
 ADMIN_URL = os.environ.get(
     "CAIRN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -109,6 +112,19 @@ def registry(data_dir: Path, database_url: str) -> Iterator[Registry]:
     bind_data_dir(data_dir, registry.registry_id(), adopt=True, require=False)
     yield registry
     registry.database.dispose()
+
+
+@pytest.fixture
+def app_server(registry: Registry) -> Iterator[ServerThread]:
+    """The registry app, served in a thread on a 127.0.0.1 port."""
+    with running(create_app(registry)) as server:
+        yield server
+
+
+@pytest.fixture
+def app_client(app_server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=app_server.url, timeout=60) as client:
+        yield client
 
 
 @contextmanager

@@ -9,29 +9,13 @@ ignores Range, because RFC 9110 (section 14.2) defines it for GET alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 
-from engine.api.app import create_app
-from engine.registry import Registry
-from tests.server import ServerThread, push_blob, running
+from tests.server import ServerThread, push_blob
 from tests.test_api_blob_size import exchange, request_head
 
 UNKNOWN_UPLOAD = "/v2/demo/app/blobs/uploads/00000000-0000-4000-8000-000000000000"
-
-
-@pytest.fixture
-def server(registry: Registry) -> Iterator[ServerThread]:
-    with running(create_app(registry)) as server:
-        yield server
-
-
-@pytest.fixture
-def api(server: ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
 
 
 def _upload_with_chunk(api: httpx.Client, size: int) -> str:
@@ -48,22 +32,22 @@ def _upload_with_chunk(api: httpx.Client, size: int) -> str:
 
 @pytest.mark.parametrize("method", ["PATCH", "PUT"])
 def test_chunk_at_wrong_offset_gets_416_before_body(
-    api: httpx.Client, server: ServerThread, method: str
+    app_client: httpx.Client, app_server: ServerThread, method: str
 ) -> None:
-    path = _upload_with_chunk(api, 1000)
+    path = _upload_with_chunk(app_client, 1000)
     if method == "PUT":
         path += "&" if "?" in path else "?"
         path += "digest=sha256:" + "0" * 64
     headers = ("Content-Range: 5-14", "Content-Length: 10", "Expect: 100-continue")
 
-    # No body is sent: the answer must come from the head alone.
-    reply = exchange(server.port, request_head(method, path, *headers))
+    # No body is sent: the response must follow from the head alone.
+    reply = exchange(app_server.port, request_head(method, path, *headers))
 
     assert reply.status == 416
     assert reply.headers["range"] == "0-999"
     assert reply.error()["code"] == "BLOB_UPLOAD_INVALID"
     assert reply.error()["detail"]["start"] == 5
-    status = api.get(path.split("?")[0])
+    status = app_client.get(path.split("?")[0])
     assert status.headers["Range"] == "0-999"
 
 
@@ -76,20 +60,20 @@ def test_chunk_at_wrong_offset_gets_416_before_body(
     ids=["content-length", "content-range"],
 )
 def test_unknown_upload_gets_404_before_body(
-    server: ServerThread, headers: tuple[str, ...]
+    app_server: ServerThread, headers: tuple[str, ...]
 ) -> None:
     head = request_head("PATCH", UNKNOWN_UPLOAD, *headers, "Expect: 100-continue")
 
-    reply = exchange(server.port, head)
+    reply = exchange(app_server.port, head)
 
     assert reply.status == 404
     assert reply.error()["code"] == "BLOB_UPLOAD_UNKNOWN"
 
 
-def test_chunk_at_right_offset_is_stored(api: httpx.Client) -> None:
-    path = _upload_with_chunk(api, 1000)
+def test_chunk_at_right_offset_is_stored(app_client: httpx.Client) -> None:
+    path = _upload_with_chunk(app_client, 1000)
 
-    sent = api.patch(
+    sent = app_client.patch(
         path,
         content=b"b" * 10,
         headers={"Content-Range": "1000-1009", "Expect": "100-continue"},
@@ -100,13 +84,15 @@ def test_chunk_at_right_offset_is_stored(api: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("range_header", ["bytes=0-9", "bytes=900-", "bytes=-5"])
-def test_head_of_blob_ignores_range(api: httpx.Client, range_header: str) -> None:
+def test_head_of_blob_ignores_range(
+    app_client: httpx.Client, range_header: str
+) -> None:
     data = bytes(range(256)) * 2
-    digest = push_blob(api, "demo/app", data)
+    digest = push_blob(app_client, "demo/app", data)
     path = f"/v2/demo/app/blobs/{digest}"
 
-    head = api.head(path, headers={"Range": range_header})
-    get = api.get(path, headers={"Range": range_header})
+    head = app_client.head(path, headers={"Range": range_header})
+    get = app_client.get(path, headers={"Range": range_header})
 
     assert head.status_code == 200
     assert head.headers["Content-Length"] == str(len(data))

@@ -7,28 +7,22 @@ stores nothing: no event, no tag change.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from engine.api.app import create_app
 from engine.registry import Registry
 from tests.images import Image, make_image
-from tests.server import log_position, push_blob, running
+from tests.server import log_position, push_blob
 
 REPO = "cond/demo"
 TAG_URL = f"/v2/{REPO}/manifests/prod"
 
 
 @pytest.fixture
-def api(registry: Registry) -> Iterator[httpx.Client]:
-    with (
-        running(create_app(registry)) as server,
-        httpx.Client(base_url=server.url, timeout=60) as client,
-    ):
-        yield client
+def api(app_client: httpx.Client) -> httpx.Client:
+    return app_client
 
 
 @pytest.fixture

@@ -323,7 +323,7 @@ class CairnHttpProtocol(HttpToolsProtocol):
             waiter.set_result(None)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
-        """Answer a request whose client closed its sending side after it.
+        """Respond to a request whose client closed its sending side after it.
 
         Clients such as `nc -N` or `curl` fed from a pipe shut down their
         side of the connection once the request is sent, and read the
@@ -1326,9 +1326,9 @@ class _CycleTransport:
     Its close() calls ``close`` instead, so that the close can linger. After
     hold_head(), the next write (uvicorn's response head) is kept and sent
     together with the write after it (the first body bytes), in one
-    writev(2): a small response then costs one system call, not two, and
-    the event loop holds the GIL through each one (uvloop 0.23 writes
-    without releasing it). flush_head() sends a kept head alone, for a
+    writev(2). A small response then costs one system call, not two. The
+    event loop holds the GIL through each call, because uvloop 0.23 writes
+    without releasing it. flush_head() sends a kept head alone, for a
     response whose body goes another way or has no bytes. Every other
     attribute is the transport's.
     """

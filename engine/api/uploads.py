@@ -141,7 +141,7 @@ async def _body_limit(
     if _expects_continue(request):
         # The client waits for 100 Continue before it sends the body. An
         # unknown upload, or a chunk that does not start at the upload's
-        # offset, is answered now instead (RFC 9110 section 10.1.1).
+        # offset, gets its error response now (RFC 9110 section 10.1.1).
         status = await run_sync(repository.blobs.upload_status, upload_id)
         if start is not None:
             check_upload_start(status, start)
