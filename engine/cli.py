@@ -222,6 +222,11 @@ def open_registry(
                     adopt=adopt_data_dir
                     or (writable and settings.database_url is None),
                     require=require_data_dir and settings.database_url is not None,
+                    # The default database lives in the data directory, so
+                    # only a --database can belong to another registry.
+                    database=(
+                        registry.database if settings.database_url is not None else None
+                    ),
                 )
     except DataDirMismatch as error:
         registry.database.dispose()

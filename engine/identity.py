@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from engine.db import Database
-from engine.tables import registry_identity
+from engine.tables import blob_links, registry_identity
 
 _SELECT = sa.select(registry_identity.c.registry_id).where(registry_identity.c.id == 1)
 
@@ -50,8 +50,17 @@ class DataDirMismatch(Exception):
     shown to belong to this one."""
 
 
+# How many blob files adopting a data directory looks up in the database.
+ADOPTION_SAMPLE = 64
+
+
 def bind_data_dir(
-    data_dir: Path, registry_id: str, *, adopt: bool, require: bool
+    data_dir: Path,
+    registry_id: str,
+    *,
+    adopt: bool,
+    require: bool,
+    database: Database | None = None,
 ) -> None:
     """Check that ``data_dir`` contains the blobs of the registry ``registry_id``.
 
@@ -60,6 +69,10 @@ def bind_data_dir(
     kept or removed by what that registry's database links. Without the
     file, ``adopt`` writes it, and otherwise ``require`` raises
     DataDirMismatch for a directory that already contains blob files.
+    Given ``database``, adopting a directory with blob files first looks up
+    up to ADOPTION_SAMPLE of them there, and raises DataDirMismatch when the
+    database links none: it is then a new or another registry's database,
+    whose gc would remove them all.
     """
     path = data_dir / DATA_DIR_ID_FILE
     try:
@@ -75,6 +88,8 @@ def bind_data_dir(
             )
         return
     if adopt:
+        if database is not None:
+            _check_adoption(data_dir, database)
         _write_id_file(path, registry_id)
         return
     if require and any((data_dir / "blobs").glob("*/*/*")):
@@ -84,6 +99,30 @@ def bind_data_dir(
             "cairn serve once with this --data-dir and --database, which "
             "records it"
         )
+
+
+def _check_adoption(data_dir: Path, database: Database) -> None:
+    """Raise DataDirMismatch when ``data_dir`` has blob files and ``database``
+    links none of the first ADOPTION_SAMPLE of them."""
+    sample = []
+    for blob in (data_dir / "blobs").glob("*/*/*"):
+        sample.append(f"{blob.parent.parent.name}:{blob.name}")
+        if len(sample) == ADOPTION_SAMPLE:
+            break
+    if not sample:
+        return
+    linked = sa.select(blob_links.c.digest).where(blob_links.c.digest.in_(sample))
+    with database.read() as conn:
+        if conn.execute(linked.limit(1)).first() is not None:
+            return
+    raise DataDirMismatch(
+        f"data directory {data_dir} has no {DATA_DIR_ID_FILE} file, and the "
+        f"database links none of the {len(sample)} blob files looked up in "
+        "it, so the directory belongs to another registry and this "
+        "database's gc would remove its blobs: point --data-dir and "
+        "--database at the same registry, or give a new registry an empty "
+        "data directory"
+    )
 
 
 def _write_id_file(path: Path, registry_id: str) -> None:

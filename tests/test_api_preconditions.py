@@ -184,3 +184,36 @@ def test_read_with_if_match(
     assert other.status_code == 412
     if method == "GET":
         _assert_412(other, "If-Match", _quoted(second), str(first.digest))
+
+
+@pytest.mark.parametrize(
+    ("header", "value"), [("If-None-Match", "*"), ("If-Match", '"sha256:0"')]
+)
+def test_guard_with_tag_parameters_rejected(
+    api: httpx.Client,
+    registry: Registry,
+    images: tuple[Image, Image],
+    header: str,
+    value: str,
+) -> None:
+    first, second = images
+    assert _put(api, TAG_URL, first).status_code == 201
+    before = log_position(registry)
+
+    response = _put(
+        api,
+        f"/v2/{REPO}/manifests/{second.digest}?tag=prod&tag=new",
+        second,
+        **{header: value},
+    )
+
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["code"] == "UNSUPPORTED"
+    assert error["detail"] == {
+        "header": header,
+        "value": value,
+        "tags": ["prod", "new"],
+    }
+    assert _tag_digest(api) == str(first.digest)
+    assert log_position(registry) == before

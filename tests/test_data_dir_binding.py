@@ -152,3 +152,47 @@ def test_gc_dry_run_default_sqlite(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert not (data_dir / DATA_DIR_ID_FILE).exists()
     assert blob_path.exists()
+
+
+def test_serve_does_not_adopt_blobs_its_database_never_linked(
+    registry: Registry, tmp_path: Path, database_url: str
+) -> None:
+    other, blob_path = other_registry(tmp_path / "other")
+    other.database.dispose()
+    # As if --database named a new registry's database by mistake.
+    (tmp_path / "other" / DATA_DIR_ID_FILE).unlink()
+    storage = ["--data-dir", str(tmp_path / "other"), "--database", database_url]
+
+    result = cairn("serve", *storage, "--listen", "127.0.0.1:0", "--no-nats")
+
+    assert result.returncode == 1
+    assert "the database links none of the 1 blob files" in result.stderr
+    assert not (tmp_path / "other" / DATA_DIR_ID_FILE).exists()
+    gc = cairn("gc", *storage, "--grace-period", "0")
+    assert gc.returncode == 1
+    assert blob_path.exists()
+
+
+def test_serve_adopts_blobs_its_database_links(tmp_path: Path) -> None:
+    data_dir = tmp_path / "linked"
+    other, blob_path = other_registry(data_dir)
+    registry_id = other.registry_id()
+    other.database.dispose()
+    # A data directory from before registry-id files, with an explicit
+    # --database that links its blob.
+    (data_dir / DATA_DIR_ID_FILE).unlink()
+
+    bound = Registry.open(data_dir, sqlite_url(data_dir))
+    try:
+        bind_data_dir(
+            data_dir,
+            bound.registry_id(),
+            adopt=True,
+            require=False,
+            database=bound.database,
+        )
+    finally:
+        bound.database.dispose()
+
+    assert (data_dir / DATA_DIR_ID_FILE).read_text() == registry_id + "\n"
+    assert blob_path.exists()

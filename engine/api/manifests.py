@@ -278,6 +278,18 @@ async def put_manifest(request: Request) -> Response:
     repository = request.repository()
     tag, digest = parse_reference(request.path_params["reference"])
     tags = query_tags(request, tag)
+    conditions = preconditions(request)
+    if conditions is not None and tags:
+        # The fields guard what the path names, and the tags that the query
+        # sets would move unguarded.
+        header = "If-Match" if conditions.if_match is not None else "If-None-Match"
+        raise unsupported(
+            f"{header} guards the digest in the path, not the tags that the "
+            "tag query parameters set: push by tag, once per tag, to guard a tag",
+            header=header,
+            value=request.header(header.lower()),
+            tags=tags,
+        )
     raw = await read_limited(request, MAX_MANIFEST_SIZE)
     stored = await run_sync(
         _put,
@@ -287,7 +299,7 @@ async def put_manifest(request: Request) -> Response:
         tag,
         digest,
         tags,
-        preconditions(request),
+        conditions,
     )
     location = repository_path(repository.name, "manifests", str(stored.digest))
     headers = [
