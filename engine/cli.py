@@ -761,13 +761,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:
+        # argparse would report them with the usage of cairn itself; the
+        # command's own usage shows the options that it takes.
+        _command_parser(parser, args).error(
+            f"unrecognized arguments: {' '.join(unrecognized)}"
+        )
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(args.log_level, json_logs)
     try:
         return int(args.handler(args))
     except StorageUnavailable as error:
         return report_storage_error(error)
+
+
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """Return the parser of the (sub)command that ``args`` selected."""
+    current = parser
+    while True:
+        choices = [
+            action
+            for action in current._actions
+            if isinstance(action, argparse._SubParsersAction)
+        ]
+        name = getattr(args, choices[0].dest, None) if choices else None
+        if name is None:
+            return current
+        current = choices[0].choices[name]
 
 
 if __name__ == "__main__":

@@ -897,3 +897,30 @@ def test_gc_runs_with_maximum_durations(tmp_path: Path) -> None:
     assert result.status == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "invalid duration '1e20'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "unrecognized"),
+    [
+        (["gc", "--dryrun"], "gc", "--dryrun"),
+        (["gc", "extra"], "gc", "extra"),
+        (["verify", "--bogus"], "verify", "--bogus"),
+        (["db", "upgrade", "--bogus"], "db upgrade", "--bogus"),
+        (
+            ["serve", "--no-nats", "--listen-port", "5000"],
+            "serve",
+            "--listen-port 5000",
+        ),
+    ],
+)
+def test_unknown_argument_shows_the_command_usage(
+    tmp_path: Path, args: list[str], command: str, unrecognized: str
+) -> None:
+    result = run_cairn(*args, "--data-dir", str(tmp_path / "data"))
+
+    assert result.status == 2
+    assert result.stderr.startswith(f"usage: cairn {command} [-h]")
+    assert f"cairn {command}: error: unrecognized arguments: {unrecognized}" in (
+        result.stderr
+    )
+    assert not (tmp_path / "data").exists()
