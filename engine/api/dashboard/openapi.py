@@ -88,7 +88,11 @@ _SCHEMAS: Final[dict[str, Any]] = {
             },
             "created_at": _TIME,
             "created_position": _INTEGER,
-            "updated_at": _TIME,
+            "updated_at": {
+                **_TIME,
+                "description": "Time of the repository's last event of any "
+                "type: pushes, tag changes and deletes, gc's deletes included.",
+            },
             "updated_position": _INTEGER,
             "last_actor": _NULLABLE_STRING,
         }
@@ -364,8 +368,7 @@ _PARAMETERS: Final[dict[str, Any]] = {
     "at": _query(
         "at",
         _TIME,
-        "Answer as of this time (RFC 3339): the last position at or before "
-        "it. A time later than the server's clock gets 400.",
+        "Answer as of this time (RFC 3339): the last position at or before it.",
     ),
     "position": _query(
         "position",

@@ -163,7 +163,7 @@ const REPOSITORY_COLUMNS = [
   ["Manifests", (r) => r.manifest_count, true],
   ["Stored", (r) => formatBytes(r.stored_bytes), true],
   ["Pushed", (r) => formatBytes(r.pushed_bytes), true],
-  ["Last push", (r) => formatTime(r.updated_at)],
+  ["Last change", (r) => formatTime(r.updated_at)],
 ];
 
 let repositoryCursor = null;
@@ -270,7 +270,7 @@ async function repositoryPage() {
     card("Stored", formatBytes(summary.stored_bytes), "stored-bytes"),
     card("Pushed", formatBytes(summary.pushed_bytes), "pushed-bytes"),
     card("First push", formatTime(summary.created_at)),
-    card("Last push", formatTime(summary.updated_at)),
+    card("Last change", formatTime(summary.updated_at)),
   );
 
   const tags = await api(`${base}/-/tags`, { n: 200 });
