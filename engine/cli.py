@@ -196,12 +196,26 @@ def open_registry(
     used.
     """
     from engine.identity import DataDirMismatch, bind_data_dir
-    from engine.migrate import upgrade
+    from engine.migrate import current_revision, upgrade
     from engine.registry import Registry
 
     check_database_url(settings)
     with storage_errors(settings):
         check_data_dir(settings, create=create)
+        sqlite_file = _sqlite_file(settings.database_url)
+        if sqlite_file is not None and not sqlite_file.exists():
+            # Opening the file would create it, empty.
+            if not create:
+                raise StorageUnavailable(
+                    f"cannot use database {database_label(settings)}: "
+                    f"{sqlite_file} does not exist; check --database or "
+                    "CAIRN_DATABASE_URL, or create the schema with "
+                    "`cairn db upgrade`"
+                )
+            try:
+                _check_unbound_data_dir(settings)
+            except DataDirMismatch as error:
+                raise StorageUnavailable(str(error)) from error
         try:
             registry = Registry.open(settings.data_dir, settings.database_url)
         except ImportError as error:
@@ -214,6 +228,12 @@ def open_registry(
         with storage_errors(settings):
             if writable:
                 check_writable(registry, settings)
+            if (
+                create
+                and settings.database_url is not None
+                and current_revision(registry.database) is None
+            ):
+                _check_unbound_data_dir(settings)
             if upgrade_schema:
                 upgrade(registry.database, create=create)
                 bind_data_dir(
@@ -235,6 +255,35 @@ def open_registry(
         registry.database.dispose()
         raise
     return registry
+
+
+def _sqlite_file(database_url: str | None) -> Path | None:
+    """Return the file that a --database SQLite URL names, else None."""
+    import sqlalchemy as sa
+
+    if database_url is None:
+        return None
+    url = sa.engine.make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    return Path(url.database)
+
+
+def _check_unbound_data_dir(settings: StorageSettings) -> None:
+    """Raise DataDirMismatch before a --database without cairn's schema gets
+    one, when the data directory's registry-id file names a registry: that
+    registry's database has a schema, so this database is another one."""
+    from engine.identity import DataDirMismatch, recorded_registry_id
+
+    recorded = recorded_registry_id(settings.data_dir)
+    if recorded is not None:
+        raise DataDirMismatch(
+            f"data directory {settings.data_dir.absolute()} contains the blobs "
+            f"of registry {recorded}, but the database "
+            f"{database_label(settings)} has no cairn schema, so it is not "
+            "that registry's: point --data-dir and --database at the same "
+            "registry"
+        )
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:

@@ -54,6 +54,14 @@ class DataDirMismatch(Exception):
 ADOPTION_SAMPLE = 64
 
 
+def recorded_registry_id(data_dir: Path) -> str | None:
+    """Return the registry id that ``data_dir``'s file names, None without one."""
+    try:
+        return (data_dir / DATA_DIR_ID_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def bind_data_dir(
     data_dir: Path,
     registry_id: str,
@@ -75,10 +83,7 @@ def bind_data_dir(
     whose gc would remove them all.
     """
     path = data_dir / DATA_DIR_ID_FILE
-    try:
-        recorded = path.read_text().strip()
-    except FileNotFoundError:
-        recorded = None
+    recorded = recorded_registry_id(data_dir)
     if recorded is not None:
         if recorded != registry_id:
             raise DataDirMismatch(

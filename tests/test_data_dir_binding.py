@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
+import sqlalchemy as sa
 
-from engine.db import sqlite_url
+from engine.db import normalise_url, sqlite_url
 from engine.domain.digest import Digest
 from engine.identity import DATA_DIR_ID_FILE, bind_data_dir
 from engine.migrate import upgrade
@@ -196,3 +198,62 @@ def test_serve_adopts_blobs_its_database_links(tmp_path: Path) -> None:
 
     assert (data_dir / DATA_DIR_ID_FILE).read_text() == registry_id + "\n"
     assert blob_path.exists()
+
+
+def _bound_data_dir(tmp_path: Path) -> Path:
+    """A data directory bound to a registry of its own, with one blob."""
+    other, _ = other_registry(tmp_path / "bound")
+    other.database.dispose()
+    return tmp_path / "bound"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve", "--listen", "127.0.0.1:0", "--no-nats"],
+        ["db", "upgrade"],
+    ],
+    ids=["serve", "db-upgrade"],
+)
+def test_schemaless_database_of_bound_data_dir_left_untouched(
+    tmp_path: Path, empty_database_url: str, command: list[str]
+) -> None:
+    data_dir = _bound_data_dir(tmp_path)
+    registry_id = (data_dir / DATA_DIR_ID_FILE).read_text().strip()
+
+    result = cairn(
+        *command, "--data-dir", str(data_dir), "--database", empty_database_url
+    )
+
+    assert result.returncode == 1
+    assert f"contains the blobs of registry {registry_id}" in result.stderr
+    assert "has no cairn schema" in result.stderr
+    engine = sa.create_engine(normalise_url(empty_database_url))
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
+def test_missing_sqlite_file_not_created(tmp_path: Path) -> None:
+    data_dir = _bound_data_dir(tmp_path)
+    typo = tmp_path / "typo.db"
+    database = f"sqlite:///{typo}"
+
+    served = cairn(
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--database",
+        database,
+        "--listen",
+        "127.0.0.1:0",
+        "--no-nats",
+    )
+    verified = cairn("verify", "--data-dir", str(data_dir), "--database", database)
+
+    assert served.returncode == 1
+    assert "has no cairn schema" in served.stderr
+    assert verified.returncode == 1
+    assert f"{typo} does not exist" in verified.stderr
+    assert not typo.exists()
