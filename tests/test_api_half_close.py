@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.images import make_image
+from tests.images import Image, make_image
 from tests.server import ServeProcess, push_blob, serve_cairn
 
 BOUND_S = 30.0
@@ -63,6 +63,21 @@ def _send_then_half_close(serve: ServeProcess, request: bytes) -> bytes:
     return bytes(received)
 
 
+def _manifest_put(client: httpx.Client, repository: str) -> tuple[Image, bytes]:
+    """Push a new image's blobs to ``repository``; return the image and the
+    head of a PUT of its manifest as tag v1."""
+    image = make_image()
+    for blob in image.blobs:
+        push_blob(client, repository, blob)
+    head = _head(
+        "PUT",
+        f"/v2/{repository}/manifests/v1",
+        f"Content-Type: {image.media_type}",
+        f"Content-Length: {len(image.manifest)}",
+    )
+    return image, head
+
+
 def _statuses(received: bytes) -> list[bytes]:
     return re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
 
@@ -77,18 +92,8 @@ def test_get_is_answered_after_half_close(serve: ServeProcess) -> None:
 def test_manifest_put_is_stored_after_half_close(
     serve: ServeProcess, client: httpx.Client
 ) -> None:
-    image = make_image()
-    for blob in image.blobs:
-        push_blob(client, "half/put", blob)
-    request = (
-        _head(
-            "PUT",
-            "/v2/half/put/manifests/v1",
-            f"Content-Type: {image.media_type}",
-            f"Content-Length: {len(image.manifest)}",
-        )
-        + image.manifest
-    )
+    image, head = _manifest_put(client, "half/put")
+    request = head + image.manifest
 
     received = _send_then_half_close(serve, request)
 
@@ -110,18 +115,8 @@ def test_pipelined_requests_are_all_answered(serve: ServeProcess) -> None:
 def test_half_close_inside_body_stores_nothing(
     serve: ServeProcess, client: httpx.Client
 ) -> None:
-    image = make_image()
-    for blob in image.blobs:
-        push_blob(client, "half/cut", blob)
-    request = (
-        _head(
-            "PUT",
-            "/v2/half/cut/manifests/v1",
-            f"Content-Type: {image.media_type}",
-            f"Content-Length: {len(image.manifest)}",
-        )
-        + image.manifest[: len(image.manifest) // 2]
-    )
+    image, head = _manifest_put(client, "half/cut")
+    request = head + image.manifest[: len(image.manifest) // 2]
 
     received = _send_then_half_close(serve, request)
 

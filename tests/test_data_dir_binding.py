@@ -52,6 +52,21 @@ def other_registry(data_dir: Path) -> tuple[Registry, Path]:
     return registry, registry.blob_store.path(digest)
 
 
+def _unbound_data_dir(tmp_path: Path, database_url: str) -> tuple[Path, list[str]]:
+    """Make another registry's data directory without its registry-id file;
+    return its blob's path and the storage options that pair it with
+    ``database_url``."""
+    other, blob_path = other_registry(tmp_path / "other")
+    other.database.dispose()
+    (tmp_path / "other" / DATA_DIR_ID_FILE).unlink()
+    return blob_path, [
+        "--data-dir",
+        str(tmp_path / "other"),
+        "--database",
+        database_url,
+    ]
+
+
 def test_serve_records_registry_id(tmp_path: Path, database_url: str) -> None:
     data_dir = tmp_path / "served"
     served = start_serve(data_dir, database_url, tmp_path / "serve.log")
@@ -106,12 +121,9 @@ def test_serve_rejects_other_registry_data_dir(
 def test_gc_requires_id_file_beside_blobs(
     registry: Registry, tmp_path: Path, database_url: str
 ) -> None:
-    other, blob_path = other_registry(tmp_path / "other")
-    other.database.dispose()
     # A data directory from before registry-id files, or another
     # registry's that was never bound.
-    (tmp_path / "other" / DATA_DIR_ID_FILE).unlink()
-    storage = ["--data-dir", str(tmp_path / "other"), "--database", database_url]
+    blob_path, storage = _unbound_data_dir(tmp_path, database_url)
 
     result = cairn("gc", *storage, "--grace-period", "0")
 
@@ -159,11 +171,8 @@ def test_gc_dry_run_default_sqlite(tmp_path: Path) -> None:
 def test_serve_does_not_adopt_blobs_its_database_never_linked(
     registry: Registry, tmp_path: Path, database_url: str
 ) -> None:
-    other, blob_path = other_registry(tmp_path / "other")
-    other.database.dispose()
     # As if --database named a new registry's database by mistake.
-    (tmp_path / "other" / DATA_DIR_ID_FILE).unlink()
-    storage = ["--data-dir", str(tmp_path / "other"), "--database", database_url]
+    blob_path, storage = _unbound_data_dir(tmp_path, database_url)
 
     result = cairn("serve", *storage, "--listen", "127.0.0.1:0", "--no-nats")
 
