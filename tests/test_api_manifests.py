@@ -300,6 +300,7 @@ def test_index_resolved_for_client_without_index_support(
     assert response.content == amd64.manifest
     assert response.headers["Content-Type"] == DOCKER_MANIFEST
     assert response.headers["Docker-Content-Digest"] == str(amd64.digest)
+    assert response.headers["Vary"] == "Accept"
 
 
 @pytest.mark.parametrize(
@@ -329,6 +330,7 @@ def test_index_by_digest_never_rewritten(api: httpx.Client) -> None:
     )
 
     assert response.content == raw
+    assert "Vary" not in response.headers
 
 
 def test_index_served_when_no_entry_fits(api: httpx.Client) -> None:

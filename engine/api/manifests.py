@@ -183,6 +183,10 @@ async def get_manifest(request: Request) -> Response:
         ("Docker-Content-Digest", str(info.digest)),
         ("ETag", f'"{info.digest}"'),
     ]
+    if tag is not None:
+        # What a tag serves depends on Accept when it names an index (see
+        # the module docstring), so caches must key on it.
+        headers.append(("Vary", "Accept"))
     if_match = Preconditions.from_headers(request.header("if-match"), None)
     if if_match is not None:
         if_match.check(
