@@ -31,7 +31,7 @@ def _upload_with_chunk(api: httpx.Client, size: int) -> str:
 
 
 @pytest.mark.parametrize("method", ["PATCH", "PUT"])
-def test_chunk_at_wrong_offset_gets_416_before_body(
+def test_wrong_offset_416_before_body(
     app_client: httpx.Client, app_server: ServerThread, method: str
 ) -> None:
     path = _upload_with_chunk(app_client, 1000)
@@ -59,7 +59,7 @@ def test_chunk_at_wrong_offset_gets_416_before_body(
     ],
     ids=["content-length", "content-range"],
 )
-def test_unknown_upload_gets_404_before_body(
+def test_unknown_upload_404_before_body(
     app_server: ServerThread, headers: tuple[str, ...]
 ) -> None:
     head = request_head("PATCH", UNKNOWN_UPLOAD, *headers, "Expect: 100-continue")
@@ -70,7 +70,7 @@ def test_unknown_upload_gets_404_before_body(
     assert reply.error()["code"] == "BLOB_UPLOAD_UNKNOWN"
 
 
-def test_chunk_at_right_offset_is_stored(app_client: httpx.Client) -> None:
+def test_right_offset_chunk_stored(app_client: httpx.Client) -> None:
     path = _upload_with_chunk(app_client, 1000)
 
     sent = app_client.patch(

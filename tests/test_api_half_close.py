@@ -2,7 +2,7 @@
 
 `nc -N`, and programs that pipe a request into a socket, send a request and
 then shut down their side of the connection while they wait for the
-response. The server answers each complete request and then closes. One
+response. The server responds to each complete request and then closes. One
 `cairn serve` process on SQLite is driven over raw sockets on 127.0.0.1.
 """
 
@@ -82,14 +82,14 @@ def _statuses(received: bytes) -> list[bytes]:
     return re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
 
 
-def test_get_is_answered_after_half_close(serve: ServeProcess) -> None:
+def test_get_after_half_close(serve: ServeProcess) -> None:
     received = _send_then_half_close(serve, _head("GET", "/v2/"))
 
     assert _statuses(received) == [b"200"]
     assert received.endswith(b"\r\n\r\n{}")
 
 
-def test_manifest_put_is_stored_after_half_close(
+def test_manifest_put_after_half_close(
     serve: ServeProcess, client: httpx.Client
 ) -> None:
     image, head = _manifest_put(client, "half/put")
@@ -104,7 +104,7 @@ def test_manifest_put_is_stored_after_half_close(
     assert stored.content == image.manifest
 
 
-def test_pipelined_requests_are_all_answered(serve: ServeProcess) -> None:
+def test_pipelined_requests_each_get_response(serve: ServeProcess) -> None:
     request = _head("GET", "/v2/") + _head("GET", "/v2/half/none/tags/list")
 
     received = _send_then_half_close(serve, request)

@@ -82,7 +82,7 @@ def test_create_only_tag(
     assert api.head(f"/v2/{REPO}/manifests/{second.digest}").status_code == 404
 
 
-def test_tag_move_guarded_by_the_digest_last_seen(
+def test_guarded_tag_move(
     api: httpx.Client, registry: Registry, images: tuple[Image, Image]
 ) -> None:
     first, second = images
@@ -98,7 +98,7 @@ def test_tag_move_guarded_by_the_digest_last_seen(
     assert log_position(registry) == before
 
 
-def test_if_match_on_a_missing_tag_fails(
+def test_if_match_missing_tag_fails(
     api: httpx.Client, registry: Registry, images: tuple[Image, Image]
 ) -> None:
     first, _ = images
@@ -109,7 +109,7 @@ def test_if_match_on_a_missing_tag_fails(
     assert _tag_digest(api) is None
 
 
-def test_weak_tag_never_satisfies_if_match(
+def test_weak_tag_fails_if_match(
     api: httpx.Client, images: tuple[Image, Image]
 ) -> None:
     first, second = images

@@ -913,7 +913,7 @@ def test_gc_runs_with_maximum_durations(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_unknown_argument_shows_the_command_usage(
+def test_unknown_argument_shows_command_usage(
     tmp_path: Path, args: list[str], command: str, unrecognized: str
 ) -> None:
     result = run_cairn(*args, "--data-dir", str(tmp_path / "data"))

@@ -168,7 +168,7 @@ def test_gc_dry_run_default_sqlite(tmp_path: Path) -> None:
     assert blob_path.exists()
 
 
-def test_serve_does_not_adopt_blobs_its_database_never_linked(
+def test_serve_rejects_unlinked_blob_dir(
     registry: Registry, tmp_path: Path, database_url: str
 ) -> None:
     # As if --database named a new registry's database by mistake.
@@ -184,7 +184,7 @@ def test_serve_does_not_adopt_blobs_its_database_never_linked(
     assert blob_path.exists()
 
 
-def test_serve_adopts_blobs_its_database_links(tmp_path: Path) -> None:
+def test_serve_adopts_linked_blob_dir(tmp_path: Path) -> None:
     data_dir = tmp_path / "linked"
     other, blob_path = other_registry(data_dir)
     registry_id = other.registry_id()
@@ -224,7 +224,7 @@ def _bound_data_dir(tmp_path: Path) -> Path:
     ],
     ids=["serve", "db-upgrade"],
 )
-def test_schemaless_database_of_bound_data_dir_left_untouched(
+def test_bound_dir_schemaless_database_untouched(
     tmp_path: Path, empty_database_url: str, command: list[str]
 ) -> None:
     data_dir = _bound_data_dir(tmp_path)

@@ -33,7 +33,7 @@ def _proxy() -> tuple[_CycleTransport, RecordingTransport, list[str]]:
     return proxy, recorded, closes
 
 
-def test_head_and_first_body_bytes_go_out_together() -> None:
+def test_head_sent_with_first_body() -> None:
     proxy, recorded, _ = _proxy()
     proxy.hold_head()
     proxy.write(b"HTTP/1.1 200 OK\r\n\r\n")
@@ -47,7 +47,7 @@ def test_head_and_first_body_bytes_go_out_together() -> None:
     ]
 
 
-def test_empty_body_sends_the_head_alone() -> None:
+def test_empty_body_sends_head_alone() -> None:
     proxy, recorded, _ = _proxy()
     proxy.hold_head()
     proxy.write(b"HTTP/1.1 201 Created\r\n\r\n")
@@ -56,7 +56,7 @@ def test_empty_body_sends_the_head_alone() -> None:
     assert recorded.calls == [("write", b"HTTP/1.1 201 Created\r\n\r\n")]
 
 
-def test_flush_sends_a_head_whose_body_wrote_nothing() -> None:
+def test_flush_sends_head_without_body() -> None:
     proxy, recorded, _ = _proxy()
     proxy.hold_head()
     proxy.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n")
@@ -68,7 +68,7 @@ def test_flush_sends_a_head_whose_body_wrote_nothing() -> None:
     ]
 
 
-def test_close_sends_a_kept_head_before_closing() -> None:
+def test_close_sends_kept_head_first() -> None:
     proxy, recorded, closes = _proxy()
     proxy.hold_head()
     proxy.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
@@ -78,7 +78,7 @@ def test_close_sends_a_kept_head_before_closing() -> None:
     assert closes == ["close"]
 
 
-def test_writes_pass_through_without_a_hold() -> None:
+def test_writes_pass_through_unheld() -> None:
     proxy, recorded, _ = _proxy()
     proxy.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
