@@ -147,8 +147,8 @@ def test_guarded_delete_by_digest(
     assert _put(api, TAG_URL, first).status_code == 201
     url = f"/v2/{REPO}/manifests/{first.digest}"
 
-    refused = api.delete(url, headers={"If-None-Match": "*"})
-    _assert_412(refused, "If-None-Match", "*", str(first.digest))
+    rejected = api.delete(url, headers={"If-None-Match": "*"})
+    _assert_412(rejected, "If-None-Match", "*", str(first.digest))
     assert api.head(url).status_code == 200
 
     deleted = api.delete(url, headers={"If-Match": _quoted(first)})

@@ -325,13 +325,12 @@ class CairnHttpProtocol(HttpToolsProtocol):
     def eof_received(self) -> bool | None:  # type: ignore[override]
         """Respond to a request whose client closed its sending side after it.
 
-        Clients such as `nc -N` or `curl` fed from a pipe shut down their
-        side of the connection once the request is sent, and read the
-        response. After a complete request whose response has not been
-        sent, the connection stays open for that response and closes after
-        it. A close with no request, or in the middle of one, ends the
-        connection at once, and the app sees a disconnect. Over TLS the
-        transport closes at once, as before.
+        A client such as `nc -N` shuts down its side of the connection once
+        the request is sent, and then reads the response. After a complete
+        request whose response has not been sent, the connection stays open
+        for that response and closes after it. A close with no request, or
+        in the middle of one, ends the connection at once, and the app
+        receives a disconnect. Over TLS the transport closes at once.
         """
         cycle = self.cycle
         if (

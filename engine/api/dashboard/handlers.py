@@ -63,8 +63,8 @@ class Point:
         """Return the log position the point names and its JSON description.
 
         A time maps to the last position at or before it, so a time later
-        than the server's clock maps to the log head; clients' clocks run a
-        little ahead or behind, and the dashboard asks for the next second.
+        than the server's clock maps to the log head. Clients' clocks run a
+        little ahead or behind, and the dashboard requests the next second.
         A position past the log head raises HTTPError 400 UNSUPPORTED,
         because events still to come would change the answer.
         """
