@@ -930,14 +930,21 @@ class BlobService:
         info = self.stat(digest)
         return self._store.iter_range(digest, start, info.size if end is None else end)
 
-    def delete(self, digest: Digest) -> list[StoredEvent]:
-        """Unlink a blob from this repository. The bytes stay for others."""
+    def delete(
+        self, digest: Digest, preconditions: Preconditions | None = None
+    ) -> list[StoredEvent]:
+        """Unlink a blob from this repository, if ``preconditions`` hold for
+        it. The bytes stay for others."""
         with self._repo.database.write() as conn:
             link = _blob_link(conn, self._repo.name, str(digest))
             if link is None:
                 raise BlobUnknown(
                     "blob unknown to registry",
                     {"repository": self._repo.name, "digest": str(digest)},
+                )
+            if preconditions is not None:
+                preconditions.check(
+                    str(digest), {"repository": self._repo.name, "digest": str(digest)}
                 )
             deleted = self._repo.event(
                 EventType.BLOB_DELETED, digest=str(digest), size=link.size

@@ -1,6 +1,7 @@
-"""If-Match and If-None-Match on manifest PUT, DELETE, GET and HEAD.
+"""If-Match and If-None-Match on manifest PUT, DELETE, GET and HEAD, and on
+blob GET, HEAD and DELETE.
 
-A manifest's ETag is its digest. A false precondition gets 412 with the
+A manifest's or blob's ETag is its digest. A false precondition gets 412 with the
 reference, the field, its value and the digest the reference names now, and
 stores nothing: no event, no tag change.
 """
@@ -217,3 +218,70 @@ def test_guard_with_tag_parameters_rejected(
     }
     assert _tag_digest(api) == str(first.digest)
     assert log_position(registry) == before
+
+
+# ---- blobs -----------------------------------------------------------------------
+
+
+BLOB = b"a blob guarded by its entity tag"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_blob_read_with_if_match(api: httpx.Client, method: str) -> None:
+    digest = push_blob(api, REPO, BLOB)
+    url = f"/v2/{REPO}/blobs/{digest}"
+
+    matching = api.request(method, url, headers={"If-Match": f'"{digest}"'})
+    listed = api.request(method, url, headers={"If-Match": f'"sha256:0", "{digest}"'})
+    other = api.request(method, url, headers={"If-Match": '"sha256:0"'})
+
+    assert matching.status_code == 200
+    assert listed.status_code == 200
+    assert other.status_code == 412
+    if method == "GET":
+        assert matching.content == BLOB
+        detail = _assert_412(other, "If-Match", '"sha256:0"', str(digest))
+        assert detail["digest"] == str(digest)
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("If-Match", '"sha256:0"'), ("If-None-Match", "*"), ("If-Match", 'W/"{d}"')],
+)
+def test_guarded_blob_delete_fails(
+    api: httpx.Client, registry: Registry, header: str, value: str
+) -> None:
+    digest = push_blob(api, REPO, BLOB)
+    value = value.replace("{d}", str(digest))
+    url = f"/v2/{REPO}/blobs/{digest}"
+    before = log_position(registry)
+
+    response = api.delete(url, headers={header: value})
+
+    _assert_412(response, header, value, str(digest))
+    assert log_position(registry) == before
+    assert api.get(url).content == BLOB
+
+
+def test_guarded_blob_delete(api: httpx.Client) -> None:
+    digest = push_blob(api, REPO, BLOB)
+    url = f"/v2/{REPO}/blobs/{digest}"
+
+    response = api.delete(
+        url, headers={"If-Match": f'"{digest}"', "If-None-Match": '"sha256:0"'}
+    )
+
+    assert response.status_code == 202, response.text
+    assert api.head(url).status_code == 404
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+def test_unknown_blob_with_if_match_is_404(api: httpx.Client, method: str) -> None:
+    """A request that would fail without its preconditions ignores them."""
+    digest = push_blob(api, "cond/other", BLOB)
+
+    response = api.request(
+        method, f"/v2/{REPO}/blobs/{digest}", headers={"If-Match": '"sha256:0"'}
+    )
+
+    assert response.status_code == 404

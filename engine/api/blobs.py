@@ -12,6 +12,7 @@ from engine.api.http import Request, Response, empty_response
 from engine.api.threads import run_sync
 from engine.domain.digest import Digest
 from engine.domain.errors import BlobUnknown, DigestInvalid, RangeNotSatisfiable
+from engine.domain.preconditions import Preconditions
 from engine.registry import BlobInfo, Repository
 
 log = structlog.get_logger(__name__)
@@ -142,6 +143,13 @@ async def get_blob(request: Request) -> Response:
     info = await run_sync(_stat, repository, digest)
     headers = blob_headers(digest)
 
+    # An unknown blob got 404 above whatever If-Match says (RFC 9110 section
+    # 13.2.1). If-None-Match on a read gets 304 below, not 412.
+    if_match = Preconditions.from_headers(request.header("if-match"), None)
+    if if_match is not None:
+        if_match.check(
+            str(digest), {"repository": repository.name, "digest": str(digest)}
+        )
     if etag_matches(request, digest):
         return empty_response(304, headers)
 
@@ -181,5 +189,8 @@ async def get_blob(request: Request) -> Response:
 async def delete_blob(request: Request) -> Response:
     repository = request.repository()
     digest = lookup_digest(repository, request.path_params["digest"])
-    await run_sync(repository.blobs.delete, digest)
+    conditions = Preconditions.from_headers(
+        request.header("if-match"), request.header("if-none-match")
+    )
+    await run_sync(repository.blobs.delete, digest, conditions)
     return empty_response(202, [("Docker-Content-Digest", str(digest))])

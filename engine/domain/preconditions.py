@@ -1,6 +1,7 @@
-"""If-Match and If-None-Match on manifests (RFC 9110 section 13.1).
+"""If-Match and If-None-Match on manifests and blobs (RFC 9110 section 13.1).
 
-A manifest's entity tag is its digest, the ETag that GET and HEAD send. A
+A manifest's or blob's entity tag is its digest, the ETag that GET and HEAD
+send. A
 client that guards a write with one of these fields, such as a create-only
 tag with ``If-None-Match: *`` or a tag move with ``If-Match: "<digest it
 last saw>"``, gets 412 instead of a write over a change it has not seen.
