@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 
 import httpx
@@ -243,6 +244,30 @@ def test_monolithic_post(api: httpx.Client, registry: Registry) -> None:
     assert response.headers["Docker-Content-Digest"] == str(digest)
     assert response.headers["Location"].endswith(f"/v2/library/app/blobs/{digest}")
     assert api.get(response.headers["Location"]).content == data
+    assert upload_rows(registry) == 0
+
+
+@pytest.mark.parametrize("directory", ["uploads", "blobs"])
+def test_upload_after_directory_removed(
+    api: httpx.Client, registry: Registry, directory: str
+) -> None:
+    """A blob or staging directory removed while cairn runs is created again."""
+    shutil.rmtree(registry.blob_store.paths.root / directory)
+    single, chunked = os.urandom(4096), os.urandom(4096)
+
+    posted = api.post(
+        "/v2/library/app/blobs/uploads/",
+        params={"digest": str(Digest.of(single))},
+        content=single,
+    )
+    put = api.put(
+        _upload(api), params={"digest": str(Digest.of(chunked))}, content=chunked
+    )
+
+    assert posted.status_code == 201, posted.text
+    assert put.status_code == 201, put.text
+    assert api.get(posted.headers["Location"]).content == single
+    assert api.get(put.headers["Location"]).content == chunked
     assert upload_rows(registry) == 0
 
 

@@ -36,18 +36,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import mmap
 import os
 import queue
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 
@@ -118,6 +119,37 @@ def disk_full_errors() -> Iterator[None]:
             "Push it again after space is freed",
             {"reason": os.strerror(error.errno)},
         ) from error
+
+
+_File = TypeVar("_File")
+
+
+def create_staging_file(path: Path, create: Callable[[Path], _File]) -> _File:
+    """Return ``create(path)``, which creates the staging file ``path``.
+
+    When the staging directory is missing, because someone removed it while
+    cairn ran, it is created again and ``create`` called once more, so that
+    uploads do not fail until a restart. A full disk raises
+    InsufficientStorage.
+    """
+    try:
+        with disk_full_errors():
+            return create(path)
+    except FileNotFoundError:
+        if path.parent.is_dir():
+            raise
+    log.warning("staging_directory_recreated", directory=str(path.parent))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_errors():
+        return create(path)
+
+
+def _open_new(path: Path) -> io.BufferedRandom:
+    return open(path, "w+b")
+
+
+def _create_exclusive(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL, 0o666)
 
 
 def is_upload_id(value: str) -> bool:
@@ -215,8 +247,7 @@ class StagedBlob:
             if offset:
                 raise
             # A new, empty file needs no truncating or rehashing.
-            with disk_full_errors():
-                self._file = open(path, "w+b")  # noqa: SIM115
+            self._file = create_staging_file(path, _open_new)
             return
         if offset:
             self._rehash_prefix(offset)
@@ -469,10 +500,8 @@ class BlobStore:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
-                flags = os.O_RDWR | os.O_CLOEXEC | os.O_CREAT | os.O_EXCL
                 try:
-                    with disk_full_errors():
-                        fd = os.open(path, flags, 0o666)
+                    fd = create_staging_file(path, _create_exclusive)
                 except FileExistsError:
                     continue
                 created = True
