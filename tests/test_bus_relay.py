@@ -394,3 +394,29 @@ def test_ack_publisher_drops_unsent_message(nats_server: NatsServer) -> None:
             await client.close()
 
     assert run(publish_too_large()) == 0
+
+
+def test_prefix_change_on_stored_stream_warns(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    """Events stored under the old prefix keep it, so the change is a warning."""
+    with BusThread(Bus(fast_settings(nats_server.url), registry.database, data_dir)):
+        push_image(registry, "library/alpine", "1")
+        wait_for_stream_size(nats_server.url, 4)
+
+    settings = fast_settings(nats_server.url, subject_prefix="other")
+    bus = Bus(settings, registry.database, data_dir)
+    with BusThread(bus), structlog.testing.capture_logs() as logs:
+        push_image(registry, "library/alpine", "2")
+        wait_for_stream_size(nats_server.url, 8)
+
+    (warning,) = [
+        entry for entry in logs if entry["event"] == "stream_subjects_changed"
+    ]
+    assert warning["log_level"] == "warning"
+    assert warning["stored_messages"] == 4
+    assert "cairn.tag.>" in warning["previous_subjects"]
+    assert "other.tag.>" in warning["subjects"]
+    subjects = [message.subject for message in stream_messages(nats_server.url)]
+    assert subjects[3] == "cairn.tag.set.library.alpine"
+    assert subjects[7] == "other.tag.set.library.alpine"

@@ -52,10 +52,8 @@ async def ensure_stream(
 
     config = info.config
     window = max(config.duplicate_window or 0.0, duplicate_window)
-    if (
-        sorted(config.subjects or []) != sorted(subjects)
-        or (config.duplicate_window or 0.0) < duplicate_window
-    ):
+    subjects_changed = sorted(config.subjects or []) != sorted(subjects)
+    if subjects_changed or (config.duplicate_window or 0.0) < duplicate_window:
         previous_subjects = config.subjects
         updated = await js.update_stream(
             config.evolve(subjects=subjects, duplicate_window=window)
@@ -68,6 +66,18 @@ async def ensure_stream(
             previous_subjects=previous_subjects,
             duplicate_window=window,
         )
+        if subjects_changed and info.state.messages:
+            # Changing the subject prefix of a stream that already stores
+            # events splits it: the stored events keep their subjects.
+            log.warning(
+                "stream_subjects_changed",
+                stream=name,
+                subjects=subjects,
+                previous_subjects=previous_subjects,
+                stored_messages=info.state.messages,
+                note="stored events keep their old subjects, and consumers "
+                "that filter on the old subject prefix receive no new events",
+            )
     if config.storage != StorageType.FILE:
         log.warning(
             "stream_not_on_file_storage",
