@@ -88,7 +88,7 @@ class Containerd:
     def run(
         self, namespace: str, *argv: str, check: bool = True
     ) -> subprocess.CompletedProcess[bytes]:
-        """Run `ctr` in ``namespace``; with ``check``, fail the test on an error."""
+        """Run `ctr` in ``namespace``. With ``check``, a failure fails the test."""
         assert CTR is not None
         command = [CTR, "--address", str(self.address), "--namespace", namespace]
         result = subprocess.run(
@@ -122,18 +122,20 @@ class Containerd:
 
 
 def _config_toml(directory: Path, address: Path) -> str:
+    # JSON strings are valid TOML basic strings, quotes and backslashes
+    # included.
     disabled = ", ".join(json.dumps(name) for name in DISABLED_PLUGINS)
     # An empty address turns the debug and metrics listeners off, and
     # tcp_address is empty so that gRPC is served on the Unix socket alone.
     return (
         "version = 2\n"
-        f'root = "{directory / "root"}"\n'
-        f'state = "{directory / "state"}"\n'
-        f'temp = "{directory / "tmp"}"\n'
+        f"root = {json.dumps(str(directory / 'root'))}\n"
+        f"state = {json.dumps(str(directory / 'state'))}\n"
+        f"temp = {json.dumps(str(directory / 'tmp'))}\n"
         f"disabled_plugins = [{disabled}]\n"
         "\n"
         "[grpc]\n"
-        f'  address = "{address}"\n'
+        f"  address = {json.dumps(str(address))}\n"
         '  tcp_address = ""\n'
         "\n"
         "[debug]\n"
