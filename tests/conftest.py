@@ -1,5 +1,5 @@
 """Shared fixtures: a registry on SQLite and on PostgreSQL, its app served
-in a thread with an httpx client, a PostgreSQL
+in a thread with an httpx client, the app with a users file, a PostgreSQL
 database with an en-US collation, containers client settings for skopeo and
 podman, a nats-server per test, and the `cairn serve` processes that the
 mirror tests use as source and target.
@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 
 from engine.api.app import create_app
+from engine.api.auth import Authenticator, Role, add_user
 from engine.db import Database
 from engine.identity import bind_data_dir
 from engine.logs import configure_logging
@@ -34,6 +35,7 @@ from engine.registry import Registry
 from engine.tables import metadata
 from tests.nats import NatsServer
 from tests.server import ServeProcess, ServerThread, running, serve_cairn
+from tests.test_api_auth import READER, WRITER
 
 ADMIN_URL = os.environ.get(
     "CAIRN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -125,6 +127,23 @@ def app_server(registry: Registry) -> Iterator[ServerThread]:
 def app_client(app_server: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=app_server.url, timeout=60) as client:
         yield client
+
+
+@pytest.fixture
+def host(app_server: ServerThread) -> str:
+    """The app_server's address as a registry client writes it in references."""
+    return f"127.0.0.1:{app_server.port}"
+
+
+@pytest.fixture
+def auth_server(registry: Registry, tmp_path: Path) -> Iterator[ServerThread]:
+    """cairn with a users file of a pull user READER and a push user WRITER."""
+    users = tmp_path / "users"
+    add_user(users, READER[0], Role.PULL, READER[1])
+    add_user(users, WRITER[0], Role.PUSH, WRITER[1])
+    app = create_app(registry, authenticator=Authenticator.from_file(users))
+    with running(app) as server:
+        yield server
 
 
 @contextmanager

@@ -25,19 +25,17 @@ import tarfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from engine.api.app import create_app
-from engine.api.auth import Authenticator, Role, add_user
 from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_INDEX
-from engine.registry import Registry
 from tests.images import Image, make_image, make_index
-from tests.server import START_TIMEOUT_S, ServerThread, push_image, running
+from tests.server import START_TIMEOUT_S, ServerThread, push_image
 from tests.test_api_auth import READER, WRITER
 from tests.test_clients import CLIENT_TIMEOUT_S, build_oci_layout
 
@@ -149,8 +147,15 @@ def _config_toml(directory: Path, address: Path) -> str:
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
     """A containerd of this module alone, ended by its PID at the module's end."""
+    with start_containerd(tmp_path_factory.mktemp("containerd")) as started:
+        yield started
+
+
+@contextmanager
+def start_containerd(directory: Path) -> Iterator[Containerd]:
+    """Start containerd with its configuration, root, state directory, socket
+    and log in the empty directory ``directory``, and end it by its PID on exit."""
     assert CONTAINERD is not None
-    directory = tmp_path_factory.mktemp("containerd")
     (directory / "tmp").mkdir()
     address = directory / "containerd.sock"
     config = directory / "config.toml"
@@ -204,11 +209,6 @@ def _new_namespace() -> str:
     return f"cairn-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def host(app_server: ServerThread) -> str:
-    return f"127.0.0.1:{app_server.port}"
-
-
 # ---- images ---------------------------------------------------------------------
 
 
@@ -228,7 +228,7 @@ def _layout_image(layout: Path) -> Image:
     )
 
 
-def _build_image(tmp_path: Path) -> tuple[Path, Image]:
+def build_image(tmp_path: Path) -> tuple[Path, Image]:
     """Write a two-layer linux/amd64 image with real tar layers as an OCI
     layout tagged v1, and return the layout and the image."""
     layout = tmp_path / "layout"
@@ -278,7 +278,7 @@ def _assert_serves(
         assert served.content == blob
 
 
-def _event_types(client: httpx.Client, repository: str) -> list[str]:
+def event_types(client: httpx.Client, repository: str) -> list[str]:
     page = client.get("/_cairn/events", params={"repository": repository})
     assert page.status_code == 200, page.text
     return [event["type"] for event in page.json()["events"]]
@@ -290,7 +290,7 @@ def _event_types(client: httpx.Client, repository: str) -> list[str]:
 def test_pull_by_tag_unpacks(
     containerd: Containerd, host: str, app_client: httpx.Client, tmp_path: Path
 ) -> None:
-    _, image = _build_image(tmp_path)
+    _, image = build_image(tmp_path)
     push_image(app_client, "library/app", image, "v1")
     namespace = _new_namespace()
     reference = f"{host}/library/app:v1"
@@ -325,7 +325,7 @@ def test_pull_by_digest_hosts_dir(
 ) -> None:
     """Pull through a hosts.toml that names cairn's plain-HTTP address, as
     containerd is configured for a registry without TLS."""
-    _, image = _build_image(tmp_path)
+    _, image = build_image(tmp_path)
     push_image(app_client, "library/app", image, "v1")
     hosts_dir = tmp_path / "hosts"
     (hosts_dir / host).mkdir(parents=True)
@@ -363,7 +363,7 @@ def test_pull_by_digest_hosts_dir(
 def test_push_imported_image(
     containerd: Containerd, host: str, app_client: httpx.Client, tmp_path: Path
 ) -> None:
-    layout, image = _build_image(tmp_path)
+    layout, image = build_image(tmp_path)
     namespace = _new_namespace()
     reference = f"{host}/team/pushed:v1"
     containerd.run(
@@ -382,7 +382,7 @@ def test_push_imported_image(
     _assert_serves(app_client, "team/pushed", "v1", image)
     tags = app_client.get("/v2/team/pushed/tags/list")
     assert tags.json()["tags"] == ["v1"]
-    types = _event_types(app_client, "team/pushed")
+    types = event_types(app_client, "team/pushed")
     assert types.count("blob.pushed") == 3
     assert types.count("manifest.pushed") == 1
 
@@ -392,7 +392,7 @@ def test_push_pulled_image_mounts(
 ) -> None:
     """containerd labels pulled blobs with their source repository, and
     requests cross-repository mounts when it pushes them to another one."""
-    _, image = _build_image(tmp_path)
+    _, image = build_image(tmp_path)
     push_image(app_client, "library/app", image, "v1")
     namespace = _new_namespace()
     source = f"{host}/library/app:v1"
@@ -411,7 +411,7 @@ def test_push_pulled_image_mounts(
     )
 
     _assert_serves(app_client, "team/copy", "v2", image)
-    types = _event_types(app_client, "team/copy")
+    types = event_types(app_client, "team/copy")
     assert types.count("blob.mounted") == 3
     assert types.count("blob.pushed") == 0
     assert types.count("manifest.pushed") == 1
@@ -479,21 +479,10 @@ def test_multi_platform_index(
 # ---- credentials ----------------------------------------------------------------
 
 
-@pytest.fixture
-def auth_server(registry: Registry, tmp_path: Path) -> Iterator[ServerThread]:
-    """cairn with a users file of a pull user READER and a push user WRITER."""
-    users = tmp_path / "users"
-    add_user(users, READER[0], Role.PULL, READER[1])
-    add_user(users, WRITER[0], Role.PUSH, WRITER[1])
-    app = create_app(registry, authenticator=Authenticator.from_file(users))
-    with running(app) as server:
-        yield server
-
-
 def test_push_with_credentials(
     containerd: Containerd, auth_server: ServerThread, tmp_path: Path
 ) -> None:
-    layout, image = _build_image(tmp_path)
+    layout, image = build_image(tmp_path)
     host = f"127.0.0.1:{auth_server.port}"
     namespace = _new_namespace()
     reference = f"{host}/library/private:v1"
