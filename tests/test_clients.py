@@ -66,7 +66,7 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 # ---- an OCI image layout on disk -----------------------------------------------
 
 
-def _layer(files: dict[str, bytes]) -> tuple[bytes, bytes]:
+def make_layer(files: dict[str, bytes]) -> tuple[bytes, bytes]:
     """Return (gzipped tar, uncompressed tar) holding ``files``."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
@@ -93,8 +93,8 @@ def build_oci_layout(layout: Path, tag: str) -> str:
     layout.mkdir(parents=True)
     (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     layers = [
-        _layer({"etc/cairn-test": b"hello from cairn\n"}),
-        _layer({"data/random.bin": os.urandom(200_000)}),
+        make_layer({"etc/cairn-test": b"hello from cairn\n"}),
+        make_layer({"data/random.bin": os.urandom(200_000)}),
     ]
     config = json.dumps(
         {
