@@ -34,8 +34,14 @@ from engine.migrate import upgrade
 from engine.registry import Registry
 from engine.tables import metadata
 from tests.nats import NatsServer
-from tests.server import ServeProcess, ServerThread, running, serve_cairn
-from tests.test_api_auth import READER, WRITER
+from tests.server import (
+    READER,
+    WRITER,
+    ServeProcess,
+    ServerThread,
+    running,
+    serve_cairn,
+)
 
 ADMIN_URL = os.environ.get(
     "CAIRN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

@@ -37,6 +37,11 @@ from tests.images import Image
 
 START_TIMEOUT_S = 60.0
 
+# The pull user and the push user of the users files that auth tests create,
+# as (name, password).
+READER = ("reader", "reader-secret")
+WRITER = ("writer", "writer-secret")
+
 
 class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1 from a background thread.

@@ -40,6 +40,8 @@ from engine.domain.manifests import OCI_MANIFEST
 from engine.registry import Registry
 from tests.images import make_image
 from tests.server import (
+    READER,
+    WRITER,
     ServerThread,
     committed_blob_files,
     log_records,
@@ -54,8 +56,6 @@ from tests.test_clients import build_oci_layout
 
 SKOPEO = shutil.which("skopeo")
 
-READER = ("reader", "reader-secret")
-WRITER = ("writer", "writer-secret")
 UNKNOWN_DIGEST = str(Digest.of(b"never pushed"))
 
 

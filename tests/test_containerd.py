@@ -35,8 +35,7 @@ import pytest
 from engine.domain.digest import Digest
 from engine.domain.manifests import OCI_INDEX
 from tests.images import Image, make_image, make_index
-from tests.server import START_TIMEOUT_S, ServerThread, push_image
-from tests.test_api_auth import READER, WRITER
+from tests.server import READER, START_TIMEOUT_S, WRITER, ServerThread, push_image
 from tests.test_clients import CLIENT_TIMEOUT_S, build_oci_layout
 
 CONTAINERD = shutil.which("containerd")

@@ -51,8 +51,7 @@ from tests.images import (
     make_image,
     make_index,
 )
-from tests.server import START_TIMEOUT_S, ServerThread, push_image
-from tests.test_api_auth import READER, WRITER
+from tests.server import READER, START_TIMEOUT_S, WRITER, ServerThread, push_image
 from tests.test_clients import CLIENT_TIMEOUT_S, make_layer
 from tests.test_containerd import (
     CONTAINERD,
