@@ -126,6 +126,32 @@ def test_mirror_tag_delete_not_copied(
         assert saved_not_copied(checkpoint) == []
 
 
+@needs_docker_registry
+def test_mirror_replay_skips_deleted_tag(
+    tmp_path: Path,
+    source: ServeProcess,
+) -> None:
+    """A replay does not create a tag that the source deleted before the
+    mirror ran, which Distribution could not delete again."""
+    image = make_image()
+    with httpx.Client(base_url=source.url) as client:
+        push_image(client, "library/app", image, "keep")
+        put_manifest(client, "library/app", "old", image)
+    delete(source.url, "library/app", "old")
+    checkpoint = tmp_path / "checkpoint.json"
+
+    with docker_registry(tmp_path / "registry") as registry_url:
+        status, lines = mirror_once(source.url, registry_url, checkpoint)
+
+        assert status == 0
+        assert registry_tags(registry_url, "library/app") == ["keep"]
+        [skipped] = lines_of(lines, "tag_skipped")
+        assert skipped["tag"] == "old"
+        assert skipped["source_digest"] is None
+        assert not lines_of(lines, "tag_delete_unsupported")
+        assert saved_not_copied(checkpoint) == []
+
+
 def push_sha512_blob(client: httpx.Client, repository: str, data: bytes) -> str:
     digest = str(Digest.of(data, "sha512"))
     started = client.post(f"/v2/{repository}/blobs/uploads/")

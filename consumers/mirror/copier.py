@@ -125,7 +125,9 @@ class Copier:
             case EventType.MANIFEST_PUSHED:
                 return await self.copy_manifest(repository, payload["digest"])
             case EventType.TAG_SET:
-                return await self.set_tag(repository, payload["tag"], payload["digest"])
+                return await self.set_current_tag(
+                    repository, payload["tag"], payload["digest"]
+                )
         if not self.propagate_deletes:
             return "deletes_not_propagated"
         match event_type:
@@ -156,18 +158,29 @@ class Copier:
             return await self.delete_tag(entry.repository, entry.tag, entry.digest)
         if entry.tag is None:
             return await self.copy_manifest(entry.repository, entry.digest)
-        current = await self.source.manifest_digest(entry.repository, entry.tag)
-        if current != entry.digest:
+        return await self.set_current_tag(entry.repository, entry.tag, entry.digest)
+
+    async def set_current_tag(self, repository: str, tag: str, digest: str) -> str:
+        """Point ``tag`` at manifest ``digest`` on the target, as a tag.set
+        event did on the source, unless the source's tag has been deleted or
+        moved to another manifest since.
+
+        Such a tag returns "gone" and is left alone, because the later event
+        that moved or deleted it is applied in order. So a replay does not
+        create a tag on the target that the source deleted long ago.
+        """
+        current = await self.source.manifest_digest(repository, tag)
+        if current != digest:
             log.info(
                 "tag_skipped",
-                repository=entry.repository,
-                tag=entry.tag,
-                digest=entry.digest,
+                repository=repository,
+                tag=tag,
+                digest=digest,
                 reason="the source's tag no longer points at this manifest",
                 source_digest=current,
             )
             return "gone"
-        return await self.set_tag(entry.repository, entry.tag, entry.digest)
+        return await self.set_tag(repository, tag, digest)
 
     async def delete_tag(self, repository: str, tag: str, digest: str) -> str:
         """Delete a tag that pointed at manifest ``digest`` on the source.
