@@ -590,6 +590,60 @@ def test_mirror_follows_nats(
         assert list_tags(target.url, "library/app") == ["signature", "v1", "v2"]
 
 
+def test_mirror_ignores_other_registry_on_stream(
+    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+) -> None:
+    """Events that another registry publishes to the same stream are never
+    taken for the source's, even at the position after the mirror's."""
+    with (
+        cairn_on_nats(tmp_path / "source", nats_server.url) as source_url,
+        cairn_on_nats(tmp_path / "other", nats_server.url) as other_url,
+    ):
+        with httpx.Client(base_url=source_url) as client:
+            push_image(client, "library/app", make_image(), "v1")
+        log_path = tmp_path / "mirror.log"
+        mirror = start_mirror(
+            source_url,
+            target.url,
+            log_path,
+            "--nats",
+            nats_server.url,
+            "--poll-interval",
+            "300",
+        )
+        try:
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
+            )
+            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+            # The other registry's second image has the positions after the
+            # mirror's, and the source's next image has them too.
+            with httpx.Client(base_url=other_url) as client:
+                push_image(client, "other/app", make_image(), "v1")
+                push_image(client, "other/app", make_image(), "v2")
+            wait_until(
+                lambda: "nats_event_not_from_source" in logged_events(log_path), WAIT
+            )
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v2")
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
+            )
+        finally:
+            mirror.terminate()
+            status = mirror.wait(30)
+
+    assert status == 0
+    warnings = [
+        line
+        for line in log_events(log_path.read_text())
+        if line["event"] == "nats_event_not_from_source"
+    ]
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["repository"] == "other/app"
+    assert manifest_status(target.url, "other/app", "v2") == 404
+
+
 def logged_events(log_path: Path) -> list[str]:
     return [line["event"] for line in log_events(log_path.read_text())]
 

@@ -1,9 +1,11 @@
-"""The mirror's checkpoint against a source that was reset or replaced
-behind the same URL, and at a path that cannot be written."""
+"""The mirror's checkpoint against a source that was reset, replaced or
+restored from a backup behind the same URL, with other --repositories
+patterns, and at a path that cannot be written."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from tests.images import make_image
 from tests.nats import wait_until
-from tests.server import ServeProcess, push_image, serve_cairn
+from tests.server import ServeProcess, push_image, serve_cairn, start_serve
 from tests.test_mirror import (
     WAIT,
     head_position,
@@ -124,6 +126,93 @@ def test_mirror_rejects_replaced_source(
     assert result.returncode == 0, result.stderr[-4000:]
     assert list_tags(target.url, "library/new") == [f"v{n}" for n in range(5)]
     assert json.loads(fresh.read_text())["source_registry_id"] == new_id
+
+
+def restart_source(directory: Path, port: str) -> ServeProcess:
+    """Serve the source that serve_cairn made in ``directory`` on ``port``."""
+    return start_serve(
+        directory / "data",
+        f"sqlite:///{directory / 'cairn.db'}",
+        directory / "serve.log",
+        "--listen",
+        f"127.0.0.1:{port}",
+    )
+
+
+def test_mirror_rejects_source_restored_from_backup(
+    tmp_path: Path, replaceable: list[ServeProcess], target: ServeProcess
+) -> None:
+    """The hash of the event at the checkpoint's position reveals a restored
+    source whose head has passed that position again."""
+    directory, backup = tmp_path / "source-0", tmp_path / "backup"
+    port = replaceable[0].url.rsplit(":", 1)[1]
+    push_images(replaceable[0].url, "library/kept", 1)
+    replaceable[0].stop()
+    shutil.copytree(directory, backup)
+    replaceable.append(restart_source(directory, port))
+    push_images(replaceable[-1].url, "library/lost", 1)
+    checkpoint = tmp_path / "checkpoint.json"
+    result = mirror_once(replaceable[-1].url, target.url, checkpoint)
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = saved_checkpoint(checkpoint)
+
+    replaceable[-1].stop()
+    shutil.rmtree(directory)
+    shutil.copytree(backup, directory)
+    source = restart_source(directory, port)
+    replaceable.append(source)
+    push_images(source.url, "library/new", 3)
+    assert head_position(source.url) > int(str(saved["position"]))
+
+    result = mirror_once(source.url, target.url, checkpoint)
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    [failed] = [
+        line
+        for line in log_events(result.stderr)
+        if line["event"] == "mirror_source_replaced"
+    ]
+    assert f"at position {saved['position']} has hash" in failed["error"]
+    assert f"whose hash is {saved['position_hash']}" in failed["error"]
+    assert f"remove {checkpoint}" in failed["error"]
+    assert saved_checkpoint(checkpoint) == saved
+    assert manifest_status(target.url, "library/new", "v0") == 404
+
+
+def test_mirror_replays_for_new_repositories(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    """Other --repositories patterns on the same checkpoint replay the source,
+    because the events they add lie before the checkpoint's position."""
+    push_images(source.url, "library/app", 1)
+    push_images(source.url, "team/tool", 1)
+    checkpoint = tmp_path / "checkpoint.json"
+    narrow = run_mirror_status(
+        source.url,
+        target.url,
+        "--checkpoint",
+        str(checkpoint),
+        "--repositories",
+        "library/*",
+    )
+    assert narrow.returncode == 0, narrow.stderr[-4000:]
+    assert manifest_status(target.url, "team/tool", "v0") == 404
+    assert json.loads(checkpoint.read_text())["repositories"] == ["library/*"]
+
+    wide = mirror_once(source.url, target.url, checkpoint)
+
+    assert wide.returncode == 0, wide.stderr[-4000:]
+    assert manifest_status(target.url, "team/tool", "v0") == 200
+    [changed] = [
+        line
+        for line in log_events(wide.stderr)
+        if line["event"] == "mirror_repositories_changed"
+    ]
+    assert changed["previous_repositories"] == ["library/*"]
+    assert changed["repositories"] == []
+    saved = json.loads(checkpoint.read_text())
+    assert saved["repositories"] == []
+    assert saved["position"] == head_position(source.url)
 
 
 def test_mirror_rejects_position_beyond_head(

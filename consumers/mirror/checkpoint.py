@@ -2,7 +2,8 @@
 the events before it that it could not copy whole.
 
 The file is JSON, ``{"source": URL, "target": URL, "source_registry_id":
-ID, "position": N, "not_copied": [...], "updated_at": TIME}``, replaced
+ID, "position": N, "position_hash": HASH, "repositories": [...],
+"not_copied": [...], "updated_at": TIME}``, replaced
 atomically (write a temporary file, fsync, rename, fsync the directory),
 so a crash leaves the old checkpoint or the new one and never a torn file.
 It names its source and target, without user name or password, so that a
@@ -11,9 +12,18 @@ checkpoint is never applied to another pair by mistake.
 Positions count in the event log of one registry, which GET
 /_cairn/registry identifies. The checkpoint records that registry id, so a
 source that was reset or replaced behind the same URL is detected instead
-of having its first events skipped. A file without ``not_copied`` or
-``source_registry_id``, as older mirrors wrote it, has no entries and
-records the id at its next save.
+of having its first events skipped. It also records the hash of the event
+at its position, so a source restored from an older backup, whose log
+took another course after that point, is detected even once its head has
+passed the position again.
+
+``repositories`` lists the --repositories patterns that the position was
+reached with ([] for every repository). A run with other patterns starts
+again from position 0, because the events that the old patterns left out
+lie before the position. A file without ``not_copied``,
+``source_registry_id``, ``position_hash`` or ``repositories``, as older
+mirrors wrote it, has no entries and records the missing fields at its
+next save.
 """
 
 from __future__ import annotations
@@ -26,9 +36,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from consumers.mirror.credentials import split_userinfo
 from consumers.mirror.errors import MirrorError, SourceReplaced
 from engine.domain.events import EventType, format_time, upcast
+
+log = structlog.get_logger(__name__)
 
 # The content of a NotCopied entry: ("manifest", repository, digest) or
 # ("tag", repository, tag).
@@ -144,11 +158,25 @@ class Checkpoint:
     # The registry id of the source whose log ``position`` counts in; None
     # until a source that reports one is checked.
     source_registry_id: str | None = None
+    # The hash of the source's event at ``position``; None when unknown.
+    position_hash: str | None = None
+    # The --repositories patterns, sorted; None when the file predates them.
+    repositories: list[str] | None = None
 
     @classmethod
-    def load(cls, path: Path | None, source: str, target: str) -> Checkpoint:
-        """Read the checkpoint at ``path``; position 0 when there is none yet."""
-        checkpoint = cls(path, source, target)
+    def load(
+        cls,
+        path: Path | None,
+        source: str,
+        target: str,
+        repositories: tuple[str, ...] = (),
+    ) -> Checkpoint:
+        """Read the checkpoint at ``path``; position 0 when there is none yet.
+
+        A checkpoint written with other ``repositories`` patterns starts again
+        at position 0 and keeps its other fields.
+        """
+        checkpoint = cls(path, source, target, repositories=sorted(repositories))
         if path is None or not path.exists():
             return checkpoint
         try:
@@ -164,10 +192,16 @@ class Checkpoint:
             entries = [
                 NotCopied.from_json(entry) for entry in document.get("not_copied", [])
             ]
-            registry_id = document.get("source_registry_id")
-            if registry_id is not None and not isinstance(registry_id, str):
+            registry_id = _optional_string(document, "source_registry_id")
+            position_hash = _optional_string(document, "position_hash")
+            saved_patterns = document.get("repositories")
+            if saved_patterns is not None and not (
+                isinstance(saved_patterns, list)
+                and all(isinstance(pattern, str) for pattern in saved_patterns)
+            ):
                 raise ValueError(
-                    f"invalid source_registry_id {registry_id!r}: expected a string"
+                    f"invalid repositories {saved_patterns!r}: expected a list of "
+                    "strings"
                 )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # A KeyError's text is only the key, which reads as no reason.
@@ -187,9 +221,25 @@ class Checkpoint:
                 f"{saved_target}, not from {source} to {target}; use another "
                 "--checkpoint file"
             )
-        checkpoint.position = position
         checkpoint.not_copied = {entry.key: entry for entry in entries}
         checkpoint.source_registry_id = registry_id
+        if saved_patterns is not None and sorted(saved_patterns) != sorted(
+            repositories
+        ):
+            log.warning(
+                "mirror_repositories_changed",
+                checkpoint=str(path),
+                position=position,
+                repositories=sorted(repositories),
+                previous_repositories=sorted(saved_patterns),
+                note="the events that the previous patterns left out lie before "
+                "the checkpoint's position, so the mirror replays the source "
+                "from position 0; events already copied are found on the "
+                "target and not copied again",
+            )
+            return checkpoint
+        checkpoint.position = position
+        checkpoint.position_hash = position_hash
         return checkpoint
 
     def check_source(self, registry_id: str | None) -> None:
@@ -242,11 +292,15 @@ class Checkpoint:
         except OSError as error:
             raise CheckpointError(self._write_failure(error)) from None
 
-    async def save(self, position: int) -> None:
-        """Record ``position`` as dealt with, and the events not copied whole;
-        a no-op without a checkpoint file. Raises MirrorError when the file
-        cannot be written."""
+    async def save(self, position: int, position_hash: str | None) -> None:
+        """Record ``position`` as dealt with, the hash of its event (None when
+        unknown) and the events not copied whole.
+
+        Does nothing without a checkpoint file, and raises MirrorError when
+        the file cannot be written.
+        """
         self.position = position
+        self.position_hash = position_hash
         if self.path is None:
             return
         try:
@@ -268,6 +322,8 @@ class Checkpoint:
             "target": self.target,
             "source_registry_id": self.source_registry_id,
             "position": position,
+            "position_hash": self.position_hash,
+            "repositories": self.repositories,
             "not_copied": [entry.to_json() for entry in pending],
             "updated_at": format_time(datetime.now(UTC)),
         }
@@ -291,3 +347,10 @@ class Checkpoint:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _optional_string(document: dict[str, Any], key: str) -> str | None:
+    value = document.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"invalid {key} {value!r}: expected a string")
+    return value

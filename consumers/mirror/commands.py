@@ -72,7 +72,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         checkpoint = Checkpoint.load(
-            args.checkpoint, endpoints.source, endpoints.target
+            args.checkpoint,
+            endpoints.source,
+            endpoints.target,
+            tuple(args.repositories),
         )
         checkpoint.write()
     except CheckpointError as error:

@@ -47,6 +47,8 @@ class LiveEvents:
         # Set while the consumer of the current connection delivers.
         self.subscribed = asyncio.Event()
         self.dropped = 0
+        # The highest position of a message received, for progress reports.
+        self.highest_position = 0
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
         # Set when ``following`` may have changed.
@@ -166,6 +168,7 @@ class LiveEvents:
             return
         if not isinstance(event, dict) or not isinstance(event.get("position"), int):
             return
+        self.highest_position = max(self.highest_position, event["position"])
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:

@@ -12,13 +12,19 @@ those first, so content that the source serves whole again reaches the
 target without a replay of the log. A mirror that follows the source
 retries them only when it starts.
 
-A source that was reset or replaced reports another registry id, or a feed
-whose head is below the position. The mirror then stops with
-SourceReplaced, because going on would skip that source's events up to the
-position. It reads the id again at every catch-up, so it notices a source
-replaced while it follows within a poll interval, or within
-RESYNC_INTERVAL while NATS delivers the events. One event that NATS
-delivers in that time may be applied first.
+A source that was reset or replaced reports another registry id, a feed
+whose head is below the position, or an event at the position whose hash
+is not the one the checkpoint recorded, as after a restore from an older
+backup. The mirror then stops with SourceReplaced, because going on would
+skip that source's events up to the position. It checks at every
+catch-up, so it notices a source replaced while it follows within a poll
+interval, or within RESYNC_INTERVAL while NATS delivers the events.
+
+An event from NATS is applied only when its previous_hash is the hash of
+the event at the position, so that events of another registry that
+publishes to the same stream are never taken for the source's. Any other
+event from NATS, or any at all while that hash is unknown, makes the
+mirror read the feed instead.
 """
 
 from __future__ import annotations
@@ -81,6 +87,10 @@ class MirrorRunner:
         self.live = live
         self.stats: Stats = copier.stats
         self.position = checkpoint.position
+        # The hash of the source's event at ``position``, None when unknown.
+        self.position_hash = checkpoint.position_hash
+        # Whether a NATS event that did not follow the position was logged.
+        self._reported_foreign = False
         # Whether the last wait was for NATS. It stays None until the mirror
         # first follows NATS, which LiveEvents logs as nats_following, so
         # only later switches to polling and back are logged here.
@@ -100,12 +110,13 @@ class MirrorRunner:
             repositories=list(self.settings.repositories) or None,
         )
         first = await self._retrying(
-            lambda: self.feed.page(self.position, limit=1), "read the event feed"
+            lambda: self.feed.page(self._first_after(), limit=1),
+            "read the event feed",
         )
-        self._check_head(first)
+        self._check_position(first)
         self.progress.update(self.position, first.head)
         # Also records the source's registry id in a checkpoint without one.
-        await self.checkpoint.save(self.position)
+        await self._save()
         if self.live is not None and not self.settings.once:
             self.live.start()
         await self.retry_not_copied()
@@ -127,6 +138,8 @@ class MirrorRunner:
                 await self.catch_up()
                 continue
             position = event["position"]
+            if self.live is not None:
+                self.progress.update(self.position, self.live.highest_position)
             if position <= self.position:
                 continue
             if position > self.position + 1 or is_stand_in(event):
@@ -134,8 +147,36 @@ class MirrorRunner:
                 # the payload: the feed has them in full, and this one too.
                 await self.catch_up()
                 continue
+            if not self._follows_position(event):
+                await self.catch_up()
+                continue
             await self.process(event)
-            self.progress.update(self.position, position)
+
+    def _follows_position(self, event: dict[str, Any]) -> bool:
+        """Return True when ``event`` names the event at the position as its
+        predecessor, and log the first event that names another.
+
+        Without the hash at the position, as at position 0 where every log's
+        first event names the same predecessor, this returns False, so that
+        the mirror reads the feed.
+        """
+        if self.position_hash is None:
+            return False
+        if event.get("previous_hash") == self.position_hash:
+            return True
+        log_event = log.debug if self._reported_foreign else log.warning
+        log_event(
+            "nats_event_not_from_source",
+            position=event.get("position"),
+            event_id=event.get("id"),
+            repository=event.get("repository"),
+            note="its previous_hash is not the hash of the source's event at "
+            "the mirror's position, so another registry may publish to the "
+            "same stream; the mirror reads the source's feed instead. Give "
+            "each registry its own --stream or --subject-prefix",
+        )
+        self._reported_foreign = True
+        return False
 
     async def _next_live_event(self) -> dict[str, Any] | None:
         """Return the next event from NATS, or None when the feed is due.
@@ -183,7 +224,7 @@ class MirrorRunner:
                 continue
             self.stats.applied += 1
             del self.checkpoint.not_copied[entry.key]
-            await self.checkpoint.save(self.position)
+            await self._save()
             log.info(
                 "not_copied_resolved",
                 position=entry.position,
@@ -200,20 +241,52 @@ class MirrorRunner:
             self.feed.registry_id, "read the registry id of the source"
         )
         self.checkpoint.check_source(registry_id)
+        after = self._first_after()
         while True:
             page = await self._retrying(
-                lambda: self.feed.page(self.position), "read the event feed"
+                functools.partial(self.feed.page, after), "read the event feed"
             )
-            self._check_head(page)
+            events = self._check_position(page)
             # Before the events, so that the reports while a long page is
             # applied show the head and the lag.
             self.progress.update(self.position, page.head)
-            for event in page.events:
+            for event in events:
                 await self.process(event)
             await self._advance(page)
             self.progress.update(self.position, page.head)
-            if not page.events or self.position >= page.head:
+            if not events or self.position >= page.head:
                 return
+            after = self.position
+
+    def _first_after(self) -> int:
+        """Return the ``after`` of the first feed page to read: one before
+        the position, so that the page starts with the event at the position
+        and its hash can be checked."""
+        return max(self.position - 1, 0)
+
+    def _check_position(self, page: FeedPage) -> list[dict[str, Any]]:
+        """Return the page's events after the position.
+
+        Raises SourceReplaced when the feed ends before the position, or
+        when its event at the position has another hash than the one the
+        mirror dealt with. A mirror that did not know that hash takes it.
+        """
+        self._check_head(page)
+        events = page.events
+        if not events or int(events[0]["position"]) != self.position:
+            return events
+        found = events[0].get("hash")
+        if self.position_hash is not None and found != self.position_hash:
+            raise SourceReplaced(
+                f"the event of the source {self.checkpoint.source} at position "
+                f"{self.position} has hash {found}, but the mirror dealt with "
+                f"an event whose hash is {self.position_hash}. The source was "
+                "restored from an older backup or replaced, and its log took "
+                "another course, so the mirror would skip its events up to "
+                f"that position. {self.checkpoint.restart_hint()}"
+            )
+        self.position_hash = found if isinstance(found, str) else None
+        return events[1:]
 
     def _check_head(self, page: FeedPage) -> None:
         """Raise SourceReplaced when the feed ends before the position."""
@@ -229,9 +302,17 @@ class MirrorRunner:
 
     async def _advance(self, page: FeedPage) -> None:
         if page.next_after > self.position:
+            # Past the last event of the page, whose hash is then unknown.
             self.position = page.next_after
-        if self.checkpoint.position != self.position:
-            await self.checkpoint.save(self.position)
+            self.position_hash = None
+        if (
+            self.checkpoint.position != self.position
+            or self.checkpoint.position_hash != self.position_hash
+        ):
+            await self._save()
+
+    async def _save(self) -> None:
+        await self.checkpoint.save(self.position, self.position_hash)
 
     async def process(self, event: dict[str, Any]) -> None:
         position = int(event["position"])
@@ -245,11 +326,11 @@ class MirrorRunner:
                 note="written by a newer cairn; upgrade the mirror",
             )
             self.stats.skipped += 1
-            self.position = position
+            self._move_to(event)
             return
         if not self.mirrored(event["repository"]):
             self.stats.skipped += 1
-            self.position = position
+            self._move_to(event)
             return
 
         outcome = await self._retrying(
@@ -266,8 +347,8 @@ class MirrorRunner:
             key = content_key(event)
             if key is not None:
                 self.checkpoint.not_copied.pop(key, None)
-        self.position = position
-        await self.checkpoint.save(position)
+        self._move_to(event)
+        await self._save()
         self.progress.update(position)
         log.debug(
             "event_applied",
@@ -276,6 +357,11 @@ class MirrorRunner:
             repository=event["repository"],
             outcome=outcome,
         )
+
+    def _move_to(self, event: dict[str, Any]) -> None:
+        self.position = int(event["position"])
+        found = event.get("hash")
+        self.position_hash = found if isinstance(found, str) else None
 
     async def _retrying(self, step: Callable[[], Awaitable[T]], what: str) -> T:
         return await retry_transient(step, what, self.settings.retries)
