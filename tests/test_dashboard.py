@@ -136,6 +136,25 @@ def test_tags_now_and_then(api: httpx.Client, pushed: dict[str, Any]) -> None:
     assert lower.json() == then
 
 
+def test_tag_history_total_over_http(
+    api: httpx.Client, registry: Registry, pushed: dict[str, Any]
+) -> None:
+    path = f"{API}/repositories/library/app/-/tags/v1/history"
+    first = api.get(path, params={"n": 1})
+    second = api.get(path, params={"n": 1, "cursor": first.json()["next_cursor"]})
+    push_image(api, "library/app", make_image(), "v1")
+    moved = api.get(path, params={"n": 1})
+
+    assert first.status_code == 200, first.text
+    assert len(first.json()["history"]) == 1
+    assert first.json()["total"] == 2
+    assert second.json()["total"] == 2
+    assert second.json()["next_cursor"] is None
+    assert moved.json()["total"] == 3
+    assert moved.headers["Cairn-Position"] == str(log_position(registry))
+    _validate("/repositories/{name}/-/tags/{tag}/history", first.json())
+
+
 def test_past_tags_show_no_later_end(api: httpx.Client, pushed: dict[str, Any]) -> None:
     base = f"{API}/repositories/library/app/-/tags"
     history = api.get(f"{base}/v1/history").json()["history"]

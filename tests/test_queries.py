@@ -513,6 +513,22 @@ def test_tag_history_pages(registry: Registry, moving_tag: dict[str, Any]) -> No
     ]
 
 
+def test_tag_history_total_counts_all_pages(
+    registry: Registry, moving_tag: dict[str, Any]
+) -> None:
+    push(registry, "app", make_image(), "v2")
+    first = read(registry, queries.tag_history, "app", "v1", n=1)
+    second = read(
+        registry, queries.tag_history, "app", "v1", n=1, cursor=first.next_cursor
+    )
+    other = read(registry, queries.tag_history, "app", "v2")
+
+    assert len(first.items) == 1
+    assert first.extra == {"total": 3}
+    assert second.extra == {"total": 3}
+    assert other.extra == {"total": 1}
+
+
 def test_tag_history_unknown_tag(
     registry: Registry, moving_tag: dict[str, Any]
 ) -> None:

@@ -92,6 +92,16 @@ _TAG_HISTORY = (
 _TAG_HISTORY_BEFORE = _TAG_HISTORY.where(
     tag_history_table.c.from_position < sa.bindparam("b_position")
 )
+# The primary key starts with (repository, tag), so the count scans only the
+# tag's own entries, one per change.
+_TAG_HISTORY_COUNT = (
+    sa.select(sa.func.count())
+    .select_from(tag_history_table)
+    .where(
+        (tag_history_table.c.repository == sa.bindparam("b_repository"))
+        & (tag_history_table.c.tag == sa.bindparam("b_tag"))
+    )
+)
 _TAG_AT = (
     _HISTORY.where(
         (tag_history_table.c.tag == sa.bindparam("b_tag"))
@@ -343,7 +353,12 @@ def tag_history(
     cursor: str | None = None,
 ) -> Page:
     """List every digest ``name`` pointed to, newest first, each with its
-    range of positions and times and who started and ended it."""
+    range of positions and times and who started and ended it.
+
+    The page's ``extra`` carries ``total``, the number of entries in the
+    whole history. It is counted on ``conn``, so a connection from
+    ``snapshot`` gives a total from the same state as the page.
+    """
     check_page_size(n)
     listing = Listing("tag history", {"repository": repository, "tag": name})
     params: dict[str, Any] = {"b_repository": repository, "b_tag": name}
@@ -362,4 +377,7 @@ def tag_history(
     if len(rows) > n:
         rows = rows[:n]
         next_cursor = listing.encode_cursor(rows[-1].from_position)
-    return Page([_history_json(row) for row in rows], next_cursor)
+    total = conn.execute(
+        _TAG_HISTORY_COUNT, {"b_repository": repository, "b_tag": name}
+    ).scalar_one()
+    return Page([_history_json(row) for row in rows], next_cursor, {"total": total})

@@ -204,6 +204,12 @@ _SCHEMAS: Final[dict[str, Any]] = {
         {
             "repository": {"type": "string"},
             "tag": {"type": "string"},
+            "total": {
+                **_INTEGER,
+                "description": "The number of entries in the tag's whole "
+                "history, every page together, read in the same snapshot as "
+                "this page.",
+            },
             "history": _list("HistoryEntry"),
             "next_cursor": _CURSOR,
         }
