@@ -250,3 +250,51 @@ def test_tag_page_shows_history(server: ServerThread, browser_page: Page) -> Non
     page.wait_for_selector("#at-result:text('Not set then')", timeout=TIMEOUT_MS)
     assert "MANIFEST_UNKNOWN" in page.text_content("#at-result")
     assert shot.stat().st_size > 0
+
+
+def test_long_tag_history_counted_and_noted(
+    server: ServerThread, browser_page: Page
+) -> None:
+    # The tag page reads one page of 1000 changes, the largest the query API
+    # serves, and the repository timeline 200 per tag.
+    changes = 1003
+    images = [make_image(), make_image()]
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for image in images:
+            push_image(client, "demo/flip", image, "flip")
+        for number in range(changes - len(images)):
+            image = images[number % 2]
+            response = client.put(
+                "/v2/demo/flip/manifests/flip",
+                content=image.manifest,
+                headers={"Content-Type": image.media_type},
+            )
+            assert response.status_code == 201, response.text
+    current = images[(changes - 1) % 2]
+    page = browser_page
+
+    page.goto(f"{server.url}/_cairn/ui/tag.html?name=demo/flip&tag=flip")
+    _wait_loaded(page)
+
+    assert page.text_content("#change-count .value") == str(changes)
+    expected_digest = str(current.digest).split(":")[1][:12]
+    assert page.text_content("#current-digest .value") == f"sha256:{expected_digest}"
+    assert page.locator("#history tbody tr").count() == 1000
+    caption = page.text_content("#history caption")
+    assert caption == (
+        f"Showing the latest 1000 of {changes} changes; "
+        "the query API pages through the rest."
+    )
+    assert page.text_content("#timeline p.more") == (
+        f"Showing the latest 1000 of {changes} changes of flip."
+    )
+    assert page.locator("#timeline rect.segment").count() == 1000
+    _screenshot(page, "dashboard-tag-long-history.png")
+
+    page.goto(f"{server.url}/_cairn/ui/repository.html?name=demo/flip")
+    _wait_loaded(page)
+
+    assert page.text_content("#timeline p.more") == (
+        f"Showing the latest 200 of {changes} changes of flip."
+    )
+    assert page.locator("#timeline rect.segment").count() == 200

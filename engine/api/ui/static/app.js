@@ -112,14 +112,18 @@ function fillTable(table, columns, rows, append) {
   }
 }
 
-// Says above a table that it shows only the first page of a longer list,
-// and where the query API serves the rest.
-function noteFirstPage(table, page, rows, noun, apiPath) {
+// Adds a caption saying that a table shows only the first page of a longer
+// list, and where the query API serves the rest. With options.newestFirst the
+// caption calls that page the latest items. options.total, when the API
+// returns one, is the length of the whole list.
+function noteFirstPage(table, page, rows, noun, apiPath, options = {}) {
   if (!page.next_cursor) return;
+  const which = options.newestFirst ? "latest" : "first";
+  const count = options.total === undefined ? `${rows.length}` : `${rows.length} of ${options.total}`;
   const link = el("a", { href: `/_cairn/api/v1${apiPath}` }, "the query API");
   table.insertBefore(
     el("caption", { className: "more" },
-      `Showing the first ${rows.length} ${noun}; `, link, " pages through the rest."),
+      `Showing the ${which} ${count} ${noun}; `, link, " pages through the rest."),
     table.firstChild);
 }
 
@@ -220,25 +224,45 @@ function platformsText(platforms) {
 // Tags drawn on a repository's timeline: the most recently set ones.
 const TIMELINE_TAGS = 20;
 
-async function historyRows(repository, tags) {
-  const histories = await Promise.all(tags.map((tag) =>
-    api(`/repositories/${repositoryPath(repository)}/-/tags/${encodeURIComponent(tag)}/history`, { n: 200 })));
-  return tags.map((tag, index) => ({
+// A timeline row from the first page of a tag's history. drawnCount is less
+// than total when the history has more pages than the one drawn.
+function timelineRow(tag, history) {
+  return {
     label: tag,
-    segments: histories[index].history.map((entry) => ({
+    drawnCount: history.history.length,
+    total: history.total,
+    segments: history.history.map((entry) => ({
       start: Date.parse(entry.from_time),
       end: entry.to_time ? Date.parse(entry.to_time) : Date.now(),
       digest: entry.digest,
       text: `${tag} → ${shortDigest(entry.digest)} from ${formatTime(entry.from_time)}` +
         (entry.to_time ? ` to ${formatTime(entry.to_time)}` : " until now"),
     })),
-  }));
+  };
+}
+
+async function historyRows(repository, tags) {
+  const histories = await Promise.all(tags.map((tag) =>
+    api(`/repositories/${repositoryPath(repository)}/-/tags/${encodeURIComponent(tag)}/history`, { n: 200 })));
+  return tags.map((tag, index) => timelineRow(tag, histories[index]));
+}
+
+// Adds a note above the timeline for each tag drawn with only its latest
+// changes.
+function noteCutTimelineRows(rows) {
+  const timeline = document.getElementById("timeline");
+  for (const row of rows.filter((r) => r.drawnCount < r.total).reverse()) {
+    timeline.prepend(el("p", { className: "more" },
+      `Showing the latest ${row.drawnCount} of ${row.total} changes of ${row.label}.`));
+  }
 }
 
 async function repositoryTimeline(repository, base, tagCount) {
   const recent = await api(`${base}/-/tags`, { n: TIMELINE_TAGS, sort: "recent" });
   const tags = recent.tags.map((t) => t.tag);
-  drawTimeline(await historyRows(repository, tags));
+  const rows = await historyRows(repository, tags);
+  drawTimeline(rows);
+  noteCutTimelineRows(rows);
   if (tagCount > tags.length) {
     document.getElementById("timeline").prepend(el("p", { className: "more" },
       `Showing the ${tags.length} most recently set of ${tagCount} tags.`));
@@ -338,10 +362,11 @@ async function tagPage() {
   const latest = history.history[0];
   document.getElementById("current").replaceChildren(
     card("Points to", latest && latest.to_position === null ? shortDigest(latest.digest) : "(not set)", "current-digest"),
-    card("Changes", history.history.length, "change-count"),
+    card("Changes", history.total, "change-count"),
     card("Last change", latest ? formatTime(latest.to_time || latest.from_time) : ""),
   );
-  fillTable(document.getElementById("history"), [
+  const table = document.getElementById("history");
+  fillTable(table, [
     ["Digest", (h) => mono(shortDigest(h.digest))],
     ["From", (h) => formatTime(h.from_time)],
     ["To", (h) => (h.to_time ? formatTime(h.to_time) : "now")],
@@ -349,8 +374,12 @@ async function tagPage() {
     ["Set by", (h) => actorText(h.actor)],
     ["Ended by", (h) => (h.ended_by ? `${h.ended_by.type} (${actorText(h.ended_by.actor)})` : "")],
   ], history.history);
-  const rows = await historyRows(name, [tag]);
+  noteFirstPage(table, history, history.history, "changes", `${base}/history`,
+    { newestFirst: true, total: history.total });
+  // The timeline draws the same page as the table.
+  const rows = [timelineRow(tag, history)];
   drawTimeline(rows);
+  noteCutTimelineRows(rows);
 
   const form = document.getElementById("at-form");
   const input = document.getElementById("at");
