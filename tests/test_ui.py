@@ -298,3 +298,6 @@ def test_long_tag_history_counted_and_noted(
         f"Showing the latest 200 of {changes} changes of flip."
     )
     assert page.locator("#timeline rect.segment").count() == 200
+    events_caption = page.text_content("#events caption")
+    assert events_caption is not None
+    assert events_caption.startswith("Showing the latest 25 events;")

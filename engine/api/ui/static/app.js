@@ -210,7 +210,11 @@ async function overview() {
       ["Bytes pushed", (r) => formatBytes(r.bytes_pushed), true],
     ], top.repositories)),
     loadRepositories(false),
-    api("/events", { n: 25 }).then((page) => fillTable(document.getElementById("events"), EVENT_COLUMNS, page.events)),
+    api("/events", { n: 25 }).then((page) => {
+      const table = document.getElementById("events");
+      fillTable(table, EVENT_COLUMNS, page.events);
+      noteFirstPage(table, page, page.events, "events", "/events", { newestFirst: true });
+    }),
   ];
   await Promise.all(tasks);
 }
@@ -334,7 +338,12 @@ async function repositoryPage() {
       ], page.referrers);
       noteFirstPage(table, page, page.referrers, "referrers", `${base}/-/referrers`);
     }),
-    api("/events", { repository: name, n: 25 }).then((page) => fillTable(document.getElementById("events"), EVENT_COLUMNS, page.events)),
+    api("/events", { repository: name, n: 25 }).then((page) => {
+      const table = document.getElementById("events");
+      fillTable(table, EVENT_COLUMNS, page.events);
+      noteFirstPage(table, page, page.events, "events",
+        `/events?repository=${encodeURIComponent(name)}`, { newestFirst: true });
+    }),
   ];
   await Promise.all(tasks);
 }
