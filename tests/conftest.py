@@ -265,6 +265,17 @@ def nats_server_fixture(tmp_path: Path) -> Iterator[NatsServer]:
         server.stop()
 
 
+@pytest.fixture
+def nats_server_without_jetstream(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running nats-server without JetStream, its default, for one test."""
+    server = NatsServer(tmp_path / "plain-nats-server", jetstream=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # Debian 12's nats-server package installs version 2.9.10 here, the oldest
 # version that cairn supports.
 DEBIAN_NATS_SERVER = Path("/usr/sbin/nats-server")

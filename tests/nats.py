@@ -59,15 +59,19 @@ def wait_until(
 
 
 class NatsServer:
-    """A nats-server child process with JetStream, bound to 127.0.0.1.
+    """A nats-server child process with JetStream, unless ``jetstream`` is
+    False, bound to 127.0.0.1.
 
     The first start takes a free port; later starts reuse it and the same
     storage directory, so a restarted server keeps its streams.
     """
 
-    def __init__(self, directory: Path, binary: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path, binary: Path | None = None, *, jetstream: bool = True
+    ) -> None:
         self.directory = directory
         self.binary = binary
+        self.jetstream = jetstream
         self.port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -84,6 +88,9 @@ class NatsServer:
         assert self._process is None, "server already running"
         self.directory.mkdir(parents=True, exist_ok=True)
         output = (self.directory / "server.out").open("ab")
+        jetstream = ["--jetstream", "--store_dir", str(self.directory)]
+        if not self.jetstream:
+            jetstream = []
         self._process = subprocess.Popen(
             [
                 str(self.binary or find_nats_server()),
@@ -91,9 +98,7 @@ class NatsServer:
                 "127.0.0.1",
                 "--port",
                 str(self.port or -1),
-                "--jetstream",
-                "--store_dir",
-                str(self.directory),
+                *jetstream,
                 "--ports_file_dir",
                 str(self.directory),
             ],

@@ -16,6 +16,7 @@ from nats.js.api import StorageType
 
 from engine.bus import Bus, BusSettings
 from engine.bus import checkpoint as store
+from engine.bus.connection import JETSTREAM_DISABLED
 from engine.bus.publisher import AckPublisher
 from engine.domain.events import Actor
 from engine.registry import Registry
@@ -420,3 +421,16 @@ def test_prefix_change_on_stored_stream_warns(
     subjects = [message.subject for message in stream_messages(nats_server.url)]
     assert subjects[3] == "cairn.tag.set.library.alpine"
     assert subjects[7] == "other.tag.set.library.alpine"
+
+
+def test_relay_reports_jetstream_disabled(
+    registry: Registry, nats_server_without_jetstream: NatsServer, data_dir: Path
+) -> None:
+    url = nats_server_without_jetstream.url
+    bus = Bus(fast_settings(url), registry.database, data_dir)
+    with BusThread(bus) as thread:
+        push_image(registry, "library/alpine", "1")
+        health = wait_until(lambda: (h := thread.health())["last_error"] and h)
+
+    assert health["last_error"] == JETSTREAM_DISABLED
+    assert health["checkpoint"] == 0

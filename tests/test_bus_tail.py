@@ -272,6 +272,15 @@ def test_tail_past_end_says_waiting(
     )
 
 
+def test_tail_reports_jetstream_disabled(
+    nats_server_without_jetstream: NatsServer,
+) -> None:
+    result = cairn_tail(nats_server_without_jetstream.url)
+    assert result.returncode == 1
+    assert "JetStream is not enabled on this NATS server" in result.stderr
+    assert "nats-server with -js" in result.stderr
+
+
 def test_tail_reports_missing_stream(nats_server: NatsServer) -> None:
     result = cairn_tail(nats_server.url, "--stream", "NOPE")
     assert result.returncode == 1

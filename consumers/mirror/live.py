@@ -30,7 +30,7 @@ from nats.js.client import JetStreamContext
 
 from consumers.backoff import retry_delay
 from consumers.natsclient import NATS_ERRORS, connect
-from engine.bus.connection import redact_url
+from engine.bus.connection import describe_nats_error, redact_url
 from engine.bus.subjects import filter_subject
 
 log = structlog.get_logger(__name__)
@@ -154,7 +154,7 @@ class LiveEvents:
                     "nats_subscribe_failed",
                     url=redact_url(self.url),
                     stream=self.stream,
-                    error=str(error) or type(error).__name__,
+                    error=describe_nats_error(error, self._client),
                     retry_in=round(delay, 2),
                 )
                 # A reconnection cuts the delay short.

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client
 
@@ -44,6 +45,35 @@ def describe_connection_error(error: BaseException) -> str:
     if isinstance(error, TimeoutError) and not str(error):
         return "timed out: the server sent no response"
     return str(error) or type(error).__name__
+
+
+JETSTREAM_DISABLED = (
+    "JetStream is not enabled on this NATS server: start nats-server with -js, "
+    "or with a jetstream block in its configuration"
+)
+
+
+def describe_nats_error(error: BaseException, client: Client | None = None) -> str:
+    """Return what went wrong in a NATS or JetStream request, never an empty
+    string.
+
+    A JetStream request to a server without JetStream gets no responder,
+    which nats-py raises as a ServiceUnavailableError with no description.
+    The server's INFO line has ``"jetstream": true`` only when JetStream is
+    on, so with the ``client`` that made the request the cause is certain.
+    """
+    if isinstance(error, nats.js.errors.ServiceUnavailableError):
+        # nats-py keeps the INFO line only in this private attribute.
+        info = getattr(client, "_server_info", None)
+        if isinstance(info, dict) and not info.get("jetstream"):
+            return JETSTREAM_DISABLED
+        if not error.description:
+            return (
+                "JetStream did not answer (503 ServiceUnavailableError). "
+                "Check that JetStream is enabled on the NATS server (nats-server "
+                "-js) and that its stream is available"
+            )
+    return describe_connection_error(error)
 
 
 def redact_url(url: str) -> str:

@@ -67,7 +67,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from engine.bus import checkpoint as store
-from engine.bus.connection import CONNECTION_ERRORS, NatsLink
+from engine.bus.connection import CONNECTION_ERRORS, NatsLink, describe_nats_error
 from engine.bus.leader import Leadership
 from engine.bus.messages import (
     EXPECTED_LAST_SEQUENCE,
@@ -545,7 +545,7 @@ class Relay:
     # ---- reporting -------------------------------------------------------
 
     def _report_failure(self, error: BaseException, delay: float) -> None:
-        self.last_error = str(error) or type(error).__name__
+        self.last_error = describe_nats_error(error, self._link.client)
         suppressed = self._failures.ready()
         if suppressed is None:
             return

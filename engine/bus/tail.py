@@ -39,6 +39,7 @@ from engine.bus.connection import (
     MAX_OUTSTANDING_PINGS,
     PING_INTERVAL,
     describe_connection_error,
+    describe_nats_error,
     redact_url,
 )
 from engine.bus.messages import header_position, is_stand_in
@@ -141,7 +142,8 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
         except nats.js.errors.APIError as error:
             print(
                 f"cairn events tail: NATS at {url} rejected the subscription "
-                f"to stream {args.stream}: {error.description or error}",
+                f"to stream {args.stream}: "
+                f"{error.description or describe_nats_error(error, client)}",
                 file=sys.stderr,
             )
             return 1
