@@ -188,19 +188,31 @@ def start_containerd(directory: Path) -> Iterator[Containerd]:
             process.wait(timeout=30)
 
 
-def _wait_until_serving(containerd: Containerd) -> None:
+def wait_for_socket(
+    name: str, process: subprocess.Popen[bytes], socket: Path, log_path: Path
+) -> None:
+    """Wait until ``process`` creates ``socket``, for at most START_TIMEOUT_S.
+
+    Raises RuntimeError with the end of its log when it exits first.
+    """
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not containerd.address.is_socket():
-        status = containerd.process.poll()
+    while not socket.is_socket():
+        status = process.poll()
         if status is not None:
-            log = containerd.log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"containerd exited with status {status}:\n{log}")
+            log = log_path.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{name} exited with status {status}:\n{log}")
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"containerd did not create {containerd.address} within "
-                f"{START_TIMEOUT_S} s; see {containerd.log_path}"
+                f"{name} did not create {socket} within {START_TIMEOUT_S} s; "
+                f"see {log_path}"
             )
         time.sleep(0.05)
+
+
+def _wait_until_serving(containerd: Containerd) -> None:
+    wait_for_socket(
+        "containerd", containerd.process, containerd.address, containerd.log_path
+    )
     containerd.run("default", "version")
 
 

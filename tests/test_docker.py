@@ -32,7 +32,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from tests.images import (
     make_image,
     make_index,
 )
-from tests.server import READER, START_TIMEOUT_S, WRITER, ServerThread, push_image
+from tests.server import READER, WRITER, ServerThread, push_image
 from tests.test_clients import CLIENT_TIMEOUT_S, make_layer
 from tests.test_containerd import (
     CONTAINERD,
@@ -61,6 +60,7 @@ from tests.test_containerd import (
     build_image,
     event_types,
     start_containerd,
+    wait_for_socket,
 )
 
 DOCKER = shutil.which("docker")
@@ -231,18 +231,7 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
 
 
 def _wait_until_serving(dockerd: Dockerd, cli_directory: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not dockerd.socket.is_socket():
-        status = dockerd.process.poll()
-        if status is not None:
-            log = dockerd.log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"dockerd exited with status {status}:\n{log}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"dockerd did not create {dockerd.socket} within "
-                f"{START_TIMEOUT_S} s; see {dockerd.log_path}"
-            )
-        time.sleep(0.05)
+    wait_for_socket("dockerd", dockerd.process, dockerd.socket, dockerd.log_path)
     _cli(dockerd.socket, cli_directory).run("version")
 
 

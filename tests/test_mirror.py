@@ -164,6 +164,27 @@ def start_mirror(
         )
 
 
+def start_following_mirror(
+    source_url: str, target_url: str, nats_url: str, log_path: Path, poll: str
+) -> subprocess.Popen[bytes]:
+    """Start a mirror that follows ``nats_url`` and polls every ``poll``
+    seconds without it; return once it has copied library/app:v1 and
+    follows NATS."""
+    mirror = start_mirror(
+        source_url, target_url, log_path, "--nats", nats_url, "--poll-interval", poll
+    )
+    try:
+        wait_until(
+            lambda: manifest_status(target_url, "library/app", "v1") == 200, WAIT
+        )
+        wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+    except BaseException:
+        mirror.kill()
+        mirror.wait(30)
+        raise
+    return mirror
+
+
 def log_events(text: str) -> list[dict[str, Any]]:
     lines = []
     for line in text.splitlines():
@@ -602,20 +623,10 @@ def test_mirror_ignores_other_registry_on_stream(
         with httpx.Client(base_url=source_url) as client:
             push_image(client, "library/app", make_image(), "v1")
         log_path = tmp_path / "mirror.log"
-        mirror = start_mirror(
-            source_url,
-            target.url,
-            log_path,
-            "--nats",
-            nats_server.url,
-            "--poll-interval",
-            "300",
+        mirror = start_following_mirror(
+            source_url, target.url, nats_server.url, log_path, "300"
         )
         try:
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
-            )
-            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
             # The other registry's second image has the positions after the
             # mirror's, and the source's next image has them too.
             with httpx.Client(base_url=other_url) as client:
@@ -660,21 +671,10 @@ def test_mirror_polls_while_nats_down(
         with httpx.Client(base_url=source_url) as client:
             push_image(client, "library/app", make_image(), "v1")
         log_path = tmp_path / "mirror.log"
-        mirror = start_mirror(
-            source_url,
-            target.url,
-            log_path,
-            "--nats",
-            nats_server.url,
-            "--poll-interval",
-            "0.2",
+        mirror = start_following_mirror(
+            source_url, target.url, nats_server.url, log_path, "0.2"
         )
         try:
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
-            )
-            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
-
             nats_server.kill()
             wait_until(lambda: "mirror_polling" in logged_events(log_path), WAIT)
             with httpx.Client(base_url=source_url) as client:
