@@ -1,4 +1,5 @@
-"""The JetStream stream of events: its configuration and its last message."""
+"""The JetStream stream of events: its configuration, its last message, and
+the search for the message that carries a log position."""
 
 from __future__ import annotations
 
@@ -101,3 +102,47 @@ async def read_tail(js: JetStreamContext, name: str) -> StreamTail:
         return StreamTail(last_sequence)
     headers = message.headers or {}
     return StreamTail(last_sequence, header_position(headers), headers.get(EVENT_ID))
+
+
+async def earliest_position(
+    js: JetStreamContext, stream: str, subject_prefix: str, first_sequence: int
+) -> int | None:
+    """Return the log position of the stream's first event, or None when the
+    stream is empty or its first message carries no position."""
+    try:
+        message = await js.get_msg(
+            stream, max(first_sequence, 1), subject=f"{subject_prefix}.>", next=True
+        )
+    except nats.js.errors.NotFoundError:
+        return None
+    return header_position(message.headers)
+
+
+async def first_sequence_at(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    position: int,
+    first_sequence: int,
+    last_sequence: int,
+) -> int:
+    """Find the first stream sequence whose event is at or after ``position``.
+
+    Returns ``last_sequence + 1`` (the next message to arrive) when no stored
+    message qualifies. A message without a position header counts as before
+    ``position``.
+    """
+    low, high = max(first_sequence, 1), last_sequence + 1
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            message = await js.get_msg(stream, middle, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            high = middle  # nothing matches at or after middle
+            continue
+        found = header_position(message.headers)
+        if found is not None and found >= position:
+            high = middle
+        else:
+            low = (message.seq or middle) + 1
+    return low

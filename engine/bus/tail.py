@@ -43,6 +43,7 @@ from engine.bus.connection import (
     redact_url,
 )
 from engine.bus.messages import header_position, is_stand_in
+from engine.bus.stream import earliest_position, first_sequence_at
 from engine.bus.subjects import filter_subject, subject_within
 
 # The first NATS server version that accepts any consumer filter that
@@ -109,7 +110,7 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
                 server_filter, stream=args.stream, ordered_consumer=True, config=config
             )
             if args.from_position is not None:
-                earliest = await _earliest_position(
+                earliest = await earliest_position(
                     js, args.stream, args.subject_prefix, info.state.first_seq
                 )
                 if earliest is not None and earliest > args.from_position:
@@ -218,56 +219,12 @@ async def _consumer_config(
 ) -> ConsumerConfig:
     if from_position is None:
         return ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    start = await _first_sequence_at(
+    start = await first_sequence_at(
         js, stream, subject, from_position, info.state.first_seq, info.state.last_seq
     )
     return ConsumerConfig(
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
     )
-
-
-async def _earliest_position(
-    js: JetStreamContext, stream: str, subject_prefix: str, first_sequence: int
-) -> int | None:
-    """Return the log position of the stream's first event, or None when the
-    stream is empty or its first message carries no position."""
-    try:
-        message = await js.get_msg(
-            stream, max(first_sequence, 1), subject=f"{subject_prefix}.>", next=True
-        )
-    except nats.js.errors.NotFoundError:
-        return None
-    return header_position(message.headers)
-
-
-async def _first_sequence_at(
-    js: JetStreamContext,
-    stream: str,
-    subject: str,
-    position: int,
-    first_sequence: int,
-    last_sequence: int,
-) -> int:
-    """Find the first stream sequence whose event is at or after ``position``.
-
-    Returns ``last_sequence + 1`` (the next message to arrive) when no stored
-    message qualifies. A message without a position header counts as before
-    ``position``.
-    """
-    low, high = max(first_sequence, 1), last_sequence + 1
-    while low < high:
-        middle = (low + high) // 2
-        try:
-            message = await js.get_msg(stream, middle, subject=subject, next=True)
-        except nats.js.errors.NotFoundError:
-            high = middle  # nothing matches at or after middle
-            continue
-        found = header_position(message.headers)
-        if found is not None and found >= position:
-            high = middle
-        else:
-            low = (message.seq or middle) + 1
-    return low
 
 
 def _format(message: Msg, readable: bool) -> str:
