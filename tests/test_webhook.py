@@ -30,6 +30,8 @@ from consumers.webhook import dead_letters
 from engine.api.app import create_app
 from engine.api.auth import Authenticator, Role, add_user, load_users
 from engine.bus import Bus
+from engine.bus.settings import DEFAULT_DUPLICATE_WINDOW
+from engine.bus.stream import ensure_stream
 from engine.migrate import upgrade
 from engine.registry import Registry
 from tests.images import make_image
@@ -37,6 +39,8 @@ from tests.nats import (
     BusThread,
     NatsServer,
     fast_settings,
+    run,
+    wait_for_stream_size,
     wait_until,
 )
 from tests.server import push_image, running
@@ -53,9 +57,12 @@ WAIT = 60.0
 def cairn_on_nats(
     directory: Path, nats_url: str, authenticator: Authenticator | None = None
 ) -> Iterator[str]:
-    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``."""
+    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``.
+
+    A second call with the same ``directory`` serves the same registry again.
+    """
     data_dir = directory / "data"
-    data_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     registry = Registry.open(data_dir, f"sqlite:///{directory / 'cairn.db'}")
     upgrade(registry.database)
     bus = Bus(fast_settings(nats_url), registry.database, data_dir)
@@ -281,6 +288,34 @@ def write_config(path: Path, endpoints: list[dict[str, Any]], extra: str = "") -
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def delete_stream(nats_url: str) -> None:
+    """Delete the CAIRN stream, which also deletes its consumers."""
+
+    async def delete() -> None:
+        client = await nats.connect(nats_url)
+        try:
+            await client.jetstream().delete_stream("CAIRN")
+        finally:
+            await client.close()
+
+    run(delete())
+
+
+def create_stream(nats_url: str) -> None:
+    """Create the CAIRN stream as the relay of cairn serve does."""
+
+    async def create() -> None:
+        client = await nats.connect(nats_url)
+        try:
+            await ensure_stream(
+                client.jetstream(), "CAIRN", "cairn", DEFAULT_DUPLICATE_WINDOW
+            )
+        finally:
+            await client.close()
+
+    run(create())
 
 
 def cairn_cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -1023,3 +1058,173 @@ def test_tag_push_of_deleted_manifest_keeps_facts(
     assert target["mediaType"] == image.media_type
     assert target["size"] == len(image.manifest)
     assert webhook.stop() == 0
+
+
+def test_webhook_resumes_after_stream_deleted(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "tags",
+                "url": receiver.url("/tags"),
+                "format": "cloudevents",
+                "event_types": ["tag.set"],
+                "start": "new",
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "before")
+        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
+
+        # The relay creates the stream again and publishes these events at
+        # once, while the webhook only notices the loss of its consumer when
+        # its current fetch ends.
+        delete_stream(nats_server.url)
+        push_image(client, "library/app", make_image(), "after")
+        wait_for_stream_size(nats_server.url, 4)
+        wait_until(lambda: webhook.count("endpoint_subscribed") >= 2, WAIT)
+        push_image(client, "library/app", make_image(), "later")
+
+    tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+    assert [e["payload"]["tag"] for e in tags] == ["before", "after", "later"]
+    wait_until(
+        lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")}, WAIT
+    )
+    assert [r.event_id for r in receiver.of("/tags")] == [e["id"] for e in tags]
+    recreated = [
+        line
+        for line in webhook.log_events()
+        if line.get("event") == "consumer_recreated"
+    ]
+    assert len(recreated) == 1
+    assert recreated[0]["level"] == "warning"
+    assert recreated[0]["consumer"] == "cairn-webhook-tags"
+    assert recreated[0]["after_position"] == tags[0]["position"]
+    assert webhook.count("consumer_created") == 1
+
+
+def test_webhook_skips_republished_events(
+    tmp_path: Path, receiver: Receiver, start_webhook: Any, nats_server: NatsServer
+) -> None:
+    directory = tmp_path / "cairn"
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [{"name": "steady", "url": receiver.url("/steady"), "start": "all"}],
+    )
+    with cairn_on_nats(directory, nats_server.url) as cairn:
+        webhook = start_webhook(config)
+        webhook.wait_subscribed(1)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "v1")
+            push_image(client, "library/app", make_image(), "v2")
+        delivered = [e["id"] for e in distribution_notified(feed_events(cairn))]
+        wait_until(lambda: len(receiver.of("/steady")) >= len(delivered), WAIT)
+
+    # A republish into a new stream, as `cairn events republish --help`
+    # advises. The webhook re-creates its consumer on the empty stream
+    # before the relay refills it with the eight events delivered above.
+    delete_stream(nats_server.url)
+    create_stream(nats_server.url)
+    wait_until(lambda: webhook.count("endpoint_subscribed") >= 2, WAIT)
+    result = cairn_cli(
+        "events",
+        "republish",
+        "--data-dir",
+        str(directory / "data"),
+        "--database",
+        f"sqlite:///{directory / 'cairn.db'}",
+        "--from",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+    with cairn_on_nats(directory, nats_server.url) as cairn:
+        wait_for_stream_size(nats_server.url, 8)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "v3")
+        expected = [e["id"] for e in distribution_notified(feed_events(cairn))]
+
+    wait_until(
+        lambda: expected[-1] in {r.event_id for r in receiver.of("/steady")}, WAIT
+    )
+    assert [r.event_id for r in receiver.of("/steady")] == expected
+    recreated = [
+        line
+        for line in webhook.log_events()
+        if line.get("event") == "consumer_recreated"
+    ]
+    assert len(recreated) == 1
+    assert recreated[0]["after_position"] == 8
+    assert recreated[0]["start_sequence"] == 1
+    skipped = [
+        line
+        for line in webhook.log_events()
+        if line.get("event") == "handled_events_skipped"
+    ]
+    assert len(skipped) == 1
+    assert skipped[0]["count"] == 8
+    assert skipped[0]["through_position"] == 8
+
+
+def test_webhook_logs_events_missing_from_stream(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+) -> None:
+    receiver.gates["/tags"] = threading.Event()
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "tags",
+                "url": receiver.url("/tags"),
+                "format": "cloudevents",
+                "event_types": ["tag.set"],
+                "timeout": "30s",
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "first")
+        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
+        # While the webhook waits for the response about "first", the relay
+        # publishes "second" and the stream is deleted with it. The relay
+        # then creates a stream that begins after "second".
+        push_image(client, "library/app", make_image(), "second")
+        wait_for_stream_size(nats_server.url, 8)
+        delete_stream(nats_server.url)
+        push_image(client, "library/app", make_image(), "third")
+        wait_for_stream_size(nats_server.url, 4)
+    receiver.gates["/tags"].set()
+
+    tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+    assert [e["payload"]["tag"] for e in tags] == ["first", "second", "third"]
+    wait_until(
+        lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")}, WAIT
+    )
+    assert [r.event_id for r in receiver.of("/tags")] == [
+        tags[0]["id"],
+        tags[2]["id"],
+    ]
+    missing = [
+        line
+        for line in webhook.log_events()
+        if line.get("event") == "events_missing_from_stream"
+    ]
+    assert len(missing) == 1
+    assert missing[0]["level"] == "error"
+    assert missing[0]["first_missing"] == tags[0]["position"] + 1
+    assert missing[0]["last_missing"] == tags[1]["position"]
+    assert f"after={tags[0]['position']}" in missing[0]["note"]

@@ -12,6 +12,12 @@ last acknowledged event. A message is settled by
   restart;
 - ``term`` once the attempts are used up and the event is a dead letter.
 
+The worker also keeps the position of the last event it settled. When its
+consumer is deleted while it runs, for example with the stream, it creates
+the consumer again after that position (see ``consumers.webhook.consumer``)
+and acknowledges without delivery any event at or below it, such as those
+of a republish. It logs the positions that the re-created stream lacks.
+
 An event that the relay sent as a stand-in without its payload, because it
 was too large for NATS, is read in full from the registry's event feed
 before it is delivered. A failed read counts as a failed attempt. Without
@@ -26,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 from typing import Any, Final
 
 import httpx
@@ -35,11 +40,15 @@ import nats.js.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from consumers.backoff import retry_delay
 from consumers.natsclient import NATS_ERRORS
 from consumers.webhook.config import Endpoint, WebhookConfig
+from consumers.webhook.consumer import (
+    ResumePoint,
+    acknowledged_position,
+    ensure_consumer,
+)
 from consumers.webhook.dead_letters import DeadLetterStore
 from consumers.webhook.delivery import Outcome, build_request, http_client, send
 from consumers.webhook.lookup import EventLookup, EventLookupFailed, ManifestLookup
@@ -50,7 +59,7 @@ from consumers.webhook.payloads import (
     event_problem,
     media_type_of,
 )
-from engine.bus.messages import is_stand_in
+from engine.bus.messages import header_position, is_stand_in
 from engine.domain.events import EventType
 
 log = structlog.get_logger(__name__)
@@ -79,6 +88,17 @@ class EndpointWorker:
         self.lookup = lookup
         self.events = events
         self.log = log.bind(endpoint=endpoint.name)
+        # Every event at or before this log position was settled by this
+        # process (delivered, skipped by the filters or dead-lettered) or
+        # came before the first event of its consumer. None until known.
+        self.handled_through: int | None = None
+        # Set once this process has had a consumer, so that a consumer found
+        # missing later was deleted while the webhook ran.
+        self.had_consumer = False
+        # On a re-created consumer, the position through which its events
+        # were handled before, and how many of those it skipped.
+        self.skip_through: int | None = None
+        self.skipped = 0
 
     async def run(self) -> None:
         """Deliver until cancelled; NATS errors are logged and retried."""
@@ -117,7 +137,22 @@ class EndpointWorker:
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         await self.dead_letters.ensure()
-        await ensure_consumer(self.js, self.config.stream, self.endpoint)
+        resume = ResumePoint(self.handled_through) if self.had_consumer else None
+        info, recreated = await ensure_consumer(
+            self.js,
+            self.config.stream,
+            self.config.subject_prefix,
+            self.endpoint,
+            resume,
+        )
+        self.had_consumer = True
+        if recreated:
+            self.skip_through = self.handled_through
+            self.skipped = 0
+        elif self.handled_through is None:
+            self.handled_through = await acknowledged_position(
+                self.js, self.config.stream, info
+            )
         subscription = await self.js.pull_subscribe_bind(
             durable=self.endpoint.consumer_name, stream=self.config.stream
         )
@@ -142,6 +177,18 @@ class EndpointWorker:
                 await self._handle(message, client)
 
     async def _handle(self, message: Msg, client: httpx.AsyncClient) -> None:
+        position = header_position(message.headers)
+        if position is not None and self.skip_through is not None:
+            if position <= self.skip_through:
+                # Handled before the consumer was re-created, for example
+                # when a republish refilled a re-created stream.
+                self.skipped += 1
+                await message.ack_sync()
+                return
+            self._end_skip(position)
+        if position is not None and self.handled_through is None:
+            # The first event of a consumer that had handled nothing.
+            self.handled_through = position - 1
         attempt = message.metadata.num_delivered or 1
         event, problem = _decode(message)
         if event is None:
@@ -151,7 +198,7 @@ class EndpointWorker:
                 problem=problem,
                 note="not a cairn event; terminated without delivery",
             )
-            await message.term()
+            await self._term(message)
             return
         ids = {
             "event_id": event["id"],
@@ -165,13 +212,13 @@ class EndpointWorker:
                 **ids,
                 note="published by a newer cairn; skipped without delivery",
             )
-            await message.ack_sync()
+            await self._ack(message)
             return
         if event["type"] == EventType.MANIFEST_PUSHED and self.lookup is not None:
             # Kept before the endpoint's filters, for the tag events that follow.
             self.lookup.remember(event)
         if not self.endpoint.accepts(event["type"], event["repository"]):
-            await message.ack_sync()
+            await self._ack(message)
             return
         # A dead letter records the message as received: a stand-in stays a
         # stand-in there, because the full event may not fit in NATS either.
@@ -186,11 +233,11 @@ class EndpointWorker:
             and announced_by_tag_event(event)
             and self.endpoint.accepts(EventType.TAG_SET, event["repository"])
         ):
-            await message.ack_sync()
+            await self._ack(message)
             return
         facts = await self._facts(event)
         if self.endpoint.ignores_media_type(media_type_of(event, facts)):
-            await message.ack_sync()
+            await self._ack(message)
             return
 
         if attempt > self.endpoint.max_attempts:
@@ -214,7 +261,7 @@ class EndpointWorker:
                 raise
 
         if outcome.delivered:
-            await message.ack_sync()
+            await self._ack(message)
             self.log.info(
                 "event_delivered",
                 **ids,
@@ -241,6 +288,57 @@ class EndpointWorker:
             error=outcome.error,
             retry_in=round(delay, 2),
         )
+
+    def _end_skip(self, position: int) -> None:
+        """Log the skipped events, and the events that a re-created stream
+        lacks before ``position``, the first event after those handled.
+
+        Log positions have no gaps and the consumer has no subject filter,
+        so a jump means that the re-created stream lacks the events in
+        between. The relay had published them before the stream was deleted,
+        and it continued after them.
+        """
+        handled = self.skip_through
+        assert handled is not None
+        self.skip_through = None
+        if self.skipped:
+            self.log.info(
+                "handled_events_skipped",
+                consumer=self.endpoint.consumer_name,
+                count=self.skipped,
+                through_position=handled,
+            )
+        if position <= handled + 1:
+            return
+        # TODO: read the missing events from the registry's event feed and
+        # deliver them, where [registry] url is set.
+        self.log.error(
+            "events_missing_from_stream",
+            consumer=self.endpoint.consumer_name,
+            stream=self.config.stream,
+            first_missing=handled + 1,
+            last_missing=position - 1,
+            note="these events are not in the re-created stream, so this "
+            "endpoint does not receive them; read them from GET "
+            f"/_cairn/events?after={handled}",
+        )
+
+    async def _ack(self, message: Msg) -> None:
+        """Record ``message`` as handled, then acknowledge it."""
+        self._record_handled(message)
+        await message.ack_sync()
+
+    async def _term(self, message: Msg) -> None:
+        """Record ``message`` as handled, then stop JetStream's redeliveries."""
+        self._record_handled(message)
+        await message.term()
+
+    def _record_handled(self, message: Msg) -> None:
+        # Recorded before the ack, because an ack that fails when the
+        # consumer was deleted must not make a re-created one redeliver it.
+        position = header_position(message.headers)
+        if position is not None:
+            self.handled_through = position
 
     async def _full_event(
         self, stand_in: dict[str, Any], ids: dict[str, Any]
@@ -287,7 +385,7 @@ class EndpointWorker:
         ids: dict[str, Any],
     ) -> None:
         await self.dead_letters.add(self.endpoint.name, event, attempts, status, error)
-        await message.term()
+        await self._term(message)
         self.log.error(
             "event_dead_lettered",
             **ids,
@@ -295,51 +393,6 @@ class EndpointWorker:
             status=status,
             error=error,
             stream=self.dead_letters.stream,
-        )
-
-
-async def ensure_consumer(
-    js: JetStreamContext, stream: str, endpoint: Endpoint
-) -> None:
-    """Create the endpoint's durable consumer, or update its ack wait.
-
-    Where an existing consumer starts is JetStream's to keep: ``start`` only
-    applies when the consumer is created.
-    """
-    name = endpoint.consumer_name
-    try:
-        info = await js.consumer_info(stream, name)
-    except nats.js.errors.NotFoundError:
-        policy = DeliverPolicy.ALL if endpoint.start == "all" else DeliverPolicy.NEW
-        await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                durable_name=name,
-                description=f"cairn webhook endpoint {endpoint.name}",
-                deliver_policy=policy,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=endpoint.ack_wait,
-                max_ack_pending=1,
-                max_deliver=-1,
-            ),
-        )
-        log.info(
-            "consumer_created",
-            consumer=name,
-            stream=stream,
-            deliver_policy=str(policy.value),
-        )
-        return
-    current = info.config
-    if (
-        not math.isclose(current.ack_wait or 0.0, endpoint.ack_wait, rel_tol=1e-6)
-        or current.max_ack_pending != 1
-    ):
-        current.ack_wait = endpoint.ack_wait
-        current.max_ack_pending = 1
-        await js.add_consumer(stream, current)
-        log.info(
-            "consumer_updated", consumer=name, stream=stream, ack_wait=endpoint.ack_wait
         )
 
 
