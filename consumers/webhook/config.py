@@ -30,7 +30,8 @@ max_attempts = 10
 backoff_initial = "1s"
 backoff_max = "5m"
 ack_wait = "30s"                     # JetStream redelivers after this (a crash)
-start = "new"                        # where a new consumer starts: "new" or "all"
+start = "new"                        # "new" or "all": where a consumer created
+                                     # at start-up begins (see README, Webhooks)
 ```
 
 Unknown keys are rejected, so that a misspelt option fails at start-up

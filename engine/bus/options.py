@@ -184,6 +184,10 @@ last message, which the relay checks before it publishes:
   that the stream already contains a second time, with the same
   Cairn-Event-Id header, except those dropped as duplicates within the
   duplicate window.
+
+A cairn webhook that runs while the stream is deleted creates its
+consumers again after the last event that each endpoint handled, so its
+endpoints do not receive the republished events a second time.
 """
 
 
