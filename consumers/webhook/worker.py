@@ -310,8 +310,8 @@ class EndpointWorker:
             )
         if position <= handled + 1:
             return
-        # TODO: read the missing events from the registry's event feed and
-        # deliver them, where [registry] url is set.
+        # NOTE: the missing events are logged, not read from the registry's
+        # event feed and delivered, even where [registry] url is set.
         self.log.error(
             "events_missing_from_stream",
             consumer=self.endpoint.consumer_name,
