@@ -59,6 +59,7 @@ from consumers.webhook.payloads import (
     event_problem,
     media_type_of,
 )
+from engine.bus.connection import describe_nats_error
 from engine.bus.messages import header_position, is_stand_in
 from engine.domain.events import EventType
 
@@ -126,7 +127,7 @@ class EndpointWorker:
                     self.log.warning(
                         "consumer_failed",
                         consumer=self.endpoint.consumer_name,
-                        error=str(error) or type(error).__name__,
+                        error=describe_nats_error(error),
                         retry_in=round(delay, 2),
                     )
                     await asyncio.sleep(delay)
