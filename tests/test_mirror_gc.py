@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from consumers.mirror.layout import LayoutTarget
+from consumers.mirror.layout import REF_NAME, LayoutTarget
 from consumers.mirror.registry import BlobStream
 from engine.domain.digest import Digest
 from tests.images import (
@@ -174,6 +174,8 @@ def test_collects_leftovers_of_earlier_runs(tmp_path: Path) -> None:
         await put_image(target, doomed, "old")
         await put_image(target, surviving, "new")
         await put_blob(target, stray)
+        # As the mirror does before it saves its checkpoint.
+        await target.flush()
 
     run(first_run())
     stray_file = blob_file(tmp_path, stray)
@@ -199,6 +201,30 @@ def test_collects_leftovers_of_earlier_runs(tmp_path: Path) -> None:
         assert blob_file(tmp_path, data).read_bytes() == data
 
 
+def test_index_written_at_flush(tmp_path: Path) -> None:
+    """Tags change index.json once per flush, not once each."""
+    image = make_image()
+    target = LayoutTarget(tmp_path)
+    index_path = tmp_path / REPOSITORY / "index.json"
+
+    def listed_tags() -> list[str]:
+        manifests = json.loads(index_path.read_text())["manifests"]
+        return sorted(entry["annotations"][REF_NAME] for entry in manifests)
+
+    async def tag_then_flush() -> tuple[list[str], list[str]]:
+        await put_image(target, image, "v0")
+        for number in range(1, 4):
+            await target.set_tag(REPOSITORY, f"v{number}", str(image.digest))
+        before = listed_tags()
+        await target.flush()
+        return before, listed_tags()
+
+    before, after = run(tag_then_flush())
+
+    assert before == []
+    assert after == ["v0", "v1", "v2", "v3"]
+
+
 def test_repeated_delete_collects_again(tmp_path: Path) -> None:
     """Replaying a delete after a crash between index.json and the removal."""
     doomed, surviving = make_image(), make_image()
@@ -207,6 +233,7 @@ def test_repeated_delete_collects_again(tmp_path: Path) -> None:
         target = LayoutTarget(tmp_path)
         await put_image(target, doomed, None)
         await put_image(target, surviving, None)
+        await target.flush()
 
     run(copy())
     # What the crash left: index.json without the manifest, its files still there.

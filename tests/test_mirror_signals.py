@@ -20,7 +20,14 @@ import pytest
 from tests.images import make_image
 from tests.nats import wait_until
 from tests.server import ServeProcess, push_image, wait_for_log_record
-from tests.test_mirror import WAIT, head_position, log_events, run_mirror, start_mirror
+from tests.test_mirror import (
+    WAIT,
+    head_position,
+    log_events,
+    manifest_status,
+    run_mirror,
+    start_mirror,
+)
 
 SIGNALS = [
     pytest.param(signal.SIGINT, 130, id="SIGINT"),
@@ -82,16 +89,15 @@ def test_once_interrupted_while_copying(
     try:
 
         def paused_mid_copy() -> bool:
-            # The source is paused before the checkpoint is read, so the
-            # mirror cannot catch up between the check and the signal.
+            # The source is paused before the target is read, so the mirror
+            # cannot catch up between the check and the signal.
             os.kill(source.process.pid, signal.SIGSTOP)
-            position = 0
-            if checkpoint.exists():
-                position = json.loads(checkpoint.read_text())["position"]
-            if 1 <= position < head and mirror.poll() is None:
+            first = manifest_status(target.url, "library/app", "v0") == 200
+            last = manifest_status(target.url, "library/app", "v5") == 200
+            if first and not last and mirror.poll() is None:
                 return True
             os.kill(source.process.pid, signal.SIGCONT)
-            assert position < head, "the mirror caught up before it was paused"
+            assert not last, "the mirror caught up before it was paused"
             assert mirror.poll() is None, "the mirror exited before it was paused"
             return False
 
@@ -109,6 +115,8 @@ def test_once_interrupted_while_copying(
     stopped = only_event(log_path, "mirror_stopped")
     assert stopped["status"] == status
     assert stopped["position"] < head
+    # The position reached is checkpointed as the mirror stops.
+    assert json.loads(checkpoint.read_text())["position"] == stopped["position"]
     assert only_event(log_path, "mirror_interrupted")["signal"] == sig.name
     assert "Traceback" not in log_path.read_text()
 

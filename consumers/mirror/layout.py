@@ -17,8 +17,10 @@ LayoutCollision naming both repositories, which stops the mirror.
 
 Blobs are written to a partial file, fsynced and renamed into place, so a
 file named by a digest is always whole. ``index.json`` is rewritten the same
-way. Each repository under DIR must have one writer, so two mirrors may
-share DIR only when their ``--repositories`` do not overlap.
+way, when the mirror saves its checkpoint and before the checkpoint
+records the changes, and before a delete removes files. Each repository
+under DIR must have one writer, so two mirrors may share DIR only when
+their ``--repositories`` do not overlap.
 
 A partial file is named ``.partial-<name>-<32 hex digits>``, where name is
 the file it becomes. Its writer holds an exclusive flock(2) on it until the
@@ -98,6 +100,8 @@ class LayoutTarget:
         # The digests that each repository's index.json reaches, computed on
         # a delete and forgotten whenever that index.json changes.
         self._referenced: dict[str, frozenset[str]] = {}
+        # Repositories whose index changed since its index.json was written.
+        self._changed: set[str] = set()
 
     async def start(self) -> None:
         """Remove the partial files that a mirror killed mid-copy left."""
@@ -237,7 +241,7 @@ class LayoutTarget:
         if any(entry["digest"] == digest for entry in index):
             return
         index.append(_entry(media_type, digest, len(raw), None))
-        await self._save_index(repository)
+        self._index_changed(repository)
 
     async def tagged_digest(self, repository: str, tag: str) -> str | None:
         for entry in await self._index(repository):
@@ -261,7 +265,7 @@ class LayoutTarget:
         index.append(_entry(media_type, digest, len(raw), tag))
         for entry in moved:
             _keep_untagged(index, entry)
-        await self._save_index(repository)
+        self._index_changed(repository)
 
     async def delete_tag(self, repository: str, tag: str) -> bool:
         index = await self._index(repository)
@@ -271,7 +275,7 @@ class LayoutTarget:
         index[:] = [entry for entry in index if _ref_name(entry) != tag]
         for entry in removed:
             _keep_untagged(index, entry)
-        await self._save_index(repository)
+        self._index_changed(repository)
         return True
 
     async def delete_manifest(self, repository: str, digest: str) -> None:
@@ -279,7 +283,9 @@ class LayoutTarget:
         kept = [entry for entry in index if entry["digest"] != digest]
         if len(kept) != len(index):
             index[:] = kept
-            await self._save_index(repository)
+            self._index_changed(repository)
+        # index.json stops listing the manifest before its files go.
+        await self._write_index(repository)
         # Also when the entry was gone already: a crash after the index was
         # saved and before the files were removed leaves them to this run.
         await self._collect_garbage(repository)
@@ -289,11 +295,17 @@ class LayoutTarget:
         if referenced is None or digest in referenced:
             return
         path = self._blob_path(repository, digest)
+        await self._write_index(repository)
         removed, size = await asyncio.to_thread(_remove_files, [path])
         if removed:
             log.info(
                 "layout_blob_removed", repository=repository, digest=digest, size=size
             )
+
+    async def flush(self) -> None:
+        """Write the index.json of every repository whose index changed."""
+        for repository in sorted(self._changed):
+            await self._write_index(repository)
 
     async def aclose(self) -> None:
         return None
@@ -396,12 +408,21 @@ class LayoutTarget:
         manifests = document.get("manifests", [])
         return [entry for entry in manifests if isinstance(entry, dict)]
 
-    async def _save_index(self, repository: str) -> None:
+    def _index_changed(self, repository: str) -> None:
+        """Note that the repository's index changed. Its index.json is
+        written by ``flush``, before the mirror's checkpoint passes the
+        change, so a tag costs one write per checkpoint, not one each."""
         self._referenced.pop(repository, None)
+        self._changed.add(repository)
+
+    async def _write_index(self, repository: str) -> None:
+        if repository not in self._changed:
+            return
         data = _index_document(self._indexes[repository])
         directory = self.repository_dir(repository)
         await asyncio.to_thread(self._prepare, repository, directory)
         await asyncio.to_thread(write_atomically, directory / "index.json", data)
+        self._changed.discard(repository)
 
     def _prepare(self, repository: str, directory: Path) -> None:
         """Create the directories of a repository and the files that make it

@@ -2,9 +2,11 @@
 
 The position is the last source event the mirror has dealt with: applied,
 incomplete (see copier.py), or skipped because its repository is not
-mirrored. It is checkpointed
-after every applied event and at the end of every page, so a restart
-repeats at most the event that was in progress, which is idempotent.
+mirrored. It is checkpointed at most every CHECKPOINT_INTERVAL seconds
+while events are applied, at the end of every feed page, when no NATS
+event waits, and when the mirror stops, each time after the target's
+flush. A restart after a crash repeats the events since the last
+checkpoint, which is idempotent.
 
 The checkpoint also records each incomplete event until a later event
 about the same manifest or tag replaces or removes it. Every run retries
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -55,6 +58,10 @@ T = TypeVar("T")
 # With NATS following, the feed is still read this often, in case the
 # source's relay is behind or messages were lost.
 RESYNC_INTERVAL: Final = 30.0
+# How often the checkpoint is saved while events are applied. Each save
+# writes and fsyncs the checkpoint file, and an OCI layout target rewrites
+# the index.json of each repository that changed.
+CHECKPOINT_INTERVAL: Final = 1.0
 RETRY_INITIAL: Final = 0.5
 RETRY_MAX: Final = 30.0
 
@@ -91,6 +98,7 @@ class MirrorRunner:
         self.position_hash = checkpoint.position_hash
         # Whether a NATS event that did not follow the position was logged.
         self._reported_foreign = False
+        self._saved_at = time.monotonic()
         # Whether the last wait was for NATS. It stays None until the mirror
         # first follows NATS, which LiveEvents logs as nats_following, so
         # only later switches to polling and back are logged here.
@@ -100,7 +108,29 @@ class MirrorRunner:
         return matches_any(repository, self.settings.repositories)
 
     async def run(self) -> None:
-        """Catch up, then follow until cancelled (or return, with ``once``)."""
+        """Catch up, then follow until cancelled (or return, with ``once``).
+
+        However it ends, the position reached is checkpointed first.
+        """
+        try:
+            await self._run()
+        except BaseException as stopped:
+            try:
+                # shield: a second stop signal must not cut the save short.
+                await asyncio.shield(self._save_when_moved())
+            except Exception as error:
+                log.warning(
+                    "checkpoint_not_saved",
+                    position=self.position,
+                    checkpoint=self.checkpoint.position,
+                    error=str(error) or type(error).__name__,
+                    stopped_by=type(stopped).__name__,
+                    note="the next run repeats the events since the checkpoint",
+                )
+            raise
+        await self._save_when_moved()
+
+    async def _run(self) -> None:
         log.info(
             "mirror_started",
             source=self.checkpoint.source,
@@ -151,6 +181,8 @@ class MirrorRunner:
                 await self.catch_up()
                 continue
             await self.process(event)
+            if self.live is not None and self.live.queue.empty():
+                await self._save_when_moved()
 
     def _follows_position(self, event: dict[str, Any]) -> bool:
         """Return True when ``event`` names the event at the position as its
@@ -305,14 +337,19 @@ class MirrorRunner:
             # Past the last event of the page, whose hash is then unknown.
             self.position = page.next_after
             self.position_hash = None
+        await self._save_when_moved()
+
+    async def _save(self) -> None:
+        await self.copier.target.flush()
+        await self.checkpoint.save(self.position, self.position_hash)
+        self._saved_at = time.monotonic()
+
+    async def _save_when_moved(self) -> None:
         if (
             self.checkpoint.position != self.position
             or self.checkpoint.position_hash != self.position_hash
         ):
             await self._save()
-
-    async def _save(self) -> None:
-        await self.checkpoint.save(self.position, self.position_hash)
 
     async def process(self, event: dict[str, Any]) -> None:
         position = int(event["position"])
@@ -348,7 +385,8 @@ class MirrorRunner:
             if key is not None:
                 self.checkpoint.not_copied.pop(key, None)
         self._move_to(event)
-        await self._save()
+        if time.monotonic() - self._saved_at >= CHECKPOINT_INTERVAL:
+            await self._save()
         self.progress.update(position)
         log.debug(
             "event_applied",

@@ -68,6 +68,10 @@ class Target(Protocol):
 
     async def delete_blob(self, repository: str, digest: str) -> None: ...
 
+    async def flush(self) -> None:
+        """Make every change applied so far durable, before the checkpoint
+        records it."""
+
     async def aclose(self) -> None: ...
 
 
@@ -187,6 +191,9 @@ class RegistryTarget:
     async def delete_blob(self, repository: str, digest: str) -> None:
         if not await self.client.delete_blob(repository, digest):
             raise _deletes_disabled(self.description)
+
+    async def flush(self) -> None:
+        """Do nothing: the registry stored each change before its response."""
 
     async def aclose(self) -> None:
         await self.client.client.aclose()
