@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import os
 import re
 import time
@@ -14,9 +16,11 @@ import httpx
 import pytest
 import structlog
 import structlog.testing
+from nats.aio.msg import Msg
 
 from consumers.mirror import progress as progress_module
 from consumers.mirror.copier import Stats
+from consumers.mirror.live import LiveEvents
 from consumers.mirror.progress import Progress
 from tests.images import make_image
 from tests.server import ServeProcess, push_blob, push_image, serve_cairn
@@ -128,6 +132,20 @@ def test_rate_zero_after_idle_window(monkeypatch: pytest.MonkeyPatch) -> None:
     byte_rate, event_rate = _rates(stream)
     assert byte_rate == "0 B"
     assert event_rate == 0.0
+
+
+def test_live_events_keep_highest_position() -> None:
+    """The head that progress reports take while the mirror follows NATS is
+    the highest position received, also while those events still wait."""
+
+    async def receive() -> tuple[int, int]:
+        live = LiveEvents("nats://127.0.0.1:4222", "CAIRN", "cairn")
+        for position in (5, 3, 9, 7):
+            body = json.dumps({"position": position}).encode()
+            await live._on_message(Msg(None, data=body))
+        return live.highest_position, live.queue.qsize()
+
+    assert asyncio.run(receive()) == (9, 4)
 
 
 def test_mirror_reports_head_from_start(
