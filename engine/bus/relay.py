@@ -538,6 +538,9 @@ class Relay:
                 checkpoint=checkpoint,
                 reason="the last message is not an event of this log; "
                 "resuming from the checkpoint",
+                hint="if another registry publishes to this stream, give each "
+                "registry its own --stream or --subject-prefix, because "
+                "subscribers cannot tell their events apart",
                 suppressed=suppressed,
             )
         return tail.last_sequence
