@@ -179,40 +179,108 @@ def test_mirror_rejects_source_restored_from_backup(
     assert manifest_status(target.url, "library/new", "v0") == 404
 
 
+def replays(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    return [
+        line
+        for line in log_events(result.stderr)
+        if line["event"] == "mirror_replaying_from_start"
+    ]
+
+
 def test_mirror_replays_for_new_repositories(
     tmp_path: Path, source: ServeProcess, target: ServeProcess
 ) -> None:
     """Other --repositories patterns on the same checkpoint replay the source,
-    because the events they add lie before the checkpoint's position."""
+    because the events they add lie before the checkpoint's position. The
+    same patterns repeated or reordered do not."""
     push_images(source.url, "library/app", 1)
     push_images(source.url, "team/tool", 1)
     checkpoint = tmp_path / "checkpoint.json"
+    options = ["--checkpoint", str(checkpoint)]
     narrow = run_mirror_status(
-        source.url,
-        target.url,
-        "--checkpoint",
-        str(checkpoint),
-        "--repositories",
-        "library/*",
+        source.url, target.url, *options, "--repositories", "library/*", "team/x"
     )
     assert narrow.returncode == 0, narrow.stderr[-4000:]
     assert manifest_status(target.url, "team/tool", "v0") == 404
-    assert json.loads(checkpoint.read_text())["repositories"] == ["library/*"]
+    saved = json.loads(checkpoint.read_text())
+    assert saved["repositories"] == ["library/*", "team/x"]
+    assert saved["propagate_deletes"] is False
+
+    same = run_mirror_status(
+        source.url,
+        target.url,
+        *options,
+        "--repositories",
+        "team/x",
+        "library/*",
+        "team/x",
+    )
+
+    assert same.returncode == 0, same.stderr[-4000:]
+    assert replays(same) == []
 
     wide = mirror_once(source.url, target.url, checkpoint)
 
     assert wide.returncode == 0, wide.stderr[-4000:]
     assert manifest_status(target.url, "team/tool", "v0") == 200
-    [changed] = [
-        line
-        for line in log_events(wide.stderr)
-        if line["event"] == "mirror_repositories_changed"
-    ]
-    assert changed["previous_repositories"] == ["library/*"]
-    assert changed["repositories"] == []
+    [replay] = replays(wide)
+    assert replay["level"] == "warning"
+    assert "from ['library/*', 'team/x'] to []" in str(replay["reason"])
     saved = json.loads(checkpoint.read_text())
     assert saved["repositories"] == []
     assert saved["position"] == head_position(source.url)
+
+
+def test_mirror_replays_to_propagate_deletes(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    """Deletes that earlier runs passed over are copied once a run
+    propagates deletes."""
+    push_images(source.url, "library/app", 2)
+    checkpoint = tmp_path / "checkpoint.json"
+    first = mirror_once(source.url, target.url, checkpoint)
+    assert first.returncode == 0, first.stderr[-4000:]
+    response = httpx.delete(f"{source.url}/v2/library/app/manifests/v0")
+    assert response.status_code == 202, response.text
+    kept = mirror_once(source.url, target.url, checkpoint)
+    assert kept.returncode == 0, kept.stderr[-4000:]
+    assert manifest_status(target.url, "library/app", "v0") == 200
+
+    deleting = run_mirror_status(
+        source.url, target.url, "--checkpoint", str(checkpoint), "--propagate-deletes"
+    )
+
+    assert deleting.returncode == 0, deleting.stderr[-4000:]
+    assert manifest_status(target.url, "library/app", "v0") == 404
+    assert manifest_status(target.url, "library/app", "v1") == 200
+    [replay] = replays(deleting)
+    assert "--propagate-deletes is on" in str(replay["reason"])
+    assert json.loads(checkpoint.read_text())["propagate_deletes"] is True
+
+
+def test_mirror_replays_older_checkpoint(
+    tmp_path: Path, source: ServeProcess, target: ServeProcess
+) -> None:
+    """A checkpoint that does not say what its runs left out replays once."""
+    push_images(source.url, "library/app", 1)
+    push_images(source.url, "team/tool", 1)
+    head = head_position(source.url)
+    checkpoint = tmp_path / "checkpoint.json"
+    # What an older mirror wrote after a run with --repositories 'library/*'.
+    checkpoint.write_text(
+        json.dumps({"source": source.url, "target": target.url, "position": head})
+    )
+
+    result = mirror_once(source.url, target.url, checkpoint)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    [replay] = replays(result)
+    assert "does not record" in str(replay["reason"])
+    assert manifest_status(target.url, "team/tool", "v0") == 200
+    assert manifest_status(target.url, "library/app", "v0") == 200
+    again = mirror_once(source.url, target.url, checkpoint)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert replays(again) == []
 
 
 def test_mirror_rejects_position_beyond_head(

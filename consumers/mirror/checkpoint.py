@@ -3,7 +3,8 @@ the events before it that it could not copy whole.
 
 The file is JSON, ``{"source": URL, "target": URL, "source_registry_id":
 ID, "position": N, "position_hash": HASH, "repositories": [...],
-"not_copied": [...], "updated_at": TIME}``, replaced
+"propagate_deletes": BOOL, "not_copied": [...], "updated_at": TIME}``,
+replaced
 atomically (write a temporary file, fsync, rename, fsync the directory),
 so a crash leaves the old checkpoint or the new one and never a torn file.
 It names its source and target, without user name or password, so that a
@@ -18,12 +19,14 @@ took another course after that point, is detected even once its head has
 passed the position again.
 
 ``repositories`` lists the --repositories patterns that the position was
-reached with ([] for every repository). A run with other patterns starts
-again from position 0, because the events that the old patterns left out
-lie before the position. A file without ``not_copied``,
-``source_registry_id``, ``position_hash`` or ``repositories``, as older
-mirrors wrote it, has no entries and records the missing fields at its
-next save.
+reached with ([] for every repository), and ``propagate_deletes`` whether
+deletes were copied. A run with other patterns, or one that copies
+deletes where the earlier runs did not, starts again from position 0,
+because the events that the earlier runs left out lie before the
+position. So does a file without these two fields, as older mirrors wrote
+it, since what they left out is unknown. A file without ``not_copied``,
+``source_registry_id`` or ``position_hash`` has no entries and records
+the missing fields at its next save.
 """
 
 from __future__ import annotations
@@ -160,8 +163,13 @@ class Checkpoint:
     source_registry_id: str | None = None
     # The hash of the source's event at ``position``; None when unknown.
     position_hash: str | None = None
-    # The --repositories patterns, sorted; None when the file predates them.
-    repositories: list[str] | None = None
+    # The --repositories patterns, sorted and without repeats.
+    repositories: list[str] = field(default_factory=list)
+    # Whether the runs that reached ``position`` copied deletes.
+    propagate_deletes: bool = False
+    # Why this run must replay the source from position 0, once the mirror
+    # has checked that the position still counts in the source's log.
+    replay_reason: str | None = None
 
     @classmethod
     def load(
@@ -170,20 +178,30 @@ class Checkpoint:
         source: str,
         target: str,
         repositories: tuple[str, ...] = (),
+        propagate_deletes: bool = False,
     ) -> Checkpoint:
         """Read the checkpoint at ``path``; position 0 when there is none yet.
 
-        A checkpoint written with other ``repositories`` patterns starts again
-        at position 0 and keeps its other fields.
+        When the runs that wrote it left out events that this run copies,
+        because of other ``repositories`` patterns or deletes not
+        propagated, or when its file does not say, ``replay_reason`` says so.
         """
-        checkpoint = cls(path, source, target, repositories=sorted(repositories))
+        checkpoint = cls(
+            path,
+            source,
+            target,
+            repositories=sorted(set(repositories)),
+            propagate_deletes=propagate_deletes,
+        )
         if path is None or not path.exists():
             return checkpoint
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(document, dict):
                 raise ValueError("it is not a JSON object")
-            position = int(document["position"])
+            position = document["position"]
+            if not isinstance(position, int) or isinstance(position, bool):
+                raise ValueError(f"invalid position {position!r}: expected an integer")
             # A mirror before --source-creds stored the URLs with any user
             # name and password in them. They are compared, shown and
             # written again without.
@@ -202,6 +220,12 @@ class Checkpoint:
                 raise ValueError(
                     f"invalid repositories {saved_patterns!r}: expected a list of "
                     "strings"
+                )
+            saved_deletes = document.get("propagate_deletes")
+            if saved_deletes is not None and not isinstance(saved_deletes, bool):
+                raise ValueError(
+                    f"invalid propagate_deletes {saved_deletes!r}: expected true "
+                    "or false"
                 )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # A KeyError's text is only the key, which reads as no reason.
@@ -223,21 +247,10 @@ class Checkpoint:
             )
         checkpoint.not_copied = {entry.key: entry for entry in entries}
         checkpoint.source_registry_id = registry_id
-        if saved_patterns is not None and sorted(saved_patterns) != sorted(
-            repositories
-        ):
-            log.warning(
-                "mirror_repositories_changed",
-                checkpoint=str(path),
-                position=position,
-                repositories=sorted(repositories),
-                previous_repositories=sorted(saved_patterns),
-                note="the events that the previous patterns left out lie before "
-                "the checkpoint's position, so the mirror replays the source "
-                "from position 0; events already copied are found on the "
-                "target and not copied again",
+        if position > 0:
+            checkpoint.replay_reason = _replay_reason(
+                checkpoint, saved_patterns, saved_deletes
             )
-            return checkpoint
         checkpoint.position = position
         checkpoint.position_hash = position_hash
         return checkpoint
@@ -324,6 +337,7 @@ class Checkpoint:
             "position": position,
             "position_hash": self.position_hash,
             "repositories": self.repositories,
+            "propagate_deletes": self.propagate_deletes,
             "not_copied": [entry.to_json() for entry in pending],
             "updated_at": format_time(datetime.now(UTC)),
         }
@@ -347,6 +361,29 @@ class Checkpoint:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _replay_reason(
+    checkpoint: Checkpoint,
+    saved_patterns: list[str] | None,
+    saved_deletes: bool | None,
+) -> str | None:
+    """Return why the runs that wrote a checkpoint may have left out events
+    that ``checkpoint``'s run copies, or None when they did not."""
+    if saved_patterns is None or saved_deletes is None:
+        return (
+            "the checkpoint does not record the --repositories patterns and "
+            "--propagate-deletes of the runs that wrote it"
+        )
+    previous = sorted(set(saved_patterns))
+    if previous != checkpoint.repositories:
+        return (
+            f"the --repositories patterns changed from {previous} to "
+            f"{checkpoint.repositories}"
+        )
+    if checkpoint.propagate_deletes and not saved_deletes:
+        return "--propagate-deletes is on, and the earlier runs did not copy deletes"
+    return None
 
 
 def _optional_string(document: dict[str, Any], key: str) -> str | None:

@@ -76,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
             endpoints.source,
             endpoints.target,
             tuple(args.repositories),
+            args.propagate_deletes,
         )
         checkpoint.write()
     except CheckpointError as error:

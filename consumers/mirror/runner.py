@@ -139,11 +139,16 @@ class MirrorRunner:
             position=self.position,
             repositories=list(self.settings.repositories) or None,
         )
+        registry_id = await self._retrying(
+            self.feed.registry_id, "read the registry id of the source"
+        )
+        self.checkpoint.check_source(registry_id)
         first = await self._retrying(
             lambda: self.feed.page(self._first_after(), limit=1),
             "read the event feed",
         )
         self._check_position(first)
+        self._replay_if_needed()
         self.progress.update(self.position, first.head)
         # Also records the source's registry id in a checkpoint without one.
         await self._save()
@@ -289,6 +294,26 @@ class MirrorRunner:
             if not events or self.position >= page.head:
                 return
             after = self.position
+
+    def _replay_if_needed(self) -> None:
+        """Go back to position 0 when the checkpoint's runs left out events
+        that this run copies, after the position proved to be the source's."""
+        reason = self.checkpoint.replay_reason
+        if reason is None:
+            return
+        self.checkpoint.replay_reason = None
+        log.warning(
+            "mirror_replaying_from_start",
+            position=self.position,
+            reason=reason,
+            repositories=self.checkpoint.repositories,
+            propagate_deletes=self.checkpoint.propagate_deletes,
+            note="the events that the earlier runs left out lie before the "
+            "checkpoint's position, so the mirror replays the source from "
+            "position 0; what the target already has is not copied again",
+        )
+        self.position = 0
+        self.position_hash = None
 
     def _first_after(self) -> int:
         """Return the ``after`` of the first feed page to read: one before
