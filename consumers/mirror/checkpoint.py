@@ -184,7 +184,8 @@ class Checkpoint:
 
         When the runs that wrote it left out events that this run copies,
         because of other ``repositories`` patterns or deletes not
-        propagated, or when its file does not say, ``replay_reason`` says so.
+        propagated, or when its file does not record them, ``replay_reason``
+        gives the reason.
         """
         checkpoint = cls(
             path,
