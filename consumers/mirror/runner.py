@@ -208,9 +208,10 @@ class MirrorRunner:
             event_id=event.get("id"),
             repository=event.get("repository"),
             note="its previous_hash is not the hash of the source's event at "
-            "the mirror's position, so another registry may publish to the "
-            "same stream; the mirror reads the source's feed instead. Give "
-            "each registry its own --stream or --subject-prefix",
+            "the mirror's position: another registry may publish to the same "
+            "stream (give each registry its own --stream or --subject-prefix), "
+            "or the source was restored or replaced. The mirror reads the "
+            "source's feed instead, which tells which",
         )
         self._reported_foreign = True
         return False
