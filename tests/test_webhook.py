@@ -4,6 +4,7 @@ webhook as a subprocess, and HTTP receivers in this process on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -27,6 +28,7 @@ import pytest
 import structlog
 
 from consumers.webhook import dead_letters
+from consumers.webhook.service import cancel_workers
 from engine.api.app import create_app
 from engine.api.auth import Authenticator, Role, add_user, load_users
 from engine.bus import Bus
@@ -1228,3 +1230,25 @@ def test_webhook_logs_events_missing_from_stream(
     assert missing[0]["first_missing"] == tags[0]["position"] + 1
     assert missing[0]["last_missing"] == tags[1]["position"]
     assert f"after={tags[0]['position']}" in missing[0]["note"]
+
+
+def test_stop_cancels_task_that_swallowed_cancel() -> None:
+    """A worker cancelled where nats-py catches CancelledError still ends."""
+
+    async def swallows_first_cancel() -> None:
+        # As nats-py does while it flushes.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(60)
+        await asyncio.sleep(60)
+
+    async def stop() -> tuple[bool, float]:
+        task = asyncio.create_task(swallows_first_cancel())
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await cancel_workers({task: "stubborn"})
+        return task.cancelled(), time.monotonic() - started
+
+    cancelled, seconds = asyncio.run(stop())
+
+    assert cancelled
+    assert seconds < 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from typing import Final
 
 import structlog
 
@@ -16,6 +17,11 @@ from consumers.webhook.worker import EndpointWorker
 from engine.bus.connection import redact_url
 
 log = structlog.get_logger(__name__)
+
+# How long a stop cancels the endpoint tasks again while one still runs,
+# and how often.
+CANCEL_TIMEOUT: Final = 10.0
+CANCEL_INTERVAL: Final = 0.1
 
 
 async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
@@ -70,9 +76,7 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
                 )
                 status = 1
     finally:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await cancel_workers(workers)
         stopping.cancel()
         if lookup is not None:
             await lookup.aclose()
@@ -82,3 +86,27 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
             await asyncio.wait_for(client.close(), 5.0)
     log.info("webhook_stopped", status=status)
     return status
+
+
+async def cancel_workers(workers: dict[asyncio.Task[None], str]) -> None:
+    """Cancel the endpoint tasks and wait for them to end.
+
+    nats-py catches CancelledError in places, for example while it flushes
+    an acknowledgement (``Client._flush_pending`` in nats-py 2.16), so a task
+    cancelled there goes on running. Such a task is cancelled again until it
+    ends, for at most CANCEL_TIMEOUT seconds.
+    """
+    pending = set(workers)
+    deadline = asyncio.get_running_loop().time() + CANCEL_TIMEOUT
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_INTERVAL)
+        if asyncio.get_running_loop().time() >= deadline:
+            break
+    if pending:
+        log.warning(
+            "endpoint_tasks_still_running",
+            endpoints=sorted(workers[task] for task in pending),
+            note="closing the NATS connection ends them",
+        )
