@@ -143,7 +143,7 @@ async def get_blob(request: Request) -> Response:
     info = await run_sync(_stat, repository, digest)
     headers = blob_headers(digest)
 
-    # An unknown blob got 404 above whatever If-Match says (RFC 9110 section
+    # An unknown blob got 404 above, whatever its If-Match (RFC 9110 section
     # 13.2.1). If-None-Match on a read gets 304 below, not 412.
     if_match = Preconditions.from_headers(request.header("if-match"), None)
     if if_match is not None:
