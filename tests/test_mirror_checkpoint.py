@@ -242,8 +242,8 @@ def test_mirror_replays_to_propagate_deletes(
     assert first.returncode == 0, first.stderr[-4000:]
     response = httpx.delete(f"{source.url}/v2/library/app/manifests/v0")
     assert response.status_code == 202, response.text
-    kept = mirror_once(source.url, target.url, checkpoint)
-    assert kept.returncode == 0, kept.stderr[-4000:]
+    undeleted = mirror_once(source.url, target.url, checkpoint)
+    assert undeleted.returncode == 0, undeleted.stderr[-4000:]
     assert manifest_status(target.url, "library/app", "v0") == 200
 
     deleting = run_mirror_status(

@@ -1062,6 +1062,17 @@ def test_tag_push_of_deleted_manifest_keeps_facts(
     assert webhook.stop() == 0
 
 
+def tag_endpoint(receiver: Receiver, **settings: str) -> dict[str, Any]:
+    """Return an endpoint of tag.set events in CloudEvents at /tags."""
+    return {
+        "name": "tags",
+        "url": receiver.url("/tags"),
+        "format": "cloudevents",
+        "event_types": ["tag.set"],
+        **settings,
+    }
+
+
 def test_webhook_resumes_after_stream_deleted(
     tmp_path: Path,
     cairn: str,
@@ -1070,16 +1081,7 @@ def test_webhook_resumes_after_stream_deleted(
     nats_server: NatsServer,
 ) -> None:
     config = write_config(
-        tmp_path / "webhook.toml",
-        [
-            {
-                "name": "tags",
-                "url": receiver.url("/tags"),
-                "format": "cloudevents",
-                "event_types": ["tag.set"],
-                "start": "new",
-            }
-        ],
+        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="new")]
     )
     webhook = start_webhook(config)
     webhook.wait_subscribed(1)
@@ -1185,16 +1187,7 @@ def test_webhook_logs_events_missing_from_stream(
 ) -> None:
     receiver.gates["/tags"] = threading.Event()
     config = write_config(
-        tmp_path / "webhook.toml",
-        [
-            {
-                "name": "tags",
-                "url": receiver.url("/tags"),
-                "format": "cloudevents",
-                "event_types": ["tag.set"],
-                "timeout": "30s",
-            }
-        ],
+        tmp_path / "webhook.toml", [tag_endpoint(receiver, timeout="30s")]
     )
     webhook = start_webhook(config)
     webhook.wait_subscribed(1)

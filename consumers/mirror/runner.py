@@ -110,7 +110,8 @@ class MirrorRunner:
     async def run(self) -> None:
         """Catch up, then follow until cancelled (or return, with ``once``).
 
-        However it ends, the position reached is checkpointed first.
+        However the run ends, the position reached is checkpointed before
+        this returns or raises.
         """
         try:
             await self._run()

@@ -69,7 +69,7 @@ def describe_nats_error(error: BaseException, client: Client | None = None) -> s
             return JETSTREAM_DISABLED
         if not error.description:
             return (
-                "JetStream did not answer (503 ServiceUnavailableError). "
+                "JetStream sent no response (503 ServiceUnavailableError). "
                 "Check that JetStream is enabled on the NATS server (nats-server "
                 "-js) and that its stream is available"
             )

@@ -118,12 +118,12 @@ function fillTable(table, columns, rows, append) {
 // returns one, is the length of the whole list.
 function noteFirstPage(table, page, rows, noun, apiPath, options = {}) {
   if (!page.next_cursor) return;
-  const which = options.newestFirst ? "latest" : "first";
+  const end = options.newestFirst ? "latest" : "first";
   const count = options.total === undefined ? `${rows.length}` : `${rows.length} of ${options.total}`;
   const link = el("a", { href: `/_cairn/api/v1${apiPath}` }, "the query API");
   table.insertBefore(
     el("caption", { className: "more" },
-      `Showing the ${which} ${count} ${noun}; `, link, " pages through the rest."),
+      `Showing the ${end} ${count} ${noun}; `, link, " pages through the rest."),
     table.firstChild);
 }
 
