@@ -61,9 +61,8 @@ async def read_limited(request: Request, limit: int) -> bytes:
 class _ChunkPipe:
     """A bounded queue from the event loop (producer) to one worker thread."""
 
-    def __init__(self, on_consumer_done: Callable[[], None]) -> None:
+    def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._on_consumer_done = on_consumer_done
         self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
         self._space = asyncio.Event()
         self._error: BaseException | None = None
@@ -107,7 +106,6 @@ class _ChunkPipe:
         def mark() -> None:
             self.consumer_done = True
             self._space.set()
-            self._on_consumer_done()
 
         self._loop.call_soon_threadsafe(mark)
 
@@ -146,9 +144,7 @@ async def stream_to_thread(
     declared = request.content_length()
     if declared is not None and declared <= BUFFER_SIZE:
         return await _consume_whole(request, consume, expected_size, limit)
-    # Once the worker has stopped, the pump looks at every piece of body that
-    # arrives, so that the response goes as soon as the client sends again.
-    pipe = _ChunkPipe(lambda: request.batch_body(0))
+    pipe = _ChunkPipe()
 
     def run() -> T:
         TRIMMER.upload_started()
@@ -159,14 +155,24 @@ async def stream_to_thread(
             TRIMMER.upload_finished(request.bytes_in)
 
     worker = asyncio.ensure_future(request.state.upload_pool.run(run))
+    pump = asyncio.ensure_future(_pump(request, pipe, expected_size, limit))
     try:
-        await _pump(request, pipe, expected_size, limit)
+        await asyncio.wait({pump, worker}, return_when=asyncio.FIRST_COMPLETED)
+        if pump.done():
+            pump.result()
+        else:
+            # The worker stopped before the body ended, so it failed: its
+            # error goes to the client now, not when more body bytes come.
+            pump.cancel()
+            await _wait_uncancellable(pump)
     except BaseException as error:
+        pump.cancel()
         if isinstance(error, Exception):
             pipe.abort(error)
         else:
             pipe.abort(ClientDisconnected("request cancelled"))
         await _wait_uncancellable(worker)
+        await _wait_uncancellable(pump)
         raise
     return await worker
 
@@ -217,9 +223,6 @@ async def _pump(
             raise _size_mismatch(expected_size, received)
         limit.check(received)
         if pipe.consumer_done:
-            # The worker failed and reads no more, so the response can go.
-            # NOTE: a worker that fails while no byte arrives is noticed only
-            # when the client sends again or the read idle timeout ends.
             return
         parts.append(chunk)
         buffered += len(chunk)
