@@ -434,3 +434,4 @@ def test_relay_reports_jetstream_disabled(
 
     assert health["last_error"] == JETSTREAM_DISABLED
     assert health["checkpoint"] == 0
+    assert health["state"] == "failing"

@@ -173,8 +173,10 @@ class Bus:
         """Describe the bus as JSON: state, URL, leadership, checkpoint and lag.
 
         ``state`` is ``disabled`` (--no-nats), ``connecting`` (no NATS
-        connection), ``connected``, or ``caught_up`` (connected, and every
-        committed event is in the stream). Lag fields are None until the
+        connection), ``failing`` (connected, but this process leads the relay
+        and its last publish failed while events wait, as with JetStream off),
+        ``connected``, or ``caught_up`` (connected, and every committed event
+        is in the stream). Lag fields are None until the
         relay has read the log once. ``last_error`` is why the embedded
         server is down, else the relay's last failure, else the error of the
         last failed connection attempt.
@@ -207,7 +209,12 @@ class Bus:
             lag_seconds = round(max(0.0, age.total_seconds()), 3)
         state = "connecting"
         if link.is_connected:
-            state = "caught_up" if lag == 0 else "connected"
+            if lag == 0:
+                state = "caught_up"
+            elif relay.leader and relay.last_error is not None:
+                state = "failing"
+            else:
+                state = "connected"
         document.update(
             state=state,
             leader=relay.leader,
