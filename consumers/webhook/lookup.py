@@ -10,7 +10,9 @@ facts that its push carried.
 
 An event too large for the NATS server arrives as a stand-in without its
 payload (``engine.bus.messages.stand_in_message``). The webhook then reads
-the full event from the registry's event feed, ``GET /_cairn/events``.
+the full event from the registry's event feed, ``GET /_cairn/events``. It
+reads the same feed, with the mirror's client, for events that a
+re-created stream lacks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import httpx
 import structlog
 
 from consumers.httperrors import describe_http_error
+from consumers.mirror.errors import MirrorError, TransientError
+from consumers.mirror.feed import PAGE_SIZE, FeedClient
 from consumers.webhook.config import WebhookConfig
 from consumers.webhook.payloads import ManifestFacts, event_problem
 from engine.domain.manifests import MANIFEST_MEDIA_TYPES
@@ -118,6 +122,7 @@ class EventLookup:
     ):
         self.url = f"{registry_url}/_cairn/events"
         self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT, auth=auth)
+        self._feed = FeedClient(registry_url, self._client)
 
     async def event(self, position: int, event_id: str) -> dict[str, Any]:
         """Return the event at ``position``, which must have id ``event_id``.
@@ -155,6 +160,40 @@ class EventLookup:
                 f"{request} returned an invalid event {event_id}: {problem}"
             )
         return event
+
+    async def events_after(self, after: int, through: int) -> list[dict[str, Any]]:
+        """Return the events after position ``after`` from one page of the
+        feed, in log order, up to position ``through`` at most.
+
+        Raises EventLookupFailed when the page fails, is empty, skips a
+        position or contains an invalid event.
+        """
+        request = f"GET {self.url}?after={after}"
+        try:
+            page = await self._feed.page(after, min(through - after, PAGE_SIZE))
+        except (MirrorError, TransientError) as error:
+            raise EventLookupFailed(str(error)) from None
+        if not page.events:
+            raise EventLookupFailed(
+                f"{request} returned no event, and the registry's log ends at "
+                f"position {page.head}"
+            )
+        events: list[dict[str, Any]] = []
+        for expected, event in enumerate(page.events, start=after + 1):
+            if expected > through:
+                break
+            problem = event_problem(event)
+            if problem is not None:
+                raise EventLookupFailed(
+                    f"{request} returned an invalid event: {problem}"
+                )
+            if event.get("position") != expected:
+                raise EventLookupFailed(
+                    f"{request} returned position {event.get('position')} in "
+                    f"place of {expected}"
+                )
+            events.append(event)
+        return events
 
     async def aclose(self) -> None:
         await self._client.aclose()
