@@ -1223,6 +1223,7 @@ def test_webhook_logs_events_missing_from_stream(
     assert missing[0]["first_missing"] == tags[0]["position"] + 1
     assert missing[0]["last_missing"] == tags[1]["position"]
     assert f"after={tags[0]['position']}" in missing[0]["note"]
+    assert "set [registry] url" in missing[0]["note"]
 
 
 def test_stop_cancels_task_that_swallowed_cancel() -> None:
@@ -1245,3 +1246,140 @@ def test_stop_cancels_task_that_swallowed_cancel() -> None:
 
     assert cancelled
     assert seconds < 5
+
+
+class FlakyFeed:
+    """An HTTP proxy on 127.0.0.1 in front of a cairn, whose first
+    ``failures`` requests to the event feed get 503 and whose other
+    requests the cairn answers."""
+
+    def __init__(self, cairn_url: str, failures: int) -> None:
+        self.failures = failures
+        self.feed_requests = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with proxy.lock:
+                    feed = self.path.startswith("/_cairn/events")
+                    proxy.feed_requests += feed
+                    fail = feed and proxy.feed_requests <= proxy.failures
+                if fail:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                response = httpx.get(cairn_url + self.path)
+                self.send_response(response.status_code)
+                content_type = response.headers.get("Content-Type")
+                if content_type is not None:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(response.content)))
+                self.end_headers()
+                self.wfile.write(response.content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_delivers_events_missing_from_stream(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+) -> None:
+    # "first" is delivered, "second" is dead-lettered after two failed
+    # attempts, and the later requests get the default 200.
+    receiver.plan["/tags"] = [200, 500, 500]
+    receiver.gates["/tags"] = threading.Event()
+    feed = FlakyFeed(cairn, failures=2)
+    endpoint = {
+        **tag_endpoint(receiver, timeout="30s"),
+        "max_attempts": 2,
+        "backoff_initial": "50ms",
+        "backoff_max": "100ms",
+    }
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [endpoint],
+        extra=f'[registry]\nurl = "{feed.url}"\n',
+    )
+    try:
+        webhook = start_webhook(config)
+        webhook.wait_subscribed(1)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "first")
+            wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
+            # As in test_webhook_logs_events_missing_from_stream, the
+            # re-created stream begins after "second".
+            push_image(client, "library/app", make_image(), "second")
+            wait_for_stream_size(nats_server.url, 8)
+            delete_stream(nats_server.url)
+            push_image(client, "library/app", make_image(), "third")
+            wait_for_stream_size(nats_server.url, 4)
+        receiver.gates["/tags"].set()
+
+        tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        assert [e["payload"]["tag"] for e in tags] == ["first", "second", "third"]
+        wait_until(
+            lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")},
+            WAIT,
+        )
+    finally:
+        feed.close()
+
+    requests = receiver.of("/tags")
+    assert [r.event_id for r in requests] == [
+        tags[0]["id"],
+        tags[1]["id"],
+        tags[1]["id"],
+        tags[2]["id"],
+    ]
+    assert [r.headers["cairn-delivery-attempt"] for r in requests] == [
+        "1",
+        "1",
+        "2",
+        "1",
+    ]
+    assert requests[1].json()["id"] == tags[1]["id"]
+    assert requests[1].json()["type"] == "io.cairn.tag.set"
+    assert requests[1].headers["cairn-event-type"] == "tag.set"
+    logs = webhook.log_events()
+    missing = [
+        line for line in logs if line.get("event") == "events_missing_from_stream"
+    ]
+    assert len(missing) == 1
+    assert missing[0]["level"] == "warning"
+    assert missing[0]["first_missing"] == tags[0]["position"] + 1
+    assert missing[0]["last_missing"] == tags[1]["position"]
+    assert webhook.count("missing_events_read_failed") == 2
+    assert webhook.count("missing_events_delivered") == 1
+    dead = [line for line in logs if line.get("event") == "event_dead_lettered"]
+    assert [line["event_id"] for line in dead] == [tags[1]["id"]]
+    assert webhook.stop() == 0
+
+    listed = cairn_cli(
+        "webhook",
+        "dead-letters",
+        "list",
+        "--config",
+        str(config),
+        "--json",
+        "--nats",
+        nats_server.url,
+    )
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [letter["event"]["id"] for letter in letters] == [tags[1]["id"]]
+    assert letters[0]["attempts"] == 2

@@ -15,8 +15,11 @@ last acknowledged event. A message is settled by
 The worker also keeps the position of the last event it settled. When its
 consumer is deleted while it runs, for example with the stream, it creates
 the consumer again after that position (see ``consumers.webhook.consumer``)
-and acknowledges without delivery any event at or below it, such as those
-of a republish. It logs the positions that the re-created stream lacks.
+and acknowledges without delivery any event at or below it, such as
+those of a republish. When the re-created stream lacks the events after
+that position, the worker reads them from the registry's event feed and
+delivers them before the event that follows them. Without ``[registry]
+url`` it logs their positions.
 
 An event that the relay sent as a stand-in without its payload, because it
 was too large for NATS, is read in full from the registry's event feed
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
@@ -60,7 +64,7 @@ from consumers.webhook.payloads import (
     media_type_of,
 )
 from engine.bus.connection import describe_nats_error
-from engine.bus.messages import header_position, is_stand_in
+from engine.bus.messages import EVENT_ID, header_position, is_stand_in
 from engine.domain.events import EventType
 
 log = structlog.get_logger(__name__)
@@ -186,7 +190,7 @@ class EndpointWorker:
                 self.skipped += 1
                 await message.ack_sync()
                 return
-            self._end_skip(position)
+            await self._end_skip(message, position, client)
         if position is not None and self.handled_through is None:
             # The first event of a consumer that had handled nothing.
             self.handled_through = position - 1
@@ -201,26 +205,53 @@ class EndpointWorker:
             )
             await self._term(message)
             return
-        ids = {
-            "event_id": event["id"],
-            "position": event.get("position"),
-            "type": event["type"],
-            "repository": event["repository"],
-        }
+        ids = _ids(event)
+        prepared = await self._prepare(event, ids)
+        if prepared is None:
+            await self._ack(message)
+            return
+
+        if attempt > self.endpoint.max_attempts:
+            # The last attempt was made, then the process stopped before
+            # recording its failure.
+            await self._dead_letter(
+                message, prepared.received, attempt - 1, None, None, ids
+            )
+            return
+        outcome = await self._attempt(prepared, client, attempt, message)
+
+        if outcome.delivered:
+            await self._ack(message)
+            self._log_delivered(ids, attempt, outcome)
+            return
+        if attempt >= self.endpoint.max_attempts:
+            await self._dead_letter(
+                message, prepared.received, attempt, outcome.status, outcome.error, ids
+            )
+            return
+        delay = retry_delay(
+            attempt, self.endpoint.backoff_initial, self.endpoint.backoff_max
+        )
+        await message.nak(delay=delay)
+        self._log_failed(ids, attempt, outcome, delay)
+
+    async def _prepare(
+        self, event: dict[str, Any], ids: dict[str, Any]
+    ) -> Prepared | None:
+        """Return what to send for ``event``, or None when this endpoint
+        skips it without delivery."""
         if event["type"] not in EVENT_TYPES:
             self.log.warning(
                 "event_type_unknown",
                 **ids,
                 note="published by a newer cairn; skipped without delivery",
             )
-            await self._ack(message)
-            return
+            return None
         if event["type"] == EventType.MANIFEST_PUSHED and self.lookup is not None:
             # Kept before the endpoint's filters, for the tag events that follow.
             self.lookup.remember(event)
         if not self.endpoint.accepts(event["type"], event["repository"]):
-            await self._ack(message)
-            return
+            return None
         # A dead letter records the message as received: a stand-in stays a
         # stand-in there, because the full event may not fit in NATS either.
         received = event
@@ -234,55 +265,59 @@ class EndpointWorker:
             and announced_by_tag_event(event)
             and self.endpoint.accepts(EventType.TAG_SET, event["repository"])
         ):
-            await self._ack(message)
-            return
+            return None
         facts = await self._facts(event)
         if self.endpoint.ignores_media_type(media_type_of(event, facts)):
-            await self._ack(message)
-            return
+            return None
+        return Prepared(event, received, facts, fetch_error)
 
-        if attempt > self.endpoint.max_attempts:
-            # The last attempt was made, then the process stopped before
-            # recording its failure.
-            await self._dead_letter(message, received, attempt - 1, None, None, ids)
-            return
-        if fetch_error is not None:
-            outcome = Outcome(False, None, fetch_error, 0.0)
-        else:
-            request = build_request(
-                self.endpoint, event, self.config.registry_url, facts
-            )
-            try:
-                outcome = await send(client, self.endpoint, request, attempt)
-            except asyncio.CancelledError:
-                # Shutting down mid-request: hand the event back at once so
-                # the next run delivers it without waiting for ack_wait.
-                with contextlib.suppress(*NATS_ERRORS):
-                    await asyncio.shield(message.nak())
-                raise
-
-        if outcome.delivered:
-            await self._ack(message)
-            self.log.info(
-                "event_delivered",
-                **ids,
-                attempt=attempt,
-                status=outcome.status,
-                seconds=outcome.seconds,
-            )
-            return
-        if attempt >= self.endpoint.max_attempts:
-            await self._dead_letter(
-                message, received, attempt, outcome.status, outcome.error, ids
-            )
-            return
-        delay = retry_delay(
-            attempt, self.endpoint.backoff_initial, self.endpoint.backoff_max
+    async def _attempt(
+        self,
+        prepared: Prepared,
+        client: httpx.AsyncClient,
+        attempt: int,
+        message: Msg,
+    ) -> Outcome:
+        """Send ``prepared`` once. ``message`` is the NATS message being
+        handled, which a stop during the request hands back to JetStream."""
+        if prepared.fetch_error is not None:
+            return Outcome(False, None, prepared.fetch_error, 0.0)
+        request = build_request(
+            self.endpoint, prepared.event, self.config.registry_url, prepared.facts
         )
-        await message.nak(delay=delay)
+        try:
+            return await send(client, self.endpoint, request, attempt)
+        except asyncio.CancelledError:
+            # Shutting down mid-request: hand the event back at once so
+            # the next run delivers it without waiting for ack_wait.
+            with contextlib.suppress(*NATS_ERRORS):
+                await asyncio.shield(message.nak())
+            raise
+
+    def _log_delivered(
+        self, ids: dict[str, Any], attempt: int, outcome: Outcome, **fields: Any
+    ) -> None:
+        self.log.info(
+            "event_delivered",
+            **ids,
+            **fields,
+            attempt=attempt,
+            status=outcome.status,
+            seconds=outcome.seconds,
+        )
+
+    def _log_failed(
+        self,
+        ids: dict[str, Any],
+        attempt: int,
+        outcome: Outcome,
+        delay: float,
+        **fields: Any,
+    ) -> None:
         self.log.warning(
             "delivery_failed",
             **ids,
+            **fields,
             attempt=attempt,
             max_attempts=self.endpoint.max_attempts,
             status=outcome.status,
@@ -290,9 +325,12 @@ class EndpointWorker:
             retry_in=round(delay, 2),
         )
 
-    def _end_skip(self, position: int) -> None:
-        """Log the skipped events, and the events that a re-created stream
-        lacks before ``position``, the first event after those handled.
+    async def _end_skip(
+        self, message: Msg, position: int, client: httpx.AsyncClient
+    ) -> None:
+        """Log the skipped events, then deliver the events that a re-created
+        stream lacks before ``position``, the first event after those
+        handled, or log them without ``[registry] url``.
 
         Log positions have no gaps and the consumer has no subject filter,
         so a jump means that the re-created stream lacks the events in
@@ -301,7 +339,6 @@ class EndpointWorker:
         """
         handled = self.skip_through
         assert handled is not None
-        self.skip_through = None
         if self.skipped:
             self.log.info(
                 "handled_events_skipped",
@@ -309,20 +346,141 @@ class EndpointWorker:
                 count=self.skipped,
                 through_position=handled,
             )
-        if position <= handled + 1:
-            return
-        # NOTE: the missing events are logged, not read from the registry's
-        # event feed and delivered, even where [registry] url is set.
-        self.log.error(
+            self.skipped = 0
+        if position > handled + 1 and self.events is None:
+            self.log.error(
+                "events_missing_from_stream",
+                consumer=self.endpoint.consumer_name,
+                stream=self.config.stream,
+                first_missing=handled + 1,
+                last_missing=position - 1,
+                note="these events are not in the re-created stream, so this "
+                "endpoint does not receive them; read them from GET "
+                f"/_cairn/events?after={handled}, or set [registry] url to "
+                "make the webhook read and deliver them",
+            )
+        elif position > handled + 1:
+            await self._deliver_missing(message, handled, position, client)
+        self.skip_through = None
+
+    async def _deliver_missing(
+        self, message: Msg, handled: int, position: int, client: httpx.AsyncClient
+    ) -> None:
+        """Read the events after ``handled`` and before ``position`` from the
+        registry's event feed and deliver them as events from NATS are.
+
+        ``message`` carries the event at ``position``. It stays unacknowledged
+        until this returns: a failed read is retried with the endpoint's
+        backoff, and a stop hands it back to JetStream.
+        """
+        assert self.events is not None
+        self.log.warning(
             "events_missing_from_stream",
             consumer=self.endpoint.consumer_name,
             stream=self.config.stream,
             first_missing=handled + 1,
             last_missing=position - 1,
-            note="these events are not in the re-created stream, so this "
-            "endpoint does not receive them; read them from GET "
-            f"/_cairn/events?after={handled}",
+            note="these events are not in the re-created stream, so they are "
+            "read from the registry's event feed and delivered",
         )
+        keeper = asyncio.create_task(self._keep_in_progress(message))
+        try:
+            await self._read_missing(message, handled, position, client)
+        except asyncio.CancelledError:
+            with contextlib.suppress(*NATS_ERRORS):
+                await asyncio.shield(message.nak())
+            raise
+        finally:
+            keeper.cancel()
+        self.log.info(
+            "missing_events_delivered",
+            consumer=self.endpoint.consumer_name,
+            first_missing=handled + 1,
+            last_missing=position - 1,
+        )
+
+    async def _read_missing(
+        self, message: Msg, handled: int, position: int, client: httpx.AsyncClient
+    ) -> None:
+        assert self.events is not None
+        event_id = (message.headers or {}).get(EVENT_ID)
+        same_log = event_id is None
+        after = handled
+        failures = 0
+        while after < position - 1:
+            try:
+                if not same_log:
+                    # The feed must carry this message's event at its
+                    # position, or it serves another registry's log.
+                    await self.events.event(position, str(event_id))
+                    same_log = True
+                events = await self.events.events_after(after, position - 1)
+            except EventLookupFailed as error:
+                failures += 1
+                delay = retry_delay(
+                    failures, self.endpoint.backoff_initial, self.endpoint.backoff_max
+                )
+                self.log.warning(
+                    "missing_events_read_failed",
+                    consumer=self.endpoint.consumer_name,
+                    first_missing=after + 1,
+                    last_missing=position - 1,
+                    error=str(error),
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for event in events:
+                await self._deliver_from_feed(event, message, client)
+                after = event["position"]
+                self.skip_through = after
+
+    async def _deliver_from_feed(
+        self, event: dict[str, Any], message: Msg, client: httpx.AsyncClient
+    ) -> None:
+        """Deliver ``event`` with the endpoint's attempts and backoff, and
+        record it as a dead letter once they are used up."""
+        ids = _ids(event)
+        prepared = await self._prepare(event, ids)
+        attempt = 0
+        while prepared is not None:
+            attempt += 1
+            outcome = await self._attempt(prepared, client, attempt, message)
+            if outcome.delivered:
+                self._log_delivered(ids, attempt, outcome, source="feed")
+                break
+            if attempt >= self.endpoint.max_attempts:
+                await self.dead_letters.add(
+                    self.endpoint.name,
+                    prepared.received,
+                    attempt,
+                    outcome.status,
+                    outcome.error,
+                )
+                self._log_dead_lettered(ids, attempt, outcome.status, outcome.error)
+                break
+            delay = retry_delay(
+                attempt, self.endpoint.backoff_initial, self.endpoint.backoff_max
+            )
+            self._log_failed(ids, attempt, outcome, delay, source="feed")
+            await asyncio.sleep(delay)
+        self.handled_through = event["position"]
+
+    async def _keep_in_progress(self, message: Msg) -> None:
+        """Tell JetStream every half ack wait that ``message`` is still being
+        handled, so that it does not count another delivery."""
+        while True:
+            await asyncio.sleep(self.endpoint.ack_wait / 2)
+            try:
+                await message.in_progress()
+            except NATS_ERRORS as error:
+                self.log.warning(
+                    "message_progress_failed",
+                    consumer=self.endpoint.consumer_name,
+                    error=describe_nats_error(error),
+                    note="JetStream may deliver the message again",
+                )
 
     async def _ack(self, message: Msg) -> None:
         """Record ``message`` as handled, then acknowledge it."""
@@ -387,6 +545,15 @@ class EndpointWorker:
     ) -> None:
         await self.dead_letters.add(self.endpoint.name, event, attempts, status, error)
         await self._term(message)
+        self._log_dead_lettered(ids, attempts, status, error)
+
+    def _log_dead_lettered(
+        self,
+        ids: dict[str, Any],
+        attempts: int,
+        status: int | None,
+        error: str | None,
+    ) -> None:
         self.log.error(
             "event_dead_lettered",
             **ids,
@@ -395,6 +562,27 @@ class EndpointWorker:
             error=error,
             stream=self.dead_letters.stream,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An event to send: as received (a stand-in stays one) and as sent,
+    the tag's manifest facts, and why reading a stand-in's event failed."""
+
+    event: dict[str, Any]
+    received: dict[str, Any]
+    facts: ManifestFacts | None
+    fetch_error: str | None
+
+
+def _ids(event: dict[str, Any]) -> dict[str, Any]:
+    """Return the fields that name ``event`` in log lines."""
+    return {
+        "event_id": event["id"],
+        "position": event.get("position"),
+        "type": event["type"],
+        "repository": event["repository"],
+    }
 
 
 def _decode(message: Msg) -> tuple[dict[str, Any] | None, str | None]:
