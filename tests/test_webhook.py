@@ -1226,6 +1226,102 @@ def test_webhook_logs_events_missing_from_stream(
     assert "set [registry] url" in missing[0]["note"]
 
 
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+def test_webhook_resumes_consumer_deleted_while_stopped(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+    ending: str,
+) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="new")]
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "before")
+        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
+        if ending == "stop":
+            assert webhook.stop() == 0
+        else:
+            # A crash loses no more than the last second's position.
+            time.sleep(2.5)
+            webhook.kill()
+
+        # The stream and the consumer go while no webhook runs, and the
+        # relay publishes "during" into a new stream before the restart.
+        delete_stream(nats_server.url)
+        push_image(client, "library/app", make_image(), "during")
+        wait_for_stream_size(nats_server.url, 4)
+        restarted = start_webhook(config)
+        restarted.wait_subscribed(1)
+        push_image(client, "library/app", make_image(), "after")
+
+    tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+    assert [e["payload"]["tag"] for e in tags] == ["before", "during", "after"]
+    wait_until(
+        lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")}, WAIT
+    )
+    assert [r.event_id for r in receiver.of("/tags")] == [e["id"] for e in tags]
+    recreated = [
+        line
+        for line in restarted.log_events()
+        if line.get("event") == "consumer_recreated"
+    ]
+    assert len(recreated) == 1
+    assert recreated[0]["after_position"] == tags[0]["position"]
+    assert restarted.count("consumer_created") == 0
+    assert restarted.stop() == 0
+
+
+def test_stored_position_of_other_registry_ignored(
+    tmp_path: Path, receiver: Receiver, start_webhook: Any, nats_server: NatsServer
+) -> None:
+    config = write_config(
+        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="all")]
+    )
+    with cairn_on_nats(tmp_path / "first", nats_server.url) as cairn:
+        webhook = start_webhook(config)
+        webhook.wait_subscribed(1)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "old")
+        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
+        assert webhook.stop() == 0
+        old = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+
+    # Another registry publishes into a new stream, with other events at
+    # the positions that the first one used.
+    delete_stream(nats_server.url)
+    with cairn_on_nats(tmp_path / "second", nats_server.url) as cairn:
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "new")
+        wait_for_stream_size(nats_server.url, 4)
+        new = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        assert new[0]["position"] == old[0]["position"]
+
+        restarted = start_webhook(config)
+        wait_until(lambda: len(receiver.of("/tags")) >= 2, WAIT)
+
+    assert [r.event_id for r in receiver.of("/tags")] == [
+        old[0]["id"],
+        new[0]["id"],
+    ]
+    other = [
+        line
+        for line in restarted.log_events()
+        if line.get("event") == "stored_position_from_other_log"
+    ]
+    assert len(other) == 1
+    assert other[0]["level"] == "error"
+    assert other[0]["stored_event_id"] == old[0]["id"]
+    assert other[0]["stream_event_id"] == new[0]["id"]
+    assert restarted.count("consumer_created") == 1
+    assert restarted.count("consumer_recreated") == 0
+    assert restarted.stop() == 0
+
+
 def test_stop_cancels_task_that_swallowed_cancel() -> None:
     """A worker cancelled where nats-py catches CancelledError still ends."""
 

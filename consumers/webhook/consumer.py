@@ -1,14 +1,15 @@
 """An endpoint's durable JetStream consumer: its creation, its updates, and
-its re-creation after it was deleted while the webhook ran.
+its re-creation after it was deleted.
 
-An endpoint's ``start`` ("new" or "all") applies when a webhook process
-finds no consumer at its first subscription. JetStream deletes a stream's
-consumers with the stream, for example when an operator deletes the stream
-before a republish and the relay of `cairn serve` creates it again. A worker
-that loses its consumer that way re-creates it from the last position that
-it handled, not from ``start``. "new" would miss the events that the relay
-published before the worker noticed, and "all" would deliver a republished
-stream a second time.
+JetStream deletes a stream's consumers with the stream, for example when an
+operator deletes the stream before a republish and the relay of `cairn
+serve` creates it again. A missing consumer is re-created after the last
+position that the endpoint handled, not at its ``start``: "new" would miss
+the events that the relay published since, and "all" would deliver a
+republished stream a second time. A running worker keeps that position in
+memory, and a webhook that starts reads it from
+``consumers.webhook.positions``. ``start`` ("new" or "all") applies when no
+position is known.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from consumers.webhook.config import Endpoint
-from engine.bus.messages import header_position
+from consumers.webhook.positions import StoredPosition
+from engine.bus.messages import EVENT_ID, header_position
 from engine.bus.stream import first_sequence_at
 
 log = structlog.get_logger(__name__)
@@ -30,10 +32,15 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ResumePoint:
-    """The last position that an endpoint handled in this process, after which
-    a re-created consumer resumes, or None when no position is known."""
+    """The last position that an endpoint handled, after which a re-created
+    consumer resumes, or None when no position is known.
+
+    ``stored`` is true for a position read from the position bucket, and
+    false for one that a running worker kept in memory.
+    """
 
     position: int | None
+    stored: bool = False
 
 
 async def ensure_consumer(
@@ -58,9 +65,6 @@ async def ensure_consumer(
             return await _recreate_consumer(
                 js, stream, subject_prefix, endpoint, resume
             ), True
-        # NOTE: a consumer deleted while no webhook runs is also created at
-        # ``start`` here, because the position that its endpoint reached is
-        # kept only in the memory of a running worker.
         policy = DeliverPolicy.ALL if endpoint.start == "all" else DeliverPolicy.NEW
         info = await js.add_consumer(stream, _consumer_config(endpoint, policy))
         log.info(
@@ -102,6 +106,64 @@ async def acknowledged_position(
     return header_position(message.headers)
 
 
+async def stored_position_fits(
+    js: JetStreamContext,
+    stream: str,
+    subject_prefix: str,
+    endpoint: Endpoint,
+    stored: StoredPosition,
+) -> bool:
+    """Return False, and log an error, when the stream carries another event
+    at the stored position, so that the position counts in another
+    registry's log.
+
+    A stream that does not carry the position, because it begins after it
+    or ends before it, cannot tell, and the position is taken as it is.
+    """
+    # NOTE: another registry's stream that ends before the stored position
+    # passes, and its events at or before that position are then skipped.
+    found = await event_id_at(js, stream, subject_prefix, stored.position)
+    if found is None or found == stored.event_id:
+        return True
+    log.error(
+        "stored_position_from_other_log",
+        endpoint=endpoint.name,
+        consumer=endpoint.consumer_name,
+        stream=stream,
+        position=stored.position,
+        stored_event_id=stored.event_id,
+        stream_event_id=found,
+        start=endpoint.start,
+        note="the stream carries another event at the stored position, so "
+        "another registry publishes to it now; the stored position is "
+        "ignored and a missing consumer is created at the endpoint's start",
+    )
+    return False
+
+
+async def event_id_at(
+    js: JetStreamContext, stream: str, subject_prefix: str, position: int
+) -> str | None:
+    """Return the id of the event at ``position`` in the stream, or None
+    when the stream does not carry that position."""
+    subject = f"{subject_prefix}.>"
+    state = (await js.stream_info(stream)).state
+    if not state.last_seq:
+        return None
+    sequence = await first_sequence_at(
+        js, stream, subject, position, state.first_seq, state.last_seq
+    )
+    if sequence > state.last_seq:
+        return None
+    try:
+        message = await js.get_msg(stream, sequence, subject=subject, next=True)
+    except nats.js.errors.NotFoundError:
+        return None
+    if header_position(message.headers) != position:
+        return None
+    return (message.headers or {}).get(EVENT_ID)
+
+
 async def _recreate_consumer(
     js: JetStreamContext,
     stream: str,
@@ -135,10 +197,16 @@ async def _recreate_consumer(
         )
         config = _consumer_config(endpoint, DeliverPolicy.BY_START_SEQUENCE)
         config.opt_start_seq = start_sequence
+        deleted = (
+            "while no webhook ran, so it resumes after the position stored in "
+            "the position bucket"
+            if resume.stored
+            else "while the webhook ran, so it resumes after the last event "
+            "this endpoint handled"
+        )
         note = (
-            "the consumer was deleted while the webhook ran, for example with "
-            "its stream, so it resumes after the last event this endpoint "
-            "handled and skips any event at or before that position"
+            f"the consumer was deleted, for example with its stream, {deleted}, "
+            "and skips any event at or before that position"
         )
     info = await js.add_consumer(stream, config)
     log.warning(

@@ -13,6 +13,7 @@ from consumers.natsclient import NATS_ERRORS, connect
 from consumers.webhook.config import WebhookConfig
 from consumers.webhook.dead_letters import DeadLetterStore
 from consumers.webhook.lookup import registry_lookups
+from consumers.webhook.positions import PositionStore
 from consumers.webhook.worker import EndpointWorker
 from engine.bus.connection import redact_url
 
@@ -22,6 +23,8 @@ log = structlog.get_logger(__name__)
 # and how often.
 CANCEL_TIMEOUT: Final = 10.0
 CANCEL_INTERVAL: Final = 0.1
+# How long a stop waits for the last positions to be stored.
+POSITION_WRITE_TIMEOUT: Final = 5.0
 
 
 async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
@@ -52,13 +55,17 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
         config.dead_letter_prefix,
         max_payload=lambda: client.max_payload,
     )
+    positions = PositionStore(js)
     lookup, events = registry_lookups(config)
+    endpoint_workers = [
+        EndpointWorker(endpoint, config, js, dead_letters, positions, lookup, events)
+        for endpoint in config.endpoints
+    ]
     workers = {
         asyncio.create_task(
-            EndpointWorker(endpoint, config, js, dead_letters, lookup, events).run(),
-            name=f"cairn-webhook-{endpoint.name}",
-        ): endpoint.name
-        for endpoint in config.endpoints
+            worker.run(), name=f"cairn-webhook-{worker.endpoint.name}"
+        ): worker.endpoint.name
+        for worker in endpoint_workers
     }
     status = 0
     try:
@@ -78,6 +85,7 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
     finally:
         await cancel_workers(workers)
         stopping.cancel()
+        await write_positions(endpoint_workers)
         if lookup is not None:
             await lookup.aclose()
         if events is not None:
@@ -86,6 +94,21 @@ async def run_webhook(config: WebhookConfig, nats_url: str) -> int:
             await asyncio.wait_for(client.close(), 5.0)
     log.info("webhook_stopped", status=status)
     return status
+
+
+async def write_positions(workers: list[EndpointWorker]) -> None:
+    """Store each endpoint's last handled position, waiting at most
+    POSITION_WRITE_TIMEOUT seconds. Each worker logs its own failure."""
+    writes = asyncio.gather(*(worker.write_position() for worker in workers))
+    try:
+        await asyncio.wait_for(writes, POSITION_WRITE_TIMEOUT)
+    except TimeoutError:
+        log.warning(
+            "position_write_timed_out",
+            seconds=POSITION_WRITE_TIMEOUT,
+            note="a consumer deleted while no webhook runs resumes from the "
+            "last position written before",
+        )
 
 
 async def cancel_workers(workers: dict[asyncio.Task[None], str]) -> None:

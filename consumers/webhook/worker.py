@@ -12,10 +12,12 @@ last acknowledged event. A message is settled by
   restart;
 - ``term`` once the attempts are used up and the event is a dead letter.
 
-The worker also keeps the position of the last event it settled. When its
-consumer is deleted while it runs, for example with the stream, it creates
-the consumer again after that position (see ``consumers.webhook.consumer``)
-and acknowledges without delivery any event at or below it, such as
+The worker also keeps the position of the last event it settled, and
+stores it in the position bucket (``consumers.webhook.positions``) at most
+once per POSITION_WRITE_INTERVAL and when the webhook stops. When its
+consumer is deleted, for example with the stream, the consumer is created
+again after that position (see ``consumers.webhook.consumer``), and the
+worker acknowledges without delivery any event at or below it, such as
 those of a republish. When the re-created stream lacks the events after
 that position, the worker reads them from the registry's event feed and
 delivers them before the event that follows them. Without ``[registry]
@@ -52,6 +54,7 @@ from consumers.webhook.consumer import (
     ResumePoint,
     acknowledged_position,
     ensure_consumer,
+    stored_position_fits,
 )
 from consumers.webhook.dead_letters import DeadLetterStore
 from consumers.webhook.delivery import Outcome, build_request, http_client, send
@@ -63,6 +66,7 @@ from consumers.webhook.payloads import (
     event_problem,
     media_type_of,
 )
+from consumers.webhook.positions import PositionStore, StoredPosition
 from engine.bus.connection import describe_nats_error
 from engine.bus.messages import EVENT_ID, header_position, is_stand_in
 from engine.domain.events import EventType
@@ -74,6 +78,10 @@ FETCH_WAIT: Final = 5.0
 # Delays between attempts to (re)create the consumer after a NATS error.
 RESUBSCRIBE_INITIAL: Final = 0.5
 RESUBSCRIBE_MAX: Final = 30.0
+# Seconds between writes of the handled position to the position bucket.
+POSITION_WRITE_INTERVAL: Final = 1.0
+# Seconds between logs of failed position writes while they keep failing.
+POSITION_FAILURE_LOG_INTERVAL: Final = 60.0
 
 
 class EndpointWorker:
@@ -83,6 +91,7 @@ class EndpointWorker:
         config: WebhookConfig,
         js: JetStreamContext,
         dead_letters: DeadLetterStore,
+        positions: PositionStore,
         lookup: ManifestLookup | None,
         events: EventLookup | None = None,
     ) -> None:
@@ -90,6 +99,7 @@ class EndpointWorker:
         self.config = config
         self.js = js
         self.dead_letters = dead_letters
+        self.positions = positions
         self.lookup = lookup
         self.events = events
         self.log = log.bind(endpoint=endpoint.name)
@@ -97,6 +107,11 @@ class EndpointWorker:
         # process (delivered, skipped by the filters or dead-lettered) or
         # came before the first event of its consumer. None until known.
         self.handled_through: int | None = None
+        # The last event this process settled, as the position bucket
+        # stores it, and the last value written there.
+        self.last_settled: StoredPosition | None = None
+        self.last_written: StoredPosition | None = None
+        self.write_failed_logged_at: float | None = None
         # Set once this process has had a consumer, so that a consumer found
         # missing later was deleted while the webhook ran.
         self.had_consumer = False
@@ -107,6 +122,13 @@ class EndpointWorker:
 
     async def run(self) -> None:
         """Deliver until cancelled; NATS errors are logged and retried."""
+        writer = asyncio.create_task(self._write_positions())
+        try:
+            await self._deliver()
+        finally:
+            writer.cancel()
+
+    async def _deliver(self) -> None:
         failures = 0
         async with http_client(self.endpoint) as client:
             while True:
@@ -140,9 +162,73 @@ class EndpointWorker:
                         with contextlib.suppress(*NATS_ERRORS):
                             await subscription.unsubscribe()
 
+    async def _write_positions(self) -> None:
+        while True:
+            await asyncio.sleep(POSITION_WRITE_INTERVAL)
+            await self.write_position()
+
+    async def write_position(self) -> None:
+        """Store the last settled event in the position bucket if it changed.
+
+        A failure is logged at most once per POSITION_FAILURE_LOG_INTERVAL,
+        and the next call tries again.
+        """
+        settled = self.last_settled
+        if settled is None or settled == self.last_written:
+            return
+        try:
+            await self.positions.write(self.config.stream, self.endpoint.name, settled)
+        except NATS_ERRORS as error:
+            now = asyncio.get_running_loop().time()
+            logged = self.write_failed_logged_at
+            if logged is None or now - logged >= POSITION_FAILURE_LOG_INTERVAL:
+                self.write_failed_logged_at = now
+                self.log.warning(
+                    "position_write_failed",
+                    bucket=self.positions.bucket,
+                    position=settled.position,
+                    error=describe_nats_error(error),
+                    note="retried every second; a consumer deleted while no "
+                    "webhook runs resumes from the last position written",
+                )
+            return
+        self.last_written = settled
+        self.write_failed_logged_at = None
+
+    async def _stored_resume(self) -> ResumePoint | None:
+        """Return the point after the position in the bucket, or None when
+        none is stored or the endpoint's ``start`` changed since."""
+        stored = await self.positions.read(self.config.stream, self.endpoint.name)
+        if stored is None:
+            return None
+        if stored.start != self.endpoint.start:
+            self.log.info(
+                "stored_position_ignored",
+                consumer=self.endpoint.consumer_name,
+                position=stored.position,
+                stored_start=stored.start,
+                start=self.endpoint.start,
+                note="start changed since the position was stored, so a "
+                "missing consumer is created at the new start",
+            )
+            return None
+        if not await stored_position_fits(
+            self.js,
+            self.config.stream,
+            self.config.subject_prefix,
+            self.endpoint,
+            stored,
+        ):
+            return None
+        return ResumePoint(stored.position, stored=True)
+
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         await self.dead_letters.ensure()
-        resume = ResumePoint(self.handled_through) if self.had_consumer else None
+        resume: ResumePoint | None
+        if self.had_consumer:
+            resume = ResumePoint(self.handled_through)
+        else:
+            resume = await self._stored_resume()
         info, recreated = await ensure_consumer(
             self.js,
             self.config.stream,
@@ -152,12 +238,24 @@ class EndpointWorker:
         )
         self.had_consumer = True
         if recreated:
-            self.skip_through = self.handled_through
+            assert resume is not None
+            self.handled_through = resume.position
+            self.skip_through = resume.position
             self.skipped = 0
         elif self.handled_through is None:
-            self.handled_through = await acknowledged_position(
+            acknowledged = await acknowledged_position(
                 self.js, self.config.stream, info
             )
+            self.handled_through = acknowledged
+            if resume is not None and (
+                acknowledged is None or (resume.position or 0) > acknowledged
+            ):
+                # The last run settled events after the consumer's last
+                # acknowledged one, such as events read from the feed
+                # before a stop, or the consumer has acknowledged nothing.
+                self.handled_through = resume.position
+                self.skip_through = resume.position
+                self.skipped = 0
         subscription = await self.js.pull_subscribe_bind(
             durable=self.endpoint.consumer_name, stream=self.config.stream
         )
@@ -465,7 +563,7 @@ class EndpointWorker:
             )
             self._log_failed(ids, attempt, outcome, delay, source="feed")
             await asyncio.sleep(delay)
-        self.handled_through = event["position"]
+        self._settle(event["position"], event["id"])
 
     async def _keep_in_progress(self, message: Msg) -> None:
         """Tell JetStream every half ack wait that ``message`` is still being
@@ -497,7 +595,14 @@ class EndpointWorker:
         # consumer was deleted must not make a re-created one redeliver it.
         position = header_position(message.headers)
         if position is not None:
-            self.handled_through = position
+            self._settle(position, (message.headers or {}).get(EVENT_ID))
+
+    def _settle(self, position: int, event_id: str | None) -> None:
+        """Record the event at ``position`` as handled, for a re-created
+        consumer and for the position bucket."""
+        self.handled_through = position
+        if event_id is not None:
+            self.last_settled = StoredPosition(position, event_id, self.endpoint.start)
 
     async def _full_event(
         self, stand_in: dict[str, Any], ids: dict[str, Any]
