@@ -33,6 +33,7 @@ from consumers.webhook.payloads import (
     media_type_of,
 )
 from engine.domain.events import Actor, EventType, StoredEvent
+from tests.server import ServerThread
 
 REGISTRY = "https://registry.example.com"
 DIGEST = "sha256:" + "a" * 64
@@ -586,3 +587,20 @@ def test_lookup_ignores_incomplete_push(payload: dict[str, Any]) -> None:
             await lookup.aclose()
 
     assert asyncio.run(facts_after()) is None
+
+
+def test_feed_401_names_registry_url(auth_server: ServerThread) -> None:
+    async def read_page() -> None:
+        lookup = EventLookup(auth_server.url)
+        try:
+            await lookup.events_after(0, 1)
+        finally:
+            await lookup.aclose()
+
+    with pytest.raises(EventLookupFailed) as failed:
+        asyncio.run(read_page())
+
+    message = str(failed.value)
+    assert "HTTP 401" in message
+    assert "put them in [registry] url" in message
+    assert "--source-creds" not in message

@@ -9,7 +9,7 @@ import httpx
 
 from consumers.mirror.errors import MirrorError, request_failed
 from consumers.mirror.identity import fetch_registry_id
-from consumers.mirror.registry import check
+from consumers.mirror.registry import MIRROR_CREDENTIALS, check
 
 PAGE_SIZE: Final = 500
 
@@ -24,10 +24,17 @@ class FeedPage:
 
 
 class FeedClient:
-    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        client: httpx.AsyncClient,
+        credentials: str = MIRROR_CREDENTIALS,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/_cairn/events"
         self.client = client
+        # The hint on where to set credentials, added to a 401 error.
+        self.credentials = credentials
 
     async def registry_id(self) -> str | None:
         """Return the registry id of the source, or None for a cairn older
@@ -49,7 +56,7 @@ class FeedClient:
                 f"{what}: HTTP 404; the source has no event feed, so it is not "
                 "a cairn registry (or an older one)"
             )
-        check(response, what)
+        check(response, what, self.credentials)
         try:
             document = response.json()
             return FeedPage(

@@ -32,6 +32,8 @@ CHUNK_SIZE: Final = 1024 * 1024
 ERROR_BODY_LIMIT: Final = 300
 MANIFEST_ACCEPT: Final = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
 _RETRYABLE: Final = frozenset({408, 425, 429})
+# The mirror's hint on where to set credentials, added to a 401 error.
+MIRROR_CREDENTIALS: Final = "see --source-creds and --target-creds"
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +278,11 @@ class RegistryClient:
         return True
 
 
-def check(response: httpx.Response, what: str) -> None:
-    """Raise for a response whose status is not 2xx."""
+def check(
+    response: httpx.Response, what: str, credentials: str = MIRROR_CREDENTIALS
+) -> None:
+    """Raise for a response whose status is not 2xx. ``credentials`` is the
+    hint on where to set credentials, added to a 401 error."""
     status = response.status_code
     if status < 300:
         return
@@ -286,7 +291,7 @@ def check(response: httpx.Response, what: str) -> None:
     if status == 401:
         message += (
             "; the registry requires credentials, or rejects the ones given "
-            "(see --source-creds and --target-creds)"
+            f"({credentials})"
         )
     if status in _RETRYABLE or status >= 500:
         raise TransientError(message)

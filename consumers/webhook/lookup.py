@@ -35,6 +35,10 @@ log = structlog.get_logger(__name__)
 
 CACHE_SIZE: Final = 4096
 LOOKUP_TIMEOUT: Final = 5.0
+# The webhook's hint on where to set credentials, added to a 401 error.
+WEBHOOK_CREDENTIALS: Final = (
+    "put them in [registry] url, as in https://user:password@registry.example.com"
+)
 _ACCEPT: Final = ", ".join(sorted(MANIFEST_MEDIA_TYPES))
 
 
@@ -122,7 +126,7 @@ class EventLookup:
     ):
         self.url = f"{registry_url}/_cairn/events"
         self._client = client or httpx.AsyncClient(timeout=LOOKUP_TIMEOUT, auth=auth)
-        self._feed = FeedClient(registry_url, self._client)
+        self._feed = FeedClient(registry_url, self._client, WEBHOOK_CREDENTIALS)
 
     async def event(self, position: int, event_id: str) -> dict[str, Any]:
         """Return the event at ``position``, which must have id ``event_id``.
