@@ -201,6 +201,8 @@ def open_registry(
 
     check_database_url(settings)
     with storage_errors(settings):
+        if settings.database_url is None:
+            _check_default_database(settings)
         check_data_dir(settings, create=create)
         sqlite_file = _sqlite_file(settings.database_url)
         if sqlite_file is not None and not sqlite_file.exists():
@@ -267,6 +269,28 @@ def _sqlite_file(database_url: str | None) -> Path | None:
     if url.get_backend_name() != "sqlite" or not url.database:
         return None
     return Path(url.database)
+
+
+def _check_default_database(settings: StorageSettings) -> None:
+    """Raise StorageUnavailable before the default SQLite database is created
+    in a data directory whose registry-id file names a registry: that
+    registry's database is elsewhere, or was lost, and a new one would hold
+    none of its events."""
+    from engine.db import SQLITE_FILE
+    from engine.identity import recorded_registry_id
+
+    default_file = settings.data_dir / SQLITE_FILE
+    if default_file.exists():
+        return
+    recorded = recorded_registry_id(settings.data_dir)
+    if recorded is not None:
+        raise StorageUnavailable(
+            f"data directory {settings.data_dir.absolute()} contains the blobs "
+            f"of registry {recorded}, but no database was given and "
+            f"{default_file.absolute()} does not exist: name that registry's "
+            "database with --database or CAIRN_DATABASE_URL, or restore "
+            f"{SQLITE_FILE} from a backup"
+        )
 
 
 def _check_unbound_data_dir(settings: StorageSettings) -> None:

@@ -244,6 +244,37 @@ def test_bound_dir_schemaless_database_untouched(
         engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve", "--listen", "127.0.0.1:0", "--no-nats"],
+        ["db", "upgrade"],
+        ["verify"],
+    ],
+    ids=["serve", "db-upgrade", "verify"],
+)
+def test_bound_dir_without_database_untouched(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # The data directory of a registry whose database is elsewhere, such as
+    # PostgreSQL: its registry-id file, but no cairn.db.
+    data_dir = _bound_data_dir(tmp_path)
+    registry_id = (data_dir / DATA_DIR_ID_FILE).read_text().strip()
+    (data_dir / "cairn.db").unlink()
+
+    result = cairn(*command, "--data-dir", str(data_dir))
+
+    assert result.returncode == 1
+    assert f"contains the blobs of registry {registry_id}" in result.stderr
+    assert "no database was given" in result.stderr
+    assert "--database or CAIRN_DATABASE_URL" in result.stderr
+    assert sorted(path.name for path in data_dir.iterdir()) == [
+        "blobs",
+        DATA_DIR_ID_FILE,
+        "uploads",
+    ]
+
+
 def test_missing_sqlite_file_not_created(tmp_path: Path) -> None:
     data_dir = _bound_data_dir(tmp_path)
     typo = tmp_path / "typo.db"
