@@ -17,6 +17,7 @@ import sqlalchemy as sa
 import structlog
 
 from engine import log as event_log
+from engine.blobs.store import accepts_direct_io
 from engine.domain.digest import Digest
 from engine.domain.errors import (
     BlobUnknown,
@@ -213,6 +214,34 @@ def test_upload_unknown_ids(registry: Registry) -> None:
     other = registry.repository("other").blobs.create_upload()
     with pytest.raises(BlobUploadUnknown):
         repo.blobs.upload_status(other.id)
+
+
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct-io", "buffered"])
+def test_upload_removed_during_write_unknown(
+    registry: Registry, direct_io: bool
+) -> None:
+    staging = registry.blob_store.paths.staging_dir
+    if direct_io and not accepts_direct_io(staging):
+        pytest.skip("the file system does not take O_DIRECT")
+    registry.blob_store.direct_io = direct_io
+    repo = registry.repository("uploads")
+    upload = repo.blobs.create_upload()
+
+    def chunks() -> Iterator[bytes]:
+        # What `cairn gc` in another process does to an upload whose client
+        # stalled before the first bytes reached the staging file.
+        with registry.database.transaction() as conn:
+            conn.execute(sa.delete(uploads).where(uploads.c.id == upload.id))
+        (staging / upload.id).unlink()
+        yield os.urandom(2 * 1024 * 1024)
+
+    with pytest.raises(BlobUploadUnknown) as caught:
+        repo.blobs.write_upload(upload.id, chunks())
+
+    assert "deleted while this request wrote to it" in caught.value.message
+    assert caught.value.detail == {"upload": upload.id}
+    assert list(staging.iterdir()) == []
+    assert_nothing_stored(registry)
 
 
 def test_upload_cancel(registry: Registry) -> None:

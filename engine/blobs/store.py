@@ -346,7 +346,7 @@ class StagedBlob:
         self._aligned[: len(block)] = block
         try:
             if self._direct_fd is None:
-                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT)
+                self._direct_fd = self._open_direct()
             _pwrite_all(
                 self._direct_fd, memoryview(self._aligned)[: len(block)], offset
             )
@@ -359,6 +359,20 @@ class StagedBlob:
             return False
         self.wrote_direct = True
         return True
+
+    def _open_direct(self) -> int:
+        """Open the file that ``self._file`` has open again, with O_DIRECT.
+
+        It is opened through /proc/self/fd, so that a staging file that gc
+        removed while the upload stalled still takes the write, as the open
+        file does, and the upload's session check then reports the removal.
+        """
+        flags = os.O_WRONLY | os.O_DIRECT
+        try:
+            return os.open(f"/proc/self/fd/{self._file.fileno()}", flags)
+        except FileNotFoundError:
+            # No /proc: open the file by its name.
+            return os.open(self.path, flags)
 
     def release_direct_io(self) -> None:
         """Close the O_DIRECT descriptor and release the aligned buffer.
