@@ -239,6 +239,7 @@ def assert_stream_matches_log(url: str, registry: Registry) -> None:
     expected = log_events(registry)
     messages = stream_messages(url)
     assert len(messages) == len(expected)
+    registry_id = registry.registry_id()
     for message, event in zip(messages, expected, strict=True):
         headers = message.headers or {}
         assert headers[MSG_ID] == str(event.id)
@@ -246,6 +247,7 @@ def assert_stream_matches_log(url: str, registry: Registry) -> None:
         assert headers[POSITION] == str(event.position)
         assert headers[EVENT_TYPE] == str(event.type)
         assert headers[REPOSITORY] == event.repository
+        assert headers["Cairn-Registry-Id"] == registry_id
         assert message.subject == event_subject("cairn", event.type, event.repository)
         assert json.loads(message.data) == event.to_json()
 

@@ -47,6 +47,21 @@ def test_events_published_in_order(
     assert_stream_matches_log(nats_server.url, registry)
 
 
+def test_events_carry_registry_id(
+    registry: Registry, nats_server: NatsServer, data_dir: Path
+) -> None:
+    bus = Bus(fast_settings(nats_server.url), registry.database, data_dir)
+    with BusThread(bus):
+        push_image(registry, "library/alpine", "3.20")
+        wait_until(lambda: checkpoint_of(registry) == 4)
+
+    messages = stream_messages(nats_server.url)
+    assert len(messages) == 4
+    for message in messages:
+        headers = message.headers or {}
+        assert headers.get("Cairn-Registry-Id") == registry.registry_id()
+
+
 def test_backlog_published_when_nats_starts(
     registry: Registry, nats_server: NatsServer, data_dir: Path
 ) -> None:

@@ -117,6 +117,7 @@ def assert_stream_has_stand_in(url: str, registry: Registry, large: Image) -> in
         stand_in_positions.append(event.position)
         assert headers[PAYLOAD_OMITTED] == "true"
         assert headers["Nats-Msg-Id"] == str(event.id)
+        assert headers["Cairn-Registry-Id"] == registry.registry_id()
         assert body["payload"] is None
         assert body["payload_omitted"] is True
         expected = event.to_json()

@@ -20,6 +20,10 @@ EVENT_ID: Final = "Cairn-Event-Id"
 EVENT_TYPE: Final = "Cairn-Event-Type"
 REPOSITORY: Final = "Cairn-Repository"
 POSITION: Final = "Cairn-Position"
+# The id of the registry whose log the event belongs to (engine.identity), so
+# that subscribers of a stream that several registries publish to can tell
+# their events apart.
+REGISTRY_ID: Final = "Cairn-Registry-Id"
 # Set to "true" on a stand-in: a message whose event was too large for the
 # NATS server or the stream, sent with the payload left out.
 PAYLOAD_OMITTED: Final = "Cairn-Payload-Omitted"
@@ -34,11 +38,15 @@ def encode_json(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def event_message(prefix: str, event: StoredEvent) -> tuple[str, bytes, dict[str, str]]:
-    """Return the subject, body and headers that carry ``event`` on the stream.
+def event_message(
+    prefix: str, event: StoredEvent, registry_id: str
+) -> tuple[str, bytes, dict[str, str]]:
+    """Return the subject, body and headers that carry ``event`` of the
+    registry ``registry_id`` on the stream.
 
-    The body is ``StoredEvent.to_json()``; the headers repeat the id, type,
-    repository and position so that consumers can route without parsing it.
+    The body is ``StoredEvent.to_json()``. The headers repeat the id, type,
+    repository and position so that consumers can route without parsing it,
+    and add the registry id, which the body does not contain.
     """
     event_id = str(event.id)
     headers = {
@@ -47,13 +55,14 @@ def event_message(prefix: str, event: StoredEvent) -> tuple[str, bytes, dict[str
         EVENT_TYPE: str(event.type),
         REPOSITORY: event.repository,
         POSITION: str(event.position),
+        REGISTRY_ID: registry_id,
     }
     subject = event_subject(prefix, event.type, event.repository)
     return subject, encode_json(event.to_json()), headers
 
 
 def stand_in_message(
-    prefix: str, event: StoredEvent
+    prefix: str, event: StoredEvent, registry_id: str
 ) -> tuple[str, bytes, dict[str, str]]:
     """Return the message that replaces ``event`` when it is too large to send.
 
@@ -63,7 +72,7 @@ def stand_in_message(
     hashes stay, so the full event, read from ``GET /_cairn/events`` or the
     log at that position, can be checked against it.
     """
-    subject, _, headers = event_message(prefix, event)
+    subject, _, headers = event_message(prefix, event, registry_id)
     headers[PAYLOAD_OMITTED] = "true"
     document = event.to_json()
     document["payload"] = None

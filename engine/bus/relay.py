@@ -81,6 +81,7 @@ from engine.bus.settings import BusSettings
 from engine.bus.stream import ensure_stream, read_tail
 from engine.db import Database
 from engine.domain.events import StoredEvent
+from engine.identity import load_registry_id
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +154,9 @@ class Relay:
         # The largest message in bytes, headers included, that the connected
         # server and the stream accept. It is set on each connection.
         self._max_message_size = 0
+        # The id of the registry whose log this is, read before the first
+        # publish. Every message carries it.
+        self._registry_id: str | None = None
         self._save_lock = threading.Lock()
         self.leader = False
         # The leader's last acknowledged position; a standby's last read of
@@ -294,6 +298,10 @@ class Relay:
     ) -> bool:
         """Publish until the connection closes; return True on lost leadership."""
         settings = self._settings
+        if self._registry_id is None:
+            self._registry_id = await asyncio.to_thread(
+                load_registry_id, self._database
+            )
         js = client.jetstream(timeout=settings.ack_timeout)
         stream = await ensure_stream(
             js, settings.stream, settings.subject_prefix, settings.duplicate_window
@@ -407,14 +415,16 @@ class Relay:
         Raises StandInTooLarge when the stand-in exceeds it too.
         """
         prefix = self._settings.subject_prefix
-        subject, body, headers = event_message(prefix, event)
+        registry_id = self._registry_id
+        assert registry_id is not None, "read before the first publish"
+        subject, body, headers = event_message(prefix, event, registry_id)
         headers[EXPECTED_LAST_SEQUENCE] = str(expected_last_sequence)
         size = message_size(body, headers)
         limit = self._max_message_size
         if size <= limit:
             return subject, body, headers
 
-        subject, body, headers = stand_in_message(prefix, event)
+        subject, body, headers = stand_in_message(prefix, event, registry_id)
         headers[EXPECTED_LAST_SEQUENCE] = str(expected_last_sequence)
         stand_in_size = message_size(body, headers)
         if stand_in_size > limit:
