@@ -19,6 +19,7 @@ from engine.bus import checkpoint as store
 from engine.bus.connection import JETSTREAM_DISABLED
 from engine.bus.publisher import AckPublisher
 from engine.domain.events import Actor
+from engine.migrate import upgrade
 from engine.registry import Registry
 from tests.nats import (
     BusThread,
@@ -60,6 +61,41 @@ def test_events_carry_registry_id(
     for message in messages:
         headers = message.headers or {}
         assert headers.get("Cairn-Registry-Id") == registry.registry_id()
+
+
+def test_relay_names_other_registry_on_stream(
+    registry: Registry, nats_server: NatsServer, data_dir: Path, tmp_path: Path
+) -> None:
+    """A relay that finds another registry's event at the stream's tail logs
+    an error with both registry ids."""
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = Registry.open(other_dir / "data", f"sqlite:///{other_dir / 'cairn.db'}")
+    try:
+        upgrade(other.database)
+        settings = fast_settings(nats_server.url)
+        with BusThread(Bus(settings, other.database, other_dir / "data")):
+            push_image(other, "other/app", "v1")
+            wait_until(lambda: checkpoint_of(other) == 4)
+        other_id = other.registry_id()
+    finally:
+        other.database.dispose()
+
+    bus = Bus(settings, registry.database, data_dir)
+    with structlog.testing.capture_logs() as logs, BusThread(bus) as thread:
+        push_image(registry, "library/alpine", "1")
+        wait_until(lambda: thread.health()["checkpoint"] == 4)
+
+    errors = [
+        entry for entry in logs if entry["event"] == "relay_stream_tail_other_registry"
+    ]
+    assert errors, logs
+    assert errors[0]["log_level"] == "error"
+    assert errors[0]["registry_id"] == registry.registry_id()
+    assert errors[0]["other_registry_id"] == other_id
+    assert errors[0]["position"] == 4
+    assert "--stream" in errors[0]["hint"]
+    assert stream_size(nats_server.url) == 8
 
 
 def test_backlog_published_when_nats_starts(

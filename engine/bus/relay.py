@@ -28,7 +28,9 @@ Every event reaches the stream once and in log order because of three rules:
    duplicate window does not matter), and back if the NATS server lost
    acknowledged messages. Only when the last message is not a known event
    (an empty or purged stream, or a message from another publisher) does
-   the checkpoint alone decide.
+   the checkpoint alone decide. A last message whose ``Cairn-Registry-Id``
+   names another registry is logged at error level, because two registries
+   then share the stream.
 2. Chain the publishes. A window of up to ``batch_size`` events is sent
    without waiting, each with ``Nats-Expected-Last-Sequence`` set to the
    sequence the stream must end at just before it. JetStream stores a
@@ -78,7 +80,7 @@ from engine.bus.messages import (
 from engine.bus.publisher import AckPublisher
 from engine.bus.retry import Backoff, Throttle
 from engine.bus.settings import BusSettings
-from engine.bus.stream import ensure_stream, read_tail
+from engine.bus.stream import StreamTail, ensure_stream, read_tail
 from engine.db import Database
 from engine.domain.events import StoredEvent
 from engine.identity import load_registry_id
@@ -104,6 +106,13 @@ class PublishFailed(Exception):
 class StandInTooLarge(Exception):
     """Even the stand-in of an event is larger than the message size limit."""
 
+
+# The advice, in the relay's logs, for registries that publish to one stream.
+_SHARED_STREAM_HINT = (
+    "give each registry its own --stream or --subject-prefix, because "
+    "subscribers that do not read the Cairn-Registry-Id header cannot tell "
+    "their events apart"
+)
 
 RELAY_ERRORS = (*CONNECTION_ERRORS, sa.exc.SQLAlchemyError, PublishFailed)
 DATABASE_ERRORS = (sa.exc.SQLAlchemyError, OSError)
@@ -538,24 +547,43 @@ class Relay:
             tail.last_sequence
             and (suppressed := self._unknown_tail.ready()) is not None
         ):
-            log.warning(
-                "relay_stream_tail_unknown",
-                relay=self._name,
-                stream=self._settings.stream,
-                sequence=tail.last_sequence,
-                position=tail.position,
-                event_id=tail.event_id,
-                checkpoint=checkpoint,
-                reason="the last message is not an event of this log; "
-                "resuming from the checkpoint",
-                hint="if another registry publishes to this stream, give each "
-                "registry its own --stream or --subject-prefix, because "
-                "subscribers cannot tell their events apart",
-                suppressed=suppressed,
-            )
+            self._report_unknown_tail(tail, checkpoint, suppressed)
         return tail.last_sequence
 
     # ---- reporting -------------------------------------------------------
+
+    def _report_unknown_tail(
+        self, tail: StreamTail, checkpoint: int, suppressed: int
+    ) -> None:
+        """Log that the stream's last message is not an event of this log, at
+        error level when it names another registry."""
+        fields: dict[str, Any] = {
+            "relay": self._name,
+            "stream": self._settings.stream,
+            "sequence": tail.last_sequence,
+            "position": tail.position,
+            "event_id": tail.event_id,
+            "checkpoint": checkpoint,
+            "suppressed": suppressed,
+        }
+        if tail.registry_id is not None and tail.registry_id != self._registry_id:
+            log.error(
+                "relay_stream_tail_other_registry",
+                registry_id=self._registry_id,
+                other_registry_id=tail.registry_id,
+                reason="the last message is an event of another registry; "
+                "resuming from the checkpoint",
+                hint=_SHARED_STREAM_HINT,
+                **fields,
+            )
+            return
+        log.warning(
+            "relay_stream_tail_unknown",
+            reason="the last message is not an event of this log; "
+            "resuming from the checkpoint",
+            hint=f"if another registry publishes to this stream, {_SHARED_STREAM_HINT}",
+            **fields,
+        )
 
     def _report_failure(self, error: BaseException, delay: float) -> None:
         self.last_error = describe_nats_error(error, self._link.client)

@@ -10,7 +10,7 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from engine.bus.messages import EVENT_ID, header_position
+from engine.bus.messages import EVENT_ID, REGISTRY_ID, header_position
 from engine.bus.subjects import stream_subjects
 
 log = structlog.get_logger(__name__)
@@ -19,11 +19,16 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class StreamTail:
     """The stream's last sequence and, when its last message is a cairn event
-    that is still stored, that event's position and id."""
+    that is still stored, that event's position, id and registry id.
+
+    ``registry_id`` is None for a message without the header, such as one
+    that a cairn before the header published.
+    """
 
     last_sequence: int
     position: int | None = None
     event_id: str | None = None
+    registry_id: str | None = None
 
 
 async def ensure_stream(
@@ -101,7 +106,12 @@ async def read_tail(js: JetStreamContext, name: str) -> StreamTail:
         # The last message was deleted or purged; the sequence stays.
         return StreamTail(last_sequence)
     headers = message.headers or {}
-    return StreamTail(last_sequence, header_position(headers), headers.get(EVENT_ID))
+    return StreamTail(
+        last_sequence,
+        header_position(headers),
+        headers.get(EVENT_ID),
+        headers.get(REGISTRY_ID),
+    )
 
 
 async def earliest_position(
