@@ -17,17 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 
 from consumers.mirror.checkpoint import Checkpoint, CheckpointError
 from consumers.mirror.identity import normalise_url
 from engine.api.app import create_app
 from engine.bus import Bus
+from engine.bus.messages import REGISTRY_ID, event_message
 from engine.domain.digest import Digest
 from engine.migrate import upgrade
 from engine.registry import Registry
 from tests.images import Image, make_artifact, make_image, make_index
 from tests.nats import BusThread, NatsServer, fast_settings, wait_until
+from tests.nats import log_events as stored_events
+from tests.nats import push_image as push_to_registry
+from tests.nats import run as run_async
 from tests.server import ServeProcess, push_blob, push_image, running
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,16 +99,39 @@ def docker_registry(directory: Path) -> Iterator[str]:
             process.wait()
 
 
+class FeedReads:
+    """An ASGI wrapper that counts the requests to the event feed of ``app``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._app: Any = None
+
+    def wrap(self, app: Any) -> FeedReads:
+        self._app = app
+        return self
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/_cairn/events":
+            self.count += 1
+        await self._app(scope, receive, send)
+
+
 @contextmanager
-def cairn_on_nats(directory: Path, nats_url: str) -> Iterator[str]:
-    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``."""
+def cairn_on_nats(
+    directory: Path, nats_url: str, feed_reads: FeedReads | None = None
+) -> Iterator[str]:
+    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``;
+    ``feed_reads`` counts the requests to its event feed."""
     data_dir = directory / "data"
     data_dir.mkdir(parents=True)
     registry = Registry.open(data_dir, f"sqlite:///{directory / 'cairn.db'}")
     upgrade(registry.database)
     bus = Bus(fast_settings(nats_url), registry.database, data_dir)
+    app: Any = create_app(registry, bus)
+    if feed_reads is not None:
+        app = feed_reads.wrap(app)
     try:
-        with BusThread(bus), running(create_app(registry, bus)) as server:
+        with BusThread(bus), running(app) as server:
             yield server.url
     finally:
         registry.database.dispose()
@@ -655,6 +683,131 @@ def test_mirror_ignores_other_registry_on_stream(
     assert warnings[0]["level"] == "warning"
     assert warnings[0]["repository"] == "other/app"
     assert manifest_status(target.url, "other/app", "v2") == 404
+
+
+def test_mirror_hash_check_without_header(
+    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+) -> None:
+    """A message without Cairn-Registry-Id, as a cairn older than the header
+    publishes, is checked by its previous_hash alone."""
+    other = Registry.open(tmp_path / "other", f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        upgrade(other.database)
+        push_to_registry(other, "other/app", "v1")
+        push_to_registry(other, "other/app", "v2")
+        other_events = stored_events(other)
+    finally:
+        other.database.dispose()
+    # Position 5, the one after the mirror's once the source has v1.
+    foreign = other_events[4]
+    subject, body, headers = event_message("cairn", foreign, "unused")
+    del headers[REGISTRY_ID]
+
+    async def publish_foreign() -> None:
+        client = await nats.connect(nats_server.url)
+        try:
+            await client.jetstream().publish(subject, body, headers=headers)
+        finally:
+            await client.close()
+
+    with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
+        with httpx.Client(base_url=source_url) as client:
+            push_image(client, "library/app", make_image(), "v1")
+        log_path = tmp_path / "mirror.log"
+        mirror = start_following_mirror(
+            source_url, target.url, nats_server.url, log_path, "300"
+        )
+        try:
+            run_async(publish_foreign())
+            wait_until(
+                lambda: "nats_event_not_from_source" in logged_events(log_path), WAIT
+            )
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v2")
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
+            )
+        finally:
+            mirror.terminate()
+            status = mirror.wait(30)
+
+    assert status == 0
+    warnings = [
+        line
+        for line in log_events(log_path.read_text())
+        if line["event"] == "nats_event_not_from_source"
+    ]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["position"] == 5
+    assert warnings[0]["event_id"] == str(foreign.id)
+    assert warnings[0]["registry_id"] is None
+    assert "previous_hash" in warnings[0]["note"]
+    assert manifest_status(target.url, "other/app", "v2") == 404
+
+
+def test_mirror_checks_registry_id_at_start(
+    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+) -> None:
+    """At position 0, the registry id header distinguishes the source's
+    events from another registry's on the same stream. The other's event at
+    position 1 is not applied, and the source's is applied without reading
+    the feed."""
+    feed_reads = FeedReads()
+    with (
+        cairn_on_nats(tmp_path / "source", nats_server.url, feed_reads) as source_url,
+        cairn_on_nats(tmp_path / "other", nats_server.url) as other_url,
+    ):
+        source_id = httpx.get(f"{source_url}/_cairn/registry").json()["registry_id"]
+        other_id = httpx.get(f"{other_url}/_cairn/registry").json()["registry_id"]
+        log_path = tmp_path / "mirror.log"
+        checkpoint = tmp_path / "checkpoint.json"
+        mirror = start_mirror(
+            source_url,
+            target.url,
+            log_path,
+            "--nats",
+            nats_server.url,
+            "--poll-interval",
+            "300",
+            "--checkpoint",
+            str(checkpoint),
+        )
+        try:
+            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+            wait_until(lambda: "mirror_caught_up" in logged_events(log_path), WAIT)
+            with httpx.Client(base_url=other_url) as client:
+                push_image(client, "other/app", make_image(), "v1")
+            wait_until(
+                lambda: "nats_event_not_from_source" in logged_events(log_path), 20
+            )
+            reads_before = feed_reads.count
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v1")
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
+            )
+            reads_after = feed_reads.count
+            source_head = head_position(source_url)
+        finally:
+            mirror.terminate()
+            status = mirror.wait(30)
+
+    assert status == 0
+    assert reads_after == reads_before
+    warnings = [
+        line
+        for line in log_events(log_path.read_text())
+        if line["event"] == "nats_event_not_from_source"
+    ]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["position"] == 1
+    assert warnings[0]["repository"] == "other/app"
+    assert warnings[0]["registry_id"] == other_id
+    assert warnings[0]["source_registry_id"] == source_id
+    assert manifest_status(target.url, "other/app", "v1") == 404
+    assert json.loads(checkpoint.read_text())["position"] == source_head
 
 
 def logged_events(log_path: Path) -> list[str]:

@@ -12,6 +12,10 @@ again, because a restarted server has lost it. A server that stops
 responding but keeps the TCP connection open counts as disconnected once
 its pings go unanswered (consumers.natsclient), and the mirror polls until
 it reconnects.
+
+Each event keeps the registry id from its message's ``Cairn-Registry-Id``
+header, which distinguishes the source's events from those of another
+registry that publishes to the same stream.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import json
 from asyncio import FIRST_COMPLETED
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -31,6 +36,7 @@ from nats.js.client import JetStreamContext
 from consumers.backoff import retry_delay
 from consumers.natsclient import NATS_ERRORS, connect
 from engine.bus.connection import describe_nats_error, redact_url
+from engine.bus.messages import REGISTRY_ID
 from engine.bus.subjects import filter_subject
 
 log = structlog.get_logger(__name__)
@@ -38,12 +44,22 @@ log = structlog.get_logger(__name__)
 QUEUE_SIZE: Final = 10_000
 
 
+@dataclass(frozen=True, slots=True)
+class LiveEvent:
+    """An event as NATS delivered it, and the registry id that its message's
+    header names, None for a message without the header (published by a
+    cairn older than the header)."""
+
+    event: dict[str, Any]
+    registry_id: str | None
+
+
 class LiveEvents:
     def __init__(self, url: str, stream: str, subject_prefix: str) -> None:
         self.url = url
         self.stream = stream
         self.subject = filter_subject(subject_prefix)
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+        self.queue: asyncio.Queue[LiveEvent] = asyncio.Queue(QUEUE_SIZE)
         # Set while the consumer of the current connection delivers.
         self.subscribed = asyncio.Event()
         self.dropped = 0
@@ -61,7 +77,7 @@ class LiveEvents:
         client = self._client
         return self.subscribed.is_set() and client is not None and client.is_connected
 
-    async def next_event(self, timeout: float) -> dict[str, Any] | None:
+    async def next_event(self, timeout: float) -> LiveEvent | None:
         """Return the next queued event.
 
         Returns None after ``timeout`` seconds without one, and at once when
@@ -169,8 +185,9 @@ class LiveEvents:
         if not isinstance(event, dict) or not isinstance(event.get("position"), int):
             return
         self.highest_position = max(self.highest_position, event["position"])
+        registry_id = (message.headers or {}).get(REGISTRY_ID)
         try:
-            self.queue.put_nowait(event)
+            self.queue.put_nowait(LiveEvent(event, registry_id))
         except asyncio.QueueFull:
             self.dropped += 1
 

@@ -22,11 +22,16 @@ skip that source's events up to the position. It checks at every
 catch-up, so it notices a source replaced while it follows within a poll
 interval, or within RESYNC_INTERVAL while NATS delivers the events.
 
-An event from NATS is applied only when its previous_hash is the hash of
-the event at the position, so that events of another registry that
-publishes to the same stream are never taken for the source's. Any other
-event from NATS, or any at all while that hash is unknown, makes the
-mirror read the feed instead.
+An event from NATS whose Cairn-Registry-Id header names another registry
+than the source is skipped, because another registry publishes to the
+same stream. Any other event from NATS is applied only when its
+previous_hash is the hash of the event at the position, because a source
+restored from a backup keeps its registry id but not its history. At
+position 0, where every log's first event names the same predecessor, a
+header that names the source is enough. Otherwise, and for any event
+while the hash at the position is unknown, the mirror reads the feed
+instead. A message without the header, from a cairn older than it, gets
+only the hash check.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from consumers.mirror.checkpoint import Checkpoint, content_key, not_copied_entr
 from consumers.mirror.copier import Copier, Stats
 from consumers.mirror.errors import MirrorError, SourceReplaced, TransientError
 from consumers.mirror.feed import FeedClient, FeedPage
-from consumers.mirror.live import LiveEvents
+from consumers.mirror.live import LiveEvent, LiveEvents
 from consumers.mirror.progress import Progress
 from engine.bus.messages import is_stand_in
 from engine.domain.events import EventType
@@ -169,13 +174,16 @@ class MirrorRunner:
         if self.settings.once:
             return
         while True:
-            event = await self._next_live_event()
-            if event is None:
+            live_event = await self._next_live_event()
+            if live_event is None:
                 await self.catch_up()
                 continue
+            event = live_event.event
             position = event["position"]
             if self.live is not None:
                 self.progress.update(self.position, self.live.highest_position)
+            if not self._from_source(live_event):
+                continue
             if position <= self.position:
                 continue
             if position > self.position + 1 or is_stand_in(event):
@@ -183,41 +191,80 @@ class MirrorRunner:
                 # the payload: the feed has them in full, and this one too.
                 await self.catch_up()
                 continue
-            if not self._follows_position(event):
+            if not self._follows_position(live_event):
                 await self.catch_up()
                 continue
             await self.process(event)
             if self.live is not None and self.live.queue.empty():
                 await self._save_when_moved()
 
-    def _follows_position(self, event: dict[str, Any]) -> bool:
-        """Return True when ``event`` names the event at the position as its
-        predecessor, and log the first event that names another.
+    def _from_source(self, live_event: LiveEvent) -> bool:
+        """Return False when the message of ``live_event`` names another
+        registry id than the source's, and log the first such event.
 
-        Without the hash at the position, as at position 0 where every log's
-        first event names the same predecessor, this returns False, so that
-        the mirror reads the feed.
+        Returns True when the message or the source has no registry id,
+        because then only the event's hash shows which log it belongs to.
         """
+        source_id = self.checkpoint.source_registry_id
+        registry_id = live_event.registry_id
+        if registry_id is None or source_id is None or registry_id == source_id:
+            return True
+        self._report_foreign(
+            live_event.event,
+            registry_id=registry_id,
+            source_registry_id=source_id,
+            note="its Cairn-Registry-Id header names another registry than "
+            "the source: another registry publishes to the same stream. Give "
+            "each registry its own --stream or --subject-prefix. The mirror "
+            "does not apply its events",
+        )
+        return False
+
+    def _follows_position(self, live_event: LiveEvent) -> bool:
+        """Return True when the event of ``live_event`` comes right after the
+        event at the position, and log the first event that does not.
+
+        With the hash at the position, the event must name it as its
+        previous_hash. Without that hash this returns False, so that the
+        mirror reads the feed, except at position 0: every log's first event
+        names the same predecessor, so there a message whose header names
+        the source's registry id is enough.
+        """
+        event = live_event.event
         if self.position_hash is None:
-            return False
+            source_id = self.checkpoint.source_registry_id
+            return (
+                self.position == 0
+                and source_id is not None
+                and live_event.registry_id == source_id
+            )
         if event.get("previous_hash") == self.position_hash:
             return True
-        log_event = log.debug if self._reported_foreign else log.warning
-        log_event(
-            "nats_event_not_from_source",
-            position=event.get("position"),
-            event_id=event.get("id"),
-            repository=event.get("repository"),
+        self._report_foreign(
+            event,
+            registry_id=live_event.registry_id,
             note="its previous_hash is not the hash of the source's event at "
             "the mirror's position: another registry may publish to the same "
             "stream (give each registry its own --stream or --subject-prefix), "
             "or the source was restored or replaced. The mirror reads the "
             "source's feed instead, which tells which",
         )
-        self._reported_foreign = True
         return False
 
-    async def _next_live_event(self) -> dict[str, Any] | None:
+    def _report_foreign(self, event: dict[str, Any], **fields: Any) -> None:
+        """Log ``nats_event_not_from_source`` at warning level the first
+        time, and at debug level after that."""
+        log_event = log.debug if self._reported_foreign else log.warning
+        log_event(
+            "nats_event_not_from_source",
+            position=event.get("position"),
+            event_id=event.get("id"),
+            repository=event.get("repository"),
+            **fields,
+        )
+        self._reported_foreign = True
+
+    async def _next_live_event(self) -> LiveEvent | None:
         """Return the next event from NATS, or None when the feed is due.
 
         Without a NATS connection the feed is due every poll interval, and
