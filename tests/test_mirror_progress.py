@@ -22,6 +22,7 @@ from consumers.mirror import progress as progress_module
 from consumers.mirror.copier import Stats
 from consumers.mirror.live import LiveEvents
 from consumers.mirror.progress import Progress
+from engine.bus.messages import REGISTRY_ID
 from tests.images import make_image
 from tests.server import ServeProcess, push_blob, push_image, serve_cairn
 from tests.test_mirror import (
@@ -146,6 +147,22 @@ def test_live_events_keep_highest_position() -> None:
         return live.highest_position, live.queue.qsize()
 
     assert asyncio.run(receive()) == (9, 4)
+
+
+def test_live_events_head_ignores_other_registry() -> None:
+    """Once the source's registry id is known, a message whose header names
+    another registry does not move the head of progress reports."""
+
+    async def receive() -> int:
+        live = LiveEvents("nats://127.0.0.1:4222", "CAIRN", "cairn")
+        live.source_registry_id = "source"
+        for position, registry_id in ((4, "source"), (90, "other"), (5, None)):
+            body = json.dumps({"position": position}).encode()
+            headers = {REGISTRY_ID: registry_id} if registry_id else None
+            await live._on_message(Msg(None, data=body, headers=headers))
+        return live.highest_position
+
+    assert asyncio.run(receive()) == 5
 
 
 def test_mirror_reports_head_from_start(

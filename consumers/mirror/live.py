@@ -63,8 +63,12 @@ class LiveEvents:
         # Set while the consumer of the current connection delivers.
         self.subscribed = asyncio.Event()
         self.dropped = 0
-        # The highest position of a message received, for progress reports.
+        # The highest position of a message received from the source, for
+        # progress reports.
         self.highest_position = 0
+        # The source's registry id once the mirror has read it. Messages whose
+        # header names another registry then leave highest_position alone.
+        self.source_registry_id: str | None = None
         self._client: Client | None = None
         self._task: asyncio.Task[None] | None = None
         # Set when ``following`` may have changed.
@@ -184,8 +188,9 @@ class LiveEvents:
             return
         if not isinstance(event, dict) or not isinstance(event.get("position"), int):
             return
-        self.highest_position = max(self.highest_position, event["position"])
         registry_id = (message.headers or {}).get(REGISTRY_ID)
+        if registry_id is None or self.source_registry_id in (None, registry_id):
+            self.highest_position = max(self.highest_position, event["position"])
         try:
             self.queue.put_nowait(LiveEvent(event, registry_id))
         except asyncio.QueueFull:

@@ -149,6 +149,8 @@ class MirrorRunner:
             self.feed.registry_id, "read the registry id of the source"
         )
         self.checkpoint.check_source(registry_id)
+        if self.live is not None:
+            self.live.source_registry_id = registry_id
         first = await self._retrying(
             lambda: self.feed.page(self._first_after(), limit=1),
             "read the event feed",
