@@ -271,6 +271,33 @@ def test_upload_after_directory_removed(
     assert upload_rows(registry) == 0
 
 
+@pytest.mark.parametrize("stored", [b"", b"cut short"], ids=["empty", "short"])
+@pytest.mark.parametrize("size", [4096, 3 * 1024 * 1024], ids=["small", "large"])
+def test_damaged_blob_file_replaced_by_push(
+    api: httpx.Client, registry: Registry, stored: bytes, size: int
+) -> None:
+    """A stored blob file of the wrong size, as an interrupted restore
+    leaves it, reads as unknown, and pushing the blob again replaces it."""
+    data = os.urandom(size)
+    digest = str(push_blob(api, "library/app", data))
+    path = registry.blob_store.path(Digest.parse(digest))
+    path.write_bytes(stored)
+
+    head = api.head(f"/v2/library/app/blobs/{digest}")
+    get = api.get(f"/v2/library/app/blobs/{digest}")
+    pushed = api.post(
+        "/v2/library/app/blobs/uploads/", params={"digest": digest}, content=data
+    )
+
+    assert head.status_code == 404
+    assert get.status_code == 404
+    assert get.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert get.json()["errors"][0]["detail"]["digest"] == digest
+    assert pushed.status_code == 201, pushed.text
+    assert path.read_bytes() == data
+    assert api.get(f"/v2/library/app/blobs/{digest}").content == data
+
+
 def test_monolithic_put_of_empty_blob(api: httpx.Client) -> None:
     digest = Digest.of(b"")
     location = _upload(api)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 from typing import BinaryIO, Final
 
 import structlog
@@ -104,9 +105,19 @@ def lookup_digest(repository: Repository, value: str) -> Digest:
 
 
 def _stat(repository: Repository, digest: Digest) -> BlobInfo:
+    """Return the linked blob's info, raising BlobUnknown when its file is
+    missing or has another size than the blob.
+
+    A 404 makes a client push the blob again, and that upload's commit
+    writes the file anew. A 200 would promise bytes that the file lacks.
+    """
     info = repository.blobs.stat(digest)
     path = repository.registry.blob_store.path(digest)
-    if not path.is_file():
+    try:
+        status = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        status = None
+    if status is None or not stat.S_ISREG(status.st_mode):
         log.error(
             "blob_file_missing",
             repository=repository.name,
@@ -115,6 +126,22 @@ def _stat(repository: Repository, digest: Digest) -> BlobInfo:
         )
         raise BlobUnknown(
             "blob unknown to registry",
+            {"repository": repository.name, "digest": str(digest)},
+        )
+    if status.st_size != info.size:
+        log.error(
+            "blob_file_damaged",
+            repository=repository.name,
+            digest=str(digest),
+            path=str(path),
+            size=status.st_size,
+            expected_size=info.size,
+            request_id=repository.request_id,
+            note="the next push of this blob replaces the file; cairn verify "
+            "lists every damaged blob file",
+        )
+        raise BlobUnknown(
+            "blob unknown to registry: its stored file is damaged",
             {"repository": repository.name, "digest": str(digest)},
         )
     return info

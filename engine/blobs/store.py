@@ -562,7 +562,7 @@ class BlobStore:
                 {"expected": str(expected), "actual": str(actual), "size": size},
             )
         target = self.paths.blob(expected)
-        if _touch(target):
+        if _reuse_stored(target, size):
             # The stored copy was fsynced before its rename, so this one needs
             # no flush. Its directory is synced in case the commit that
             # renamed it has not yet synced it.
@@ -572,7 +572,7 @@ class BlobStore:
             return size
         try:
             staged.sync_and_close()
-            if _touch(target):
+            if _reuse_stored(target, size):
                 # Another upload of the same digest committed meanwhile.
                 staged.path.unlink(missing_ok=True)
                 return size
@@ -800,6 +800,29 @@ def _warm_page_cache(path: Path) -> None:
         log.warning("blob_warm_failed", path=str(path), error=str(error))
     finally:
         os.close(fd)
+
+
+def _reuse_stored(path: Path, size: int) -> bool:
+    """Touch the stored blob file ``path`` and return True when it has
+    ``size`` bytes; return False when it is missing or damaged.
+
+    A file of another size was cut short or overwritten, for example by an
+    interrupted restore, and the commit replaces it with its verified copy.
+    """
+    try:
+        stored = os.stat(path).st_size
+    except FileNotFoundError:
+        return False
+    if stored != size:
+        log.warning(
+            "blob_file_damaged",
+            path=str(path),
+            size=stored,
+            expected_size=size,
+            note="replaced by the verified bytes of this upload",
+        )
+        return False
+    return _touch(path)
 
 
 def _touch(path: Path) -> bool:
