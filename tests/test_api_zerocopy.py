@@ -313,12 +313,19 @@ def own_serve(tmp_path: Path) -> Iterator[ServeProcess]:
 
 
 def test_truncated_blob_file_ends_body_early(own_serve: ServeProcess) -> None:
+    """A blob file cut short while its response is sent ends the body early.
+
+    A file already short when the request comes gets 404 instead, so the
+    file is cut once the headers have arrived. The client reads nothing
+    more until then, so the server can have sent only what the socket
+    buffers and its copy buffer hold, a few MiB, far less than kept_size.
+    """
     serve = own_serve
-    truncated = _push(serve.url, os.urandom(BLOB_SIZE))
-    kept_size = 3 * 1024 * 1024
+    truncated = _push(serve.url, os.urandom(LARGE_BLOB_SIZE))
+    kept_size = 32 * 1024 * 1024
     data_dir = serve.log_path.parent / "data"
     encoded = truncated.digest.encoded
-    os.truncate(data_dir / "blobs" / "sha256" / encoded[:2] / encoded, kept_size)
+    blob_file = data_dir / "blobs" / "sha256" / encoded[:2] / encoded
 
     with connection(serve.url) as (sock, reader):
         sock.sendall(request_bytes("GET", truncated.path))
@@ -327,12 +334,13 @@ def test_truncated_blob_file_ends_body_early(own_serve: ServeProcess) -> None:
         while (line := reader.readline()) != b"\r\n":
             name, _, value = line.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
+        os.truncate(blob_file, kept_size)
         body = reader.read()
 
     record = _wait_for_request_log(serve, truncated.path, 200)
 
     assert status_line.startswith(b"HTTP/1.1 200")
-    assert headers["content-length"] == str(BLOB_SIZE)
+    assert headers["content-length"] == str(LARGE_BLOB_SIZE)
     assert body == truncated.data[:kept_size]
     assert record["bytes_out"] == kept_size
     assert "response_failed" in serve.log_path.read_text()
