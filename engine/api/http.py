@@ -13,11 +13,12 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote
 
 from engine.api.errors import ErrorCode, HTTPError, repeated_parameter, unsupported
 from engine.api.forwarded import request_address
 from engine.api.pending_body import BODY_BATCH
+from engine.api.target import parse_query, request_path
 from engine.domain.events import Actor
 from engine.encoding import encode_json
 
@@ -105,11 +106,12 @@ class Request:
         self.state = state
         self.request_id = request_id
         self.method: str = scope["method"]
-        self.path: str = scope["path"]
+        # A byte that is not part of valid UTF-8 keeps its escape, such as
+        # %ff, in the path, its parameters and the query (see engine.api.target).
+        self.path = request_path(scope)
         self.path_params: dict[str, str] = {}
         self.headers = _header_map(scope.get("headers", []))
-        query = scope.get("query_string", b"").decode("utf-8", "replace")
-        self.query = parse_qs(query, keep_blank_values=True)
+        self.query = parse_query(scope.get("query_string", b""))
         self.bytes_in = 0
         # Response body bytes sent, counted by engine.api.app as they go out.
         self.bytes_out = 0
