@@ -1322,6 +1322,52 @@ def test_stored_position_of_other_registry_ignored(
     assert restarted.stop() == 0
 
 
+def test_stored_position_past_other_registry_stream(
+    tmp_path: Path, receiver: Receiver, start_webhook: Any, nats_server: NatsServer
+) -> None:
+    """Another registry's stream that ends before the stored position is
+    told apart by the registry id on its messages."""
+    config = write_config(
+        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="all")]
+    )
+    with cairn_on_nats(tmp_path / "first", nats_server.url) as cairn:
+        first_id = httpx.get(f"{cairn}/_cairn/registry").json()["registry_id"]
+        webhook = start_webhook(config)
+        webhook.wait_subscribed(1)
+        with httpx.Client(base_url=cairn) as client:
+            for tag in ("old1", "old2", "old3"):
+                push_image(client, "library/app", make_image(), tag)
+        wait_until(lambda: len(receiver.of("/tags")) >= 3, WAIT)
+        assert webhook.stop() == 0
+        old_head = max(e["position"] for e in feed_events(cairn))
+
+    delete_stream(nats_server.url)
+    with cairn_on_nats(tmp_path / "second", nats_server.url) as cairn:
+        second_id = httpx.get(f"{cairn}/_cairn/registry").json()["registry_id"]
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "new")
+        new = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        new_head = max(e["position"] for e in feed_events(cairn))
+        wait_for_stream_size(nats_server.url, new_head)
+        assert new_head < old_head
+
+        restarted = start_webhook(config)
+        wait_until(lambda: len(receiver.of("/tags")) >= 4, WAIT)
+
+    assert receiver.of("/tags")[-1].event_id == new[0]["id"]
+    other = [
+        line
+        for line in restarted.log_events()
+        if line.get("event") == "stored_position_from_other_log"
+    ]
+    assert len(other) == 1
+    assert other[0]["level"] == "error"
+    assert other[0]["stored_registry_id"] == first_id
+    assert other[0]["stream_registry_id"] == second_id
+    assert restarted.count("consumer_created") == 1
+    assert restarted.stop() == 0
+
+
 def test_stop_cancels_task_that_swallowed_cancel() -> None:
     """A worker cancelled where nats-py catches CancelledError still ends."""
 

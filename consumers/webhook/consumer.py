@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import nats.js.errors
 import structlog
@@ -24,7 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from consumers.webhook.config import Endpoint
 from consumers.webhook.positions import StoredPosition
-from engine.bus.messages import EVENT_ID, header_position
+from engine.bus.messages import EVENT_ID, REGISTRY_ID, header_position
 from engine.bus.stream import first_sequence_at
 
 log = structlog.get_logger(__name__)
@@ -113,32 +114,60 @@ async def stored_position_fits(
     endpoint: Endpoint,
     stored: StoredPosition,
 ) -> bool:
-    """Return False, and log an error, when the stream carries another event
-    at the stored position, so that the position counts in another
-    registry's log.
+    """Return False, and log an error, when the stream's events belong to
+    another registry's log than the stored position.
 
-    A stream that does not carry the position, because it begins after it
-    or ends before it, cannot tell, and the position is taken as it is.
+    The stream shows that by another event at the stored position, or, when
+    it does not carry that position, by another registry id on its last
+    message. A stream without either, such as one of a cairn that publishes
+    no registry id, cannot tell, and the position is taken as it is.
     """
-    # NOTE: another registry's stream that ends before the stored position
-    # passes, and its events at or before that position are then skipped.
     found = await event_id_at(js, stream, subject_prefix, stored.position)
-    if found is None or found == stored.event_id:
-        return True
+    if found is not None:
+        if found == stored.event_id:
+            return True
+        evidence: dict[str, Any] = {
+            "stored_event_id": stored.event_id,
+            "stream_event_id": found,
+        }
+    else:
+        last_registry = await last_registry_id(js, stream)
+        if (
+            stored.registry_id is None
+            or last_registry is None
+            or last_registry == stored.registry_id
+        ):
+            return True
+        evidence = {
+            "stored_registry_id": stored.registry_id,
+            "stream_registry_id": last_registry,
+        }
     log.error(
         "stored_position_from_other_log",
         endpoint=endpoint.name,
         consumer=endpoint.consumer_name,
         stream=stream,
         position=stored.position,
-        stored_event_id=stored.event_id,
-        stream_event_id=found,
+        **evidence,
         start=endpoint.start,
-        note="the stream carries another event at the stored position, so "
-        "another registry publishes to it now; the stored position is "
-        "ignored and a missing consumer is created at the endpoint's start",
+        note="the stream carries another registry's events, so another "
+        "registry publishes to it now; the stored position is ignored and a "
+        "missing consumer is created at the endpoint's start",
     )
     return False
+
+
+async def last_registry_id(js: JetStreamContext, stream: str) -> str | None:
+    """Return the registry id on the stream's last message, or None when the
+    stream is empty or that message has no Cairn-Registry-Id."""
+    state = (await js.stream_info(stream)).state
+    if not state.last_seq:
+        return None
+    try:
+        message = await js.get_msg(stream, state.last_seq)
+    except nats.js.errors.NotFoundError:
+        return None
+    return (message.headers or {}).get(REGISTRY_ID)
 
 
 async def event_id_at(

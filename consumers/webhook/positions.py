@@ -10,7 +10,8 @@ the webhook's host.
 
 The key is ``<event stream>.<endpoint name>``, as the consumer belongs to
 the stream. The value is JSON: the position, the id of the event at that
-position, and the endpoint's ``start`` when it was written. The event id
+position, the endpoint's ``start`` when it was written, and the id of the
+registry that published that event. The event id
 shows whether a stream that carries the position still carries the same
 log.
 """
@@ -38,11 +39,14 @@ class StoredPosition:
     """The last position an endpoint handled and the id of the event there.
 
     ``start`` is the endpoint's ``start`` setting when this was written.
+    ``registry_id`` is the id of the registry that published the event, None
+    when its message had no Cairn-Registry-Id header.
     """
 
     position: int
     event_id: str
     start: str
+    registry_id: str | None = None
 
 
 class PositionStore:
@@ -82,6 +86,8 @@ class PositionStore:
             "event_id": stored.event_id,
             "start": stored.start,
         }
+        if stored.registry_id is not None:
+            document["registry_id"] = stored.registry_id
         value = json.dumps(document, separators=(",", ":")).encode()
         await kv.put(_key(stream, endpoint), value)
 
@@ -124,12 +130,14 @@ def _decode(value: bytes) -> StoredPosition | None:
     position = document.get("position")
     event_id = document.get("event_id")
     start = document.get("start")
+    registry_id = document.get("registry_id")
     if (
         not isinstance(position, int)
         or isinstance(position, bool)
         or position < 1
         or not isinstance(event_id, str)
         or not isinstance(start, str)
+        or not isinstance(registry_id, str | None)
     ):
         return None
-    return StoredPosition(position, event_id, start)
+    return StoredPosition(position, event_id, start, registry_id)

@@ -68,7 +68,7 @@ from consumers.webhook.payloads import (
 )
 from consumers.webhook.positions import PositionStore, StoredPosition
 from engine.bus.connection import describe_nats_error
-from engine.bus.messages import EVENT_ID, header_position, is_stand_in
+from engine.bus.messages import EVENT_ID, REGISTRY_ID, header_position, is_stand_in
 from engine.domain.events import EventType
 
 log = structlog.get_logger(__name__)
@@ -595,14 +595,25 @@ class EndpointWorker:
         # consumer was deleted must not make a re-created one redeliver it.
         position = header_position(message.headers)
         if position is not None:
-            self._settle(position, (message.headers or {}).get(EVENT_ID))
+            headers = message.headers or {}
+            self._settle(position, headers.get(EVENT_ID), headers.get(REGISTRY_ID))
 
-    def _settle(self, position: int, event_id: str | None) -> None:
+    def _settle(
+        self, position: int, event_id: str | None, registry_id: str | None = None
+    ) -> None:
         """Record the event at ``position`` as handled, for a re-created
-        consumer and for the position bucket."""
+        consumer and for the position bucket.
+
+        An event read from the feed has no message header, and keeps the
+        registry id of the events before it.
+        """
         self.handled_through = position
+        if registry_id is None and self.last_settled is not None:
+            registry_id = self.last_settled.registry_id
         if event_id is not None:
-            self.last_settled = StoredPosition(position, event_id, self.endpoint.start)
+            self.last_settled = StoredPosition(
+                position, event_id, self.endpoint.start, registry_id
+            )
 
     async def _full_event(
         self, stand_in: dict[str, Any], ids: dict[str, Any]
