@@ -743,6 +743,7 @@ def test_mirror_hash_check_without_header(
     assert warnings[0]["event_id"] == str(foreign.id)
     assert warnings[0]["registry_id"] is None
     assert "previous_hash" in warnings[0]["note"]
+    assert "another registry may publish" in warnings[0]["note"]
     assert manifest_status(target.url, "other/app", "v2") == 404
 
 

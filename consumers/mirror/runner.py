@@ -242,14 +242,21 @@ class MirrorRunner:
             )
         if event.get("previous_hash") == self.position_hash:
             return True
+        source_id = self.checkpoint.source_registry_id
+        if source_id is not None and live_event.registry_id == source_id:
+            cause = "the source was restored from a backup or replaced"
+        else:
+            cause = (
+                "another registry may publish to the same stream (give each "
+                "registry its own --stream or --subject-prefix), or the source "
+                "was restored or replaced"
+            )
         self._report_foreign(
             event,
             registry_id=live_event.registry_id,
             note="its previous_hash is not the hash of the source's event at "
-            "the mirror's position: another registry may publish to the same "
-            "stream (give each registry its own --stream or --subject-prefix), "
-            "or the source was restored or replaced. The mirror reads the "
-            "source's feed instead, which tells which",
+            f"the mirror's position: {cause}. The mirror reads the source's "
+            "feed instead, which tells which",
         )
         return False
 
