@@ -57,11 +57,39 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
     """Raise StorageUnavailable when the data directory or the database fails."""
     import sqlalchemy as sa
 
-    from engine.migrate import ForeignTables, NoSchema, UnknownRevision
+    from engine.identity import MissingRegistryId
+    from engine.migrate import ForeignTables, NoSchema, OutdatedSchema, UnknownRevision
+    from engine.sqlite_read_only import SqliteChanged, SqliteUnreadable
 
     data_dir = settings.data_dir.absolute()
     try:
         yield
+    except SqliteUnreadable as error:
+        if error.directory.absolute() == data_dir:
+            raise StorageUnavailable(
+                f"cannot use data directory {data_dir}: not writable, and "
+                f"{error.reason}"
+            ) from error
+        database = database_label(settings)
+        raise StorageUnavailable(f"cannot use database {database}: {error}") from error
+    except SqliteChanged as error:
+        database = database_label(settings)
+        raise StorageUnavailable(f"cannot use database {database}: {error}") from error
+    except OutdatedSchema as error:
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: its schema is at revision "
+            f"{error.revision}, older than this cairn's newest, {error.newest}, "
+            "and a command that only reads does not upgrade it; run `cairn db "
+            "upgrade` first, as a user who may write the database"
+        ) from error
+    except MissingRegistryId as error:
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: its registry id is missing, and a "
+            "command that only reads does not create it; start cairn serve "
+            "once, as a user who may write the database, which creates it"
+        ) from error
     except OSError as error:
         reason = error.strerror or str(error)
         failed_path = error.filename
@@ -177,6 +205,7 @@ def open_registry(
     *,
     create: bool,
     writable: bool = False,
+    read_only: bool = False,
     upgrade_schema: bool = True,
     adopt_data_dir: bool = False,
     require_data_dir: bool = False,
@@ -185,7 +214,10 @@ def open_registry(
 
     ``create`` allows a missing data directory, which is then created, and
     ``writable`` also checks that blobs and uploads can be written. With
-    ``upgrade_schema`` false the caller runs the migrations. The data
+    ``read_only`` nothing is written to the data directory or to a SQLite
+    database, and a schema that is not up to date raises StorageUnavailable
+    instead of being upgraded. With ``upgrade_schema`` false the caller
+    runs the migrations. The data
     directory's registry-id file is checked against the database (see
     engine.identity.bind_data_dir): ``adopt_data_dir`` writes a missing
     one, and ``require_data_dir`` rejects a directory with blobs but no
@@ -196,9 +228,11 @@ def open_registry(
     used.
     """
     from engine.identity import DataDirMismatch, bind_data_dir
-    from engine.migrate import current_revision, upgrade
+    from engine.migrate import check_schema, current_revision, upgrade
     from engine.registry import Registry
 
+    if read_only and (create or writable):
+        raise ValueError("a read-only open can neither create nor write")
     check_database_url(settings)
     with storage_errors(settings):
         if settings.database_url is None:
@@ -219,7 +253,9 @@ def open_registry(
             except DataDirMismatch as error:
                 raise StorageUnavailable(str(error)) from error
         try:
-            registry = Registry.open(settings.data_dir, settings.database_url)
+            registry = Registry.open(
+                settings.data_dir, settings.database_url, read_only=read_only
+            )
         except ImportError as error:
             database = database_label(settings)
             raise StorageUnavailable(
@@ -237,7 +273,10 @@ def open_registry(
             ):
                 _check_unbound_data_dir(settings)
             if upgrade_schema:
-                upgrade(registry.database, create=create)
+                if read_only:
+                    check_schema(registry.database)
+                else:
+                    upgrade(registry.database, create=create)
                 bind_data_dir(
                     settings.data_dir,
                     registry.registry_id(),
@@ -345,11 +384,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     )
 
     settings = StorageSettings.from_args(args)
-    registry = open_registry(settings, create=False)
-    with storage_errors(settings):
-        problems = verify(registry)
-        warnings = check_stored_manifests(registry)
-        warnings += check_manifest_contents_present(registry)
+    registry = open_registry(settings, create=False, read_only=True)
+    try:
+        with storage_errors(settings):
+            problems = verify(registry)
+            warnings = check_stored_manifests(registry)
+            warnings += check_manifest_contents_present(registry)
+            registry.database.check_unchanged()
+    finally:
+        registry.database.dispose()
     log.info("verify_finished", problems=len(problems), warnings=len(warnings))
     for warning in warnings:
         print(f"warning: {warning}")
@@ -370,7 +413,11 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
     settings = StorageSettings.from_args(args)
     registry = open_registry(
-        settings, create=False, writable=not args.dry_run, require_data_dir=True
+        settings,
+        create=False,
+        writable=not args.dry_run,
+        read_only=args.dry_run,
+        require_data_dir=True,
     )
     try:
         with storage_errors(settings):
@@ -382,6 +429,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
                     dry_run=args.dry_run,
                     unlink_unreferenced=args.unlink_unreferenced,
                 )
+                registry.database.check_unchanged()
             except GarbageCollectionFailed as failure:
                 # What the run removed before the error, then the error,
                 # which storage_errors turns into the one-line message.

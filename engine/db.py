@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from engine.domain.errors import InsufficientStorage
 from engine.log.store import APPENDED_KEY
 from engine.prepared import execute_driver_sql
+from engine.sqlite_read_only import ReadOnlySqlite
 from engine.tables import log_head
 
 log = structlog.get_logger(__name__)
@@ -155,6 +156,10 @@ def normalise_url(url: str) -> str:
     return url
 
 
+class ReadOnlyDatabase(Exception):
+    """A write to a SQLite database that was opened read-only."""
+
+
 class Database:
     """A pair of engines: one for writes, one for reads.
 
@@ -172,23 +177,42 @@ class Database:
         *,
         echo: bool = False,
         busy_timeout: float = SQLITE_BUSY_TIMEOUT,
+        read_only: bool = False,
     ) -> None:
         """Open the engines of ``url``. On SQLite, a statement waits at most
-        ``busy_timeout`` seconds for another process's lock."""
+        ``busy_timeout`` seconds for another process's lock.
+
+        On SQLite, ``read_only`` opens the file read-only and creates no
+        file beside it (see engine.sqlite_read_only), and write(),
+        transaction() and scratch() raise ReadOnlyDatabase. It raises
+        SqliteUnreadable when the file cannot be read that way. PostgreSQL
+        ignores ``read_only``: its grants decide what a user may write.
+        """
         self.url = normalise_url(url)
         # Called with the events of each write transaction after it commits,
         # from the committing thread; the bus relay uses this to wake up.
         self.append_listeners: list[Callable[[list[Any]], None]] = []
         self.dialect = sa.make_url(self.url).get_backend_name()
         self._read_lock_statement: str | None = None
+        self.read_only: ReadOnlySqlite | None = None
         if self.is_sqlite:
+            database = sa.make_url(self.url).database or ""
+            if read_only:
+                self.read_only = ReadOnlySqlite.inspect(Path(database))
             self._writer = _sqlite_engine(
-                self.url, immediate=True, echo=echo, busy_timeout=busy_timeout
+                self.url,
+                immediate=True,
+                echo=echo,
+                busy_timeout=busy_timeout,
+                read_only=self.read_only,
             )
             self._reader = _sqlite_engine(
-                self.url, immediate=False, echo=echo, busy_timeout=busy_timeout
+                self.url,
+                immediate=False,
+                echo=echo,
+                busy_timeout=busy_timeout,
+                read_only=self.read_only,
             )
-            database = sa.make_url(self.url).database or ""
             self._group = GroupCommit(self._writer, Path(f"{database}-wal"))
         else:
             self._writer = sa.create_engine(
@@ -222,6 +246,7 @@ class Database:
         GroupCommit), and its changes commit or roll back as one unit of it.
         Raises InsufficientStorage when the database's disk is full.
         """
+        self._check_writable()
         appended: list[Any] = []
         with database_full_errors(), self._write_connection() as conn:
             if not self.is_sqlite:
@@ -239,6 +264,7 @@ class Database:
     def scratch(self) -> Iterator[Connection]:
         """Open a transaction that holds the append lock and is always rolled
         back, for checks that change tables only to compare them."""
+        self._check_writable()
         if self.is_sqlite:
             with self._group.member(rollback=True) as conn:
                 yield conn
@@ -260,6 +286,7 @@ class Database:
         as an upload session that has received no blob yet. Raises
         InsufficientStorage when the database's disk is full.
         """
+        self._check_writable()
         with database_full_errors():
             if not self.is_sqlite:
                 with self._writer.begin() as conn:
@@ -269,6 +296,17 @@ class Database:
                 return
             with self._group.member(durable=durable) as conn:
                 yield conn
+
+    def check_unchanged(self) -> None:
+        """Raise SqliteChanged when a SQLite file opened read-only without
+        locks was written since it was opened, so that what was read may
+        mix two states."""
+        if self.read_only is not None:
+            self.read_only.check_unchanged()
+
+    def _check_writable(self) -> None:
+        if self.read_only is not None:
+            raise ReadOnlyDatabase(f"{self.read_only.path} was opened read-only")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -504,14 +542,24 @@ class GroupCommit:
 
 
 def _sqlite_engine(
-    url: str, *, immediate: bool, echo: bool, busy_timeout: float
+    url: str,
+    *,
+    immediate: bool,
+    echo: bool,
+    busy_timeout: float,
+    read_only: ReadOnlySqlite | None = None,
 ) -> Engine:
+    options: dict[str, Any] = {}
+    if read_only is not None:
+        # The URL still selects SQLAlchemy's pool for a database file.
+        options["creator"] = lambda: read_only.connect(busy_timeout)
     engine = sa.create_engine(
         url,
         echo=echo,
         connect_args={"timeout": busy_timeout, "check_same_thread": False},
         pool_size=8,
         max_overflow=8,
+        **options,
     )
     begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
 
@@ -521,11 +569,12 @@ def _sqlite_engine(
         # begin; the module's own implicit BEGIN would defeat BEGIN IMMEDIATE.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # NORMAL syncs the log at checkpoints only; GroupCommit syncs it
-        # after every durable commit, so a committed push survives a power
-        # cut, not only a process crash.
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        if read_only is None:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # NORMAL syncs the log at checkpoints only; GroupCommit syncs it
+            # after every durable commit, so a committed push survives a
+            # power cut, not only a process crash.
+            cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

@@ -19,16 +19,23 @@ from engine.tables import blob_links, registry_identity
 _SELECT = sa.select(registry_identity.c.registry_id).where(registry_identity.c.id == 1)
 
 
+class MissingRegistryId(Exception):
+    """A database opened read-only whose registry id row is missing."""
+
+
 def load_registry_id(database: Database) -> str:
     """Return the registry id, creating it if its row is missing.
 
     The row is missing only when someone emptied the table. Concurrent
     servers then race to insert it, and all of them read the winner's id.
+    A database opened read-only raises MissingRegistryId instead.
     """
     with database.read() as conn:
         stored = conn.execute(_SELECT).scalar_one_or_none()
     if stored is not None:
         return str(stored)
+    if database.read_only is not None:
+        raise MissingRegistryId()
     dialect = sqlite if database.is_sqlite else postgresql
     insert = (
         dialect.insert(registry_identity)

@@ -60,6 +60,36 @@ class ForeignTables(Exception):
         self.names = names
 
 
+class OutdatedSchema(Exception):
+    """A database schema at an older revision than this cairn's newest."""
+
+    def __init__(self, revision: str, newest: str | None) -> None:
+        super().__init__(revision, newest)
+        self.revision = revision
+        self.newest = newest
+
+
+def check_schema(database: Database) -> None:
+    """Raise unless the database schema is at this cairn's newest revision,
+    without writing to the database.
+
+    Raises NoSchema for a database without cairn's schema, UnknownRevision
+    for a revision that this cairn does not know, and OutdatedSchema for an
+    older one, which `cairn db upgrade` brings up to date.
+    """
+    script = ScriptDirectory.from_config(_config())
+    with database.read() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    known = {script_revision.revision for script_revision in script.walk_revisions()}
+    newest = script.get_current_head()
+    if current is None:
+        raise NoSchema()
+    if current not in known:
+        raise UnknownRevision(current, newest)
+    if current != newest:
+        raise OutdatedSchema(current, newest)
+
+
 def upgrade(
     database: Database, revision: str = "head", *, create: bool = True
 ) -> tuple[str | None, str | None]:

@@ -225,12 +225,19 @@ class Registry:
         self._registry_id: str | None = None
 
     @classmethod
-    def open(cls, data_dir: Path, database_url: str | None = None) -> Registry:
+    def open(
+        cls, data_dir: Path, database_url: str | None = None, *, read_only: bool = False
+    ) -> Registry:
+        """Open the registry in ``data_dir``, creating the directory unless
+        ``read_only``. With ``read_only`` no file in the data directory is
+        created or written, and a SQLite database is opened read-only (see
+        Database and BlobStore)."""
         from engine.db import sqlite_url
 
-        data_dir.mkdir(parents=True, exist_ok=True)
-        database = Database(database_url or sqlite_url(data_dir))
-        return cls(database, BlobStore(data_dir))
+        if not read_only:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(database_url or sqlite_url(data_dir), read_only=read_only)
+        return cls(database, BlobStore(data_dir, read_only=read_only))
 
     def registry_id(self) -> str:
         """Return the random id of this registry (see engine.identity)."""
@@ -316,21 +323,28 @@ class Registry:
             if not self._staging_written_since(upload_id, cutoff)
         }
         stale = candidates
-        with self.database.transaction() as conn:
-            if candidates and not dry_run:
-                deleted = conn.execute(
-                    sa.delete(uploads)
-                    .where(
-                        uploads.c.id.in_(candidates) & (uploads.c.updated_at < cutoff)
-                    )
-                    .returning(uploads.c.id)
-                ).scalars()
-                stale = set(deleted)
-            live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
+        if dry_run:
+            # A read transaction, so that a dry run works on a database that
+            # its user may only read.
+            with self.database.read() as conn:
+                live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
+        else:
+            with self.database.transaction() as conn:
+                if candidates:
+                    deleted = conn.execute(
+                        sa.delete(uploads)
+                        .where(
+                            uploads.c.id.in_(candidates)
+                            & (uploads.c.updated_at < cutoff)
+                        )
+                        .returning(uploads.c.id)
+                    ).scalars()
+                    stale = set(deleted)
+                live = set(conn.execute(sa.select(uploads.c.id)).scalars()) - stale
 
         purge.sessions.extend(sorted(stale))
         removed = 0
-        for path in sorted(self.blob_store.paths.staging_dir.iterdir()):
+        for path in self._staging_entries():
             if path.name in live:
                 continue
             try:
@@ -362,6 +376,14 @@ class Registry:
         if not dry_run:
             self._close_staged_without_session()
         return purge
+
+    def _staging_entries(self) -> list[Path]:
+        """List ``uploads/`` in name order; a missing directory, which a
+        read-only open does not create, lists as empty."""
+        try:
+            return sorted(self.blob_store.paths.staging_dir.iterdir())
+        except FileNotFoundError:
+            return []
 
     def _staging_written_since(self, upload_id: str, cutoff: datetime) -> bool:
         """Return True when the staging file of ``upload_id`` was written

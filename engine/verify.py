@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from engine.projections.rebuild import (
     ReplayError,
     clear_projections,
     diff_projections,
+    projection_tables,
     replay,
     snapshot_projections,
 )
@@ -159,8 +162,15 @@ def verify_manifest_contents(registry: Registry) -> list[str]:
 
 
 def verify_projections(registry: Registry) -> list[str]:
-    """Replay the log inside a transaction that is rolled back, and compare."""
-    with registry.database.scratch() as conn:
+    """Replay the log inside a transaction that is rolled back, and compare.
+
+    A SQLite database opened read-only cannot take even changes that are
+    rolled back, so the replay there writes to temporary tables instead.
+    """
+    database = registry.database
+    if database.read_only is not None:
+        return _verify_projections_read_only(registry)
+    with database.scratch() as conn:
         live = snapshot_projections(conn)
         clear_projections(conn)
         try:
@@ -169,6 +179,54 @@ def verify_projections(registry: Registry) -> list[str]:
             return [f"projections: {exc}"]
         rebuilt = snapshot_projections(conn)
     return diff_projections(live, rebuilt)
+
+
+def _verify_projections_read_only(registry: Registry) -> list[str]:
+    """Replay the log of a read-only SQLite database into temporary tables
+    and compare them with the projections, in one read transaction."""
+    with registry.database.read() as conn:
+        live = snapshot_projections(conn)
+        with _temporary_projection_tables(conn):
+            try:
+                replay(conn, ALL_PROJECTIONS)
+            except ReplayError as exc:
+                return [f"projections: {exc}"]
+            rebuilt = snapshot_projections(conn)
+    return diff_projections(live, rebuilt)
+
+
+@contextmanager
+def _temporary_projection_tables(conn: Connection) -> Iterator[None]:
+    """Create an empty temporary table with the definition of each
+    projection table, and drop them all at the end.
+
+    SQLite looks up a table name without a schema in the ``temp`` schema
+    before ``main``, so the statements of a replay and of
+    snapshot_projections on ``conn`` use these tables meanwhile. A
+    read-only connection may write them, because the ``temp`` schema is
+    not stored in the database file. The secondary indexes are not copied,
+    because they change no row.
+    """
+    names = [table.name for table in projection_tables()]
+    placeholders = ", ".join("?" * len(names))
+    # SQLite stores each CREATE TABLE with those two keywords first, in
+    # upper case (SQLite documentation, "The Schema Table").
+    definitions = conn.exec_driver_sql(
+        "SELECT name, sql FROM main.sqlite_master "
+        f"WHERE type = 'table' AND name IN ({placeholders})",
+        tuple(names),
+    ).all()
+    quote = conn.dialect.identifier_preparer.quote
+    created: list[str] = []
+    try:
+        for name, definition in definitions:
+            statement = definition.removeprefix("CREATE TABLE ")
+            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {statement}")
+            created.append(name)
+        yield
+    finally:
+        for name in created:
+            conn.exec_driver_sql(f"DROP TABLE temp.{quote(name)}")
 
 
 def check_stored_manifests(registry: Registry) -> list[str]:

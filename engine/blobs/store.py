@@ -465,11 +465,19 @@ class StagedBlob:
 
 
 class BlobStore:
-    """Content-addressed blob files; each blob is stored once."""
+    """Content-addressed blob files; each blob is stored once.
 
-    def __init__(self, root: Path) -> None:
+    A store opened ``read_only`` neither creates ``blobs/`` and ``uploads/``
+    nor probes ``uploads/`` for O_DIRECT, so it works in a directory that
+    its user may only read.
+    """
+
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.paths = BlobPaths(root)
         self._directories = DurableDirectories()
+        self.direct_io = False
+        if read_only:
+            return
         self.paths.staging_dir.mkdir(parents=True, exist_ok=True)
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         self.direct_io = accepts_direct_io(self.paths.staging_dir)
