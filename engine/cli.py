@@ -200,6 +200,36 @@ def check_writable(registry: Registry, settings: StorageSettings) -> None:
         raise StorageUnavailable(f"cannot use data directory {data_dir}: {reason}")
 
 
+def check_sqlite_writable(settings: StorageSettings) -> None:
+    """Raise StorageUnavailable when an existing SQLite database file, or the
+    directory where SQLite creates its -wal and -shm files, is not writable.
+
+    SQLite's own error for them, "attempt to write a readonly database",
+    names neither the file nor the directory.
+    """
+    from engine.db import SQLITE_FILE
+
+    if settings.database_url is None:
+        sqlite_file: Path | None = settings.data_dir / SQLITE_FILE
+    else:
+        sqlite_file = _sqlite_file(settings.database_url)
+    if sqlite_file is None or not sqlite_file.exists():
+        return
+    data_dir = settings.data_dir.absolute()
+    directory = sqlite_file.parent.absolute()
+    checks = ((directory, os.W_OK | os.X_OK), (sqlite_file.absolute(), os.W_OK))
+    for path, access in checks:
+        if os.access(path, access):
+            continue
+        if directory != data_dir:
+            database = database_label(settings)
+            raise StorageUnavailable(
+                f"cannot use database {database}: {path} is not writable"
+            )
+        reason = "not writable" if path == directory else f"{path} is not writable"
+        raise StorageUnavailable(f"cannot use data directory {data_dir}: {reason}")
+
+
 def open_registry(
     settings: StorageSettings,
     *,
@@ -238,6 +268,8 @@ def open_registry(
         if settings.database_url is None:
             _check_default_database(settings)
         check_data_dir(settings, create=create)
+        if not read_only:
+            check_sqlite_writable(settings)
         sqlite_file = _sqlite_file(settings.database_url)
         if sqlite_file is not None and not sqlite_file.exists():
             # Opening the file would create it, empty.

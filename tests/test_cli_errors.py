@@ -203,8 +203,27 @@ def test_used_data_dir_not_writable(command: str, locked_dir: Path) -> None:
         *STORAGE_COMMANDS[command], "--data-dir", str(data_dir), unprivileged=True
     )
 
-    assert_storage_error(result, "cannot use ")
-    assert str(data_dir) in result.messages[0]
+    assert_storage_error(result, f"cannot use data directory {data_dir}: not writable")
+
+
+@pytest.mark.parametrize("command", WRITING_COMMANDS)
+def test_database_file_not_writable(command: str, locked_dir: Path) -> None:
+    data_dir = locked_dir / "data"
+    locked_dir.chmod(0o755)
+    assert run_cairn("db", "upgrade", "--data-dir", str(data_dir)).status == 0
+    for path in [data_dir, data_dir / "blobs", data_dir / "uploads"]:
+        path.chmod(0o777)
+    database_file = data_dir / "cairn.db"
+    database_file.chmod(0o444)
+
+    result = run_cairn(
+        *STORAGE_COMMANDS[command], "--data-dir", str(data_dir), unprivileged=True
+    )
+
+    assert_storage_error(
+        result,
+        f"cannot use data directory {data_dir}: {database_file} is not writable",
+    )
 
 
 @pytest.mark.parametrize("command", list(STORAGE_COMMANDS))
