@@ -19,7 +19,7 @@ with, behaves as follows for a user who may not write the directory:
   a ``-wal`` file, so it misses every change that the log still holds.
 
 So immutable=1 is used only when none of ``-wal``, ``-shm`` and
-``-journal`` exists, when the database file holds every committed change.
+``-journal`` exists, when the database file contains every committed change.
 A `cairn serve` that starts meanwhile writes its changes to a new ``-wal``
 file, which the reader does not see, and they reach the database file only
 at a checkpoint. check_unchanged() detects such a checkpoint by the file's
