@@ -208,9 +208,11 @@ def test_time_ranges_widen_to_whole_hours(
     pushed_at = datetime.fromisoformat(
         api.get(f"{API}/events", params={"n": 1}).json()["events"][0]["time"]
     )
-    hour = pushed_at.replace(minute=0, second=0, microsecond=0)
-    since = (pushed_at + timedelta(microseconds=1)).isoformat()
-    until = (hour + timedelta(minutes=59)).isoformat()
+    # Both ends lie in the hour of ``since``, whatever the clock shows.
+    since_time = pushed_at + timedelta(microseconds=1)
+    hour = since_time.replace(minute=0, second=0, microsecond=0)
+    since = since_time.isoformat()
+    until = max(since_time, hour + timedelta(minutes=59)).isoformat()
 
     top = api.get(f"{API}/top", params={"by": "activity", "since": since})
     series = api.get(f"{API}/activity", params={"since": since, "until": until})
