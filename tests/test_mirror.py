@@ -3,6 +3,7 @@ docker-registry and skopeo, every one on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,20 +118,47 @@ class FeedReads:
         await self._app(scope, receive, send)
 
 
+class BlobGate:
+    """An ASGI wrapper that holds every blob GET to ``app`` until ``open``."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._open = threading.Event()
+        self._app: Any = None
+
+    def wrap(self, app: Any) -> BlobGate:
+        self._app = app
+        return self
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and "/blobs/" in scope["path"]
+        ):
+            self.held += 1
+            while not self._open.is_set():
+                await asyncio.sleep(0.02)
+        await self._app(scope, receive, send)
+
+
 @contextmanager
 def cairn_on_nats(
-    directory: Path, nats_url: str, feed_reads: FeedReads | None = None
+    directory: Path, nats_url: str, wrapper: FeedReads | BlobGate | None = None
 ) -> Iterator[str]:
-    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``;
-    ``feed_reads`` counts the requests to its event feed."""
+    """Serve a cairn on 127.0.0.1 whose relay publishes to ``nats_url``,
+    behind ``wrapper`` when one is given."""
     data_dir = directory / "data"
     data_dir.mkdir(parents=True)
     registry = Registry.open(data_dir, f"sqlite:///{directory / 'cairn.db'}")
     upgrade(registry.database)
     bus = Bus(fast_settings(nats_url), registry.database, data_dir)
     app: Any = create_app(registry, bus)
-    if feed_reads is not None:
-        app = feed_reads.wrap(app)
+    if wrapper is not None:
+        app = wrapper.wrap(app)
     try:
         with BusThread(bus), running(app) as server:
             yield server.url
@@ -857,6 +886,46 @@ def test_mirror_polls_while_nats_down(
         assert events.count("mirror_following_nats") == 1
         assert events.index("mirror_polling") < events.index("mirror_following_nats")
         assert list_tags(target.url, "library/app") == ["v1", "v2", "v3"]
+
+
+def test_mirror_polls_when_nats_drops_during_catch_up(
+    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+) -> None:
+    # The mirror follows NATS while it still copies v1, whose blobs the
+    # gate holds, and NATS stops before the copy ends.
+    gate = BlobGate()
+    with cairn_on_nats(tmp_path / "source", nats_server.url, gate) as source_url:
+        with httpx.Client(base_url=source_url) as client:
+            push_image(client, "library/app", make_image(), "v1")
+        log_path = tmp_path / "mirror.log"
+        mirror = start_mirror(
+            source_url,
+            target.url,
+            log_path,
+            "--nats",
+            nats_server.url,
+            "--poll-interval",
+            "0.2",
+        )
+        try:
+            wait_until(lambda: gate.held, WAIT)
+            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+            nats_server.kill()
+            gate.open()
+            wait_until(lambda: "mirror_polling" in logged_events(log_path), WAIT)
+            with httpx.Client(base_url=source_url) as client:
+                push_image(client, "library/app", make_image(), "v2")
+            wait_until(
+                lambda: manifest_status(target.url, "library/app", "v2") == 200, 20
+            )
+        finally:
+            mirror.terminate()
+            status = mirror.wait(30)
+        assert status == 0
+        events = logged_events(log_path)
+        assert events.index("nats_following") < events.index("mirror_caught_up")
+        assert events.index("mirror_caught_up") < events.index("mirror_polling")
+        assert list_tags(target.url, "library/app") == ["v1", "v2"]
 
 
 def test_mirror_reports_index_missing_child(

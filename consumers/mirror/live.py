@@ -62,6 +62,9 @@ class LiveEvents:
         self.queue: asyncio.Queue[LiveEvent] = asyncio.Queue(QUEUE_SIZE)
         # Set while the consumer of the current connection delivers.
         self.subscribed = asyncio.Event()
+        # Whether a consumer has delivered at some time, logged as
+        # nats_following the first time.
+        self.has_followed = False
         self.dropped = 0
         # The highest position of a message received from the source, for
         # progress reports.
@@ -138,6 +141,7 @@ class LiveEvents:
         while True:
             subscription = await self._subscribe(js)
             subscriptions += 1
+            self.has_followed = True
             self.subscribed.set()
             self._changed.set()
             if subscriptions == 1:

@@ -104,9 +104,9 @@ class MirrorRunner:
         # Whether a NATS event that did not follow the position was logged.
         self._reported_foreign = False
         self._saved_at = time.monotonic()
-        # Whether the last wait was for NATS. It stays None until the mirror
-        # first follows NATS, which LiveEvents logs as nats_following, so
-        # only later switches to polling and back are logged here.
+        # Whether the last wait was for NATS, None before the first wait.
+        # LiveEvents logs the first subscription as nats_following, so only
+        # later switches to polling and back are logged here.
         self._following: bool | None = None
 
     def mirrored(self, repository: str) -> bool:
@@ -284,7 +284,9 @@ class MirrorRunner:
             await asyncio.sleep(self.settings.poll_interval)
             return None
         if not live.following:
-            if self._following:
+            # A connection lost before the first wait counts as a switch
+            # when NATS was followed before it, during the catch-up.
+            if self._following or (self._following is None and live.has_followed):
                 log.warning(
                     "mirror_polling",
                     reason="the NATS connection was lost",
