@@ -42,8 +42,8 @@ SIDE_FILE_SUFFIXES = ("-wal", "-shm", "-journal")
 
 class SqliteUnreadable(Exception):
     """A SQLite database that cannot be read without creating a file in
-    ``directory``, which is not writable; ``reason`` says why and what to
-    do."""
+    ``directory``, which is not writable. ``reason`` gives the cause and
+    the next step."""
 
     def __init__(self, directory: Path, reason: str) -> None:
         super().__init__(f"{directory} is not writable, and {reason}")

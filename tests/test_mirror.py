@@ -119,10 +119,11 @@ class FeedReads:
 
 
 class BlobGate:
-    """An ASGI wrapper that holds every blob GET to ``app`` until ``open``."""
+    """An ASGI wrapper that delays every blob GET to ``app`` until ``open``
+    is called, and counts the delayed requests."""
 
     def __init__(self) -> None:
-        self.held = 0
+        self.delayed = 0
         self._open = threading.Event()
         self._app: Any = None
 
@@ -139,7 +140,7 @@ class BlobGate:
             and scope["method"] == "GET"
             and "/blobs/" in scope["path"]
         ):
-            self.held += 1
+            self.delayed += 1
             while not self._open.is_set():
                 await asyncio.sleep(0.02)
         await self._app(scope, receive, send)
@@ -908,7 +909,7 @@ def test_mirror_polls_when_nats_drops_during_catch_up(
             "0.2",
         )
         try:
-            wait_until(lambda: gate.held, WAIT)
+            wait_until(lambda: gate.delayed, WAIT)
             wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
             nats_server.kill()
             gate.open()
