@@ -183,8 +183,8 @@ class Database:
         ``busy_timeout`` seconds for another process's lock.
 
         On SQLite, ``read_only`` opens the file read-only and creates no
-        file beside it (see engine.sqlite_read_only), and write(),
-        transaction() and scratch() raise ReadOnlyDatabase. It raises
+        file beside it (see engine.sqlite_read_only), and write() and
+        transaction() raise ReadOnlyDatabase. It raises
         SqliteUnreadable when the file cannot be read that way. PostgreSQL
         ignores ``read_only``: its grants decide what a user may write.
         """
@@ -262,17 +262,27 @@ class Database:
 
     @contextmanager
     def scratch(self) -> Iterator[Connection]:
-        """Open a transaction that holds the append lock and is always rolled
-        back, for checks that change tables only to compare them."""
-        self._check_writable()
+        """Open a transaction whose statements all see one state, that may
+        write temporary tables only, and that is always rolled back.
+
+        It takes no write lock, so writers go on meanwhile. On SQLite it is
+        a read transaction, and writes to the ``temp`` schema need no lock
+        of the database file. On PostgreSQL a read-only transaction may not
+        create tables, so it is a REPEATABLE READ transaction of the writer
+        engine that starts like read(). It drops the connection's prepared
+        statements first: one prepared before a temporary table shadowed
+        its table would go on using the stored table.
+        """
         if self.is_sqlite:
-            with self._group.member(rollback=True) as conn:
+            with self.read() as conn:
                 yield conn
             return
         with self._writer.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
             transaction = conn.begin()
             try:
-                self._lock_head(conn)
+                execute_driver_sql(conn, "DEALLOCATE ALL")
+                execute_driver_sql(conn, self._projection_share_lock())
                 yield conn
             finally:
                 transaction.rollback()

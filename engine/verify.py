@@ -36,7 +36,6 @@ from engine.domain.manifests import FOREIGN_LAYER_TYPES, parse_manifest
 from engine.projections import ALL_PROJECTIONS
 from engine.projections.rebuild import (
     ReplayError,
-    clear_projections,
     diff_projections,
     projection_tables,
     replay,
@@ -162,29 +161,14 @@ def verify_manifest_contents(registry: Registry) -> list[str]:
 
 
 def verify_projections(registry: Registry) -> list[str]:
-    """Replay the log inside a transaction that is rolled back, and compare.
+    """Replay the log into temporary tables and compare them with the
+    projections, in one transaction that reads one snapshot.
 
-    A SQLite database opened read-only cannot take even changes that are
-    rolled back, so the replay there writes to temporary tables instead.
+    Writers go on meanwhile, and a database that the user may only read
+    works too: a SQLite file opened read-only, or a PostgreSQL role that
+    may read the tables and create temporary ones.
     """
-    database = registry.database
-    if database.read_only is not None:
-        return _verify_projections_read_only(registry)
-    with database.scratch() as conn:
-        live = snapshot_projections(conn)
-        clear_projections(conn)
-        try:
-            replay(conn, ALL_PROJECTIONS)
-        except ReplayError as exc:
-            return [f"projections: {exc}"]
-        rebuilt = snapshot_projections(conn)
-    return diff_projections(live, rebuilt)
-
-
-def _verify_projections_read_only(registry: Registry) -> list[str]:
-    """Replay the log of a read-only SQLite database into temporary tables
-    and compare them with the projections, in one read transaction."""
-    with registry.database.read() as conn:
+    with registry.database.scratch() as conn:
         live = snapshot_projections(conn)
         with _temporary_projection_tables(conn):
             try:
@@ -197,36 +181,61 @@ def _verify_projections_read_only(registry: Registry) -> list[str]:
 
 @contextmanager
 def _temporary_projection_tables(conn: Connection) -> Iterator[None]:
-    """Create an empty temporary table with the definition of each
-    projection table, and drop them all at the end.
+    """Create an empty temporary table like each projection table, and drop
+    them all at the end.
 
-    SQLite looks up a table name without a schema in the ``temp`` schema
-    before ``main``, so the statements of a replay and of
-    snapshot_projections on ``conn`` use these tables meanwhile. A
-    read-only connection may write them, because the ``temp`` schema is
-    not stored in the database file. The secondary indexes are not copied,
-    because they change no row.
+    Both SQLite and PostgreSQL look up a table name without a schema among
+    the temporary tables first (PostgreSQL manual, "search_path"), so the
+    statements of a replay and of snapshot_projections on ``conn`` use
+    these tables meanwhile.
     """
     names = [table.name for table in projection_tables()]
-    placeholders = ", ".join("?" * len(names))
-    # SQLite stores each CREATE TABLE with those two keywords first, in
-    # upper case (SQLite documentation, "The Schema Table").
-    definitions = conn.exec_driver_sql(
-        "SELECT name, sql FROM main.sqlite_master "
-        f"WHERE type = 'table' AND name IN ({placeholders})",
-        tuple(names),
-    ).all()
     quote = conn.dialect.identifier_preparer.quote
+    if conn.dialect.name == "sqlite":
+        statements = _sqlite_temporary_tables(conn, names)
+        schema = "temp"
+    else:
+        # The copied indexes include the unique ones that the replay's
+        # ON CONFLICT clauses name.
+        statements = [
+            f"CREATE TEMPORARY TABLE {quote(name)} "
+            f"(LIKE {quote(name)} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+            "INCLUDING INDEXES)"
+            for name in names
+        ]
+        schema = "pg_temp"
     created: list[str] = []
     try:
-        for name, definition in definitions:
-            statement = definition.removeprefix("CREATE TABLE ")
-            conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {statement}")
+        for name, statement in zip(names, statements, strict=True):
+            conn.exec_driver_sql(statement)
             created.append(name)
         yield
     finally:
         for name in created:
-            conn.exec_driver_sql(f"DROP TABLE temp.{quote(name)}")
+            conn.exec_driver_sql(f"DROP TABLE {schema}.{quote(name)}")
+
+
+def _sqlite_temporary_tables(conn: Connection, names: list[str]) -> list[str]:
+    """Return a CREATE TEMPORARY TABLE statement for each of the tables
+    ``names``, with the table's own definition.
+
+    A connection to a read-only file may create them, because the ``temp``
+    schema is not stored in the database file. The secondary indexes are
+    not copied, because they change no row.
+    """
+    placeholders = ", ".join("?" * len(names))
+    # SQLite stores each CREATE TABLE with those two keywords first, in
+    # upper case (SQLite documentation, "The Schema Table").
+    rows = conn.exec_driver_sql(
+        "SELECT name, sql FROM main.sqlite_master "
+        f"WHERE type = 'table' AND name IN ({placeholders})",
+        tuple(names),
+    )
+    definitions: dict[str, str] = {name: sql for name, sql in rows}
+    return [
+        "CREATE TEMPORARY TABLE " + definitions[name].removeprefix("CREATE TABLE ")
+        for name in names
+    ]
 
 
 def check_stored_manifests(registry: Registry) -> list[str]:

@@ -757,6 +757,23 @@ def test_verify_finds_projection_drift(registry: Registry) -> None:
     assert count(registry, tags) == 0
 
 
+def test_verify_replay_lets_writes_commit(registry: Registry) -> None:
+    repo = registry.repository("busy")
+    image = make_image()
+    push_image(repo, image)
+    with registry.database.scratch() as conn:
+        before = snapshot_projections(conn)
+        writer = threading.Thread(target=repo.tags.tag, args=("later", image.digest))
+        writer.start()
+        writer.join(20)
+
+        assert not writer.is_alive()
+        assert snapshot_projections(conn) == before
+
+    assert repo.tags.list() == ["later", "latest"]
+    assert verify(registry) == []
+
+
 def _expire_upload(registry: Registry, upload_id: str) -> None:
     """Make an upload look idle for three days: its session and its staging
     file."""

@@ -17,10 +17,11 @@ from alembic.runtime.migration import MigrationContext
 
 from engine.db import Database, sqlite_url
 from engine.domain.digest import Digest
+from engine.identity import load_registry_id
 from engine.migrate import _config, current_revision, head_revision, upgrade
 from engine.registry import Registry
 from engine.tables import BYTE_ORDER_INDEXES, metadata
-from tests.conftest import ADMIN_URL
+from tests.conftest import ADMIN_URL, reset_postgres
 from tests.images import make_image
 
 
@@ -186,6 +187,46 @@ def test_cli_upgrade_rebuild_verify(tmp_path: Path, database_url: str) -> None:
     assert broken.returncode == 1
     assert "position 1" in broken.stdout
     registry.database.dispose()
+
+
+def test_verify_as_role_that_only_reads(tmp_path: Path, postgres_url: str) -> None:
+    reset_postgres(postgres_url)
+    data_dir = tmp_path / "data"
+    registry = Registry.open(data_dir, postgres_url)
+    image = make_image()
+    repo = registry.repository("reader")
+    for blob in image.blobs:
+        repo.blobs.push(Digest.of(blob), [blob])
+    repo.manifests.put(image.manifest, tag="latest")
+    # reset_postgres emptied the row that migrations write.
+    load_registry_id(registry.database)
+    registry.database.dispose()
+
+    role = f"cairn_test_reader_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+    reader_url = (
+        sa.make_url(postgres_url)
+        .set(username=role, password=None)
+        .render_as_string(hide_password=False)
+    )
+    verify = ("verify", "--data-dir", str(data_dir), "--database", reader_url)
+    try:
+        verified = cairn(*verify)
+        with admin.connect() as conn:
+            conn.exec_driver_sql("DELETE FROM tags")
+        drifted = cairn(*verify)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+        admin.dispose()
+
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert drifted.returncode == 1, drifted.stdout + drifted.stderr
+    assert "projection tags:" in drifted.stdout
 
 
 def test_generation_migration_keeps_checkpoints(tmp_path: Path) -> None:
