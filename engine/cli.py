@@ -121,6 +121,18 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
             "create; point --database or CAIRN_DATABASE_URL at an empty "
             "database or at a cairn database"
         ) from error
+    except sa.exc.ProgrammingError as error:
+        # PostgreSQL's insufficient_privilege. Other programming errors are
+        # bugs and keep their traceback.
+        if getattr(error.orig, "sqlstate", None) != "42501":
+            raise
+        database = database_label(settings)
+        raise StorageUnavailable(
+            f"cannot use database {database}: {_first_line(error)}; run the "
+            "command as a database user that may write cairn's tables (verify "
+            "and gc --dry-run need only to read them and to create temporary "
+            "tables)"
+        ) from error
     except sa.exc.DatabaseError as error:
         # OperationalError covers a database that cannot be reached or is
         # locked. A plain DatabaseError is SQLite's for a damaged file ("file
@@ -128,12 +140,18 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
         # are bugs and keep their traceback.
         if type(error) not in (sa.exc.OperationalError, sa.exc.DatabaseError):
             raise
-        # Only the driver's first line is kept, because psycopg adds hint
-        # lines after it.
-        lines = str(error.orig).strip().splitlines()
-        reason = lines[0] if lines else type(error.orig).__name__
         database = database_label(settings)
-        raise StorageUnavailable(f"cannot use database {database}: {reason}") from error
+        raise StorageUnavailable(
+            f"cannot use database {database}: {_first_line(error)}"
+        ) from error
+
+
+def _first_line(error: Exception) -> str:
+    """Return the first line of the driver's message for ``error``, a
+    SQLAlchemy DBAPIError. psycopg adds hint lines after it."""
+    driver_error = getattr(error, "orig", None)
+    lines = str(driver_error).strip().splitlines()
+    return lines[0] if lines else type(driver_error).__name__
 
 
 def check_database_url(settings: StorageSettings) -> None:
@@ -198,6 +216,37 @@ def check_writable(registry: Registry, settings: StorageSettings) -> None:
         if directory.absolute() != data_dir:
             reason = f"{directory} is not writable"
         raise StorageUnavailable(f"cannot use data directory {data_dir}: {reason}")
+
+
+# The privileges without which no push can commit: appending to the log,
+# and the row lock on its head that every append takes.
+POSTGRES_WRITE_PRIVILEGES = (("events", "INSERT"), ("log_head", "UPDATE"))
+
+
+def check_postgres_writable(registry: Registry, settings: StorageSettings) -> None:
+    """Raise StorageUnavailable when the PostgreSQL user lacks one of
+    POSTGRES_WRITE_PRIVILEGES.
+
+    Without them, every push fails with a permission error. A role that
+    may not update or delete events still passes, so an operator may take
+    those privileges away to keep the log append-only.
+    """
+    import sqlalchemy as sa
+
+    query = sa.text("SELECT current_user, has_table_privilege(:table, :privilege)")
+    with registry.database.read() as conn:
+        for table, privilege in POSTGRES_WRITE_PRIVILEGES:
+            user, granted = conn.execute(
+                query, {"table": table, "privilege": privilege}
+            ).one()
+            if not granted:
+                raise StorageUnavailable(
+                    f"cannot use database {database_label(settings)}: user "
+                    f"{user} lacks the {privilege} privilege on table {table}, "
+                    "which every change to the registry needs; grant INSERT, "
+                    "UPDATE and DELETE on cairn's tables, or connect as the "
+                    "user that ran `cairn db upgrade`"
+                )
 
 
 def check_sqlite_writable(settings: StorageSettings) -> None:
@@ -321,6 +370,8 @@ def open_registry(
                         registry.database if settings.database_url is not None else None
                     ),
                 )
+            if writable and not registry.database.is_sqlite:
+                check_postgres_writable(registry, settings)
     except DataDirMismatch as error:
         registry.database.dispose()
         raise StorageUnavailable(str(error)) from error

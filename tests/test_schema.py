@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -189,8 +190,32 @@ def test_cli_upgrade_rebuild_verify(tmp_path: Path, database_url: str) -> None:
     registry.database.dispose()
 
 
-def test_verify_as_role_that_only_reads(tmp_path: Path, postgres_url: str) -> None:
+@pytest.fixture
+def reader_url(postgres_url: str) -> Iterator[str]:
+    """Return the run's PostgreSQL database, emptied, as a new role that may
+    only read cairn's tables; drop the role at the end."""
     reset_postgres(postgres_url)
+    role = f"cairn_test_reader_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
+        conn.exec_driver_sql(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+    try:
+        yield (
+            sa.make_url(postgres_url)
+            .set(username=role, password=None)
+            .render_as_string(hide_password=False)
+        )
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
+            conn.exec_driver_sql(f'DROP ROLE "{role}"')
+        admin.dispose()
+
+
+def test_verify_as_role_that_only_reads(
+    tmp_path: Path, postgres_url: str, reader_url: str
+) -> None:
     data_dir = tmp_path / "data"
     registry = Registry.open(data_dir, postgres_url)
     image = make_image()
@@ -200,33 +225,49 @@ def test_verify_as_role_that_only_reads(tmp_path: Path, postgres_url: str) -> No
     repo.manifests.put(image.manifest, tag="latest")
     # reset_postgres emptied the row that migrations write.
     load_registry_id(registry.database)
-    registry.database.dispose()
-
-    role = f"cairn_test_reader_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
-        conn.exec_driver_sql(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
-    reader_url = (
-        sa.make_url(postgres_url)
-        .set(username=role, password=None)
-        .render_as_string(hide_password=False)
-    )
     verify = ("verify", "--data-dir", str(data_dir), "--database", reader_url)
-    try:
-        verified = cairn(*verify)
-        with admin.connect() as conn:
-            conn.exec_driver_sql("DELETE FROM tags")
-        drifted = cairn(*verify)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
-            conn.exec_driver_sql(f'DROP ROLE "{role}"')
-        admin.dispose()
+
+    verified = cairn(*verify)
+    with registry.database.transaction() as conn:
+        conn.exec_driver_sql("DELETE FROM tags")
+    drifted = cairn(*verify)
+    registry.database.dispose()
 
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert drifted.returncode == 1, drifted.stdout + drifted.stderr
     assert "projection tags:" in drifted.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            ("serve", "--no-nats", "--listen", "127.0.0.1:0"),
+            "lacks the INSERT privilege on table events",
+        ),
+        (("gc",), "lacks the INSERT privilege on table events"),
+        (("projections", "rebuild"), "permission denied for table"),
+    ],
+)
+def test_writing_command_as_reader_stops(
+    tmp_path: Path,
+    postgres_url: str,
+    reader_url: str,
+    command: tuple[str, ...],
+    expected: str,
+) -> None:
+    data_dir = tmp_path / "data"
+    registry = Registry.open(data_dir, postgres_url)
+    load_registry_id(registry.database)
+    registry.database.dispose()
+
+    result = cairn(*command, "--data-dir", str(data_dir), "--database", reader_url)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"cairn: cannot use database {reader_url}: ")
+    assert expected in line
 
 
 def test_generation_migration_keeps_checkpoints(tmp_path: Path) -> None:
