@@ -8,45 +8,53 @@ equal to ``a%fe``. Values that decode as UTF-8 are named decoded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import httpx
 import pytest
 
-from engine.api.app import create_app
 from engine.domain.digest import Digest
 from engine.registry import Registry
 from tests.images import make_image
-from tests.server import ServerThread, push_image, running, stored_state
+from tests.server import push_image, stored_state
+from tests.test_api_bad_input import error_of
 
 SUBJECT = str(Digest.of(b"subject"))
 BLOB = str(Digest.of(b"blob"))
 
 
 @pytest.fixture
-def server(registry: Registry) -> Iterator[ServerThread]:
-    with running(create_app(registry)) as server:
-        yield server
-
-
-@pytest.fixture
-def api(server: ServerThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        push_image(client, "demo/hello", make_image(), "v1")
-        yield client
-
-
-def error_of(response: httpx.Response) -> dict[str, Any]:
-    errors = response.json()["errors"]
-    assert len(errors) == 1
-    return errors[0]
+def api(app_client: httpx.Client) -> httpx.Client:
+    """Push demo/hello:v1 and return the client of the served registry."""
+    push_image(app_client, "demo/hello", make_image(), "v1")
+    return app_client
 
 
 def send(api: httpx.Client, method: str, target: str) -> httpx.Response:
     """Send ``target`` with its escapes as written; httpx would otherwise
     normalize their letter case."""
     return api.request(method, httpx.URL(target))
+
+
+def check_rejected_as_sent(
+    api: httpx.Client,
+    registry: Registry,
+    method: str,
+    target: str,
+    status: int,
+    code: str,
+    key: str,
+    value: str,
+) -> None:
+    """Send ``target`` and check its one error, which names ``value`` as sent."""
+    before = stored_state(registry)
+
+    response = send(api, method, target)
+
+    assert response.status_code == status, response.text
+    assert stored_state(registry) == before
+    error = error_of(response)
+    assert error["code"] == code
+    assert error["detail"][key] == value
+    assert "\ufffd" not in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -162,16 +170,7 @@ def test_path_value_named_as_sent(
     key: str,
     value: str,
 ) -> None:
-    before = stored_state(registry)
-
-    response = send(api, method, target)
-
-    assert response.status_code == status, response.text
-    assert stored_state(registry) == before
-    error = error_of(response)
-    assert error["code"] == code
-    assert error["detail"][key] == value
-    assert "\ufffd" not in error["message"]
+    check_rejected_as_sent(api, registry, method, target, status, code, key, value)
 
 
 # The detail names the value under "value", beside "parameter", except where
@@ -277,16 +276,7 @@ def test_query_value_named_as_sent(
     key: str,
     value: str,
 ) -> None:
-    before = stored_state(registry)
-
-    response = send(api, method, target)
-
-    assert response.status_code == status, response.text
-    assert stored_state(registry) == before
-    error = error_of(response)
-    assert error["code"] == code
-    assert error["detail"][key] == value
-    assert "\ufffd" not in error["message"]
+    check_rejected_as_sent(api, registry, method, target, status, code, key, value)
 
 
 def test_unknown_parameter_named_as_sent(api: httpx.Client) -> None:
