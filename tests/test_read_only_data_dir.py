@@ -71,6 +71,15 @@ def push_content(served: ServeProcess) -> None:
         push_blob(client, "demo/blobs", b"abc")
 
 
+def populate(data_dir: Path) -> None:
+    """Push content through `cairn serve` on ``data_dir``, then stop it."""
+    served = serve(data_dir)
+    try:
+        push_content(served)
+    finally:
+        assert served.stop() == 0
+
+
 def listing(directory: Path) -> dict[str, tuple[int, int]]:
     """Map every path under ``directory`` to its size and mtime."""
     return {
@@ -91,22 +100,23 @@ def lock(data_dir: Path) -> None:
         path.chmod(0o555 if path.is_dir() else 0o444)
 
 
+def assert_no_problems(result: Result, command: str) -> None:
+    """Assert that ``command`` succeeded, found no problems and wrote no messages."""
+    assert result.status == 0, result.stderr
+    assert result.stdout == EXPECTED_OUTPUT[command]
+    assert result.messages == []
+
+
 @pytest.mark.parametrize("command", list(READ_ONLY_COMMANDS))
 def test_unwritable_data_dir_checked(command: str, shared_root: Path) -> None:
     data_dir = shared_root / "data"
-    served = serve(data_dir)
-    try:
-        push_content(served)
-    finally:
-        assert served.stop() == 0
+    populate(data_dir)
     lock(data_dir)
     before = listing(data_dir)
 
     result = run_read_only(command, data_dir)
 
-    assert result.status == 0, result.stderr
-    assert result.stdout == EXPECTED_OUTPUT[command]
-    assert result.messages == []
+    assert_no_problems(result, command)
     events = [event.get("event") for event in result.log_events]
     assert "direct_io_unavailable" not in events
     assert listing(data_dir) == before
@@ -128,18 +138,12 @@ def test_unwritable_data_dir_verified_while_served(shared_root: Path) -> None:
         data_dir.chmod(0o755)
         assert served.stop() == 0
 
-    assert result.status == 0, result.stderr
-    assert result.stdout == EXPECTED_OUTPUT["verify"]
-    assert result.messages == []
+    assert_no_problems(result, "verify")
 
 
 def test_unwritable_data_dir_damage_reported(shared_root: Path) -> None:
     data_dir = shared_root / "data"
-    served = serve(data_dir)
-    try:
-        push_content(served)
-    finally:
-        assert served.stop() == 0
+    populate(data_dir)
     with sqlite3.connect(data_dir / "cairn.db") as conn:
         conn.execute("DELETE FROM tags")
     conn.close()
@@ -207,11 +211,7 @@ def test_outdated_schema_not_upgraded(command: str, shared_root: Path) -> None:
 @pytest.mark.parametrize("command", list(READ_ONLY_COMMANDS))
 def test_read_only_mount_checked(command: str, shared_root: Path) -> None:
     data_dir = shared_root / "data"
-    served = serve(data_dir)
-    try:
-        push_content(served)
-    finally:
-        assert served.stop() == 0
+    populate(data_dir)
     mount_point = shared_root / "mounted"
     mount_point.mkdir()
     mounted = subprocess.run(
@@ -227,9 +227,7 @@ def test_read_only_mount_checked(command: str, shared_root: Path) -> None:
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
 
-    assert result.status == 0, result.stderr
-    assert result.stdout == EXPECTED_OUTPUT[command]
-    assert result.messages == []
+    assert_no_problems(result, command)
 
 
 def test_immutable_read_detects_change(tmp_path: Path) -> None:
