@@ -88,6 +88,11 @@ def feed_events(cairn_url: str) -> list[dict[str, Any]]:
     return response.json()["events"]
 
 
+def tag_set_events(cairn_url: str) -> list[dict[str, Any]]:
+    """Return the tag.set events in the feed of ``cairn_url``."""
+    return [e for e in feed_events(cairn_url) if e["type"] == "tag.set"]
+
+
 def distribution_notified(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Return the events that an endpoint in Distribution format, receiving
     every type, sends: all but manifest.pushed by tag, whose tag.set
@@ -194,6 +199,7 @@ class WebhookProcess:
     """`cairn webhook` as a subprocess whose JSON log lines go to a file."""
 
     def __init__(self, config: Path, nats_url: str, log_path: Path) -> None:
+        self.config = config
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
         with log_path.open("ab") as log_file:
@@ -226,8 +232,12 @@ class WebhookProcess:
                 continue
         return lines
 
+    def records(self, event: str) -> list[dict[str, Any]]:
+        """Return the log lines of ``event``, in order."""
+        return [line for line in self.log_events() if line.get("event") == event]
+
     def count(self, event: str) -> int:
-        return sum(1 for line in self.log_events() if line.get("event") == event)
+        return len(self.records(event))
 
     def wait_subscribed(self, endpoints: int) -> None:
         def subscribed() -> bool:
@@ -329,6 +339,22 @@ def cairn_cli(*argv: str) -> subprocess.CompletedProcess[str]:
         cwd=REPO_ROOT,
         env=env,
         timeout=WAIT,
+    )
+
+
+def run_dead_letters(
+    command: str, config: Path, nats_url: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `cairn webhook dead-letters COMMAND` for ``config`` on ``nats_url``."""
+    return cairn_cli(
+        "webhook",
+        "dead-letters",
+        command,
+        "--config",
+        str(config),
+        "--nats",
+        nats_url,
+        *extra,
     )
 
 
@@ -654,7 +680,7 @@ def test_webhook_survives_nats_restart(
         nats_server.start()
         push_image(client, "library/app", make_image(), "after")
 
-    tags = [e["id"] for e in feed_events(cairn) if e["type"] == "tag.set"]
+    tags = [e["id"] for e in tag_set_events(cairn)]
     wait_until(lambda: {r.event_id for r in receiver.of("/steady")} >= set(tags), WAIT)
     assert list(dict.fromkeys(r.event_id for r in receiver.of("/steady"))) == tags
     assert webhook.process.poll() is None
@@ -716,21 +742,12 @@ def test_webhook_dead_letters_and_redelivery(
     with httpx.Client(base_url=cairn) as client:
         push_image(client, "library/app", make_image(), "v1")
         push_image(client, "library/app", make_image(), "v2")
-    tag_events = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+    tag_events = tag_set_events(cairn)
 
     wait_until(lambda: webhook.count("event_dead_lettered") >= 2, WAIT)
     assert len(receiver.of("/down")) == 4
 
-    listed = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "list",
-        "--config",
-        str(config),
-        "--json",
-        "--nats",
-        nats_server.url,
-    )
+    listed = run_dead_letters("list", config, nats_server.url, "--json")
     assert listed.returncode == 0, listed.stderr
     letters = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [letter["event"]["id"] for letter in letters] == [
@@ -741,56 +758,24 @@ def test_webhook_dead_letters_and_redelivery(
     assert {letter["status"] for letter in letters} == {500}
 
     # Still down: the redelivery fails and keeps both records.
-    failed = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "redeliver",
-        "--config",
-        str(config),
-        "--nats",
-        nats_server.url,
-    )
+    failed = run_dead_letters("redeliver", config, nats_server.url)
     assert failed.returncode == 1
     assert "0 redelivered, 2 kept" in failed.stdout
 
     receiver.default_status["/down"] = 204
-    only_first = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "redeliver",
-        "--config",
-        str(config),
-        "--nats",
-        nats_server.url,
-        "--event-id",
-        tag_events[0]["id"],
+    only_first = run_dead_letters(
+        "redeliver", config, nats_server.url, "--event-id", tag_events[0]["id"]
     )
     assert only_first.returncode == 0, only_first.stdout + only_first.stderr
     assert "1 redelivered, 0 kept" in only_first.stdout
     # That dead letter is gone, so asking for it again is an error.
-    again = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "redeliver",
-        "--config",
-        str(config),
-        "--nats",
-        nats_server.url,
-        "--event-id",
-        tag_events[0]["id"],
+    again = run_dead_letters(
+        "redeliver", config, nats_server.url, "--event-id", tag_events[0]["id"]
     )
     assert again.returncode == 1
     assert f"not found {tag_events[0]['id']}: no dead letter" in again.stdout
     assert "0 redelivered, 0 kept, 1 not found" in again.stdout
-    rest = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "redeliver",
-        "--config",
-        str(config),
-        "--nats",
-        nats_server.url,
-    )
+    rest = run_dead_letters("redeliver", config, nats_server.url)
     assert rest.returncode == 0, rest.stdout + rest.stderr
     assert "1 redelivered, 0 kept" in rest.stdout
 
@@ -801,15 +786,7 @@ def test_webhook_dead_letters_and_redelivery(
         assert request.headers["cairn-signature"] == f"sha256={expected}"
         assert request.headers["cairn-delivery-attempt"] == "3"
 
-    empty = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "list",
-        "--config",
-        str(config),
-        "--nats",
-        nats_server.url,
-    )
+    empty = run_dead_letters("list", config, nats_server.url)
     assert empty.returncode == 0, empty.stderr
     assert empty.stdout.strip() == "0 dead letter(s)"
     assert SECRET not in webhook.log_path.read_text()
@@ -1073,6 +1050,34 @@ def tag_endpoint(receiver: Receiver, **settings: str) -> dict[str, Any]:
     }
 
 
+def start_tag_webhook(
+    start_webhook: Any, tmp_path: Path, receiver: Receiver, **settings: str
+) -> WebhookProcess:
+    """Start a webhook with one tag_endpoint and wait until it subscribes."""
+    config = write_config(
+        tmp_path / "webhook.toml", [tag_endpoint(receiver, **settings)]
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    return webhook
+
+
+def wait_delivered(receiver: Receiver, path: str, event_id: str) -> None:
+    """Wait until ``receiver`` has a request for ``event_id`` at ``path``."""
+    wait_until(lambda: event_id in {r.event_id for r in receiver.of(path)}, WAIT)
+
+
+def check_tags_delivered(
+    cairn: str, receiver: Receiver, expected: list[str]
+) -> list[dict[str, Any]]:
+    """Check that ``expected`` tags were set and that /tags got each once, in order."""
+    tags = tag_set_events(cairn)
+    assert [e["payload"]["tag"] for e in tags] == expected
+    wait_delivered(receiver, "/tags", tags[-1]["id"])
+    assert [r.event_id for r in receiver.of("/tags")] == [e["id"] for e in tags]
+    return tags
+
+
 def test_webhook_resumes_after_stream_deleted(
     tmp_path: Path,
     cairn: str,
@@ -1080,11 +1085,7 @@ def test_webhook_resumes_after_stream_deleted(
     start_webhook: Any,
     nats_server: NatsServer,
 ) -> None:
-    config = write_config(
-        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="new")]
-    )
-    webhook = start_webhook(config)
-    webhook.wait_subscribed(1)
+    webhook = start_tag_webhook(start_webhook, tmp_path, receiver, start="new")
     with httpx.Client(base_url=cairn) as client:
         push_image(client, "library/app", make_image(), "before")
         wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
@@ -1098,17 +1099,8 @@ def test_webhook_resumes_after_stream_deleted(
         wait_until(lambda: webhook.count("endpoint_subscribed") >= 2, WAIT)
         push_image(client, "library/app", make_image(), "later")
 
-    tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
-    assert [e["payload"]["tag"] for e in tags] == ["before", "after", "later"]
-    wait_until(
-        lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")}, WAIT
-    )
-    assert [r.event_id for r in receiver.of("/tags")] == [e["id"] for e in tags]
-    recreated = [
-        line
-        for line in webhook.log_events()
-        if line.get("event") == "consumer_recreated"
-    ]
+    tags = check_tags_delivered(cairn, receiver, ["before", "after", "later"])
+    recreated = webhook.records("consumer_recreated")
     assert len(recreated) == 1
     assert recreated[0]["level"] == "warning"
     assert recreated[0]["consumer"] == "cairn-webhook-tags"
@@ -1156,26 +1148,32 @@ def test_webhook_skips_republished_events(
             push_image(client, "library/app", make_image(), "v3")
         expected = [e["id"] for e in distribution_notified(feed_events(cairn))]
 
-    wait_until(
-        lambda: expected[-1] in {r.event_id for r in receiver.of("/steady")}, WAIT
-    )
+    wait_delivered(receiver, "/steady", expected[-1])
     assert [r.event_id for r in receiver.of("/steady")] == expected
-    recreated = [
-        line
-        for line in webhook.log_events()
-        if line.get("event") == "consumer_recreated"
-    ]
+    recreated = webhook.records("consumer_recreated")
     assert len(recreated) == 1
     assert recreated[0]["after_position"] == 8
     assert recreated[0]["start_sequence"] == 1
-    skipped = [
-        line
-        for line in webhook.log_events()
-        if line.get("event") == "handled_events_skipped"
-    ]
+    skipped = webhook.records("handled_events_skipped")
     assert len(skipped) == 1
     assert skipped[0]["count"] == 8
     assert skipped[0]["through_position"] == 8
+
+
+def push_across_lost_stream(cairn: str, receiver: Receiver, nats_url: str) -> None:
+    """Push tags first, second and third, and delete the stream that holds "second"."""
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "first")
+        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
+        # While the webhook waits for the response about "first", which the
+        # caller's gate on /tags holds, the relay publishes "second" and the
+        # stream is deleted with it. The relay then creates a stream that
+        # begins after "second".
+        push_image(client, "library/app", make_image(), "second")
+        wait_for_stream_size(nats_url, 8)
+        delete_stream(nats_url)
+        push_image(client, "library/app", make_image(), "third")
+        wait_for_stream_size(nats_url, 4)
 
 
 def test_webhook_logs_events_missing_from_stream(
@@ -1186,38 +1184,18 @@ def test_webhook_logs_events_missing_from_stream(
     nats_server: NatsServer,
 ) -> None:
     receiver.gates["/tags"] = threading.Event()
-    config = write_config(
-        tmp_path / "webhook.toml", [tag_endpoint(receiver, timeout="30s")]
-    )
-    webhook = start_webhook(config)
-    webhook.wait_subscribed(1)
-    with httpx.Client(base_url=cairn) as client:
-        push_image(client, "library/app", make_image(), "first")
-        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
-        # While the webhook waits for the response about "first", the relay
-        # publishes "second" and the stream is deleted with it. The relay
-        # then creates a stream that begins after "second".
-        push_image(client, "library/app", make_image(), "second")
-        wait_for_stream_size(nats_server.url, 8)
-        delete_stream(nats_server.url)
-        push_image(client, "library/app", make_image(), "third")
-        wait_for_stream_size(nats_server.url, 4)
+    webhook = start_tag_webhook(start_webhook, tmp_path, receiver, timeout="30s")
+    push_across_lost_stream(cairn, receiver, nats_server.url)
     receiver.gates["/tags"].set()
 
-    tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+    tags = tag_set_events(cairn)
     assert [e["payload"]["tag"] for e in tags] == ["first", "second", "third"]
-    wait_until(
-        lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")}, WAIT
-    )
+    wait_delivered(receiver, "/tags", tags[-1]["id"])
     assert [r.event_id for r in receiver.of("/tags")] == [
         tags[0]["id"],
         tags[2]["id"],
     ]
-    missing = [
-        line
-        for line in webhook.log_events()
-        if line.get("event") == "events_missing_from_stream"
-    ]
+    missing = webhook.records("events_missing_from_stream")
     assert len(missing) == 1
     assert missing[0]["level"] == "error"
     assert missing[0]["first_missing"] == tags[0]["position"] + 1
@@ -1235,11 +1213,7 @@ def test_webhook_resumes_consumer_deleted_while_stopped(
     nats_server: NatsServer,
     ending: str,
 ) -> None:
-    config = write_config(
-        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="new")]
-    )
-    webhook = start_webhook(config)
-    webhook.wait_subscribed(1)
+    webhook = start_tag_webhook(start_webhook, tmp_path, receiver, start="new")
     with httpx.Client(base_url=cairn) as client:
         push_image(client, "library/app", make_image(), "before")
         wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
@@ -1255,41 +1229,41 @@ def test_webhook_resumes_consumer_deleted_while_stopped(
         delete_stream(nats_server.url)
         push_image(client, "library/app", make_image(), "during")
         wait_for_stream_size(nats_server.url, 4)
-        restarted = start_webhook(config)
+        restarted = start_webhook(webhook.config)
         restarted.wait_subscribed(1)
         push_image(client, "library/app", make_image(), "after")
 
-    tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
-    assert [e["payload"]["tag"] for e in tags] == ["before", "during", "after"]
-    wait_until(
-        lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")}, WAIT
-    )
-    assert [r.event_id for r in receiver.of("/tags")] == [e["id"] for e in tags]
-    recreated = [
-        line
-        for line in restarted.log_events()
-        if line.get("event") == "consumer_recreated"
-    ]
+    tags = check_tags_delivered(cairn, receiver, ["before", "during", "after"])
+    recreated = restarted.records("consumer_recreated")
     assert len(recreated) == 1
     assert recreated[0]["after_position"] == tags[0]["position"]
     assert restarted.count("consumer_created") == 0
     assert restarted.stop() == 0
 
 
+def deliver_and_stop(
+    start_webhook: Any,
+    tmp_path: Path,
+    receiver: Receiver,
+    cairn: str,
+    tags: list[str],
+) -> WebhookProcess:
+    """Start a tag webhook from the stream's start, deliver ``tags``, then stop it."""
+    webhook = start_tag_webhook(start_webhook, tmp_path, receiver, start="all")
+    with httpx.Client(base_url=cairn) as client:
+        for tag in tags:
+            push_image(client, "library/app", make_image(), tag)
+    wait_until(lambda: len(receiver.of("/tags")) >= len(tags), WAIT)
+    assert webhook.stop() == 0
+    return webhook
+
+
 def test_stored_position_of_other_registry_ignored(
     tmp_path: Path, receiver: Receiver, start_webhook: Any, nats_server: NatsServer
 ) -> None:
-    config = write_config(
-        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="all")]
-    )
     with cairn_on_nats(tmp_path / "first", nats_server.url) as cairn:
-        webhook = start_webhook(config)
-        webhook.wait_subscribed(1)
-        with httpx.Client(base_url=cairn) as client:
-            push_image(client, "library/app", make_image(), "old")
-        wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
-        assert webhook.stop() == 0
-        old = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        webhook = deliver_and_stop(start_webhook, tmp_path, receiver, cairn, ["old"])
+        old = tag_set_events(cairn)
 
     # Another registry publishes into a new stream, with other events at
     # the positions that the first one used.
@@ -1298,21 +1272,17 @@ def test_stored_position_of_other_registry_ignored(
         with httpx.Client(base_url=cairn) as client:
             push_image(client, "library/app", make_image(), "new")
         wait_for_stream_size(nats_server.url, 4)
-        new = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        new = tag_set_events(cairn)
         assert new[0]["position"] == old[0]["position"]
 
-        restarted = start_webhook(config)
+        restarted = start_webhook(webhook.config)
         wait_until(lambda: len(receiver.of("/tags")) >= 2, WAIT)
 
     assert [r.event_id for r in receiver.of("/tags")] == [
         old[0]["id"],
         new[0]["id"],
     ]
-    other = [
-        line
-        for line in restarted.log_events()
-        if line.get("event") == "stored_position_from_other_log"
-    ]
+    other = restarted.records("stored_position_from_other_log")
     assert len(other) == 1
     assert other[0]["level"] == "error"
     assert other[0]["stored_event_id"] == old[0]["id"]
@@ -1327,18 +1297,11 @@ def test_stored_position_past_other_registry_stream(
 ) -> None:
     """Another registry's stream that ends before the stored position is
     told apart by the registry id on its messages."""
-    config = write_config(
-        tmp_path / "webhook.toml", [tag_endpoint(receiver, start="all")]
-    )
     with cairn_on_nats(tmp_path / "first", nats_server.url) as cairn:
         first_id = httpx.get(f"{cairn}/_cairn/registry").json()["registry_id"]
-        webhook = start_webhook(config)
-        webhook.wait_subscribed(1)
-        with httpx.Client(base_url=cairn) as client:
-            for tag in ("old1", "old2", "old3"):
-                push_image(client, "library/app", make_image(), tag)
-        wait_until(lambda: len(receiver.of("/tags")) >= 3, WAIT)
-        assert webhook.stop() == 0
+        webhook = deliver_and_stop(
+            start_webhook, tmp_path, receiver, cairn, ["old1", "old2", "old3"]
+        )
         old_head = max(e["position"] for e in feed_events(cairn))
 
     delete_stream(nats_server.url)
@@ -1346,20 +1309,16 @@ def test_stored_position_past_other_registry_stream(
         second_id = httpx.get(f"{cairn}/_cairn/registry").json()["registry_id"]
         with httpx.Client(base_url=cairn) as client:
             push_image(client, "library/app", make_image(), "new")
-        new = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        new = tag_set_events(cairn)
         new_head = max(e["position"] for e in feed_events(cairn))
         wait_for_stream_size(nats_server.url, new_head)
         assert new_head < old_head
 
-        restarted = start_webhook(config)
+        restarted = start_webhook(webhook.config)
         wait_until(lambda: len(receiver.of("/tags")) >= 4, WAIT)
 
     assert receiver.of("/tags")[-1].event_id == new[0]["id"]
-    other = [
-        line
-        for line in restarted.log_events()
-        if line.get("event") == "stored_position_from_other_log"
-    ]
+    other = restarted.records("stored_position_from_other_log")
     assert len(other) == 1
     assert other[0]["level"] == "error"
     assert other[0]["stored_registry_id"] == first_id
@@ -1460,24 +1419,12 @@ def test_webhook_delivers_events_missing_from_stream(
     try:
         webhook = start_webhook(config)
         webhook.wait_subscribed(1)
-        with httpx.Client(base_url=cairn) as client:
-            push_image(client, "library/app", make_image(), "first")
-            wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
-            # As in test_webhook_logs_events_missing_from_stream, the
-            # re-created stream begins after "second".
-            push_image(client, "library/app", make_image(), "second")
-            wait_for_stream_size(nats_server.url, 8)
-            delete_stream(nats_server.url)
-            push_image(client, "library/app", make_image(), "third")
-            wait_for_stream_size(nats_server.url, 4)
+        push_across_lost_stream(cairn, receiver, nats_server.url)
         receiver.gates["/tags"].set()
 
-        tags = [e for e in feed_events(cairn) if e["type"] == "tag.set"]
+        tags = tag_set_events(cairn)
         assert [e["payload"]["tag"] for e in tags] == ["first", "second", "third"]
-        wait_until(
-            lambda: tags[-1]["id"] in {r.event_id for r in receiver.of("/tags")},
-            WAIT,
-        )
+        wait_delivered(receiver, "/tags", tags[-1]["id"])
     finally:
         feed.close()
 
@@ -1497,30 +1444,18 @@ def test_webhook_delivers_events_missing_from_stream(
     assert requests[1].json()["id"] == tags[1]["id"]
     assert requests[1].json()["type"] == "io.cairn.tag.set"
     assert requests[1].headers["cairn-event-type"] == "tag.set"
-    logs = webhook.log_events()
-    missing = [
-        line for line in logs if line.get("event") == "events_missing_from_stream"
-    ]
+    missing = webhook.records("events_missing_from_stream")
     assert len(missing) == 1
     assert missing[0]["level"] == "warning"
     assert missing[0]["first_missing"] == tags[0]["position"] + 1
     assert missing[0]["last_missing"] == tags[1]["position"]
     assert webhook.count("missing_events_read_failed") == 2
     assert webhook.count("missing_events_delivered") == 1
-    dead = [line for line in logs if line.get("event") == "event_dead_lettered"]
+    dead = webhook.records("event_dead_lettered")
     assert [line["event_id"] for line in dead] == [tags[1]["id"]]
     assert webhook.stop() == 0
 
-    listed = cairn_cli(
-        "webhook",
-        "dead-letters",
-        "list",
-        "--config",
-        str(config),
-        "--json",
-        "--nats",
-        nats_server.url,
-    )
+    listed = run_dead_letters("list", config, nats_server.url, "--json")
     assert listed.returncode == 0, listed.stderr
     letters = [json.loads(line) for line in listed.stdout.splitlines()]
     assert [letter["event"]["id"] for letter in letters] == [tags[1]["id"]]
