@@ -222,25 +222,55 @@ def start_mirror(
         )
 
 
-def start_following_mirror(
-    source_url: str, target_url: str, nats_url: str, log_path: Path, poll: str
+def start_nats_mirror(
+    source_url: str,
+    target_url: str,
+    nats_url: str,
+    log_path: Path,
+    poll: str,
+    *extra: str,
 ) -> subprocess.Popen[bytes]:
-    """Start a mirror that follows ``nats_url`` and polls every ``poll``
-    seconds without it; return once it has copied library/app:v1 and
-    follows NATS."""
-    mirror = start_mirror(
-        source_url, target_url, log_path, "--nats", nats_url, "--poll-interval", poll
+    """Start a mirror on ``nats_url`` that polls every ``poll`` seconds without NATS."""
+    return start_mirror(
+        source_url,
+        target_url,
+        log_path,
+        "--nats",
+        nats_url,
+        "--poll-interval",
+        poll,
+        *extra,
     )
+
+
+@contextmanager
+def stopped_on_exit(mirror: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Terminate ``mirror`` after the block and assert that it exits with status 0."""
     try:
-        wait_until(
-            lambda: manifest_status(target_url, "library/app", "v1") == 200, WAIT
-        )
-        wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+        yield
+    finally:
+        mirror.terminate()
+        status = mirror.wait(30)
+    assert status == 0
+
+
+@contextmanager
+def following_mirror(
+    source_url: str, target_url: str, nats_url: str, log_path: Path, poll: str
+) -> Iterator[None]:
+    """Push library/app:v1, then run a mirror that follows NATS during the block."""
+    push_new_image(source_url, "library/app", "v1")
+    mirror = start_nats_mirror(source_url, target_url, nats_url, log_path, poll)
+    # The block begins once the mirror has copied v1 and follows NATS.
+    try:
+        wait_for_manifest(target_url, "library/app", "v1")
+        wait_for_logged(log_path, "nats_following")
     except BaseException:
         mirror.kill()
         mirror.wait(30)
         raise
-    return mirror
+    with stopped_on_exit(mirror):
+        yield
 
 
 def log_events(text: str) -> list[dict[str, Any]]:
@@ -251,6 +281,20 @@ def log_events(text: str) -> list[dict[str, Any]]:
         except ValueError:
             continue
     return lines
+
+
+def logged_events(log_path: Path) -> list[str]:
+    return [line["event"] for line in log_events(log_path.read_text())]
+
+
+def logged_records(log_path: Path, event: str) -> list[dict[str, Any]]:
+    """Return the log lines of ``event`` in ``log_path``, in order."""
+    return [line for line in log_events(log_path.read_text()) if line["event"] == event]
+
+
+def wait_for_logged(log_path: Path, event: str, timeout: float = WAIT) -> None:
+    """Wait until the log at ``log_path`` has a line of ``event``."""
+    wait_until(lambda: event in logged_events(log_path), timeout)
 
 
 # ---- skopeo ---------------------------------------------------------------------
@@ -306,6 +350,19 @@ def manifest_status(url: str, repository: str, reference: str) -> int:
         },
     )
     return response.status_code
+
+
+def push_new_image(url: str, repository: str, tag: str) -> None:
+    """Push a new image to the registry at ``url`` as ``repository:tag``."""
+    with httpx.Client(base_url=url) as client:
+        push_image(client, repository, make_image(), tag)
+
+
+def wait_for_manifest(
+    url: str, repository: str, reference: str, timeout: float = WAIT
+) -> None:
+    """Wait until ``url`` serves the manifest ``repository:reference``."""
+    wait_until(lambda: manifest_status(url, repository, reference) == 200, timeout)
 
 
 def head_position(url: str) -> int:
@@ -583,8 +640,7 @@ def test_mirror_layout_of_blobs_only(tmp_path: Path, source: ServeProcess) -> No
 def test_mirror_follows_by_polling(
     tmp_path: Path, source: ServeProcess, target: ServeProcess
 ) -> None:
-    with httpx.Client(base_url=source.url) as client:
-        push_image(client, "library/app", make_image(), "v1")
+    push_new_image(source.url, "library/app", "v1")
     log_path = tmp_path / "mirror.log"
     # Nothing listens on this port: the mirror polls the feed meanwhile.
     unreachable = f"nats://127.0.0.1:{free_port()}"
@@ -597,22 +653,13 @@ def test_mirror_follows_by_polling(
         "--nats",
         unreachable,
     )
-    try:
-        wait_until(
-            lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
-        )
+    with stopped_on_exit(mirror):
+        wait_for_manifest(target.url, "library/app", "v1")
         later = make_image()
         with httpx.Client(base_url=source.url) as client:
             push_image(client, "library/app", later, "v2")
-        wait_until(
-            lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
-        )
-    finally:
-        mirror.terminate()
-        status = mirror.wait(30)
-    assert status == 0
-    events = [line["event"] for line in log_events(log_path.read_text())]
-    assert "mirror_stopped" in events
+        wait_for_manifest(target.url, "library/app", "v2")
+    assert "mirror_stopped" in logged_events(log_path)
 
 
 @needs_skopeo
@@ -626,30 +673,9 @@ def test_mirror_follows_nats(
     """The mirror follows the newest server and the oldest supported, 2.9."""
     nats_server: NatsServer = request.getfixturevalue(server_fixture)
     with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
-        with httpx.Client(base_url=source_url) as client:
-            push_image(client, "library/app", make_image(), "v1")
         log_path = tmp_path / "mirror.log"
         # A long poll interval, so that only NATS can make the mirror prompt.
-        mirror = start_mirror(
-            source_url,
-            target.url,
-            log_path,
-            "--nats",
-            nats_server.url,
-            "--poll-interval",
-            "300",
-        )
-        try:
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
-            )
-            wait_until(
-                lambda: (
-                    "nats_following"
-                    in {line["event"] for line in log_events(log_path.read_text())}
-                ),
-                WAIT,
-            )
+        with following_mirror(source_url, target.url, nats_server.url, log_path, "300"):
             artifact = make_artifact(
                 make_image(), "application/vnd.example+json", b"{}"
             )
@@ -658,14 +684,7 @@ def test_mirror_follows_nats(
                 push_image(client, "library/app", artifact, "signature")
                 response = client.delete("/v2/library/app/manifests/v1")
                 assert response.status_code == 202, response.text
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "signature") == 200,
-                WAIT,
-            )
-        finally:
-            mirror.terminate()
-            status = mirror.wait(30)
-        assert status == 0
+            wait_for_manifest(target.url, "library/app", "signature")
         # Deletes stay on the source without --propagate-deletes.
         assert manifest_status(target.url, "library/app", "v1") == 200
         assert list_tags(target.url, "library/app") == ["signature", "v1", "v2"]
@@ -680,36 +699,17 @@ def test_mirror_ignores_other_registry_on_stream(
         cairn_on_nats(tmp_path / "source", nats_server.url) as source_url,
         cairn_on_nats(tmp_path / "other", nats_server.url) as other_url,
     ):
-        with httpx.Client(base_url=source_url) as client:
-            push_image(client, "library/app", make_image(), "v1")
         log_path = tmp_path / "mirror.log"
-        mirror = start_following_mirror(
-            source_url, target.url, nats_server.url, log_path, "300"
-        )
-        try:
+        with following_mirror(source_url, target.url, nats_server.url, log_path, "300"):
             # The other registry's second image has the positions after the
             # mirror's, and the source's next image has them too.
             with httpx.Client(base_url=other_url) as client:
                 push_image(client, "other/app", make_image(), "v1")
                 push_image(client, "other/app", make_image(), "v2")
-            wait_until(
-                lambda: "nats_event_not_from_source" in logged_events(log_path), WAIT
-            )
-            with httpx.Client(base_url=source_url) as client:
-                push_image(client, "library/app", make_image(), "v2")
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
-            )
-        finally:
-            mirror.terminate()
-            status = mirror.wait(30)
-
-    assert status == 0
-    warnings = [
-        line
-        for line in log_events(log_path.read_text())
-        if line["event"] == "nats_event_not_from_source"
-    ]
+            wait_for_logged(log_path, "nats_event_not_from_source")
+            push_new_image(source_url, "library/app", "v2")
+            wait_for_manifest(target.url, "library/app", "v2")
+    warnings = logged_records(log_path, "nats_event_not_from_source")
     assert warnings[0]["level"] == "warning"
     assert warnings[0]["repository"] == "other/app"
     assert manifest_status(target.url, "other/app", "v2") == 404
@@ -741,32 +741,13 @@ def test_mirror_hash_check_without_header(
             await client.close()
 
     with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
-        with httpx.Client(base_url=source_url) as client:
-            push_image(client, "library/app", make_image(), "v1")
         log_path = tmp_path / "mirror.log"
-        mirror = start_following_mirror(
-            source_url, target.url, nats_server.url, log_path, "300"
-        )
-        try:
+        with following_mirror(source_url, target.url, nats_server.url, log_path, "300"):
             run_async(publish_foreign())
-            wait_until(
-                lambda: "nats_event_not_from_source" in logged_events(log_path), WAIT
-            )
-            with httpx.Client(base_url=source_url) as client:
-                push_image(client, "library/app", make_image(), "v2")
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v2") == 200, WAIT
-            )
-        finally:
-            mirror.terminate()
-            status = mirror.wait(30)
-
-    assert status == 0
-    warnings = [
-        line
-        for line in log_events(log_path.read_text())
-        if line["event"] == "nats_event_not_from_source"
-    ]
+            wait_for_logged(log_path, "nats_event_not_from_source")
+            push_new_image(source_url, "library/app", "v2")
+            wait_for_manifest(target.url, "library/app", "v2")
+    warnings = logged_records(log_path, "nats_event_not_from_source")
     assert len(warnings) == 1
     assert warnings[0]["level"] == "warning"
     assert warnings[0]["position"] == 5
@@ -793,44 +774,27 @@ def test_mirror_checks_registry_id_at_start(
         other_id = httpx.get(f"{other_url}/_cairn/registry").json()["registry_id"]
         log_path = tmp_path / "mirror.log"
         checkpoint = tmp_path / "checkpoint.json"
-        mirror = start_mirror(
+        mirror = start_nats_mirror(
             source_url,
             target.url,
-            log_path,
-            "--nats",
             nats_server.url,
-            "--poll-interval",
+            log_path,
             "300",
             "--checkpoint",
             str(checkpoint),
         )
-        try:
-            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
-            wait_until(lambda: "mirror_caught_up" in logged_events(log_path), WAIT)
-            with httpx.Client(base_url=other_url) as client:
-                push_image(client, "other/app", make_image(), "v1")
-            wait_until(
-                lambda: "nats_event_not_from_source" in logged_events(log_path), 20
-            )
+        with stopped_on_exit(mirror):
+            wait_for_logged(log_path, "nats_following")
+            wait_for_logged(log_path, "mirror_caught_up")
+            push_new_image(other_url, "other/app", "v1")
+            wait_for_logged(log_path, "nats_event_not_from_source", 20)
             reads_before = feed_reads.count
-            with httpx.Client(base_url=source_url) as client:
-                push_image(client, "library/app", make_image(), "v1")
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v1") == 200, WAIT
-            )
+            push_new_image(source_url, "library/app", "v1")
+            wait_for_manifest(target.url, "library/app", "v1")
             reads_after = feed_reads.count
             source_head = head_position(source_url)
-        finally:
-            mirror.terminate()
-            status = mirror.wait(30)
-
-    assert status == 0
     assert reads_after == reads_before
-    warnings = [
-        line
-        for line in log_events(log_path.read_text())
-        if line["event"] == "nats_event_not_from_source"
-    ]
+    warnings = logged_records(log_path, "nats_event_not_from_source")
     assert len(warnings) == 1
     assert warnings[0]["level"] == "warning"
     assert warnings[0]["position"] == 1
@@ -839,10 +803,6 @@ def test_mirror_checks_registry_id_at_start(
     assert warnings[0]["source_registry_id"] == source_id
     assert manifest_status(target.url, "other/app", "v1") == 404
     assert json.loads(checkpoint.read_text())["position"] == source_head
-
-
-def logged_events(log_path: Path) -> list[str]:
-    return [line["event"] for line in log_events(log_path.read_text())]
 
 
 @pytest.mark.parametrize("server_fixture", ["nats_server", "debian_nats_server"])
@@ -854,34 +814,19 @@ def test_mirror_polls_while_nats_down(
 ) -> None:
     nats_server: NatsServer = request.getfixturevalue(server_fixture)
     with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
-        with httpx.Client(base_url=source_url) as client:
-            push_image(client, "library/app", make_image(), "v1")
         log_path = tmp_path / "mirror.log"
-        mirror = start_following_mirror(
-            source_url, target.url, nats_server.url, log_path, "0.2"
-        )
-        try:
+        with following_mirror(source_url, target.url, nats_server.url, log_path, "0.2"):
             nats_server.kill()
-            wait_until(lambda: "mirror_polling" in logged_events(log_path), WAIT)
-            with httpx.Client(base_url=source_url) as client:
-                push_image(client, "library/app", make_image(), "v2")
+            wait_for_logged(log_path, "mirror_polling")
+            push_new_image(source_url, "library/app", "v2")
             # Shorter than the mirror's 30 s resync of the feed while it
             # follows NATS, so only polling can copy v2 in time.
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v2") == 200, 20
-            )
+            wait_for_manifest(target.url, "library/app", "v2", 20)
 
             nats_server.start()
-            wait_until(lambda: "mirror_following_nats" in logged_events(log_path), WAIT)
-            with httpx.Client(base_url=source_url) as client:
-                push_image(client, "library/app", make_image(), "v3")
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v3") == 200, WAIT
-            )
-        finally:
-            mirror.terminate()
-            status = mirror.wait(30)
-        assert status == 0
+            wait_for_logged(log_path, "mirror_following_nats")
+            push_new_image(source_url, "library/app", "v3")
+            wait_for_manifest(target.url, "library/app", "v3")
         events = logged_events(log_path)
         assert events.count("mirror_polling") == 1
         assert events.count("mirror_following_nats") == 1
@@ -896,33 +841,19 @@ def test_mirror_polls_when_nats_drops_during_catch_up(
     # gate holds, and NATS stops before the copy ends.
     gate = BlobGate()
     with cairn_on_nats(tmp_path / "source", nats_server.url, gate) as source_url:
-        with httpx.Client(base_url=source_url) as client:
-            push_image(client, "library/app", make_image(), "v1")
+        push_new_image(source_url, "library/app", "v1")
         log_path = tmp_path / "mirror.log"
-        mirror = start_mirror(
-            source_url,
-            target.url,
-            log_path,
-            "--nats",
-            nats_server.url,
-            "--poll-interval",
-            "0.2",
+        mirror = start_nats_mirror(
+            source_url, target.url, nats_server.url, log_path, "0.2"
         )
-        try:
+        with stopped_on_exit(mirror):
             wait_until(lambda: gate.delayed, WAIT)
-            wait_until(lambda: "nats_following" in logged_events(log_path), WAIT)
+            wait_for_logged(log_path, "nats_following")
             nats_server.kill()
             gate.open()
-            wait_until(lambda: "mirror_polling" in logged_events(log_path), WAIT)
-            with httpx.Client(base_url=source_url) as client:
-                push_image(client, "library/app", make_image(), "v2")
-            wait_until(
-                lambda: manifest_status(target.url, "library/app", "v2") == 200, 20
-            )
-        finally:
-            mirror.terminate()
-            status = mirror.wait(30)
-        assert status == 0
+            wait_for_logged(log_path, "mirror_polling")
+            push_new_image(source_url, "library/app", "v2")
+            wait_for_manifest(target.url, "library/app", "v2", 20)
         events = logged_events(log_path)
         assert events.index("nats_following") < events.index("mirror_caught_up")
         assert events.index("mirror_caught_up") < events.index("mirror_polling")
@@ -1114,8 +1045,7 @@ def test_mirror_rerun_retries_until_settled(
 def test_mirror_reads_older_checkpoint(
     tmp_path: Path, source: ServeProcess, target: ServeProcess
 ) -> None:
-    with httpx.Client(base_url=source.url) as client:
-        push_image(client, "library/app", make_image(), "v1")
+    push_new_image(source.url, "library/app", "v1")
     checkpoint = tmp_path / "checkpoint.json"
     checkpoint.write_text(
         json.dumps({"source": source.url, "target": target.url, "position": 0})
