@@ -232,6 +232,31 @@ def test_time_ranges_widen_to_whole_hours(
 
 
 @pytest.mark.parametrize(
+    ("path", "params"), [("/activity", {}), ("/top", {"by": "activity"})]
+)
+def test_future_since_reads_its_hour(
+    api: httpx.Client, pushed: dict[str, Any], path: str, params: dict[str, str]
+) -> None:
+    # Two days ahead of the server's clock, as from a client's fast clock.
+    since_time = datetime.now(UTC) + timedelta(days=2)
+    hour = since_time.replace(minute=0, second=0, microsecond=0)
+
+    response = api.get(API + path, params={**params, "since": since_time.isoformat()})
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["since"] == hour.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert body["until"] == (hour + timedelta(hours=1)).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+    if path == "/activity":
+        assert [b["start"] for b in body["buckets"]] == [body["since"]]
+        assert body["totals"]["events"] == 0
+    else:
+        assert body["repositories"] == []
+
+
+@pytest.mark.parametrize(
     "path",
     [
         "/repositories/library/nothing",

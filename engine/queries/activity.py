@@ -85,6 +85,16 @@ def _hour_time(hour: int) -> str:
     return format_time(datetime.fromtimestamp(hour * SECONDS_PER_HOUR, UTC))
 
 
+def default_until(since: datetime | None) -> datetime:
+    """Return the end of a time range that gives no ``until``: now, or
+    ``since`` when that is later, as from a client whose clock runs ahead
+    of the server's."""
+    now = datetime.now(UTC)
+    if since is not None and since > now:
+        return since
+    return now
+
+
 def hour_range(since: datetime, until: datetime, width: int) -> tuple[int, int]:
     """Return [first, end) in epoch hours: whole buckets of ``width`` hours
     from the one that contains ``since`` to the one that contains ``until``."""
@@ -194,7 +204,7 @@ def top_repositories(
         rows = conn.execute(_TOP_BY_SIZE, {"b_limit": n}).all()
         return {"by": by, "repositories": [repository_json(row) for row in rows]}
 
-    until = until or datetime.now(UTC)
+    until = until or default_until(since)
     since = since or until - timedelta(days=7)
     first, end = hour_range(since, until, 1)
     rows = conn.execute(

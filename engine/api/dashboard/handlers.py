@@ -6,7 +6,7 @@ in a read snapshot through ``consistency.answer``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -18,7 +18,7 @@ from engine.api.dashboard.openapi import document as openapi_document
 from engine.api.errors import unsupported
 from engine.api.http import Request, Response, json_response
 from engine.domain.events import format_time
-from engine.queries.activity import BUCKETS, MAX_TOP, TOP_ORDERS
+from engine.queries.activity import BUCKETS, MAX_TOP, TOP_ORDERS, default_until
 from engine.queries.pages import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from engine.queries.repositories import SORTS
 from engine.queries.tags import TAG_SORTS
@@ -241,12 +241,8 @@ async def activity(request: Request) -> Response:
     bucket = params.choice(request, "bucket", tuple(BUCKETS), "hour")
     repository = params.optional_repository(request)
     since, until = _range(request)
-    end = until or datetime.now(UTC)
+    end = until or default_until(since)
     start = since or end - DEFAULT_SPAN[bucket]
-    if end < start:
-        raise unsupported(
-            "since is after until", parameter="since", value=request.param("since")
-        )
 
     def query(conn: Connection) -> dict[str, Any]:
         return queries.activity(

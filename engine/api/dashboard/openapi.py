@@ -526,7 +526,8 @@ _PATHS: Final[dict[str, Any]] = {
     "/activity": _operation(
         "Events, pushes, deletes and bytes pushed per hour or day (UTC). Without "
         "since, the series covers the 24 hours (hour) or 30 days (day) before "
-        "until, which defaults to now.",
+        "until. until defaults to now, or to since when since is later, as from "
+        "a client whose clock runs ahead.",
         "Activity",
         [
             _query("bucket", {"enum": list(BUCKETS), "default": "hour"}, "Bucket."),
@@ -549,8 +550,8 @@ _PATHS: Final[dict[str, Any]] = {
     ),
     "/top": _operation(
         "The largest repositories now, or the most active in a time range. "
-        "Without since, the range is the 7 days before until, which defaults "
-        "to now. Activity is counted per UTC hour, so the range widens to "
+        "Without since, the range is the 7 days before until. until defaults "
+        "to now, or to since when since is later. Activity is counted per UTC hour, so the range widens to "
         "whole hours, as the response's since and until (exclusive) show.",
         "Top",
         [
