@@ -204,7 +204,9 @@ def test_mirror_rejected_credentials_not_logged(
     failed = [e for e in log_events(result.stderr) if e["event"] == "mirror_failed"]
     assert len(failed) == 1
     assert "HTTP 401" in failed[0]["error"]
+    assert failed[0]["error"].startswith("target ")
     assert "--target-creds" in failed[0]["error"]
+    assert "--source-creds" not in failed[0]["error"]
 
 
 def test_mirror_source_without_credentials(
@@ -219,6 +221,7 @@ def test_mirror_source_without_credentials(
     assert len(failed) == 1
     assert "HTTP 401" in failed[0]["error"]
     assert "--source-creds" in failed[0]["error"]
+    assert "--target-creds" not in failed[0]["error"]
 
 
 @pytest.mark.parametrize(

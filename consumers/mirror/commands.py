@@ -243,7 +243,7 @@ def _build_target(args: argparse.Namespace, endpoints: Endpoints) -> Target:
     if endpoints.target.startswith("oci:"):
         return LayoutTarget(Path(endpoints.target.removeprefix("oci:")))
     client = _client(args, endpoints.target_credentials, False)
-    return RegistryTarget(RegistryClient(endpoints.target, client))
+    return RegistryTarget(RegistryClient(endpoints.target, client, "target"))
 
 
 async def _run(
@@ -267,7 +267,7 @@ async def _run(
     )
     stats = Stats()
     copier = Copier(
-        RegistryClient(endpoints.source, http),
+        RegistryClient(endpoints.source, http, "source"),
         target,
         mirrored=lambda repository: matches_any(repository, settings.repositories),
         propagate_deletes=args.propagate_deletes,

@@ -9,7 +9,7 @@ import httpx
 
 from consumers.mirror.errors import MirrorError, request_failed
 from consumers.mirror.identity import fetch_registry_id
-from consumers.mirror.registry import MIRROR_CREDENTIALS, check
+from consumers.mirror.registry import check
 
 PAGE_SIZE: Final = 500
 
@@ -28,7 +28,7 @@ class FeedClient:
         self,
         base_url: str,
         client: httpx.AsyncClient,
-        credentials: str = MIRROR_CREDENTIALS,
+        credentials: str = "see --source-creds",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/_cairn/events"
@@ -40,7 +40,10 @@ class FeedClient:
         """Return the registry id of the source, or None for a cairn older
         than the id. Raises MirrorError for a 401 or 403."""
         return await fetch_registry_id(
-            self.client, self.base_url, denied_is_unknown=False
+            self.client,
+            self.base_url,
+            denied_is_unknown=False,
+            credentials=self.credentials,
         )
 
     async def page(self, after: int, limit: int = PAGE_SIZE) -> FeedPage:

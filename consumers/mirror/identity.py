@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from consumers.mirror.errors import request_failed
-from consumers.mirror.registry import check
+from consumers.mirror.registry import MIRROR_CREDENTIALS, check
 
 IDENTITY_PATH: Final = "/_cairn/registry"
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
@@ -84,14 +84,19 @@ def check_registry_ids(
 
 
 async def fetch_registry_id(
-    client: httpx.AsyncClient, base_url: str, *, denied_is_unknown: bool = True
+    client: httpx.AsyncClient,
+    base_url: str,
+    *,
+    denied_is_unknown: bool = True,
+    credentials: str = MIRROR_CREDENTIALS,
 ) -> str | None:
     """Return the registry id that a cairn at ``base_url`` reports.
 
     Returns None for a registry that does not report one: a 4xx response
     (404 from another registry or an older cairn, 401 or 403 when it
     requires other credentials, unless ``denied_is_unknown`` is false) or
-    a body without a string ``registry_id``.
+    a body without a string ``registry_id``. ``credentials`` is the hint on
+    where to set credentials, added to a 401 error.
 
     Raises TransientError when the request fails in a way worth retrying,
     and MirrorError (from registry.check) for any other response that is
@@ -107,7 +112,7 @@ async def fetch_registry_id(
     unknown = 400 <= status < 500 and status not in (408, 425, 429)
     if unknown and (denied_is_unknown or status not in (401, 403)):
         return None
-    check(response, description)
+    check(response, description, credentials)
     try:
         document = response.json()
     except ValueError:

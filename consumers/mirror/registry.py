@@ -53,9 +53,16 @@ class StoredBlob:
 
 
 class RegistryClient:
-    def __init__(self, base_url: str, client: httpx.AsyncClient) -> None:
+    """A client of the source or the target registry. ``side`` is "source"
+    or "target", and starts the description of each failed request."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient, side: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.client = client
+        self.side = side
+
+    def _check(self, response: httpx.Response, what: str) -> None:
+        check(response, what, f"see --{self.side}-creds")
 
     def url(self, repository: str, *parts: str) -> str:
         path = "/".join(quote(part, safe=":") for part in parts)
@@ -78,13 +85,13 @@ class RegistryClient:
     async def head_blob(self, repository: str, digest: str) -> StoredBlob | None:
         """Return the blob with the size from the Content-Length of a HEAD
         request, or None when the repository has no such blob."""
-        what = f"HEAD blob {digest} in {repository}"
+        what = f"{self.side} HEAD blob {digest} in {repository}"
         response = await self._request(
             "HEAD", self.url(repository, "blobs", digest), what
         )
         if response.status_code == 404:
             return None
-        check(response, what)
+        self._check(response, what)
         length = response.headers.get("Content-Length", "")
         return StoredBlob(int(length) if length.isdigit() else None)
 
@@ -93,7 +100,7 @@ class RegistryClient:
         self, repository: str, digest: str
     ) -> AsyncIterator[BlobStream]:
         """Stream a blob; raise SourceGone when the repository no longer has it."""
-        what = f"GET blob {digest} in {repository}"
+        what = f"{self.side} GET blob {digest} in {repository}"
         request = self.client.build_request(
             "GET", self.url(repository, "blobs", digest)
         )
@@ -111,7 +118,7 @@ class RegistryClient:
                 raise SourceGone(f"{what}: not found")
             if response.status_code >= 300:
                 await response.aread()
-            check(response, what)
+            self._check(response, what)
             length = response.headers.get("Content-Length", "")
             size = int(length) if length.isdigit() else None
             yield BlobStream(size, _chunks(response, what))
@@ -127,11 +134,11 @@ class RegistryClient:
         (False, upload URL) when an upload session is open instead.
         """
         params = {"mount": mount, "from": source} if mount and source else None
-        what = f"POST upload in {repository}"
+        what = f"{self.side} POST upload in {repository}"
         response = await self._request(
             "POST", self.url(repository, "blobs", "uploads", ""), what, params=params
         )
-        check(response, what)
+        self._check(response, what)
         location = response.headers.get("Location")
         if response.status_code == 201:
             return True, location or ""
@@ -150,14 +157,14 @@ class RegistryClient:
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
             headers["Content-Length"] = str(size)
-        what = f"PUT upload of {digest}"
+        what = f"{self.side} PUT upload of {digest}"
         # The upload URL may carry state in its query (Distribution's _state);
         # the digest joins it rather than replacing it.
         url = httpx.URL(location).copy_merge_params({"digest": digest})
         response = await self._request(
             "PUT", str(url), what, content=chunks, headers=headers
         )
-        check(response, what)
+        self._check(response, what)
         stored: str | None = response.headers.get("Docker-Content-Digest")
         return stored
 
@@ -196,7 +203,7 @@ class RegistryClient:
         self, repository: str, reference: str
     ) -> tuple[str, bytes] | None:
         """Return the manifest's media type and exact bytes, or None if absent."""
-        what = f"GET manifest {reference} in {repository}"
+        what = f"{self.side} GET manifest {reference} in {repository}"
         response = await self._request(
             "GET",
             self.url(repository, "manifests", reference),
@@ -205,13 +212,13 @@ class RegistryClient:
         )
         if response.status_code == 404:
             return None
-        check(response, what)
+        self._check(response, what)
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         return media_type, response.content
 
     async def manifest_digest(self, repository: str, reference: str) -> str | None:
         """Return the digest a tag or digest resolves to, or None if absent."""
-        what = f"HEAD manifest {reference} in {repository}"
+        what = f"{self.side} HEAD manifest {reference} in {repository}"
         response = await self._request(
             "HEAD",
             self.url(repository, "manifests", reference),
@@ -220,7 +227,7 @@ class RegistryClient:
         )
         if response.status_code == 404:
             return None
-        check(response, what)
+        self._check(response, what)
         digest: str | None = response.headers.get("Docker-Content-Digest")
         if not digest:
             raise MirrorError(f"{what}: the response has no Docker-Content-Digest")
@@ -231,7 +238,7 @@ class RegistryClient:
     ) -> tuple[str, int | None] | None:
         """Return the media type and, when the registry sends Content-Length,
         the size of a manifest, or None if absent."""
-        what = f"HEAD manifest {reference} in {repository}"
+        what = f"{self.side} HEAD manifest {reference} in {repository}"
         response = await self._request(
             "HEAD",
             self.url(repository, "manifests", reference),
@@ -240,7 +247,7 @@ class RegistryClient:
         )
         if response.status_code == 404:
             return None
-        check(response, what)
+        self._check(response, what)
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         length = response.headers.get("Content-Length", "")
         return media_type, int(length) if length.isdigit() else None
@@ -249,7 +256,7 @@ class RegistryClient:
         self, repository: str, reference: str, media_type: str, raw: bytes
     ) -> str | None:
         """PUT a manifest by tag or digest; return the digest the registry reports."""
-        what = f"PUT manifest {reference} in {repository}"
+        what = f"{self.side} PUT manifest {reference} in {repository}"
         response = await self._request(
             "PUT",
             self.url(repository, "manifests", reference),
@@ -257,7 +264,7 @@ class RegistryClient:
             content=raw,
             headers={"Content-Type": media_type},
         )
-        check(response, what)
+        self._check(response, what)
         stored: str | None = response.headers.get("Docker-Content-Digest")
         return stored
 
@@ -268,13 +275,13 @@ class RegistryClient:
         )
 
     async def _delete(self, url: str, repository: str) -> bool:
-        what = f"DELETE {url.removeprefix(self.base_url)}"
+        what = f"{self.side} DELETE {url.removeprefix(self.base_url)}"
         response = await self._request("DELETE", url, what)
         if response.status_code in (200, 202, 204, 404):
             return True
         if response.status_code in (400, 405):
             return False
-        check(response, what)
+        self._check(response, what)
         return True
 
 
