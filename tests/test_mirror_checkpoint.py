@@ -392,6 +392,48 @@ def test_mirror_rejects_unwritable_checkpoint(
     assert not checkpoint.parent.exists()
 
 
+def test_second_mirror_on_checkpoint_rejected(
+    tmp_path: Path,
+    source: ServeProcess,
+    target: ServeProcess,
+) -> None:
+    push_images(source.url, "library/app", 1)
+    checkpoint = tmp_path / "checkpoint.json"
+    log_path = tmp_path / "mirror.log"
+    first = start_mirror(
+        source.url,
+        target.url,
+        log_path,
+        "--poll-interval",
+        "0.1",
+        "--checkpoint",
+        str(checkpoint),
+    )
+    try:
+        wait_until(
+            lambda: manifest_status(target.url, "library/app", "v0") == 200, WAIT
+        )
+        saved = checkpoint.read_bytes()
+
+        second = mirror_once(source.url, target.url, checkpoint)
+        kept = checkpoint.read_bytes()
+        still_running = first.poll() is None
+    finally:
+        first.terminate()
+        first.wait(30)
+    after = mirror_once(source.url, target.url, checkpoint)
+
+    assert second.returncode == 2, second.stderr[-4000:]
+    assert second.stderr.strip() == (
+        f"cairn mirror: checkpoint {checkpoint} is in use by another cairn "
+        f"mirror (it holds the lock on {tmp_path / '.checkpoint.json.lock'}); "
+        "run one mirror per checkpoint"
+    )
+    assert kept == saved
+    assert still_running
+    assert after.returncode == 0, after.stderr[-4000:]
+
+
 def test_mirror_stops_when_checkpoint_unwritable(
     tmp_path: Path,
     source: ServeProcess,
@@ -422,6 +464,7 @@ def test_mirror_stops_when_checkpoint_unwritable(
             WAIT,
         )
         checkpoint.unlink()
+        (directory / ".checkpoint.json.lock").unlink()
         directory.rmdir()
         with httpx.Client(base_url=source.url) as client:
             push_image(client, "library/app", make_image(), "later")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -70,6 +72,48 @@ def main(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"cairn mirror: {problem}", file=sys.stderr)
         return 2
+    try:
+        lock = _lock_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        print(f"cairn mirror: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _main_locked(args, endpoints)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_checkpoint(path: Path | None) -> int | None:
+    """Take an exclusive lock for the checkpoint ``path`` and return its
+    descriptor, None without a checkpoint; raise CheckpointError when
+    another process holds it.
+
+    The lock is on a file beside the checkpoint, ``.NAME.lock``, because
+    each write replaces the checkpoint's file. Two mirrors with one
+    checkpoint would each save their own position over the other's.
+    """
+    if path is None:
+        return None
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {error.strerror or error}: {lock_path}"
+        ) from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise CheckpointError(
+            f"checkpoint {path} is in use by another cairn mirror (it holds "
+            f"the lock on {lock_path}); run one mirror per checkpoint"
+        ) from None
+    return descriptor
+
+
+def _main_locked(args: argparse.Namespace, endpoints: Endpoints) -> int:
     try:
         checkpoint = Checkpoint.load(
             args.checkpoint,
