@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,9 @@ import nats
 import pytest
 import structlog
 
-from consumers.webhook import dead_letters
+from consumers.webhook import dead_letters, worker
+from consumers.webhook.config import load_config
+from consumers.webhook.positions import PositionStore, StoredPosition
 from consumers.webhook.service import cancel_workers
 from engine.api.app import create_app
 from engine.api.auth import Authenticator, Role, add_user, load_users
@@ -1004,6 +1007,50 @@ def test_dead_letter_stream_created_once(
     assert events.count("dead_letter_stream_created") == 1
 
 
+def test_failed_position_write_logged_as_error(
+    tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured = structlog.testing.CapturingLogger()
+    monkeypatch.setattr(
+        worker,
+        "log",
+        structlog.wrap_logger(
+            captured, processors=[], wrapper_class=structlog.BoundLogger
+        ),
+    )
+    config = load_config(
+        write_config(
+            tmp_path / "webhook.toml",
+            [{"name": "steady", "url": "http://127.0.0.1:1/steady"}],
+        )
+    )
+
+    async def write_after_close() -> None:
+        client = await nats.connect(nats_server.url)
+        js = client.jetstream()
+        endpoint_worker = worker.EndpointWorker(
+            config.endpoints[0],
+            config,
+            js,
+            dead_letters.DeadLetterStore(js, "DEADLETTERS", "dead"),
+            PositionStore(js),
+            None,
+        )
+        endpoint_worker.last_settled = StoredPosition(7, "event-7", "new")
+        await client.close()
+        await endpoint_worker.write_position()
+
+    asyncio.run(write_after_close())
+
+    failed = [
+        c for c in captured.calls if c.kwargs.get("event") == "position_write_failed"
+    ]
+    assert len(failed) == 1
+    assert failed[0].method_name == "error"
+    assert failed[0].kwargs["position"] == 7
+    assert failed[0].kwargs["endpoint"] == "steady"
+
+
 def test_tag_push_of_deleted_manifest_keeps_facts(
     tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
 ) -> None:
@@ -1131,17 +1178,7 @@ def test_webhook_skips_republished_events(
     delete_stream(nats_server.url)
     create_stream(nats_server.url)
     wait_until(lambda: webhook.count("endpoint_subscribed") >= 2, WAIT)
-    result = cairn_cli(
-        "events",
-        "republish",
-        "--data-dir",
-        str(directory / "data"),
-        "--database",
-        f"sqlite:///{directory / 'cairn.db'}",
-        "--from",
-        "1",
-    )
-    assert result.returncode == 0, result.stderr
+    republish_from_start(directory)
     with cairn_on_nats(directory, nats_server.url) as cairn:
         wait_for_stream_size(nats_server.url, 8)
         with httpx.Client(base_url=cairn) as client:
@@ -1158,6 +1195,107 @@ def test_webhook_skips_republished_events(
     assert len(skipped) == 1
     assert skipped[0]["count"] == 8
     assert skipped[0]["through_position"] == 8
+
+
+def republish_from_start(directory: Path) -> None:
+    """Make the cairn served from ``directory`` publish its log again from
+    position 1 when it is served next."""
+    result = cairn_cli(
+        "events",
+        "republish",
+        "--data-dir",
+        str(directory / "data"),
+        "--database",
+        f"sqlite:///{directory / 'cairn.db'}",
+        "--from",
+        "1",
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def stored_positions(nats_url: str, endpoints: list[str]) -> dict[str, int | None]:
+    """Return each endpoint's position in the position bucket, None where
+    none is stored."""
+
+    async def read() -> dict[str, int | None]:
+        client = await nats.connect(nats_url)
+        try:
+            store = PositionStore(client.jetstream())
+            found: dict[str, int | None] = {}
+            for endpoint in endpoints:
+                stored = await store.read("CAIRN", endpoint)
+                found[endpoint] = stored.position if stored is not None else None
+            return found
+        finally:
+            await client.close()
+
+    return run(read())
+
+
+def test_position_bucket_recreated_after_store_loss(
+    tmp_path: Path, receiver: Receiver, start_webhook: Any, nats_server: NatsServer
+) -> None:
+    """A webhook that runs while the NATS server loses its whole store
+    creates the position bucket again, so a later restart without consumers
+    resumes after the last event delivered."""
+    directory = tmp_path / "cairn"
+    endpoints = ["first", "second"]
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {"name": name, "url": receiver.url(f"/{name}"), "start": "all"}
+            for name in endpoints
+        ],
+    )
+    with cairn_on_nats(directory, nats_server.url) as cairn:
+        webhook = start_webhook(config)
+        webhook.wait_subscribed(2)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "v1")
+        before = distribution_notified(feed_events(cairn))
+        for name in endpoints:
+            wait_delivered(receiver, f"/{name}", before[-1]["id"])
+    # Stored before NATS stops, so that no write fails while it is down.
+    first_stored = {name: before[-1]["position"] for name in endpoints}
+    wait_until(lambda: stored_positions(nats_server.url, endpoints) == first_stored)
+
+    # The NATS server starts again with an empty store, the cairn publishes
+    # its log again into the new stream, and one more tag follows.
+    nats_server.stop()
+    shutil.rmtree(nats_server.directory / "jetstream")
+    nats_server.start()
+    republish_from_start(directory)
+    with cairn_on_nats(directory, nats_server.url) as cairn:
+        wait_for_stream_size(nats_server.url, 4)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "v2")
+        expected = distribution_notified(feed_events(cairn))
+        for name in endpoints:
+            wait_delivered(receiver, f"/{name}", expected[-1]["id"])
+    assert webhook.stop() == 0
+
+    assert webhook.count("position_write_failed") == 0
+    last = expected[-1]["position"]
+    assert stored_positions(nats_server.url, endpoints) == {
+        "first": last,
+        "second": last,
+    }
+
+    # Without consumers, a restart resumes after the stored positions, so
+    # the endpoints receive only the tag pushed next.
+    delete_stream(nats_server.url)
+    with cairn_on_nats(directory, nats_server.url) as cairn:
+        restarted = start_webhook(config)
+        restarted.wait_subscribed(2)
+        with httpx.Client(base_url=cairn) as client:
+            push_image(client, "library/app", make_image(), "v3")
+        expected = distribution_notified(feed_events(cairn))
+        for name in endpoints:
+            wait_delivered(receiver, f"/{name}", expected[-1]["id"])
+    for name in endpoints:
+        received = [r.event_id for r in receiver.of(f"/{name}")]
+        assert received == [e["id"] for e in expected]
+    assert restarted.stop() == 0
 
 
 def push_across_lost_stream(cairn: str, receiver: Receiver, nats_url: str) -> None:

@@ -8,6 +8,9 @@ that starts later reads that position here. The bucket
 the NATS server beside the dead-letter stream, so it survives the loss of
 the webhook's host.
 
+A bucket deleted while the webhook runs, for example with the NATS
+server's store, is created again at the next write.
+
 The key is ``<event stream>.<endpoint name>``, as the consumer belongs to
 the stream. The value is JSON: the position, the id of the event at that
 position, the endpoint's ``start`` when it was written, and the id of the
@@ -89,11 +92,32 @@ class PositionStore:
         if stored.registry_id is not None:
             document["registry_id"] = stored.registry_id
         value = json.dumps(document, separators=(",", ":")).encode()
-        await kv.put(_key(stream, endpoint), value)
+        key = _key(stream, endpoint)
+        try:
+            await kv.put(key, value)
+        except nats.js.errors.NoStreamResponseError:
+            # No stream stores the bucket's subjects: the bucket was deleted
+            # since it was opened, for example with the NATS server's whole
+            # store. It is created again, as the dead-letter stream is.
+            log.warning(
+                "position_bucket_missing",
+                bucket=self.bucket,
+                note="deleted since the webhook opened it; created again",
+            )
+            kv = await self._reopen(kv)
+            await kv.put(key, value)
 
     async def _open(self) -> KeyValue:
         async with self._opening:
             if self._kv is None:
+                self._kv = await self._open_or_create()
+            return self._kv
+
+    async def _reopen(self, stale: KeyValue) -> KeyValue:
+        """Open or create the bucket again, unless another worker already
+        replaced ``stale``."""
+        async with self._opening:
+            if self._kv is None or self._kv is stale:
                 self._kv = await self._open_or_create()
             return self._kv
 

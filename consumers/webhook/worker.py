@@ -183,7 +183,7 @@ class EndpointWorker:
             logged = self.write_failed_logged_at
             if logged is None or now - logged >= POSITION_FAILURE_LOG_INTERVAL:
                 self.write_failed_logged_at = now
-                self.log.warning(
+                self.log.error(
                     "position_write_failed",
                     bucket=self.positions.bucket,
                     position=settled.position,
