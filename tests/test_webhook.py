@@ -128,15 +128,17 @@ class Receiver:
     """An HTTP server on 127.0.0.1 that records every POST.
 
     ``plan[path]`` lists the statuses to respond with first. After them, and
-    for paths without a plan, ``default_status`` applies.
+    for paths without a plan, ``default_status`` applies. A request to a
+    path in ``gates`` waits until its gate is set, except the first
+    ``gate_after[path]`` requests to that path.
     """
 
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.plan: dict[str, list[int]] = {}
         self.default_status: dict[str, int] = {}
-        # A request to a gated path waits until its gate is set.
         self.gates: dict[str, threading.Event] = {}
+        self.gate_after: dict[str, int] = {}
         self.delay = 0.0
         self.lock = threading.Lock()
         receiver = self
@@ -159,8 +161,10 @@ class Receiver:
                         if planned
                         else receiver.default_status.get(self.path, 200)
                     )
+                    count = sum(r.path == self.path for r in receiver.requests)
+                    ungated = receiver.gate_after.get(self.path, 0)
                 gate = receiver.gates.get(self.path)
-                if gate is not None:
+                if gate is not None and count > ungated:
                     gate.wait(WAIT)
                 if receiver.delay:
                     time.sleep(receiver.delay)
@@ -687,6 +691,132 @@ def test_webhook_survives_nats_restart(
     wait_until(lambda: {r.event_id for r in receiver.of("/steady")} >= set(tags), WAIT)
     assert list(dict.fromkeys(r.event_id for r in receiver.of("/steady"))) == tags
     assert webhook.process.poll() is None
+
+
+@pytest.mark.parametrize("status_after_restart", [200, 500])
+def test_attempt_cut_off_by_stop_not_counted(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+    status_after_restart: int,
+) -> None:
+    """A stop during the last attempt hands the event back uncounted, so
+    the restarted webhook makes that attempt again."""
+    # Attempts 1 and 2 get 500, and attempt 3 waits at the gate until the
+    # webhook stops.
+    receiver.plan["/slow"] = [500, 500, 500]
+    receiver.gates["/slow"] = threading.Event()
+    receiver.gate_after["/slow"] = 2
+    receiver.default_status["/slow"] = status_after_restart
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [
+            {
+                "name": "slow",
+                "url": receiver.url("/slow"),
+                "event_types": ["tag.set"],
+                "timeout": "30s",
+                "backoff_initial": "50ms",
+                "backoff_max": "100ms",
+                "max_attempts": 3,
+            }
+        ],
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "v1")
+    tag = tag_set_events(cairn)[0]
+    wait_until(lambda: len(receiver.of("/slow")) >= 3, WAIT)
+    assert webhook.stop() == 0
+    receiver.gates["/slow"].set()
+
+    restarted = start_webhook(config)
+    wait_until(
+        lambda: (
+            len(receiver.of("/slow")) >= 4
+            or restarted.count("event_dead_lettered") >= 1
+        ),
+        WAIT,
+    )
+
+    requests = receiver.of("/slow")
+    assert [r.event_id for r in requests] == [tag["id"]] * 4
+    assert [r.headers["cairn-delivery-attempt"] for r in requests] == [
+        "1",
+        "2",
+        "3",
+        "3",
+    ]
+    if status_after_restart == 200:
+        wait_until(lambda: restarted.count("event_delivered") >= 1, WAIT)
+        assert restarted.count("event_dead_lettered") == 0
+        listed = run_dead_letters("list", config, nats_server.url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout == ""
+    else:
+        # The dead letter records the failure of the attempt made after
+        # the restart.
+        wait_until(lambda: restarted.count("event_dead_lettered") >= 1, WAIT)
+        dead = restarted.records("event_dead_lettered")[0]
+        assert dead["attempts"] == 3
+        assert dead["status"] == 500
+        assert dead["error"] == "HTTP 500"
+        listed = run_dead_letters("list", config, nats_server.url, "--json")
+        assert listed.returncode == 0, listed.stderr
+        letters = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert len(letters) == 1
+        assert letters[0]["attempts"] == 3
+        assert letters[0]["status"] == 500
+        assert letters[0]["error"] == "HTTP 500"
+    assert restarted.stop() == 0
+
+
+def test_dead_letter_after_restart_keeps_failure(
+    tmp_path: Path,
+    cairn: str,
+    receiver: Receiver,
+    start_webhook: Any,
+    nats_server: NatsServer,
+) -> None:
+    """An event whose stored failures already use up max_attempts at a
+    restart, here because max_attempts was lowered, is dead-lettered with
+    the last failure and without a new attempt."""
+    receiver.plan["/slow"] = [503, 503]
+    receiver.gates["/slow"] = threading.Event()
+    receiver.gate_after["/slow"] = 2
+    endpoint = {
+        "name": "slow",
+        "url": receiver.url("/slow"),
+        "event_types": ["tag.set"],
+        "timeout": "30s",
+        "backoff_initial": "50ms",
+        "backoff_max": "100ms",
+        "max_attempts": 5,
+    }
+    config = write_config(tmp_path / "webhook.toml", [endpoint])
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "v1")
+    wait_until(lambda: len(receiver.of("/slow")) >= 3, WAIT)
+    assert webhook.stop() == 0
+
+    write_config(config, [{**endpoint, "max_attempts": 2}])
+    restarted = start_webhook(config)
+    wait_until(lambda: restarted.count("event_dead_lettered") >= 1, WAIT)
+
+    assert len(receiver.of("/slow")) == 3
+    listed = run_dead_letters("list", config, nats_server.url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    letters = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(letters) == 1
+    assert letters[0]["attempts"] == 2
+    assert letters[0]["status"] == 503
+    assert letters[0]["error"] == "HTTP 503"
+    assert restarted.stop() == 0
 
 
 def test_webhook_slow_endpoint_delays_no_other(

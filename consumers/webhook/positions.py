@@ -8,6 +8,13 @@ that starts later reads that position here. The bucket
 the NATS server beside the dead-letter stream, so it survives the loss of
 the webhook's host.
 
+The bucket also keeps, under ``<event stream>.<endpoint name>.failure``,
+the failed attempts of the event that an endpoint is retrying: how many
+there were and the last one's status or error. JetStream counts each
+delivery of a message, also one whose attempt the webhook's own stop cut
+off, so the attempt number and a dead letter's failure come from this
+record, and a restart goes on with the attempt that the stop cut off.
+
 A bucket deleted while the webhook runs, for example with the NATS
 server's store, is created again at the next write.
 
@@ -52,6 +59,21 @@ class StoredPosition:
     registry_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class FailedAttempts:
+    """The failed attempts to deliver one event to an endpoint.
+
+    ``attempts`` counts the attempts that got a non-2xx response or failed
+    with an error, and ``status`` and ``error`` describe the last one, as
+    ``consumers.webhook.delivery.Outcome`` does.
+    """
+
+    event_id: str
+    attempts: int
+    status: int | None
+    error: str | None
+
+
 class PositionStore:
     def __init__(self, js: JetStreamContext, bucket: str = DEFAULT_BUCKET) -> None:
         self.js = js
@@ -83,7 +105,6 @@ class PositionStore:
 
     async def write(self, stream: str, endpoint: str, stored: StoredPosition) -> None:
         """Store ``stored`` as the endpoint's position, replacing the last one."""
-        kv = await self._open()
         document = {
             "position": stored.position,
             "event_id": stored.event_id,
@@ -92,7 +113,53 @@ class PositionStore:
         if stored.registry_id is not None:
             document["registry_id"] = stored.registry_id
         value = json.dumps(document, separators=(",", ":")).encode()
-        key = _key(stream, endpoint)
+        await self._put(_key(stream, endpoint), value)
+
+    async def read_failures(self, stream: str, endpoint: str) -> FailedAttempts | None:
+        """Return the failed attempts stored for the endpoint, or None when
+        none are stored or the stored value is invalid (logged)."""
+        kv = await self._open()
+        key = _failure_key(stream, endpoint)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        failures = _decode_failures(entry.value or b"")
+        if failures is None:
+            log.warning(
+                "stored_attempts_invalid",
+                bucket=self.bucket,
+                key=key,
+                value=(entry.value or b"")[:200].decode(errors="replace"),
+                note="ignored; the event's attempts count from 1",
+            )
+        return failures
+
+    async def write_failures(
+        self, stream: str, endpoint: str, failures: FailedAttempts
+    ) -> None:
+        """Store ``failures`` as the endpoint's failed attempts, replacing the
+        record of any other event."""
+        document = {
+            "event_id": failures.event_id,
+            "attempts": failures.attempts,
+            "status": failures.status,
+            "error": failures.error,
+        }
+        value = json.dumps(document, separators=(",", ":")).encode()
+        await self._put(_failure_key(stream, endpoint), value)
+
+    async def delete_failures(self, stream: str, endpoint: str) -> None:
+        """Remove the endpoint's failed attempts once their event is settled."""
+        kv = await self._open()
+        try:
+            await kv.delete(_failure_key(stream, endpoint))
+        except nats.js.errors.NoStreamResponseError:
+            # The bucket is gone, and the record with it.
+            await self._reopen(kv)
+
+    async def _put(self, key: str, value: bytes) -> None:
+        kv = await self._open()
         try:
             await kv.put(key, value)
         except nats.js.errors.NoStreamResponseError:
@@ -142,6 +209,36 @@ class PositionStore:
 def _key(stream: str, endpoint: str) -> str:
     # Stream and endpoint names contain only letters, digits, '-' and '_'.
     return f"{stream}.{endpoint}"
+
+
+def _failure_key(stream: str, endpoint: str) -> str:
+    # Three tokens, so that it never equals a position key, which has two.
+    return f"{stream}.{endpoint}.failure"
+
+
+def _decode_failures(value: bytes) -> FailedAttempts | None:
+    try:
+        document: Any = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    event_id = document.get("event_id")
+    attempts = document.get("attempts")
+    status = document.get("status")
+    error = document.get("error")
+    if (
+        not isinstance(event_id, str)
+        or not isinstance(attempts, int)
+        or isinstance(attempts, bool)
+        or attempts < 1
+        or not (
+            status is None or (isinstance(status, int) and not isinstance(status, bool))
+        )
+        or not isinstance(error, str | None)
+    ):
+        return None
+    return FailedAttempts(event_id, attempts, status, error)
 
 
 def _decode(value: bytes) -> StoredPosition | None:

@@ -8,9 +8,15 @@ last acknowledged event. A message is settled by
 
 - ``ack`` after a 2xx response, or when the endpoint's filters skip it;
 - ``nak`` with a delay after a failed attempt: JetStream redelivers it after
-  the delay and counts the delivery, so the attempt number survives a
-  restart;
+  the delay;
 - ``term`` once the attempts are used up and the event is a dead letter.
+
+Each failed attempt is stored in the position bucket before the message is
+settled, so the attempt number and a dead letter's last failure survive a
+restart. JetStream's delivery count is not used for them, because it also
+counts a delivery whose attempt the webhook's own stop cut off: a stop
+during a request hands the message back with ``nak``, and the next run
+makes that attempt again.
 
 The worker also keeps the position of the last event it settled, and
 stores it in the position bucket (``consumers.webhook.positions``) at most
@@ -66,7 +72,11 @@ from consumers.webhook.payloads import (
     event_problem,
     media_type_of,
 )
-from consumers.webhook.positions import PositionStore, StoredPosition
+from consumers.webhook.positions import (
+    FailedAttempts,
+    PositionStore,
+    StoredPosition,
+)
 from engine.bus.connection import describe_nats_error
 from engine.bus.messages import EVENT_ID, REGISTRY_ID, header_position, is_stand_in
 from engine.domain.events import EventType
@@ -119,6 +129,8 @@ class EndpointWorker:
         # were handled before, and how many of those it skipped.
         self.skip_through: int | None = None
         self.skipped = 0
+        # The failed attempts of the event being retried, as last stored.
+        self.failures: FailedAttempts | None = None
 
     async def run(self) -> None:
         """Deliver until cancelled; NATS errors are logged and retried."""
@@ -292,7 +304,6 @@ class EndpointWorker:
         if position is not None and self.handled_through is None:
             # The first event of a consumer that had handled nothing.
             self.handled_through = position - 1
-        attempt = message.metadata.num_delivered or 1
         event, problem = _decode(message)
         if event is None:
             self.log.error(
@@ -309,29 +320,102 @@ class EndpointWorker:
             await self._ack(message)
             return
 
-        if attempt > self.endpoint.max_attempts:
-            # The last attempt was made, then the process stopped before
-            # recording its failure.
+        failures = await self._failures_before(event["id"], message)
+        if failures is not None and failures.attempts >= self.endpoint.max_attempts:
+            # The last attempt failed, then the process stopped before it
+            # recorded the dead letter, or max_attempts was lowered since.
             await self._dead_letter(
-                message, prepared.received, attempt - 1, None, None, ids
+                message,
+                prepared.received,
+                failures.attempts,
+                failures.status,
+                failures.error,
+                ids,
             )
+            await self._forget_failures()
             return
+        attempt = (failures.attempts if failures is not None else 0) + 1
         outcome = await self._attempt(prepared, client, attempt, message)
 
         if outcome.delivered:
             await self._ack(message)
+            await self._forget_failures()
             self._log_delivered(ids, attempt, outcome)
             return
+        await self._record_failure(event["id"], attempt, outcome)
         if attempt >= self.endpoint.max_attempts:
             await self._dead_letter(
                 message, prepared.received, attempt, outcome.status, outcome.error, ids
             )
+            await self._forget_failures()
             return
         delay = retry_delay(
             attempt, self.endpoint.backoff_initial, self.endpoint.backoff_max
         )
         await message.nak(delay=delay)
         self._log_failed(ids, attempt, outcome, delay)
+
+    async def _failures_before(
+        self, event_id: str, message: Msg
+    ) -> FailedAttempts | None:
+        """Return the failed attempts to deliver ``event_id`` so far, or None
+        when there were none.
+
+        The bucket is read only for a message that JetStream delivered
+        before, so a first delivery costs no round trip to NATS.
+        """
+        if self.failures is not None and self.failures.event_id == event_id:
+            return self.failures
+        self.failures = None
+        if (message.metadata.num_delivered or 1) <= 1:
+            return None
+        stored = await self.positions.read_failures(
+            self.config.stream, self.endpoint.name
+        )
+        if stored is None or stored.event_id != event_id:
+            return None
+        self.failures = stored
+        return stored
+
+    async def _record_failure(
+        self, event_id: str, attempt: int, outcome: Outcome
+    ) -> None:
+        """Store the failed ``attempt`` to deliver ``event_id``.
+
+        A failed write is logged: this process keeps counting, but a restart
+        would count the event's attempts from 1 again.
+        """
+        self.failures = FailedAttempts(event_id, attempt, outcome.status, outcome.error)
+        try:
+            await self.positions.write_failures(
+                self.config.stream, self.endpoint.name, self.failures
+            )
+        except NATS_ERRORS as error:
+            self.log.error(
+                "attempt_write_failed",
+                event_id=event_id,
+                attempt=attempt,
+                bucket=self.positions.bucket,
+                error=describe_nats_error(error),
+                note="a restart counts this event's attempts from 1 again",
+            )
+
+    async def _forget_failures(self) -> None:
+        """Remove the stored failed attempts of the event just settled."""
+        failures, self.failures = self.failures, None
+        if failures is None:
+            return
+        try:
+            await self.positions.delete_failures(self.config.stream, self.endpoint.name)
+        except NATS_ERRORS as error:
+            # A record left behind names its settled event, so only a
+            # redelivery of that same event would read it.
+            self.log.warning(
+                "attempt_delete_failed",
+                event_id=failures.event_id,
+                bucket=self.positions.bucket,
+                error=describe_nats_error(error),
+            )
 
     async def _prepare(
         self, event: dict[str, Any], ids: dict[str, Any]
