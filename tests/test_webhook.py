@@ -1080,6 +1080,37 @@ def test_webhook_rejects_invalid_config(tmp_path: Path) -> None:
     assert "invalid name 'bad name'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["webhook"],
+        ["webhook", "dead-letters", "list"],
+        ["webhook", "dead-letters", "redeliver"],
+    ],
+    ids=" ".join,
+)
+def test_webhook_usage_requires_config(command: list[str]) -> None:
+    shown = cairn_cli(*command, "--help")
+    missing = cairn_cli(*command)
+
+    assert shown.returncode == 0, shown.stderr
+    usage = " ".join(shown.stdout.partition("\n\n")[0].split())
+    assert usage.startswith(f"usage: cairn {' '.join(command)} ")
+    assert " --config FILE " in usage
+    assert "[--config" not in usage
+    assert missing.returncode == 2
+    assert f"cairn {' '.join(command)}: --config FILE is required" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_webhook_usage_lists_optional_command() -> None:
+    shown = cairn_cli("webhook", "--help")
+
+    assert shown.stdout.startswith(
+        "usage: cairn webhook [-h] --config FILE [--nats NATS_URL] [COMMAND ...]\n"
+    )
+
+
 def test_redeliver_rejects_unknown_endpoint(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "webhook.toml",

@@ -23,7 +23,14 @@ def main(args: argparse.Namespace) -> int:
     """Run the webhook command that ``args`` selects; return the exit status."""
     config_path: Path | None = getattr(args, "config", None)
     if config_path is None:
-        print("cairn webhook: --config FILE is required", file=sys.stderr)
+        command = "cairn webhook"
+        if args.webhook_command is not None:
+            command += f" dead-letters {args.dead_letters_command}"
+        print(
+            f"{command}: --config FILE is required: the TOML file with the NATS "
+            f"settings and the [[endpoints]] (see {command} --help)",
+            file=sys.stderr,
+        )
         return 2
     try:
         config = load_config(config_path)

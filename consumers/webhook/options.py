@@ -47,6 +47,23 @@ def add_webhook_options(parser: argparse.ArgumentParser) -> None:
     )
     _add_common(redeliver, argparse.SUPPRESS)
     _add_selection(redeliver)
+    for command_parser in (parser, listing, redeliver):
+        _show_config_required(command_parser)
+    # argparse shows a subcommand as required even when it is optional, and
+    # `cairn webhook` without one runs the webhook.
+    parser.usage = (parser.usage or "").replace(" COMMAND ...", " [COMMAND ...]")
+
+
+def _show_config_required(parser: argparse.ArgumentParser) -> None:
+    """Set the usage line of ``parser`` to show --config as required.
+
+    --config may be given before or after ``dead-letters COMMAND``, so
+    argparse cannot require it on either parser, and ``commands.main``
+    rejects a command line without it. Call this after the parser's last
+    argument and subcommand are added.
+    """
+    usage = parser.format_usage().removeprefix("usage: ").rstrip()
+    parser.usage = usage.replace("[--config FILE]", "--config FILE")
 
 
 def _add_common(
@@ -62,7 +79,9 @@ def _add_common(
         "--config",
         type=Path,
         default=default,
-        help="TOML file with the NATS settings and the [[endpoints]]",
+        metavar="FILE",
+        help="TOML file with the NATS settings and the [[endpoints]] "
+        "(required, before or after dead-letters COMMAND)",
     )
     parser.add_argument(
         "--nats",
