@@ -551,8 +551,9 @@ _PATHS: Final[dict[str, Any]] = {
     "/top": _operation(
         "The largest repositories now, or the most active in a time range. "
         "Without since, the range is the 7 days before until. until defaults "
-        "to now, or to since when since is later. Activity is counted per UTC hour, so the range widens to "
-        "whole hours, as the response's since and until (exclusive) show.",
+        "to now, or to since when since is later. Activity is counted per UTC "
+        "hour, so the range widens to whole hours, as the response's since and "
+        "until (exclusive) show.",
         "Top",
         [
             _query("by", {"enum": list(TOP_ORDERS), "default": "size"}, "Order."),
