@@ -155,7 +155,7 @@ class MirrorRunner:
             lambda: self.feed.page(self._first_after(), limit=1),
             "read the event feed",
         )
-        self._check_position(first)
+        await self._checked_events(first)
         self._replay_if_needed()
         self.progress.update(self.position, first.head)
         # Also records the source's registry id in a checkpoint without one.
@@ -343,7 +343,7 @@ class MirrorRunner:
             page = await self._retrying(
                 functools.partial(self.feed.page, after), "read the event feed"
             )
-            events = self._check_position(page)
+            events = await self._checked_events(page)
             # Before the events, so that the reports while a long page is
             # applied show the head and the lag.
             self.progress.update(self.position, page.head)
@@ -380,6 +380,20 @@ class MirrorRunner:
         the position, so that the page starts with the event at the position
         and its hash can be checked."""
         return max(self.position - 1, 0)
+
+    async def _checked_events(self, page: FeedPage) -> list[dict[str, Any]]:
+        """Return _check_position(page). When that raises SourceReplaced,
+        read the source's registry id again first: a source replaced since
+        its id was read raises SourceReplaced for the id instead, which
+        names the cause more precisely."""
+        try:
+            return self._check_position(page)
+        except SourceReplaced:
+            registry_id = await self._retrying(
+                self.feed.registry_id, "read the registry id of the source"
+            )
+            self.checkpoint.check_source(registry_id)
+            raise
 
     def _check_position(self, page: FeedPage) -> list[dict[str, Any]]:
         """Return the page's events after the position.
