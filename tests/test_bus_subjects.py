@@ -18,6 +18,8 @@ from engine.bus.subjects import (
     pull_subject,
     stream_subjects,
     subject_within,
+    subjects_overlap,
+    unstored_subject_error,
     validate_prefix,
 )
 from engine.domain.events import EventType
@@ -157,6 +159,42 @@ def test_filter_subject(
 )
 def test_subject_within(subject: str, pattern: str, expected: bool) -> None:
     assert subject_within(subject, pattern) is expected
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("cairn.>", "cairn.tag.set.library.alpine", True),
+        ("cairn.*.*.library.>", "cairn.tag.>", True),
+        ("cairn.tag.>", "cairn.tag.>", True),
+        ("cairn.tag.*", "cairn.*.set", True),
+        ("cairn.>", "cairn", False),
+        ("other.>", "cairn.tag.>", False),
+        ("cairn.tag.>", "cairn.blob.>", False),
+        ("cairn.tag.*", "cairn.tag.set.x", False),
+        ("cairn.*", "cairn.tag.set", False),
+        (">", "cairn", True),
+    ],
+)
+def test_subjects_overlap(first: str, second: str, expected: bool) -> None:
+    assert subjects_overlap(first, second) is expected
+    assert subjects_overlap(second, first) is expected
+
+
+def test_unstored_subject_error() -> None:
+    stored = stream_subjects("cairn")
+    assert unstored_subject_error("CAIRN", stored, "cairn.>", "cairn") is None
+    assert unstored_subject_error("CAIRN", stored, "cairn.tag.*.>", "cairn") is None
+    assert unstored_subject_error("CAIRN", [], "other.>", "other") is None
+    assert unstored_subject_error("CAIRN", stored, "other.>", "other", "PREFIX") == (
+        "stream CAIRN stores no subject under the subject prefix 'other', only "
+        "cairn.blob.>, cairn.manifest.>, cairn.tag.>; set PREFIX to the subject "
+        "prefix of the cairn serve that publishes to it"
+    )
+    only_tags = ["cairn.tag.>"]
+    assert unstored_subject_error("CAIRN", only_tags, "cairn.blob.*.>", "cairn") == (
+        "stream CAIRN stores no subject that matches cairn.blob.*.>, only cairn.tag.>"
+    )
 
 
 def test_filter_subject_unknown_type() -> None:

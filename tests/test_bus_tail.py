@@ -288,6 +288,40 @@ def test_tail_reports_missing_stream(nats_server: NatsServer) -> None:
 
 
 @sqlite_only
+@pytest.mark.parametrize("server", ["nats_server", "debian_nats_server"])
+def test_tail_reports_unstored_prefix(
+    registry: Registry, data_dir: Path, server: str, request: pytest.FixtureRequest
+) -> None:
+    """A prefix that the stream does not store ends the tail at once, on a
+    server that accepts the filter and on one (2.9) that the tail reads
+    unfiltered."""
+    nats_server: NatsServer = request.getfixturevalue(server)
+    publish_log(registry, nats_server, data_dir)
+
+    for options in (
+        ("--subject-prefix", "other"),
+        ("--subject-prefix", "other", "--type", "tag"),
+    ):
+        result = cairn_tail(nats_server.url, "--from", "1", "--count", "1", *options)
+        assert result.returncode == 1, options
+        assert result.stdout == "", options
+        prefix = options[1]
+        assert result.stderr == (
+            "cairn events tail: stream CAIRN stores no subject under the subject "
+            f"prefix {prefix!r}, only cairn.blob.>, cairn.manifest.>, cairn.tag.>; "
+            "set --subject-prefix to the subject prefix of the cairn serve that "
+            "publishes to it\n"
+        ), options
+
+    # A prefix that lies inside the stored subjects is a valid filter.
+    tags = cairn_tail(
+        nats_server.url, "--from", "1", "--count", "1", "--subject-prefix", "cairn.tag"
+    )
+    assert tags.returncode == 0, tags.stderr
+    assert json.loads(tags.stdout)["type"] == "tag.set"
+
+
+@sqlite_only
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
 def test_tail_reports_server_gone(
     registry: Registry, nats_server: NatsServer, data_dir: Path, signal_number: int

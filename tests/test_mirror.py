@@ -834,6 +834,42 @@ def test_mirror_polls_while_nats_down(
         assert list_tags(target.url, "library/app") == ["v1", "v2", "v3"]
 
 
+def test_mirror_polls_when_prefix_not_stored(
+    tmp_path: Path, nats_server: NatsServer, target: ServeProcess
+) -> None:
+    """A subject prefix that the stream does not store gets a warning, and
+    the mirror polls instead of following a consumer that receives nothing."""
+    with cairn_on_nats(tmp_path / "source", nats_server.url) as source_url:
+        push_new_image(source_url, "library/app", "v1")
+        log_path = tmp_path / "mirror.log"
+        mirror = start_nats_mirror(
+            source_url,
+            target.url,
+            nats_server.url,
+            log_path,
+            "0.2",
+            "--subject-prefix",
+            "other",
+        )
+        with stopped_on_exit(mirror):
+            wait_for_logged(log_path, "nats_subject_not_stored")
+            wait_for_manifest(target.url, "library/app", "v1")
+            push_new_image(source_url, "library/app", "v2")
+            # Shorter than the mirror's 30 s resync of the feed while it
+            # follows NATS, so only polling can copy v2 in time.
+            wait_for_manifest(target.url, "library/app", "v2", 20)
+    [warning] = logged_records(log_path, "nats_subject_not_stored")
+    assert warning["level"] == "warning"
+    assert warning["stream"] == "CAIRN"
+    assert warning["subject_prefix"] == "other"
+    assert warning["error"] == (
+        "stream CAIRN stores no subject under the subject prefix 'other', only "
+        "cairn.blob.>, cairn.manifest.>, cairn.tag.>; set --subject-prefix to "
+        "the subject prefix of the cairn serve that publishes to it"
+    )
+    assert "nats_following" not in logged_events(log_path)
+
+
 def test_mirror_polls_when_nats_drops_during_catch_up(
     tmp_path: Path, nats_server: NatsServer, target: ServeProcess
 ) -> None:

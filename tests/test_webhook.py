@@ -1286,6 +1286,34 @@ def check_tags_delivered(
     return tags
 
 
+def test_webhook_warns_of_unstored_prefix(
+    tmp_path: Path, cairn: str, receiver: Receiver, start_webhook: Any
+) -> None:
+    """A subject prefix that the stream does not store is logged, and the
+    endpoint's consumer, which has no subject filter, still delivers."""
+    config = write_config(
+        tmp_path / "webhook.toml",
+        [tag_endpoint(receiver)],
+        extra='[nats]\nsubject_prefix = "other"\n',
+    )
+    webhook = start_webhook(config)
+    webhook.wait_subscribed(1)
+    with httpx.Client(base_url=cairn) as client:
+        push_image(client, "library/app", make_image(), "v1")
+    check_tags_delivered(cairn, receiver, ["v1"])
+
+    [warning] = webhook.records("stream_subject_not_stored")
+    assert warning["level"] == "warning"
+    assert warning["endpoint"] == "tags"
+    assert warning["stream"] == "CAIRN"
+    assert warning["subject_prefix"] == "other"
+    assert warning["error"] == (
+        "stream CAIRN stores no subject under the subject prefix 'other', only "
+        "cairn.blob.>, cairn.manifest.>, cairn.tag.>; set [nats] subject_prefix "
+        "to the subject prefix of the cairn serve that publishes to it"
+    )
+
+
 def test_webhook_resumes_after_stream_deleted(
     tmp_path: Path,
     cairn: str,

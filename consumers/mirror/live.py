@@ -11,7 +11,9 @@ mirror polls the feed instead. After a reconnection the consumer is created
 again, because a restarted server has lost it. A server that stops
 responding but keeps the TCP connection open counts as disconnected once
 its pings go unanswered (consumers.natsclient), and the mirror polls until
-it reconnects.
+it reconnects. While the stream stores no subject under the subject prefix,
+such as after a typo in ``--subject-prefix``, the mirror logs a warning,
+polls, and checks the stream's subjects again every 30 s.
 
 Each event keeps the registry id from its message's ``Cairn-Registry-Id``
 header, which distinguishes the source's events from those of another
@@ -37,11 +39,15 @@ from consumers.backoff import retry_delay
 from consumers.natsclient import NATS_ERRORS, connect
 from engine.bus.connection import describe_nats_error, redact_url
 from engine.bus.messages import REGISTRY_ID
-from engine.bus.subjects import filter_subject
+from engine.bus.subjects import filter_subject, unstored_subject_error
 
 log = structlog.get_logger(__name__)
 
 QUEUE_SIZE: Final = 10_000
+# How often the stream is checked again while it stores no subject under the
+# subject prefix. `cairn serve` sets the stream's subjects when it starts, so
+# they can change while the mirror runs.
+SUBJECTS_CHECK_INTERVAL: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,7 @@ class LiveEvents:
     def __init__(self, url: str, stream: str, subject_prefix: str) -> None:
         self.url = url
         self.stream = stream
+        self.subject_prefix = subject_prefix
         self.subject = filter_subject(subject_prefix)
         self.queue: asyncio.Queue[LiveEvent] = asyncio.Queue(QUEUE_SIZE)
         # Set while the consumer of the current connection delivers.
@@ -161,16 +168,34 @@ class LiveEvents:
     ) -> JetStreamContext.PushSubscription:
         # Create an ordered consumer of new messages, retrying until it exists.
         failures = 0
+        warned = False
         while True:
             self._reconnected.clear()
             try:
-                return await js.subscribe(
-                    self.subject,
-                    stream=self.stream,
-                    ordered_consumer=True,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-                    cb=self._on_message,
-                )
+                unstored = await self._unstored_subject(js)
+                if unstored is None:
+                    return await js.subscribe(
+                        self.subject,
+                        stream=self.stream,
+                        ordered_consumer=True,
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+                        cb=self._on_message,
+                    )
+                # A consumer would receive nothing, and the mirror following it
+                # would read the feed only at its 30 s resync. Polling keeps
+                # the mirror prompt.
+                if not warned:
+                    log.warning(
+                        "nats_subject_not_stored",
+                        url=redact_url(self.url),
+                        stream=self.stream,
+                        subject_prefix=self.subject_prefix,
+                        error=unstored,
+                        check_again_in=SUBJECTS_CHECK_INTERVAL,
+                        note="the mirror polls the HTTP feed meanwhile",
+                    )
+                    warned = True
+                delay = SUBJECTS_CHECK_INTERVAL
             except NATS_ERRORS as error:
                 failures += 1
                 delay = retry_delay(failures, 1.0, 30.0)
@@ -181,9 +206,17 @@ class LiveEvents:
                     error=describe_nats_error(error, self._client),
                     retry_in=round(delay, 2),
                 )
-                # A reconnection cuts the delay short.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reconnected.wait(), delay)
+            # A reconnection cuts the delay short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconnected.wait(), delay)
+
+    async def _unstored_subject(self, js: JetStreamContext) -> str | None:
+        """Describe why the stream stores no event under the subject prefix,
+        or return None when it stores some."""
+        info = await js.stream_info(self.stream)
+        return unstored_subject_error(
+            self.stream, info.config.subjects or [], self.subject, self.subject_prefix
+        )
 
     async def _on_message(self, message: Msg) -> None:
         try:

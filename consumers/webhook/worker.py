@@ -79,6 +79,7 @@ from consumers.webhook.positions import (
 )
 from engine.bus.connection import describe_nats_error
 from engine.bus.messages import EVENT_ID, REGISTRY_ID, header_position, is_stand_in
+from engine.bus.subjects import unstored_subject_error
 from engine.domain.events import EventType
 
 log = structlog.get_logger(__name__)
@@ -128,6 +129,9 @@ class EndpointWorker:
         # On a re-created consumer, the position through which its events
         # were handled before, and how many of those it skipped.
         self.skip_through: int | None = None
+        # Whether the stream stored no subject under the subject prefix at
+        # the last subscription, which was then logged.
+        self.warned_unstored_subject = False
         self.skipped = 0
         # The failed attempts of the event being retried, as last stored.
         self.failures: FailedAttempts | None = None
@@ -236,6 +240,7 @@ class EndpointWorker:
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         await self.dead_letters.ensure()
+        await self._check_stream_subjects()
         resume: ResumePoint | None
         if self.had_consumer:
             resume = ResumePoint(self.handled_through)
@@ -279,6 +284,34 @@ class EndpointWorker:
             format=self.endpoint.format,
         )
         return subscription
+
+    async def _check_stream_subjects(self) -> None:
+        """Log a warning when the stream stores no subject under the subject
+        prefix, once until that changes.
+
+        The consumer has no subject filter, so deliveries go on. But the
+        prefix is likely a typo or another registry's, and a consumer
+        re-created after a deletion then finds no event by its position and
+        reads the stream again from its first message.
+        """
+        info = await self.js.stream_info(self.config.stream)
+        unstored = unstored_subject_error(
+            self.config.stream,
+            info.config.subjects or [],
+            f"{self.config.subject_prefix}.>",
+            self.config.subject_prefix,
+            "[nats] subject_prefix",
+        )
+        if unstored is not None and not self.warned_unstored_subject:
+            self.log.warning(
+                "stream_subject_not_stored",
+                stream=self.config.stream,
+                subject_prefix=self.config.subject_prefix,
+                error=unstored,
+                note="deliveries go on, because the endpoint's consumer reads "
+                "the whole stream",
+            )
+        self.warned_unstored_subject = unstored is not None
 
     async def _consume(
         self, subscription: JetStreamContext.PullSubscription, client: httpx.AsyncClient

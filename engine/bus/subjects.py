@@ -185,6 +185,52 @@ def subject_within(subject: str, pattern: str) -> bool:
     return len(tokens) == len(pattern_tokens)
 
 
+def subjects_overlap(first: str, second: str) -> bool:
+    """Tell whether some subject without wildcards matches both patterns.
+
+    Both may contain the wildcards ``*`` (one token) and ``>`` (one or more
+    trailing tokens).
+    """
+    first_tokens = first.split(".")
+    second_tokens = second.split(".")
+    for first_token, second_token in zip(first_tokens, second_tokens, strict=False):
+        if ">" in (first_token, second_token):
+            return True
+        if first_token != second_token and "*" not in (first_token, second_token):
+            return False
+    return len(first_tokens) == len(second_tokens)
+
+
+def unstored_subject_error(
+    stream: str,
+    stream_subjects: list[str],
+    subject: str,
+    prefix: str,
+    prefix_option: str = "--subject-prefix",
+) -> str | None:
+    """Describe why stream ``stream`` stores no message that ``subject`` matches.
+
+    Returns None when one of ``stream_subjects`` overlaps ``subject``, and
+    also for a stream without subjects, such as a mirror of another stream,
+    whose messages may have any subject. The message names ``prefix`` when
+    no subject under it is stored, and then ends with a hint to set
+    ``prefix_option``, the option or setting that chose it. Else it names
+    the whole filter.
+    """
+    if not stream_subjects:
+        return None
+    if any(subjects_overlap(subject, pattern) for pattern in stream_subjects):
+        return None
+    stored = ", ".join(stream_subjects)
+    if not any(subjects_overlap(f"{prefix}.>", p) for p in stream_subjects):
+        return (
+            f"stream {stream} stores no subject under the subject prefix "
+            f"{prefix!r}, only {stored}; set {prefix_option} to the subject "
+            "prefix of the cairn serve that publishes to it"
+        )
+    return f"stream {stream} stores no subject that matches {subject}, only {stored}"
+
+
 def filter_subject(
     prefix: str, event_type: str | None = None, repository: str | None = None
 ) -> str:

@@ -9,7 +9,9 @@ That works even when the two numbers differ, as in a stream created after
 the log began or a purged one. Messages before the position are skipped as a
 second check. When the stream's first event comes after the position, the
 tail names the missing positions on standard error, so that a gap is not
-silent.
+silent. A filter that no subject of the stream overlaps, such as one under
+another ``--subject-prefix``, would match no message, so the tail exits 1
+and names the stream's subjects instead of waiting.
 
 NATS servers before 2.10 accept a consumer filter only when it lies within
 one of the stream's subjects or contains one. A repository filter without
@@ -44,7 +46,7 @@ from engine.bus.connection import (
 )
 from engine.bus.messages import header_position, is_stand_in
 from engine.bus.stream import earliest_position, first_sequence_at
-from engine.bus.subjects import filter_subject, subject_within
+from engine.bus.subjects import filter_subject, subject_within, unstored_subject_error
 
 # The first NATS server version that accepts any consumer filter that
 # overlaps the stream's subjects.
@@ -100,6 +102,14 @@ async def _tail(args: argparse.Namespace, subject: str, out: TextIO) -> int:
         js = client.jetstream()
         try:
             info = await js.stream_info(args.stream)
+            unstored = unstored_subject_error(
+                args.stream, info.config.subjects or [], subject, args.subject_prefix
+            )
+            if unstored is not None:
+                # Such a filter matches no message, so the tail would wait
+                # forever without any output.
+                print(f"cairn events tail: {unstored}", file=sys.stderr)
+                return 1
             config = await _consumer_config(
                 js, args.stream, info, args.from_position, subject
             )
