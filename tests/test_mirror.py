@@ -1140,6 +1140,117 @@ def test_mirror_names_checkpoint_problem(
     )
 
 
+VALID_HASH = "0" * 64
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"position": -3}, "invalid position -3: expected an integer of 0 or more"),
+        ({"position": True}, "invalid position True: expected an integer of 0 or more"),
+        ({"position": 2.5}, "invalid position 2.5: expected an integer of 0 or more"),
+        ({"position": "12"}, "invalid position '12': expected an integer of 0 or more"),
+        ({"source": 5}, "invalid source 5: expected a string"),
+        ({"target": None}, "invalid target None: expected a string"),
+        (
+            {"position_hash": "abc"},
+            "invalid position_hash 'abc': expected the SHA-256 hash of an event, "
+            "64 lowercase hexadecimal digits",
+        ),
+        (
+            {"position_hash": VALID_HASH.upper().replace("0", "A")},
+            f"invalid position_hash {'A' * 64!r}: expected the SHA-256 hash of an "
+            "event, 64 lowercase hexadecimal digits",
+        ),
+        ({"position_hash": 7}, "invalid position_hash 7: expected a string"),
+        (
+            {"propagate_deletes": 1},
+            "invalid propagate_deletes 1: expected true or false",
+        ),
+        ({"not_copied": {}}, "invalid not_copied {}: expected a list"),
+        ({"not_copied": "abc"}, "invalid not_copied 'abc': expected a list"),
+        (
+            {"not_copied": ["abc"]},
+            "invalid not_copied entry 'abc': expected a JSON object",
+        ),
+    ],
+)
+def test_mirror_rejects_invalid_checkpoint_field(
+    tmp_path: Path, changes: dict[str, object], reason: str
+) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    document = {
+        "source": "http://127.0.0.1:1",
+        "target": "http://127.0.0.1:2",
+        "position": 3,
+        "position_hash": VALID_HASH,
+        **changes,
+    }
+    checkpoint.write_text(json.dumps(document))
+
+    with pytest.raises(CheckpointError) as raised:
+        Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
+
+    assert str(raised.value).startswith(
+        f"cannot read checkpoint {checkpoint}: {reason}. "
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"position": 0}, "invalid not_copied position 0"),
+        ({"position": -1}, "invalid not_copied position -1"),
+        ({"position": True}, "invalid not_copied position True"),
+        ({"position": "2"}, "invalid not_copied position '2'"),
+        ({"repository": 5}, "invalid not_copied repository 5: expected a string"),
+        ({"digest": None}, "invalid not_copied digest None: expected a string"),
+    ],
+)
+def test_mirror_rejects_invalid_not_copied_field(
+    tmp_path: Path, changes: dict[str, object], reason: str
+) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    entry = {
+        "position": 2,
+        "type": "manifest.pushed",
+        "repository": "library/app",
+        "digest": "sha256:" + VALID_HASH,
+        **changes,
+    }
+    document = {
+        "source": "http://127.0.0.1:1",
+        "target": "http://127.0.0.1:2",
+        "position": 3,
+        "not_copied": [entry],
+    }
+    checkpoint.write_text(json.dumps(document))
+
+    with pytest.raises(CheckpointError) as raised:
+        Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
+
+    assert str(raised.value).startswith(f"cannot read checkpoint {checkpoint}: ")
+    assert reason in str(raised.value)
+
+
+def test_mirror_exits_2_on_negative_position(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    source, target = "http://127.0.0.1:1", "http://127.0.0.1:2"
+    checkpoint.write_text(
+        json.dumps({"source": source, "target": target, "position": -3})
+    )
+
+    result = run_mirror_status(source, target, "--checkpoint", str(checkpoint))
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr.startswith(
+        f"cairn mirror: cannot read checkpoint {checkpoint}: invalid position -3: "
+        "expected an integer of 0 or more. "
+    )
+    assert "mirror_started" not in result.stderr
+    assert json.loads(checkpoint.read_text())["position"] == -3
+
+
 def run_mirror_status(
     source: str, target: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:

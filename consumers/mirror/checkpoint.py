@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,10 @@ ContentKey = tuple[str, str, str]
 class CheckpointError(ValueError):
     """The checkpoint file is unreadable or belongs to another mirror."""
 
+
+# The hash of an event is the SHA-256 of its canonical encoding, as
+# engine.domain.events.event_hash writes it.
+_EVENT_HASH = re.compile(r"[0-9a-f]{64}")
 
 _NOT_COPIED_TYPES = frozenset(
     {EventType.MANIFEST_PUSHED, EventType.TAG_SET, EventType.TAG_DELETED}
@@ -93,7 +98,14 @@ class NotCopied:
         }
 
     @classmethod
-    def from_json(cls, document: dict[str, Any]) -> NotCopied:
+    def from_json(cls, document: object) -> NotCopied:
+        """Read an entry of ``not_copied``. Raises ValueError or KeyError
+        for an invalid one."""
+        if not isinstance(document, dict):
+            raise ValueError(
+                f"invalid not_copied entry {document!r}: expected a JSON object"
+            )
+        position = _integer(document["position"], "not_copied position", minimum=1)
         event_type = str(document["type"])
         if event_type not in _NOT_COPIED_TYPES:
             raise ValueError(
@@ -107,10 +119,10 @@ class NotCopied:
             if not isinstance(tag, str):
                 raise ValueError(f"a {event_type} entry of not_copied has no tag")
         return cls(
-            position=int(document["position"]),
+            position=position,
             type=event_type,
-            repository=str(document["repository"]),
-            digest=str(document["digest"]),
+            repository=_string(document["repository"], "not_copied repository"),
+            digest=_string(document["digest"], "not_copied digest"),
             tag=tag,
         )
 
@@ -200,19 +212,25 @@ class Checkpoint:
             document = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(document, dict):
                 raise ValueError("it is not a JSON object")
-            position = document["position"]
-            if not isinstance(position, int) or isinstance(position, bool):
-                raise ValueError(f"invalid position {position!r}: expected an integer")
+            position = _integer(document["position"], "position", minimum=0)
             # A mirror before --source-creds stored the URLs with any user
             # name and password in them. They are compared, shown and
             # written again without.
-            saved_source = split_userinfo(str(document["source"]))[0]
-            saved_target = split_userinfo(str(document["target"]))[0]
-            entries = [
-                NotCopied.from_json(entry) for entry in document.get("not_copied", [])
-            ]
+            saved_source = split_userinfo(_string(document["source"], "source"))[0]
+            saved_target = split_userinfo(_string(document["target"], "target"))[0]
+            saved_entries = document.get("not_copied", [])
+            if not isinstance(saved_entries, list):
+                raise ValueError(
+                    f"invalid not_copied {saved_entries!r}: expected a list"
+                )
+            entries = [NotCopied.from_json(entry) for entry in saved_entries]
             registry_id = _optional_string(document, "source_registry_id")
             position_hash = _optional_string(document, "position_hash")
+            if position_hash is not None and not _EVENT_HASH.fullmatch(position_hash):
+                raise ValueError(
+                    f"invalid position_hash {position_hash!r}: expected the "
+                    "SHA-256 hash of an event, 64 lowercase hexadecimal digits"
+                )
             saved_patterns = document.get("repositories")
             if saved_patterns is not None and not (
                 isinstance(saved_patterns, list)
@@ -385,6 +403,23 @@ def _replay_reason(
     if checkpoint.propagate_deletes and not saved_deletes:
         return "--propagate-deletes is on, and the earlier runs did not copy deletes"
     return None
+
+
+def _integer(value: object, name: str, minimum: int) -> int:
+    """Return ``value`` if it is an integer of at least ``minimum``, else raise
+    ValueError. JSON true and false are no integers, although Python's bool
+    is an int."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"invalid {name} {value!r}: expected an integer of {minimum} or more"
+        )
+    return value
+
+
+def _string(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"invalid {name} {value!r}: expected a string")
+    return value
 
 
 def _optional_string(document: dict[str, Any], key: str) -> str | None:
