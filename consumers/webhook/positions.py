@@ -86,20 +86,17 @@ class PositionStore:
     async def read(self, stream: str, endpoint: str) -> StoredPosition | None:
         """Return the endpoint's stored position, or None when there is none
         or the stored value is invalid (logged)."""
-        kv = await self._open()
         key = _key(stream, endpoint)
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+        value = await self._get(key)
+        if value is None:
             return None
-        stored = _decode(entry.value or b"")
+        stored = _decode(value)
         if stored is None:
-            log.warning(
+            self._log_invalid(
                 "stored_position_invalid",
-                bucket=self.bucket,
-                key=key,
-                value=(entry.value or b"")[:200].decode(errors="replace"),
-                note="ignored; the endpoint starts as if none was stored",
+                key,
+                value,
+                "ignored; the endpoint starts as if none was stored",
             )
         return stored
 
@@ -118,22 +115,38 @@ class PositionStore:
     async def read_failures(self, stream: str, endpoint: str) -> FailedAttempts | None:
         """Return the failed attempts stored for the endpoint, or None when
         none are stored or the stored value is invalid (logged)."""
-        kv = await self._open()
         key = _failure_key(stream, endpoint)
+        value = await self._get(key)
+        if value is None:
+            return None
+        failures = _decode_failures(value)
+        if failures is None:
+            self._log_invalid(
+                "stored_attempts_invalid",
+                key,
+                value,
+                "ignored; the event's attempts count from 1",
+            )
+        return failures
+
+    async def _get(self, key: str) -> bytes | None:
+        """Return the value stored under ``key``, or None when there is none."""
+        kv = await self._open()
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        failures = _decode_failures(entry.value or b"")
-        if failures is None:
-            log.warning(
-                "stored_attempts_invalid",
-                bucket=self.bucket,
-                key=key,
-                value=(entry.value or b"")[:200].decode(errors="replace"),
-                note="ignored; the event's attempts count from 1",
-            )
-        return failures
+        return entry.value or b""
+
+    def _log_invalid(self, event: str, key: str, value: bytes, note: str) -> None:
+        """Log a stored ``value`` that cannot be decoded, with its start."""
+        log.warning(
+            event,
+            bucket=self.bucket,
+            key=key,
+            value=value[:200].decode(errors="replace"),
+            note=note,
+        )
 
     async def write_failures(
         self, stream: str, endpoint: str, failures: FailedAttempts
