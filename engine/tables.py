@@ -45,9 +45,9 @@ def _compile_bytewise_postgresql(
 
 
 # PostgreSQL indexes on (tag COLLATE "C") and (name COLLATE "C") that serve
-# the bytewise listings, made by migrations 0008 and 0009. Alembic reflects
-# them as plain column indexes, so tests/test_schema.py checks them on its
-# own.
+# the bytewise listings, made by migrations 0008, 0009 and 0010. Alembic
+# reflects them as plain column indexes, so tests/test_schema.py checks them
+# on its own.
 BYTE_ORDER_INDEXES = frozenset(
     {
         "ix_tags_repository_tag_bytes",

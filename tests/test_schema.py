@@ -270,6 +270,36 @@ def test_writing_command_as_reader_stops(
     assert expected in line
 
 
+SORT_INDEXES = (
+    "ix_repositories_blob_bytes_name_bytes",
+    "ix_repositories_pushed_bytes_name_bytes",
+    "ix_repositories_tag_count_name_bytes",
+)
+
+
+def test_upgrade_adds_sort_indexes_missing_at_0009(postgres_url: str) -> None:
+    # A database that an earlier 0009, without these indexes, upgraded.
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        for index in SORT_INDEXES:
+            conn.exec_driver_sql(f"DROP INDEX {index}")
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0009'")
+    database = Database(postgres_url)
+
+    upgrade(database)
+
+    with engine.connect() as conn:
+        present = set(
+            conn.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'repositories'"
+            ).scalars()
+        )
+    assert present >= set(SORT_INDEXES)
+    assert current_revision(database) == head_revision()
+    database.dispose()
+    engine.dispose()
+
+
 def test_generation_migration_keeps_checkpoints(tmp_path: Path) -> None:
     database = Database(sqlite_url(tmp_path))
     upgrade(database, "0003")
