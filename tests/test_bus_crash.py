@@ -9,12 +9,13 @@ see every event once, in log order, with none missing.
 from __future__ import annotations
 
 import signal
+import uuid
 from pathlib import Path
 
 import nats
 import pytest
 
-from engine.bus.messages import MSG_ID, POSITION
+from engine.bus.messages import EVENT_ID, MSG_ID, POSITION, REGISTRY_ID
 from engine.registry import Registry
 from tests.nats import (
     NatsServer,
@@ -99,6 +100,50 @@ def test_crash_after_ack_no_duplicate(
     assert deduplicated(nats_server.url) == [
         (str(event.id), event.position) for event in events
     ]
+
+
+def test_tail_event_undone_by_restore_named(
+    registry: Registry, nats_server: NatsServer, data_dir: Path, tmp_path: Path
+) -> None:
+    """The stream ends with an event of this registry that its log lacks, as
+    after a restore of the database from an older backup."""
+    checkpoint = crash_relay(registry, nats_server, data_dir, tmp_path)
+    assert checkpoint in (0, 4)
+    undone = str(uuid.uuid4())
+
+    async def publish_undone() -> None:
+        client = await nats.connect(nats_server.url)
+        headers = {
+            MSG_ID: undone,
+            EVENT_ID: undone,
+            POSITION: "13",
+            REGISTRY_ID: registry.registry_id(),
+        }
+        try:
+            await client.jetstream().publish(
+                "cairn.tag.set.library.alpine", b"{}", headers=headers
+            )
+        finally:
+            await client.close()
+
+    run(publish_undone())
+    push_image(registry, "library/busybox", "latest")
+    relay = RelayProcess(
+        relay_config(registry, nats_server, data_dir), tmp_path / "relay.log"
+    )
+    try:
+        wait_until(lambda: checkpoint_of(registry) == 16)
+    finally:
+        relay.stop()
+
+    (unknown,) = [
+        line
+        for line in relay.log_events()
+        if line.get("event") == "relay_stream_tail_unknown"
+    ]
+    assert unknown["event_id"] == undone
+    assert "restore of the database from an older backup" in unknown["reason"]
+    assert "cairn events republish --from 1" in unknown["hint"]
 
 
 def test_crash_duplicates_dropped_by_msg_id(

@@ -108,6 +108,12 @@ class StandInTooLarge(Exception):
 
 
 # The advice, in the relay's logs, for registries that publish to one stream.
+_RESTORED_HINT = (
+    "the stream keeps the events that the restore undid, and new events reuse "
+    "their positions; to publish one history, stop cairn serve, delete the "
+    "stream (for the embedded NATS server, the data directory's "
+    "nats/jetstream), and run `cairn events republish --from 1`"
+)
 _SHARED_STREAM_HINT = (
     "give each registry its own --stream or --subject-prefix, because "
     "subscribers that do not read the Cairn-Registry-Id header cannot tell "
@@ -574,6 +580,18 @@ class Relay:
                 reason="the last message is an event of another registry; "
                 "resuming from the checkpoint",
                 hint=_SHARED_STREAM_HINT,
+                **fields,
+            )
+            return
+        if tail.registry_id is not None:
+            # This registry's event that its log lacks: the database was
+            # restored from a backup older than the event.
+            log.warning(
+                "relay_stream_tail_unknown",
+                reason="the last message is an event of this registry that "
+                "its log does not contain, as after a restore of the database "
+                "from an older backup; resuming from the checkpoint",
+                hint=_RESTORED_HINT,
                 **fields,
             )
             return
