@@ -448,6 +448,51 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db_backup(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from engine.db import SQLITE_FILE
+    from engine.sqlite_backup import BackupTargetExists, backup_sqlite
+
+    settings = StorageSettings.from_args(args)
+    registry = open_registry(settings, create=False, read_only=True)
+    is_sqlite = registry.database.is_sqlite
+    registry.database.dispose()
+    if not is_sqlite:
+        print(
+            "cairn db backup: the database is PostgreSQL, whose own tool makes "
+            "the backup: pg_dump -Fc -f FILE DATABASE",
+            file=sys.stderr,
+        )
+        return 2
+    source = _sqlite_file(settings.database_url) or settings.data_dir / SQLITE_FILE
+    try:
+        position = backup_sqlite(source, args.file)
+    except (OSError, sqlite3.Error) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        failed = getattr(error, "filename", None)
+        if failed is not None:
+            reason = f"{reason}: {failed}"
+        print(
+            f"cairn db backup: cannot copy {source} to {args.file}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
+    except BackupTargetExists:
+        print(
+            f"cairn db backup: {args.file} exists; name a new file, because a "
+            "backup never replaces one",
+            file=sys.stderr,
+        )
+        return 1
+    data_dir = settings.data_dir
+    print(
+        f"database backed up to {args.file} up to log position {position}; "
+        f"now copy {data_dir / 'blobs'} and {data_dir / 'registry-id'}"
+    )
+    return 0
+
+
 def _cmd_rebuild(args: argparse.Namespace) -> int:
     from engine.projections.rebuild import rebuild_projections
 
@@ -803,6 +848,16 @@ def build_parser() -> argparse.ArgumentParser:
     db_upgrade = db_commands.add_parser("upgrade", help="run the schema migrations")
     add_storage_options(db_upgrade)
     db_upgrade.set_defaults(handler=_cmd_db_upgrade)
+    db_backup = db_commands.add_parser(
+        "backup",
+        help="copy a SQLite database, with the commits in its write-ahead log, "
+        "to a new file while cairn serve runs",
+    )
+    db_backup.add_argument(
+        "file", type=Path, help="the new file; an existing one is never replaced"
+    )
+    add_storage_options(db_backup)
+    db_backup.set_defaults(handler=_cmd_db_backup)
 
     projections = commands.add_parser("projections", help="projections of the log")
     projection_commands = projections.add_subparsers(
