@@ -78,7 +78,9 @@ def check_schema(database: Database) -> None:
     older one, which `cairn db upgrade` brings up to date.
     """
     script = ScriptDirectory.from_config(_config())
-    with database.read() as conn:
+    # Not database.read(), whose first statement on PostgreSQL locks the
+    # projection tables, which a database without the schema lacks.
+    with database.engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     known = {script_revision.revision for script_revision in script.walk_revisions()}
     newest = script.get_current_head()

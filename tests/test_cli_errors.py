@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from engine.config import parse_trusted_proxies
 from engine.database_url import redacted_database_url
 from engine.migrate import head_revision
+from tests.conftest import ADMIN_URL, scratch_postgres_database
 from tests.nats import wait_until
 from tests.server import START_TIMEOUT_S, push_blob
 
@@ -354,6 +355,27 @@ def test_database_without_schema_left_empty(command: str, tmp_path: Path) -> Non
         tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
     assert tables == []
     assert not (data_dir / "registry-id").exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["verify"], ["gc", "--dry-run"], ["db", "backup", "copy.db"]]
+)
+def test_postgresql_without_schema_for_reading(
+    command: list[str], tmp_path: Path
+) -> None:
+    if ADMIN_URL == "skip":
+        pytest.skip("CAIRN_TEST_POSTGRES_URL=skip")
+    data_dir = tmp_path / "data"
+    (data_dir / "blobs").mkdir(parents=True)
+
+    with scratch_postgres_database() as url:
+        result = run_cairn(*command, "--data-dir", str(data_dir), "--database", url)
+
+    assert_storage_error(
+        result,
+        f"cannot use database {redacted_database_url(url)}: it contains no "
+        "cairn schema",
+    )
 
 
 @pytest.mark.parametrize("command", CREATING_COMMANDS)
