@@ -124,15 +124,9 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
     except sa.exc.ProgrammingError as error:
         # PostgreSQL's insufficient_privilege. Other programming errors are
         # bugs and keep their traceback.
-        if getattr(error.orig, "sqlstate", None) != "42501":
+        if getattr(error.orig, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
             raise
-        database = database_label(settings)
-        raise StorageUnavailable(
-            f"cannot use database {database}: {_first_line(error)}; run the "
-            "command as a database user that may write cairn's tables (verify "
-            "and gc --dry-run need only to read them and to create temporary "
-            "tables)"
-        ) from error
+        raise _denied(settings, _first_line(error.orig)) from error
     except sa.exc.DatabaseError as error:
         # OperationalError covers a database that cannot be reached or is
         # locked. A plain DatabaseError is SQLite's for a damaged file ("file
@@ -142,14 +136,34 @@ def storage_errors(settings: StorageSettings) -> Iterator[None]:
             raise
         database = database_label(settings)
         raise StorageUnavailable(
-            f"cannot use database {database}: {_first_line(error)}"
+            f"cannot use database {database}: {_first_line(error.orig)}"
         ) from error
+    except Exception as error:
+        # A driver error that no SQLAlchemy statement wrapped, such as one of
+        # the statements that a rebuild runs on the driver's connection.
+        if getattr(error, "sqlstate", None) != INSUFFICIENT_PRIVILEGE:
+            raise
+        raise _denied(settings, _first_line(error)) from error
 
 
-def _first_line(error: Exception) -> str:
-    """Return the first line of the driver's message for ``error``, a
-    SQLAlchemy DBAPIError. psycopg adds hint lines after it."""
-    driver_error = getattr(error, "orig", None)
+# PostgreSQL's SQLSTATE for a missing privilege or ownership.
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _denied(settings: StorageSettings, reason: str) -> StorageUnavailable:
+    """Return the error for a statement that PostgreSQL refused to the
+    user, with what the commands need."""
+    return StorageUnavailable(
+        f"cannot use database {database_label(settings)}: {reason}; run the "
+        "command as the database user that owns cairn's tables, such as the "
+        "one that ran `cairn db upgrade` (verify and gc --dry-run need only "
+        "to read them and to create temporary tables)"
+    )
+
+
+def _first_line(driver_error: BaseException | None) -> str:
+    """Return the first line of the driver's message. psycopg adds hint
+    lines after it."""
     lines = str(driver_error).strip().splitlines()
     return lines[0] if lines else type(driver_error).__name__
 

@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -190,16 +191,18 @@ def test_cli_upgrade_rebuild_verify(tmp_path: Path, database_url: str) -> None:
     registry.database.dispose()
 
 
-@pytest.fixture
-def reader_url(postgres_url: str) -> Iterator[str]:
-    """Return the run's PostgreSQL database, emptied, as a new role that may
-    only read cairn's tables; drop the role at the end."""
-    reset_postgres(postgres_url)
-    role = f"cairn_test_reader_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def role_url(postgres_url: str, privileges: str) -> Iterator[str]:
+    """Create a role that has ``privileges`` on every cairn table and owns
+    none, and return the URL of ``postgres_url`` as that role; drop the
+    role at the end."""
+    role = f"cairn_test_role_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN')
-        conn.exec_driver_sql(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+        conn.exec_driver_sql(
+            f'GRANT {privileges} ON ALL TABLES IN SCHEMA public TO "{role}"'
+        )
     try:
         yield (
             sa.make_url(postgres_url)
@@ -211,6 +214,15 @@ def reader_url(postgres_url: str) -> Iterator[str]:
             conn.exec_driver_sql(f'DROP OWNED BY "{role}"')
             conn.exec_driver_sql(f'DROP ROLE "{role}"')
         admin.dispose()
+
+
+@pytest.fixture
+def reader_url(postgres_url: str) -> Iterator[str]:
+    """Return the run's PostgreSQL database, emptied, as a new role that may
+    only read cairn's tables."""
+    reset_postgres(postgres_url)
+    with role_url(postgres_url, "SELECT") as url:
+        yield url
 
 
 def test_verify_as_role_that_only_reads(
@@ -275,6 +287,25 @@ SORT_INDEXES = (
     "ix_repositories_pushed_bytes_name_bytes",
     "ix_repositories_tag_count_name_bytes",
 )
+
+
+def test_rebuild_by_role_not_owner_stops(tmp_path: Path, postgres_url: str) -> None:
+    reset_postgres(postgres_url)
+    data_dir = tmp_path / "data"
+    registry = Registry.open(data_dir, postgres_url)
+    load_registry_id(registry.database)
+    registry.database.dispose()
+
+    with role_url(postgres_url, "SELECT, INSERT, UPDATE, DELETE") as url:
+        result = cairn(
+            "projections", "rebuild", "--data-dir", str(data_dir), "--database", url
+        )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "must be owner of" in line
+    assert "run the command as the database user that owns cairn's tables" in line
 
 
 def test_upgrade_adds_sort_indexes_missing_at_0009(postgres_url: str) -> None:
