@@ -18,9 +18,11 @@ from engine.bus import Bus, BusSettings
 from engine.bus import checkpoint as store
 from engine.bus.connection import JETSTREAM_DISABLED
 from engine.bus.publisher import AckPublisher
+from engine.db import Database
 from engine.domain.events import Actor
 from engine.migrate import upgrade
 from engine.registry import Registry
+from tests.conftest import reset_postgres
 from tests.nats import (
     BusThread,
     NatsServer,
@@ -34,6 +36,7 @@ from tests.nats import (
     wait_for_stream_size,
     wait_until,
 )
+from tests.test_schema import role_url
 
 
 def test_events_published_in_order(
@@ -486,3 +489,30 @@ def test_relay_reports_jetstream_disabled(
     assert health["last_error"] == JETSTREAM_DISABLED
     assert health["checkpoint"] == 0
     assert health["state"] == "failing"
+
+
+def test_relay_reports_lock_denied(
+    tmp_path: Path, postgres_url: str, nats_server: NatsServer
+) -> None:
+    reset_postgres(postgres_url)
+    registry = Registry.open(tmp_path / "data", postgres_url)
+    push_image(registry, "library/alpine", "1")
+    with role_url(postgres_url, "SELECT, INSERT, UPDATE, DELETE") as url:
+        admin = sa.create_engine(postgres_url)
+        with admin.begin() as conn:
+            role = sa.make_url(url).username
+            conn.exec_driver_sql(f'REVOKE UPDATE ON relay_checkpoints FROM "{role}"')
+        admin.dispose()
+        database = Database(url)
+        bus = Bus(fast_settings(nats_server.url), database, tmp_path / "data")
+        try:
+            with BusThread(bus) as thread:
+                health = wait_until(lambda: (h := thread.health())["last_error"] and h)
+        finally:
+            database.dispose()
+    registry.database.dispose()
+
+    assert health["state"] == "failing"
+    assert health["last_error"].startswith("relay lock failed: ")
+    assert "permission denied for table relay_checkpoints" in health["last_error"]
+    assert health["leader"] is False

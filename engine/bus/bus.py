@@ -173,8 +173,9 @@ class Bus:
         """Describe the bus as JSON: state, URL, leadership, checkpoint and lag.
 
         ``state`` is ``disabled`` (--no-nats), ``connecting`` (no NATS
-        connection), ``failing`` (connected, but this process leads the relay
-        and its last publish failed while events wait, as with JetStream off),
+        connection), ``failing`` (connected, but while events wait this
+        process's relay failed its last publish, as with JetStream off, or
+        could not take the relay lock in the database),
         ``connected``, or ``caught_up`` (connected, and every committed event
         is in the stream). Lag fields are None until the
         relay has read the log once. ``last_error`` is why the embedded
@@ -211,7 +212,7 @@ class Bus:
         if link.is_connected:
             if lag == 0:
                 state = "caught_up"
-            elif relay.leader and relay.last_error is not None:
+            elif relay.last_error is not None:
                 state = "failing"
             else:
                 state = "connected"

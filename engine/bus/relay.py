@@ -247,6 +247,7 @@ class Relay:
                 if await asyncio.to_thread(self._leadership.try_acquire):
                     await asyncio.to_thread(self._claim_checkpoint)
                     self.leader = True
+                    self.last_error = None
                     log.info(
                         "relay_leader_elected",
                         relay=self._name,
@@ -256,6 +257,9 @@ class Relay:
                     )
                     return
             except DATABASE_ERRORS as error:
+                # Shown by /_cairn/health, because no relay publishes while
+                # the lock fails in every process.
+                self.last_error = f"relay lock failed: {error}"
                 if throttle.ready() is not None:
                     log.warning("relay_lock_failed", relay=self._name, error=str(error))
             else:
