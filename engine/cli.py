@@ -462,6 +462,13 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup_file(value: str) -> Path:
+    """Return the backup's file name as a Path; reject an empty one."""
+    if not value:
+        raise argparse.ArgumentTypeError("an empty name names no file")
+    return Path(value)
+
+
 def _cmd_db_backup(args: argparse.Namespace) -> int:
     import sqlite3
 
@@ -868,7 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
         "to a new file while cairn serve runs",
     )
     db_backup.add_argument(
-        "file", type=Path, help="the new file; an existing one is never replaced"
+        "file",
+        type=_backup_file,
+        help="the new file; an existing one is never replaced",
     )
     add_storage_options(db_backup)
     db_backup.set_defaults(handler=_cmd_db_backup)

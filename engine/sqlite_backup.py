@@ -6,7 +6,7 @@ default (Python's sqlite3 documentation, Connection.backup), in one read
 transaction that includes the write-ahead log. In WAL mode writers go on
 meanwhile, and the copy is one state of the log. The
 copy goes to a temporary file beside the target, is synced, and is then
-renamed into place, so the target is either absent or complete.
+linked into place, so the target is either absent or complete.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def backup_sqlite(source: Path, target: Path) -> int:
     Raises BackupTargetExists when ``target`` exists, and sqlite3.Error or
     OSError when the copy fails, leaving no file at ``target``.
     """
-    if target.exists():
+    # lexists: a dangling symbolic link is a file that the backup keeps too.
+    if os.path.lexists(target):
         raise BackupTargetExists(str(target))
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     reader = sqlite3.connect(f"file:{quote(str(source.absolute()))}?mode=ro", uri=True)
@@ -48,9 +49,11 @@ def backup_sqlite(source: Path, target: Path) -> int:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        if target.exists():
-            raise BackupTargetExists(str(target))
-        os.replace(temporary, target)
+        # link(2), unlike rename(2), fails on a name that exists meanwhile.
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            raise BackupTargetExists(str(target)) from None
         fsync_directory(target.parent)
     finally:
         reader.close()

@@ -82,6 +82,25 @@ def test_backup_never_replaces_file(tmp_path: Path, in_use: Registry) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["backup.db", "data"]
 
 
+def test_backup_keeps_dangling_link(tmp_path: Path, in_use: Registry) -> None:
+    backup = tmp_path / "backup.db"
+    backup.symlink_to(tmp_path / "nowhere")
+
+    result = cairn("db", "backup", str(backup), "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 1
+    assert f"{backup} exists" in result.stderr
+    assert backup.is_symlink()
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_backup_rejects_empty_name(tmp_path: Path, in_use: Registry) -> None:
+    result = cairn("db", "backup", "", "--data-dir", str(tmp_path / "data"))
+
+    assert result.returncode == 2
+    assert "an empty name names no file" in result.stderr
+
+
 def test_backup_of_postgresql_names_pg_dump(tmp_path: Path, postgres_url: str) -> None:
     Registry.open(tmp_path / "data", postgres_url).database.dispose()
     backup = tmp_path / "backup.db"
