@@ -526,8 +526,8 @@ _PATHS: Final[dict[str, Any]] = {
     "/activity": _operation(
         "Events, pushes, deletes and bytes pushed per hour or day (UTC). Without "
         "since, the series covers the 24 hours (hour) or 30 days (day) before "
-        "until. until defaults to now, or to since when since is later, as from "
-        "a client whose clock runs ahead.",
+        "until and the bucket that contains until. until defaults to now, or to "
+        "since when since is later, as from a client whose clock runs ahead.",
         "Activity",
         [
             _query("bucket", {"enum": list(BUCKETS), "default": "hour"}, "Bucket."),
