@@ -266,16 +266,21 @@ class Database:
         write temporary tables only, and that is always rolled back.
 
         It takes no write lock, so writers go on meanwhile. On SQLite it is
-        a read transaction, and writes to the ``temp`` schema need no lock
-        of the database file. On PostgreSQL a read-only transaction may not
-        create tables, so it is a REPEATABLE READ transaction of the writer
-        engine that starts like read(). It drops the connection's prepared
-        statements first: one prepared before a temporary table shadowed
-        its table would go on using the stored table.
+        a deferred transaction of the reader engine, and writes to the
+        ``temp`` schema need no lock of the database file. On PostgreSQL a
+        read-only transaction may not create tables, so it is a REPEATABLE
+        READ transaction of the writer engine that starts like read(). It
+        drops the connection's prepared statements first: one prepared
+        before a temporary table shadowed its table would go on using the
+        stored table.
         """
         if self.is_sqlite:
-            with self.read() as conn:
-                yield conn
+            with self._reader.connect() as conn:
+                transaction = conn.begin()
+                try:
+                    yield conn
+                finally:
+                    transaction.rollback()
             return
         with self._writer.connect() as conn:
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
