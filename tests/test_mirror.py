@@ -1141,15 +1141,25 @@ def test_mirror_names_checkpoint_problem(
 
 
 VALID_HASH = "0" * 64
+# Positions are signed 64-bit integers in cairn's event log.
+POSITION_RANGE = "an integer from 0 to 9223372036854775807"
 
 
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"position": -3}, "invalid position -3: expected an integer of 0 or more"),
-        ({"position": True}, "invalid position True: expected an integer of 0 or more"),
-        ({"position": 2.5}, "invalid position 2.5: expected an integer of 0 or more"),
-        ({"position": "12"}, "invalid position '12': expected an integer of 0 or more"),
+        ({"position": -3}, f"invalid position -3: expected {POSITION_RANGE}"),
+        ({"position": True}, f"invalid position True: expected {POSITION_RANGE}"),
+        ({"position": 2.5}, f"invalid position 2.5: expected {POSITION_RANGE}"),
+        ({"position": "12"}, f"invalid position '12': expected {POSITION_RANGE}"),
+        (
+            {"position": 2**70},
+            f"invalid position {2**70}: expected {POSITION_RANGE}",
+        ),
+        (
+            {"position": 2**63},
+            f"invalid position {2**63}: expected {POSITION_RANGE}",
+        ),
         ({"source": 5}, "invalid source 5: expected a string"),
         ({"target": None}, "invalid target None: expected a string"),
         (
@@ -1171,7 +1181,7 @@ VALID_HASH = "0" * 64
         ({"not_copied": "abc"}, "invalid not_copied 'abc': expected a list"),
         (
             {"not_copied": ["abc"]},
-            "invalid not_copied entry 'abc': expected a JSON object",
+            "invalid not_copied[0] 'abc': expected a JSON object",
         ),
     ],
 )
@@ -1196,15 +1206,40 @@ def test_mirror_rejects_invalid_checkpoint_field(
     )
 
 
+VALID_NOT_COPIED = {
+    "position": 1,
+    "type": "manifest.pushed",
+    "repository": "library/app",
+    "digest": "sha256:" + VALID_HASH,
+}
+
+
+def write_not_copied(checkpoint: Path, entries: list[dict[str, object]]) -> None:
+    document = {
+        "source": "http://127.0.0.1:1",
+        "target": "http://127.0.0.1:2",
+        "position": 3,
+        "not_copied": entries,
+    }
+    checkpoint.write_text(json.dumps(document))
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"position": 0}, "invalid not_copied position 0"),
-        ({"position": -1}, "invalid not_copied position -1"),
-        ({"position": True}, "invalid not_copied position True"),
-        ({"position": "2"}, "invalid not_copied position '2'"),
-        ({"repository": 5}, "invalid not_copied repository 5: expected a string"),
-        ({"digest": None}, "invalid not_copied digest None: expected a string"),
+        ({"position": 0}, "invalid not_copied[1].position 0"),
+        ({"position": -1}, "invalid not_copied[1].position -1"),
+        ({"position": True}, "invalid not_copied[1].position True"),
+        ({"position": "2"}, "invalid not_copied[1].position '2'"),
+        (
+            {"position": 2**70},
+            f"invalid not_copied[1].position {2**70}: expected an integer from 1 "
+            "to 9223372036854775807",
+        ),
+        ({"repository": 5}, "invalid not_copied[1].repository 5: expected a string"),
+        ({"digest": None}, "invalid not_copied[1].digest None: expected a string"),
+        ({"position": None}, "invalid not_copied[1].position None"),
+        ({"type": "tag.set"}, "not_copied[1] is a tag.set entry without a tag"),
     ],
 )
 def test_mirror_rejects_invalid_not_copied_field(
@@ -1218,13 +1253,7 @@ def test_mirror_rejects_invalid_not_copied_field(
         "digest": "sha256:" + VALID_HASH,
         **changes,
     }
-    document = {
-        "source": "http://127.0.0.1:1",
-        "target": "http://127.0.0.1:2",
-        "position": 3,
-        "not_copied": [entry],
-    }
-    checkpoint.write_text(json.dumps(document))
+    write_not_copied(checkpoint, [VALID_NOT_COPIED, entry])
 
     with pytest.raises(CheckpointError) as raised:
         Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
@@ -1233,22 +1262,39 @@ def test_mirror_rejects_invalid_not_copied_field(
     assert reason in str(raised.value)
 
 
-def test_mirror_exits_2_on_negative_position(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["position", "type", "repository", "digest"])
+def test_not_copied_missing_key_named(tmp_path: Path, key: str) -> None:
+    checkpoint = tmp_path / "checkpoint.json"
+    entry = dict(VALID_NOT_COPIED)
+    del entry[key]
+    write_not_copied(checkpoint, [VALID_NOT_COPIED, entry])
+
+    with pytest.raises(CheckpointError) as raised:
+        Checkpoint.load(checkpoint, "http://127.0.0.1:1", "http://127.0.0.1:2")
+
+    assert str(raised.value).startswith(
+        f"cannot read checkpoint {checkpoint}: the key {key!r} is missing from "
+        "not_copied[1]. "
+    )
+
+
+@pytest.mark.parametrize("position", [-3, 2**63, 2**70])
+def test_mirror_exits_2_on_invalid_position(tmp_path: Path, position: int) -> None:
     checkpoint = tmp_path / "checkpoint.json"
     source, target = "http://127.0.0.1:1", "http://127.0.0.1:2"
     checkpoint.write_text(
-        json.dumps({"source": source, "target": target, "position": -3})
+        json.dumps({"source": source, "target": target, "position": position})
     )
 
     result = run_mirror_status(source, target, "--checkpoint", str(checkpoint))
 
     assert result.returncode == 2, result.stderr[-4000:]
     assert result.stderr.startswith(
-        f"cairn mirror: cannot read checkpoint {checkpoint}: invalid position -3: "
-        "expected an integer of 0 or more. "
+        f"cairn mirror: cannot read checkpoint {checkpoint}: invalid position "
+        f"{position}: expected {POSITION_RANGE}. "
     )
     assert "mirror_started" not in result.stderr
-    assert json.loads(checkpoint.read_text())["position"] == -3
+    assert json.loads(checkpoint.read_text())["position"] == position
 
 
 def run_mirror_status(

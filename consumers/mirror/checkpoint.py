@@ -44,6 +44,7 @@ import structlog
 
 from consumers.mirror.credentials import split_userinfo
 from consumers.mirror.errors import MirrorError, SourceReplaced
+from engine.config import MAX_INT64
 from engine.domain.events import EventType, format_time, upcast
 
 log = structlog.get_logger(__name__)
@@ -98,31 +99,40 @@ class NotCopied:
         }
 
     @classmethod
-    def from_json(cls, document: object) -> NotCopied:
-        """Read an entry of ``not_copied``. Raises ValueError or KeyError
-        for an invalid one."""
+    def from_json(cls, document: object, index: int) -> NotCopied:
+        """Read entry ``index`` of ``not_copied``. Raises ValueError for an
+        invalid one, with the entry's index in the message."""
+        name = f"not_copied[{index}]"
         if not isinstance(document, dict):
-            raise ValueError(
-                f"invalid not_copied entry {document!r}: expected a JSON object"
-            )
-        position = _integer(document["position"], "not_copied position", minimum=1)
+            raise ValueError(f"invalid {name} {document!r}: expected a JSON object")
+        missing = [
+            key
+            for key in ("position", "type", "repository", "digest")
+            if key not in document
+        ]
+        if missing:
+            raise ValueError(f"the key {missing[0]!r} is missing from {name}")
+        position = _integer(document["position"], f"{name}.position", minimum=1)
         event_type = str(document["type"])
         if event_type not in _NOT_COPIED_TYPES:
             raise ValueError(
-                f"not_copied has an event of type {event_type!r}, expected "
+                f"{name} has an event of type {event_type!r}, expected "
                 f"{EventType.MANIFEST_PUSHED}, {EventType.TAG_SET} or "
                 f"{EventType.TAG_DELETED}"
             )
         tag = None
         if event_type in (EventType.TAG_SET, EventType.TAG_DELETED):
-            tag = document["tag"]
+            tag = document.get("tag")
             if not isinstance(tag, str):
-                raise ValueError(f"a {event_type} entry of not_copied has no tag")
+                raise ValueError(
+                    f"{name} is a {event_type} entry without a tag: expected "
+                    "a string in its key 'tag'"
+                )
         return cls(
             position=position,
             type=event_type,
-            repository=_string(document["repository"], "not_copied repository"),
-            digest=_string(document["digest"], "not_copied digest"),
+            repository=_string(document["repository"], f"{name}.repository"),
+            digest=_string(document["digest"], f"{name}.digest"),
             tag=tag,
         )
 
@@ -223,7 +233,10 @@ class Checkpoint:
                 raise ValueError(
                     f"invalid not_copied {saved_entries!r}: expected a list"
                 )
-            entries = [NotCopied.from_json(entry) for entry in saved_entries]
+            entries = [
+                NotCopied.from_json(entry, index)
+                for index, entry in enumerate(saved_entries)
+            ]
             registry_id = _optional_string(document, "source_registry_id")
             position_hash = _optional_string(document, "position_hash")
             if position_hash is not None and not _EVENT_HASH.fullmatch(position_hash):
@@ -406,12 +419,18 @@ def _replay_reason(
 
 
 def _integer(value: object, name: str, minimum: int) -> int:
-    """Return ``value`` if it is an integer of at least ``minimum``, else raise
-    ValueError. JSON true and false are no integers, although Python's bool
-    is an int."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    """Return ``value`` if it is an integer from ``minimum`` to MAX_INT64, else
+    raise ValueError. Positions are signed 64-bit integers in cairn's event
+    log, and its feed rejects a larger ``after``. JSON true and false are no
+    integers, although Python's bool is an int."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or not minimum <= value <= MAX_INT64
+    ):
         raise ValueError(
-            f"invalid {name} {value!r}: expected an integer of {minimum} or more"
+            f"invalid {name} {value!r}: expected an integer from {minimum} to "
+            f"{MAX_INT64}"
         )
     return value
 
