@@ -410,8 +410,14 @@ def test_second_mirror_on_checkpoint_rejected(
         str(checkpoint),
     )
     try:
+        head = head_position(source.url)
+        # Once the checkpoint reaches the head, the mirror polls without
+        # writing, so its bytes stay the same unless the second mirror writes.
         wait_until(
-            lambda: manifest_status(target.url, "library/app", "v0") == 200, WAIT
+            lambda: (
+                checkpoint.exists() and saved_checkpoint(checkpoint)["position"] == head
+            ),
+            WAIT,
         )
         saved = checkpoint.read_bytes()
 
@@ -481,3 +487,68 @@ def test_mirror_stops_when_checkpoint_unwritable(
     failed = [line for line in log_events(text) if line["event"] == "mirror_failed"]
     assert len(failed) == 1
     assert f"cannot write checkpoint {checkpoint}: " in failed[0]["error"]
+
+
+def test_linked_checkpoint_shares_lock(
+    tmp_path: Path,
+    source: ServeProcess,
+    target: ServeProcess,
+) -> None:
+    push_images(source.url, "library/app", 1)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    checkpoint = tmp_path / "a" / "mirror.json"
+    link = tmp_path / "b" / "cp.json"
+    link.symlink_to(checkpoint)
+    first = start_mirror(
+        source.url,
+        target.url,
+        tmp_path / "mirror.log",
+        "--poll-interval",
+        "0.1",
+        "--checkpoint",
+        str(checkpoint),
+    )
+    try:
+        wait_until(
+            lambda: manifest_status(target.url, "library/app", "v0") == 200, WAIT
+        )
+        second = mirror_once(source.url, target.url, link)
+    finally:
+        first.terminate()
+        first.wait(30)
+    push_images(source.url, "library/other", 1)
+    after = mirror_once(source.url, target.url, link)
+
+    assert second.returncode == 2, second.stderr[-4000:]
+    assert second.stderr.strip() == (
+        f"cairn mirror: checkpoint {link} is in use by another cairn mirror (it "
+        f"holds the lock on {tmp_path / 'a' / '.mirror.json.lock'}); run one "
+        "mirror per checkpoint"
+    )
+    assert not (tmp_path / "b" / ".cp.json.lock").exists()
+    assert after.returncode == 0, after.stderr[-4000:]
+    assert link.is_symlink()
+    assert link.readlink() == checkpoint
+    assert saved_checkpoint(checkpoint)["position"] == head_position(source.url)
+    assert sorted(path.name for path in (tmp_path / "b").iterdir()) == ["cp.json"]
+
+
+def test_mirror_creates_checkpoint_through_link(
+    tmp_path: Path,
+    source: ServeProcess,
+    target: ServeProcess,
+) -> None:
+    push_images(source.url, "library/app", 1)
+    checkpoint = tmp_path / "state" / "mirror.json"
+    checkpoint.parent.mkdir()
+    link = tmp_path / "cp.json"
+    link.symlink_to(checkpoint)
+
+    result = mirror_once(source.url, target.url, link)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert link.is_symlink()
+    assert saved_checkpoint(checkpoint)["position"] == head_position(source.url)
+    assert (tmp_path / "state" / ".mirror.json.lock").exists()
+    assert not (tmp_path / ".cp.json.lock").exists()

@@ -58,6 +58,12 @@ class CheckpointError(ValueError):
     """The checkpoint file is unreadable or belongs to another mirror."""
 
 
+def resolve_checkpoint_path(path: Path) -> Path:
+    """Return the file that the --checkpoint ``path`` names, with symbolic
+    links resolved, so that the lock and every write go beside that file."""
+    return path.resolve()
+
+
 # The hash of an event is the SHA-256 of its canonical encoding, as
 # engine.domain.events.event_hash writes it.
 _EVENT_HASH = re.compile(r"[0-9a-f]{64}")

@@ -17,7 +17,11 @@ import httpx
 import structlog
 
 from consumers.globs import matches_any
-from consumers.mirror.checkpoint import Checkpoint, CheckpointError
+from consumers.mirror.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    resolve_checkpoint_path,
+)
 from consumers.mirror.copier import Copier, Stats
 from consumers.mirror.credentials import (
     Credentials,
@@ -73,29 +77,36 @@ def main(args: argparse.Namespace) -> int:
         print(f"cairn mirror: {problem}", file=sys.stderr)
         return 2
     try:
-        lock = _lock_checkpoint(args.checkpoint)
+        checkpoint_path = (
+            None
+            if args.checkpoint is None
+            else resolve_checkpoint_path(args.checkpoint)
+        )
+        lock = _lock_checkpoint(args.checkpoint, checkpoint_path)
     except CheckpointError as error:
         print(f"cairn mirror: {error}", file=sys.stderr)
         return 2
     try:
-        return _main_locked(args, endpoints)
+        return _main_locked(args, endpoints, checkpoint_path)
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def _lock_checkpoint(path: Path | None) -> int | None:
+def _lock_checkpoint(path: Path | None, resolved: Path | None) -> int | None:
     """Take an exclusive lock for the checkpoint ``path`` and return its
     descriptor, None without a checkpoint; raise CheckpointError when
     another process holds it.
 
     The lock is on a file beside the checkpoint, ``.NAME.lock``, because
     each write replaces the checkpoint's file. Two mirrors with one
-    checkpoint would each save their own position over the other's.
+    checkpoint would each save their own position over the other's. It is
+    beside ``resolved``, the file that ``path`` names after symbolic links,
+    so that mirrors given the file by different links take the same lock.
     """
-    if path is None:
+    if path is None or resolved is None:
         return None
-    lock_path = path.with_name(f".{path.name}.lock")
+    lock_path = resolved.with_name(f".{resolved.name}.lock")
     try:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
@@ -113,10 +124,12 @@ def _lock_checkpoint(path: Path | None) -> int | None:
     return descriptor
 
 
-def _main_locked(args: argparse.Namespace, endpoints: Endpoints) -> int:
+def _main_locked(
+    args: argparse.Namespace, endpoints: Endpoints, checkpoint_path: Path | None
+) -> int:
     try:
         checkpoint = Checkpoint.load(
-            args.checkpoint,
+            checkpoint_path,
             endpoints.source,
             endpoints.target,
             tuple(args.repositories),
