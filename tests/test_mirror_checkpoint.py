@@ -5,6 +5,7 @@ patterns, and at a path that cannot be written."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -552,3 +553,68 @@ def test_mirror_creates_checkpoint_through_link(
     assert saved_checkpoint(checkpoint)["position"] == head_position(source.url)
     assert (tmp_path / "state" / ".mirror.json.lock").exists()
     assert not (tmp_path / ".cp.json.lock").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-fifo"])
+def test_special_checkpoint_rejected(tmp_path: Path, kind: str) -> None:
+    checkpoint = tmp_path / "cp.json"
+    special = tmp_path / "special"
+    if kind == "directory":
+        checkpoint.mkdir()
+        expected = f"checkpoint {checkpoint} is a directory"
+    elif kind == "fifo":
+        os.mkfifo(checkpoint)
+        expected = f"checkpoint {checkpoint} is a FIFO"
+    else:
+        os.mkfifo(special)
+        checkpoint.symlink_to(special)
+        expected = f"checkpoint {checkpoint} is a FIFO"
+    before = sorted(path.name for path in tmp_path.iterdir())
+
+    result = run_mirror_status(
+        "http://127.0.0.1:1", "http://127.0.0.1:2", "--checkpoint", str(checkpoint)
+    )
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr == (
+        f"cairn mirror: {expected}, not a regular file. Pass the path of a "
+        "checkpoint file, or of one to create, as --checkpoint\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+def test_device_checkpoint_rejected() -> None:
+    lock = Path("/dev/.null.lock")
+    existed = lock.exists()
+
+    result = run_mirror_status(
+        "http://127.0.0.1:1", "http://127.0.0.1:2", "--checkpoint", "/dev/null"
+    )
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr == (
+        "cairn mirror: checkpoint /dev/null is a character device, not a regular "
+        "file. Pass the path of a checkpoint file, or of one to create, as "
+        "--checkpoint\n"
+    )
+    assert lock.exists() == existed
+
+
+def test_checkpoint_link_loop_rejected(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "cp.json"
+    checkpoint.symlink_to(tmp_path / "other.json")
+    (tmp_path / "other.json").symlink_to(checkpoint)
+
+    result = run_mirror_status(
+        "http://127.0.0.1:1", "http://127.0.0.1:2", "--checkpoint", str(checkpoint)
+    )
+
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert result.stderr == (
+        f"cairn mirror: cannot read checkpoint {checkpoint}: it is a loop of "
+        "symbolic links\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "cp.json",
+        "other.json",
+    ]

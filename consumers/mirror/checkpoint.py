@@ -35,6 +35,7 @@ import asyncio
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,8 +61,48 @@ class CheckpointError(ValueError):
 
 def resolve_checkpoint_path(path: Path) -> Path:
     """Return the file that the --checkpoint ``path`` names, with symbolic
-    links resolved, so that the lock and every write go beside that file."""
-    return path.resolve()
+    links resolved, so that the lock and every write go beside that file.
+
+    Raises CheckpointError, before anything is created, when the path
+    exists but is not a regular file, such as a FIFO, a device or a
+    directory, because reading a FIFO blocks and a save would replace the
+    others.
+    """
+    try:
+        # Python 3.11 raises RuntimeError for a loop of symbolic links.
+        resolved = path.resolve()
+    except RuntimeError:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is a loop of symbolic links"
+        ) from None
+    try:
+        mode = resolved.stat().st_mode
+    except FileNotFoundError:
+        return resolved
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {error.strerror or error}"
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(_not_regular_message(path, mode))
+    return resolved
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular_message(path: Path, mode: int) -> str:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+    return (
+        f"checkpoint {path} is {kind}, not a regular file. Pass the path of a "
+        "checkpoint file, or of one to create, as --checkpoint"
+    )
 
 
 # The hash of an event is the SHA-256 of its canonical encoding, as
@@ -225,7 +266,7 @@ class Checkpoint:
         if path is None or not path.exists():
             return checkpoint
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
+            document = json.loads(_read_regular_file(path))
             if not isinstance(document, dict):
                 raise ValueError("it is not a JSON object")
             position = _integer(document["position"], "position", minimum=0)
@@ -399,6 +440,18 @@ class Checkpoint:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _read_regular_file(path: Path) -> str:
+    """Return the text of ``path``, opened with O_NONBLOCK so that a FIFO
+    does not block the open. Raises ValueError when it is not a regular
+    file."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(descriptor, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError("it is not a regular file")
+        return handle.read().decode("utf-8")
 
 
 def _replay_reason(
