@@ -102,31 +102,29 @@ def test_crash_after_ack_no_duplicate(
     ]
 
 
-def test_tail_event_undone_by_restore_named(
-    registry: Registry, nats_server: NatsServer, data_dir: Path, tmp_path: Path
+def publish(
+    nats_server: NatsServer,
+    subject: str,
+    body: bytes,
+    headers: dict[str, str] | None = None,
 ) -> None:
-    """The stream ends with an event of this registry that its log lacks, as
-    after a restore of the database from an older backup."""
-    checkpoint = crash_relay(registry, nats_server, data_dir, tmp_path)
-    assert checkpoint in (0, 4)
-    undone = str(uuid.uuid4())
+    """Publish ``body`` to the stream as a publisher other than the relay."""
 
-    async def publish_undone() -> None:
+    async def send() -> None:
         client = await nats.connect(nats_server.url)
-        headers = {
-            MSG_ID: undone,
-            EVENT_ID: undone,
-            POSITION: "13",
-            REGISTRY_ID: registry.registry_id(),
-        }
         try:
-            await client.jetstream().publish(
-                "cairn.tag.set.library.alpine", b"{}", headers=headers
-            )
+            await client.jetstream().publish(subject, body, headers=headers)
         finally:
             await client.close()
 
-    run(publish_undone())
+    run(send())
+
+
+def relay_after_push(
+    registry: Registry, nats_server: NatsServer, data_dir: Path, tmp_path: Path
+) -> RelayProcess:
+    """Push one more image and run a relay until it has published all 16
+    events; return the stopped relay."""
     push_image(registry, "library/busybox", "latest")
     relay = RelayProcess(
         relay_config(registry, nats_server, data_dir), tmp_path / "relay.log"
@@ -135,6 +133,26 @@ def test_tail_event_undone_by_restore_named(
         wait_until(lambda: checkpoint_of(registry) == 16)
     finally:
         relay.stop()
+    return relay
+
+
+def test_tail_event_undone_by_restore_named(
+    registry: Registry, nats_server: NatsServer, data_dir: Path, tmp_path: Path
+) -> None:
+    """The stream ends with an event of this registry that its log lacks, as
+    after a restore of the database from an older backup."""
+    checkpoint = crash_relay(registry, nats_server, data_dir, tmp_path)
+    assert checkpoint in (0, 4)
+    undone = str(uuid.uuid4())
+    headers = {
+        MSG_ID: undone,
+        EVENT_ID: undone,
+        POSITION: "13",
+        REGISTRY_ID: registry.registry_id(),
+    }
+    publish(nats_server, "cairn.tag.set.library.alpine", b"{}", headers)
+
+    relay = relay_after_push(registry, nats_server, data_dir, tmp_path)
 
     (unknown,) = [
         line
@@ -157,23 +175,9 @@ def test_crash_duplicates_dropped_by_msg_id(
     """
     checkpoint = crash_relay(registry, nats_server, data_dir, tmp_path)
     assert checkpoint in (0, 4)
+    publish(nats_server, "cairn.tag.set.other", b"not an event")
 
-    async def publish_foreign() -> None:
-        client = await nats.connect(nats_server.url)
-        try:
-            await client.jetstream().publish("cairn.tag.set.other", b"not an event")
-        finally:
-            await client.close()
-
-    run(publish_foreign())
-    push_image(registry, "library/busybox", "latest")
-    relay = RelayProcess(
-        relay_config(registry, nats_server, data_dir), tmp_path / "relay.log"
-    )
-    try:
-        wait_until(lambda: checkpoint_of(registry) == 16)
-    finally:
-        relay.stop()
+    relay = relay_after_push(registry, nats_server, data_dir, tmp_path)
     assert relay.logged("relay_duplicate_dropped")
     assert relay.logged("relay_stream_tail_unknown")
 
