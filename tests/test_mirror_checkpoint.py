@@ -393,6 +393,33 @@ def test_mirror_rejects_unwritable_checkpoint(
     assert not checkpoint.parent.exists()
 
 
+def start_polling_mirror(
+    source_url: str, target_url: str, checkpoint: Path, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start a mirror that polls every 0.1 s and saves to ``checkpoint``."""
+    return start_mirror(
+        source_url,
+        target_url,
+        log_path,
+        "--poll-interval",
+        "0.1",
+        "--checkpoint",
+        str(checkpoint),
+    )
+
+
+def wait_for_checkpoint_at_head(checkpoint: Path, source_url: str) -> None:
+    """Wait until ``checkpoint`` records the source's head. From then on a
+    mirror polls without writing it."""
+    head = head_position(source_url)
+    wait_until(
+        lambda: (
+            checkpoint.exists() and saved_checkpoint(checkpoint)["position"] == head
+        ),
+        WAIT,
+    )
+
+
 def test_second_mirror_on_checkpoint_rejected(
     tmp_path: Path,
     source: ServeProcess,
@@ -401,25 +428,10 @@ def test_second_mirror_on_checkpoint_rejected(
     push_images(source.url, "library/app", 1)
     checkpoint = tmp_path / "checkpoint.json"
     log_path = tmp_path / "mirror.log"
-    first = start_mirror(
-        source.url,
-        target.url,
-        log_path,
-        "--poll-interval",
-        "0.1",
-        "--checkpoint",
-        str(checkpoint),
-    )
+    first = start_polling_mirror(source.url, target.url, checkpoint, log_path)
     try:
-        head = head_position(source.url)
-        # Once the checkpoint reaches the head, the mirror polls without
-        # writing, so its bytes stay the same unless the second mirror writes.
-        wait_until(
-            lambda: (
-                checkpoint.exists() and saved_checkpoint(checkpoint)["position"] == head
-            ),
-            WAIT,
-        )
+        # Its bytes stay the same from then on unless the second mirror writes.
+        wait_for_checkpoint_at_head(checkpoint, source.url)
         saved = checkpoint.read_bytes()
 
         second = mirror_once(source.url, target.url, checkpoint)
@@ -451,25 +463,10 @@ def test_mirror_stops_when_checkpoint_unwritable(
     directory.mkdir()
     checkpoint = directory / "checkpoint.json"
     log_path = tmp_path / "mirror.log"
-    mirror = start_mirror(
-        source.url,
-        target.url,
-        log_path,
-        "--poll-interval",
-        "0.1",
-        "--checkpoint",
-        str(checkpoint),
-    )
+    mirror = start_polling_mirror(source.url, target.url, checkpoint, log_path)
     try:
-        head = head_position(source.url)
-        # Once the checkpoint reaches the head, the mirror polls without
-        # writing, so the directory can go without a race.
-        wait_until(
-            lambda: (
-                checkpoint.exists() and saved_checkpoint(checkpoint)["position"] == head
-            ),
-            WAIT,
-        )
+        # The directory can then go without a race.
+        wait_for_checkpoint_at_head(checkpoint, source.url)
         checkpoint.unlink()
         (directory / ".checkpoint.json.lock").unlink()
         directory.rmdir()
@@ -501,14 +498,8 @@ def test_linked_checkpoint_shares_lock(
     checkpoint = tmp_path / "a" / "mirror.json"
     link = tmp_path / "b" / "cp.json"
     link.symlink_to(checkpoint)
-    first = start_mirror(
-        source.url,
-        target.url,
-        tmp_path / "mirror.log",
-        "--poll-interval",
-        "0.1",
-        "--checkpoint",
-        str(checkpoint),
+    first = start_polling_mirror(
+        source.url, target.url, checkpoint, tmp_path / "mirror.log"
     )
     try:
         wait_until(
