@@ -229,12 +229,18 @@ def _failure_key(stream: str, endpoint: str) -> str:
     return f"{stream}.{endpoint}.failure"
 
 
-def _decode_failures(value: bytes) -> FailedAttempts | None:
+def _json_object(value: bytes) -> dict[str, Any] | None:
+    """Return ``value`` decoded as a JSON object, None when it is not one."""
     try:
         document: Any = json.loads(value)
     except ValueError:
         return None
-    if not isinstance(document, dict):
+    return document if isinstance(document, dict) else None
+
+
+def _decode_failures(value: bytes) -> FailedAttempts | None:
+    document = _json_object(value)
+    if document is None:
         return None
     event_id = document.get("event_id")
     attempts = document.get("attempts")
@@ -255,11 +261,8 @@ def _decode_failures(value: bytes) -> FailedAttempts | None:
 
 
 def _decode(value: bytes) -> StoredPosition | None:
-    try:
-        document: Any = json.loads(value)
-    except ValueError:
-        return None
-    if not isinstance(document, dict):
+    document = _json_object(value)
+    if document is None:
         return None
     position = document.get("position")
     event_id = document.get("event_id")
