@@ -435,7 +435,7 @@ def test_second_mirror_on_checkpoint_rejected(
         saved = checkpoint.read_bytes()
 
         second = mirror_once(source.url, target.url, checkpoint)
-        kept = checkpoint.read_bytes()
+        after_second = checkpoint.read_bytes()
         still_running = first.poll() is None
     finally:
         first.terminate()
@@ -448,7 +448,7 @@ def test_second_mirror_on_checkpoint_rejected(
         f"mirror (it holds the lock on {tmp_path / '.checkpoint.json.lock'}); "
         "run one mirror per checkpoint"
     )
-    assert kept == saved
+    assert after_second == saved
     assert still_running
     assert after.returncode == 0, after.stderr[-4000:]
 

@@ -194,8 +194,8 @@ def test_cli_upgrade_rebuild_verify(tmp_path: Path, database_url: str) -> None:
 @contextmanager
 def role_url(postgres_url: str, privileges: str) -> Iterator[str]:
     """Create a role that has ``privileges`` on every cairn table and owns
-    none, and return the URL of ``postgres_url`` as that role; drop the
-    role at the end."""
+    none, and return the URL of ``postgres_url`` as that role. The role is
+    dropped at the end."""
     role = f"cairn_test_role_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

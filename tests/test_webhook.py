@@ -1488,7 +1488,8 @@ def test_position_bucket_recreated_after_store_loss(
 
 
 def push_across_lost_stream(cairn: str, receiver: Receiver, nats_url: str) -> None:
-    """Push tags first, second and third, and delete the stream that holds "second"."""
+    """Push tags first, second and third, and delete the stream that
+    contains "second"."""
     with httpx.Client(base_url=cairn) as client:
         push_image(client, "library/app", make_image(), "first")
         wait_until(lambda: len(receiver.of("/tags")) >= 1, WAIT)
@@ -1623,7 +1624,7 @@ def test_stored_position_past_other_registry_stream(
     tmp_path: Path, receiver: Receiver, start_webhook: Any, nats_server: NatsServer
 ) -> None:
     """Another registry's stream that ends before the stored position is
-    told apart by the registry id on its messages."""
+    recognised by the registry id on its messages."""
     with cairn_on_nats(tmp_path / "first", nats_server.url) as cairn:
         first_id = httpx.get(f"{cairn}/_cairn/registry").json()["registry_id"]
         webhook = deliver_and_stop(
@@ -1678,8 +1679,8 @@ def test_stop_cancels_task_that_swallowed_cancel() -> None:
 
 class FlakyFeed:
     """An HTTP proxy on 127.0.0.1 in front of a cairn, whose first
-    ``failures`` requests to the event feed get 503 and whose other
-    requests the cairn answers."""
+    ``failures`` requests to the event feed get 503. The cairn serves the
+    other requests."""
 
     def __init__(self, cairn_url: str, failures: int) -> None:
         self.failures = failures

@@ -10,10 +10,10 @@ the webhook's host.
 
 The bucket also keeps, under ``<event stream>.<endpoint name>.failure``,
 the failed attempts of the event that an endpoint is retrying: how many
-there were and the last one's status or error. JetStream counts each
-delivery of a message, also one whose attempt the webhook's own stop cut
-off, so the attempt number and a dead letter's failure come from this
-record, and a restart goes on with the attempt that the stop cut off.
+there were and the last one's status or error. JetStream also counts a
+delivery whose attempt the webhook's own stop cut off. So the attempt
+number and a dead letter's failure come from this record, and a restart
+makes the cut-off attempt again.
 
 A bucket deleted while the webhook runs, for example with the NATS
 server's store, is created again at the next write.
